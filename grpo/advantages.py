@@ -1,0 +1,180 @@
+"""Advantage estimators: turn one scalar reward per completion into one advantage per completion.
+
+Every estimator is registered by name in ``ADVANTAGE_ESTIMATORS`` and has the same signature::
+
+    fn(rewards: Tensor [B*G], group_size: int) -> advantages: Tensor [B*G]
+
+where the G completions of one prompt are contiguous. The advantage is broadcast to every token
+of its completion by the loss (outcome supervision).
+
+Where we differ from the papers:
+
+1. ``grpo`` uses the unbiased group standard deviation (``torch.std``'s default, as TRL and verl do);
+   DeepSeekMath does not say which. eps = 1e-6 is added to the std, not to the variance.
+2. A group whose rewards are all equal gets advantage exactly 0 in every estimator, even when the
+   floating-point group mean is off by an ulp (0.1 + 0.1 + 0.1 != 0.3): such a group carries no signal.
+3. ``reinforce_pp`` whitens once per completion over the batch; OpenRLHF whitens over tokens, which
+   weights long completions more.
+"""
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+AdvantageEstimator = Callable[[Tensor, int], Tensor]
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+
+EPS = 1e-6
+
+
+def register_advantage(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
+    """Register ``fn(rewards [B*G], group_size) -> advantages [B*G]`` under ``name``."""
+
+    def decorator(fn: AdvantageEstimator) -> AdvantageEstimator:
+        if name in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage estimator {name!r} is already registered")
+        ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+
+    return decorator
+
+
+def get_advantage_estimator(name: str) -> AdvantageEstimator:
+    """The estimator registered as ``name``; ValueError listing the known names otherwise."""
+    try:
+        return ADVANTAGE_ESTIMATORS[name]
+    except KeyError:
+        known = ", ".join(sorted(ADVANTAGE_ESTIMATORS))
+        raise ValueError(f"unknown advantage estimator {name!r}; known: {known}") from None
+
+
+def _grouped(rewards: Tensor, group_size: int, min_group_size: int = 1) -> Tensor:
+    """Check the contract and reshape rewards [B*G] to [B, G]."""
+    if group_size < min_group_size:
+        raise ValueError(f"group_size must be >= {min_group_size}, got {group_size}")
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must have shape [B*G], got {tuple(rewards.shape)}")
+    if not rewards.is_floating_point():
+        raise ValueError(f"rewards must be a floating-point tensor, got {rewards.dtype}")
+    if rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"rewards.numel()={rewards.numel()} is not divisible by group_size={group_size}: "
+            "expected the G completions of each prompt to be contiguous"
+        )
+    return rewards.view(-1, group_size)  # [B, G]
+
+
+def _all_equal(grouped: Tensor) -> Tensor:
+    """Mask [B, 1] of groups whose rewards are all equal."""
+    return (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # [B, 1]
+
+
+def _centered(grouped: Tensor) -> Tensor:
+    """r - group mean, exactly 0 in groups with all-equal rewards."""
+    centered = grouped - grouped.mean(dim=1, keepdim=True)  # [B, G]
+    return centered.masked_fill(_all_equal(grouped), 0.0)  # [B, G]
+
+
+@register_advantage("grpo")
+def grpo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """Group-normalised advantage of GRPO (DeepSeekMath, Shao et al. 2024, section 4.1.2).
+
+        A_i = (r_i - mean(r_group)) / (std(r_group) + eps),   eps = 1e-6
+
+    std is the unbiased (Bessel-corrected) group std, as in TRL and verl; the paper does not say.
+    Groups with all-equal rewards (including any group of size 1) get exactly 0.
+    """
+    grouped = _grouped(rewards, group_size)  # [B, G]
+    centered = _centered(grouped)  # [B, G]
+    if group_size == 1:
+        return centered.reshape(-1)  # [B*G], all zeros: one sample has no spread
+    std = grouped.std(dim=1, keepdim=True)  # [B, 1]
+    return (centered / (std + EPS)).reshape(-1)  # [B*G]
+
+
+@register_advantage("dr_grpo")
+def dr_grpo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """Dr. GRPO advantage (Liu et al. 2025, "Understanding R1-Zero-like Training"): no std division.
+
+        A_i = r_i - mean(r_group)
+
+    Dividing by the group std up-weights prompts that are nearly always or nearly never solved;
+    Dr. GRPO drops it.
+    """
+    grouped = _grouped(rewards, group_size)  # [B, G]
+    return _centered(grouped).reshape(-1)  # [B*G]
+
+
+@register_advantage("rloo")
+def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """REINFORCE leave-one-out baseline (Kool et al. 2019; Ahmadian et al. 2024, "Back to Basics").
+
+        A_i = r_i - 1/(G-1) * sum_{j != i} r_j  =  G/(G-1) * (r_i - mean(r_group))
+
+    The baseline of each sample does not depend on the sample itself, so the gradient is unbiased.
+    Needs group_size >= 2.
+    """
+    grouped = _grouped(rewards, group_size, min_group_size=2)  # [B, G]
+    return (_centered(grouped) * (group_size / (group_size - 1))).reshape(-1)  # [B*G]
+
+
+@register_advantage("reinforce_pp")
+def reinforce_pp_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """REINFORCE++ with a group baseline (Hu 2025, "REINFORCE++", the "-baseline" variant).
+
+        a_i = r_i - mean(r_group)
+        A_i = (a_i - mean(a_batch)) / (std(a_batch) + eps),   eps = 1e-6, unbiased std
+
+    mean(a_batch) is 0 up to rounding; it is subtracted as in the paper. Whitened per completion
+    (OpenRLHF whitens per token). All zeros when the batch std is 0 or the batch has one completion.
+    """
+    grouped = _grouped(rewards, group_size)  # [B, G]
+    centered = _centered(grouped).reshape(-1)  # [B*G]
+    if centered.numel() < 2:
+        return torch.zeros_like(centered)  # [B*G]
+    std = centered.std()  # []
+    if std == 0:
+        return torch.zeros_like(centered)  # [B*G]
+    return (centered - centered.mean()) / (std + EPS)  # [B*G]
+
+
+def group_stats(rewards: Tensor, group_size: int) -> dict[str, float | Tensor]:
+    """Which groups carry signal.
+
+    Returns a dict with
+      - ``zero_std_frac``: float, fraction of groups whose G rewards are all equal
+        (logged as ``train/zero_std_frac``; 0.0 for an empty batch);
+      - ``nonzero_std_mask``: bool Tensor [B], True for groups whose rewards differ
+        (DAPO dynamic sampling keeps only these, Yu et al. 2025).
+    """
+    grouped = _grouped(rewards, group_size)  # [B, G]
+    all_equal = _all_equal(grouped).squeeze(1)  # [B]
+    num_groups = all_equal.numel()
+    zero_std_frac = all_equal.sum().item() / num_groups if num_groups else 0.0
+    return {"zero_std_frac": float(zero_std_frac), "nonzero_std_mask": ~all_equal}
+
+
+def overlong_penalty(lengths: Tensor, max_new_tokens: int, buffer: int, penalty: float) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), to be added to the reward.
+
+        R(L) = 0                                   if L <= max_new_tokens - buffer
+             = -penalty * (L - (max_new_tokens - buffer)) / buffer
+                                                   if max_new_tokens - buffer < L <= max_new_tokens
+             = -penalty                            if L > max_new_tokens
+
+    ``lengths`` [N] are completion lengths in tokens. The paper fixes penalty = 1; here it is a
+    parameter. ``buffer`` = 0 disables the punishment (zeros). Returns a float tensor [N].
+    """
+    if buffer < 0 or buffer > max_new_tokens:
+        raise ValueError(f"buffer must be in [0, max_new_tokens={max_new_tokens}], got {buffer}")
+    if penalty < 0:
+        raise ValueError(f"penalty must be >= 0 (it is subtracted), got {penalty}")
+    dtype = lengths.dtype if lengths.is_floating_point() else torch.get_default_dtype()
+    lengths = lengths.to(dtype)  # [N]
+    if buffer == 0:
+        return torch.zeros_like(lengths)  # [N]
+    start = max_new_tokens - buffer
+    ramp = ((start - lengths) / buffer).clamp(min=-1.0, max=0.0)  # [N], 0 .. -1
+    return ramp * penalty  # [N]

@@ -1,0 +1,270 @@
+"""Structured configuration: one dataclass per config group, validated when loaded.
+
+Hydra composes `configs/` into these dataclasses (an unknown key or a value of the wrong type
+fails there, naming the key). `validate` then checks choices and ranges, naming the field and
+the allowed values, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+ALGORITHM_NAMES = ("grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "ppo", "dpo")
+BACKEND_NAMES = ("torch", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
+ROLLOUT_ENGINES = ("hf", "vllm")
+DTYPES = ("float32", "bfloat16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+RESUME_MODES = ("never", "auto")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+@dataclass
+class ArithmeticTaskConfig:
+    digits: int = field(default=2, metadata={"help": "operands have up to this many digits"})
+    reverse: bool = field(default=True, metadata={"help": "write numbers least significant digit first"})
+    num_eval: int = field(default=500, metadata={"help": "held-out problems used for eval/accuracy"})
+
+
+@dataclass
+class TaskConfig:
+    name: str = field(default="arithmetic", metadata={"help": "label of the task in logs"})
+    builtin: Optional[str] = field(default="arithmetic", metadata={"help": "built-in task generator, or null for files"})
+    train_file: Optional[str] = field(default=None, metadata={"help": "JSONL or Parquet file of training prompts"})
+    eval_file: Optional[str] = field(default=None, metadata={"help": "JSONL or Parquet file of held-out prompts"})
+    hf_dataset: Optional[str] = field(default=None, metadata={"help": "Hugging Face `datasets` name (local cache only)"})
+    hf_train_split: str = field(default="train", metadata={"help": "split of hf_dataset for training"})
+    hf_eval_split: Optional[str] = field(default="test", metadata={"help": "split of hf_dataset for evaluation"})
+    prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt text"})
+    prompt_template: str = field(default="{prompt}", metadata={"help": "format string applied to the prompt column"})
+    arithmetic: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig)
+
+
+@dataclass
+class WarmStartConfig:
+    steps: int = field(default=1000, metadata={"help": "supervised steps on teacher demonstrations"})
+    batch_size: int = field(default=64, metadata={"help": "demonstrations per step"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    carry_error: float = field(default=0.0, metadata={"help": "how often the teacher forgets a carry"})
+    seed: int = field(default=0, metadata={"help": "seed of the warm start"})
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = field(default=None, metadata={"help": "transformers model directory or hub id"})
+    builtin: Optional[str] = field(default=None, metadata={"help": "'tiny': build the warm-started tiny model"})
+    dtype: str = field(default="float32", metadata={"help": "parameter dtype: float32 or bfloat16"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with the model"})
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = field(default="hf", metadata={"help": "hf (transformers generate) or vllm"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (the trainer scales logits alike)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens; 0 = all"})
+    max_new_tokens: int = field(default=8, metadata={"help": "longest completion, in tokens"})
+    stop: list[str] = field(default_factory=list, metadata={"help": "strings that end a completion"})
+    batch_size: int = field(default=512, metadata={"help": "sequences per generate call"})
+    gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vllm: memory fraction it reserves"})
+
+
+@dataclass
+class BackendConfig:
+    name: str = field(default="torch", metadata={"help": "torch, ddp or deepspeed_zero{1,2,3}"})
+    micro_batch_tokens: int = field(default=16384, metadata={"help": "token budget of one forward/backward"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    deepspeed: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra DeepSpeed config entries"})
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(default=1e-5, metadata={"help": "peak learning rate of AdamW"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99], metadata={"help": "AdamW betas"})
+    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    schedule: str = field(default="constant", metadata={"help": "after warm-up: constant, linear or cosine decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global gradient norm; 0 = off"})
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = field(default="grpo", metadata={"help": "label: grpo, dr_grpo, dapo, gspo, rloo, reinforce_pp"})
+    advantage: str = field(default="grpo", metadata={"help": "advantage estimator (grpo.advantages)"})
+    group_size: int = field(default=8, metadata={"help": "completions sampled per prompt (G)"})
+    loss_agg: str = field(default="token_mean", metadata={"help": "token_mean, seq_mean_token_mean, seq_mean_token_sum_norm"})
+    ratio_level: str = field(default="token", metadata={"help": "importance ratio per token, or per sequence (GSPO)"})
+    clip_low: float = field(default=0.2, metadata={"help": "ratio clipped below at 1 - clip_low"})
+    clip_high: float = field(default=0.2, metadata={"help": "ratio clipped above at 1 + clip_high (DAPO: 0.28)"})
+    dual_clip: Optional[float] = field(default=None, metadata={"help": "cap the loss of negative advantages at c*|A|"})
+    beta: float = field(default=0.0, metadata={"help": "KL penalty weight; 0 loads no reference model"})
+    kl_estimator: str = field(default="k3", metadata={"help": "k1, k2 or k3"})
+    epochs: int = field(default=1, metadata={"help": "optimisation passes over each rollout batch"})
+    mini_batches: int = field(default=1, metadata={"help": "optimiser steps per pass"})
+    dynamic_sampling: bool = field(default=False, metadata={"help": "DAPO: drop groups with equal rewards, refill"})
+    max_resample: int = field(default=3, metadata={"help": "dynamic sampling: extra generate rounds at most"})
+    overlong_buffer: int = field(default=0, metadata={"help": "DAPO soft overlong penalty ramp length; 0 = off"})
+    overlong_penalty: float = field(default=1.0, metadata={"help": "penalty at max_new_tokens"})
+    mask_truncated: bool = field(default=False, metadata={"help": "truncated completions get no gradient"})
+
+
+@dataclass
+class RewardItem:
+    name: str = MISSING
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RewardConfig:
+    functions: list[RewardItem] = field(default_factory=list, metadata={"help": "rewards and their weights"})
+    accuracy: str = field(default="math_accuracy", metadata={"help": "reward whose 1.0 means correct: eval/accuracy"})
+
+
+@dataclass
+class TrainLoopConfig:
+    max_steps: int = field(default=100, metadata={"help": "GRPO steps (one rollout batch each)"})
+    prompts_per_step: int = field(default=32, metadata={"help": "prompts sampled per step (B)"})
+    eval_every: int = field(default=25, metadata={"help": "steps between held-out evaluations; 0 = only at the end"})
+    eval_before: bool = field(default=True, metadata={"help": "evaluate once before the first step"})
+    samples_every: int = field(default=10, metadata={"help": "steps between samples.jsonl entries"})
+    eval_pass_k: int = field(default=0, metadata={"help": "also report eval/pass@k from k samples; 0 = off"})
+    num_samples_logged: int = field(default=8, metadata={"help": "completions written per samples entry"})
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = field(default=50, metadata={"help": "steps between checkpoints; 0 = only at the end"})
+    keep_last: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+
+
+@dataclass
+class TrackingConfig:
+    wandb: bool = field(default=False, metadata={"help": "log to Weights & Biases"})
+    wandb_project: str = field(default="grpo", metadata={"help": "wandb project"})
+    wandb_mode: str = field(default="online", metadata={"help": "online, offline or disabled"})
+    progress_bar: bool = field(default=True, metadata={"help": "show a progress bar"})
+    plot: bool = field(default=True, metadata={"help": "write plot.png at the end"})
+
+
+@dataclass
+class Config:
+    run_dir: str = field(default=MISSING, metadata={"help": "directory of this run"})
+    seed: int = field(default=0, metadata={"help": "seed of sampling, data order and initialisation"})
+    resume: str = field(default="never", metadata={"help": "never, or auto: continue from run_dir's latest checkpoint"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default"})
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra's ConfigStore (configs/config.yaml lists it first)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+def _choice(field_name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{field_name}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _positive(field_name: str, value, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{field_name}: must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check choices and ranges; raise ConfigError naming the first bad field."""
+    from grpo.advantages import ADVANTAGE_ESTIMATORS
+    from grpo.losses import AGGREGATION_MODES, KL_ESTIMATORS, RATIO_LEVELS
+
+    a = cfg.algorithm
+    _choice("algorithm.name", a.name, ALGORITHM_NAMES)
+    if a.name in ("ppo", "dpo"):
+        raise ConfigError(f"algorithm={a.name}: the {a.name} baseline is not part of grpo-train yet")
+    _choice("algorithm.advantage", a.advantage, sorted(ADVANTAGE_ESTIMATORS))
+    _choice("algorithm.loss_agg", a.loss_agg, AGGREGATION_MODES)
+    _choice("algorithm.ratio_level", a.ratio_level, RATIO_LEVELS)
+    _choice("algorithm.kl_estimator", a.kl_estimator, sorted(KL_ESTIMATORS))
+    _positive("algorithm.group_size", a.group_size)
+    if a.group_size < 2:
+        raise ConfigError("algorithm.group_size: a group baseline needs at least 2 completions per prompt")
+    if not 0 <= a.clip_low < 1:
+        raise ConfigError(f"algorithm.clip_low: must be in [0, 1), got {a.clip_low}")
+    _positive("algorithm.clip_high", a.clip_high, zero_ok=True)
+    if a.dual_clip is not None and a.dual_clip <= 1:
+        raise ConfigError(f"algorithm.dual_clip: must be > 1 (or null), got {a.dual_clip}")
+    _positive("algorithm.beta", a.beta, zero_ok=True)
+    _positive("algorithm.epochs", a.epochs)
+    _positive("algorithm.mini_batches", a.mini_batches)
+    _positive("algorithm.max_resample", a.max_resample, zero_ok=True)
+    if not 0 <= a.overlong_buffer <= cfg.rollout.max_new_tokens:
+        raise ConfigError(
+            f"algorithm.overlong_buffer: must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}], "
+            f"got {a.overlong_buffer}"
+        )
+    if cfg.train.prompts_per_step % a.mini_batches:
+        raise ConfigError(
+            f"algorithm.mini_batches: {a.mini_batches} does not divide train.prompts_per_step={cfg.train.prompts_per_step}"
+        )
+
+    r = cfg.rollout
+    _choice("rollout.engine", r.engine, ROLLOUT_ENGINES)
+    _positive("rollout.temperature", r.temperature)
+    if not 0 < r.top_p <= 1:
+        raise ConfigError(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
+    _positive("rollout.top_k", r.top_k, zero_ok=True)
+    _positive("rollout.max_new_tokens", r.max_new_tokens)
+    _positive("rollout.batch_size", r.batch_size)
+
+    _choice("backend.name", cfg.backend.name, BACKEND_NAMES)
+    _positive("backend.micro_batch_tokens", cfg.backend.micro_batch_tokens)
+    _choice("model.dtype", cfg.model.dtype, DTYPES)
+    if cfg.model.builtin is None and not cfg.model.path:
+        raise ConfigError("model.path: give a model directory or hub id (or model=tiny for the built-in model)")
+    if cfg.model.builtin not in (None, "tiny"):
+        raise ConfigError(f"model.builtin: {cfg.model.builtin!r} is not one of tiny (or null)")
+
+    o = cfg.optim
+    _positive("optim.lr", o.lr)
+    _choice("optim.schedule", o.schedule, LR_SCHEDULES)
+    _positive("optim.warmup_steps", o.warmup_steps, zero_ok=True)
+    _positive("optim.max_grad_norm", o.max_grad_norm, zero_ok=True)
+    if len(o.betas) != 2:
+        raise ConfigError(f"optim.betas: needs two values, got {list(o.betas)}")
+
+    t = cfg.train
+    _positive("train.max_steps", t.max_steps)
+    _positive("train.prompts_per_step", t.prompts_per_step)
+    _positive("train.eval_every", t.eval_every, zero_ok=True)
+    _positive("train.samples_every", t.samples_every, zero_ok=True)
+    _positive("checkpoint.every_steps", cfg.checkpoint.every_steps, zero_ok=True)
+    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    _choice("resume", cfg.resume, RESUME_MODES)
+    _choice("tracking.wandb_mode", cfg.tracking.wandb_mode, ("online", "offline", "disabled"))
+
+    task = cfg.task
+    sources = [s for s in (task.builtin, task.train_file, task.hf_dataset) if s]
+    if len(sources) != 1:
+        raise ConfigError("task: set exactly one of task.builtin, task.train_file, task.hf_dataset")
+    if task.builtin not in (None, "arithmetic"):
+        raise ConfigError(f"task.builtin: {task.builtin!r} is not one of arithmetic (or null)")
+    if not cfg.reward.functions:
+        raise ConfigError("reward.functions: no reward function configured")
+    return cfg

@@ -1,0 +1,118 @@
+"""Prompt datasets: a built-in task, local JSONL/Parquet files, or a Hugging Face dataset.
+
+Every source becomes a list of rows (dicts). The prompt column is formatted into the prompt
+text; every other column travels with it to the reward functions (e.g. `answer`, `tests`).
+`PromptSampler` walks the rows in a seeded shuffled order, epoch after epoch, and its position
+is part of every checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from grpo.config import ConfigError, TaskConfig
+
+
+def read_rows(path: str) -> list[dict]:
+    """Rows of a JSONL or Parquet file; a malformed line is an error naming the file and line."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"task: data file {path} does not exist")
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(p).to_pylist()
+    if p.suffix not in (".jsonl", ".json"):
+        raise ConfigError(f"task: data file {path}: expected .jsonl or .parquet")
+    rows = []
+    with p.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _hf_rows(name: str, split: str) -> list[dict]:
+    import datasets
+
+    return list(datasets.load_dataset(name, split=split))
+
+
+def load_task(task: TaskConfig, required_columns: set[str]) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows), each row with a formatted `prompt`; checks columns before training."""
+    if task.builtin == "arithmetic":
+        from grpo.tasks.arithmetic import Arithmetic
+
+        gen = Arithmetic(digits=task.arithmetic.digits, reverse=task.arithmetic.reverse, num_eval=task.arithmetic.num_eval)
+        train, evals, where = gen.train_rows(), gen.eval_rows(), "task arithmetic"
+    elif task.train_file:
+        train, where = read_rows(task.train_file), task.train_file
+        evals = read_rows(task.eval_file) if task.eval_file else []
+    else:
+        train, where = _hf_rows(task.hf_dataset, task.hf_train_split), task.hf_dataset
+        evals = _hf_rows(task.hf_dataset, task.hf_eval_split) if task.hf_eval_split else []
+    if not train:
+        raise ConfigError(f"task: {where} has no rows")
+    train = [format_row(r, task, where, i) for i, r in enumerate(train)]
+    evals = [format_row(r, task, task.eval_file or where, i) for i, r in enumerate(evals)]
+    for rows, name in ((train, where), (evals, task.eval_file or where)):
+        for i, row in enumerate(rows):
+            missing = required_columns - row.keys()
+            if missing:
+                raise ConfigError(
+                    f"{name}: row {i} lacks column(s) {', '.join(sorted(missing))} that the rewards need"
+                )
+    return train, evals
+
+
+def format_row(row: dict, task: TaskConfig, where: str, index: int) -> dict:
+    if task.prompt_column not in row:
+        raise ConfigError(f"{where}: row {index} has no column {task.prompt_column!r} (task.prompt_column)")
+    if not isinstance(row[task.prompt_column], str):
+        raise ConfigError(f"{where}: row {index}, column {task.prompt_column!r}: expected text")
+    out = dict(row)
+    out["prompt"] = task.prompt_template.format(**row)
+    return out
+
+
+@dataclass
+class PromptSampler:
+    """Seeded shuffled passes over the rows; `state()` / `load_state()` resume mid-epoch."""
+
+    num_rows: int
+    seed: int
+    epoch: int = 0
+    index: int = 0
+
+    def _order(self) -> list[int]:
+        order = list(range(self.num_rows))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def next_indices(self, count: int) -> list[int]:
+        out: list[int] = []
+        order = self._order()
+        while len(out) < count:
+            if self.index == self.num_rows:
+                self.epoch, self.index = self.epoch + 1, 0
+                order = self._order()
+            take = min(count - len(out), self.num_rows - self.index)
+            out.extend(order[self.index : self.index + take])
+            self.index += take
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])

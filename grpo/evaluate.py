@@ -1,0 +1,42 @@
+"""Held-out evaluation: greedy accuracy (and pass@k from sampled completions).
+
+`grpo-eval` evaluates a model directory or a run's checkpoint on a task's held-out split with
+the same rollout engine and reward functions as training.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def evaluate(engine, scorer, rows: list[dict], accuracy_reward: str, *, pass_k: int = 0) -> dict:
+    """`eval/accuracy`: share of rows whose greedy completion scores 1 on `accuracy_reward`
+    (None counts as wrong). With `pass_k`, also `eval/pass@k` from k sampled completions."""
+    start = time.perf_counter()
+    prompts = [r["prompt"] for r in rows]
+    columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+    out = engine.generate(prompts, 1, greedy=True)
+    scores = scorer(prompts, out.texts, columns).per_reward[accuracy_reward]
+    metrics = {
+        "eval/accuracy": sum(1.0 for s in scores if s is not None and s >= 1.0) / len(rows),
+        "eval/completion_len": sum(map(len, out.completion_ids)) / len(rows),
+    }
+    if pass_k:
+        sampled = engine.generate(prompts, pass_k)
+        rep = {k: [v for v in vals for _ in range(pass_k)] for k, vals in columns.items()}
+        s = scorer([p for p in prompts for _ in range(pass_k)], sampled.texts, rep).per_reward[accuracy_reward]
+        solved = [any(x is not None and x >= 1.0 for x in s[i * pass_k : (i + 1) * pass_k]) for i in range(len(rows))]
+        metrics[f"eval/pass@{pass_k}"] = sum(solved) / len(rows)
+    metrics["time/eval_s"] = time.perf_counter() - start
+    return metrics
+
+
+def main() -> None:
+    """`grpo-eval`: same config and overrides as grpo-train; `eval.checkpoint=<dir>` to pick a model."""
+    from grpo.train import run_cli
+
+    run_cli(mode="eval")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Per-token log-probs and entropy of given tokens under a causal LM, chunked over rows.
+
+The full logits of a batch are `[B, T, V]`; with a 150k vocabulary and float32 that is the
+largest tensor of a training step by far. `sequence_logprobs` runs the model's backbone once,
+then applies the output embedding to at most `chunk_size` positions at a time, so only one
+chunk's `[chunk_size, V]` float32 logits exist at any moment, in the forward pass and in the
+backward pass alike (each chunk is recomputed in backward under activation checkpointing).
+
+Conventions, shared by both functions here:
+
+- `logprobs[:, t] = log p(input_ids[:, t+1] | input_ids[:, :t+1])`, shape `[B, T-1]`.
+- The distribution is the tempered one, `softmax(logits / temperature)`, computed in float32;
+  `entropy[:, t] = -sum_v p_v log p_v` of that distribution.
+- Columns before `logits_to_keep_from` are skipped and returned as zeros (not dropped), so the
+  outputs stay aligned with `input_ids[:, 1:]` and with any mask built over it. For a prompt block
+  of width P followed by completions, pass `logits_to_keep_from=P - 1`: column P-1 scores the
+  first completion token.
+- Position ids default to `attention_mask.cumsum(-1) - 1` clamped at 0, and are always passed to
+  the backbone explicitly. This is what transformers' `generate` uses under left padding
+  (`GenerationMixin._prepare_position_ids_for_generation`: `cumsum(-1) - 1`, then padding set to 0;
+  each new token gets the previous position + 1), so the trainer scores a completion at the
+  positions the sampler produced it at. The two differ only at padding that follows real tokens
+  (0 there, the last position here), which is masked out and cannot affect earlier tokens.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def sequence_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+    logits_to_keep_from: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and optionally entropy) of `input_ids[:, 1:]`, chunked over positions.
+
+    Runs the backbone of `model` (a transformers `*ForCausalLM`, not wrapped in DDP) to get the last
+    hidden states, then the output embedding on `chunk_size` rows of the flattened
+    `[B * (T-1-logits_to_keep_from), H]` hidden states at a time. Differentiable; when gradients are
+    enabled each chunk is checkpointed, so backward also holds one chunk's logits at a time.
+
+    Returns `(logprobs [B, T-1], entropy [B, T-1] or None)`, float32, zeros before column
+    `logits_to_keep_from`. See the module docstring for the conventions.
+    """
+    _check_args(input_ids, attention_mask, temperature, logits_to_keep_from)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_plain_head(model)
+    if position_ids is None:
+        position_ids = _position_ids(attention_mask)
+
+    backbone = _backbone(model)
+    head = model.get_output_embeddings()
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # [B, T, H]
+
+    B, T = input_ids.shape
+    k = logits_to_keep_from
+    rows = hidden[:, k : T - 1].reshape(-1, hidden.shape[-1])  # [B*L, H], L = T-1-k
+    targets = input_ids[:, k + 1 :].reshape(-1)  # [B*L]
+
+    def score(h, y):
+        return _score_logits(head(h), y, temperature, with_entropy)
+
+    lp_chunks, ent_chunks = [], []
+    for start in range(0, rows.shape[0], chunk_size):
+        h, y = rows[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled():
+            lp, ent = checkpoint(score, h, y, use_reentrant=False)
+        else:
+            lp, ent = score(h, y)
+        lp_chunks.append(lp)
+        ent_chunks.append(ent)
+
+    logprobs = _left_zeros(_cat_rows(lp_chunks, rows).view(B, T - 1 - k), k)  # [B, T-1]
+    entropy = _left_zeros(_cat_rows(ent_chunks, rows).view(B, T - 1 - k), k) if with_entropy else None
+    return logprobs, entropy
+
+
+def naive_sequence_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    logits_to_keep_from: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reference for `sequence_logprobs`: one full forward, all `[B, T, V]` logits at once.
+
+    Same conventions and outputs as `sequence_logprobs` (columns before `logits_to_keep_from` are
+    computed, then zeroed). It calls `model(...)` itself, so it is exact for any head, softcapped or
+    scaled ones included, and is the one to use when memory is not a concern.
+    """
+    _check_args(input_ids, attention_mask, temperature, logits_to_keep_from)
+    if position_ids is None:
+        position_ids = _position_ids(attention_mask)
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).logits  # [B, T, V]
+    lp, ent = _score_logits(logits[:, :-1], input_ids[:, 1:], temperature, with_entropy)  # [B, T-1]
+    k = logits_to_keep_from
+    return _left_zeros(lp[:, k:], k), (_left_zeros(ent[:, k:], k) if with_entropy else None)
+
+
+def token_budget_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Split sequence indices into contiguous micro-batches that fit a padded-token budget.
+
+    A micro-batch of indices `I` costs `max(lengths[i] for i in I) * len(I)` tokens (every sequence
+    padded to the longest in its micro-batch). Indices are taken in order and a micro-batch is closed
+    when the next sequence would push its cost over `max_tokens`, so concatenating the micro-batches
+    gives `0..len(lengths)-1` back, and per-micro-batch results can be concatenated in order.
+    A sequence longer than `max_tokens` gets a micro-batch of its own (never an empty one).
+    Greedy is optimal here: among contiguous splits it gives the fewest micro-batches.
+
+    Example: `token_budget_batches([3, 5, 2, 2, 8], 10) == [[0, 1], [2, 3], [4]]`
+    (`[0, 1]` costs 5 * 2 = 10, `[0, 1, 2]` would cost 15; `[2, 3]` costs 4, `[2, 3, 4]` would cost 24).
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        if n < 0:
+            raise ValueError(f"lengths[{i}] is negative: {n}")
+        if current and max(longest, n) * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, n)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _score_logits(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of `targets` and entropy under `softmax(logits / temperature)`, in float32."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)  # [..., V]
+    lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [...]
+    ent = -(logp.exp() * logp).sum(-1) if with_entropy else None  # [...]
+    return lp, ent
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, as transformers' generate does under left padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    """The module of a `*ForCausalLM` that returns `last_hidden_state`."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise TypeError(
+            "pass the unwrapped model: calling its submodules bypasses DDP's forward and its gradient sync; "
+            "wrap a module whose forward calls sequence_logprobs in DDP instead"
+        )
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if backbone is None or backbone is model:
+        backbone = getattr(model, "model", None) or getattr(model, "base_model", None)
+    if backbone is None or backbone is model:
+        raise TypeError(f"cannot find the backbone of {type(model).__name__}")
+    return backbone
+
+
+def _check_plain_head(model: nn.Module) -> None:
+    """Refuse heads that transform the logits after the output embedding (the chunked path skips that)."""
+    config = getattr(model, "config", None)
+    transforms = {
+        "final_logit_softcapping": getattr(config, "final_logit_softcapping", None),  # Gemma 2/3
+        "logit_scale": getattr(config, "logit_scale", 1),  # Cohere: logits * scale
+        "logits_scaling": getattr(config, "logits_scaling", 1),  # Granite: logits / scale
+    }
+    for name, value in transforms.items():
+        if value is not None and (name == "final_logit_softcapping" or value != 1):
+            raise NotImplementedError(
+                f"model.config.{name}={value!r}: the chunked head applies the bare output embedding; "
+                "use naive_sequence_logprobs for this model"
+            )
+
+
+def _check_args(input_ids, attention_mask, temperature, logits_to_keep_from) -> None:
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids and attention_mask must both be [B, T], got {tuple(input_ids.shape)} "
+            f"and {tuple(attention_mask.shape)}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 <= logits_to_keep_from <= input_ids.shape[1] - 1:
+        raise ValueError(
+            f"logits_to_keep_from must be in [0, T-1={input_ids.shape[1] - 1}], got {logits_to_keep_from}"
+        )
+
+
+def _left_zeros(tail: torch.Tensor, k: int) -> torch.Tensor:
+    """`[B, L]` -> `[B, k + L]`, the k skipped columns as zeros (kept out of the graph)."""
+    return torch.cat([tail.new_zeros(tail.shape[0], k), tail], dim=1)
+
+
+def _cat_rows(chunks: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """Concatenate per-chunk results; with no rows at all, an empty tensor still in the graph."""
+    return torch.cat(chunks) if chunks else rows[:, 0].float()  # [N]

@@ -1,0 +1,243 @@
+"""Policy losses: KL estimators, the clipped surrogate (token or sequence ratio) and aggregation.
+
+Shapes: N completions, T token positions (padded); ``mask`` [N, T] is 1 on completion tokens.
+``advantages`` [N] hold one value per completion (outcome supervision), broadcast over its tokens.
+
+Where we differ from the papers:
+
+1. The surrogate clips asymmetrically, [1 - clip_low, 1 + clip_high] (DAPO "clip-higher");
+   clip_low = clip_high gives PPO/GRPO.
+2. ``ratio_level="sequence"`` is GSPO in its GSPO-token form (Zheng et al. 2025): the value is the
+   sequence ratio, the gradient flows per token. With one advantage per sequence, summed over a
+   sequence's tokens it has GSPO's gradient; GSPO's own objective is ``seq_mean_token_mean`` of it
+   (1/G sum_i), while ``token_mean`` weighs long sequences more.
+3. Padded positions are masked before the ratio is taken, so -inf or NaN log-probs there give
+   loss 0 and gradient 0 instead of NaN.
+4. ``aggregate`` takes the whole batch's token and sequence counts, so micro-batch losses sum to the
+   full-batch loss (gradient accumulation is exact), as verl and OpenRLHF do.
+"""
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+KLEstimator = Callable[[Tensor, Tensor], Tensor]
+
+KL_ESTIMATORS: dict[str, KLEstimator] = {}
+
+RATIO_LEVELS = ("token", "sequence")
+
+Count = int | float | Tensor  # a token or sequence count, as a number or a 0-d tensor
+
+
+def register_kl(name: str) -> Callable[[KLEstimator], KLEstimator]:
+    """Register ``fn(logp [N, T], ref_logp [N, T]) -> per-token KL estimate [N, T]`` under ``name``."""
+
+    def decorator(fn: KLEstimator) -> KLEstimator:
+        if name in KL_ESTIMATORS:
+            raise ValueError(f"KL estimator {name!r} is already registered")
+        KL_ESTIMATORS[name] = fn
+        return fn
+
+    return decorator
+
+
+@register_kl("k1")
+def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k1 = log pi(x) - log pi_ref(x): unbiased for KL(pi || pi_ref), high variance, can be negative.
+
+    As a loss its gradient has expectation 0 under pi (score-function identity), so it is a monitor
+    more than a penalty.
+    """
+    return logp - ref_logp  # [N, T]
+
+
+@register_kl("k2")
+def kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k2 = 0.5 * (log pi(x) - log pi_ref(x))^2: biased, low variance, >= 0.
+
+    Its gradient on samples of pi is the gradient of KL(pi || pi_ref).
+    """
+    return 0.5 * (logp - ref_logp).square()  # [N, T]
+
+
+@register_kl("k3")
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1: unbiased, low variance, >= 0.
+
+    The estimator GRPO uses (DeepSeekMath eq. 4). Computed as expm1(d) - d for precision near 0.
+    Not clamped (verl clamps to [-10, 10]): clamp in the caller if the reference drifts far.
+    """
+    log_ratio = ref_logp - logp  # [N, T]
+    return torch.expm1(log_ratio) - log_ratio  # [N, T]
+
+
+def kl_divergence(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
+    """Per-token estimate [N, T] of KL(pi || pi_ref) from tokens sampled from pi.
+
+    ``estimator`` is one of ``KL_ESTIMATORS``: k1, k2, k3 (Schulman 2020, "Approximating KL divergence").
+    Masking and aggregation are the caller's (see ``aggregate``).
+    """
+    if estimator not in KL_ESTIMATORS:
+        known = ", ".join(sorted(KL_ESTIMATORS))
+        raise ValueError(f"unknown KL estimator {estimator!r}; known: {known}")
+    if logp.shape != ref_logp.shape:
+        raise ValueError(f"logp {tuple(logp.shape)} and ref_logp {tuple(ref_logp.shape)} differ in shape")
+    return KL_ESTIMATORS[estimator](logp, ref_logp)  # [N, T]
+
+
+def _check_shapes(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor) -> None:
+    if logp.ndim != 2:
+        raise ValueError(f"logp must have shape [N, T], got {tuple(logp.shape)}")
+    for name, t in (("old_logp", old_logp), ("mask", mask)):
+        if t.shape != logp.shape:
+            raise ValueError(f"{name} {tuple(t.shape)} must have the shape of logp {tuple(logp.shape)}")
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages must have shape [N]={tuple(logp.shape[:1])}, got {tuple(advantages.shape)}")
+
+
+def _policy_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, ratio_level: str) -> Tensor:
+    """Importance ratio pi / pi_old per token [N, T]; 1 on masked positions."""
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"unknown ratio_level {ratio_level!r}; known: {', '.join(RATIO_LEVELS)}")
+    keep = mask.bool()  # [N, T]
+    # where(), not multiplication: 0 * -inf is NaN, and so is its gradient.
+    logp = torch.where(keep, logp, 0.0)  # [N, T]
+    log_ratio = torch.where(keep, logp - old_logp.detach(), 0.0)  # [N, T]
+    if ratio_level == "token":
+        return log_ratio.exp()  # [N, T]
+    # GSPO: s_i = exp(mean_t log_ratio); GSPO-token: s_i,t = sg[s_i] * exp(logp_t - sg[logp_t]).
+    lengths = keep.sum(dim=1).clamp(min=1)  # [N]
+    seq_ratio = (log_ratio.sum(dim=1) / lengths).exp().detach()  # [N]
+    return seq_ratio[:, None] * (logp - logp.detach()).exp()  # [N, T]
+
+
+def clipped_surrogate(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float,
+    clip_high: float,
+    ratio_level: str,
+    dual_clip: float | None = None,
+) -> Tensor:
+    """Per-token clipped surrogate loss [N, T], to be minimised (minus the PPO objective).
+
+        r_t  = exp(logp_t - old_logp_t)                                   (ratio_level="token")
+        s_i  = exp(1/|y_i| * sum_t (logp_t - old_logp_t)),  r_t = sg[s_i] * exp(logp_t - sg[logp_t])
+                                                                          (ratio_level="sequence")
+        loss_t = -min(r_t * A, clip(r_t, 1 - clip_low, 1 + clip_high) * A)
+        dual clip, for A < 0:  loss_t = min(loss_t, -dual_clip * A)
+
+    PPO (Schulman et al. 2017) with DAPO's asymmetric "clip-higher" range (Yu et al. 2025); the
+    sequence ratio is GSPO-token (Zheng et al. 2025; the paper uses clip ranges near 3e-4 / 4e-4);
+    the dual clip is from Ye et al. 2020 ("Mastering Complex Control in MOBA Games") and bounds the
+    loss of a negative-advantage token whose ratio has exploded. ``logp``, ``old_logp``, ``mask``
+    are [N, T]; ``advantages`` [N]. ``old_logp`` and ``advantages`` are treated as constants.
+    Masked positions get loss 0.
+    """
+    _check_shapes(logp, old_logp, advantages, mask)
+    if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
+        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 when given, got {dual_clip}")
+    ratio = _policy_ratio(logp, old_logp, mask, ratio_level)  # [N, T]
+    adv = advantages.detach()[:, None]  # [N, 1]
+    unclipped = ratio * adv  # [N, T]
+    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv  # [N, T]
+    loss = -torch.minimum(unclipped, clipped)  # [N, T]
+    if dual_clip is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -dual_clip * adv), loss)  # [N, T]
+    return torch.where(mask.bool(), loss, 0.0)  # [N, T]
+
+
+@torch.no_grad()
+def clip_fraction(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float,
+    clip_high: float,
+    ratio_level: str,
+) -> float:
+    """Share of masked tokens where the clipped branch is active (metric ``train/clip_frac``).
+
+    Active means the clip removed the gradient: r > 1 + clip_high with A > 0, or r < 1 - clip_low
+    with A < 0. The dual clip is not counted. 0.0 when the mask is empty.
+    """
+    _check_shapes(logp, old_logp, advantages, mask)
+    ratio = _policy_ratio(logp, old_logp, mask, ratio_level)  # [N, T]
+    adv = advantages[:, None]  # [N, 1]
+    high = (ratio > 1.0 + clip_high) & (adv > 0)  # [N, T]
+    low = (ratio < 1.0 - clip_low) & (adv < 0)  # [N, T]
+    keep = mask.bool()  # [N, T]
+    num_tokens = int(keep.sum().item())
+    if num_tokens == 0:
+        return 0.0
+    return ((high | low) & keep).sum().item() / num_tokens
+
+
+def _token_mean(masked_loss: Tensor, mask: Tensor, num_tokens: Count, num_seqs: Count, max_len: Count) -> Tensor:
+    return masked_loss.sum() / num_tokens  # []
+
+
+def _seq_mean_token_mean(masked_loss: Tensor, mask: Tensor, num_tokens: Count, num_seqs: Count, max_len: Count) -> Tensor:
+    per_seq = masked_loss.sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [N]
+    return per_seq.sum() / num_seqs  # []
+
+
+def _seq_mean_token_sum_norm(masked_loss: Tensor, mask: Tensor, num_tokens: Count, num_seqs: Count, max_len: Count) -> Tensor:
+    per_seq = masked_loss.sum(dim=1) / max_len  # [N]
+    return per_seq.sum() / num_seqs  # []
+
+
+_AGGREGATORS = {
+    "token_mean": _token_mean,
+    "seq_mean_token_mean": _seq_mean_token_mean,
+    "seq_mean_token_sum_norm": _seq_mean_token_sum_norm,
+}
+
+AGGREGATION_MODES = tuple(_AGGREGATORS)
+
+
+def aggregate(
+    per_token_loss: Tensor,
+    mask: Tensor,
+    mode: str,
+    *,
+    num_tokens: Count | None = None,
+    num_seqs: Count | None = None,
+    max_len: Count | None = None,
+) -> Tensor:
+    """Reduce a per-token loss [N, T] over the masked tokens to a scalar.
+
+        token_mean               sum_{i,t} m_it l_it / num_tokens                     (DAPO, Yu et al. 2025)
+        seq_mean_token_mean      1/num_seqs sum_i (sum_t m_it l_it / sum_t m_it)     (GRPO, Shao et al. 2024)
+        seq_mean_token_sum_norm  1/num_seqs sum_i (sum_t m_it l_it / max_len)        (Dr. GRPO, Liu et al. 2025)
+
+    Defaults: num_tokens = mask.sum() (at least 1), num_seqs = N (sequences with no tokens count),
+    max_len = T. For gradient accumulation pass the WHOLE batch's num_tokens and num_seqs to every
+    micro-batch: the micro-batch losses then sum to the full-batch loss. Pass a fixed max_len (the
+    generation budget, as Dr. GRPO does) so the loss does not depend on how far a batch is padded.
+    """
+    if mode not in _AGGREGATORS:
+        raise ValueError(f"unknown aggregation mode {mode!r}; known: {', '.join(AGGREGATION_MODES)}")
+    if per_token_loss.ndim != 2 or mask.shape != per_token_loss.shape:
+        raise ValueError(
+            f"per_token_loss and mask must both be [N, T], got {tuple(per_token_loss.shape)} and {tuple(mask.shape)}"
+        )
+    mask = mask.to(per_token_loss.dtype)  # [N, T]
+    masked_loss = torch.where(mask.bool(), per_token_loss, 0.0)  # [N, T]
+    if num_tokens is None:
+        num_tokens = mask.sum().clamp(min=1)  # []
+    if num_seqs is None:
+        num_seqs = max(per_token_loss.shape[0], 1)
+    if max_len is None:
+        max_len = max(per_token_loss.shape[1], 1)
+    for name, value in (("num_tokens", num_tokens), ("num_seqs", num_seqs), ("max_len", max_len)):
+        if not isinstance(value, Tensor) and value <= 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    return _AGGREGATORS[mode](masked_loss, mask, num_tokens, num_seqs, max_len)  # []

@@ -1,0 +1,44 @@
+"""Rollout engines: sample G completions per prompt from the current policy.
+
+An engine is anything with the `RolloutEngine` methods (a `typing.Protocol`: tests pass fakes
+without inheriting). Engines are named by string and imported only when chosen, so
+`import grpo` never imports vLLM.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Optional, Protocol, runtime_checkable
+
+
+@dataclass
+class Completions:
+    """What one `generate` call returns, for B prompts and n samples each (B*n rows, prompt-major)."""
+
+    prompt_ids: list[list[int]]  # [B] token ids of each prompt
+    completion_ids: list[list[int]]  # [B*n] sampled ids, ending with EOS when the model stopped
+    texts: list[str]  # [B*n] decoded completions, special tokens and stop strings removed
+    truncated: list[bool]  # [B*n] True when max_new_tokens ran out before EOS or a stop string
+    logprobs: Optional[list[list[float]]] = None  # [B*n] the sampler's log-prob of each sampled token
+    metrics: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[str], n: int, *, greedy: bool = False) -> Completions:
+        """Sample n completions per prompt (or one greedy completion when `greedy`)."""
+        ...
+
+    def sync_weights(self, model) -> float:
+        """Load the policy's current weights into the engine; returns the seconds it took."""
+        ...
+
+
+ENGINES = {"hf": "grpo.rollout.hf:HFRolloutEngine", "vllm": "grpo.rollout.vllm:VLLMRolloutEngine"}
+
+
+def build_rollout_engine(name: str, **kwargs) -> RolloutEngine:
+    """Import the engine named in the config and build it."""
+    module, cls = ENGINES[name].split(":")
+    return getattr(importlib.import_module(module), cls)(**kwargs)

@@ -1,0 +1,110 @@
+"""Where a run's numbers go: metrics.jsonl always, samples.jsonl, a progress bar, wandb when
+configured, and a plot of reward and held-out accuracy at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class Tracker:
+    def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int = 0, progress_bar: bool = True,
+                 wandb_config: dict | None = None, run_config: dict | None = None):
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.samples_path = self.run_dir / "samples.jsonl"
+        for path in (self.metrics_path, self.samples_path):
+            truncate_after(path, start_step)  # a resumed run continues the same files, never doubles steps
+        self._metrics = self.metrics_path.open("a")
+        self._samples = self.samples_path.open("a")
+        self.bar = None
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="grpo", dynamic_ncols=True)
+        self.wandb = None
+        if wandb_config is not None:
+            import wandb
+
+            self.wandb = wandb.init(
+                project=wandb_config["project"], mode=wandb_config["mode"], dir=str(self.run_dir),
+                config=run_config, resume="allow", id=wandb_config.get("id"),
+            )
+
+    def log(self, step: int, metrics: dict) -> None:
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if self.bar is not None:
+            shown = {"reward": metrics.get("train/reward_mean"), "step_s": metrics.get("time/step_s")}
+            if "eval/accuracy" in metrics:
+                self.last_accuracy = metrics["eval/accuracy"]
+            if getattr(self, "last_accuracy", None) is not None:
+                shown["eval_acc"] = self.last_accuracy
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None}, refresh=False)
+            self.bar.n = step
+            self.bar.refresh()
+
+    def log_samples(self, step: int, prompts: list[str], completions: list[str], rewards: list) -> None:
+        for p, c, r in zip(prompts, completions, rewards):
+            self._samples.write(json.dumps({"step": step, "prompt": p, "completion": c, "reward": r}) + "\n")
+        self._samples.flush()
+
+    def close(self, plot: bool = True) -> None:
+        self._metrics.close()
+        self._samples.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if plot:
+            plot_metrics(self.metrics_path, self.run_dir / "plot.png")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop the lines of a JSONL log written after `step` (steps a crashed run did not checkpoint)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path:
+    """Training reward and held-out accuracy against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in rows if r.get("train/reward_mean") is not None]
+    ax.plot(steps, [r["train/reward_mean"] for r in rows if r.get("train/reward_mean") is not None],
+            color="tab:blue", alpha=0.6, label="train reward (mean)")
+    evals = [(r["step"], r["eval/accuracy"]) for r in rows if r.get("eval/accuracy") is not None]
+    if evals:
+        ax.plot(*zip(*evals), "o-", color="tab:red", label="held-out accuracy (greedy)")
+    ax.set_xlabel("step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return Path(out_path)

@@ -1,0 +1,144 @@
+"""``math_accuracy``: 1.0 when the completion's final answer equals the gold answer, else 0.0.
+
+Two paths:
+
+- in-process (``rewards.answers``): extraction, hedging, and every pair whose gold is a plain number. The
+  arithmetic task never leaves this path: ~1 microsecond per completion.
+- worker processes (``rewards.math_check``): math-verify + sympy for fractions, LaTeX, sets, intervals and
+  expressions, with a hard per-check deadline. A check that runs past it has its worker killed and scores 0.0.
+
+None (skipped, counted) when the gold answer is missing or does not parse: an unparseable gold is never
+rewarded. Counters since the last call are reported through ``pop_metrics`` (``reward/math_accuracy_<key>``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections import Counter
+from typing import Any
+
+from rewards.answers import extract_answer, hedges_inside, normalize, quick_verdict
+from rewards.registry import RewardConfigError, register_reward
+from rewards.workers import OK, TIMEOUT, DeadlinePool
+
+_pool: DeadlinePool | None = None
+_pool_lock = threading.Lock()
+_counts: Counter[str] = Counter()
+
+
+@register_reward("math_accuracy")
+def math_accuracy(
+    prompts: list[str],
+    completions: list[str],
+    *,
+    answer: list[Any],
+    strict: bool = False,
+    answer_pattern: str | None = None,
+    timeout_s: float = 5.0,
+    max_answer_chars: int = 1000,
+    num_workers: int | None = None,
+    worker_memory_mb: int = 4096,
+) -> list[float | None]:
+    """Score each completion against its gold ``answer``.
+
+    Options (``RewardSpec.kwargs``):
+        strict: only a ``\\boxed{}`` answer counts.
+        answer_pattern: a regex; the answer is its last match (group 1 if it has groups).
+        timeout_s: hard deadline per symbolic check; past it the worker is killed and the sample scores 0.0.
+        max_answer_chars: longer extracted answers score 0.0 without being parsed (so do unbalanced braces).
+        num_workers: checker processes (default: min(4, CPUs)); started on the first symbolic check.
+        worker_memory_mb: address-space cap of each checker process.
+    """
+    check_options(strict=strict, answer_pattern=answer_pattern, timeout_s=timeout_s)
+    scores: list[float | None] = [None] * len(completions)
+    slow: list[tuple[int, str, str]] = []
+    for i, (completion, gold_value) in enumerate(zip(completions, answer)):
+        gold = normalize(str(gold_value)) if gold_value is not None else ""
+        if not gold:
+            _counts["gold_unparsed"] += 1
+            continue
+        found = extract_answer(completion, pattern=answer_pattern, strict=strict)
+        if found.answer is None:
+            _counts["no_answer"] += 1
+            scores[i] = 0.0
+            continue
+        text = found.answer.strip() if found.source == "whole" else normalize(found.answer)
+        if found.hedged or hedges_inside(text, gold):
+            _counts["hedged"] += 1
+            scores[i] = 0.0
+            continue
+        if not text or len(text) > max_answer_chars or not _braces_balance(text):
+            _counts["malformed"] += 1
+            scores[i] = 0.0
+            continue
+        verdict = quick_verdict(text, gold)
+        if verdict is None:
+            slow.append((i, text, gold))
+        else:
+            scores[i] = verdict
+    if slow:
+        _counts["symbolic_checks"] += len(slow)
+        pool = _checker_pool(num_workers or min(4, os.cpu_count() or 1), worker_memory_mb)
+        outcomes = pool.map([{"answer": a, "gold": g} for _, a, g in slow], timeout_s)
+        for (i, _, _), outcome in zip(slow, outcomes):
+            if outcome.status == OK and outcome.value is None:
+                _counts["gold_unparsed"] += 1
+            elif outcome.status == OK:
+                scores[i] = 1.0 if outcome.value else 0.0
+            else:
+                _counts["timeouts" if outcome.status == TIMEOUT else "check_errors"] += 1
+                scores[i] = 0.0
+    return scores
+
+
+def check_options(*, strict: bool = False, answer_pattern: str | None = None, timeout_s: float = 5.0, **_: Any) -> None:
+    """Refuse contradictory or invalid options before training starts."""
+    if strict and answer_pattern is not None:
+        raise RewardConfigError("math_accuracy: choose strict (boxed answers) or answer_pattern, not both")
+    if answer_pattern is not None:
+        try:
+            re.compile(answer_pattern)
+        except re.error as e:
+            raise RewardConfigError(f"math_accuracy: answer_pattern {answer_pattern!r} is not a regex: {e}") from None
+    if not timeout_s > 0:
+        raise RewardConfigError(f"math_accuracy: timeout_s must be positive, got {timeout_s}")
+
+
+def _braces_balance(text: str) -> bool:
+    depth = 0
+    for c in text.replace("\\{", "").replace("\\}", ""):
+        depth += (c == "{") - (c == "}")
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _pop_metrics() -> dict[str, float]:
+    out = {key: float(n) for key, n in _counts.items()}
+    _counts.clear()
+    return out
+
+
+math_accuracy.pop_metrics = _pop_metrics  # type: ignore[attr-defined]
+math_accuracy.check_options = check_options  # type: ignore[attr-defined]
+
+
+def _checker_pool(size: int, memory_mb: int) -> DeadlinePool:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool.size != size or _pool.args != [str(memory_mb)]:
+            if _pool is not None:
+                _pool.close()
+            _pool = DeadlinePool("rewards.math_check", size, args=[str(memory_mb)])
+        return _pool
+
+
+def shutdown() -> None:
+    """Stop the checker processes (they also stop when the trainer exits)."""
+    global _pool
+    with _pool_lock:
+        if _pool is not None:
+            _pool.close()
+            _pool = None

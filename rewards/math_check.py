@@ -1,0 +1,58 @@
+"""The slow path of ``math_accuracy``: symbolic equivalence with math-verify and sympy, in a worker process.
+
+Run as ``python -m rewards.math_check`` by ``rewards.workers.DeadlinePool``; each request is
+``{"answer": str, "gold": str}`` and the reply is ``true``/``false``, or ``null`` when the gold answer does not
+parse to an expression (the sample is then skipped, never rewarded).
+
+Both strings are parsed as LaTeX (the answer wrapped in ``\\boxed{}``), never evaluated as Python, so an
+answer like ``__import__('os').system(...)`` is only ever a product of symbols. math-verify's own timeouts
+(``signal.alarm``) are off: the pool kills a worker whose check runs past the deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+_LATEX_ONLY: Any = None
+
+
+def check(request: dict[str, str]) -> bool | None:
+    """True when ``answer`` equals ``gold`` (numbers, fractions, LaTeX, sets, intervals); None if gold won't parse."""
+    from math_verify import parse, verify
+
+    gold = parse(_boxed(request["gold"]), _LATEX_ONLY, parsing_timeout=None)
+    if all(isinstance(g, str) for g in gold):  # nothing or only the raw text came back: no expression
+        return None
+    answer = parse(_boxed(request["answer"]), _LATEX_ONLY, parsing_timeout=None)
+    if not answer:
+        return False
+    return bool(verify(gold, answer, timeout_seconds=None))
+
+
+def _boxed(text: str) -> str:
+    return "\\boxed{" + text.replace("$", "") + "}"
+
+
+def _prepare() -> None:
+    global _LATEX_ONLY
+    from math_verify import LatexExtractionConfig
+
+    _LATEX_ONLY = [LatexExtractionConfig(boxed_match_priority=0)]
+    # math-verify warns on every call that its own timeout is off; the pool's deadline replaces it.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    check({"answer": "\\frac{1}{2}", "gold": "0.5"})  # warm the parsers before reporting ready
+
+
+if __name__ == "__main__":
+    import sys
+
+    from rewards.workers import report_startup_error, serve
+
+    try:
+        _prepare()
+    except Exception as e:  # noqa: BLE001
+        report_startup_error(e)
+        sys.exit(1)
+    memory_mb = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
+    serve(check, memory_limit_mb=memory_mb)

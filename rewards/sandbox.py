@@ -1,0 +1,333 @@
+"""Run untrusted Python in a throwaway sandbox and get back pass/fail.
+
+Sandboxes, chosen by ``kind``:
+
+- ``bwrap`` (bubblewrap, Debian/Ubuntu package ``bubblewrap``): new user, pid, net, ipc, uts, cgroup and mount
+  namespaces; the filesystem is ``/usr`` and the Python installation read-only, a fresh ``/proc``, a minimal
+  ``/dev`` and a private size-capped ``/tmp``; nothing else of the host (home directories, the repository,
+  credentials) exists inside.
+- ``unshare`` (util-linux), when bwrap is missing: the same namespaces via ``unshare``, and a small init
+  (``_UNSHARE_INIT``) that builds the same read-only root with ``mount`` and ``pivot_root`` before running the
+  program.
+- ``none``: a plain subprocess with the same rlimits, seccomp filter and empty environment, but the host's
+  filesystem and network. Only when asked for explicitly; it logs a warning.
+- ``auto``: the first of bwrap, unshare that works here; if neither does, ``SandboxUnavailable`` says how to
+  install one.
+
+Every run: an empty environment, rlimits and the no-new-processes seccomp filter (``rewards/code_runner.py``),
+a wall-clock deadline after which the whole process group is SIGKILLed (killing the namespace's init kills
+everything in it), and at most ``_MAX_OUTPUT`` bytes read back.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import secrets
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rewards.registry import RewardConfigError
+
+logger = logging.getLogger(__name__)
+
+SANDBOX_KINDS = ("auto", "bwrap", "unshare", "none")
+_MAX_OUTPUT = 64 * 1024
+_RUNNER = Path(__file__).with_name("code_runner.py")
+_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
+
+
+class SandboxUnavailable(RewardConfigError):
+    """No sandbox can be set up on this machine (and ``sandbox: none`` was not chosen)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one run."""
+
+    timeout_s: float = 10.0  # wall clock, enforced from outside
+    memory_mb: int = 1024  # address space
+    file_mb: int = 16  # largest file the program may write
+    tmp_mb: int = 64  # size of the private /tmp (bwrap)
+    open_files: int = 64
+    processes: int = 16  # RLIMIT_NPROC (binds non-root users; the seccomp filter binds everyone)
+
+    def for_runner(self) -> dict[str, int]:
+        return {
+            "cpu_s": int(self.timeout_s) + 1,
+            "memory_bytes": self.memory_mb << 20,
+            "file_bytes": self.file_mb << 20,
+            "open_files": self.open_files,
+            "processes": self.processes,
+        }
+
+
+@dataclass(frozen=True)
+class RunResult:
+    passed: bool
+    detail: str  # why it failed ("timeout", the exception the tests raised, ...), or "passed"
+    seconds: float
+
+
+def resolve_sandbox(kind: str = "auto") -> str:
+    """The sandbox to use for ``kind``; raises ``SandboxUnavailable`` (with install advice) if it cannot run."""
+    if kind not in SANDBOX_KINDS:
+        raise RewardConfigError(f"sandbox must be one of {SANDBOX_KINDS}, got {kind!r}")
+    if kind == "none":
+        _warn_no_sandbox()
+        return "none"
+    candidates = ["bwrap", "unshare"] if kind == "auto" else [kind]
+    reasons = []
+    for candidate in candidates:
+        reason = _probe(candidate)
+        if reason is None:
+            return candidate
+        reasons.append(f"{candidate}: {reason}")
+    raise SandboxUnavailable(
+        "cannot set up a sandbox for code_tests (" + "; ".join(reasons) + "). Install bubblewrap "
+        "(`apt-get install bubblewrap`, `dnf install bubblewrap`) or allow unprivileged user namespaces "
+        "(`sysctl kernel.unprivileged_userns_clone=1`, `sysctl kernel.apparmor_restrict_unprivileged_userns=0`). "
+        "To run generated code with no isolation at all, set the option sandbox: none."
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(kind: str) -> str | None:
+    """None if ``kind`` can run the runner here, else the reason it cannot."""
+    if shutil.which(kind) is None:
+        return "not installed"
+    try:
+        result = run_tests("def f():\n    return 1\n", "assert f() == 1\n", None, kind=kind, limits=Limits(timeout_s=20))
+    except OSError as e:
+        return str(e)
+    return None if result.passed else f"test run failed ({result.detail})"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_sandbox() -> None:
+    logger.warning(
+        "code_tests runs generated code WITHOUT a sandbox (sandbox: none): it can read your files and use the "
+        "network. rlimits, an empty environment and the no-fork filter still apply."
+    )
+
+
+def run_tests(
+    code: str,
+    tests: str,
+    entry_point: str | None,
+    *,
+    kind: str,
+    limits: Limits = Limits(),
+    site_packages: bool = False,
+) -> RunResult:
+    """Run ``code`` then ``tests`` (asserts, or a ``check(candidate)`` with ``entry_point``) in sandbox ``kind``.
+
+    ``site_packages``: let the program import installed packages (numpy, ...); off, it has the standard library
+    only and starts about twice as fast.
+    """
+    nonce = secrets.token_hex(16)
+    payload = json.dumps(
+        {"code": code, "tests": tests, "entry_point": entry_point, "nonce": nonce, "limits": limits.for_runner()}
+    ).encode()
+    argv = _command(kind, limits, site_packages)
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=_ENV,
+        cwd="/",
+        start_new_session=True,
+    )
+    try:
+        output, timed_out = _communicate(proc, payload, start + limits.timeout_s)
+    finally:
+        _kill_group(proc)
+    seconds = time.monotonic() - start
+    if timed_out:
+        return RunResult(False, "timeout", seconds)
+    for line in output.splitlines():
+        try:
+            message = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(message, dict) and "passed" in message:
+            passed = message["passed"] is True and message.get("nonce") == nonce
+            return RunResult(passed, str(message.get("detail", "")), seconds)
+    return RunResult(False, f"no result (exit status {proc.returncode})", seconds)
+
+
+def _communicate(proc: subprocess.Popen, payload: bytes, deadline: float) -> tuple[bytes, bool]:
+    """Write the payload, read at most _MAX_OUTPUT bytes of stdout, stop at the deadline."""
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(payload)
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    out = bytearray()
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return bytes(out), True
+            if not selector.select(remaining):
+                continue
+            chunk = os.read(proc.stdout.fileno(), 1 << 16)
+            if not chunk:
+                break
+            out += chunk
+            if len(out) >= _MAX_OUTPUT:
+                break
+    try:
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass  # the result is in; whatever keeps running is killed by the caller
+    return bytes(out[:_MAX_OUTPUT]), False
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher's group and everything under it, and return only once all of it is gone.
+
+    The sandboxed processes live in their own session and pid namespace, so killing the launcher alone would
+    leave their teardown to happen asynchronously; killing the namespace's init directly makes the kernel
+    reap the whole namespace before the init's exit is reported.
+    """
+    below = _descendants(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pid in below:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and any(_alive(pid) for pid in below):
+        time.sleep(0.005)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), deepest last."""
+    out: list[int] = []
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            out += children
+            frontier += children
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _python_dirs() -> list[str]:
+    """Directories the interpreter needs: its installation (and a venv's base) if outside /usr."""
+    dirs = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
+    dirs.add(os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))))
+    return sorted(d for d in dirs if not d.startswith("/usr/") and d != "/usr")
+
+
+def _command(kind: str, limits: Limits, site_packages: bool) -> list[str]:
+    python = os.path.realpath(sys.executable)
+    runner = [python, "-I", *([] if site_packages else ["-S"]), "-c", _RUNNER.read_text()]
+    if kind == "none":
+        return runner
+    if kind == "bwrap":
+        argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv"]
+        argv += ["--ro-bind", "/usr", "/usr"]
+        for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+            if os.path.islink(top):
+                argv += ["--symlink", os.readlink(top), top]
+            elif os.path.isdir(top):
+                argv += ["--ro-bind", top, top]
+        for d in _python_dirs():
+            argv += ["--ro-bind", d, d]
+        argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(limits.tmp_mb << 20), "--tmpfs", "/tmp"]
+        argv += ["--chdir", "/tmp", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8"]
+        return argv + ["--"] + runner
+    if kind == "unshare":
+        spec = json.dumps({"binds": ["/usr", *_python_dirs()], "tmp_mb": limits.tmp_mb, "argv": runner})
+        init = [python, "-I", "-S", "-c", _UNSHARE_INIT, spec]
+        flags = ["--user", "--map-root-user", "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child"]
+        return ["unshare", *flags, "--", *init]
+    raise RewardConfigError(f"unknown sandbox {kind!r}")
+
+
+# Runs as root of a fresh user namespace (pid 1 of a fresh pid namespace), before the runner: builds a root
+# of read-only binds, a fresh /proc, a few device nodes and a tmpfs /tmp, pivots into it, then execs the runner.
+_UNSHARE_INIT = r"""
+import ctypes, json, os, sys
+spec = json.loads(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+def mount(src, dst, fstype, flags, data=None):
+    if libc.mount(src and src.encode(), dst.encode(), fstype and fstype.encode(), flags, data and data.encode()) != 0:
+        e = ctypes.get_errno(); raise OSError(e, "mount %s -> %s: %s" % (src, dst, os.strerror(e)))
+def bind_ro(src, dst, is_file=False):
+    if is_file:
+        open(dst, "a").close()
+    else:
+        os.makedirs(dst, exist_ok=True)
+    mount(src, dst, None, MS_BIND | MS_REC)
+    locked = os.statvfs(dst).f_flag & (MS_NOSUID | MS_NODEV | MS_NOEXEC)  # flags a user namespace must keep
+    mount(None, dst, None, MS_BIND | MS_REMOUNT | MS_RDONLY | locked)
+mount(None, "/", None, MS_REC | MS_PRIVATE)
+root = "/tmp/.sandbox-root-%d" % os.getpid()
+os.makedirs(root, exist_ok=True)
+mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+for d in spec["binds"]:
+    bind_ro(d, root + d)
+for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+    if os.path.islink(top):
+        os.symlink(os.readlink(top), root + top)
+    elif os.path.isdir(top):
+        bind_ro(top, root + top)
+os.makedirs(root + "/dev")
+for dev in ("null", "zero", "full", "random", "urandom"):
+    bind_ro("/dev/" + dev, root + "/dev/" + dev, is_file=True)
+os.makedirs(root + "/proc")
+mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+os.makedirs(root + "/tmp")
+mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=%dm" % spec["tmp_mb"])
+os.makedirs(root + "/.old")
+if libc.syscall(155 if os.uname().machine == "x86_64" else 41, root.encode(), (root + "/.old").encode()) != 0:
+    e = ctypes.get_errno(); raise OSError(e, "pivot_root: " + os.strerror(e))
+os.chdir("/")
+if libc.umount2(b"/.old", 2) != 0:
+    e = ctypes.get_errno(); raise OSError(e, "umount old root: " + os.strerror(e))
+os.rmdir("/.old")
+mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+os.chdir("/tmp")
+os.execv(spec["argv"][0], spec["argv"])
+"""

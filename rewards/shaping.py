@@ -1,0 +1,108 @@
+"""Shaping rewards: ``format`` (the answer is laid out as asked) and ``length`` (overlong penalty).
+
+``length`` is DAPO's soft overlong punishment, with ``L = max_length`` and ``C = buffer``::
+
+    r(l) = 0                      if l <= L - C
+         = (L - C - l) / C        if L - C < l <= L      (linear from 0 down to -1)
+         = -1                     if l > L
+
+It is a penalty only (never positive), so it is meant to be added to a correctness reward with a weight.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from rewards.answers import boxed_contents
+from rewards.registry import RewardConfigError, register_reward
+
+
+@register_reward("format")
+def format_reward(
+    prompts: list[str],
+    completions: list[str],
+    *,
+    tags: list[str] | None = None,
+    boxed: bool | None = None,
+) -> list[float | None]:
+    """1.0 when the completion has the required layout, else 0.0.
+
+    Options:
+        tags: e.g. ``["think", "answer"]``: the completion is exactly ``<think>...</think><answer>...</answer>``
+            in that order, each once and non-empty, with only whitespace around them.
+        boxed: exactly one final answer in ``\\boxed{}`` (repeats of the same box allowed). Defaults to True
+            when no tags are given, False otherwise.
+    """
+    if boxed is None:
+        boxed = not tags
+    if not tags and not boxed:
+        raise RewardConfigError("format reward: give tags, or boxed=True, or both")
+    layout = _tag_layout(tags) if tags else None
+    scores: list[float | None] = []
+    for completion in completions:
+        ok = True
+        if layout is not None:
+            match = layout.fullmatch(completion)
+            ok = match is not None and all(part.strip() for part in match.groups())
+        if ok and boxed:
+            boxes = {" ".join(b.split()) for b in boxed_contents(completion)}
+            ok = len(boxes) == 1 and "" not in boxes
+        scores.append(1.0 if ok else 0.0)
+    return scores
+
+
+def _tag_layout(tags: list[str]) -> re.Pattern[str]:
+    for tag in tags:
+        if not re.fullmatch(r"[A-Za-z_][\w.-]*", tag):
+            raise RewardConfigError(f"format reward: {tag!r} is not a valid tag name")
+    # Each tag once, its content captured (checked non-empty by the caller) and free of that tag.
+    body = r"\s*".join(rf"<{re.escape(t)}>((?:(?!</?{re.escape(t)}>).)*)</{re.escape(t)}>" for t in tags)
+    return re.compile(rf"\s*{body}\s*", re.DOTALL)
+
+
+@register_reward("length")
+def length_reward(
+    prompts: list[str],
+    completions: list[str],
+    *,
+    max_length: int = 1024,
+    buffer: int = 256,
+    unit: str = "chars",
+    completion_length: list[Any] | None = None,
+) -> list[float | None]:
+    """The overlong penalty in the module docstring, in ``[-1, 0]``.
+
+    Options:
+        max_length: ``L``, the length at and past which the penalty is -1 (exceeding it is -1).
+        buffer: ``C``, the soft zone before ``L`` where the penalty grows linearly; 0 makes it a step.
+        unit: ``chars`` counts characters of the completion; ``tokens`` reads the ``completion_length`` column
+            (token counts, which the trainer passes alongside the dataset columns).
+    """
+    if max_length <= 0 or not 0 <= buffer <= max_length:
+        raise RewardConfigError(f"length reward: need max_length > 0 and 0 <= buffer <= max_length, got {max_length}, {buffer}")
+    if unit == "chars":
+        lengths = [len(c) for c in completions]
+    elif unit == "tokens":
+        if completion_length is None:
+            raise RewardConfigError("length reward with unit='tokens' needs the column completion_length (token counts)")
+        lengths = [int(n) for n in completion_length]
+    else:
+        raise RewardConfigError(f"length reward: unit must be 'chars' or 'tokens', got {unit!r}")
+    soft_start = max_length - buffer
+    scores: list[float | None] = []
+    for n in lengths:
+        if n <= soft_start:
+            scores.append(0.0)
+        elif n <= max_length:
+            scores.append((soft_start - n) / buffer)
+        else:
+            scores.append(-1.0)
+    return scores
+
+
+# Options are checked when the scorer is built: an empty batch runs every validation above.
+format_reward.check_options = lambda **options: format_reward([], [], **options)  # type: ignore[attr-defined]
+length_reward.check_options = lambda **options: length_reward(  # type: ignore[attr-defined]
+    [], [], **{"completion_length": [], **options}
+)

@@ -1,0 +1,198 @@
+"""code_tests: program extraction, the sandbox, and programs that try to escape, hang, or cheat."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import time
+
+import pytest
+
+from rewards import RewardConfigError, RewardScorer, RewardSpec
+from rewards import sandbox as sandbox_module
+from rewards.code_tests import code_tests, program_from
+from rewards.sandbox import Limits, SandboxUnavailable, resolve_sandbox, run_tests
+
+_RUNNER_MARK = "Runs one candidate program against its tests"
+
+
+def available_sandboxes() -> list[str]:
+    kinds = []
+    for kind in ("bwrap", "unshare"):
+        try:
+            resolve_sandbox(kind)
+            kinds.append(kind)
+        except SandboxUnavailable:
+            pass
+    return kinds
+
+
+SANDBOXES = available_sandboxes()
+needs_sandbox = pytest.mark.skipif(not SANDBOXES, reason="neither bubblewrap nor unprivileged user namespaces here")
+
+
+def runner_processes() -> list[int]:
+    """Host pids of every sandboxed runner still alive (their command line carries the runner's source)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if _RUNNER_MARK.encode() in f.read():
+                    pids.append(int(entry))
+        except OSError:
+            pass
+    return pids
+
+
+def test_program_extraction():
+    assert program_from("```python\nx = 1\n```\ntext\n```py\nx = 2\n```") == "x = 2\n"
+    assert program_from("def f():\n    return 1\n") == "def f():\n    return 1\n"
+    # HumanEval: the completion continues the prompt's signature, so the prompt goes in front.
+    prompt = "def add(a, b):\n    \"\"\"Add.\"\"\"\n"
+    assert program_from("    return a + b\n", prompt, "add") == prompt + "    return a + b\n"
+    assert program_from("def add(a, b):\n    return a + b\n", prompt, "add") == "def add(a, b):\n    return a + b\n"
+
+
+def test_unknown_sandbox_and_missing_sandbox(monkeypatch):
+    with pytest.raises(RewardConfigError, match="sandbox must be"):
+        RewardScorer([RewardSpec("code_tests", kwargs={"sandbox": "docker"})])
+    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: None)
+    sandbox_module._probe.cache_clear()
+    try:
+        with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap"):
+            resolve_sandbox("auto")
+        with pytest.raises(SandboxUnavailable):  # fails when the scorer is built, before any training step
+            RewardScorer([RewardSpec("code_tests")])
+    finally:
+        sandbox_module._probe.cache_clear()
+
+
+def test_sandbox_none_is_explicit_and_warns(caplog):
+    sandbox_module._warn_no_sandbox.cache_clear()
+    with caplog.at_level("WARNING", logger="rewards.sandbox"):
+        assert resolve_sandbox("none") == "none"
+    assert "WITHOUT a sandbox" in caplog.text
+    scores = code_tests(["", ""], ["def f():\n    return 1\n", "def f():\n    return 2\n"], tests=["assert f() == 1"] * 2, sandbox="none")
+    assert scores == [1.0, 0.0]
+
+
+@needs_sandbox
+def test_assert_and_check_styles_and_not_applicable():
+    completions = [
+        "```python\ndef add(a, b):\n    return a + b\n```",
+        "def add(a, b):\n    return a - b\n",
+        "    return a + b\n",  # HumanEval-style continuation of the prompt
+        "def add(a, b):\n    return a + b\n",
+        "anything",
+    ]
+    prompts = ["", "", "def add(a, b):\n", "", ""]
+    check = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+    tests = [["assert add(1, 2) == 3", "assert add(0, 0) == 0"], "assert add(1, 2) == 3", check, check, None]
+    entry = [None, None, "add", "add", None]
+    assert code_tests(prompts, completions, tests=tests, entry_point=entry) == [1.0, 0.0, 1.0, 1.0, None]
+
+
+@needs_sandbox
+@pytest.mark.parametrize("kind", SANDBOXES)
+def test_sandbox_sees_nothing_of_the_host(kind, tmp_path):
+    probe = (
+        "import os, socket\n"
+        "home_visible = os.path.exists(os.path.expanduser('~/.bashrc')) or os.path.exists('/work') or os.path.exists('/home')\n"
+        f"host_tmp_visible = os.path.exists({str(tmp_path)!r})\n"
+        "env = dict(os.environ)\n"
+        "try:\n"
+        "    socket.create_connection(('1.1.1.1', 53), timeout=1)\n"
+        "    net = True\n"
+        "except OSError:\n"
+        "    net = False\n"
+    )
+    tests = "assert not home_visible\nassert not host_tmp_visible\nassert 'GRPO_TEST_SECRET' not in env, env\nassert not net\nassert os.getcwd() == '/tmp'"
+    os.environ["GRPO_TEST_SECRET"] = "hunter2"
+    try:
+        result = run_tests(probe, tests, None, kind=kind, limits=Limits(timeout_s=10))
+    finally:
+        del os.environ["GRPO_TEST_SECRET"]
+    assert result.passed, result.detail
+
+
+def adversarial_cases(canary: str) -> dict[str, tuple[str, str]]:
+    """name -> (program, tests). Every program is wrong unless its trick works, so the expected reward is 0."""
+    test = "assert f(1) == 2"
+    return {
+        "infinite loop": ("def f(x):\n    while True:\n        pass\n", test),
+        "input() with no stdin": ("def f(x):\n    return int(input()) + 1\n", test),
+        "fork bomb": ("import os\ndef f(x):\n    while True:\n        os.fork()\n", test),
+        "fork bomb via posix": ("import posix\nwhile True:\n    posix.fork()\ndef f(x):\n    return x + 1\n", test),
+        "subprocess": ("import subprocess\nsubprocess.run(['sh', '-c', 'true'])\ndef f(x):\n    return x + 1\n", test),
+        "huge output": ("import sys\ndef f(x):\n    while True:\n        sys.stdout.write('x' * 65536)\n", test),
+        "50 GB allocation": ("def f(x):\n    b = bytearray(50 * 10**9)\n    return x + 1\n", test),
+        "delete canary": (f"import os\ndef f(x):\n    os.remove({canary!r})\n    return x + 1\n", test),
+        "read env secret": ("import os\ndef f(x):\n    return int(os.environ['GRPO_TEST_SECRET'])\n", "assert f(1) == 42"),
+        "network": ("import socket\ndef f(x):\n    socket.create_connection(('1.1.1.1', 53), timeout=2)\n    return x + 1\n", test),
+        "sys.exit(0) first": ("import sys\nsys.exit(0)\ndef f(x):\n    return x\n", test),
+        "os._exit(0) first": ("import os\nos._exit(0)\n", test),
+        "exit inside the call": ("import sys\ndef f(x):\n    sys.exit(0)\n", test),
+        "__eq__ always True": ("class Any:\n    def __eq__(self, other):\n        return True\ndef f(x):\n    return Any()\n", test),
+        "int subclass __eq__": ("class Int(int):\n    def __eq__(self, other):\n        return True\ndef f(x):\n    return Int(0)\n", test),
+        "forged result line": ("import os\nos.write(1, b'{\"passed\": true, \"detail\": \"\", \"nonce\": \"0\"}\\n')\nos._exit(0)\n", test),
+        "patched builtins": ("import builtins\nbuiltins.AssertionError = type('E', (Exception,), {})\ndef f(x):\n    return x\n", test),
+        "write a huge file": ("def f(x):\n    with open('/tmp/big', 'wb') as fh:\n        fh.write(b'0' * (200 << 20))\n    return x + 1\n", test),
+    }
+
+
+@needs_sandbox
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", SANDBOXES)
+def test_adversarial_programs_score_zero_and_leave_nothing(kind, tmp_path):
+    canary = tmp_path / "canary.txt"
+    canary.write_text("still here")
+    cases = adversarial_cases(str(canary))
+    os.environ["GRPO_TEST_SECRET"] = "42"
+    before_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    try:
+        scores = code_tests(
+            [""] * len(cases),
+            [program for program, _ in cases.values()],
+            tests=[tests for _, tests in cases.values()],
+            sandbox=kind,
+            timeout_s=3.0,
+            memory_mb=512,
+        )
+    finally:
+        del os.environ["GRPO_TEST_SECRET"]
+    elapsed = time.perf_counter() - start
+    assert dict(zip(cases, scores)) == {name: 0.0 for name in cases}
+    assert canary.read_text() == "still here"
+    assert runner_processes() == [], "sandboxed processes outlived their run"
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_rss) / 1024
+    assert grown_mb < 50, f"the trainer process grew by {grown_mb:.0f} MB"
+    # 18 programs, a handful hitting the 3 s deadline, on the CPUs available: bounded well under a minute.
+    assert elapsed < 60
+
+
+@needs_sandbox
+def test_threads_still_work_inside():
+    program = "import threading\ndef f(x):\n    out = []\n    t = threading.Thread(target=lambda: out.append(x + 1))\n    t.start(); t.join()\n    return out[0]\n"
+    assert code_tests([""], [program], tests=["assert f(1) == 2"]) == [1.0]
+
+
+@needs_sandbox
+@pytest.mark.timeout(60)
+def test_runs_in_parallel():
+    n = 8
+    program = "import time\ndef f(x):\n    time.sleep(0.5)\n    return x + 1\n"
+    start = time.perf_counter()
+    scores = code_tests([""] * n, [program] * n, tests=["assert f(1) == 2"] * n, num_workers=n)
+    elapsed = time.perf_counter() - start
+    assert scores == [1.0] * n
+    assert elapsed < n * 0.5 / 2, f"{n} half-second programs took {elapsed:.1f} s: not parallel"
+
+
+@needs_sandbox
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
+def test_auto_prefers_bubblewrap():
+    assert resolve_sandbox("auto") == "bwrap"
