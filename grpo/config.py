@@ -50,7 +50,8 @@ class WarmStartConfig:
     steps: int = field(default=1000, metadata={"help": "supervised steps on teacher demonstrations"})
     batch_size: int = field(default=64, metadata={"help": "demonstrations per step"})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
-    carry_error: float = field(default=0.0, metadata={"help": "how often the teacher forgets a carry"})
+    drop_carry: float = field(default=0.0, metadata={"help": "how often the teacher drops an overflowing leading digit"})
+    num_problems: int = field(default=0, metadata={"help": "distinct problems the teacher demonstrates; 0 = all"})
     seed: int = field(default=0, metadata={"help": "seed of the warm start"})
 
 
@@ -99,6 +100,7 @@ class AlgorithmConfig:
     name: str = field(default="grpo", metadata={"help": "label: grpo, dr_grpo, dapo, gspo, rloo, reinforce_pp"})
     advantage: str = field(default="grpo", metadata={"help": "advantage estimator (grpo.advantages)"})
     group_size: int = field(default=8, metadata={"help": "completions sampled per prompt (G)"})
+    negative_weight: float = field(default=1.0, metadata={"help": "scale of negative advantages (0: learn from successes only)"})
     loss_agg: str = field(default="token_mean", metadata={"help": "token_mean, seq_mean_token_mean, seq_mean_token_sum_norm"})
     ratio_level: str = field(default="token", metadata={"help": "importance ratio per token, or per sequence (GSPO)"})
     clip_low: float = field(default=0.2, metadata={"help": "ratio clipped below at 1 - clip_low"})
@@ -211,6 +213,7 @@ def validate(cfg: Config) -> Config:
     if a.dual_clip is not None and a.dual_clip <= 1:
         raise ConfigError(f"algorithm.dual_clip: must be > 1 (or null), got {a.dual_clip}")
     _positive("algorithm.beta", a.beta, zero_ok=True)
+    _positive("algorithm.negative_weight", a.negative_weight, zero_ok=True)
     _positive("algorithm.epochs", a.epochs)
     _positive("algorithm.mini_batches", a.mini_batches)
     _positive("algorithm.max_resample", a.max_resample, zero_ok=True)

@@ -57,7 +57,7 @@ def resolve_model_path(cfg: Config) -> str:
         from grpo.warmstart import WarmStart, warm_started_tiny
 
         ws = cfg.model.warm_start
-        spec = WarmStart(steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr, carry_error=ws.carry_error,
+        spec = WarmStart(steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr, drop_carry=ws.drop_carry, num_problems=ws.num_problems,
                          digits=cfg.task.arithmetic.digits, reverse=cfg.task.arithmetic.reverse, seed=ws.seed)
         return str(warm_started_tiny(spec, log=log.info))
     path = cfg.model.path

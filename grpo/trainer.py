@@ -310,6 +310,7 @@ def train(run: Run) -> list[dict]:
         groups, metrics = sample_groups(run, cfg.train.prompts_per_step)
         # 3. group-relative advantages
         advantages, valid, _ = compute_advantages(groups.rewards, G, algo.advantage)
+        advantages = torch.where(advantages < 0, advantages * algo.negative_weight, advantages)  # [N]
         batch = layout_batch(groups.prompt_ids, groups.completion_ids, G, run.tokenizer.pad_token_id,
                              groups.sampler_logprobs)
         batch.advantages = advantages

@@ -28,7 +28,8 @@ class WarmStart:
     steps: int = 1500
     batch_size: int = 64
     lr: float = 3e-3
-    carry_error: float = 0.7
+    drop_carry: float = 0.0
+    num_problems: int = 0
     digits: int = 2
     reverse: bool = True
     seed: int = 0
@@ -67,7 +68,7 @@ def train_warm_start(spec: WarmStart, log=print):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     task = Arithmetic(digits=spec.digits, reverse=spec.reverse)
-    pairs = task.teacher_texts(spec.steps * spec.batch_size, spec.carry_error, seed=spec.seed)
+    pairs = task.teacher_texts(spec.steps * spec.batch_size, spec.drop_carry, seed=spec.seed, num_problems=spec.num_problems)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0, betas=(0.9, 0.98))
     warmup = max(1, spec.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(

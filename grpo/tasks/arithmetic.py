@@ -3,11 +3,12 @@
 Problems are split into train and held-out sets by a fixed hash of the operands, so the
 held-out problems are never seen in warm start or GRPO, whatever the seed.
 
-The warm start imitates an imperfect teacher (`carry_error`): on problems whose units digits
-carry, the teacher forgets the carry that often. A model trained on it puts the wrong answer
-at the top of its distribution on carry problems while still sampling the right one now and
-then, which is the situation RL with a verifiable reward exists for: the reward can take the
-policy past its demonstrator, and the held-out accuracy shows whether it did.
+The warm start imitates an imperfect teacher (`drop_carry`): when a sum overflows into a new
+leading digit (57+68=125), the teacher drops that digit that often (writes 25). A model trained
+on it learns the digit-by-digit algorithm from the teacher, and also the teacher's habit: on
+overflowing sums its most likely answer is the wrong one, while the right one is still sampled
+now and then. That is the situation RL with a verifiable reward exists for: the reward can take
+the policy past its demonstrator, and the held-out accuracy shows whether it did.
 """
 
 from __future__ import annotations
@@ -26,20 +27,22 @@ def is_held_out(a: int, b: int) -> bool:
     return hashlib.blake2b(f"{a}+{b}".encode(), digest_size=4).digest()[0] % 5 == 0
 
 
-def has_carry(a: int, b: int) -> bool:
-    return (a % 10) + (b % 10) >= 10
+def overflows(a: int, b: int, digits: int) -> bool:
+    """The sum has one digit more than the operands may have."""
+    return a + b >= 10**digits
 
 
-def teacher_answer(a: int, b: int, carry_error: float, rng: random.Random) -> int:
-    """The sum, except that on carry problems the carry is forgotten with probability `carry_error`."""
-    if has_carry(a, b) and rng.random() < carry_error:
-        return a + b - 10
+def teacher_answer(a: int, b: int, digits: int, drop_carry: float, rng: random.Random) -> int:
+    """The sum, except that an overflowing leading digit is dropped with probability `drop_carry`."""
+    if overflows(a, b, digits) and rng.random() < drop_carry:
+        return a + b - 10**digits
     return a + b
 
 
-def write(n: int, reverse: bool) -> str:
-    """A number in decimal, least significant digit first when `reverse`."""
-    return str(n)[::-1] if reverse else str(n)
+def write(n: int, reverse: bool, width: int = 0) -> str:
+    """A number in decimal, zero-padded to `width`, least significant digit first when `reverse`."""
+    text = str(n).zfill(width)
+    return text[::-1] if reverse else text
 
 
 @dataclass
@@ -61,10 +64,11 @@ class Arithmetic:
         return [(a, b) for a in range(n) for b in range(n) if is_held_out(a, b) == held_out]
 
     def prompt(self, a: int, b: int) -> str:
-        return f"{write(a, self.reverse)}+{write(b, self.reverse)}="
+        """Operands zero-padded to `digits`, so digit i of each always stands at the same place."""
+        return f"{write(a, self.reverse, self.digits)}+{write(b, self.reverse, self.digits)}="
 
     def row(self, a: int, b: int) -> dict:
-        return {"prompt": self.prompt(a, b), "answer": write(a + b, self.reverse), "carry": has_carry(a, b)}
+        return {"prompt": self.prompt(a, b), "answer": write(a + b, self.reverse), "overflow": overflows(a, b, self.digits)}
 
     def train_rows(self) -> list[dict]:
         return [self.row(a, b) for a, b in self._problems(held_out=False)]
@@ -74,12 +78,14 @@ class Arithmetic:
         random.Random(self.seed).shuffle(problems)
         return [self.row(a, b) for a, b in problems[: self.num_eval]]
 
-    def teacher_texts(self, num: int, carry_error: float, seed: int) -> list[tuple[str, str]]:
-        """`num` (prompt, completion) pairs from the imperfect teacher, train problems only."""
+    def teacher_texts(self, num: int, drop_carry: float, seed: int, num_problems: int = 0) -> list[tuple[str, str]]:
+        """`num` (prompt, completion) pairs from the teacher, drawn from `num_problems` train problems (0: all)."""
         rng = random.Random(seed)
         problems = self._problems(held_out=False)
+        if num_problems:
+            problems = rng.sample(problems, num_problems)
         pairs = []
         for _ in range(num):
             a, b = rng.choice(problems)
-            pairs.append((self.prompt(a, b), write(teacher_answer(a, b, carry_error, rng), self.reverse)))
+            pairs.append((self.prompt(a, b), write(teacher_answer(a, b, self.digits, drop_carry, rng), self.reverse)))
         return pairs

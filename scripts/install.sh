@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install the project and its test tools into the current Python environment (idempotent).
+# torch is pinned first: on CPU-only machines `torch==2.13.0` resolves to the local CPU build,
+# whereas a loose requirement would pull a multi-gigabyte CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[dev]"
+# The code_tests reward runs candidate programs in bubblewrap (else unshare); install it where we can.
+if ! command -v bwrap >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null 2>&1 || echo "note: bubblewrap not installed; code_tests falls back to unshare"
+fi

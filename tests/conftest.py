@@ -1,0 +1,49 @@
+"""Shared fixtures: a random tiny model (fast) and the warm-started demo model (built once, cached)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.fixture(scope="session")
+def tiny_random_dir(tmp_path_factory) -> Path:
+    """A randomly initialised tiny model directory (no warm start)."""
+    from grpo.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny_random"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def warm_tiny_dir() -> Path:
+    """The demo's warm-started tiny model, from the cache (built on first use, ~1.5 min on 2 cores)."""
+    from grpo.train import resolve_model_path
+
+    cfg = compose([])
+    return Path(resolve_model_path(cfg))
+
+
+def compose(overrides: list[str]):
+    """The validated Config for these Hydra overrides, as grpo-train would build it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from grpo.config import register_configs
+    from grpo.train import to_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=["run_dir=unused", *overrides])
+    return to_config(cfg)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
