@@ -308,6 +308,10 @@ def train(run: Run) -> list[dict]:
         start = time.perf_counter()
         # 1-2. sample G completions per prompt and score them
         groups, metrics = sample_groups(run, cfg.train.prompts_per_step)
+        if not groups.rows:  # dynamic sampling found no group with a reward signal: nothing to learn from
+            log.warning("step %d: every sampled group had equal rewards; no update", step)
+            run.tracker.log(step, {**metrics, "time/step_s": time.perf_counter() - start})
+            continue
         # 3. group-relative advantages
         advantages, valid, _ = compute_advantages(groups.rewards, G, algo.advantage)
         advantages = torch.where(advantages < 0, advantages * algo.negative_weight, advantages)  # [N]

@@ -98,3 +98,62 @@ def test_one_step_moves_the_parameters_towards_positive_samples(tiny_random_dir)
     mask = batch.completion_mask
     delta = ((after - before) * mask).sum(1)  # [2] change of each sequence's log-prob
     assert delta[0] > 0 > delta[1]
+
+
+class ScriptedEngine:
+    """A fake RolloutEngine: completion j of prompt "p" is str(answers[p][j]) (ten lines, no inheritance)."""
+
+    def __init__(self, answers):
+        self.answers, self.calls = answers, 0
+
+    def generate(self, prompts, n, *, greedy=False):
+        from grpo.rollout import Completions
+
+        self.calls += 1
+        texts = [self.answers[p][j] for p in prompts for j in range(n)]
+        return Completions([[1] for _ in prompts], [[2, 3] for _ in texts], texts, [False] * len(texts))
+
+    def sync_weights(self, model):
+        return 0.0
+
+
+def _fake_run(algo_overrides, answers, rows):
+    from types import SimpleNamespace
+
+    from grpo.data import PromptSampler
+    from grpo.trainer import Run
+    from rewards import RewardScorer, RewardSpec
+    from tests.conftest import compose
+
+    cfg = compose([f"algorithm.{k}={v}" for k, v in algo_overrides.items()] + ["algorithm.group_size=2"])
+    return Run(cfg=cfg, tokenizer=SimpleNamespace(pad_token_id=0), policy=None, ref_model=None,
+               engine=ScriptedEngine(answers), backend=None, scorer=RewardScorer([RewardSpec("math_accuracy")]),
+               eval_scorer=None, train_rows=rows, eval_rows=[], sampler=PromptSampler(len(rows), seed=0),
+               tracker=None)
+
+
+def test_dynamic_sampling_drops_equal_reward_groups_and_refills():
+    from grpo.trainer import sample_groups
+
+    # prompts a, b: both completions right or both wrong (no signal); c, d: one right, one wrong
+    rows = [{"prompt": p, "answer": "1"} for p in "abcd"]
+    answers = {"a": ["1", "1"], "b": ["0", "0"], "c": ["1", "0"], "d": ["0", "1"]}
+    run = _fake_run({"dynamic_sampling": "true", "max_resample": 5}, answers, rows)
+    groups, metrics = sample_groups(run, 2)
+    assert sorted(r["prompt"] for r in groups.rows) == ["c", "d"]
+    assert groups.rewards in ([1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0])
+    assert metrics["train/kept_groups"] == 2 and metrics["train/resample_rounds"] >= 1
+
+    # bounded: with no informative prompt at all it gives up after max_resample extra rounds
+    run = _fake_run({"dynamic_sampling": "true", "max_resample": 3}, answers, rows[:2])
+    groups, metrics = sample_groups(run, 2)
+    assert run.engine.calls == 4 and groups.rows == [] and metrics["train/zero_std_frac"] == 1.0
+
+
+def test_without_dynamic_sampling_every_group_is_kept():
+    from grpo.trainer import sample_groups
+
+    rows = [{"prompt": p, "answer": "1"} for p in "ab"]
+    run = _fake_run({}, {"a": ["1", "1"], "b": ["0", "1"]}, rows)
+    groups, metrics = sample_groups(run, 2)
+    assert len(groups.rows) == 2 and metrics["train/zero_std_frac"] == 0.5
