@@ -33,6 +33,7 @@ _BUILTINS: dict[str, str] = {
     "code_tests": "rewards.code_tests:code_tests",
     "format": "rewards.shaping:format_reward",
     "length": "rewards.shaping:length_reward",
+    "reward_model": "reward_models.scorer:reward_model",
 }
 
 _REGISTRY: dict[str, RewardFn] = {}

@@ -1,0 +1,170 @@
+"""The `reward_model` reward: a trained preference reward model scores each prompt + completion.
+
+    reward:
+      functions:
+        - {name: math_accuracy, weight: 1.0}
+        - {name: reward_model, weight: 0.5, kwargs: {path: runs/rm/reward_model, normalize: batch}}
+
+The text scored is exactly what `reward_models.train` trained on: ``prompt + completion + eos`` (EOS appended
+unless already there), tokenized with the model's tokenizer, right-padded; the score is the classifier's one
+output at the last non-padding token. Sequences longer than `max_length` tokens keep their *last*
+`max_length` tokens (the start of the prompt is cut), so the completion and the end token are always scored.
+
+Rows are sorted by length and packed into batches of at most `batch_tokens` padded tokens, so one long
+completion does not pad the whole batch. The model is loaded once per (path, device) and kept for the
+process. Under multi-process training every rank calls the reward on its own share of the batch and scores
+it on its own device (`cuda:$LOCAL_RANK` by default when CUDA is there).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rewards.registry import RewardConfigError, register_reward
+
+NORMALIZE_MODES = ("none", "batch")
+
+_models: dict[tuple[str, str], tuple[Any, Any]] = {}
+_lock = threading.Lock()
+_counts: Counter[str] = Counter()
+
+
+def default_device() -> str:
+    """This rank's GPU when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def read_reward_model(path: str | Path, device: str = "cpu"):
+    """(model, tokenizer) of the reward model directory at `path`, on `device`, in eval mode (not cached)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if not Path(path).expanduser().exists():
+        raise RewardConfigError(f"reward_model: path {path} does not exist (train one with grpo-rm-train)")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForSequenceClassification.from_pretrained(str(path)).to(device).eval()
+    if model.config.num_labels != 1:
+        raise RewardConfigError(f"reward_model: {path} has {model.config.num_labels} outputs, expected 1")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_reward_model(path: str | Path, device: str | None = None):
+    """`read_reward_model`, once per (path, device) per process: later calls return the same objects."""
+    device = device or default_device()
+    key = (str(Path(path).expanduser().resolve()), device)
+    with _lock:
+        if key not in _models:
+            _models[key] = read_reward_model(key[0], device)
+        return _models[key]
+
+
+def encode(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], bool]:
+    """Token ids of ``prompt + completion + eos`` as the reward trainer builds them; the last `max_length` kept."""
+    text = prompt + completion
+    if tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
+        text += tokenizer.eos_token
+    ids = tokenizer(text)["input_ids"]
+    return ids[-max_length:], len(ids) > max_length
+
+
+def token_budget_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped so that rows x longest row <= `batch_tokens` (a longer row goes alone), shortest first."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if current and (len(current) + 1) * lengths[i] > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+@torch.inference_mode()
+def score_texts(model, tokenizer, prompts: list[str], completions: list[str], *, batch_tokens: int = 8192,
+                max_length: int = 512, counts: Counter | None = None) -> list[float]:
+    """The reward model's score of each prompt + completion (see the module docstring).
+
+    `counts["truncated"]`, when given, is increased by the number of sequences cut to `max_length`."""
+    encoded = [encode(tokenizer, p, c, max_length) for p, c in zip(prompts, completions)]
+    if counts is not None:
+        counts["truncated"] += sum(t for _, t in encoded)
+    device = next(model.parameters()).device
+    scores = [0.0] * len(encoded)
+    for batch in token_budget_batches([len(ids) for ids, _ in encoded], batch_tokens):
+        width = max(len(encoded[i][0]) for i in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)  # [b, T]
+        attn = torch.zeros_like(ids)
+        for row, i in enumerate(batch):  # right padding, as in training: positions start at 0
+            seq = encoded[i][0]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            attn[row, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits  # [b, 1]
+        for row, value in zip(batch, logits[:, 0].float().cpu().tolist()):
+            scores[row] = value
+    return scores
+
+
+def normalize_scores(scores: list[float], mode: str) -> list[float]:
+    """`none`: unchanged; `batch`: (r - mean) / (std + 1e-6) over the batch (std with ddof=0)."""
+    if mode == "none" or not scores:
+        return scores
+    mean = math.fsum(scores) / len(scores)
+    std = math.sqrt(math.fsum((s - mean) ** 2 for s in scores) / len(scores))
+    return [(s - mean) / (std + 1e-6) for s in scores]
+
+
+def check_options(*, path: str | None = None, batch_tokens: int = 8192, max_length: int = 512,
+                  normalize: str = "none", device: str | None = None) -> None:
+    """Refuse a configuration that cannot work, before training (called by `rewards.RewardScorer`)."""
+    if not path:
+        raise RewardConfigError("reward_model: kwargs.path must name a trained reward model directory")
+    if normalize not in NORMALIZE_MODES:
+        raise RewardConfigError(f"reward_model: normalize={normalize!r} is not one of {', '.join(NORMALIZE_MODES)}")
+    if max_length < 1 or batch_tokens < 1:
+        raise RewardConfigError(f"reward_model: max_length and batch_tokens must be >= 1, got {max_length}, {batch_tokens}")
+    if not Path(path).expanduser().exists():
+        raise RewardConfigError(f"reward_model: path {path} does not exist (train one with grpo-rm-train)")
+
+
+@register_reward("reward_model")
+def reward_model(prompts: list[str], completions: list[str], *, path: str | None = None, batch_tokens: int = 8192,
+                 max_length: int = 512, normalize: str = "none", device: str | None = None) -> list[float | None]:
+    """Score each completion with the trained reward model at `path`.
+
+    Options (``RewardSpec.kwargs``):
+        path: directory written by ``grpo-rm-train`` (``<run_dir>/reward_model``).
+        batch_tokens: padded tokens per forward pass at most.
+        max_length: tokens scored per sequence; longer ones keep their last `max_length` tokens.
+        normalize: ``none`` (raw scores) or ``batch`` (zero mean, unit std over the batch scored in this call).
+        device: where the model runs (default: ``cuda:$LOCAL_RANK`` if CUDA is available, else ``cpu``).
+    """
+    check_options(path=path, batch_tokens=batch_tokens, max_length=max_length, normalize=normalize, device=device)
+    model, tokenizer = load_reward_model(path, device)
+    scores = score_texts(model, tokenizer, list(prompts), list(completions), batch_tokens=batch_tokens,
+                         max_length=max_length, counts=_counts)
+    return normalize_scores(scores, normalize)
+
+
+def pop_metrics() -> dict[str, float]:
+    """Sequences cut to `max_length` since the last call (logged as ``reward/reward_model_truncated``)."""
+    out = {k: float(v) for k, v in _counts.items()}
+    _counts.clear()
+    return out
+
+
+reward_model.check_options = check_options  # type: ignore[attr-defined]
+reward_model.pop_metrics = pop_metrics  # type: ignore[attr-defined]

@@ -1,0 +1,247 @@
+"""`grpo-rm-train` (`python -m reward_models.train`): a Bradley-Terry reward model from preference pairs.
+
+    grpo-rm-train run_dir=runs/rm                          # built-in arithmetic preference set, tiny model
+    grpo-rm-train run_dir=runs/rm data.builtin=null data.train_file=prefs.jsonl model=hf model.path=/models/x
+    grpo-rm-train run_dir=runs/rm data.builtin=null data.hf_dataset=name data.hf_eval_split=test
+
+The model is a sequence classifier with one output (`AutoModelForSequenceClassification`, num_labels=1)
+initialised from the base causal LM; it reads the score at the last token of ``prompt + completion + eos``.
+Training is TRL's `RewardTrainer`, which minimises the Bradley-Terry loss
+
+    loss = -mean log sigmoid(r(prompt, chosen) - r(prompt, rejected))
+
+Where this differs from a plain `RewardTrainer` run:
+
+1. held-out metrics are computed over *all* held-out pairs with the same scoring code as the `reward_model`
+   reward (`reward_models.scorer.score_texts`), not averaged over evaluation batches;
+2. the final held-out figures come from the model *reloaded* from `<run_dir>/reward_model/`, so they
+   describe the artefact a GRPO run will load;
+3. without an eval file or split, held-out pairs are split off by prompt, never by pair.
+
+The run directory holds `config.yaml`, `metrics.jsonl` (`rm/loss`, `rm/train_pair_accuracy`,
+`rm/train_margin`, `rm/lr`, and on evaluation steps `rm/eval_loss`, `rm/eval_pair_accuracy`, `rm/eval_margin`)
+and `reward_model/` (a transformers directory: weights, config, tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from grpo.config import ConfigError
+from reward_models.config import RMConfig, register_rm_configs, validate_rm
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+log = logging.getLogger("grpo.rm")
+
+# TRL's log keys -> ours.
+_TRAIN_KEYS = {"loss": "rm/loss", "accuracy": "rm/train_pair_accuracy", "margin": "rm/train_margin",
+               "learning_rate": "rm/lr", "grad_norm": "rm/grad_norm"}
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """-mean(log sigmoid(chosen - rejected)) over pairs; `chosen`, `rejected`: [N] scores."""
+    return -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+
+
+def pair_metrics(chosen: list[float], rejected: list[float], prefix: str = "rm/eval") -> dict[str, float]:
+    """Bradley-Terry loss, pair accuracy (chosen scored strictly higher) and mean margin r_c - r_r."""
+    c, r = torch.tensor(chosen, dtype=torch.float64), torch.tensor(rejected, dtype=torch.float64)  # [N]
+    return {
+        f"{prefix}_loss": bradley_terry_loss(c, r).item(),
+        f"{prefix}_pair_accuracy": (c > r).double().mean().item(),
+        f"{prefix}_margin": (c - r).mean().item(),
+    }
+
+
+def evaluate_pairs(model, tokenizer, pairs: list[dict], *, max_length: int, batch_tokens: int) -> dict[str, float]:
+    """Held-out metrics of `model` over every pair, scored as the `reward_model` reward scores."""
+    from reward_models.scorer import score_texts
+
+    was_training = model.training
+    model.eval()
+    try:
+        n = len(pairs)
+        prompts = [p["prompt"] for p in pairs] * 2
+        scores = score_texts(model, tokenizer, prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+                             batch_tokens=batch_tokens, max_length=max_length)
+    finally:
+        model.train(was_training)
+    return pair_metrics(scores[:n], scores[n:])
+
+
+def base_model_path(cfg: RMConfig) -> str:
+    """The causal LM the reward model starts from; builds (once) the warm-started tiny model for `model=tiny`."""
+    if cfg.model.builtin == "tiny":
+        from grpo.warmstart import WarmStart, warm_started_tiny
+
+        ws, a = cfg.model.warm_start, cfg.data.arithmetic
+        spec = WarmStart(steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr, drop_carry=ws.drop_carry,
+                         num_problems=ws.num_problems, digits=a.digits, reverse=a.reverse, seed=ws.seed)
+        return str(warm_started_tiny(spec, log=log.info))
+    return cfg.model.path
+
+
+def load_pairs(cfg: RMConfig) -> tuple[list[dict], list[dict]]:
+    """(train pairs, held-out pairs), every row checked (see `reward_models.data`).
+
+    The built-in set is sampled from `data.arithmetic.policy_path`, else from the base model."""
+    from reward_models.data import check_preferences, read_preference_file, read_preference_hf, split_by_prompt
+
+    d = cfg.data
+    columns = dict(prompt_column=d.prompt_column, chosen_column=d.chosen_column, rejected_column=d.rejected_column)
+    if d.builtin == "arithmetic":
+        from reward_models.arithmetic_preferences import ArithmeticPreferences, arithmetic_preferences
+
+        a = d.arithmetic
+        spec = ArithmeticPreferences(num_prompts=a.num_prompts, samples_per_prompt=a.samples_per_prompt,
+                                     pairs_per_prompt=a.pairs_per_prompt, temperature=a.temperature,
+                                     digits=a.digits, reverse=a.reverse, seed=a.seed)
+        path = arithmetic_preferences(a.policy_path or base_model_path(cfg), spec, log=log.info)
+        log.info("built-in preference set: %s", path)
+        rows = check_preferences(read_preference_file(str(path)), str(path))
+        return split_by_prompt(rows, d.eval_fraction, cfg.seed)
+    if d.train_file:
+        train = check_preferences(read_preference_file(d.train_file), d.train_file, **columns)
+        if d.eval_file:
+            return train, check_preferences(read_preference_file(d.eval_file), d.eval_file, **columns)
+        return split_by_prompt(train, d.eval_fraction, cfg.seed)
+    where = f"{d.hf_dataset}[{d.hf_train_split}]"
+    train = check_preferences(read_preference_hf(d.hf_dataset, d.hf_train_split), where, **columns)
+    if d.hf_eval_split:
+        where = f"{d.hf_dataset}[{d.hf_eval_split}]"
+        return train, check_preferences(read_preference_hf(d.hf_dataset, d.hf_eval_split), where, **columns)
+    return split_by_prompt(train, d.eval_fraction, cfg.seed)
+
+
+class _MetricsWriter(TrainerCallback):
+    """One metrics.jsonl line per logged step, held-out evaluation every `eval_every` steps.
+    Lines for the same step are merged before they are written."""
+
+    def __init__(self, path: Path, tokenizer, eval_pairs: list[dict], cfg: RMConfig):
+        self.path, self.tokenizer, self.eval_pairs, self.cfg = path, tokenizer, eval_pairs, cfg
+        self.pending: dict | None = None
+        self.last_eval = 0
+        self.start = time.perf_counter()
+        path.write_text("")
+
+    def write(self, step: int, metrics: dict) -> None:
+        if self.pending is not None and self.pending["step"] != step:
+            self.flush()
+        self.pending = {**(self.pending or {"step": step}), **metrics}
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in self.pending.items()}
+            with self.path.open("a") as f:
+                f.write(json.dumps(clean) + "\n")
+            self.pending = None
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        step = state.global_step
+        metrics = {ours: float(logs[theirs]) for theirs, ours in _TRAIN_KEYS.items() if theirs in (logs or {})}
+        if not metrics:  # the trainer's end-of-run summary: nothing of ours in it
+            return control
+        metrics["time/elapsed_s"] = time.perf_counter() - self.start
+        if self.eval_pairs and step - self.last_eval >= self.cfg.train.eval_every:
+            self.last_eval = step
+            metrics.update(evaluate_pairs(model, self.tokenizer, self.eval_pairs, max_length=self.cfg.train.max_length,
+                                          batch_tokens=self.cfg.train.eval_batch_tokens))
+            log.info("step %d: held-out pair accuracy %.3f, margin %.3f", step,
+                     metrics["rm/eval_pair_accuracy"], metrics["rm/eval_margin"])
+        self.write(step, metrics)
+        return control
+
+
+def train_reward_model(cfg: RMConfig) -> dict[str, float]:
+    """Train, save `<run_dir>/reward_model/`, evaluate the saved model; returns the final held-out metrics."""
+    from datasets import Dataset
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    from reward_models.scorer import read_reward_model
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.run_dir)
+    train_pairs, eval_pairs = load_pairs(cfg)  # a bad row fails before any model is loaded
+    base = base_model_path(cfg)
+    cfg.model.path = base  # recorded in config.yaml
+    log.info("%d training pairs, %d held-out pairs", len(train_pairs), len(eval_pairs))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=cfg.model.trust_remote_code)
+    except OSError as e:
+        raise ConfigError(f"model.path: cannot load {base!r}: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    torch.manual_seed(cfg.seed)  # the score head is initialised here
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=1, dtype=getattr(torch, cfg.model.dtype), trust_remote_code=cfg.model.trust_remote_code)
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    t = cfg.train
+    args = RewardConfig(
+        output_dir=str(run_dir / "trainer"), max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
+        learning_rate=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, lr_scheduler_type="linear",
+        max_length=t.max_length, center_rewards_coefficient=t.center_rewards, logging_steps=t.log_every,
+        eval_strategy="no", save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+        disable_tqdm=not cfg.progress_bar, bf16=cfg.model.dtype == "bfloat16", dataloader_num_workers=0,
+    )
+    columns = ("prompt", "chosen", "rejected")
+    dataset = Dataset.from_list([{k: p[k] for k in columns} for p in train_pairs])
+    writer = _MetricsWriter(run_dir / "metrics.jsonl", tokenizer, eval_pairs, cfg)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                            callbacks=[writer])
+    start = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - start
+
+    out = run_dir / "reward_model"
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+    final: dict[str, float] = {"time/train_s": train_s}
+    if eval_pairs:
+        saved, saved_tokenizer = read_reward_model(out, "cuda" if torch.cuda.is_available() else "cpu")
+        final.update(evaluate_pairs(saved, saved_tokenizer, eval_pairs, max_length=t.max_length,
+                                    batch_tokens=t.eval_batch_tokens))
+        log.info("held-out pair accuracy %.3f (%d pairs), margin %.3f; trained in %.0fs",
+                 final["rm/eval_pair_accuracy"], len(eval_pairs), final["rm/eval_margin"], train_s)
+    writer.write(trainer.state.global_step, final)
+    writer.flush()
+    log.info("reward model: %s", out)
+    return final
+
+
+def main() -> None:
+    import hydra
+
+    register_rm_configs()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="rm/config")
+    def _main(dict_cfg) -> None:
+        from omegaconf import OmegaConf
+
+        try:
+            train_reward_model(validate_rm(OmegaConf.to_object(dict_cfg)))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()
