@@ -18,6 +18,21 @@ def test_defaults_compose_and_validate():
     assert cfg.reward.functions[0].name == "math_accuracy"
 
 
+def test_experiment_overrides_every_value_it_sets_and_the_command_line_overrides_it():
+    # The demo recipe sets optim.lr, which config.yaml also sets: the recipe must win (it once did not),
+    # and a command-line override must beat the recipe.
+    from omegaconf import OmegaConf
+
+    from tests.conftest import CONFIGS
+
+    recipe = OmegaConf.to_container(OmegaConf.load(CONFIGS / "experiment" / "demo.yaml"))
+    cfg = compose(["experiment=demo"])
+    for group, values in recipe.items():
+        for key, value in values.items():
+            assert getattr(getattr(cfg, group), key) == pytest.approx(value), f"{group}.{key}"
+    assert compose(["experiment=demo", "optim.lr=1e-4"]).optim.lr == 1e-4
+
+
 @pytest.mark.parametrize("algo", ["grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"])
 def test_every_algorithm_group_validates(algo):
     assert compose([f"algorithm={algo}"]).algorithm.name == algo
