@@ -1,14 +1,26 @@
 """Atomic save and exact resume.
 
-A checkpoint `checkpoints/step_N/` holds the policy as a transformers directory (`policy/`,
-safetensors), and `state.pt` with the optimiser, scheduler, RNG states, data position and step.
-It is written under a temporary name, flushed, then renamed; the `latest` pointer is replaced
-last, so a crash at any moment leaves the previous checkpoint intact and pointed to. Old
-checkpoints are deleted only after a newer one is complete.
+A checkpoint `checkpoints/step_N/` holds
+- `policy/`: the weights as a transformers directory (safetensors only) and the tokenizer;
+- `state.pt`: what every rank shares: optimiser, scheduler, data position, guard counters, step;
+- `rank_R.pt`: what each rank owns: its Python, NumPy and torch (CPU and CUDA) RNG states;
+- `COMPLETE`: a manifest of every file's size, written last.
+
+The directory is written under a temporary name (`.tmp_step_N`), each file fsynced, then renamed
+into place; the `latest` pointer is replaced after that, and older checkpoints are deleted only
+once the new one is published. A crash at any moment therefore leaves the previous checkpoint
+intact and pointed to. On resume a directory without a manifest (a write that never finished) is
+skipped with a warning naming it, and the chosen checkpoint's files are checked against its
+manifest so a truncated file is an error naming the file, not a crash deep inside a loader.
+
+Everything is read with `torch.load(weights_only=True)` or safetensors: loading a checkpoint
+never runs code from it.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import random
 import shutil
@@ -18,14 +30,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from grpo.faults import crash_point
+
 COMPLETE = "COMPLETE"
 
 
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with p.open("rb") as f:
-                os.fsync(f.fileno())
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the file."""
+
+
+def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -33,13 +47,27 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+        elif p.is_dir():
+            _fsync_dir(p)
+    _fsync_dir(path)
+
+
 def rng_state() -> dict:
+    """This process's RNG states: Python, NumPy, torch CPU and (where present) every CUDA device."""
     np_state = np.random.get_state()
-    return {
+    state = {
         "python": random.getstate(),
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "torch": torch.get_rng_state(),
     }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
@@ -48,29 +76,70 @@ def set_rng_state(state: dict) -> None:
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, state: dict, keep_last: int = 2) -> Path:
-    """Write `checkpoints/step_{step}` atomically and point `latest` at it; returns its path."""
+def first_nonfinite_parameter(model: torch.nn.Module) -> str | None:
+    """The name of a parameter holding NaN or inf, or None when all are finite."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            return name
+    return None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, state: dict,
+                    rank_states: dict[int, dict] | None = None, keep_last: int = 2) -> Path:
+    """Write `checkpoints/step_{step}` atomically and point `latest` at it; returns its path.
+
+    `rank_states` maps each rank to its own state (`rank_R.pt`); a multi-rank backend gathers
+    them to the writing rank (a few kilobytes each). Non-finite weights are refused; a failed
+    write (a full disk) removes its temporary directory and raises `CheckpointError`, leaving
+    every earlier checkpoint and the `latest` pointer as they were.
+    """
+    bad = first_nonfinite_parameter(policy)
+    if bad is not None:
+        raise CheckpointError(f"step {step}: parameter {bad} is not finite; refusing to checkpoint it")
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
     tmp = root / f".tmp_step_{step}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    policy.save_pretrained(tmp / "policy", safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "policy")
-    torch.save({**state, "step": step}, tmp / "state.pt")
-    (tmp / COMPLETE).write_text(str(step))
-    _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    current = tmp / "policy"
+    try:
+        policy.save_pretrained(current, safe_serialization=True)
+        tokenizer.save_pretrained(current)
+        crash_point("checkpoint_write", step)
+        current = tmp / "state.pt"
+        torch.save({**state, "step": step}, current)
+        for rank, rs in (rank_states or {}).items():
+            current = tmp / f"rank_{rank}.pt"
+            torch.save(rs, current)
+        current = tmp / COMPLETE
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        current.write_text(json.dumps({"step": step, "files": files}, indent=1))
+        _fsync_tree(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir, warn=False)
+        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        kept = f"the last complete checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"checkpoint step {step}: writing {current} failed ({reason}); {kept}") from e
+    if final.exists():  # re-saving a step (a resumed run that re-ran it): move the old copy aside first
+        stale = root / f".old_step_{step}"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+        shutil.rmtree(stale, ignore_errors=True)
     os.replace(tmp, final)
+    _fsync_dir(root)
+    crash_point("checkpoint_publish", step)
     pointer_tmp = root / ".latest.tmp"
     pointer_tmp.write_text(final.name)
     with pointer_tmp.open("rb") as f:
         os.fsync(f.fileno())
     os.replace(pointer_tmp, root / "latest")
+    _fsync_dir(root)
     _rotate(root, keep_last, protect=final)
     return final
 
@@ -79,34 +148,75 @@ def _step_of(path: Path) -> int:
     return int(path.name.removeprefix("step_"))
 
 
+def _is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file()
+
+
 def _rotate(root: Path, keep_last: int, protect: Path) -> None:
-    complete = sorted((p for p in root.glob("step_*") if (p / COMPLETE).exists()), key=_step_of)
+    """Delete all but the newest `keep_last` complete checkpoints, and leftovers of killed writes."""
+    complete = sorted((p for p in root.glob("step_*") if _is_complete(p)), key=_step_of)
     for old in complete[:-keep_last]:
         if old != protect:
             shutil.rmtree(old, ignore_errors=True)
+    for partial in root.glob(".tmp_step_*"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
+def latest_checkpoint(run_dir: str | Path, *, warn: bool = True) -> Path | None:
     """The newest complete checkpoint of a run, or None; partial ones are skipped with a warning."""
     root = Path(run_dir) / "checkpoints"
     if not root.exists():
         return None
-    for partial in root.glob(".tmp_step_*"):
-        warnings.warn(f"ignoring partial checkpoint {partial} (its write did not finish)")
-    candidates = sorted(root.glob("step_*"), key=_step_of, reverse=True)
+    say = warnings.warn if warn else (lambda *_: None)
+    for partial in sorted(root.glob(".tmp_step_*")):
+        say(f"ignoring partial checkpoint {partial} (its write did not finish)")
     pointer = root / "latest"
-    if pointer.exists() and (root / pointer.read_text().strip() / COMPLETE).exists():
-        return root / pointer.read_text().strip()
-    for path in candidates:
-        if (path / COMPLETE).exists():
+    if pointer.exists():
+        named = root / pointer.read_text().strip()
+        if _is_complete(named):
+            return named
+        say(f"checkpoint pointer {pointer} names {named.name}, which is not a complete checkpoint")
+    for path in sorted(root.glob("step_*"), key=_step_of, reverse=True):
+        if _is_complete(path):
             return path
-        warnings.warn(f"ignoring partial checkpoint {path} (no {COMPLETE} marker)")
+        say(f"ignoring partial checkpoint {path} (no {COMPLETE} marker)")
     return None
 
 
-def load_state(checkpoint: Path) -> dict:
-    """The trainer state of a checkpoint (weights-only unpickling: no code runs)."""
+def verify_checkpoint(checkpoint: Path) -> None:
+    """Check every file the manifest lists is there with its size; raise naming the first that is not."""
     try:
-        return torch.load(checkpoint / "state.pt", weights_only=True, map_location="cpu")
+        manifest = json.loads((checkpoint / COMPLETE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {checkpoint}: its manifest {COMPLETE} is unreadable ({e})") from None
+    for rel, size in manifest["files"].items():
+        path = checkpoint / rel
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {checkpoint}: {rel} is missing; move the checkpoint away to "
+                                  f"resume from an earlier one")
+        actual = path.stat().st_size
+        if actual != size:
+            raise CheckpointError(f"checkpoint {checkpoint}: {rel} is {actual} bytes, the manifest says {size} "
+                                  f"(truncated or overwritten); move the checkpoint away to resume from an earlier one")
+
+
+def _load(path: Path) -> dict:
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any failure here means the file is unusable
-        raise RuntimeError(f"checkpoint {checkpoint / 'state.pt'} is unreadable: {e}") from e
+        raise CheckpointError(f"checkpoint {path} is unreadable: {str(e).splitlines()[0]}") from e
+
+
+def load_state(checkpoint: Path) -> dict:
+    """The shared trainer state of a checkpoint (weights-only unpickling: no code runs)."""
+    return _load(checkpoint / "state.pt")
+
+
+def load_rank_state(checkpoint: Path, rank: int) -> dict:
+    """The state one rank saved (its RNG streams); an error naming the file if that rank has none."""
+    path = checkpoint / f"rank_{rank}.pt"
+    if not path.is_file():
+        saved = sorted(p.name for p in checkpoint.glob("rank_*.pt"))
+        raise CheckpointError(f"checkpoint {checkpoint}: no {path.name} (it holds {', '.join(saved) or 'none'}); "
+                              f"resume with the world size the run was saved with")
+    return _load(path)

@@ -122,6 +122,7 @@ class RewardItem:
     name: str = MISSING
     weight: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
+    timeout_s: Optional[float] = field(default=None, metadata={"help": "seconds a reward call may take; past it its samples are masked"})
 
 
 @dataclass
@@ -139,6 +140,7 @@ class TrainLoopConfig:
     samples_every: int = field(default=10, metadata={"help": "steps between samples.jsonl entries"})
     eval_pass_k: int = field(default=0, metadata={"help": "also report eval/pass@k from k samples; 0 = off"})
     num_samples_logged: int = field(default=8, metadata={"help": "completions written per samples entry"})
+    max_masked_steps: int = field(default=3, metadata={"help": "stop after this many steps in a row with every reward masked; 0 = never"})
 
 
 @dataclass
@@ -257,6 +259,7 @@ def validate(cfg: Config) -> Config:
     _positive("train.prompts_per_step", t.prompts_per_step)
     _positive("train.eval_every", t.eval_every, zero_ok=True)
     _positive("train.samples_every", t.samples_every, zero_ok=True)
+    _positive("train.max_masked_steps", t.max_masked_steps, zero_ok=True)
     _positive("checkpoint.every_steps", cfg.checkpoint.every_steps, zero_ok=True)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
     _choice("resume", cfg.resume, RESUME_MODES)

@@ -72,7 +72,49 @@ def load_task(task: TaskConfig, required_columns: set[str]) -> tuple[list[dict],
                 raise ConfigError(
                     f"{name}: row {i} lacks column(s) {', '.join(sorted(missing))} that the rewards need"
                 )
+        check_column_types(rows, name)
     return train, evals
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"  # JSON does not tell 1 from 1.0
+    return type(value).__name__
+
+
+def check_column_types(rows: list[dict], where: str) -> None:
+    """Each column holds one kind of value in every row (nulls allowed): a row whose `answer` is a list
+    where the others hold text is an error naming the row, not a reward that fails mid-run."""
+    first: dict[str, tuple[int, str]] = {}
+    for i, row in enumerate(rows):
+        for key, value in row.items():
+            kind = _kind(value)
+            if kind == "null":
+                continue
+            seen = first.setdefault(key, (i, kind))
+            if seen[1] != kind:
+                raise ConfigError(f"{where}: row {i}, column {key!r}: {kind} {value!r:.60}, "
+                                  f"but row {seen[0]} holds a {seen[1]}")
+
+
+def check_prompt_lengths(train: list[dict], evals: list[dict], tokenizer, *, context: int | None,
+                         max_new_tokens: int, where: str) -> None:
+    """Every prompt plus `rollout.max_new_tokens` fits the model's context; else an error naming the row."""
+    if not context:
+        return
+    budget = context - max_new_tokens
+    for rows, name in ((train, where), (evals, f"{where} (eval)")):
+        if not rows:
+            continue
+        lengths = [len(ids) for ids in tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]]
+        for i, n in enumerate(lengths):
+            if n > budget:
+                raise ConfigError(f"{name}: row {i}: the prompt is {n} tokens; with rollout.max_new_tokens="
+                                  f"{max_new_tokens} it exceeds the model's context of {context} tokens")
 
 
 def format_row(row: dict, task: TaskConfig, where: str, index: int) -> dict:
@@ -81,7 +123,11 @@ def format_row(row: dict, task: TaskConfig, where: str, index: int) -> dict:
     if not isinstance(row[task.prompt_column], str):
         raise ConfigError(f"{where}: row {index}, column {task.prompt_column!r}: expected text")
     out = dict(row)
-    out["prompt"] = task.prompt_template.format(**row)
+    try:
+        out["prompt"] = task.prompt_template.format(**row)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"{where}: row {index}: task.prompt_template {task.prompt_template!r} "
+                          f"cannot be filled from it ({type(e).__name__}: {e})") from None
     return out
 
 

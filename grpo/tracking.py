@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 
@@ -15,13 +16,15 @@ def _jsonable(value):
 
 
 class Tracker:
-    def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int = 0, progress_bar: bool = True,
-                 wandb_config: dict | None = None, run_config: dict | None = None):
+    def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int = 0, resumed: bool = False,
+                 progress_bar: bool = True, wandb_config: dict | None = None, run_config: dict | None = None):
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.samples_path = self.run_dir / "samples.jsonl"
         for path in (self.metrics_path, self.samples_path):
-            truncate_after(path, start_step)  # a resumed run continues the same files, never doubles steps
+            # a resumed run continues the same files without doubling the steps it re-runs; a run that
+            # starts from scratch (no checkpoint to resume from) starts them afresh
+            truncate_after(path, start_step if resumed else -1)
         self._metrics = self.metrics_path.open("a")
         self._samples = self.samples_path.open("a")
         self.bar = None
@@ -78,11 +81,21 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def truncate_after(path: Path, step: int) -> None:
-    """Drop the lines of a JSONL log written after `step` (steps a crashed run did not checkpoint)."""
+    """Drop the lines of a JSONL log written after `step` (steps a crashed run did not checkpoint),
+    and a last line cut short by the crash; the file is replaced atomically."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line the crash cut short
+        if record["step"] <= step:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path:

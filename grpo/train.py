@@ -67,15 +67,27 @@ def resolve_model_path(cfg: Config) -> str:
     return path
 
 
-def load_policy(path: str, cfg: Config):
+def load_policy(path: str, cfg: Config, *, checkpoint: bool = False):
+    """The model and tokenizer at `path`. Code shipped with a model runs only with
+    `model.trust_remote_code=true`; a checkpoint's weights are read from safetensors only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = getattr(torch, cfg.model.dtype)
+    trust = cfg.model.trust_remote_code
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-    except OSError as e:
-        raise ConfigError(f"model.path: cannot load {path!r}: {str(e).splitlines()[0]}") from None
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust,
+                                                     use_safetensors=True if checkpoint else None)
+    except Exception as e:  # noqa: BLE001 - OSError, a refused remote-code prompt, a corrupt safetensors header...
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if checkpoint:
+            from grpo.checkpoint import CheckpointError
+
+            raise CheckpointError(f"checkpoint {path} is unreadable: {first}") from None
+        if "trust_remote_code" in str(e) and not trust:
+            raise ConfigError(f"model.path: {path!r} ships its own code; set model.trust_remote_code=true "
+                              f"only if you trust it") from None
+        raise ConfigError(f"model.path: cannot load {path!r}: {first}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -84,8 +96,8 @@ def load_policy(path: str, cfg: Config):
 
 def build_run(cfg: Config):
     """Everything the loop needs, checked before any training step; resumes when asked."""
-    from grpo.checkpoint import latest_checkpoint, load_state, set_rng_state
-    from grpo.data import PromptSampler, load_task
+    from grpo.checkpoint import latest_checkpoint, load_rank_state, load_state, set_rng_state, verify_checkpoint
+    from grpo.data import PromptSampler, check_prompt_lengths, load_task
     from grpo.rollout import build_rollout_engine
     from grpo.backends import build_backend
     from grpo.tracking import Tracker
@@ -96,7 +108,9 @@ def build_run(cfg: Config):
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None and cfg.resume == "never":
         raise ConfigError(f"run_dir: {run_dir} already holds checkpoints; pass resume=auto or a new run_dir")
-    specs = [RewardSpec(f.name, f.weight, dict(f.kwargs)) for f in cfg.reward.functions]
+    if checkpoint is not None:
+        verify_checkpoint(checkpoint)  # a truncated file is named here, before anything is built
+    specs = [RewardSpec(f.name, f.weight, dict(f.kwargs), f.timeout_s) for f in cfg.reward.functions]
     scorer = RewardScorer(specs)
     accuracy_kwargs = next((s.kwargs for s in specs if s.name == cfg.reward.accuracy), {})
     eval_scorer = RewardScorer([RewardSpec(cfg.reward.accuracy, 1.0, accuracy_kwargs)])
@@ -104,7 +118,12 @@ def build_run(cfg: Config):
 
     seed_everything(cfg.seed)
     cfg.model.path = resolve_model_path(cfg)  # recorded in config.yaml
-    policy, tokenizer = load_policy(str(checkpoint / "policy") if checkpoint else cfg.model.path, cfg)
+    if checkpoint is not None:
+        policy, tokenizer = load_policy(str(checkpoint / "policy"), cfg, checkpoint=True)
+    else:
+        policy, tokenizer = load_policy(cfg.model.path, cfg)
+    check_prompt_lengths(train_rows, eval_rows, tokenizer, context=context_length(policy),
+                         max_new_tokens=cfg.rollout.max_new_tokens, where=cfg.task.train_file or cfg.task.name)
     ref_model = None
     if cfg.algorithm.beta > 0:
         ref_model, _ = load_policy(cfg.model.path, cfg)
@@ -121,13 +140,14 @@ def build_run(cfg: Config):
         max_new_tokens=r.max_new_tokens, stop=r.stop, batch_size=r.batch_size,
     )
     sampler = PromptSampler(len(train_rows), seed=cfg.seed)
-    start_step = 0
+    start_step, masked_steps, rank = 0, 0, int(os.environ.get("RANK", 0))
     if checkpoint is not None:
         state = load_state(checkpoint)
         backend.load_state_dict(state["backend"])
         sampler.load_state(state["sampler"])
-        set_rng_state(state["rng"])
+        set_rng_state(load_rank_state(checkpoint, rank)["rng"])
         start_step = int(state["step"])
+        masked_steps = int(state.get("guards", {}).get("masked_steps", 0))
         log.info("resuming from %s (step %d)", checkpoint, start_step)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -136,13 +156,19 @@ def build_run(cfg: Config):
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     t = cfg.tracking
     tracker = Tracker(
-        run_dir, total_steps=cfg.train.max_steps, start_step=start_step, progress_bar=t.progress_bar,
+        run_dir, total_steps=cfg.train.max_steps, start_step=start_step, resumed=checkpoint is not None,
+        progress_bar=t.progress_bar,
         wandb_config={"project": t.wandb_project, "mode": t.wandb_mode, "id": run_dir.name} if t.wandb else None,
         run_config=json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg)))),
     )
     return Run(cfg=cfg, tokenizer=tokenizer, policy=policy, ref_model=ref_model, engine=engine, backend=backend,
                scorer=scorer, eval_scorer=eval_scorer, train_rows=train_rows, eval_rows=eval_rows,
-               sampler=sampler, tracker=tracker, start_step=start_step)
+               sampler=sampler, tracker=tracker, start_step=start_step, rank=rank, masked_steps=masked_steps)
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model's position embeddings cover, where its config says."""
+    return getattr(model.config, "max_position_embeddings", None)
 
 
 def train_from_config(cfg: Config) -> list[dict]:
@@ -189,6 +215,9 @@ def evaluate_from_config(cfg: Config) -> dict:
 def run_cli(mode: str = "train") -> None:
     import hydra
 
+    from grpo.checkpoint import CheckpointError
+    from grpo.trainer import MaskedRewardsError
+
     register_configs()
     sys.argv = drop_launcher_args(sys.argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -198,7 +227,7 @@ def run_cli(mode: str = "train") -> None:
         try:
             cfg = to_config(dict_cfg)
             train_from_config(cfg) if mode == "train" else evaluate_from_config(cfg)
-        except ConfigError as e:
+        except (ConfigError, CheckpointError, MaskedRewardsError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 

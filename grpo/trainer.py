@@ -120,6 +120,7 @@ def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temper
             num_tokens, num_seqs = mini.completion_mask.sum(), len(rows)
             lengths = mini.attention_mask.sum(1).tolist()
             loss_sum = ent_sum = kl_sum = clip_sum = 0.0
+            finite = True
             for micro_rows in token_budget_batches(lengths, micro_batch_tokens):
                 micro = mini.select(micro_rows)
                 logp, entropy = sequence_logprobs(
@@ -137,6 +138,9 @@ def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temper
                     kl_sum += float((kl.detach() * mask).sum())
                 loss = aggregate(per_token, mask, algo.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
                                  max_len=max_new_tokens)
+                if not torch.isfinite(loss):  # a NaN/inf loss never reaches the weights: skip this update
+                    finite = False
+                    continue
                 backend.backward(loss)
                 loss_sum += float(loss.detach())
                 ent_sum += float((entropy.detach() * mask).sum())
@@ -146,7 +150,7 @@ def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temper
                 if epoch == 0 and micro.sampler_logprobs is not None:  # sampler vs trainer, same weights
                     diff_sum += float(((old - micro.sampler_logprobs).abs() * mask).sum())
                     diff_tokens += float(mask.sum())
-            step_stats = backend.step()
+            step_stats = backend.step() if finite else backend.step(skip=True)
             tokens = max(float(num_tokens), 1.0)
             stats["loss"] += loss_sum
             stats["entropy"] += ent_sum / tokens
@@ -159,7 +163,8 @@ def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temper
     out = {f"train/{k}": v / updates for k, v in stats.items() if k not in ("skipped", "lr", "grad_norm")}
     out["optim/grad_norm"] = stats["grad_norm"] / updates
     out["optim/lr"] = stats["lr"]
-    out["optim/skipped_steps"] = stats["skipped"]
+    out["optim/skipped_steps"] = stats["skipped"]  # this step's updates skipped for a non-finite loss or gradient
+    out["optim/skipped_total"] = getattr(backend, "skipped_steps", 0)
     if algo.beta <= 0:
         out.pop("train/kl")
     if diff_tokens:
@@ -217,6 +222,8 @@ class Run:
     sampler: object  # grpo.data.PromptSampler
     tracker: object  # grpo.tracking.Tracker
     start_step: int = 0
+    rank: int = 0  # this process's data-parallel rank (its RNG streams are saved under it)
+    masked_steps: int = 0  # steps in a row on which every reward was masked
 
 
 @dataclass
@@ -264,7 +271,7 @@ def sample_groups(run: Run, num_prompts: int) -> tuple[Groups, dict]:
     the step trains on the groups it has.
     """
     algo, G = run.cfg.algorithm, run.cfg.algorithm.group_size
-    groups, zero_std_frac, gen_s, rounds = None, None, 0.0, 0
+    groups, zero_std_frac, gen_s, rounds, errors, scored_n = None, None, 0.0, 0, 0, 0
     while True:
         rows = [run.train_rows[i] for i in run.sampler.next_indices(num_prompts)]
         out = run.engine.generate([r["prompt"] for r in rows], G)
@@ -272,6 +279,8 @@ def sample_groups(run: Run, num_prompts: int) -> tuple[Groups, dict]:
         prompts = [r["prompt"] for r in rows for _ in range(G)]
         columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
         scored = run.scorer(prompts, out.texts, columns)
+        errors += sum(any(flags) for flags in zip(*scored.errors.values())) if scored.errors else 0
+        scored_n += len(out.texts)
         rewards = shape_rewards(scored.total, [len(c) for c in out.completion_ids], algo, run.cfg.rollout.max_new_tokens)
         fresh = Groups(rows, out.prompt_ids, out.completion_ids, out.texts, out.truncated, out.logprobs,
                        scored.per_reward, rewards)
@@ -286,17 +295,22 @@ def sample_groups(run: Run, num_prompts: int) -> tuple[Groups, dict]:
         rounds += 1
     if len(groups.rows) > num_prompts:
         groups = groups.keep([True] * num_prompts + [False] * (len(groups.rows) - num_prompts), G)
-    metrics = {"train/zero_std_frac": zero_std_frac, "time/generate_s": gen_s}
+    metrics = {"train/zero_std_frac": zero_std_frac, "time/generate_s": gen_s,
+               "train/reward_error_frac": errors / max(1, scored_n)}  # raised or ran past its deadline: masked
     if algo.dynamic_sampling:
         metrics["train/resample_rounds"] = rounds
         metrics["train/kept_groups"] = len(groups.rows)
     return groups, metrics
 
 
+class MaskedRewardsError(RuntimeError):
+    """Too many steps in a row on which every sample's reward was masked (the rewards are broken)."""
+
+
 def train(run: Run) -> list[dict]:
     """Run GRPO steps from `run.start_step + 1` to `train.max_steps`; returns the logged metrics."""
-    from grpo.checkpoint import save_checkpoint
     from grpo.evaluate import evaluate
+    from grpo.faults import crash_point
 
     cfg, algo = run.cfg, run.cfg.algorithm
     G, T = algo.group_size, cfg.rollout.temperature
@@ -308,9 +322,11 @@ def train(run: Run) -> list[dict]:
         start = time.perf_counter()
         # 1-2. sample G completions per prompt and score them
         groups, metrics = sample_groups(run, cfg.train.prompts_per_step)
-        if not groups.rows:  # dynamic sampling found no group with a reward signal: nothing to learn from
-            log.warning("step %d: every sampled group had equal rewards; no update", step)
+        nothing_to_learn = no_signal_reason(run, groups, step)
+        if nothing_to_learn:
+            log.warning("step %d: %s; no update", step, nothing_to_learn)
             run.tracker.log(step, {**metrics, "time/step_s": time.perf_counter() - start})
+            checkpoint_if_due(run, step)
             continue
         # 3. group-relative advantages
         advantages, valid, _ = compute_advantages(groups.rewards, G, algo.advantage)
@@ -326,10 +342,11 @@ def train(run: Run) -> list[dict]:
         if algo.beta > 0:
             batch.ref_logprobs = score_logprobs(run.ref_model, batch, temperature=T,
                                                 micro_batch_tokens=cfg.backend.micro_batch_tokens)
-        # 4. clipped surrogate loss, backward, optimiser step
+        # 4. clipped surrogate loss, backward, optimiser step (skipped if the loss or gradient is not finite)
         metrics |= update_policy(run.backend, batch, algo, temperature=T,
                                  micro_batch_tokens=cfg.backend.micro_batch_tokens,
                                  max_new_tokens=cfg.rollout.max_new_tokens)
+        crash_point("mid_step", step)
         # 5. the rollout engine samples from the new weights next step
         metrics["time/weight_sync_s"] = run.engine.sync_weights(run.policy)
         metrics |= rollout_metrics(groups, batch, valid)
@@ -343,10 +360,41 @@ def train(run: Run) -> list[dict]:
             k = cfg.train.num_samples_logged
             run.tracker.log_samples(step, [r["prompt"] for r in groups.rows for _ in range(G)][:k],
                                     groups.texts[:k], groups.rewards[:k])
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
-            save_checkpoint(cfg.run_dir, step, policy=run.policy, tokenizer=run.tokenizer,
-                            state=training_state(run), keep_last=cfg.checkpoint.keep_last)
+        crash_point("after_metrics", step)
+        checkpoint_if_due(run, step)
     return history
+
+
+def no_signal_reason(run: Run, groups: Groups, step: int) -> str | None:
+    """Why this step has nothing to train on, or None; raises after too many fully masked steps in a row.
+
+    A step whose every reward is masked (each reward raised, ran past its deadline or returned None)
+    would train on nothing; `train.max_masked_steps` such steps in a row stop the run, since the
+    rewards are then broken rather than unlucky.
+    """
+    if not groups.rows:  # dynamic sampling found no group with a reward signal
+        return "every sampled group had equal rewards"
+    if any(r is not None for r in groups.rewards):
+        run.masked_steps = 0
+        return None
+    run.masked_steps += 1
+    limit = run.cfg.train.max_masked_steps
+    if limit and run.masked_steps >= limit:
+        raise MaskedRewardsError(
+            f"step {step}: every reward was masked (raised, timed out or None) on {run.masked_steps} steps in a row "
+            f"(train.max_masked_steps={limit}); check the reward functions' logged errors"
+        )
+    return f"all {len(groups.rewards)} rewards masked ({run.masked_steps} steps in a row)"
+
+
+def checkpoint_if_due(run: Run, step: int) -> None:
+    """Save a checkpoint every `checkpoint.every_steps` steps and after the last one."""
+    from grpo.checkpoint import rng_state, save_checkpoint
+
+    cfg = run.cfg
+    if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
+        save_checkpoint(cfg.run_dir, step, policy=run.policy, tokenizer=run.tokenizer, state=training_state(run),
+                        rank_states={run.rank: {"rng": rng_state()}}, keep_last=cfg.checkpoint.keep_last)
 
 
 def rollout_metrics(groups: Groups, batch: RolloutBatch, valid: torch.Tensor) -> dict:
@@ -366,7 +414,8 @@ def rollout_metrics(groups: Groups, batch: RolloutBatch, valid: torch.Tensor) ->
 
 
 def training_state(run: Run) -> dict:
-    """Everything besides the weights that a resumed run needs to continue exactly."""
-    from grpo.checkpoint import rng_state
-
-    return {"backend": run.backend.state_dict(), "sampler": run.sampler.state(), "rng": rng_state()}
+    """Everything besides the weights and the per-rank RNG streams that a resumed run needs to continue
+    exactly. Dynamic sampling keeps no buffer across steps (surplus groups are dropped), so the sampler's
+    position and the RNG streams are all of its state."""
+    return {"backend": run.backend.state_dict(), "sampler": run.sampler.state(),
+            "guards": {"masked_steps": run.masked_steps}}

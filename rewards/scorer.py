@@ -5,6 +5,10 @@
 
 A reward function that raises does not stop the step: its samples become None for that reward, counted in
 ``reward/<name>_error_frac``, and the exception is logged (with traceback) the first time that reward fails.
+A reward given a ``timeout_s`` that has not returned by then is treated the same way (and counted in
+``reward/<name>_deadline_misses``): its call runs on a worker thread the step stops waiting for. A thread
+cannot be killed, so a reward that can hang for good should enforce its own hard deadline in a subprocess
+(as ``math_accuracy`` and ``code_tests`` do); ``timeout_s`` keeps the step moving meanwhile.
 A reward that returns the wrong number of values, or a value that is not a finite number or None, is treated
 the same way, sample by sample for bad values.
 """
@@ -31,6 +35,7 @@ class RewardSpec:
     name: str = field(metadata={"help": "registered name, 'package.module:function', or a grpo.rewards entry point"})
     weight: float = field(default=1.0, metadata={"help": "multiplies this reward in the total"})
     kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "keyword options passed on every call"})
+    timeout_s: float | None = field(default=None, metadata={"help": "seconds a call may take before its samples are masked"})
 
 
 @dataclass
@@ -100,7 +105,10 @@ class RewardScorer:
                 raise ValueError(f"reward {spec.name!r}: weight must be a number, got {spec.weight!r}") from None
             if not math.isfinite(weight):
                 raise ValueError(f"reward {spec.name!r}: weight must be finite, got {spec.weight!r}")
-            bound = _bind(RewardSpec(spec.name, weight, dict(spec.kwargs or {})), get_reward(spec.name))
+            timeout = spec.timeout_s
+            if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+                raise ValueError(f"reward {spec.name!r}: timeout_s must be a positive number or None, got {timeout!r}")
+            bound = _bind(RewardSpec(spec.name, weight, dict(spec.kwargs or {}), timeout), get_reward(spec.name))
             check = getattr(bound.fn, "check_options", None)
             if callable(check):  # e.g. code_tests: is the sandbox usable here?
                 check(**bound.spec.kwargs)
@@ -132,21 +140,28 @@ class RewardScorer:
         prompts, completions = list(prompts), list(completions)
         results: dict[str, Any] = {}
         pending: dict[str, Any] = {}  # name -> awaitable, for async rewards
+        deadline_misses: dict[str, float] = {}
         for reward in self._rewards:
             arguments = self._arguments(reward, columns)  # a clash here is a config error, not a reward failure
             try:
-                out = reward.fn(prompts, completions, **arguments)
+                out = _call(reward, prompts, completions, arguments)
+            except RewardDeadlineError as e:
+                results[reward.spec.name] = e
+                deadline_misses[reward.spec.name] = 1.0
+                continue
             except RewardConfigError:
                 raise  # misconfiguration (no sandbox, contradictory options) must stop the run, not read as None
             except Exception as e:  # noqa: BLE001 - a broken reward must not stop training
                 results[reward.spec.name] = e
                 continue
             if inspect.isawaitable(out):
-                pending[reward.spec.name] = out
+                timeout = reward.spec.timeout_s
+                pending[reward.spec.name] = out if timeout is None else _bounded(reward.spec.name, out, timeout)
             else:
                 results[reward.spec.name] = out
         if pending:
             results.update(_await_all(pending))
+            deadline_misses |= {k: 1.0 for k, v in results.items() if isinstance(v, RewardDeadlineError)}
 
         per_reward: dict[str, list[float | None]] = {}
         errors: dict[str, list[bool]] = {}
@@ -155,6 +170,8 @@ class RewardScorer:
             name = reward.spec.name
             values, bad = self._validate(name, results[name], n)
             per_reward[name], errors[name] = values, bad
+            if reward.spec.timeout_s is not None:
+                reward_metrics[f"reward/{name}_deadline_misses"] = deadline_misses.get(name, 0.0)
             pop = getattr(reward.fn, "pop_metrics", None)
             if callable(pop):
                 for key, value in pop().items():
@@ -220,6 +237,41 @@ class RewardScorer:
             name,
             exc_info=(type(error), error, error.__traceback__),
         )
+
+
+class RewardDeadlineError(TimeoutError):
+    """A reward call that ran past its `timeout_s`."""
+
+
+def _call(reward: _BoundReward, prompts: list[str], completions: list[str], arguments: dict[str, Any]) -> Any:
+    """The reward's output; with a `timeout_s`, waited for on a worker thread at most that long."""
+    timeout = reward.spec.timeout_s
+    if timeout is None:
+        return reward.fn(prompts, completions, **arguments)
+    box: list[Any] = []
+
+    def work() -> None:
+        try:
+            box.append((True, reward.fn(prompts, completions, **arguments)))
+        except BaseException as e:  # noqa: BLE001 - handed back to the caller below
+            box.append((False, e))
+
+    thread = threading.Thread(target=work, name=f"reward-{reward.spec.name}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not box:  # still running: the step goes on without it (the daemon thread cannot block exit)
+        raise RewardDeadlineError(f"reward {reward.spec.name!r} did not return within timeout_s={timeout}")
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+async def _bounded(name: str, awaitable: Any, timeout: float) -> Any:
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except asyncio.TimeoutError:
+        raise RewardDeadlineError(f"reward {name!r} did not return within timeout_s={timeout}") from None
 
 
 def _bind(spec: RewardSpec, fn: Callable[..., Any]) -> _BoundReward:

@@ -17,13 +17,16 @@ import torch
 class TrainBackend(Protocol):
     model: torch.nn.Module  # the module whose forward computes log-probs (may be a wrapper)
     policy: torch.nn.Module  # the bare transformers model (for saving and weight sync)
+    skipped_steps: int  # optimiser steps skipped so far for a non-finite loss or gradient (saved in state_dict)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate gradients of one micro-batch's loss."""
         ...
 
-    def step(self) -> dict:
-        """Clip, step the optimiser and scheduler, zero grads; returns `grad_norm`, `lr`, `skipped`."""
+    def step(self, skip: bool = False) -> dict:
+        """Clip, step the optimiser and scheduler, zero grads; returns `grad_norm`, `lr`, `skipped`.
+        With `skip` (the caller saw a non-finite loss), or when the gradient norm is not finite, the
+        gradient is discarded without touching the weights or optimiser moments, and counted."""
         ...
 
     def state_dict(self) -> dict:

@@ -31,16 +31,18 @@ class TorchBackend:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> dict:
+    def step(self, skip: bool = False) -> dict:
+        """Clip and apply the accumulated gradient; `skip` (a non-finite loss) or a non-finite
+        gradient norm discards it instead: the weights and the optimiser's moments stay as they were."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         else:
             norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in params if p.grad is not None])
+                torch.stack([p.grad.norm() for p in params if p.grad is not None] or [torch.zeros(())])
             )
         lr = self.scheduler.get_last_lr()[0]
-        skipped = not torch.isfinite(norm)
+        skipped = skip or not torch.isfinite(norm)
         if skipped:  # a non-finite gradient never reaches the weights
             self.skipped_steps += 1
         else:
