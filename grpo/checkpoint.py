@@ -186,8 +186,14 @@ def latest_checkpoint(run_dir: str | Path, *, warn: bool = True) -> Path | None:
 def verify_checkpoint(checkpoint: Path) -> None:
     """Check every file the manifest lists is there with its size; raise naming the first that is not."""
     try:
-        manifest = json.loads((checkpoint / COMPLETE).read_text())
-    except (OSError, ValueError) as e:
+        text = (checkpoint / COMPLETE).read_text()
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {checkpoint}: its manifest {COMPLETE} is unreadable ({e})") from None
+    if text.strip().isdigit():  # written before manifests listed the files: only the step, nothing to check
+        return
+    try:
+        manifest = json.loads(text)
+    except ValueError as e:
         raise CheckpointError(f"checkpoint {checkpoint}: its manifest {COMPLETE} is unreadable ({e})") from None
     for rel, size in manifest["files"].items():
         path = checkpoint / rel
@@ -215,6 +221,10 @@ def load_state(checkpoint: Path) -> dict:
 def load_rank_state(checkpoint: Path, rank: int) -> dict:
     """The state one rank saved (its RNG streams); an error naming the file if that rank has none."""
     path = checkpoint / f"rank_{rank}.pt"
+    if not path.is_file() and rank == 0 and not any(checkpoint.glob("rank_*.pt")):
+        legacy = load_state(checkpoint)  # written before RNG states moved to per-rank files
+        if "rng" in legacy:
+            return {"rng": legacy["rng"]}
     if not path.is_file():
         saved = sorted(p.name for p in checkpoint.glob("rank_*.pt"))
         raise CheckpointError(f"checkpoint {checkpoint}: no {path.name} (it holds {', '.join(saved) or 'none'}); "

@@ -67,3 +67,15 @@ def test_sampler_resumes_mid_epoch_and_across_epochs():
     got += resumed.next_indices(4) + resumed.next_indices(4)
     assert got == expected
     assert sorted(expected[:5]) == list(range(5))  # each epoch is a permutation
+
+
+def test_sampler_resumes_from_a_checkpoint_taken_at_an_epoch_boundary():
+    full = PromptSampler(4, seed=1)
+    expected = full.next_indices(2) + full.next_indices(2) + full.next_indices(2) + full.next_indices(2)
+    part = PromptSampler(4, seed=1)
+    got = part.next_indices(2) + part.next_indices(2)  # exactly one epoch consumed
+    assert part.state() == {"epoch": 0, "index": 4}
+    resumed = PromptSampler(4, seed=1)
+    resumed.load_state(part.state())
+    got += resumed.next_indices(2) + resumed.next_indices(2)
+    assert got == expected and expected[4:] != expected[:4]  # the second epoch is a new permutation
