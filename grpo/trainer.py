@@ -271,7 +271,7 @@ def sample_groups(run: Run, num_prompts: int) -> tuple[Groups, dict]:
     the step trains on the groups it has.
     """
     algo, G = run.cfg.algorithm, run.cfg.algorithm.group_size
-    groups, zero_std_frac, gen_s, rounds, errors, scored_n = None, None, 0.0, 0, 0, 0
+    groups, zero_std_frac, gen_s, rounds, errors, masked, scored_n = None, None, 0.0, 0, 0, 0, 0
     while True:
         rows = [run.train_rows[i] for i in run.sampler.next_indices(num_prompts)]
         out = run.engine.generate([r["prompt"] for r in rows], G)
@@ -280,6 +280,7 @@ def sample_groups(run: Run, num_prompts: int) -> tuple[Groups, dict]:
         columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
         scored = run.scorer(prompts, out.texts, columns)
         errors += sum(any(flags) for flags in zip(*scored.errors.values())) if scored.errors else 0
+        masked += sum(r is None for r in scored.total)
         scored_n += len(out.texts)
         rewards = shape_rewards(scored.total, [len(c) for c in out.completion_ids], algo, run.cfg.rollout.max_new_tokens)
         fresh = Groups(rows, out.prompt_ids, out.completion_ids, out.texts, out.truncated, out.logprobs,
@@ -296,7 +297,8 @@ def sample_groups(run: Run, num_prompts: int) -> tuple[Groups, dict]:
     if len(groups.rows) > num_prompts:
         groups = groups.keep([True] * num_prompts + [False] * (len(groups.rows) - num_prompts), G)
     metrics = {"train/zero_std_frac": zero_std_frac, "time/generate_s": gen_s,
-               "train/reward_error_frac": errors / max(1, scored_n)}  # raised or ran past its deadline: masked
+               "train/reward_error_frac": errors / max(1, scored_n),  # raised or ran past its deadline: masked
+               "train/reward_masked_frac": masked / max(1, scored_n)}  # no reward at all (counts before refills)
     if algo.dynamic_sampling:
         metrics["train/resample_rounds"] = rounds
         metrics["train/kept_groups"] = len(groups.rows)
@@ -322,7 +324,7 @@ def train(run: Run) -> list[dict]:
         start = time.perf_counter()
         # 1-2. sample G completions per prompt and score them
         groups, metrics = sample_groups(run, cfg.train.prompts_per_step)
-        nothing_to_learn = no_signal_reason(run, groups, step)
+        nothing_to_learn = no_signal_reason(run, groups, metrics["train/reward_masked_frac"], step)
         if nothing_to_learn:
             log.warning("step %d: %s; no update", step, nothing_to_learn)
             run.tracker.log(step, {**metrics, "time/step_s": time.perf_counter() - start})
@@ -365,26 +367,27 @@ def train(run: Run) -> list[dict]:
     return history
 
 
-def no_signal_reason(run: Run, groups: Groups, step: int) -> str | None:
+def no_signal_reason(run: Run, groups: Groups, masked_frac: float, step: int) -> str | None:
     """Why this step has nothing to train on, or None; raises after too many fully masked steps in a row.
 
-    A step whose every reward is masked (each reward raised, ran past its deadline or returned None)
-    would train on nothing; `train.max_masked_steps` such steps in a row stop the run, since the
+    A step whose every sampled reward is masked (each reward raised, ran past its deadline or returned
+    None) trains on nothing; `train.max_masked_steps` such steps in a row stop the run, since the
     rewards are then broken rather than unlucky.
     """
+    if masked_frac < 1.0:
+        run.masked_steps = 0
+    else:
+        run.masked_steps += 1
+        limit = run.cfg.train.max_masked_steps
+        if limit and run.masked_steps >= limit:
+            raise MaskedRewardsError(
+                f"step {step}: every reward was masked (raised, timed out or None) on {run.masked_steps} steps "
+                f"in a row (train.max_masked_steps={limit}); check the reward functions' logged errors"
+            )
+        return f"all rewards masked ({run.masked_steps} steps in a row)"
     if not groups.rows:  # dynamic sampling found no group with a reward signal
         return "every sampled group had equal rewards"
-    if any(r is not None for r in groups.rewards):
-        run.masked_steps = 0
-        return None
-    run.masked_steps += 1
-    limit = run.cfg.train.max_masked_steps
-    if limit and run.masked_steps >= limit:
-        raise MaskedRewardsError(
-            f"step {step}: every reward was masked (raised, timed out or None) on {run.masked_steps} steps in a row "
-            f"(train.max_masked_steps={limit}); check the reward functions' logged errors"
-        )
-    return f"all {len(groups.rewards)} rewards masked ({run.masked_steps} steps in a row)"
+    return None
 
 
 def checkpoint_if_due(run: Run, step: int) -> None:

@@ -116,7 +116,8 @@ def always_raises(prompts, completions, **_):
     raise RuntimeError("reward service unreachable")
 
 
-def test_too_many_masked_steps_in_a_row_stop_the_run(tmp_path, tiny_random_dir):
+@pytest.mark.parametrize("dynamic_sampling", ["false", "true"])
+def test_too_many_masked_steps_in_a_row_stop_the_run(tmp_path, tiny_random_dir, dynamic_sampling):
     from grpo.train import train_from_config
     from grpo.trainer import MaskedRewardsError
 
@@ -124,6 +125,7 @@ def test_too_many_masked_steps_in_a_row_stop_the_run(tmp_path, tiny_random_dir):
                    "tracking.progress_bar=false", "tracking.plot=false", "train.max_steps=10",
                    "train.prompts_per_step=2", "algorithm.group_size=2", "train.eval_before=false",
                    "task.arithmetic.num_eval=2", "train.max_masked_steps=3",
+                   f"algorithm.dynamic_sampling={dynamic_sampling}",  # masked groups look equal: still counted
                    "reward.functions=[{name: 'tests.test_reliability:always_raises'}]",
                    "reward.accuracy=math_accuracy"])
     cfg.run_dir = str(tmp_path / "run")
@@ -131,7 +133,7 @@ def test_too_many_masked_steps_in_a_row_stop_the_run(tmp_path, tiny_random_dir):
         train_from_config(cfg)
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2]  # steps 1-2 logged (masked, no update), the run stopped at 3
-    assert all(s["train/reward_error_frac"] == 1.0 for s in steps)
+    assert all(s["train/reward_error_frac"] == s["train/reward_masked_frac"] == 1.0 for s in steps)
 
 
 # ---- bad dataset rows ----
