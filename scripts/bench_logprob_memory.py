@@ -15,7 +15,8 @@ ratio = exp(logp - logp.detach())), backward, gradients accumulated over the mic
 - trl_selective: the model's logits, then TRL's `selective_log_softmax` (TRL's earlier path, still exported).
 
 Each method runs in a fresh process; its peak is the growth of the peak resident set (`ru_maxrss`) over
-the resident set measured just before the pass, with the model, its inputs and a warm-up-free allocator.
+the resident set measured just before the pass, after the model and its inputs are built and one short
+warm-up sequence has been through the same method (so code pages and thread pools are not counted).
 Torch allocations on CPU are invisible to tracemalloc; RSS sees them. The machine may be shared: memory
 figures are not disturbed by that, times are.
 """
@@ -103,6 +104,12 @@ def run_pass(method: str, args) -> dict:
         return selective_log_softmax(logits, mids[:, -C:])
 
     completion_mask = torch.ones(args.sequences, C)  # [N, C]
+    # Warm-up on one short sequence: loads the kernels' code pages and the thread pools, which the
+    # resident set would otherwise count as growth of the first pass.
+    warm = logprobs(ids[:1], mask[:1])  # [1, C]
+    warm.sum().backward()
+    model.zero_grad(set_to_none=True)
+    del warm
     base = rss_mb()
     start = time.perf_counter()
     for lo in range(0, args.sequences, args.micro_batch):

@@ -60,7 +60,8 @@ class Timers:
     def __init__(self, device: str):
         self.device = device
         self.acc = defaultdict(float)
-        self.tokens = 0
+        self.tokens = 0  # generated
+        self.scored = 0  # positions through the training forward (padded), for the update's FLOPs
 
     def wrap(self, phase: str, fn):
         def timed(*args, **kwargs):
@@ -79,11 +80,25 @@ class Timers:
 
             torch.cuda.synchronize()
 
+    def count_scored(self, fn):
+        def counted(model, input_ids, *args, **kwargs):
+            if torch_grad_enabled():
+                self.scored += input_ids.numel()
+            return fn(model, input_ids, *args, **kwargs)
+        return counted
+
     def take(self) -> tuple[dict, int]:
         out, tokens = dict(self.acc), self.tokens
+        out["scored_tokens"] = self.scored
         self.acc.clear()
-        self.tokens = 0
+        self.tokens = self.scored = 0
         return out, tokens
+
+
+def torch_grad_enabled() -> bool:
+    import torch
+
+    return torch.is_grad_enabled()
 
 
 # ---------------------------------------------------------------- settings and model
@@ -160,7 +175,7 @@ def build_ours(cfg, device: str, timers: Timers):
     run.scorer = timers.wrap("scoring", run.scorer)
     run.backend.backward = timers.wrap("update", run.backend.backward)
     run.backend.step = timers.wrap("update", run.backend.step)
-    trainer.sequence_logprobs = timers.wrap("logprobs", trainer.sequence_logprobs)
+    trainer.sequence_logprobs = timers.wrap("logprobs", timers.count_scored(trainer.sequence_logprobs))
     return lambda: trainer.train_step(run)
 
 
@@ -215,7 +230,8 @@ def build_trl(cfg, model_path: str, device: str, max_steps: int, timers: Timers,
 
     trainer._generate_single_turn = timers.wrap("generation", generate_counted)
     trainer._calculate_rewards = timers.wrap("scoring", trainer._calculate_rewards)
-    trainer._get_per_token_logps_and_entropies = timers.wrap("logprobs", trainer._get_per_token_logps_and_entropies)
+    trainer._get_per_token_logps_and_entropies = timers.wrap(
+        "logprobs", timers.count_scored(trainer._get_per_token_logps_and_entropies))
     trainer.accelerator.backward = timers.wrap("update", trainer.accelerator.backward)
     return trainer
 
@@ -321,6 +337,7 @@ def summarise(side_records: list[dict]) -> dict:
     for p in PHASES[:-1]:
         out[p] = med(p)
     out["other"] = statistics.median(r["step_s"] - sum(r.get(p, 0.0) for p in PHASES[:-1]) for r in side_records)
+    out["scored_tokens"] = med("scored_tokens")
     out["tokens_per_s"] = out["tokens"] / out["step_s"]
     out["gen_tokens_per_s"] = out["tokens"] / out["generation"] if out["generation"] else float("nan")
     diffs = [r["logprob_abs_diff"] for r in side_records if r.get("logprob_abs_diff") is not None]
@@ -405,10 +422,12 @@ def main() -> None:
     if args.device == "cpu" and not args.no_memory:
         ours["peak_mb"], trl["peak_mb"] = (peak_rss_in_fresh_process(s, args) for s in ("ours", "trl"))
         peak_note = "peak RSS growth over the steps, each side alone in a fresh process"
-    else:
+    elif args.device == "cuda":
         ours["peak_mb"] = max(r["peak_mb"] for r in result["records"]["ours"])
         trl["peak_mb"] = max(r["peak_mb"] for r in result["records"]["trl"])
         peak_note = "torch.cuda.max_memory_allocated during a step"
+    else:
+        peak_note = "not measured (--no-memory)"
     r = cfg.rollout
     print(f"model {args.model} ({model_path}), device {args.device}, torch threads {torch.get_num_threads()}, "
           f"{cfg.train.prompts_per_step} prompts x {cfg.algorithm.group_size} completions, "
@@ -432,8 +451,8 @@ def main() -> None:
     if args.device == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-        tokens = cfg.train.prompts_per_step * cfg.algorithm.group_size * (r.max_new_tokens + 8)  # ~prompt+completion
         for side, s in (("ours", ours), ("TRL", trl)):
+            tokens = s["scored_tokens"]  # prompt + completion positions of the training forward
             flops = update_flops(cfg, model_path, tokens)
             secs = s["logprobs"] + s["update"]
             mfu = f"{flops / secs / (peak * 1e12):.1%}" if peak else "unknown peak"
