@@ -71,6 +71,7 @@ class RolloutConfig:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
     top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens; 0 = all"})
     max_new_tokens: int = field(default=8, metadata={"help": "longest completion, in tokens"})
+    min_new_tokens: int = field(default=0, metadata={"help": "sampled completions get at least this many tokens (EOS held back); 0 = off"})
     stop: list[str] = field(default_factory=list, metadata={"help": "strings that end a completion"})
     batch_size: int = field(default=512, metadata={"help": "sequences per generate call"})
     gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vllm: memory fraction it reserves"})
@@ -236,6 +237,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
     _positive("rollout.top_k", r.top_k, zero_ok=True)
     _positive("rollout.max_new_tokens", r.max_new_tokens)
+    if not 0 <= r.min_new_tokens <= r.max_new_tokens:
+        raise ConfigError(f"rollout.min_new_tokens: must be in [0, rollout.max_new_tokens={r.max_new_tokens}], got {r.min_new_tokens}")
     _positive("rollout.batch_size", r.batch_size)
 
     _choice("backend.name", cfg.backend.name, BACKEND_NAMES)

@@ -5,6 +5,9 @@ largest tensor of a training step by far. `sequence_logprobs` runs the model's b
 then applies the output embedding to at most `chunk_size` positions at a time, so only one
 chunk's `[chunk_size, V]` float32 logits exist at any moment, in the forward pass and in the
 backward pass alike (each chunk is recomputed in backward under activation checkpointing).
+By default a chunk holds `LOGITS_CHUNK_ELEMENTS // V` positions (32 MiB of float32 logits:
+~55 positions of a 151,936-token vocabulary, the whole batch of a 100-token one). When the
+whole batch fits in one chunk nothing is checkpointed: recomputing it would save no memory.
 
 Conventions, shared by both functions here:
 
@@ -28,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+LOGITS_CHUNK_ELEMENTS = 2**23  # logits elements per chunk: 32 MiB in float32
+
 
 def sequence_logprobs(
     model: nn.Module,
@@ -36,7 +41,7 @@ def sequence_logprobs(
     *,
     position_ids: torch.Tensor | None = None,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     with_entropy: bool = False,
     logits_to_keep_from: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -44,14 +49,15 @@ def sequence_logprobs(
 
     Runs the backbone of `model` (a transformers `*ForCausalLM`, not wrapped in DDP) to get the last
     hidden states, then the output embedding on `chunk_size` rows of the flattened
-    `[B * (T-1-logits_to_keep_from), H]` hidden states at a time. Differentiable; when gradients are
-    enabled each chunk is checkpointed, so backward also holds one chunk's logits at a time.
+    `[B * (T-1-logits_to_keep_from), H]` hidden states at a time (default: `LOGITS_CHUNK_ELEMENTS // V`).
+    Differentiable; when gradients are enabled and there is more than one chunk, each chunk is
+    checkpointed, so backward also holds one chunk's logits at a time.
 
     Returns `(logprobs [B, T-1], entropy [B, T-1] or None)`, float32, zeros before column
     `logits_to_keep_from`. See the module docstring for the conventions.
     """
     _check_args(input_ids, attention_mask, temperature, logits_to_keep_from)
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     _check_plain_head(model)
     if position_ids is None:
@@ -71,10 +77,13 @@ def sequence_logprobs(
     def score(h, y):
         return _score_logits(head(h), y, temperature, with_entropy)
 
+    if chunk_size is None:
+        chunk_size = max(1, LOGITS_CHUNK_ELEMENTS // head.weight.shape[0])
+    recompute = torch.is_grad_enabled() and rows.shape[0] > chunk_size
     lp_chunks, ent_chunks = [], []
     for start in range(0, rows.shape[0], chunk_size):
         h, y = rows[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled():
+        if recompute:
             lp, ent = checkpoint(score, h, y, use_reentrant=False)
         else:
             lp, ent = score(h, y)

@@ -137,7 +137,7 @@ def build_run(cfg: Config):
     r = cfg.rollout
     engine = build_rollout_engine(
         r.engine, model=policy, tokenizer=tokenizer, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-        max_new_tokens=r.max_new_tokens, stop=r.stop, batch_size=r.batch_size,
+        max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, stop=r.stop, batch_size=r.batch_size,
     )
     sampler = PromptSampler(len(train_rows), seed=cfg.seed)
     start_step, masked_steps, rank = 0, 0, int(os.environ.get("RANK", 0))
@@ -205,7 +205,8 @@ def evaluate_from_config(cfg: Config) -> dict:
     model, tokenizer = load_policy(path, cfg)
     r = cfg.rollout
     engine = build_rollout_engine(r.engine, model=model, tokenizer=tokenizer, temperature=r.temperature,
-                                  top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens, stop=r.stop,
+                                  top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+                                  min_new_tokens=r.min_new_tokens, stop=r.stop,
                                   batch_size=r.batch_size)
     metrics = evaluate(engine, scorer, eval_rows, cfg.reward.accuracy, pass_k=cfg.train.eval_pass_k)
     print(json.dumps({"model": path, **metrics}, indent=2))

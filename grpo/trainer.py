@@ -49,6 +49,13 @@ class RolloutBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def to(self, device) -> "RolloutBatch":
+        """The batch with every tensor on `device` (the policy's), one copy per micro-batch."""
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return RolloutBatch(move(self.input_ids), move(self.attention_mask), move(self.completion_mask),
+                            self.prompt_width, move(self.advantages), move(self.sampler_logprobs),
+                            move(self.old_logprobs), move(self.ref_logprobs))
+
     def select(self, rows: list[int]) -> "RolloutBatch":
         """The given rows, with columns that are padding in all of them trimmed away."""
         idx = torch.tensor(rows)
@@ -109,7 +116,7 @@ def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temper
     Each micro-batch's loss is normalised by its mini-batch's total token and sequence counts, so
     the accumulated gradient equals that of the whole mini-batch in one piece.
     """
-    n = len(batch)
+    n, device = len(batch), next(backend.model.parameters()).device
     per_mini = n // algo.mini_batches
     stats = {"loss": 0.0, "entropy": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "skipped": 0}
     updates, diff_sum, diff_tokens = 0, 0.0, 0.0
@@ -122,7 +129,7 @@ def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temper
             loss_sum = ent_sum = kl_sum = clip_sum = 0.0
             finite = True
             for micro_rows in token_budget_batches(lengths, micro_batch_tokens):
-                micro = mini.select(micro_rows)
+                micro = mini.select(micro_rows).to(device)
                 logp, entropy = sequence_logprobs(
                     backend.model, micro.input_ids, micro.attention_mask, temperature=temperature,
                     with_entropy=True, logits_to_keep_from=micro.prompt_width - 1,
@@ -177,10 +184,11 @@ def score_logprobs(model, batch: RolloutBatch, *, temperature: float, micro_batc
     """Log-probs [N, T-1] of the batch's tokens under `model`, without gradients."""
     out = torch.zeros(batch.completion_mask.shape)
     lengths = batch.attention_mask.sum(1).tolist()
+    device = next(model.parameters()).device
     for rows in token_budget_batches(lengths, micro_batch_tokens):
-        logp, _ = sequence_logprobs(model, batch.input_ids[rows], batch.attention_mask[rows],
+        logp, _ = sequence_logprobs(model, batch.input_ids[rows].to(device), batch.attention_mask[rows].to(device),
                                     temperature=temperature, logits_to_keep_from=batch.prompt_width - 1)
-        out[rows] = logp.float()
+        out[rows] = logp.float().cpu()
     return out
 
 
@@ -309,49 +317,64 @@ class MaskedRewardsError(RuntimeError):
     """Too many steps in a row on which every sample's reward was masked (the rewards are broken)."""
 
 
+def train_step(run: Run, step: int) -> tuple[dict, Groups, str | None]:
+    """One GRPO step on a fresh rollout batch (no evaluation, logging or checkpointing).
+
+    Returns its metrics, its groups and, when it made no update, why.
+    """
+    from grpo.faults import crash_point
+
+    cfg, algo = run.cfg, run.cfg.algorithm
+    G, T = algo.group_size, cfg.rollout.temperature
+    # 1-2. sample G completions per prompt and score them
+    groups, metrics = sample_groups(run, cfg.train.prompts_per_step)
+    nothing_to_learn = no_signal_reason(run, groups, metrics["train/reward_masked_frac"], step)
+    if nothing_to_learn:
+        return metrics, groups, nothing_to_learn
+    # 3. group-relative advantages
+    advantages, valid, _ = compute_advantages(groups.rewards, G, algo.advantage)
+    advantages = torch.where(advantages < 0, advantages * algo.negative_weight, advantages)  # [N]
+    batch = layout_batch(groups.prompt_ids, groups.completion_ids, G, run.tokenizer.pad_token_id,
+                         groups.sampler_logprobs)
+    batch.advantages = advantages
+    keep = valid & ~torch.tensor(groups.truncated) if algo.mask_truncated else valid  # [N]
+    batch.completion_mask *= keep[:, None].float()
+    if algo.epochs * algo.mini_batches > 1:  # several updates per batch: keep the sampling policy's log-probs
+        batch.old_logprobs = score_logprobs(run.backend.model, batch, temperature=T,
+                                            micro_batch_tokens=cfg.backend.micro_batch_tokens)
+    if algo.beta > 0:
+        batch.ref_logprobs = score_logprobs(run.ref_model, batch, temperature=T,
+                                            micro_batch_tokens=cfg.backend.micro_batch_tokens)
+    # 4. clipped surrogate loss, backward, optimiser step (skipped if the loss or gradient is not finite)
+    metrics |= update_policy(run.backend, batch, algo, temperature=T,
+                             micro_batch_tokens=cfg.backend.micro_batch_tokens,
+                             max_new_tokens=cfg.rollout.max_new_tokens)
+    crash_point("mid_step", step)
+    # 5. the rollout engine samples from the new weights next step
+    metrics["time/weight_sync_s"] = run.engine.sync_weights(run.policy)
+    metrics |= rollout_metrics(groups, batch, valid)
+    return metrics, groups, None
+
+
 def train(run: Run) -> list[dict]:
     """Run GRPO steps from `run.start_step + 1` to `train.max_steps`; returns the logged metrics."""
     from grpo.evaluate import evaluate
     from grpo.faults import crash_point
 
-    cfg, algo = run.cfg, run.cfg.algorithm
-    G, T = algo.group_size, cfg.rollout.temperature
+    cfg, G = run.cfg, run.cfg.algorithm.group_size
     history = []
     if run.start_step == 0 and cfg.train.eval_before and run.eval_rows:
         history.append({"step": 0, **evaluate(run.engine, run.eval_scorer, run.eval_rows, cfg.reward.accuracy)})
         run.tracker.log(0, history[-1])
     for step in range(run.start_step + 1, cfg.train.max_steps + 1):
         start = time.perf_counter()
-        # 1-2. sample G completions per prompt and score them
-        groups, metrics = sample_groups(run, cfg.train.prompts_per_step)
-        nothing_to_learn = no_signal_reason(run, groups, metrics["train/reward_masked_frac"], step)
+        # 1-5. sample, score, advantages, update, weight sync
+        metrics, groups, nothing_to_learn = train_step(run, step)
         if nothing_to_learn:
             log.warning("step %d: %s; no update", step, nothing_to_learn)
             run.tracker.log(step, {**metrics, "time/step_s": time.perf_counter() - start})
             checkpoint_if_due(run, step)
             continue
-        # 3. group-relative advantages
-        advantages, valid, _ = compute_advantages(groups.rewards, G, algo.advantage)
-        advantages = torch.where(advantages < 0, advantages * algo.negative_weight, advantages)  # [N]
-        batch = layout_batch(groups.prompt_ids, groups.completion_ids, G, run.tokenizer.pad_token_id,
-                             groups.sampler_logprobs)
-        batch.advantages = advantages
-        keep = valid & ~torch.tensor(groups.truncated) if algo.mask_truncated else valid  # [N]
-        batch.completion_mask *= keep[:, None].float()
-        if algo.epochs * algo.mini_batches > 1:  # several updates per batch: keep the sampling policy's log-probs
-            batch.old_logprobs = score_logprobs(run.backend.model, batch, temperature=T,
-                                                micro_batch_tokens=cfg.backend.micro_batch_tokens)
-        if algo.beta > 0:
-            batch.ref_logprobs = score_logprobs(run.ref_model, batch, temperature=T,
-                                                micro_batch_tokens=cfg.backend.micro_batch_tokens)
-        # 4. clipped surrogate loss, backward, optimiser step (skipped if the loss or gradient is not finite)
-        metrics |= update_policy(run.backend, batch, algo, temperature=T,
-                                 micro_batch_tokens=cfg.backend.micro_batch_tokens,
-                                 max_new_tokens=cfg.rollout.max_new_tokens)
-        crash_point("mid_step", step)
-        # 5. the rollout engine samples from the new weights next step
-        metrics["time/weight_sync_s"] = run.engine.sync_weights(run.policy)
-        metrics |= rollout_metrics(groups, batch, valid)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
             metrics |= evaluate(run.engine, run.eval_scorer, run.eval_rows, cfg.reward.accuracy) if run.eval_rows else {}
         metrics["time/step_s"] = time.perf_counter() - start

@@ -16,10 +16,11 @@ from grpo.rollout import Completions
 
 class HFRolloutEngine:
     def __init__(self, model, tokenizer, *, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8,
-                 stop=(), batch_size=512, return_logprobs=True):
+                 min_new_tokens=0, stop=(), batch_size=512, return_logprobs=True):
         self.model, self.tokenizer = model, tokenizer
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.max_new_tokens, self.stop, self.batch_size = max_new_tokens, list(stop), batch_size
+        self.min_new_tokens = min_new_tokens  # sampling only: greedy evaluation stops at EOS
         self.return_logprobs = return_logprobs
 
     def sync_weights(self, model) -> float:
@@ -62,7 +63,7 @@ class HFRolloutEngine:
             kwargs.update(do_sample=False, num_return_sequences=1)
         else:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p,
-                          top_k=self.top_k or None, num_return_sequences=n,
+                          top_k=self.top_k or None, num_return_sequences=n, min_new_tokens=self.min_new_tokens,
                           output_logits=out.logprobs is not None)
         if self.stop:
             kwargs.update(stop_strings=self.stop, tokenizer=tok)
