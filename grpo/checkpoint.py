@@ -5,6 +5,11 @@ safetensors), and `state.pt` with the optimiser, scheduler, RNG states, data pos
 It is written under a temporary name, flushed, then renamed; the `latest` pointer is replaced
 last, so a crash at any moment leaves the previous checkpoint intact and pointed to. Old
 checkpoints are deleted only after a newer one is complete.
+
+With several ranks every rank calls `save_checkpoint`: each writes its RNG state
+(`rng/rank_R.pt`) and, under DeepSpeed, its ZeRO shards (`deepspeed/`, DeepSpeed's own format,
+resumable on the same world size); rank 0 writes the consolidated `policy/` and `state.pt`
+and renames the directory once all ranks are done.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from grpo import distributed as dist
 
 COMPLETE = "COMPLETE"
 
@@ -50,29 +57,53 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, state: dict, keep_last: int = 2) -> Path:
-    """Write `checkpoints/step_{step}` atomically and point `latest` at it; returns its path."""
+def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, state: dict, keep_last: int = 2,
+                    backend=None) -> Path:
+    """Write `checkpoints/step_{step}` atomically and point `latest` at it; returns its path.
+
+    Collective when several ranks run: every rank must call it."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
     tmp = root / f".tmp_step_{step}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    policy.save_pretrained(tmp / "policy", safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "policy")
-    torch.save({**state, "step": step}, tmp / "state.pt")
-    (tmp / COMPLETE).write_text(str(step))
-    _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    pointer_tmp = root / ".latest.tmp"
-    pointer_tmp.write_text(final.name)
-    with pointer_tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    os.replace(pointer_tmp, root / "latest")
-    _rotate(root, keep_last, protect=final)
+    if dist.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
+    if hasattr(backend, "save_sharded"):  # DeepSpeed: sharded optimiser/weights, consolidated policy
+        backend.save_sharded(tmp / "deepspeed")
+        backend.save_policy(tmp / "policy", tokenizer)
+    elif dist.is_main():
+        policy.save_pretrained(tmp / "policy", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "policy")
+    if dist.world_size() > 1:
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(rng_state(), tmp / "rng" / f"rank_{dist.rank()}.pt")
+    dist.barrier()
+    if dist.is_main():
+        torch.save({**state, "step": step, "world_size": dist.world_size()}, tmp / "state.pt")
+        (tmp / COMPLETE).write_text(str(step))
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer_tmp = root / ".latest.tmp"
+        pointer_tmp.write_text(final.name)
+        with pointer_tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(pointer_tmp, root / "latest")
+        _rotate(root, keep_last, protect=final)
+    dist.barrier()
     return final
+
+
+def load_rank_rng(checkpoint: Path, state: dict) -> dict:
+    """This rank's RNG state: its own file when the run had several ranks, else the one in state.pt."""
+    path = checkpoint / "rng" / f"rank_{dist.rank()}.pt"
+    if not path.exists():
+        return state["rng"]
+    return torch.load(path, weights_only=True, map_location="cpu")
 
 
 def _step_of(path: Path) -> int:
