@@ -26,9 +26,8 @@ class TorchBackend:
     def __init__(self, policy: torch.nn.Module, *, lr: float, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
                  warmup_steps=0, schedule="constant", total_steps=1, max_grad_norm=1.0,
                  gradient_checkpointing=False, name="torch", **_unused):
-        self.data_parallel = name == "ddp"
-        if self.data_parallel and not torch.distributed.is_initialized():
-            raise RuntimeError("backend=ddp: no process group; launch with torchrun or deepspeed (see README)")
+        # One rank (no process group) is plain single-process training.
+        self.data_parallel = name == "ddp" and torch.distributed.is_initialized()
         self.policy = policy
         self.model = policy
         if self.data_parallel:
