@@ -184,10 +184,10 @@ def plan_memory(cfg: Config) -> None:
         return
     from grpo.memory import check_fits, estimate_from_config
 
-    estimate = estimate_from_config(cfg, dist.world_size())
+    capacity = cfg.backend.gpu_memory_gb or torch.cuda.get_device_properties(dist.local_rank()).total_memory / 2**30
+    estimate = estimate_from_config(cfg, dist.world_size(), capacity)
     if dist.is_main():
         log.info("%s", estimate.table())
-    capacity = cfg.backend.gpu_memory_gb or torch.cuda.get_device_properties(dist.local_rank()).total_memory / 2**30
     check_fits(estimate, capacity)
 
 
