@@ -10,7 +10,8 @@ Psi parameters and N ranks, in bytes per parameter:
     ZeRO-3    2 / N        2 / N        12 / N
 
 In float32 (no mixed precision) weights and gradients take 4 bytes and the optimiser 8 (m and v;
-the weights are the master copy). Offloading moves the optimiser states (and under ZeRO-3 the
+the weights are the master copy), except that ZeRO (stage >= 1) still keeps an fp32 master copy of
+its partition: 12 / N (measured: scripts/measure_zero_memory.py). Offloading moves the optimiser states (and under ZeRO-3 the
 weights) to CPU memory: 0 on the GPU.
 
 Activations (Korthikanti et al. 2022, without the attention-score term that fused attention never
@@ -79,7 +80,7 @@ def training_bytes_per_param(stage: int, world_size: int, *, mixed_precision: bo
     w, g, o = (2.0, 2.0, 12.0) if mixed_precision else (4.0, 4.0, 8.0)
     n = float(world_size)
     if stage >= 1:
-        o /= n
+        o = 12.0 / n  # ZeRO keeps an fp32 master partition even when the weights are fp32
     if stage >= 2:
         g /= n
     if stage >= 3:

@@ -60,8 +60,10 @@ def test_bytes_per_parameter_per_zero_stage():
     assert training_bytes_per_param(2, 4, **mp) == (2, 0.5, 3)
     assert training_bytes_per_param(3, 4, **mp) == (0.5, 0.5, 3)
     assert training_bytes_per_param(3, 4, **mp, offload_optimizer=True, offload_params=True) == (0, 0.5, 0)
-    # float32: 4 + 4 + 8 (m, v; the weights are the master copy)
-    assert training_bytes_per_param(2, 2, mixed_precision=False) == (4, 2, 4)
+    # float32: 4 + 4 + 8 (m, v; the weights are the master copy) ...
+    assert training_bytes_per_param(0, 2, mixed_precision=False) == (4, 4, 8)
+    # ... but ZeRO keeps an fp32 master partition anyway: (8 + 4) / 2 (measured, README)
+    assert training_bytes_per_param(2, 2, mixed_precision=False) == (4, 2, 6)
 
 
 def test_activation_and_kv_cache_bytes():
