@@ -2,8 +2,11 @@
 
 A checkpoint `checkpoints/step_N/` holds
 - `policy/`: the weights as a transformers directory (safetensors only) and the tokenizer;
-- `state.pt`: what every rank shares: optimiser, scheduler, data position, guard counters, step;
+- `state.pt`: what every rank shares: optimiser, scheduler, data position, guard counters, step,
+  world size;
 - `rank_R.pt`: what each rank owns: its Python, NumPy and torch (CPU and CUDA) RNG states;
+- `deepspeed/` (DeepSpeed backends only): every rank's ZeRO shards of the weights and optimiser,
+  in DeepSpeed's own format, resumable on the same world size;
 - `COMPLETE`: a manifest of every file's size, written last.
 
 The directory is written under a temporary name (`.tmp_step_N`), each file fsynced, then renamed
@@ -12,6 +15,10 @@ once the new one is published. A crash at any moment therefore leaves the previo
 intact and pointed to. On resume a directory without a manifest (a write that never finished) is
 skipped with a warning naming it, and the chosen checkpoint's files are checked against its
 manifest so a truncated file is an error naming the file, not a crash deep inside a loader.
+
+With several ranks every rank calls `save_checkpoint`: each writes its own `rank_R.pt` (and its
+shards); rank 0 writes `policy/` and `state.pt`, then the manifest, and publishes the directory
+once all ranks are done.
 
 Everything is read with `torch.load(weights_only=True)` or safetensors: loading a checkpoint
 never runs code from it.
@@ -30,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from grpo import distributed as dist
 from grpo.faults import crash_point
 
 COMPLETE = "COMPLETE"
@@ -88,59 +96,72 @@ def first_nonfinite_parameter(model: torch.nn.Module) -> str | None:
     return None
 
 
-def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, state: dict,
-                    rank_states: dict[int, dict] | None = None, keep_last: int = 2) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, state: dict, keep_last: int = 2,
+                    backend=None) -> Path:
     """Write `checkpoints/step_{step}` atomically and point `latest` at it; returns its path.
 
-    `rank_states` maps each rank to its own state (`rank_R.pt`); a multi-rank backend gathers
-    them to the writing rank (a few kilobytes each). Non-finite weights are refused; a failed
-    write (a full disk) removes its temporary directory and raises `CheckpointError`, leaving
-    every earlier checkpoint and the `latest` pointer as they were.
+    Collective when several ranks run: every rank must call it. Non-finite weights are refused
+    (on every rank, so none waits for the others); a failed write (a full disk) removes the
+    temporary directory and raises `CheckpointError`, leaving every earlier checkpoint and the
+    `latest` pointer as they were.
     """
-    bad = first_nonfinite_parameter(policy)
-    if bad is not None:
-        raise CheckpointError(f"step {step}: parameter {bad} is not finite; refusing to checkpoint it")
+    bad = first_nonfinite_parameter(policy)  # ZeRO-3 holds a shard here: each rank checks its own
+    if dist.all_reduce_max(float(bad is not None)):
+        where = f"parameter {bad}" if bad else "a parameter on another rank"
+        raise CheckpointError(f"step {step}: {where} is not finite; refusing to checkpoint it")
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
     tmp = root / f".tmp_step_{step}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    if dist.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
     current = tmp / "policy"
     try:
-        policy.save_pretrained(current, safe_serialization=True)
-        tokenizer.save_pretrained(current)
+        if hasattr(backend, "save_sharded"):  # DeepSpeed: every rank writes its shards; rank 0 the policy
+            current = tmp / "deepspeed"
+            backend.save_sharded(current)
+            current = tmp / "policy"
+            backend.save_policy(current, tokenizer)
+        elif dist.is_main():
+            policy.save_pretrained(current, safe_serialization=True)
+            tokenizer.save_pretrained(current)
         crash_point("checkpoint_write", step)
-        current = tmp / "state.pt"
-        torch.save({**state, "step": step}, current)
-        for rank, rs in (rank_states or {}).items():
-            current = tmp / f"rank_{rank}.pt"
-            torch.save(rs, current)
-        current = tmp / COMPLETE
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        current.write_text(json.dumps({"step": step, "files": files}, indent=1))
-        _fsync_tree(tmp)
+        current = tmp / f"rank_{dist.rank()}.pt"
+        torch.save({"rng": rng_state()}, current)
+        dist.barrier()
+        if dist.is_main():
+            current = tmp / "state.pt"
+            torch.save({**state, "step": step, "world_size": dist.world_size()}, current)
+            current = tmp / COMPLETE
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            current.write_text(json.dumps({"step": step, "files": files}, indent=1))
+            _fsync_tree(tmp)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if dist.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir, warn=False)
         reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         kept = f"the last complete checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"checkpoint step {step}: writing {current} failed ({reason}); {kept}") from e
-    if final.exists():  # re-saving a step (a resumed run that re-ran it): move the old copy aside first
-        stale = root / f".old_step_{step}"
-        shutil.rmtree(stale, ignore_errors=True)
-        os.replace(final, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    crash_point("checkpoint_publish", step)
-    pointer_tmp = root / ".latest.tmp"
-    pointer_tmp.write_text(final.name)
-    with pointer_tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    os.replace(pointer_tmp, root / "latest")
-    _fsync_dir(root)
-    _rotate(root, keep_last, protect=final)
+    if dist.is_main():
+        if final.exists():  # re-saving a step (a resumed run that re-ran it): move the old copy aside first
+            stale = root / f".old_step_{step}"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        crash_point("checkpoint_publish", step)
+        pointer_tmp = root / ".latest.tmp"
+        pointer_tmp.write_text(final.name)
+        with pointer_tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(pointer_tmp, root / "latest")
+        _fsync_dir(root)
+        _rotate(root, keep_last, protect=final)
+    dist.barrier()
     return final
 
 

@@ -82,6 +82,11 @@ class BackendConfig:
     name: str = field(default="torch", metadata={"help": "torch, ddp or deepspeed_zero{1,2,3}"})
     micro_batch_tokens: int = field(default=16384, metadata={"help": "token budget of one forward/backward"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    offload_optimizer: bool = field(default=False, metadata={"help": "deepspeed: optimiser states and step on the CPU"})
+    offload_params: bool = field(default=False, metadata={"help": "deepspeed_zero3: parameters live on the CPU"})
+    timeout_s: float = field(default=300.0, metadata={"help": "seconds a collective waits for a peer rank"})
+    check_replicas_every: int = field(default=0, metadata={"help": "steps between checks that all ranks hold the same weights; 0 = never"})
+    gpu_memory_gb: float = field(default=0.0, metadata={"help": "per-GPU memory the plan must fit; 0 = ask the device"})
     deepspeed: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra DeepSpeed config entries"})
 
 
@@ -243,6 +248,13 @@ def validate(cfg: Config) -> Config:
 
     _choice("backend.name", cfg.backend.name, BACKEND_NAMES)
     _positive("backend.micro_batch_tokens", cfg.backend.micro_batch_tokens)
+    _positive("backend.timeout_s", cfg.backend.timeout_s)
+    _positive("backend.check_replicas_every", cfg.backend.check_replicas_every, zero_ok=True)
+    _positive("backend.gpu_memory_gb", cfg.backend.gpu_memory_gb, zero_ok=True)
+    if cfg.backend.offload_params and cfg.backend.name != "deepspeed_zero3":
+        raise ConfigError(f"backend.offload_params: needs backend=deepspeed_zero3, got {cfg.backend.name}")
+    if cfg.backend.offload_optimizer and not cfg.backend.name.startswith("deepspeed"):
+        raise ConfigError(f"backend.offload_optimizer: needs a deepspeed backend, got {cfg.backend.name}")
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     if cfg.model.builtin is None and not cfg.model.path:
         raise ConfigError("model.path: give a model directory or hub id (or model=tiny for the built-in model)")
@@ -277,3 +289,19 @@ def validate(cfg: Config) -> Config:
     if not cfg.reward.functions:
         raise ConfigError("reward.functions: no reward function configured")
     return cfg
+
+
+def validate_world(cfg: Config, world_size: int, num_eval_rows: int) -> None:
+    """Checks that need the number of ranks: the step's prompts split evenly, and so on."""
+    B = cfg.train.prompts_per_step
+    if B % world_size:
+        raise ConfigError(f"train.prompts_per_step: {B} prompts do not split evenly over {world_size} ranks")
+    if (B // world_size) % cfg.algorithm.mini_batches:
+        raise ConfigError(
+            f"algorithm.mini_batches: {cfg.algorithm.mini_batches} does not divide the {B // world_size} prompts "
+            f"per rank (train.prompts_per_step={B} over {world_size} ranks)"
+        )
+    if world_size > 1 and cfg.backend.name == "torch":
+        raise ConfigError(f"backend: {world_size} ranks need backend=ddp or deepspeed_zero1/2/3, not torch")
+    if 0 < num_eval_rows < world_size:
+        raise ConfigError(f"task: {num_eval_rows} held-out rows cannot be shared by {world_size} ranks")

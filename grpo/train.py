@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grpo.config import Config, ConfigError, register_configs, validate
+from grpo import distributed as dist
+from grpo.config import Config, ConfigError, register_configs, validate, validate_world
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 log = logging.getLogger("grpo")
@@ -98,7 +99,7 @@ def build_run(cfg: Config):
     """Everything the loop needs, checked before any training step; resumes when asked."""
     from grpo.checkpoint import latest_checkpoint, load_rank_state, load_state, set_rng_state, verify_checkpoint
     from grpo.data import PromptSampler, check_prompt_lengths, load_task
-    from grpo.rollout import build_rollout_engine
+    from grpo.rollout import WithFullWeights, build_rollout_engine
     from grpo.backends import build_backend
     from grpo.tracking import Tracker
     from grpo.trainer import Run
@@ -115,9 +116,21 @@ def build_run(cfg: Config):
     accuracy_kwargs = next((s.kwargs for s in specs if s.name == cfg.reward.accuracy), {})
     eval_scorer = RewardScorer([RewardSpec(cfg.reward.accuracy, 1.0, accuracy_kwargs)])
     train_rows, eval_rows = load_task(cfg.task, scorer.required_columns() | eval_scorer.required_columns())
+    validate_world(cfg, dist.world_size(), len(eval_rows))
+    if checkpoint is not None:
+        saved_world = int(load_state(checkpoint).get("world_size", 1))
+        if saved_world != dist.world_size():
+            raise ConfigError(f"resume: {checkpoint} was written by {saved_world} ranks; relaunch with "
+                              f"{saved_world} (its policy/ directory starts a new run at any size)")
 
-    seed_everything(cfg.seed)
+    # Each rank samples its own completions: distinct seeds, or the ranks' samples would be correlated.
+    seed_everything(cfg.seed + dist.rank())
+    if not dist.is_main():
+        dist.barrier()  # rank 0 builds the tiny model's cache first
     cfg.model.path = resolve_model_path(cfg)  # recorded in config.yaml
+    if dist.is_main():
+        dist.barrier()
+    plan_memory(cfg)
     if checkpoint is not None:
         policy, tokenizer = load_policy(str(checkpoint / "policy"), cfg, checkpoint=True)
     else:
@@ -133,28 +146,38 @@ def build_run(cfg: Config):
         weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps, schedule=cfg.optim.schedule,
         total_steps=cfg.train.max_steps * cfg.algorithm.epochs * cfg.algorithm.mini_batches,
         max_grad_norm=cfg.optim.max_grad_norm, gradient_checkpointing=cfg.backend.gradient_checkpointing,
+        offload_optimizer=cfg.backend.offload_optimizer, offload_params=cfg.backend.offload_params,
+        deepspeed_overrides=dict(cfg.backend.deepspeed),
     )
     r = cfg.rollout
     engine = build_rollout_engine(
         r.engine, model=policy, tokenizer=tokenizer, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
         max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, stop=r.stop, batch_size=r.batch_size,
     )
+    if hasattr(backend, "gathered_for_rollout"):
+        engine = WithFullWeights(engine, backend.gathered_for_rollout)
     sampler = PromptSampler(len(train_rows), seed=cfg.seed)
-    start_step, masked_steps, rank = 0, 0, int(os.environ.get("RANK", 0))
+    start_step, masked_steps = 0, 0
     if checkpoint is not None:
         state = load_state(checkpoint)
+        if hasattr(backend, "load_sharded"):
+            backend.load_sharded(checkpoint / "deepspeed")
         backend.load_state_dict(state["backend"])
-        sampler.load_state(state["sampler"])
-        set_rng_state(load_rank_state(checkpoint, rank)["rng"])
+        sampler.load_state(state["sampler"])  # one shared order: the same on every rank
+        set_rng_state(load_rank_state(checkpoint, dist.rank())["rng"])
         start_step = int(state["step"])
         masked_steps = int(state.get("guards", {}).get("masked_steps", 0))
         log.info("resuming from %s (step %d)", checkpoint, start_step)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     from omegaconf import OmegaConf
 
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     t = cfg.tracking
+    if not dist.is_main():  # rank 0 writes the run's files
+        return Run(cfg=cfg, tokenizer=tokenizer, policy=policy, ref_model=ref_model, engine=engine, backend=backend,
+                   scorer=scorer, eval_scorer=eval_scorer, train_rows=train_rows, eval_rows=eval_rows,
+                   sampler=sampler, tracker=NullTracker(), start_step=start_step, masked_steps=masked_steps)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     tracker = Tracker(
         run_dir, total_steps=cfg.train.max_steps, start_step=start_step, resumed=checkpoint is not None,
         progress_bar=t.progress_bar,
@@ -163,7 +186,7 @@ def build_run(cfg: Config):
     )
     return Run(cfg=cfg, tokenizer=tokenizer, policy=policy, ref_model=ref_model, engine=engine, backend=backend,
                scorer=scorer, eval_scorer=eval_scorer, train_rows=train_rows, eval_rows=eval_rows,
-               sampler=sampler, tracker=tracker, start_step=start_step, rank=rank, masked_steps=masked_steps)
+               sampler=sampler, tracker=tracker, start_step=start_step, masked_steps=masked_steps)
 
 
 def context_length(model) -> int | None:
@@ -171,14 +194,44 @@ def context_length(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
+class NullTracker:
+    """What ranks other than 0 log to: nothing (rank 0 writes the reduced metrics)."""
+
+    def log(self, step, metrics) -> None: ...
+
+    def log_samples(self, step, prompts, completions, rewards) -> None: ...
+
+    def close(self, plot: bool = True) -> None: ...
+
+
+def plan_memory(cfg: Config) -> None:
+    """Print the per-GPU memory estimate of a GPU run and refuse one that cannot fit."""
+    if not torch.cuda.is_available() and not cfg.backend.gpu_memory_gb:
+        return
+    from grpo.memory import check_fits, estimate_from_config
+
+    capacity = cfg.backend.gpu_memory_gb or torch.cuda.get_device_properties(dist.local_rank()).total_memory / 2**30
+    estimate = estimate_from_config(cfg, dist.world_size(), capacity)
+    if dist.is_main():
+        log.info("%s", estimate.table())
+    check_fits(estimate, capacity)
+
+
 def train_from_config(cfg: Config) -> list[dict]:
     from grpo.trainer import train
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    dist.init_distributed(deepspeed=cfg.backend.name.startswith("deepspeed"), timeout_s=cfg.backend.timeout_s)
     run = build_run(cfg)
     try:
         history = train(run)
+    except Exception as e:  # a peer rank died or timed out: say which rank saw it, and exit at once
+        if dist.world_size() > 1 and dist.is_collective_failure(e):
+            print(f"error: rank {dist.rank()}: a collective with the other ranks failed (a rank died or hung; "
+                  f"the launcher's log names it): {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+            os._exit(1)  # the process group is broken: skip the exit handlers that would wait on it
+        raise
     finally:
         run.tracker.close(plot=cfg.tracking.plot)
     final = [h for h in history if "eval/accuracy" in h]

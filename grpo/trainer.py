@@ -15,6 +15,12 @@ Where this departs from GRPO as published (DeepSeekMath, Shao et al. 2024):
 3. With one pass over each batch (the default) the old policy is the current one: the
    importance ratio is exactly 1 and no old log-probs are computed.
 4. A sample whose reward is None counts neither in its group's baseline nor in the loss.
+
+Data parallel (several ranks, `grpo.distributed`): each rank samples and scores its own share
+of the step's prompts (a group never straddles ranks); the scored groups are gathered so that
+advantages (REINFORCE++ whitens over the whole batch), metrics and samples are computed on the
+whole batch; each rank trains on its share with the loss normalised by the global token and
+sequence counts, so the summed gradient is the one-rank gradient of the whole batch.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from grpo import distributed as dist
 from grpo.advantages import get_advantage_estimator, group_stats, overlong_penalty
 from grpo.config import AlgorithmConfig
 from grpo.logprobs import sequence_logprobs, token_budget_batches
@@ -109,12 +116,41 @@ def compute_advantages(rewards: list[float | None], group_size: int, estimator: 
     return advantages, valid, filled
 
 
+def forward_logprobs(model, input_ids, attention_mask, **kwargs):
+    """`(logprobs, entropy)` of a micro-batch: through `model`'s own forward when it computes
+    log-probs (`backends.LogProbModel`, alone or inside a DeepSpeed engine), else chunked over
+    a bare causal LM."""
+    if getattr(model, "computes_logprobs", False):
+        return model(input_ids, attention_mask, **kwargs)
+    return sequence_logprobs(model, input_ids, attention_mask, **kwargs)
+
+
+def equal_count_micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Micro-batches within the token budget, as many on every rank (the largest count).
+
+    Under ZeRO-3 every forward and backward is collective, so all ranks must run the same number;
+    a rank with fewer splits its largest micro-batches, and pads with empty ones if it runs out
+    of rows (an empty micro-batch runs a zero-weighted forward/backward).
+    """
+    micro = token_budget_batches(lengths, max_tokens)
+    target = int(dist.all_reduce_max(len(micro)))
+    while len(micro) < target:
+        largest = max(range(len(micro)), key=lambda i: len(micro[i]))
+        rows = micro[largest]
+        if len(rows) < 2:
+            micro.append([])
+            continue
+        micro[largest : largest + 1] = [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
+    return micro
+
+
 def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temperature: float,
                   micro_batch_tokens: int, max_new_tokens: int) -> dict:
     """`algo.epochs` passes over the batch, `algo.mini_batches` optimiser steps each; returns metrics.
 
-    Each micro-batch's loss is normalised by its mini-batch's total token and sequence counts, so
-    the accumulated gradient equals that of the whole mini-batch in one piece.
+    Each micro-batch's loss is normalised by its mini-batch's total token and sequence counts
+    (summed over all ranks), so the accumulated gradient, summed over ranks, equals that of the
+    whole mini-batch in one piece on one rank.
     """
     n, device = len(batch), next(backend.model.parameters()).device
     per_mini = n // algo.mini_batches
@@ -124,17 +160,19 @@ def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temper
         for m in range(algo.mini_batches):
             rows = list(range(m * per_mini, (m + 1) * per_mini))
             mini = batch.select(rows)
-            num_tokens, num_seqs = mini.completion_mask.sum(), len(rows)
+            num_tokens, num_seqs = dist.all_reduce_sum(torch.tensor([mini.completion_mask.sum(), len(rows)]))
+            num_tokens, num_seqs = num_tokens.float(), num_seqs.float()  # global counts of the mini-batch
             lengths = mini.attention_mask.sum(1).tolist()
-            loss_sum = ent_sum = kl_sum = clip_sum = 0.0
+            sums = torch.zeros(6, dtype=torch.float64)  # loss, entropy, kl, clipped tokens, |diff|, diff tokens
             finite = True
-            for micro_rows in token_budget_batches(lengths, micro_batch_tokens):
-                micro = mini.select(micro_rows).to(device)
-                logp, entropy = sequence_logprobs(
+            for micro_rows in equal_count_micro_batches(lengths, micro_batch_tokens):
+                weight = 1.0 if micro_rows else 0.0  # an empty micro-batch: a forward/backward that adds nothing
+                micro = mini.select(micro_rows or [0]).to(device)
+                logp, entropy = forward_logprobs(
                     backend.model, micro.input_ids, micro.attention_mask, temperature=temperature,
                     with_entropy=True, logits_to_keep_from=micro.prompt_width - 1,
                 )  # [n, T-1] each
-                mask = micro.completion_mask
+                mask = micro.completion_mask * weight
                 old = micro.old_logprobs if micro.old_logprobs is not None else logp.detach()
                 per_token = clipped_surrogate(
                     logp, old, micro.advantages, mask, algo.clip_low, algo.clip_high, algo.ratio_level, algo.dual_clip
@@ -142,27 +180,32 @@ def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temper
                 if algo.beta > 0:
                     kl = kl_divergence(logp, micro.ref_logprobs, algo.kl_estimator)  # [n, T-1]
                     per_token = per_token + algo.beta * kl
-                    kl_sum += float((kl.detach() * mask).sum())
+                    sums[2] += float((kl.detach() * mask).sum())
                 loss = aggregate(per_token, mask, algo.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                                 max_len=max_new_tokens)
-                if not torch.isfinite(loss):  # a NaN/inf loss never reaches the weights: skip this update
+                                 max_len=max_new_tokens) * weight
+                if not torch.isfinite(loss):  # a NaN/inf loss never reaches the weights: the update is skipped
                     finite = False
-                    continue
+                    if dist.world_size() == 1:
+                        continue
+                    # other ranks' backward passes may hold collectives (ZeRO): take part, then skip the step
                 backend.backward(loss)
-                loss_sum += float(loss.detach())
-                ent_sum += float((entropy.detach() * mask).sum())
+                sums[0] += float(loss.detach())
+                sums[1] += float((entropy.detach() * mask).sum())
                 frac = clip_fraction(logp.detach(), old, micro.advantages, mask, algo.clip_low, algo.clip_high,
                                      algo.ratio_level)
-                clip_sum += frac * float(mask.sum())
+                sums[3] += frac * float(mask.sum())
                 if epoch == 0 and micro.sampler_logprobs is not None:  # sampler vs trainer, same weights
-                    diff_sum += float(((old - micro.sampler_logprobs).abs() * mask).sum())
-                    diff_tokens += float(mask.sum())
+                    sums[4] += float(((old - micro.sampler_logprobs).abs() * mask).sum())
+                    sums[5] += float(mask.sum())
+            finite = not dist.all_reduce_max(float(not finite))  # every rank skips, or none
             step_stats = backend.step() if finite else backend.step(skip=True)
+            sums = dist.all_reduce_sum(sums)
             tokens = max(float(num_tokens), 1.0)
-            stats["loss"] += loss_sum
-            stats["entropy"] += ent_sum / tokens
-            stats["kl"] += kl_sum / tokens
-            stats["clip_frac"] += clip_sum / tokens
+            stats["loss"] += float(sums[0])
+            stats["entropy"] += float(sums[1]) / tokens
+            stats["kl"] += float(sums[2]) / tokens
+            stats["clip_frac"] += float(sums[3]) / tokens
+            diff_sum, diff_tokens = diff_sum + float(sums[4]), diff_tokens + float(sums[5])
             stats["grad_norm"] += step_stats["grad_norm"]
             stats["skipped"] += int(step_stats["skipped"])
             stats["lr"] = step_stats["lr"]
@@ -185,10 +228,12 @@ def score_logprobs(model, batch: RolloutBatch, *, temperature: float, micro_batc
     out = torch.zeros(batch.completion_mask.shape)
     lengths = batch.attention_mask.sum(1).tolist()
     device = next(model.parameters()).device
-    for rows in token_budget_batches(lengths, micro_batch_tokens):
-        logp, _ = sequence_logprobs(model, batch.input_ids[rows].to(device), batch.attention_mask[rows].to(device),
-                                    temperature=temperature, logits_to_keep_from=batch.prompt_width - 1)
-        out[rows] = logp.float().cpu()
+    for rows in equal_count_micro_batches(lengths, micro_batch_tokens):
+        ids, mask = batch.input_ids[rows or [0]].to(device), batch.attention_mask[rows or [0]].to(device)
+        logp, _ = forward_logprobs(model, ids, mask, temperature=temperature,
+                                   logits_to_keep_from=batch.prompt_width - 1)
+        if rows:  # an empty micro-batch only keeps ZeRO-3's collective forwards in step
+            out[rows] = logp.float().cpu()
     return out
 
 
@@ -230,7 +275,6 @@ class Run:
     sampler: object  # grpo.data.PromptSampler
     tracker: object  # grpo.tracking.Tracker
     start_step: int = 0
-    rank: int = 0  # this process's data-parallel rank (its RNG streams are saved under it)
     masked_steps: int = 0  # steps in a row on which every reward was masked
 
 
@@ -272,16 +316,20 @@ class Groups:
 
 
 def sample_groups(run: Run, num_prompts: int) -> tuple[Groups, dict]:
-    """Sample and score G completions for each of `num_prompts` prompts.
+    """Sample and score G completions for this rank's share of `num_prompts` prompts.
 
+    Every rank draws the same `num_prompts` indices (one shared, seeded order) and keeps its
+    contiguous share, so a group never straddles ranks and the ranks never sample a prompt twice.
     With DAPO dynamic sampling, groups whose rewards are all equal carry no gradient: they are
-    dropped and more prompts are sampled, at most `max_resample` extra rounds; if still short,
-    the step trains on the groups it has.
+    dropped and more prompts are sampled, at most `max_resample` extra rounds, while any rank is
+    short (every rank generates in every round: under ZeRO-3 generation gathers the weights, a
+    collective); if still short, the step trains on the groups it has.
     """
     algo, G = run.cfg.algorithm, run.cfg.algorithm.group_size
-    groups, zero_std_frac, gen_s, rounds, errors, masked, scored_n = None, None, 0.0, 0, 0, 0, 0
+    share = num_prompts // dist.world_size()
+    groups, counts, gen_s, rounds, errors, masked, scored_n = None, None, 0.0, 0, 0, 0, 0
     while True:
-        rows = [run.train_rows[i] for i in run.sampler.next_indices(num_prompts)]
+        rows = [run.train_rows[i] for i in dist.shard(run.sampler.next_indices(num_prompts))]
         out = run.engine.generate([r["prompt"] for r in rows], G)
         gen_s += out.metrics.get("time/generate_s", 0.0)
         prompts = [r["prompt"] for r in rows for _ in range(G)]
@@ -294,22 +342,27 @@ def sample_groups(run: Run, num_prompts: int) -> tuple[Groups, dict]:
         fresh = Groups(rows, out.prompt_ids, out.completion_ids, out.texts, out.truncated, out.logprobs,
                        scored.per_reward, rewards)
         informative = nonzero_std_groups(rewards, G)
-        if zero_std_frac is None:
-            zero_std_frac = 1.0 - sum(informative) / len(informative)
+        if counts is None:  # [informative groups, groups] of the first round, summed over ranks
+            counts = dist.all_reduce_sum(torch.tensor([sum(informative), len(informative)]))
         if algo.dynamic_sampling:
             fresh = fresh.keep(informative, G)
-        groups = fresh if groups is None else groups + fresh
-        if not algo.dynamic_sampling or len(groups.rows) >= num_prompts or rounds >= algo.max_resample:
+        if groups is None:
+            groups = fresh
+        elif len(groups.rows) < share:
+            groups = groups + fresh
+        short = len(groups.rows) < share
+        if not algo.dynamic_sampling or rounds >= algo.max_resample or not dist.all_reduce_max(float(short)):
             break
         rounds += 1
-    if len(groups.rows) > num_prompts:
-        groups = groups.keep([True] * num_prompts + [False] * (len(groups.rows) - num_prompts), G)
-    metrics = {"train/zero_std_frac": zero_std_frac, "time/generate_s": gen_s,
+    if len(groups.rows) > share:
+        groups = groups.keep([True] * share + [False] * (len(groups.rows) - share), G)
+    errors, masked, scored_n = dist.all_reduce_sum(torch.tensor([errors, masked, scored_n])).tolist()
+    metrics = {"train/zero_std_frac": 1.0 - float(counts[0] / counts[1]), "time/generate_s": gen_s,
                "train/reward_error_frac": errors / max(1, scored_n),  # raised or ran past its deadline: masked
                "train/reward_masked_frac": masked / max(1, scored_n)}  # no reward at all (counts before refills)
     if algo.dynamic_sampling:
         metrics["train/resample_rounds"] = rounds
-        metrics["train/kept_groups"] = len(groups.rows)
+        metrics["train/kept_groups"] = int(dist.all_reduce_sum(torch.tensor([len(groups.rows)]))[0])
     return groups, metrics
 
 
@@ -317,27 +370,56 @@ class MaskedRewardsError(RuntimeError):
     """Too many steps in a row on which every sample's reward was masked (the rewards are broken)."""
 
 
+def gather_groups(groups: Groups) -> tuple[Groups, int]:
+    """The whole step's groups (every rank's, in rank order) and where this rank's rows start."""
+    shares = dist.all_gather_objects(groups)
+    everyone = shares[0]
+    for other in shares[1:]:
+        everyone = everyone + other
+    offset = sum(len(g.completion_ids) for g in shares[: dist.rank()])
+    if min(len(g.rows) for g in shares) == 0:  # some rank has nothing to train on: the step is skipped
+        return everyone, -1
+    return everyone, offset
+
+
+def evaluate_on_ranks(run: Run) -> dict:
+    """Held-out metrics over all eval rows, each rank evaluating every world_size-th row."""
+    from grpo.evaluate import evaluate
+
+    rows = run.eval_rows[dist.rank() :: dist.world_size()]
+    metrics = evaluate(run.engine, run.eval_scorer, rows, run.cfg.reward.accuracy)
+    if dist.world_size() == 1:
+        return metrics
+    keys = sorted(k for k in metrics if k != "time/eval_s")
+    sums = dist.all_reduce_sum(torch.tensor([metrics[k] * len(rows) for k in keys] + [len(rows)]))
+    out = {k: float(sums[i] / sums[-1]) for i, k in enumerate(keys)}  # means weighted by rows per rank
+    out["time/eval_s"] = dist.all_reduce_max(metrics["time/eval_s"])
+    return out
+
+
 def train_step(run: Run, step: int) -> tuple[dict, Groups, str | None]:
     """One GRPO step on a fresh rollout batch (no evaluation, logging or checkpointing).
 
-    Returns its metrics, its groups and, when it made no update, why.
+    Returns its metrics, the whole step's groups (every rank's) and, when it made no update, why.
     """
     from grpo.faults import crash_point
 
     cfg, algo = run.cfg, run.cfg.algorithm
     G, T = algo.group_size, cfg.rollout.temperature
-    # 1-2. sample G completions per prompt and score them
+    # 1-2. sample G completions per prompt and score them (each rank its share of the prompts)
     groups, metrics = sample_groups(run, cfg.train.prompts_per_step)
-    nothing_to_learn = no_signal_reason(run, groups, metrics["train/reward_masked_frac"], step)
+    everyone, offset = gather_groups(groups)
+    nothing_to_learn = no_signal_reason(run, offset >= 0, metrics["train/reward_masked_frac"], step)
     if nothing_to_learn:
-        return metrics, groups, nothing_to_learn
-    # 3. group-relative advantages
-    advantages, valid, _ = compute_advantages(groups.rewards, G, algo.advantage)
-    advantages = torch.where(advantages < 0, advantages * algo.negative_weight, advantages)  # [N]
+        return metrics, everyone, nothing_to_learn
+    # 3. group-relative advantages, over the whole step's batch; this rank keeps its rows
+    advantages, valid, _ = compute_advantages(everyone.rewards, G, algo.advantage)
+    advantages = torch.where(advantages < 0, advantages * algo.negative_weight, advantages)  # [N_all]
+    mine = slice(offset, offset + len(groups.completion_ids))
     batch = layout_batch(groups.prompt_ids, groups.completion_ids, G, run.tokenizer.pad_token_id,
                          groups.sampler_logprobs)
-    batch.advantages = advantages
-    keep = valid & ~torch.tensor(groups.truncated) if algo.mask_truncated else valid  # [N]
+    batch.advantages = advantages[mine]  # [N]
+    keep = valid[mine] & ~torch.tensor(groups.truncated) if algo.mask_truncated else valid[mine]  # [N]
     batch.completion_mask *= keep[:, None].float()
     if algo.epochs * algo.mini_batches > 1:  # several updates per batch: keep the sampling policy's log-probs
         batch.old_logprobs = score_logprobs(run.backend.model, batch, temperature=T,
@@ -345,26 +427,30 @@ def train_step(run: Run, step: int) -> tuple[dict, Groups, str | None]:
     if algo.beta > 0:
         batch.ref_logprobs = score_logprobs(run.ref_model, batch, temperature=T,
                                             micro_batch_tokens=cfg.backend.micro_batch_tokens)
-    # 4. clipped surrogate loss, backward, optimiser step (skipped if the loss or gradient is not finite)
+    # 4. clipped surrogate loss, backward, optimiser step (gradients summed over ranks; the step is
+    #    skipped if the loss or gradient is not finite)
     metrics |= update_policy(run.backend, batch, algo, temperature=T,
                              micro_batch_tokens=cfg.backend.micro_batch_tokens,
                              max_new_tokens=cfg.rollout.max_new_tokens)
     crash_point("mid_step", step)
     # 5. the rollout engine samples from the new weights next step
     metrics["time/weight_sync_s"] = run.engine.sync_weights(run.policy)
-    metrics |= rollout_metrics(groups, batch, valid)
-    return metrics, groups, None
+    every = cfg.backend.check_replicas_every
+    if every and step % every == 0:  # the ranks must hold the same weights (ZeRO-3: gathered)
+        with run.backend.gathered_for_rollout():
+            metrics["dist/replica_weight_diff"] = dist.replica_difference(run.policy)
+    metrics |= rollout_metrics(everyone, batch, valid)
+    return metrics, everyone, None
 
 
 def train(run: Run) -> list[dict]:
     """Run GRPO steps from `run.start_step + 1` to `train.max_steps`; returns the logged metrics."""
-    from grpo.evaluate import evaluate
     from grpo.faults import crash_point
 
     cfg, G = run.cfg, run.cfg.algorithm.group_size
     history = []
     if run.start_step == 0 and cfg.train.eval_before and run.eval_rows:
-        history.append({"step": 0, **evaluate(run.engine, run.eval_scorer, run.eval_rows, cfg.reward.accuracy)})
+        history.append({"step": 0, **evaluate_on_ranks(run)})
         run.tracker.log(0, history[-1])
     for step in range(run.start_step + 1, cfg.train.max_steps + 1):
         start = time.perf_counter()
@@ -376,9 +462,9 @@ def train(run: Run) -> list[dict]:
             checkpoint_if_due(run, step)
             continue
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
-            metrics |= evaluate(run.engine, run.eval_scorer, run.eval_rows, cfg.reward.accuracy) if run.eval_rows else {}
-        metrics["time/step_s"] = time.perf_counter() - start
-        # 6. log, and checkpoint when due
+            metrics |= evaluate_on_ranks(run) if run.eval_rows else {}
+        metrics["time/step_s"] = dist.all_reduce_max(time.perf_counter() - start)
+        # 6. log (rank 0 writes), and checkpoint when due (every rank writes its own part)
         run.tracker.log(step, metrics)
         history.append({"step": step, **metrics})
         if cfg.train.samples_every and step % cfg.train.samples_every == 0:
@@ -390,7 +476,7 @@ def train(run: Run) -> list[dict]:
     return history
 
 
-def no_signal_reason(run: Run, groups: Groups, masked_frac: float, step: int) -> str | None:
+def no_signal_reason(run: Run, every_rank_has_groups: bool, masked_frac: float, step: int) -> str | None:
     """Why this step has nothing to train on, or None; raises after too many fully masked steps in a row.
 
     A step whose every sampled reward is masked (each reward raised, ran past its deadline or returned
@@ -408,19 +494,19 @@ def no_signal_reason(run: Run, groups: Groups, masked_frac: float, step: int) ->
                 f"in a row (train.max_masked_steps={limit}); check the reward functions' logged errors"
             )
         return f"all rewards masked ({run.masked_steps} steps in a row)"
-    if not groups.rows:  # dynamic sampling found no group with a reward signal
-        return "every sampled group had equal rewards"
+    if not every_rank_has_groups:  # dynamic sampling found no group with a reward signal (on some rank)
+        return "every sampled group had equal rewards" + (" on some rank" if dist.world_size() > 1 else "")
     return None
 
 
 def checkpoint_if_due(run: Run, step: int) -> None:
     """Save a checkpoint every `checkpoint.every_steps` steps and after the last one."""
-    from grpo.checkpoint import rng_state, save_checkpoint
+    from grpo.checkpoint import save_checkpoint
 
     cfg = run.cfg
     if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
         save_checkpoint(cfg.run_dir, step, policy=run.policy, tokenizer=run.tokenizer, state=training_state(run),
-                        rank_states={run.rank: {"rng": rng_state()}}, keep_last=cfg.checkpoint.keep_last)
+                        keep_last=cfg.checkpoint.keep_last, backend=run.backend)
 
 
 def rollout_metrics(groups: Groups, batch: RolloutBatch, valid: torch.Tensor) -> dict:

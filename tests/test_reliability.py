@@ -182,7 +182,7 @@ def test_prompt_longer_than_the_context_names_the_row(tiny_random_dir):
 
 def test_truncated_checkpoint_file_is_named(tmp_path, tiny_random_dir):
     model, tok = load(tiny_random_dir)
-    path = save_checkpoint(tmp_path, 1, policy=model, tokenizer=tok, state={}, rank_states={0: {"rng": 1}})
+    path = save_checkpoint(tmp_path, 1, policy=model, tokenizer=tok, state={})
     verify_checkpoint(path)
     weights = path / "policy" / "model.safetensors"
     size = weights.stat().st_size

@@ -36,6 +36,30 @@ class TrainBackend(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class LogProbModel(torch.nn.Module):
+    """The policy behind a forward that returns `(logprobs [B, T-1], entropy or None)`.
+
+    Wrappers that hook a module's forward (DeepSpeed ZeRO-3 fetches parameters when the
+    top-level forward starts) must see the log-prob computation as one forward call;
+    `grpo.trainer.forward_logprobs` calls it through `computes_logprobs`.
+    """
+
+    computes_logprobs = True
+
+    def __init__(self, policy: torch.nn.Module, device: torch.device | None = None):
+        super().__init__()
+        self.policy = policy
+        self.device = device  # where the policy runs; inputs go there, outputs come back
+
+    def forward(self, input_ids, attention_mask, **kwargs):
+        from grpo.logprobs import sequence_logprobs
+
+        home = input_ids.device
+        device = self.device or home
+        logp, entropy = sequence_logprobs(self.policy, input_ids.to(device), attention_mask.to(device), **kwargs)
+        return logp.to(home), None if entropy is None else entropy.to(home)
+
+
 BACKENDS = {
     "torch": "grpo.backends.torch_backend:TorchBackend",
     "ddp": "grpo.backends.torch_backend:TorchBackend",
@@ -46,8 +70,9 @@ BACKENDS = {
 
 
 def build_backend(name: str, **kwargs) -> TrainBackend:
+    """Import the backend named in the config and build it (it receives its own name too)."""
     module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(**kwargs)
+    return getattr(importlib.import_module(module), cls)(name=name, **kwargs)
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):

@@ -1,22 +1,40 @@
-"""Plain-torch backend: one process (AdamW, schedule, gradient clipping, accumulation).
+"""Plain-torch backend: one process, or data parallel over several (`backend=ddp`).
 
-Gradient accumulation is the caller's: it calls `backward` once per micro-batch with a loss
-already normalised by the whole batch's counts, then `step` once.
+AdamW, schedule, gradient clipping. Gradient accumulation is the caller's: it calls `backward`
+once per micro-batch with a loss already normalised by the whole (global) batch's counts, then
+`step` once.
+
+Data parallel (`ddp`): every rank holds the whole model and optimiser; `step` sums the
+gradients over ranks in one flattened all-reduce, then every rank takes the same step, so
+the replicas stay identical. We do not wrap the policy in `DistributedDataParallel`: its
+reducer is armed by the wrapper's forward, which the chunked log-prob computation does not
+call, and it would all-reduce after every micro-batch; one all-reduce per optimiser step
+does the same arithmetic once (without overlapping communication with the backward pass).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from grpo import distributed as dist
 from grpo.backends import lr_lambda
 
 
 class TorchBackend:
     def __init__(self, policy: torch.nn.Module, *, lr: float, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
                  warmup_steps=0, schedule="constant", total_steps=1, max_grad_norm=1.0,
-                 gradient_checkpointing=False, **_unused):
+                 gradient_checkpointing=False, name="torch", **_unused):
+        # One rank (no process group) is plain single-process training.
+        self.data_parallel = name == "ddp" and torch.distributed.is_initialized()
         self.policy = policy
         self.model = policy
+        if self.data_parallel:
+            from grpo.backends import LogProbModel
+
+            policy.to(dist.device())
+            self.model = LogProbModel(policy, dist.device())
         if gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         policy.train()
@@ -39,6 +57,8 @@ class TorchBackend:
         """Clip and apply the accumulated gradient; `skip` (a non-finite loss) or a non-finite
         gradient norm discards it instead: the weights and the optimiser's moments stay as they were."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.data_parallel:
+            sum_gradients(params)
         if self.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
         else:
@@ -55,6 +75,9 @@ class TorchBackend:
         self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": float(norm), "lr": lr, "skipped": skipped}
 
+    def gathered_for_rollout(self):
+        return contextlib.nullcontext()  # every rank holds the whole model
+
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "skipped_steps": self.skipped_steps}
@@ -63,3 +86,14 @@ class TorchBackend:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.skipped_steps = state.get("skipped_steps", 0)
+
+
+def sum_gradients(params: list[torch.Tensor]) -> None:
+    """Sum each parameter's gradient over ranks, in one flattened all-reduce (a missing grad is 0)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads]).to(dist.device())  # [total params]
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).to(p.device, p.dtype)
+        offset += g.numel()

@@ -42,3 +42,23 @@ def build_rollout_engine(name: str, **kwargs) -> RolloutEngine:
     """Import the engine named in the config and build it."""
     module, cls = ENGINES[name].split(":")
     return getattr(importlib.import_module(module), cls)(**kwargs)
+
+
+class WithFullWeights:
+    """A rollout engine whose `generate` and `sync_weights` run inside `context()`.
+
+    Under ZeRO-3 each rank holds a shard of every parameter; the backend's context gathers the
+    full weights for the duration of one call (and releases them after), so the engine samples
+    from, or copies, the same complete weights on every rank.
+    """
+
+    def __init__(self, engine: RolloutEngine, context):
+        self.engine, self.context = engine, context
+
+    def generate(self, prompts: list[str], n: int, *, greedy: bool = False) -> Completions:
+        with self.context():
+            return self.engine.generate(prompts, n, greedy=greedy)
+
+    def sync_weights(self, model) -> float:
+        with self.context():
+            return self.engine.sync_weights(model)

@@ -1,0 +1,125 @@
+"""Data parallelism: which rank this process is, and the few collectives the loop needs.
+
+Every function works in one process too (no process group: rank 0 of 1, reductions are the
+identity), so the loop has one code path. The process group is started by `init_distributed`
+from the environment the launchers set (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, ... from
+`torchrun` or `deepspeed`), over NCCL on GPUs and gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def launched_distributed() -> bool:
+    """True when a launcher started this process as one of several ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(*, deepspeed: bool, timeout_s: float) -> None:
+    """Join the process group the launcher set up (no-op in a single process).
+
+    `timeout_s` bounds how long a collective waits for a peer; a rank that hangs (rather than
+    dies, which the launchers notice) then fails the job after that long instead of the
+    default 30 minutes.
+    """
+    if dist.is_initialized() or not launched_distributed():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    if deepspeed:
+        import deepspeed as ds
+
+        ds.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """Rank 0 writes the run's files (metrics, samples, plot, config, the consolidated policy)."""
+    return rank() == 0
+
+
+def device() -> torch.device:
+    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks (a float64 copy, on the collective's device)."""
+    out = values.detach().to(torch.float64)
+    if dist.is_initialized():
+        out = out.to(device())
+        dist.all_reduce(out)
+        out = out.cpu()
+    return out
+
+
+def all_reduce_max(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order (pickled; for small things: rewards, texts, metrics)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shard(items: list, *, of_rank: int | None = None, ranks: int | None = None) -> list:
+    """The contiguous share of `items` that rank `of_rank` of `ranks` takes (len divisible by ranks)."""
+    r = rank() if of_rank is None else of_rank
+    w = world_size() if ranks is None else ranks
+    if len(items) % w:
+        raise ValueError(f"{len(items)} items do not split evenly over {w} ranks")
+    per = len(items) // w
+    return items[r * per : (r + 1) * per]
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """True for the errors a collective raises when a peer rank died or timed out."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error)
+    return any(word in text for word in ("gloo", "Gloo", "NCCL", "Connection closed by peer", "timed out"))
+
+
+@torch.no_grad()
+def replica_difference(model: torch.nn.Module) -> float:
+    """Largest difference between ranks of a per-parameter fingerprint (sum and sum of squares,
+    in float64); 0.0 when every rank holds bit-identical weights. Call with full weights."""
+    parts = []
+    for p in model.parameters():
+        x = p.detach().double()
+        parts.append(torch.stack([x.sum(), (x * x).sum()]))
+    fingerprint = torch.cat(parts).cpu()  # [2 * number of parameter tensors]
+    everyone = all_gather_objects(fingerprint)
+    return max(float((f - everyone[0]).abs().max()) for f in everyone)

@@ -1,0 +1,211 @@
+"""Per-GPU memory plan of a run, printed before launch; a plan that cannot fit is refused.
+
+The accounting follows the ZeRO paper (Rajbhandari et al. 2020) for Adam in mixed precision, with
+Psi parameters and N ranks, in bytes per parameter:
+
+    stage     weights      gradients    optimiser states (fp32 master, m, v = 12)
+    torch/0   2            2            12
+    ZeRO-1    2            2            12 / N
+    ZeRO-2    2            2 / N        12 / N
+    ZeRO-3    2 / N        2 / N        12 / N
+
+In float32 (no mixed precision) weights and gradients take 4 bytes and the optimiser 8 (m and v;
+the weights are the master copy), except that ZeRO (stage >= 1) still keeps an fp32 master copy of
+its partition: 12 / N (measured: scripts/measure_zero_memory.py). Offloading moves the optimiser states (and under ZeRO-3 the
+weights) to CPU memory: 0 on the GPU.
+
+Activations (Korthikanti et al. 2022, without the attention-score term that fused attention never
+stores): about 34 * hidden bytes per token per layer in 16-bit for one micro-batch of
+`micro_batch_tokens` tokens; with gradient checkpointing, 2 * hidden bytes per token per layer
+(the layer inputs) plus one layer's full activations while it is recomputed. The chunked log-prob
+head adds its float32 logits: 1024 positions x vocabulary, about 3 copies (logits, softmax, grad).
+
+Rollout: transformers `generate` needs the full 16-bit weights (under ZeRO-3 they are gathered for
+the call) and a KV cache of `rollout.batch_size` sequences of `ASSUMED_PROMPT_TOKENS +
+max_new_tokens` tokens: 2 (K, V) x layers x kv_heads x head_dim x 2 bytes per token. vLLM
+reserves `gpu_memory_utilization` of the device. A KL reference model adds its 16-bit weights.
+These are estimates, deliberately simple (no allocator fragmentation, no communication buffers).
+
+    python -m grpo.memory --gpus 8 --gpu-memory-gb 80 experiment=qwen2.5-7b_gsm8k_8gpu
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GiB = 2**30
+ASSUMED_PROMPT_TOKENS = 512  # prompts are not measured before launch; the KV cache assumes this length
+LOGIT_CHUNK = 1024  # grpo.logprobs.sequence_logprobs' default chunk_size
+
+
+@dataclass
+class ModelShape:
+    num_params: int
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    kv_dim: int  # num_key_value_heads * head_dim
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU of each part of a run."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    rollout: float
+    reference: float
+    stage: str = ""
+    world_size: int = 1
+
+    @property
+    def total(self) -> float:
+        return (self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.rollout
+                + self.reference)
+
+    def table(self) -> str:
+        rows = [("weights", self.weights), ("gradients", self.gradients), ("optimiser states", self.optimizer),
+                ("activations", self.activations), ("log-prob logits", self.logits),
+                ("rollout engine", self.rollout), ("reference model", self.reference), ("total", self.total)]
+        head = f"estimated memory per GPU ({self.stage}, {self.world_size} rank{'s' if self.world_size > 1 else ''}):"
+        return "\n".join([head, *(f"  {name:<18}{value / GiB:8.2f} GiB" for name, value in rows)])
+
+
+def training_bytes_per_param(stage: int, world_size: int, *, mixed_precision: bool, offload_optimizer: bool = False,
+                             offload_params: bool = False) -> tuple[float, float, float]:
+    """(weights, gradients, optimiser) bytes per parameter on one GPU; stage 0 = plain torch or DDP."""
+    w, g, o = (2.0, 2.0, 12.0) if mixed_precision else (4.0, 4.0, 8.0)
+    n = float(world_size)
+    if stage >= 1:
+        o = 12.0 / n  # ZeRO keeps an fp32 master partition even when the weights are fp32
+    if stage >= 2:
+        g /= n
+    if stage >= 3:
+        w /= n
+    if offload_optimizer:
+        o = 0.0
+    if offload_params:
+        w = 0.0
+    return w, g, o
+
+
+def activation_bytes(shape: ModelShape, tokens: int, *, gradient_checkpointing: bool, bytes_per_value: int = 2) -> float:
+    """Activations of one micro-batch of `tokens` tokens kept for backward."""
+    per_layer = 34 * shape.hidden_size * tokens * bytes_per_value / 2  # 34*h bytes per token in 16-bit
+    if gradient_checkpointing:
+        return shape.num_layers * 2 * shape.hidden_size * tokens * bytes_per_value / 2 + per_layer
+    return shape.num_layers * per_layer
+
+
+def kv_cache_bytes(shape: ModelShape, sequences: int, tokens_per_sequence: int, bytes_per_value: int = 2) -> float:
+    return 2 * shape.num_layers * shape.kv_dim * bytes_per_value * sequences * tokens_per_sequence
+
+
+def estimate(shape: ModelShape, *, stage: int, world_size: int, mixed_precision: bool, micro_batch_tokens: int,
+             gradient_checkpointing: bool, rollout_engine: str, rollout_sequences: int, max_new_tokens: int,
+             gpu_memory_gb: float = 80.0, vllm_fraction: float = 0.3, with_reference: bool = False,
+             offload_optimizer: bool = False, offload_params: bool = False, stage_name: str = "") -> MemoryEstimate:
+    w, g, o = training_bytes_per_param(stage, world_size, mixed_precision=mixed_precision,
+                                       offload_optimizer=offload_optimizer, offload_params=offload_params)
+    P = shape.num_params
+    value_bytes = 2 if mixed_precision else 4
+    if rollout_engine == "vllm":
+        rollout = vllm_fraction * gpu_memory_gb * GiB
+    else:  # generate on the policy: full weights when they are sharded, plus the KV cache
+        gathered = P * value_bytes if stage >= 3 or offload_params else 0.0
+        rollout = gathered + kv_cache_bytes(shape, rollout_sequences, ASSUMED_PROMPT_TOKENS + max_new_tokens,
+                                            value_bytes)
+    return MemoryEstimate(
+        weights=w * P, gradients=g * P, optimizer=o * P,
+        activations=activation_bytes(shape, micro_batch_tokens, gradient_checkpointing=gradient_checkpointing,
+                                     bytes_per_value=value_bytes),
+        logits=3 * LOGIT_CHUNK * shape.vocab_size * 4,
+        rollout=rollout, reference=P * value_bytes if with_reference else 0.0,
+        stage=stage_name, world_size=world_size,
+    )
+
+
+def model_shape(config) -> ModelShape:
+    """The shape of a transformers config; parameters counted on the meta device (no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return ModelShape(num_params=sum(p.numel() for p in model.parameters()), hidden_size=config.hidden_size,
+                      num_layers=config.num_hidden_layers, vocab_size=config.vocab_size, kv_dim=kv_heads * head_dim)
+
+
+def estimate_from_config(cfg, world_size: int, gpu_memory_gb: float = 80.0) -> MemoryEstimate:
+    """The plan of a run config (model facts from `grpo.model_facts` when known, else its config.json)."""
+    from grpo.model_facts import facts_for, transformers_config
+
+    facts = facts_for(cfg.model.path)
+    if facts is not None:
+        config = transformers_config(facts)
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    b = cfg.backend
+    stage = int(b.name.removeprefix("deepspeed_zero")) if b.name.startswith("deepspeed") else 0
+    return estimate(
+        model_shape(config), stage=stage, world_size=world_size, mixed_precision=cfg.model.dtype == "bfloat16",
+        micro_batch_tokens=b.micro_batch_tokens, gradient_checkpointing=b.gradient_checkpointing,
+        rollout_engine=cfg.rollout.engine, rollout_sequences=cfg.rollout.batch_size,
+        max_new_tokens=cfg.rollout.max_new_tokens, gpu_memory_gb=b.gpu_memory_gb or gpu_memory_gb,
+        vllm_fraction=cfg.rollout.gpu_memory_utilization, with_reference=cfg.algorithm.beta > 0,
+        offload_optimizer=b.offload_optimizer, offload_params=b.offload_params, stage_name=b.name,
+    )
+
+
+def check_fits(plan: MemoryEstimate, capacity_gb: float) -> None:
+    """Raise ConfigError with the numbers when the plan exceeds the device."""
+    from grpo.config import ConfigError
+
+    if plan.total > capacity_gb * GiB:
+        raise ConfigError(
+            f"backend: the plan needs an estimated {plan.total / GiB:.1f} GiB per GPU but the device has "
+            f"{capacity_gb:.1f} GiB (weights {plan.weights / GiB:.1f}, gradients {plan.gradients / GiB:.1f}, "
+            f"optimiser {plan.optimizer / GiB:.1f}, activations {plan.activations / GiB:.1f}, "
+            f"rollout {plan.rollout / GiB:.1f}): use a higher ZeRO stage, more GPUs, offload, "
+            f"gradient checkpointing or a smaller backend.micro_batch_tokens / rollout.batch_size"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the plan of a config (Hydra overrides) for a number of GPUs, without loading weights."""
+    import argparse
+    import sys
+
+    from hydra import compose, initialize_config_dir
+
+    from grpo.config import ConfigError, register_configs
+    from grpo.train import CONFIG_DIR, to_config
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--gpus", type=int, default=1, help="ranks the run will have")
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU")
+    parser.add_argument("overrides", nargs="*", help="grpo-train overrides, e.g. experiment=qwen2.5-7b_gsm8k_8gpu")
+    args = parser.parse_args(argv)
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = to_config(compose(config_name="config", overrides=["run_dir=unused", *args.overrides]))
+    plan = estimate_from_config(cfg, args.gpus, args.gpu_memory_gb)
+    print(plan.table())
+    try:
+        check_fits(plan, args.gpu_memory_gb)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"fits in {args.gpu_memory_gb:.0f} GiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""One policy update on a fixed batch, run by a real launcher on 1 or 2 ranks (test_distributed.py).
+
+The batch is the same `num_groups` groups whatever the world size (generated from a seed); each
+rank takes its contiguous share, runs `grpo.trainer.update_policy` through the chosen backend, and
+rank 0 writes the loss, the gradient norm and the full gradient that reached the optimiser, so the
+test can check that 2 ranks x B groups give what 1 rank x 2B groups gives.
+
+    deepspeed --num_gpus 2 tests/data_parallel_step.py --backend deepspeed_zero2 --out out.pt
+    torchrun --nproc_per_node 2 tests/data_parallel_step.py --backend ddp --out out.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from grpo import distributed as dist
+from grpo.backends import build_backend
+from grpo.config import AlgorithmConfig
+from grpo.tiny import build_char_tokenizer, build_tiny_model
+from grpo.train import drop_launcher_args
+from grpo.trainer import layout_batch, update_policy
+
+
+def fixed_batch(num_groups: int, group_size: int, seed: int = 0):
+    """Prompts [num_groups], completions [num_groups * G] (token ids) and advantages, from a seed."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 60, (int(k),), generator=g).tolist()
+               for k in torch.randint(2, 9, (num_groups,), generator=g)]
+    completions = [torch.randint(3, 60, (int(k),), generator=g).tolist()
+                   for k in torch.randint(1, 9, (num_groups * group_size,), generator=g)]
+    advantages = torch.randn(num_groups * group_size, generator=g)
+    return prompts, completions, advantages
+
+
+def gradient_from_adam_step(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """The gradient of AdamW's first step with lr=1, eps=1, no weight decay.
+
+    Bias-corrected, the first step is d = -g / (|g| + eps): a monotone function of g that keeps
+    its scale (with the usual eps=1e-8 it would be -sign(g)), so g = -d / (1 - |d|).
+    """
+    d = (after - before).double()
+    return (-d / (1 - d.abs())).float()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--groups", type=int, default=8, help="groups in the whole batch (all ranks)")
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--micro-batch-tokens", type=int, default=40)
+    parser.add_argument("--loss-agg", default="token_mean")
+    args = parser.parse_args(drop_launcher_args(__import__("sys").argv[1:]))
+    torch.set_num_threads(1)
+    dist.init_distributed(deepspeed=args.backend.startswith("deepspeed"), timeout_s=120)
+
+    tok = build_char_tokenizer()
+    model = build_tiny_model(len(tok), seed=0)  # the same initial weights on every rank
+    prompts, completions, advantages = fixed_batch(args.groups, args.group_size)
+    G = args.group_size
+    my_prompts = dist.shard(prompts)
+    my_completions = dist.shard(completions)
+    my_advantages = torch.stack(dist.shard(list(advantages)))
+    batch = layout_batch(my_prompts, my_completions, G, tok.pad_token_id)
+    batch.advantages = my_advantages
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    backend = build_backend(args.backend, policy=model, lr=1.0, eps=1.0, betas=(0.9, 0.99), max_grad_norm=0.0)
+    algo = AlgorithmConfig(group_size=G, loss_agg=args.loss_agg)
+    metrics = update_policy(backend, batch, algo, temperature=1.0, micro_batch_tokens=args.micro_batch_tokens,
+                            max_new_tokens=8)
+    with backend.gathered_for_rollout():  # ZeRO-3: the full weights
+        grads = {n: gradient_from_adam_step(before[n], p.detach().float()) for n, p in model.named_parameters()}
+    if dist.is_main():
+        torch.save({"loss": metrics["train/loss"], "grad_norm": metrics["optim/grad_norm"],
+                    "entropy": metrics["train/entropy"], "grads": grads, "world_size": dist.world_size()}, args.out)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

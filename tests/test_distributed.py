@@ -1,0 +1,165 @@
+"""Data-parallel GRPO on CPU: 2 ranks over gloo, started by the real launchers in subprocesses.
+
+- one update on 2 ranks x B groups gives the gradient of 1 rank x 2B groups (DeepSpeed ZeRO-2,
+  ZeRO-3 and DDP), within float32 rounding;
+- `grpo.train` trains a few steps of the built-in task on 2 ranks, the ranks hold identical
+  weights after every step, and the checkpoint resumes (DeepSpeed format) and loads in transformers;
+- a rank that dies ends the job quickly, and the launcher's error names the rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+DRIVER = ROOT / "tests" / "data_parallel_step.py"
+TRAIN_ARGS = [
+    "threads=1", "train.max_steps=3", "train.prompts_per_step=4", "algorithm.group_size=4", "train.eval_every=0",
+    "task.arithmetic.num_eval=8", "tracking.progress_bar=false", "tracking.plot=false", "backend.check_replicas_every=1",
+    "checkpoint.every_steps=3", "backend.timeout_s=60", "optim.lr=1e-3",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher(backend: str, ranks: int) -> list[str]:
+    """The command line users type: deepspeed for the DeepSpeed backends, torchrun for ddp."""
+    if backend.startswith("deepspeed"):
+        return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port())]
+    return ["torchrun", "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+
+
+def launch(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def one_update(backend: str, ranks: int, out: Path, loss_agg: str) -> dict:
+    launch([*launcher(backend, ranks), str(DRIVER), "--backend", backend, "--out", str(out), "--loss-agg", loss_agg])
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize(
+    "backend,loss_agg",
+    [("deepspeed_zero2", "token_mean"), ("deepspeed_zero3", "seq_mean_token_mean"), ("ddp", "token_mean")],
+)
+def test_two_ranks_with_b_groups_equal_one_rank_with_2b(tmp_path, backend, loss_agg):
+    one = one_update(backend, 1, tmp_path / "one.pt", loss_agg)
+    two = one_update(backend, 2, tmp_path / "two.pt", loss_agg)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    # The loss is normalised by the global counts, so the ranks' losses sum to the whole batch's.
+    assert abs(one["loss"] - two["loss"]) < 1e-6
+    assert abs(one["grad_norm"] - two["grad_norm"]) < 1e-5 * one["grad_norm"]
+    moved = 0
+    for name, g in one["grads"].items():
+        # float32: the two runs sum the same terms in a different order (gradients here are <= ~0.2)
+        torch.testing.assert_close(two["grads"][name], g, atol=2e-6, rtol=0, msg=name)
+        moved += int(g.abs().sum() > 0)
+    assert moved > len(one["grads"]) // 2  # a real gradient reached most tensors
+
+
+def train(backend: str, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return launch([*launcher(backend, 2), "--module", "grpo.train", f"run_dir={run_dir}", f"backend={backend}",
+                   *TRAIN_ARGS, *extra])
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("backend", ["deepspeed_zero2", "deepspeed_zero3", "ddp"])
+def test_grpo_trains_on_two_ranks_with_identical_replicas(tmp_path, warm_tiny_dir, backend):
+    run_dir = tmp_path / "run"
+    train(backend, run_dir)
+    rows = metrics(run_dir)
+    steps = [r for r in rows if r["step"] > 0]
+    assert [r["step"] for r in steps] == [1, 2, 3]  # rank 0 alone writes: no duplicated lines
+    for r in steps:
+        assert r["dist/replica_weight_diff"] == 0.0, r  # both ranks hold bit-identical weights
+        assert 0.0 <= r["train/reward_mean"] <= 1.0
+        assert (r["optim/grad_norm"] > 0) == (r["train/zero_std_frac"] < 1)  # no signal, no gradient
+    assert "eval/accuracy" in steps[-1]
+
+    ckpt = run_dir / "checkpoints" / "step_3"
+    assert sorted(p.name for p in ckpt.glob("rank_*.pt")) == ["rank_0.pt", "rank_1.pt"]
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(ckpt / "policy")  # the consolidated safetensors export
+    start = AutoModelForCausalLM.from_pretrained(warm_tiny_dir)
+    moved = sum(float((a - b).abs().sum()) for a, b in zip(policy.parameters(), start.parameters()))
+    assert moved > 0  # three steps at lr 1e-3 changed the weights that were exported
+
+    if backend.startswith("deepspeed"):
+        assert (ckpt / "deepspeed" / "zero").is_dir()
+        # resume on the same world size from DeepSpeed's shards: one more step, same files continued
+        train(backend, run_dir, "resume=auto", "train.max_steps=4")
+        rows = metrics(run_dir)
+        assert [r["step"] for r in rows if r["step"] > 0] == [1, 2, 3, 4]
+        assert rows[-1]["dist/replica_weight_diff"] == 0.0
+
+
+@pytest.mark.parametrize("backend", ["deepspeed_zero2", "ddp"])
+def test_a_dead_rank_ends_the_job_and_is_named(tmp_path, warm_tiny_dir, backend):
+    run_dir = tmp_path / "run"
+    cmd = [*launcher(backend, 2), "--module", "grpo.train", f"run_dir={run_dir}", f"backend={backend}",
+           *TRAIN_ARGS, "train.max_steps=1000", "checkpoint.every_steps=0"]
+    tag = f"{os.getpid()}-{backend}"  # finds this job's ranks among all processes on the machine
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env() | {"GRPO_TEST_JOB": tag}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "metrics.jsonl").exists() or len(metrics(run_dir)) < 2:  # training is under way
+            assert proc.poll() is None and time.monotonic() < deadline, "the job did not start training"
+            time.sleep(1)
+        pid = _pid_of_rank(1, tag)
+        assert pid is not None, "rank 1 not found"
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        output, _ = proc.communicate(timeout=120)  # far below the 30-minute default collective timeout
+        took = time.monotonic() - killed_at
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert took < 120
+    if backend == "ddp":  # torchrun's summary: "rank : 1 (local_rank: 1)" then "exitcode : -9 (pid: ...) (SIGKILL)"
+        assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9", output), output[-3000:]
+    else:  # the deepspeed launcher names the command line of the rank that failed
+        failed = [line for line in output.splitlines() if "exits with return code" in line]
+        assert failed and "--local_rank=1" in failed[0] and "-9" in failed[0], output[-3000:]
+
+
+def _pid_of_rank(rank: int, tag: str) -> int | None:
+    """The pid of the process with RANK=rank in the job whose environment carries `tag`."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and f"GRPO_TEST_JOB={tag}".encode() in environ:
+            return int(pid)
+    return None

@@ -1,0 +1,103 @@
+"""Recipes compose and build their model (reduced size, random weights, no download); the memory
+plan's arithmetic against values worked out by hand; a plan that cannot fit is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo.config import ConfigError
+from grpo.memory import (GiB, ModelShape, activation_bytes, check_fits, estimate, estimate_from_config,
+                         kv_cache_bytes, model_shape, training_bytes_per_param)
+from grpo.model_facts import MODEL_FACTS, facts_for, transformers_config
+from tests.conftest import CONFIGS, compose
+
+RECIPES = sorted(p.stem for p in (CONFIGS / "experiment").glob("qwen2.5-*.yaml"))
+
+
+def test_there_is_a_recipe_per_model_task_and_gpu_count():
+    expected = {f"qwen2.5-{m}_{t}_{g}gpu" for m in ("0.5b", "1.5b", "7b") for t in ("gsm8k", "math") for g in (1, 8)}
+    assert set(RECIPES) == expected
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_composes_builds_its_model_and_fits_its_gpus(recipe):
+    cfg = compose([f"experiment={recipe}"])
+    facts = facts_for(cfg.model.path)
+    assert facts is not None, f"{recipe}: model.path {cfg.model.path} names no known model"
+    # the prompt template formats a row of the task's columns
+    row = {cfg.task.prompt_column: "What is 1+1?"}
+    assert "What is 1+1?" in cfg.task.prompt_template.format(**row)
+    # the model of the recipe, shrunk: 2 layers, width 64, same vocabulary, random weights
+    small = transformers_config(facts, num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(small, dtype=getattr(torch, cfg.model.dtype))
+    ids = torch.tensor([[0, 17, facts["vocab_size"] - 1]])
+    assert model(input_ids=ids).logits.shape == (1, 3, facts["vocab_size"])
+    # the full-size plan fits an 80 GB GPU at the recipe's GPU count
+    gpus = int(recipe.rsplit("_", 1)[1].removesuffix("gpu"))
+    plan = estimate_from_config(cfg, gpus, 80.0)
+    check_fits(plan, 80.0)
+    assert cfg.train.prompts_per_step % gpus == 0
+
+
+def test_model_facts_give_the_published_parameter_counts():
+    published = {"Qwen2.5-0.5B-Instruct": 494_032_768, "Qwen2.5-1.5B-Instruct": 1_543_714_304,
+                 "Qwen2.5-7B-Instruct": 7_615_616_512}
+    for name, facts in MODEL_FACTS.items():
+        assert model_shape(transformers_config(facts)).num_params == published[name], name
+
+
+def test_bytes_per_parameter_per_zero_stage():
+    # Mixed precision, 4 ranks: 2 + 2 + 12 bytes, then divided by 4 stage by stage.
+    mp = dict(mixed_precision=True)
+    assert training_bytes_per_param(0, 4, **mp) == (2, 2, 12)
+    assert training_bytes_per_param(1, 4, **mp) == (2, 2, 3)
+    assert training_bytes_per_param(2, 4, **mp) == (2, 0.5, 3)
+    assert training_bytes_per_param(3, 4, **mp) == (0.5, 0.5, 3)
+    assert training_bytes_per_param(3, 4, **mp, offload_optimizer=True, offload_params=True) == (0, 0.5, 0)
+    # float32: 4 + 4 + 8 (m, v; the weights are the master copy) ...
+    assert training_bytes_per_param(0, 2, mixed_precision=False) == (4, 4, 8)
+    # ... but ZeRO keeps an fp32 master partition anyway: (8 + 4) / 2 (measured, README)
+    assert training_bytes_per_param(2, 2, mixed_precision=False) == (4, 2, 6)
+
+
+def test_activation_and_kv_cache_bytes():
+    shape = ModelShape(num_params=0, hidden_size=1000, num_layers=10, vocab_size=1, kv_dim=8)
+    # no checkpointing: 10 layers * 34 * 1000 * 100 tokens = 34,000,000 bytes
+    assert activation_bytes(shape, 100, gradient_checkpointing=False) == 34_000_000
+    # checkpointing: 10 * 2 * 1000 * 100 (layer inputs) + 34 * 1000 * 100 (one layer) = 2,000,000 + 3,400,000
+    assert activation_bytes(shape, 100, gradient_checkpointing=True) == 5_400_000
+    # KV cache: 2 (K, V) * 10 layers * 8 * 2 bytes * 3 sequences * 5 tokens = 4,800 bytes
+    assert kv_cache_bytes(shape, 3, 5) == 4_800
+
+
+def test_estimate_adds_up_and_refuses_with_the_numbers():
+    shape = ModelShape(num_params=1_000_000_000, hidden_size=1000, num_layers=10, vocab_size=1000, kv_dim=8)
+    plan = estimate(shape, stage=3, world_size=4, mixed_precision=True, micro_batch_tokens=100,
+                    gradient_checkpointing=False, rollout_engine="hf", rollout_sequences=3, max_new_tokens=5,
+                    stage_name="deepspeed_zero3")
+    # ZeRO-3 on 4 ranks: weights 0.5e9, grads 0.5e9, Adam 3e9 bytes; logits 3 * 1024 * 1000 * 4;
+    # rollout: the gathered 2e9 bytes of weights + KV 2 * 10 * 8 * 2 * 3 * (512 + 5)
+    assert (plan.weights, plan.gradients, plan.optimizer) == (5e8, 5e8, 3e9)
+    assert plan.logits == 12_288_000
+    assert plan.rollout == 2e9 + 2 * 10 * 8 * 2 * 3 * 517
+    assert plan.total == 5e8 + 5e8 + 3e9 + 34_000_000 + 12_288_000 + plan.rollout
+    assert "optimiser states" in plan.table() and "total" in plan.table()
+    check_fits(plan, 6.0)  # ~5.6 GiB fits 6
+    with pytest.raises(ConfigError, match=r"needs an estimated 5\.\d GiB per GPU but the device has 4\.0 GiB"):
+        check_fits(plan, 4.0)
+
+
+def test_grpo_train_refuses_a_plan_that_cannot_fit(tmp_path, tiny_random_dir):
+    from grpo.train import build_run
+
+    cfg = compose(["model=hf", f"model.path={tiny_random_dir}", "model.dtype=float32", f"run_dir={tmp_path / 'r'}",
+                   "backend.gpu_memory_gb=0.001"])
+    with pytest.raises(ConfigError, match="backend: the plan needs an estimated"):
+        build_run(cfg)
+    assert not (tmp_path / "r" / "checkpoints").exists()
