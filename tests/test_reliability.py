@@ -222,7 +222,7 @@ def test_full_disk_during_a_checkpoint_loses_nothing(tmp_path, tiny_random_dir, 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt.torch, "save", no_space)
-    with pytest.raises(CheckpointError, match=r"checkpoint step 2: writing .*\.tmp_step_2/state\.pt failed "
+    with pytest.raises(CheckpointError, match=r"checkpoint step 2: writing .*\.tmp_step_2/rank_0\.pt failed "
                                               r"\(the disk is full\); the last complete checkpoint .*step_1 is intact"):
         save_checkpoint(tmp_path, 2, policy=model, tokenizer=tok, state={"x": torch.tensor([2])}, keep_last=1)
     monkeypatch.undo()
