@@ -31,6 +31,34 @@ def evaluate(engine, scorer, rows: list[dict], accuracy_reward: str, *, pass_k: 
     return metrics
 
 
+def evaluate_splits(engine, scorer, eval_rows: list[dict], ood_splits: dict[str, list[dict]], accuracy_reward: str,
+                    *, pass_k: int = 0) -> dict:
+    """In-distribution held-out accuracy (`eval/accuracy`), each out-of-distribution split's
+    (`eval/ood/<name>_accuracy`), their row-weighted mean `eval/ood_accuracy`, and the gap
+    `eval/generalization_gap` = `eval/accuracy` - `eval/ood_accuracy`, all with the same greedy harness."""
+    metrics = evaluate(engine, scorer, eval_rows, accuracy_reward, pass_k=pass_k)
+    splits = {name: rows for name, rows in ood_splits.items() if rows}
+    if splits:
+        correct = total = 0.0
+        for name, rows in splits.items():
+            acc = evaluate(engine, scorer, rows, accuracy_reward)
+            metrics[f"eval/ood/{name}_accuracy"] = acc["eval/accuracy"]
+            metrics["time/eval_s"] += acc["time/eval_s"]
+            correct += acc["eval/accuracy"] * len(rows)
+            total += len(rows)
+        metrics["eval/ood_accuracy"] = correct / total
+        metrics["eval/generalization_gap"] = metrics["eval/accuracy"] - metrics["eval/ood_accuracy"]
+    return metrics
+
+
+def evaluate_run(run) -> dict:
+    """The evaluation every trainer (GRPO, PPO, DPO) logs: `evaluate_splits` on the run's held-out splits."""
+    if not run.eval_rows:
+        return {}
+    return evaluate_splits(run.engine, run.eval_scorer, run.eval_rows, run.ood_rows, run.cfg.reward.accuracy,
+                           pass_k=run.cfg.train.eval_pass_k)
+
+
 def main() -> None:
     """`grpo-eval`: same config and overrides as grpo-train; `eval.checkpoint=<dir>` to pick a model."""
     from grpo.train import run_cli

@@ -85,7 +85,8 @@ def load_policy(path: str, cfg: Config):
 def build_run(cfg: Config):
     """Everything the loop needs, checked before any training step; resumes when asked."""
     from grpo.checkpoint import latest_checkpoint, load_state, set_rng_state
-    from grpo.data import PromptSampler, load_task
+    from grpo.contamination import decontaminate
+    from grpo.data import PromptSampler, load_ood_splits, load_task
     from grpo.rollout import build_rollout_engine
     from grpo.backends import build_backend
     from grpo.tracking import Tracker
@@ -101,6 +102,10 @@ def build_run(cfg: Config):
     accuracy_kwargs = next((s.kwargs for s in specs if s.name == cfg.reward.accuracy), {})
     eval_scorer = RewardScorer([RewardSpec(cfg.reward.accuracy, 1.0, accuracy_kwargs)])
     train_rows, eval_rows = load_task(cfg.task, scorer.required_columns() | eval_scorer.required_columns())
+    ood_rows = load_ood_splits(cfg.task, eval_scorer.required_columns())
+    train_rows, splits, contamination = decontaminate(train_rows, {"eval": eval_rows, **ood_rows},
+                                                      cfg.task.contamination_ngram)
+    eval_rows, ood_rows = splits.pop("eval"), splits
 
     seed_everything(cfg.seed)
     cfg.model.path = resolve_model_path(cfg)  # recorded in config.yaml
@@ -134,6 +139,7 @@ def build_run(cfg: Config):
     from omegaconf import OmegaConf
 
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    (run_dir / "contamination.json").write_text(json.dumps(contamination, indent=2))
     t = cfg.tracking
     tracker = Tracker(
         run_dir, total_steps=cfg.train.max_steps, start_step=start_step, progress_bar=t.progress_bar,
@@ -142,11 +148,19 @@ def build_run(cfg: Config):
     )
     return Run(cfg=cfg, tokenizer=tokenizer, policy=policy, ref_model=ref_model, engine=engine, backend=backend,
                scorer=scorer, eval_scorer=eval_scorer, train_rows=train_rows, eval_rows=eval_rows,
-               sampler=sampler, tracker=tracker, start_step=start_step)
+               sampler=sampler, tracker=tracker, start_step=start_step, ood_rows=ood_rows,
+               contamination=contamination)
+
+
+# The loop each algorithm runs; imported when chosen. Every GRPO variant shares grpo.trainer.
+LOOPS = {"ppo": "grpo.ppo:train", "dpo": "grpo.dpo:train"}
 
 
 def train_from_config(cfg: Config) -> list[dict]:
-    from grpo.trainer import train
+    import importlib
+
+    module, fn = LOOPS.get(cfg.algorithm.name, "grpo.trainer:train").split(":")
+    train = getattr(importlib.import_module(module), fn)
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -165,8 +179,8 @@ def train_from_config(cfg: Config) -> list[dict]:
 
 
 def evaluate_from_config(cfg: Config) -> dict:
-    from grpo.data import load_task
-    from grpo.evaluate import evaluate
+    from grpo.data import load_ood_splits, load_task
+    from grpo.evaluate import evaluate_splits
     from grpo.rollout import build_rollout_engine
     from rewards import RewardScorer, RewardSpec
 
@@ -181,7 +195,8 @@ def evaluate_from_config(cfg: Config) -> dict:
     engine = build_rollout_engine(r.engine, model=model, tokenizer=tokenizer, temperature=r.temperature,
                                   top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens, stop=r.stop,
                                   batch_size=r.batch_size)
-    metrics = evaluate(engine, scorer, eval_rows, cfg.reward.accuracy, pass_k=cfg.train.eval_pass_k)
+    ood_rows = load_ood_splits(cfg.task, scorer.required_columns())
+    metrics = evaluate_splits(engine, scorer, eval_rows, ood_rows, cfg.reward.accuracy, pass_k=cfg.train.eval_pass_k)
     print(json.dumps({"model": path, **metrics}, indent=2))
     return metrics
 

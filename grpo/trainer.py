@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,7 +41,7 @@ class RolloutBatch:
     attention_mask: torch.Tensor  # [N, T]
     completion_mask: torch.Tensor  # [N, T-1] 1 where input_ids[:, t+1] is a completion token that gets a gradient
     prompt_width: int  # P: completions start at column P
-    advantages: torch.Tensor  # [N]
+    advantages: torch.Tensor  # [N], or [N, T-1] per token (PPO)
     sampler_logprobs: torch.Tensor | None = None  # [N, T-1]
     old_logprobs: torch.Tensor | None = None  # [N, T-1]
     ref_logprobs: torch.Tensor | None = None  # [N, T-1]
@@ -59,7 +59,8 @@ class RolloutBatch:
         return RolloutBatch(
             input_ids=self.input_ids[idx][:, lo:hi], attention_mask=attn[:, lo:hi],
             completion_mask=pick(self.completion_mask), prompt_width=self.prompt_width - lo,
-            advantages=self.advantages[idx], sampler_logprobs=pick(self.sampler_logprobs),
+            advantages=self.advantages[idx] if self.advantages.ndim == 1 else pick(self.advantages),
+            sampler_logprobs=pick(self.sampler_logprobs),
             old_logprobs=pick(self.old_logprobs), ref_logprobs=pick(self.ref_logprobs),
         )
 
@@ -217,6 +218,8 @@ class Run:
     sampler: object  # grpo.data.PromptSampler
     tracker: object  # grpo.tracking.Tracker
     start_step: int = 0
+    ood_rows: dict = field(default_factory=dict)  # out-of-distribution splits: name -> rows
+    contamination: dict = field(default_factory=dict)  # grpo.contamination report
 
 
 @dataclass
@@ -296,13 +299,14 @@ def sample_groups(run: Run, num_prompts: int) -> tuple[Groups, dict]:
 def train(run: Run) -> list[dict]:
     """Run GRPO steps from `run.start_step + 1` to `train.max_steps`; returns the logged metrics."""
     from grpo.checkpoint import save_checkpoint
-    from grpo.evaluate import evaluate
+    from grpo.contamination import report_metrics
+    from grpo.evaluate import evaluate_run
 
     cfg, algo = run.cfg, run.cfg.algorithm
     G, T = algo.group_size, cfg.rollout.temperature
     history = []
     if run.start_step == 0 and cfg.train.eval_before and run.eval_rows:
-        history.append({"step": 0, **evaluate(run.engine, run.eval_scorer, run.eval_rows, cfg.reward.accuracy)})
+        history.append({"step": 0, **evaluate_run(run), **report_metrics(run.contamination)})
         run.tracker.log(0, history[-1])
     for step in range(run.start_step + 1, cfg.train.max_steps + 1):
         start = time.perf_counter()
@@ -334,7 +338,7 @@ def train(run: Run) -> list[dict]:
         metrics["time/weight_sync_s"] = run.engine.sync_weights(run.policy)
         metrics |= rollout_metrics(groups, batch, valid)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
-            metrics |= evaluate(run.engine, run.eval_scorer, run.eval_rows, cfg.reward.accuracy) if run.eval_rows else {}
+            metrics |= evaluate_run(run)
         metrics["time/step_s"] = time.perf_counter() - start
         # 6. log, and checkpoint when due
         run.tracker.log(step, metrics)
