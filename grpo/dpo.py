@@ -84,7 +84,7 @@ def drop_eval_prompts(pairs: list[dict], run: Run) -> tuple[list[dict], int]:
 def train(run: Run) -> list[dict]:
     """Build or read the pairs, run `DPOTrainer` with evaluation callbacks; returns the logged metrics."""
     from datasets import Dataset
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from grpo.checkpoint import save_checkpoint
@@ -109,22 +109,21 @@ def train(run: Run) -> list[dict]:
     history.append(first)
 
     class _Evaluate(TrainerCallback):
-        """Our metrics line per optimiser step (TRL's loss and reward margins), our evaluation when due."""
+        """Our metrics line per optimiser step (TRL's loss and reward margins), our evaluation when due.
+        TRL logs every step (`logging_steps=1`) after the step ends, so the line is written there."""
 
         def __init__(self):
-            self.pending: dict = {}
             self.last = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
+            if "loss" not in logs:  # the summary TRL logs at the end of training
+                return
             names = {"loss": "train/loss", "rewards/margins": "train/dpo_margin",
                      "rewards/accuracies": "train/dpo_pair_accuracy", "learning_rate": "optim/lr",
-                     "grad_norm": "optim/grad_norm"}
-            self.pending |= {ours: float(logs[theirs]) for theirs, ours in names.items() if theirs in logs}
-
-        def on_step_end(self, args, state, control, **kwargs):
+                     "grad_norm": "optim/grad_norm", "entropy": "train/entropy"}
+            metrics = {ours: float(logs[theirs]) for theirs, ours in names.items() if theirs in logs}
             step = state.global_step
-            metrics, self.pending = self.pending, {}
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == state.max_steps:
                 metrics |= evaluate_run(run)
             now = time.perf_counter()
@@ -145,6 +144,7 @@ def train(run: Run) -> list[dict]:
     run.tokenizer.padding_side = "left"
     trainer = DPOTrainer(model=run.policy, args=args, train_dataset=dataset, processing_class=run.tokenizer,
                          callbacks=[_Evaluate()])
+    trainer.remove_callback(PrinterCallback)  # our tracker prints; TRL's would repeat every line
     trainer.train()
     run.tokenizer.padding_side = "left"
     step = trainer.state.global_step
