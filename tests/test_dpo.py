@@ -26,7 +26,7 @@ def test_dpo_loss_is_log2_when_policy_equals_reference():
 
 @pytest.mark.slow
 def test_dpo_run_with_trl(tmp_path, warm_tiny_dir):
-    from conftest import compose
+    from tests.conftest import compose
 
     from grpo.train import train_from_config
 

@@ -74,7 +74,7 @@ def test_whiten_ignores_masked_entries():
 
 @pytest.mark.slow
 def test_ppo_run_updates_policy_and_critic(tmp_path, warm_tiny_dir):
-    from conftest import compose
+    from tests.conftest import compose
 
     from grpo.train import train_from_config
 
