@@ -93,7 +93,7 @@ class Arithmetic:
         problems = [(rng.randint(lo, hi), rng.randint(lo, hi)) for _ in range(num)]
         held = self._problems(held_out=True)
         rng.shuffle(held)
-        held = held[-num:]  # the far end of the held-out list: disjoint from eval_rows' first num_eval
+        held = held[-num:]  # held-out problems (some also in eval_rows): only the phrasing is new
         w = lambda n: write(n, self.reverse, self.digits)  # noqa: E731
         return {
             "longer": [longer.row(a, b) for a, b in problems],
