@@ -29,6 +29,7 @@ class ArithmeticTaskConfig:
     digits: int = field(default=2, metadata={"help": "operands have up to this many digits"})
     reverse: bool = field(default=True, metadata={"help": "write numbers least significant digit first"})
     num_eval: int = field(default=500, metadata={"help": "held-out problems used for eval/accuracy"})
+    num_ood: int = field(default=200, metadata={"help": "problems in each out-of-distribution split (0: none)"})
 
 
 @dataclass
@@ -42,6 +43,8 @@ class TaskConfig:
     hf_eval_split: Optional[str] = field(default="test", metadata={"help": "split of hf_dataset for evaluation"})
     prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt text"})
     prompt_template: str = field(default="{prompt}", metadata={"help": "format string applied to the prompt column"})
+    ood_files: dict[str, str] = field(default_factory=dict, metadata={"help": "out-of-distribution splits: name -> file"})
+    contamination_ngram: int = field(default=8, metadata={"help": "word n-gram length of the train/eval overlap check"})
     arithmetic: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig)
 
 
@@ -102,8 +105,29 @@ class OptimConfig:
 
 
 @dataclass
+class PPOOptions:
+    gamma: float = field(default=1.0, metadata={"help": "PPO: discount of the per-token rewards"})
+    lam: float = field(default=0.95, metadata={"help": "PPO: GAE lambda (1: Monte Carlo returns, 0: one-step TD)"})
+    value_clip: float = field(default=0.2, metadata={"help": "PPO: new values kept within this of the old ones in the loss"})
+    value_lr: float = field(default=1e-4, metadata={"help": "PPO: learning rate of the critic"})
+    whiten_advantages: bool = field(default=True, metadata={"help": "PPO: zero-mean unit-std advantages over the batch"})
+
+
+@dataclass
+class DPOOptions:
+    beta: float = field(default=0.1, metadata={"help": "DPO: strength of the implicit KL to the reference"})
+    loss_type: str = field(default="sigmoid", metadata={"help": "DPO: TRL loss type (sigmoid = the DPO paper)"})
+    batch_size: int = field(default=32, metadata={"help": "DPO: preference pairs per optimiser step"})
+    epochs: float = field(default=1.0, metadata={"help": "DPO: passes over the pairs"})
+    pairs_file: Optional[str] = field(default=None, metadata={"help": "DPO: JSONL/Parquet pairs; null: built-in arithmetic set"})
+    num_prompts: int = field(default=2000, metadata={"help": "DPO built-in pairs: training problems sampled on"})
+    samples_per_prompt: int = field(default=8, metadata={"help": "DPO built-in pairs: completions sampled per problem"})
+    pairs_per_prompt: int = field(default=2, metadata={"help": "DPO built-in pairs: pairs kept per problem at most"})
+
+
+@dataclass
 class AlgorithmConfig:
-    name: str = field(default="grpo", metadata={"help": "label: grpo, dr_grpo, dapo, gspo, rloo, reinforce_pp"})
+    name: str = field(default="grpo", metadata={"help": "grpo, dr_grpo, dapo, gspo, rloo, reinforce_pp (GRPO loop); ppo; dpo"})
     advantage: str = field(default="grpo", metadata={"help": "advantage estimator (grpo.advantages)"})
     group_size: int = field(default=8, metadata={"help": "completions sampled per prompt (G)"})
     negative_weight: float = field(default=1.0, metadata={"help": "scale of negative advantages (0: learn from successes only)"})
@@ -112,7 +136,7 @@ class AlgorithmConfig:
     clip_low: float = field(default=0.2, metadata={"help": "ratio clipped below at 1 - clip_low"})
     clip_high: float = field(default=0.2, metadata={"help": "ratio clipped above at 1 + clip_high (DAPO: 0.28)"})
     dual_clip: Optional[float] = field(default=None, metadata={"help": "cap the loss of negative advantages at c*|A|"})
-    beta: float = field(default=0.0, metadata={"help": "KL penalty weight; 0 loads no reference model"})
+    beta: float = field(default=0.0, metadata={"help": "KL penalty weight (ppo: in the reward); 0 loads no reference model"})
     kl_estimator: str = field(default="k3", metadata={"help": "k1, k2 or k3"})
     epochs: int = field(default=1, metadata={"help": "optimisation passes over each rollout batch"})
     mini_batches: int = field(default=1, metadata={"help": "optimiser steps per pass"})
@@ -121,6 +145,8 @@ class AlgorithmConfig:
     overlong_buffer: int = field(default=0, metadata={"help": "DAPO soft overlong penalty ramp length; 0 = off"})
     overlong_penalty: float = field(default=1.0, metadata={"help": "penalty at max_new_tokens"})
     mask_truncated: bool = field(default=False, metadata={"help": "truncated completions get no gradient"})
+    ppo: PPOOptions = field(default_factory=PPOOptions)
+    dpo: DPOOptions = field(default_factory=DPOOptions)
 
 
 @dataclass
@@ -206,8 +232,18 @@ def validate(cfg: Config) -> Config:
 
     a = cfg.algorithm
     _choice("algorithm.name", a.name, ALGORITHM_NAMES)
-    if a.name in ("ppo", "dpo"):
-        raise ConfigError(f"algorithm={a.name}: the {a.name} baseline is not part of grpo-train yet")
+    if a.name == "ppo":
+        if not 0 < a.ppo.gamma <= 1 or not 0 <= a.ppo.lam <= 1:
+            raise ConfigError(f"algorithm.ppo: need 0 < gamma <= 1 and 0 <= lam <= 1, got {a.ppo.gamma}, {a.ppo.lam}")
+        _positive("algorithm.ppo.value_clip", a.ppo.value_clip)
+        _positive("algorithm.ppo.value_lr", a.ppo.value_lr)
+    if a.name == "dpo":
+        _positive("algorithm.dpo.beta", a.dpo.beta)
+        _positive("algorithm.dpo.batch_size", a.dpo.batch_size)
+        _positive("algorithm.dpo.epochs", a.dpo.epochs)
+        _positive("algorithm.dpo.samples_per_prompt", a.dpo.samples_per_prompt)
+        if a.dpo.pairs_file is None and cfg.task.builtin != "arithmetic":
+            raise ConfigError("algorithm.dpo.pairs_file: give preference pairs (the built-in set exists for task=arithmetic only)")
     _choice("algorithm.advantage", a.advantage, sorted(ADVANTAGE_ESTIMATORS))
     _choice("algorithm.loss_agg", a.loss_agg, AGGREGATION_MODES)
     _choice("algorithm.ratio_level", a.ratio_level, RATIO_LEVELS)

@@ -117,6 +117,24 @@ def check_prompt_lengths(train: list[dict], evals: list[dict], tokenizer, *, con
                                   f"{max_new_tokens} it exceeds the model's context of {context} tokens")
 
 
+def load_ood_splits(task: TaskConfig, required_columns: set[str]) -> dict[str, list[dict]]:
+    """Out-of-distribution evaluation splits: the built-in task's own, or `task.ood_files` (name -> file)."""
+    splits: dict[str, list[dict]] = {}
+    if task.builtin == "arithmetic" and task.arithmetic.num_ood:
+        from grpo.tasks.arithmetic import Arithmetic
+
+        gen = Arithmetic(digits=task.arithmetic.digits, reverse=task.arithmetic.reverse)
+        splits.update(gen.ood_splits(task.arithmetic.num_ood))
+    for name, path in task.ood_files.items():
+        rows = [format_row(r, task, path, i) for i, r in enumerate(read_rows(path))]
+        for i, row in enumerate(rows):
+            missing = required_columns - row.keys()
+            if missing:
+                raise ConfigError(f"{path}: row {i} lacks column(s) {', '.join(sorted(missing))} that the rewards need")
+        splits[name] = rows
+    return splits
+
+
 def format_row(row: dict, task: TaskConfig, where: str, index: int) -> dict:
     if task.prompt_column not in row:
         raise ConfigError(f"{where}: row {index} has no column {task.prompt_column!r} (task.prompt_column)")

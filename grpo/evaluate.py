@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 
 def evaluate(engine, scorer, rows: list[dict], accuracy_reward: str, *, pass_k: int = 0) -> dict:
     """`eval/accuracy`: share of rows whose greedy completion scores 1 on `accuracy_reward`
@@ -29,6 +31,59 @@ def evaluate(engine, scorer, rows: list[dict], accuracy_reward: str, *, pass_k: 
         metrics[f"eval/pass@{pass_k}"] = sum(solved) / len(rows)
     metrics["time/eval_s"] = time.perf_counter() - start
     return metrics
+
+
+def evaluate_splits(engine, scorer, eval_rows: list[dict], ood_splits: dict[str, list[dict]], accuracy_reward: str,
+                    *, pass_k: int = 0) -> dict:
+    """In-distribution held-out accuracy (`eval/accuracy`), each out-of-distribution split's
+    (`eval/ood/<name>_accuracy`), their row-weighted mean `eval/ood_accuracy`, and the gap
+    `eval/generalization_gap` = `eval/accuracy` - `eval/ood_accuracy`, all with the same greedy harness."""
+    metrics = evaluate(engine, scorer, eval_rows, accuracy_reward, pass_k=pass_k)
+    splits = {name: rows for name, rows in ood_splits.items() if rows}
+    if splits:
+        correct = total = 0.0
+        for name, rows in splits.items():
+            acc = evaluate(engine, scorer, rows, accuracy_reward)
+            metrics[f"eval/ood/{name}_accuracy"] = acc["eval/accuracy"]
+            metrics["time/eval_s"] += acc["time/eval_s"]
+            correct += acc["eval/accuracy"] * len(rows)
+            total += len(rows)
+        metrics["eval/ood_accuracy"] = correct / total
+        metrics["eval/generalization_gap"] = metrics["eval/accuracy"] - metrics["eval/ood_accuracy"]
+    return metrics
+
+
+def evaluate_run(run) -> dict:
+    """The evaluation every trainer (GRPO, PPO, DPO) logs: `evaluate_splits` on the run's held-out splits.
+
+    With several ranks each evaluates every world_size-th row of each split, and the means are
+    combined weighted by the rows each rank scored: the result is that of one rank on all rows.
+    """
+    from grpo import distributed as dist
+
+    if not run.eval_rows:
+        return {}
+    rank, world = dist.rank(), dist.world_size()
+    eval_rows = run.eval_rows[rank::world]
+    ood = {name: rows[rank::world] for name, rows in run.ood_rows.items()}
+    metrics = evaluate_splits(run.engine, run.eval_scorer, eval_rows, ood, run.cfg.reward.accuracy,
+                              pass_k=run.cfg.train.eval_pass_k)
+    if world == 1:
+        return metrics
+
+    def rows_behind(key: str) -> int:  # how many rows this rank's value of `key` is a mean over
+        if key.startswith("eval/ood/"):
+            return len(ood[key.removeprefix("eval/ood/").removesuffix("_accuracy")])
+        return sum(map(len, ood.values())) if key == "eval/ood_accuracy" else len(eval_rows)
+
+    keys = sorted(set().union(*dist.all_gather_objects(set(metrics))) - {"time/eval_s", "eval/generalization_gap"})
+    weights = [rows_behind(k) if k in metrics else 0 for k in keys]  # a rank with no rows of a split: weight 0
+    sums = dist.all_reduce_sum(torch.tensor([metrics.get(k, 0.0) * w for k, w in zip(keys, weights)] + weights))
+    out = {k: float(sums[i] / sums[len(keys) + i]) for i, k in enumerate(keys) if sums[len(keys) + i] > 0}
+    if "eval/ood_accuracy" in out:
+        out["eval/generalization_gap"] = out["eval/accuracy"] - out["eval/ood_accuracy"]
+    out["time/eval_s"] = dist.all_reduce_max(metrics["time/eval_s"])
+    return out
 
 
 def main() -> None:

@@ -93,8 +93,16 @@ def _check_shapes(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tens
     for name, t in (("old_logp", old_logp), ("mask", mask)):
         if t.shape != logp.shape:
             raise ValueError(f"{name} {tuple(t.shape)} must have the shape of logp {tuple(logp.shape)}")
-    if advantages.shape != logp.shape[:1]:
-        raise ValueError(f"advantages must have shape [N]={tuple(logp.shape[:1])}, got {tuple(advantages.shape)}")
+    if advantages.shape not in (logp.shape[:1], logp.shape):
+        raise ValueError(
+            f"advantages must have shape [N]={tuple(logp.shape[:1])} or [N, T]={tuple(logp.shape)}, "
+            f"got {tuple(advantages.shape)}"
+        )
+
+
+def _per_token(advantages: Tensor) -> Tensor:
+    """Advantages broadcastable to [N, T]: one per sequence [N] -> [N, 1]; per token (PPO with GAE) as given."""
+    return advantages[:, None] if advantages.ndim == 1 else advantages
 
 
 def _policy_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, ratio_level: str) -> Tensor:
@@ -135,7 +143,8 @@ def clipped_surrogate(
     sequence ratio is GSPO-token (Zheng et al. 2025; the paper uses clip ranges near 3e-4 / 4e-4);
     the dual clip is from Ye et al. 2020 ("Mastering Complex Control in MOBA Games") and bounds the
     loss of a negative-advantage token whose ratio has exploded. ``logp``, ``old_logp``, ``mask``
-    are [N, T]; ``advantages`` [N]. ``old_logp`` and ``advantages`` are treated as constants.
+    are [N, T]; ``advantages`` [N] (one per sequence, GRPO) or [N, T] (one per token, PPO with GAE).
+    ``old_logp`` and ``advantages`` are treated as constants.
     Masked positions get loss 0.
     """
     _check_shapes(logp, old_logp, advantages, mask)
@@ -144,7 +153,7 @@ def clipped_surrogate(
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 when given, got {dual_clip}")
     ratio = _policy_ratio(logp, old_logp, mask, ratio_level)  # [N, T]
-    adv = advantages.detach()[:, None]  # [N, 1]
+    adv = _per_token(advantages.detach())  # [N, 1] or [N, T]
     unclipped = ratio * adv  # [N, T]
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv  # [N, T]
     loss = -torch.minimum(unclipped, clipped)  # [N, T]
@@ -170,7 +179,7 @@ def clip_fraction(
     """
     _check_shapes(logp, old_logp, advantages, mask)
     ratio = _policy_ratio(logp, old_logp, mask, ratio_level)  # [N, T]
-    adv = advantages[:, None]  # [N, 1]
+    adv = _per_token(advantages)  # [N, 1] or [N, T]
     high = (ratio > 1.0 + clip_high) & (adv > 0)  # [N, T]
     low = (ratio < 1.0 - clip_low) & (adv < 0)  # [N, T]
     keep = mask.bool()  # [N, T]

@@ -98,7 +98,8 @@ def load_policy(path: str, cfg: Config, *, checkpoint: bool = False):
 def build_run(cfg: Config):
     """Everything the loop needs, checked before any training step; resumes when asked."""
     from grpo.checkpoint import latest_checkpoint, load_rank_state, load_state, set_rng_state, verify_checkpoint
-    from grpo.data import PromptSampler, check_prompt_lengths, load_task
+    from grpo.contamination import decontaminate
+    from grpo.data import PromptSampler, check_prompt_lengths, load_ood_splits, load_task
     from grpo.rollout import WithFullWeights, build_rollout_engine
     from grpo.backends import build_backend
     from grpo.tracking import Tracker
@@ -116,6 +117,10 @@ def build_run(cfg: Config):
     accuracy_kwargs = next((s.kwargs for s in specs if s.name == cfg.reward.accuracy), {})
     eval_scorer = RewardScorer([RewardSpec(cfg.reward.accuracy, 1.0, accuracy_kwargs)])
     train_rows, eval_rows = load_task(cfg.task, scorer.required_columns() | eval_scorer.required_columns())
+    ood_rows = load_ood_splits(cfg.task, eval_scorer.required_columns())
+    train_rows, splits, contamination = decontaminate(train_rows, {"eval": eval_rows, **ood_rows},
+                                                      cfg.task.contamination_ngram)
+    eval_rows, ood_rows = splits.pop("eval"), splits
     validate_world(cfg, dist.world_size(), len(eval_rows))
     if checkpoint is not None:
         saved_world = int(load_state(checkpoint).get("world_size", 1))
@@ -175,9 +180,11 @@ def build_run(cfg: Config):
     if not dist.is_main():  # rank 0 writes the run's files
         return Run(cfg=cfg, tokenizer=tokenizer, policy=policy, ref_model=ref_model, engine=engine, backend=backend,
                    scorer=scorer, eval_scorer=eval_scorer, train_rows=train_rows, eval_rows=eval_rows,
-                   sampler=sampler, tracker=NullTracker(), start_step=start_step, masked_steps=masked_steps)
+                   sampler=sampler, tracker=NullTracker(), start_step=start_step, masked_steps=masked_steps,
+                   ood_rows=ood_rows, contamination=contamination)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    (run_dir / "contamination.json").write_text(json.dumps(contamination, indent=2))
     tracker = Tracker(
         run_dir, total_steps=cfg.train.max_steps, start_step=start_step, resumed=checkpoint is not None,
         progress_bar=t.progress_bar,
@@ -186,7 +193,8 @@ def build_run(cfg: Config):
     )
     return Run(cfg=cfg, tokenizer=tokenizer, policy=policy, ref_model=ref_model, engine=engine, backend=backend,
                scorer=scorer, eval_scorer=eval_scorer, train_rows=train_rows, eval_rows=eval_rows,
-               sampler=sampler, tracker=tracker, start_step=start_step, masked_steps=masked_steps)
+               sampler=sampler, tracker=tracker, start_step=start_step, masked_steps=masked_steps,
+               ood_rows=ood_rows, contamination=contamination)
 
 
 def context_length(model) -> int | None:
@@ -217,8 +225,15 @@ def plan_memory(cfg: Config) -> None:
     check_fits(estimate, capacity)
 
 
+# The loop each algorithm runs; imported when chosen. Every GRPO variant shares grpo.trainer.
+LOOPS = {"ppo": "grpo.ppo:train", "dpo": "grpo.dpo:train"}
+
+
 def train_from_config(cfg: Config) -> list[dict]:
-    from grpo.trainer import train
+    import importlib
+
+    module, fn = LOOPS.get(cfg.algorithm.name, "grpo.trainer:train").split(":")
+    train = getattr(importlib.import_module(module), fn)
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -244,8 +259,8 @@ def train_from_config(cfg: Config) -> list[dict]:
 
 
 def evaluate_from_config(cfg: Config) -> dict:
-    from grpo.data import load_task
-    from grpo.evaluate import evaluate
+    from grpo.data import load_ood_splits, load_task
+    from grpo.evaluate import evaluate_splits
     from grpo.rollout import build_rollout_engine
     from rewards import RewardScorer, RewardSpec
 
@@ -261,7 +276,8 @@ def evaluate_from_config(cfg: Config) -> dict:
                                   top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
                                   min_new_tokens=r.min_new_tokens, stop=r.stop,
                                   batch_size=r.batch_size)
-    metrics = evaluate(engine, scorer, eval_rows, cfg.reward.accuracy, pass_k=cfg.train.eval_pass_k)
+    ood_rows = load_ood_splits(cfg.task, scorer.required_columns())
+    metrics = evaluate_splits(engine, scorer, eval_rows, ood_rows, cfg.reward.accuracy, pass_k=cfg.train.eval_pass_k)
     print(json.dumps({"model": path, **metrics}, indent=2))
     return metrics
 

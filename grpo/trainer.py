@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,7 +48,7 @@ class RolloutBatch:
     attention_mask: torch.Tensor  # [N, T]
     completion_mask: torch.Tensor  # [N, T-1] 1 where input_ids[:, t+1] is a completion token that gets a gradient
     prompt_width: int  # P: completions start at column P
-    advantages: torch.Tensor  # [N]
+    advantages: torch.Tensor  # [N], or [N, T-1] per token (PPO)
     sampler_logprobs: torch.Tensor | None = None  # [N, T-1]
     old_logprobs: torch.Tensor | None = None  # [N, T-1]
     ref_logprobs: torch.Tensor | None = None  # [N, T-1]
@@ -73,7 +73,8 @@ class RolloutBatch:
         return RolloutBatch(
             input_ids=self.input_ids[idx][:, lo:hi], attention_mask=attn[:, lo:hi],
             completion_mask=pick(self.completion_mask), prompt_width=self.prompt_width - lo,
-            advantages=self.advantages[idx], sampler_logprobs=pick(self.sampler_logprobs),
+            advantages=self.advantages[idx] if self.advantages.ndim == 1 else pick(self.advantages),
+            sampler_logprobs=pick(self.sampler_logprobs),
             old_logprobs=pick(self.old_logprobs), ref_logprobs=pick(self.ref_logprobs),
         )
 
@@ -276,6 +277,8 @@ class Run:
     tracker: object  # grpo.tracking.Tracker
     start_step: int = 0
     masked_steps: int = 0  # steps in a row on which every reward was masked
+    ood_rows: dict = field(default_factory=dict)  # out-of-distribution splits: name -> rows
+    contamination: dict = field(default_factory=dict)  # grpo.contamination report
 
 
 @dataclass
@@ -382,21 +385,6 @@ def gather_groups(groups: Groups) -> tuple[Groups, int]:
     return everyone, offset
 
 
-def evaluate_on_ranks(run: Run) -> dict:
-    """Held-out metrics over all eval rows, each rank evaluating every world_size-th row."""
-    from grpo.evaluate import evaluate
-
-    rows = run.eval_rows[dist.rank() :: dist.world_size()]
-    metrics = evaluate(run.engine, run.eval_scorer, rows, run.cfg.reward.accuracy)
-    if dist.world_size() == 1:
-        return metrics
-    keys = sorted(k for k in metrics if k != "time/eval_s")
-    sums = dist.all_reduce_sum(torch.tensor([metrics[k] * len(rows) for k in keys] + [len(rows)]))
-    out = {k: float(sums[i] / sums[-1]) for i, k in enumerate(keys)}  # means weighted by rows per rank
-    out["time/eval_s"] = dist.all_reduce_max(metrics["time/eval_s"])
-    return out
-
-
 def train_step(run: Run, step: int) -> tuple[dict, Groups, str | None]:
     """One GRPO step on a fresh rollout batch (no evaluation, logging or checkpointing).
 
@@ -445,12 +433,14 @@ def train_step(run: Run, step: int) -> tuple[dict, Groups, str | None]:
 
 def train(run: Run) -> list[dict]:
     """Run GRPO steps from `run.start_step + 1` to `train.max_steps`; returns the logged metrics."""
+    from grpo.contamination import report_metrics
+    from grpo.evaluate import evaluate_run
     from grpo.faults import crash_point
 
     cfg, G = run.cfg, run.cfg.algorithm.group_size
     history = []
     if run.start_step == 0 and cfg.train.eval_before and run.eval_rows:
-        history.append({"step": 0, **evaluate_on_ranks(run)})
+        history.append({"step": 0, **evaluate_run(run), **report_metrics(run.contamination)})
         run.tracker.log(0, history[-1])
     for step in range(run.start_step + 1, cfg.train.max_steps + 1):
         start = time.perf_counter()
@@ -462,7 +452,7 @@ def train(run: Run) -> list[dict]:
             checkpoint_if_due(run, step)
             continue
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
-            metrics |= evaluate_on_ranks(run) if run.eval_rows else {}
+            metrics |= evaluate_run(run)
         metrics["time/step_s"] = dist.all_reduce_max(time.perf_counter() - start)
         # 6. log (rank 0 writes), and checkpoint when due (every rank writes its own part)
         run.tracker.log(step, metrics)

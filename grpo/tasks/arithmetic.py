@@ -78,6 +78,29 @@ class Arithmetic:
         random.Random(self.seed).shuffle(problems)
         return [self.row(a, b) for a, b in problems[: self.num_eval]]
 
+    def ood_splits(self, num: int) -> dict[str, list[dict]]:
+        """Out-of-distribution splits, `num` problems each, never trained on:
+
+        - `longer`: operands one digit longer than trained on (3-digit for the 2-digit task), written at
+          the longer width: the same algorithm over more positions than the model has seen;
+        - `spaced`: held-out problems phrased "a + b =" (spaces around the signs);
+        - `question`: held-out problems phrased "what is a+b?".
+        A char-level model trained only on "ab+cd=" meets new characters and new positions in each.
+        """
+        rng = random.Random(self.seed + 1)
+        longer = Arithmetic(digits=self.digits + 1, reverse=self.reverse)
+        lo, hi = 10**self.digits, 10 ** (self.digits + 1) - 1
+        problems = [(rng.randint(lo, hi), rng.randint(lo, hi)) for _ in range(num)]
+        held = self._problems(held_out=True)
+        rng.shuffle(held)
+        held = held[-num:]  # held-out problems (some also in eval_rows): only the phrasing is new
+        w = lambda n: write(n, self.reverse, self.digits)  # noqa: E731
+        return {
+            "longer": [longer.row(a, b) for a, b in problems],
+            "spaced": [{**self.row(a, b), "prompt": f"{w(a)} + {w(b)} ="} for a, b in held],
+            "question": [{**self.row(a, b), "prompt": f"what is {w(a)}+{w(b)}?"} for a, b in held],
+        }
+
     def teacher_texts(self, num: int, drop_carry: float, seed: int, num_problems: int = 0) -> list[tuple[str, str]]:
         """`num` (prompt, completion) pairs from the teacher, drawn from `num_problems` train problems (0: all)."""
         rng = random.Random(seed)

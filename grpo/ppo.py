@@ -1,0 +1,232 @@
+"""The RLHF baseline: PPO with a critic, GAE, and the KL to the reference inside the reward.
+
+One step, as `train` below reads:
+1. take B prompts; the rollout engine samples G completions of each (the same engine, reward scorer
+   and batch layout as GRPO, so both algorithms see the same number of samples per step);
+2. the reward functions score them: a learned reward model (`reward_model`) for RLHF, or any other reward;
+3. per-token rewards: -beta * (log pi - log pi_ref) on every completion token, plus the score on the last one;
+4. the critic estimates the value of every prefix; GAE turns rewards and values into per-token advantages
+   and returns;
+5. the policy takes the clipped surrogate step on those advantages (`grpo.trainer.update_policy`), and
+   the critic a clipped value-loss step towards the returns;
+6. weights sync, evaluation, metrics and checkpoints as in GRPO.
+
+The critic is a separate value model (the policy's architecture with a one-output token head,
+initialised from the policy's weights; the head starts at zero), not a value head on the policy. So the
+policy stays an ordinary causal LM (its rollout engine, weight sync, DeepSpeed sharding and checkpoint
+format are GRPO's, untouched) and the value regression cannot pull the policy's features toward
+predicting rewards. It costs one more forward and backward pass of a model the policy's size.
+
+Where this departs from PPO-RLHF as published (Ouyang et al. 2022; Stiennon et al. 2020):
+1. The critic starts from the policy's weights, not the reward model's (any reward function may score,
+   and a verifiable reward has no network to start from).
+2. With `group_size` G > 1 several completions per prompt are sampled, to spend the budget as GRPO does;
+   PPO treats them as independent episodes.
+3. No pretraining-loss mix (PPO-ptx) and no adaptive KL controller: `algorithm.beta` is fixed.
+4. The KL in the reward is the k1 estimate log pi_old - log pi_ref of the sampled token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import torch
+
+from grpo.logprobs import token_budget_batches
+from grpo.trainer import (
+    Run,
+    compute_advantages,
+    layout_batch,
+    rollout_metrics,
+    sample_groups,
+    score_logprobs,
+    training_state,
+    update_policy,
+)
+
+log = logging.getLogger(__name__)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over each row's masked tokens.
+
+        delta_t = r_t + gamma * V_{t+1} - V_t          (V after the last token is 0: the episode ends)
+        A_t     = delta_t + gamma * lam * A_{t+1}
+        R_t     = A_t + V_t                            (the critic's regression target)
+
+    `rewards`, `values`, `mask` are [N, T]; each row's masked tokens are one contiguous episode.
+    Returns (advantages, returns), both [N, T] and 0 where the mask is 0.
+    """
+    mask = mask.float()
+    values = values * mask  # [N, T]
+    N, T = rewards.shape
+    advantages = torch.zeros_like(rewards)  # [N, T]
+    next_adv = torch.zeros(N)  # [N]
+    next_value = torch.zeros(N)  # [N]
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # [N]
+        adv = (delta + gamma * lam * next_adv) * mask[:, t]  # [N]
+        advantages[:, t] = adv
+        # Past the episode's end (mask 0) the carried value and advantage reset to 0.
+        next_adv, next_value = adv, values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float) -> torch.Tensor:
+    """Clipped value loss per token [N, T] (PPO2 as in OpenAI baselines), to be minimised:
+
+        V_clip = V_old + clip(V - V_old, -clip, clip)
+        loss_t = 0.5 * max((V - R)^2, (V_clip - R)^2)
+
+    The clip keeps one batch from moving the critic's estimates far from those the advantages were
+    computed with. Masked positions get loss 0.
+    """
+    clipped = old_values + (values - old_values).clamp(-clip, clip)  # [N, T]
+    loss = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)  # [N, T]
+    return torch.where(mask.bool(), loss, 0.0)
+
+
+def token_rewards(scores: torch.Tensor, mask: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor | None,
+                  beta: float) -> torch.Tensor:
+    """Per-token rewards [N, T]: -beta * (logp - ref_logp) on every masked token, plus the sequence's
+    score [N] on its last masked token."""
+    rewards = torch.zeros_like(logp)  # [N, T]
+    if beta > 0 and ref_logp is not None:
+        rewards = -beta * (logp - ref_logp) * mask  # [N, T]
+    last = (mask * torch.arange(mask.shape[1])).argmax(dim=1)  # [N] column of each row's last token
+    has_tokens = mask.sum(1) > 0  # [N]
+    rewards[torch.arange(len(scores)), last] += scores * has_tokens  # [N]
+    return rewards
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Zero mean, unit std over the masked entries; masked-out entries stay 0."""
+    m = mask.bool()
+    mean = x[m].mean()
+    std = x[m].std() if m.sum() > 1 else torch.tensor(1.0)
+    return torch.where(m, (x - mean) / (std + eps), 0.0)
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [n, T] left padding: the first real token is at 0
+
+
+def critic_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """V [n, T-1]: column t is the value of the prefix ending at token t, before token t+1 is emitted
+    (the column layout of the trainer's log-probs)."""
+    out = critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask))
+    return out.logits[:, :-1, 0].float()  # [n, T-1]
+
+
+def build_critic(run: Run, path: str):
+    """The value model: the policy's weights under a one-output token head that starts at zero."""
+    from transformers import AutoModelForTokenClassification
+
+    from grpo.backends import build_backend
+
+    cfg = run.cfg
+    critic = AutoModelForTokenClassification.from_pretrained(path, num_labels=1, dtype=getattr(torch, cfg.model.dtype))
+    torch.nn.init.zeros_(critic.score.weight)
+    if getattr(critic.score, "bias", None) is not None:
+        torch.nn.init.zeros_(critic.score.bias)
+    backend = build_backend(
+        "torch", policy=critic, lr=cfg.algorithm.ppo.value_lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps, schedule=cfg.optim.schedule,
+        total_steps=cfg.train.max_steps * cfg.algorithm.epochs * cfg.algorithm.mini_batches,
+        max_grad_norm=cfg.optim.max_grad_norm,
+    )
+    return critic, backend
+
+
+def update_critic(backend, batch, old_values: torch.Tensor, returns: torch.Tensor, *, epochs: int, mini_batches: int,
+                  clip: float, micro_batch_tokens: int) -> dict:
+    """`epochs` passes of `mini_batches` optimiser steps on the clipped value loss (token mean per mini-batch)."""
+    n = len(batch)
+    per_mini = n // mini_batches
+    total, updates = 0.0, 0
+    for _ in range(epochs):
+        for m in range(mini_batches):
+            rows = list(range(m * per_mini, (m + 1) * per_mini))
+            num_tokens = batch.completion_mask[rows].sum().clamp(min=1)
+            lengths = batch.attention_mask[rows].sum(1).tolist()
+            for micro in token_budget_batches(lengths, micro_batch_tokens):
+                idx = [rows[i] for i in micro]
+                values = critic_values(backend.model, batch.input_ids[idx], batch.attention_mask[idx])  # [n, T-1]
+                mask = batch.completion_mask[idx]  # [n, T-1]
+                per_token = value_loss(values, old_values[idx], returns[idx], mask, clip)  # [n, T-1]
+                loss = per_token.sum() / num_tokens
+                backend.backward(loss)
+                total += float(loss.detach())
+            backend.step()
+            updates += 1
+    return {"train/value_loss": total / updates}
+
+
+def train(run: Run) -> list[dict]:
+    """Run PPO steps from `run.start_step + 1` to `train.max_steps`; returns the logged metrics."""
+    from grpo.checkpoint import latest_checkpoint, load_state, save_checkpoint
+    from grpo.contamination import report_metrics
+    from grpo.evaluate import evaluate_run
+
+    cfg, algo = run.cfg, run.cfg.algorithm
+    G, T, mbt = algo.group_size, cfg.rollout.temperature, cfg.backend.micro_batch_tokens
+    critic, critic_backend = build_critic(run, cfg.model.path)
+    if run.start_step:
+        state = load_state(latest_checkpoint(cfg.run_dir))
+        critic.load_state_dict(state["critic"])
+        critic_backend.load_state_dict(state["critic_backend"])
+    policy_algo = dataclasses.replace(algo, beta=0.0)  # the KL is in the reward, not in the policy loss
+    history = []
+    if run.start_step == 0 and cfg.train.eval_before and run.eval_rows:
+        history.append({"step": 0, **evaluate_run(run), **report_metrics(run.contamination)})
+        run.tracker.log(0, history[-1])
+    for step in range(run.start_step + 1, cfg.train.max_steps + 1):
+        start = time.perf_counter()
+        # 1-2. sample completions and score them with the reward functions (the RM for RLHF)
+        groups, metrics = sample_groups(run, cfg.train.prompts_per_step)
+        _, valid, scores = compute_advantages(groups.rewards, G, "grpo")  # None rewards: masked out
+        batch = layout_batch(groups.prompt_ids, groups.completion_ids, G, run.tokenizer.pad_token_id,
+                             groups.sampler_logprobs)
+        batch.completion_mask *= valid[:, None].float()
+        mask = batch.completion_mask  # [N, T-1]
+        # 3. per-token rewards: the score at the end, the KL to the reference on every token
+        batch.old_logprobs = score_logprobs(run.policy, batch, temperature=T, micro_batch_tokens=mbt)  # [N, T-1]
+        ref = score_logprobs(run.ref_model, batch, temperature=T, micro_batch_tokens=mbt) if algo.beta > 0 else None
+        rewards = token_rewards(scores, mask, batch.old_logprobs, ref, algo.beta)  # [N, T-1]
+        # 4. critic values and GAE
+        with torch.no_grad():
+            values = torch.zeros_like(mask)  # [N, T-1]
+            for rows in token_budget_batches(batch.attention_mask.sum(1).tolist(), mbt):
+                values[rows] = critic_values(critic, batch.input_ids[rows], batch.attention_mask[rows])
+        advantages, returns = gae(rewards, values, mask, algo.ppo.gamma, algo.ppo.lam)  # [N, T-1] each
+        batch.advantages = whiten(advantages, mask) if algo.ppo.whiten_advantages else advantages
+        # 5. policy step on the clipped surrogate, critic step on the clipped value loss
+        metrics |= update_policy(run.backend, batch, policy_algo, temperature=T, micro_batch_tokens=mbt,
+                                 max_new_tokens=cfg.rollout.max_new_tokens)
+        metrics |= update_critic(critic_backend, batch, values, returns, epochs=algo.epochs,
+                                 mini_batches=algo.mini_batches, clip=algo.ppo.value_clip, micro_batch_tokens=mbt)
+        # 6. sync, evaluate, log, checkpoint
+        metrics["time/weight_sync_s"] = run.engine.sync_weights(run.policy)
+        metrics |= rollout_metrics(groups, batch, valid)
+        tokens = mask.sum().clamp(min=1)
+        metrics["train/value_mean"] = float((values * mask).sum() / tokens)
+        if ref is not None:
+            metrics["train/kl"] = float(((batch.old_logprobs - ref) * mask).sum() / tokens)
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+            metrics |= evaluate_run(run)
+        metrics["time/step_s"] = time.perf_counter() - start
+        run.tracker.log(step, metrics)
+        history.append({"step": step, **metrics})
+        if cfg.train.samples_every and step % cfg.train.samples_every == 0:
+            k = cfg.train.num_samples_logged
+            run.tracker.log_samples(step, [r["prompt"] for r in groups.rows for _ in range(G)][:k],
+                                    groups.texts[:k], groups.rewards[:k])
+        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
+            state = {**training_state(run), "critic": critic.state_dict(), "critic_backend": critic_backend.state_dict()}
+            save_checkpoint(cfg.run_dir, step, policy=run.policy, tokenizer=run.tokenizer, state=state,
+                            keep_last=cfg.checkpoint.keep_last)
+    return history
