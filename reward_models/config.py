@@ -44,6 +44,9 @@ class PreferenceDataConfig:
 
 @dataclass
 class RMTrainConfig:
+    sft_steps: int = field(default=0, metadata={"help": "fine-tune the base LM on the chosen completions first (0: off)"})
+    sft_batch_size: int = field(default=64, metadata={"help": "completions per supervised step"})
+    sft_lr: float = field(default=3e-3, metadata={"help": "peak learning rate of the supervised stage"})
     max_steps: int = field(default=300, metadata={"help": "optimiser steps"})
     batch_size: int = field(default=32, metadata={"help": "pairs per step"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate of AdamW"})
@@ -97,6 +100,9 @@ def validate_rm(cfg: RMConfig) -> RMConfig:
     for name in ("max_steps", "batch_size", "max_length", "log_every", "eval_every", "eval_batch_tokens"):
         _positive(f"train.{name}", getattr(t, name))
     _positive("train.lr", t.lr)
+    _positive("train.sft_steps", t.sft_steps, zero_ok=True)
+    _positive("train.sft_batch_size", t.sft_batch_size)
+    _positive("train.sft_lr", t.sft_lr)
     _positive("train.weight_decay", t.weight_decay, zero_ok=True)
     _positive("train.warmup_steps", t.warmup_steps, zero_ok=True)
     if t.center_rewards is not None:

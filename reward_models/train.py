@@ -160,6 +160,39 @@ class _MetricsWriter(TrainerCallback):
         return control
 
 
+def supervised_start(cfg: RMConfig, base: str, train_pairs: list[dict], out: Path) -> str:
+    """Fine-tune the causal LM at `base` on the chosen completions of the training pairs (TRL's `SFTTrainer`,
+    loss on the completion and its end token only); save it to `out` and return that path.
+
+    The reward model then starts from a network that has been taught the preferred answers, as InstructGPT's
+    reward model starts from the supervised policy. Each distinct (prompt, chosen) is one example; held-out
+    pairs are never seen.
+    """
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    t = cfg.train
+    examples = sorted({(p["prompt"], p["chosen"]) for p in train_pairs})
+    log.info("supervised stage: %d steps on %d chosen completions", t.sft_steps, len(examples))
+    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=cfg.model.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, cfg.model.dtype),
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+    args = SFTConfig(
+        output_dir=str(out.parent / "sft_trainer"), max_steps=t.sft_steps, per_device_train_batch_size=t.sft_batch_size,
+        learning_rate=t.sft_lr, warmup_steps=max(1, t.sft_steps // 20), lr_scheduler_type="cosine",
+        adam_beta2=0.98, weight_decay=0.0, completion_only_loss=True, max_length=t.max_length, logging_steps=t.log_every,
+        save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=not cfg.progress_bar,
+        bf16=cfg.model.dtype == "bfloat16", dataloader_num_workers=0,
+    )
+    dataset = Dataset.from_list([{"prompt": p, "completion": c} for p, c in examples])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+    return str(out)
+
+
 def train_reward_model(cfg: RMConfig) -> dict[str, float]:
     """Train, save `<run_dir>/reward_model/`, evaluate the saved model; returns the final held-out metrics."""
     from datasets import Dataset
@@ -178,6 +211,9 @@ def train_reward_model(cfg: RMConfig) -> dict[str, float]:
     log.info("%d training pairs, %d held-out pairs", len(train_pairs), len(eval_pairs))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    start = time.perf_counter()
+    if cfg.train.sft_steps:
+        base = supervised_start(cfg, base, train_pairs, run_dir / "sft")
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=cfg.model.trust_remote_code)
@@ -204,7 +240,6 @@ def train_reward_model(cfg: RMConfig) -> dict[str, float]:
     writer = _MetricsWriter(run_dir / "metrics.jsonl", tokenizer, eval_pairs, cfg)
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                             callbacks=[writer])
-    start = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - start
 
