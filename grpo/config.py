@@ -45,6 +45,8 @@ class TaskConfig:
     prompt_template: str = field(default="{prompt}", metadata={"help": "format string applied to the prompt column"})
     ood_files: dict[str, str] = field(default_factory=dict, metadata={"help": "out-of-distribution splits: name -> file"})
     contamination_ngram: int = field(default=8, metadata={"help": "word n-gram length of the train/eval overlap check"})
+    drop_contaminated: bool = field(default=True, metadata={
+        "help": "drop evaluation prompts seen exactly in training (false: measure fit on training prompts)"})
     arithmetic: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig)
 
 

@@ -58,10 +58,12 @@ def overlap(train_rows: list[dict], eval_rows: list[dict], n: int) -> dict[str, 
     return {"exact_overlap": exact / total, "ngram_overlap": gram / total}
 
 
-def decontaminate(train_rows: list[dict], splits: dict[str, list[dict]], n: int) -> tuple[list[dict], dict, dict]:
-    """Deduplicate every split, drop evaluation prompts seen exactly in training; returns
-    (train rows, evaluation splits, report). The report holds, per split, the overlap measured
-    before anything was dropped, so a contaminated source is visible, not silently repaired."""
+def decontaminate(train_rows: list[dict], splits: dict[str, list[dict]], n: int,
+                  drop: bool = True) -> tuple[list[dict], dict, dict]:
+    """Deduplicate every split, drop evaluation prompts seen exactly in training (unless `drop` is
+    false: evaluating on training prompts on purpose); returns (train rows, evaluation splits, report).
+    The report holds, per split, the overlap measured before anything was dropped, so a contaminated
+    source is visible, not silently repaired."""
     train_rows, train_dupes = deduplicate(train_rows)
     exact_train = {normalise(r["prompt"]) for r in train_rows}
     report: dict = {"ngram": n, "train": {"rows": len(train_rows), "duplicates_dropped": train_dupes}}
@@ -69,7 +71,7 @@ def decontaminate(train_rows: list[dict], splits: dict[str, list[dict]], n: int)
     for name, rows in splits.items():
         rows, dupes = deduplicate(rows)
         stats = overlap(train_rows, rows, n)
-        kept = [r for r in rows if normalise(r["prompt"]) not in exact_train]
+        kept = [r for r in rows if not drop or normalise(r["prompt"]) not in exact_train]
         report[name] = {"rows": len(kept), "duplicates_dropped": dupes, "exact_dropped": len(rows) - len(kept), **stats}
         clean[name] = kept
     return train_rows, clean, report

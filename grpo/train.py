@@ -119,7 +119,7 @@ def build_run(cfg: Config):
     train_rows, eval_rows = load_task(cfg.task, scorer.required_columns() | eval_scorer.required_columns())
     ood_rows = load_ood_splits(cfg.task, eval_scorer.required_columns())
     train_rows, splits, contamination = decontaminate(train_rows, {"eval": eval_rows, **ood_rows},
-                                                      cfg.task.contamination_ngram)
+                                                      cfg.task.contamination_ngram, cfg.task.drop_contaminated)
     eval_rows, ood_rows = splits.pop("eval"), splits
     validate_world(cfg, dist.world_size(), len(eval_rows))
     if checkpoint is not None:

@@ -34,6 +34,12 @@ def test_decontaminate_drops_exact_overlap_and_reports_it():
                               "exact_overlap": 0.5, "ngram_overlap": 0.5}
 
 
+def test_decontaminate_can_keep_training_prompts_and_still_reports_them():
+    _, splits, report = decontaminate(rows("a+b=", "c+d="), {"eval": rows("a + b =", "e+f=")}, 8, drop=False)
+    assert [r["prompt"] for r in splits["eval"]] == ["a + b =", "e+f="]  # fit on training prompts, on purpose
+    assert report["eval"]["exact_overlap"] == 0.5 and report["eval"]["exact_dropped"] == 0
+
+
 def test_builtin_task_splits_are_clean():
     from grpo.tasks.arithmetic import Arithmetic
 
