@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--micro-batch-tokens", type=int, default=40)
     parser.add_argument("--loss-agg", default="token_mean")
+    parser.add_argument("--poison-rank", type=int, default=-1, help="this rank's loss is made infinite")
     args = parser.parse_args(drop_launcher_args(__import__("sys").argv[1:]))
     torch.set_num_threads(1)
     dist.init_distributed(deepspeed=args.backend.startswith("deepspeed"), timeout_s=120)
@@ -65,6 +66,8 @@ def main() -> None:
     my_advantages = torch.stack(dist.shard(list(advantages)))
     batch = layout_batch(my_prompts, my_completions, G, tok.pad_token_id)
     batch.advantages = my_advantages
+    if dist.rank() == args.poison_rank:
+        batch.advantages[0] = float("inf")  # inf * ratio: this rank's loss is not finite, the others' are
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     backend = build_backend(args.backend, policy=model, lr=1.0, eps=1.0, betas=(0.9, 0.99), max_grad_norm=0.0)
@@ -75,7 +78,10 @@ def main() -> None:
         grads = {n: gradient_from_adam_step(before[n], p.detach().float()) for n, p in model.named_parameters()}
     if dist.is_main():
         torch.save({"loss": metrics["train/loss"], "grad_norm": metrics["optim/grad_norm"],
-                    "entropy": metrics["train/entropy"], "grads": grads, "world_size": dist.world_size()}, args.out)
+                    "entropy": metrics["train/entropy"], "grads": grads, "world_size": dist.world_size(),
+                    "skipped": metrics["optim/skipped_steps"],
+                    "moved": max(float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters())},
+                   args.out)
     dist.barrier()
 
 

@@ -120,6 +120,20 @@ def test_grpo_trains_on_two_ranks_with_identical_replicas(tmp_path, warm_tiny_di
         assert rows[-1]["dist/replica_weight_diff"] == 0.0
 
 
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed_zero2"])
+def test_a_non_finite_loss_on_one_rank_is_handled_on_every_rank(tmp_path, backend):
+    out = tmp_path / "out.pt"
+    cmd = [*launcher(backend, 2), str(DRIVER), "--backend", backend, "--out", str(out), "--poison-rank", "1"]
+    if backend == "ddp":  # every rank skips the update: no rank moves, so the replicas stay identical
+        launch(cmd)
+        result = torch.load(out, weights_only=True)
+        assert result["skipped"] == 1 and result["moved"] == 0.0
+    else:  # DeepSpeed cannot discard its accumulated gradient: the run stops, weights untouched, and says why
+        proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode != 0
+        assert "a rank's loss is not finite" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+
+
 @pytest.mark.parametrize("backend", ["deepspeed_zero2", "ddp"])
 def test_a_dead_rank_ends_the_job_and_is_named(tmp_path, warm_tiny_dir, backend):
     run_dir = tmp_path / "run"
