@@ -76,11 +76,12 @@ def main() -> None:
                             max_new_tokens=8)
     with backend.gathered_for_rollout():  # ZeRO-3: the full weights
         grads = {n: gradient_from_adam_step(before[n], p.detach().float()) for n, p in model.named_parameters()}
+        moved = max(float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters())
     if dist.is_main():
         torch.save({"loss": metrics["train/loss"], "grad_norm": metrics["optim/grad_norm"],
                     "entropy": metrics["train/entropy"], "grads": grads, "world_size": dist.world_size(),
                     "skipped": metrics["optim/skipped_steps"],
-                    "moved": max(float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters())},
+                    "moved": moved},
                    args.out)
     dist.barrier()
 
