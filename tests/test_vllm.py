@@ -165,3 +165,11 @@ def test_grpo_train_with_rollout_vllm_trains_end_to_end(tmp_path):
         assert m["rollout/logprob_abs_diff"] < 1e-5, m  # every step samples from the synced policy
     assert "eval/accuracy" in lines[0] and "eval/accuracy" in steps[-1]
     assert (run_dir / "checkpoints" / "step_4" / "policy").is_dir()
+
+
+def test_import_grpo_does_not_import_vllm_even_where_it_is_installed():
+    code = ("import sys, grpo, grpo.trainer, grpo.train, grpo.rollout, grpo.backends, rewards; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'vllm'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "[]", out.stderr
