@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 SIZES = {  # Qwen2-architecture models with the character-level tokenizer; head_dim 64 (vLLM's CPU attention)
     "tiny": None,  # the demo's warm-started model (grpo.warmstart), 0.8M parameters
-    "small": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=2048, max_positions=256),  # 25M
+    "small": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=2048, max_positions=256),  # 34M
 }
 
 
