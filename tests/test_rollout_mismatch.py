@@ -67,3 +67,18 @@ def test_tis_needs_the_samplers_logprobs(tiny_random_dir):
     with pytest.raises(ValueError, match="algorithm.tis_cap"):
         update_policy(TorchBackend(model, lr=1e-3), batch, AlgorithmConfig(group_size=2, tis_cap=2.0),
                       temperature=1.0, micro_batch_tokens=1000, max_new_tokens=8)
+
+
+def test_rollout_vllm_config_composes_without_vllm_installed():
+    from grpo.config import ConfigError
+    from grpo.train import engine_options
+    from tests.conftest import compose
+
+    cfg = compose(["rollout=vllm", "model=hf", "model.path=/models/x", "rollout.kv_cache_gb=0.5"])
+    options = engine_options(cfg)
+    assert cfg.rollout.engine == "vllm" and options["model_path"] == "/models/x" and options["kv_cache_gb"] == 0.5
+    assert "model_path" not in engine_options(compose([]))  # the hf engine gets only the sampling settings
+    with pytest.raises(ConfigError, match="rollout.tensor_parallel_size"):
+        compose(["rollout=vllm", "rollout.tensor_parallel_size=0"])
+    with pytest.raises(ConfigError, match="rollout.gpu_memory_utilization"):
+        compose(["rollout=vllm", "rollout.gpu_memory_utilization=1.5"])
