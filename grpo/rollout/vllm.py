@@ -27,7 +27,9 @@ Choices, and where they depart from a plain `vllm.LLM(...)`:
    `dispatch_cpu_unquantized_gemm(layer, remove_weight=False)`, which keeps the tensors; after every sync
    the kernels are rebuilt from the new weights. (With oneDNN simply left off, generation ran 2-4x
    slower on a 34M-parameter model.) The engine checks that no weight was packed away.
-6. Sleep mode on GPU only: between rollouts the engine sleeps (level 1: weights offloaded to CPU,
+6. Tensor parallel (`tensor_parallel_size > 1`) runs vLLM's worker processes; the sync then ships each
+   bucket to them through vLLM's RPC. Only the single-device engine is exercised by the tests (CPU).
+7. Sleep mode on GPU only: between rollouts the engine sleeps (level 1: weights offloaded to CPU,
    KV cache freed) so the policy update has the memory; it wakes for the next sync or rollout.
 """
 
@@ -91,6 +93,7 @@ class VLLMRolloutEngine:
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.max_new_tokens, self.min_new_tokens, self.stop = max_new_tokens, min_new_tokens, list(stop)
         self.sync_bucket_bytes = int(sync_bucket_mb * 2**20)
+        del batch_size  # the hf engine's chunking; vLLM schedules its own batches within its KV cache
         self.on_gpu = torch.cuda.is_available()
         self.sleep_mode = enable_sleep_mode and self.on_gpu
         if enable_sleep_mode and not self.on_gpu:
