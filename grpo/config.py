@@ -79,7 +79,13 @@ class RolloutConfig:
     min_new_tokens: int = field(default=0, metadata={"help": "sampled completions get at least this many tokens (EOS held back); 0 = off"})
     stop: list[str] = field(default_factory=list, metadata={"help": "strings that end a completion"})
     batch_size: int = field(default=512, metadata={"help": "sequences per generate call"})
-    gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vllm: memory fraction it reserves"})
+    gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vllm: memory fraction it reserves (on CPU: of RAM)"})
+    kv_cache_gb: float = field(default=0.0, metadata={"help": "vllm: KV cache size in GiB; 0 = from gpu_memory_utilization"})
+    max_model_len: int = field(default=0, metadata={"help": "vllm: longest prompt + completion; 0 = the model's context"})
+    enforce_eager: bool = field(default=True, metadata={"help": "vllm: no CUDA graphs / compilation (faster start)"})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: devices one engine is split over"})
+    enable_sleep_mode: bool = field(default=True, metadata={"help": "vllm on GPU: free the engine's memory during the update"})
+    sync_bucket_mb: float = field(default=256.0, metadata={"help": "vllm: MiB of weights copied (ZeRO-3: gathered) at a time"})
 
 
 @dataclass
@@ -147,6 +153,7 @@ class AlgorithmConfig:
     overlong_buffer: int = field(default=0, metadata={"help": "DAPO soft overlong penalty ramp length; 0 = off"})
     overlong_penalty: float = field(default=1.0, metadata={"help": "penalty at max_new_tokens"})
     mask_truncated: bool = field(default=False, metadata={"help": "truncated completions get no gradient"})
+    tis_cap: float = field(default=0.0, metadata={"help": "truncated importance sampling: loss x min(pi_trainer / pi_sampler, cap); 0 = off"})
     ppo: PPOOptions = field(default_factory=PPOOptions)
     dpo: DPOOptions = field(default_factory=DPOOptions)
 
@@ -263,6 +270,7 @@ def validate(cfg: Config) -> Config:
     _positive("algorithm.epochs", a.epochs)
     _positive("algorithm.mini_batches", a.mini_batches)
     _positive("algorithm.max_resample", a.max_resample, zero_ok=True)
+    _positive("algorithm.tis_cap", a.tis_cap, zero_ok=True)
     if not 0 <= a.overlong_buffer <= cfg.rollout.max_new_tokens:
         raise ConfigError(
             f"algorithm.overlong_buffer: must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}], "
@@ -283,6 +291,12 @@ def validate(cfg: Config) -> Config:
     if not 0 <= r.min_new_tokens <= r.max_new_tokens:
         raise ConfigError(f"rollout.min_new_tokens: must be in [0, rollout.max_new_tokens={r.max_new_tokens}], got {r.min_new_tokens}")
     _positive("rollout.batch_size", r.batch_size)
+    if not 0 < r.gpu_memory_utilization <= 1:
+        raise ConfigError(f"rollout.gpu_memory_utilization: must be in (0, 1], got {r.gpu_memory_utilization}")
+    _positive("rollout.kv_cache_gb", r.kv_cache_gb, zero_ok=True)
+    _positive("rollout.max_model_len", r.max_model_len, zero_ok=True)
+    _positive("rollout.tensor_parallel_size", r.tensor_parallel_size)
+    _positive("rollout.sync_bucket_mb", r.sync_bucket_mb)
 
     _choice("backend.name", cfg.backend.name, BACKEND_NAMES)
     _positive("backend.micro_batch_tokens", cfg.backend.micro_batch_tokens)

@@ -163,6 +163,26 @@ def clipped_surrogate(
 
 
 @torch.no_grad()
+def truncated_importance_weights(trainer_logp: Tensor, sampler_logp: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Per-token weights [N, T] that correct for the sampler not being exactly the trainer's policy.
+
+        w_t = min(exp(trainer_logp_t - sampler_logp_t), cap)        (1 on masked positions)
+
+    Truncated importance sampling (TIS; Yao et al. 2025, "Your efficient RL framework secretly
+    brings you off-policy RL training"): the rollout engine (vLLM, other kernels, other precision)
+    samples from a slightly different distribution than the trainer scores, so the per-token loss
+    is reweighted by their ratio, capped at `cap` to bound the variance. ``trainer_logp`` is the
+    trainer's log-prob under the weights the samples were drawn with (the "old" policy), so the
+    weight is a constant, as in the paper; it multiplies the surrogate, not the KL penalty.
+    """
+    if cap <= 0:
+        raise ValueError(f"the TIS cap must be > 0, got {cap}")
+    keep = mask.bool()  # [N, T]
+    log_ratio = torch.where(keep, trainer_logp - sampler_logp, 0.0)  # [N, T]
+    return log_ratio.exp().clamp(max=cap)  # [N, T]
+
+
+@torch.no_grad()
 def clip_fraction(
     logp: Tensor,
     old_logp: Tensor,

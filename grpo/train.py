@@ -154,12 +154,8 @@ def build_run(cfg: Config):
         offload_optimizer=cfg.backend.offload_optimizer, offload_params=cfg.backend.offload_params,
         deepspeed_overrides=dict(cfg.backend.deepspeed),
     )
-    r = cfg.rollout
-    engine = build_rollout_engine(
-        r.engine, model=policy, tokenizer=tokenizer, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-        max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, stop=r.stop, batch_size=r.batch_size,
-    )
-    if hasattr(backend, "gathered_for_rollout"):
+    engine = build_rollout_engine(cfg.rollout.engine, model=policy, tokenizer=tokenizer, **engine_options(cfg))
+    if hasattr(backend, "gathered_for_rollout") and not getattr(engine, "holds_own_weights", False):
         engine = WithFullWeights(engine, backend.gathered_for_rollout)
     sampler = PromptSampler(len(train_rows), seed=cfg.seed)
     start_step, masked_steps = 0, 0
@@ -195,6 +191,20 @@ def build_run(cfg: Config):
                scorer=scorer, eval_scorer=eval_scorer, train_rows=train_rows, eval_rows=eval_rows,
                sampler=sampler, tracker=tracker, start_step=start_step, masked_steps=masked_steps,
                ood_rows=ood_rows, contamination=contamination)
+
+
+def engine_options(cfg: Config) -> dict:
+    """The rollout engine's keyword arguments from `cfg.rollout` (vLLM also gets its engine settings)."""
+    r = cfg.rollout
+    options = dict(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+                   min_new_tokens=r.min_new_tokens, stop=r.stop, batch_size=r.batch_size)
+    if r.engine == "vllm":
+        options |= dict(model_path=cfg.model.path, dtype=cfg.model.dtype, seed=cfg.seed + dist.rank(),
+                        gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb,
+                        max_model_len=r.max_model_len, enforce_eager=r.enforce_eager,
+                        tensor_parallel_size=r.tensor_parallel_size, enable_sleep_mode=r.enable_sleep_mode,
+                        sync_bucket_mb=r.sync_bucket_mb)
+    return options
 
 
 def context_length(model) -> int | None:
@@ -271,11 +281,8 @@ def evaluate_from_config(cfg: Config) -> dict:
         raise ConfigError("task: no held-out rows to evaluate (set task.eval_file or task.hf_eval_split)")
     path = resolve_model_path(cfg)
     model, tokenizer = load_policy(path, cfg)
-    r = cfg.rollout
-    engine = build_rollout_engine(r.engine, model=model, tokenizer=tokenizer, temperature=r.temperature,
-                                  top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-                                  min_new_tokens=r.min_new_tokens, stop=r.stop,
-                                  batch_size=r.batch_size)
+    cfg.model.path = path
+    engine = build_rollout_engine(cfg.rollout.engine, model=model, tokenizer=tokenizer, **engine_options(cfg))
     ood_rows = load_ood_splits(cfg.task, scorer.required_columns())
     metrics = evaluate_splits(engine, scorer, eval_rows, ood_rows, cfg.reward.accuracy, pass_k=cfg.train.eval_pass_k)
     print(json.dumps({"model": path, **metrics}, indent=2))

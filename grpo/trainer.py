@@ -35,7 +35,7 @@ from grpo import distributed as dist
 from grpo.advantages import get_advantage_estimator, group_stats, overlong_penalty
 from grpo.config import AlgorithmConfig
 from grpo.logprobs import sequence_logprobs, token_budget_batches
-from grpo.losses import aggregate, clip_fraction, clipped_surrogate, kl_divergence
+from grpo.losses import aggregate, clip_fraction, clipped_surrogate, kl_divergence, truncated_importance_weights
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,9 @@ def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temper
     n, device = len(batch), next(backend.model.parameters()).device
     per_mini = n // algo.mini_batches
     stats = {"loss": 0.0, "entropy": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "skipped": 0}
-    updates, diff_sum, diff_tokens = 0, 0.0, 0.0
+    updates, diff_sum, diff_tokens, sampler_kl_sum = 0, 0.0, 0.0, 0.0
+    if algo.tis_cap > 0 and batch.sampler_logprobs is None:
+        raise ValueError("algorithm.tis_cap: the rollout engine returned no sampler log-probs to correct by")
     for epoch in range(algo.epochs):
         for m in range(algo.mini_batches):
             rows = list(range(m * per_mini, (m + 1) * per_mini))
@@ -164,7 +166,7 @@ def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temper
             num_tokens, num_seqs = dist.all_reduce_sum(torch.tensor([mini.completion_mask.sum(), len(rows)]))
             num_tokens, num_seqs = num_tokens.float(), num_seqs.float()  # global counts of the mini-batch
             lengths = mini.attention_mask.sum(1).tolist()
-            sums = torch.zeros(6, dtype=torch.float64)  # loss, entropy, kl, clipped tokens, |diff|, diff tokens
+            sums = torch.zeros(7, dtype=torch.float64)  # loss, entropy, kl, clipped tokens, |diff|, diff tokens, sampler kl
             finite = True
             for micro_rows in equal_count_micro_batches(lengths, micro_batch_tokens):
                 weight = 1.0 if micro_rows else 0.0  # an empty micro-batch: a forward/backward that adds nothing
@@ -178,6 +180,9 @@ def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temper
                 per_token = clipped_surrogate(
                     logp, old, micro.advantages, mask, algo.clip_low, algo.clip_high, algo.ratio_level, algo.dual_clip
                 )  # [n, T-1]
+                if algo.tis_cap > 0:  # the sampler is not exactly the trainer's policy: reweight by their ratio
+                    per_token = per_token * truncated_importance_weights(old, micro.sampler_logprobs, mask,
+                                                                         algo.tis_cap)  # [n, T-1]
                 if algo.beta > 0:
                     kl = kl_divergence(logp, micro.ref_logprobs, algo.kl_estimator)  # [n, T-1]
                     per_token = per_token + algo.beta * kl
@@ -198,6 +203,10 @@ def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temper
                 if epoch == 0 and micro.sampler_logprobs is not None:  # sampler vs trainer, same weights
                     sums[4] += float(((old - micro.sampler_logprobs).abs() * mask).sum())
                     sums[5] += float(mask.sum())
+                    # KL(sampler || trainer), k3 on the sampler's own tokens
+                    kl_st = kl_divergence(torch.where(mask.bool(), micro.sampler_logprobs, 0.0),
+                                          torch.where(mask.bool(), old, 0.0), "k3")  # [n, T-1]
+                    sums[6] += float((kl_st * mask).sum())
             finite = not dist.all_reduce_max(float(not finite))  # every rank skips, or none
             step_stats = backend.step() if finite else backend.step(skip=True)
             sums = dist.all_reduce_sum(sums)
@@ -207,6 +216,7 @@ def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temper
             stats["kl"] += float(sums[2]) / tokens
             stats["clip_frac"] += float(sums[3]) / tokens
             diff_sum, diff_tokens = diff_sum + float(sums[4]), diff_tokens + float(sums[5])
+            sampler_kl_sum += float(sums[6])
             stats["grad_norm"] += step_stats["grad_norm"]
             stats["skipped"] += int(step_stats["skipped"])
             stats["lr"] = step_stats["lr"]
@@ -220,6 +230,7 @@ def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temper
         out.pop("train/kl")
     if diff_tokens:
         out["rollout/logprob_abs_diff"] = diff_sum / diff_tokens
+        out["rollout/sampler_kl"] = sampler_kl_sum / diff_tokens
     return out
 
 
