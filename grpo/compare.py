@@ -55,10 +55,10 @@ class CompareConfig:
     out_dir: str = field(default="runs/compare", metadata={"help": "directory of the comparison"})
     algorithms: list[str] = field(default_factory=lambda: ["grpo", "dr_grpo", "ppo_rlhf", "dpo"],
                                   metadata={"help": "names from grpo.compare.ALGORITHMS, run in this order"})
-    budget_samples: int = field(default=12800, metadata={"help": "generated completions each algorithm may use"})
+    budget_samples: int = field(default=51200, metadata={"help": "generated completions each algorithm may use"})
     prompts_per_step: int = field(default=32, metadata={"help": "prompts per step of the online algorithms"})
     group_size: int = field(default=8, metadata={"help": "completions per prompt (DPO: samples per problem)"})
-    eval_every_samples: int = field(default=1280, metadata={"help": "samples between evaluations (online algorithms)"})
+    eval_every_samples: int = field(default=6400, metadata={"help": "samples between evaluations (online algorithms)"})
     dpo_eval_every: int = field(default=10, metadata={"help": "DPO optimiser steps between evaluations"})
     seed: int = field(default=0, metadata={"help": "seed of every run"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads per run; 0 = torch's default"})
