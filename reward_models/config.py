@@ -44,6 +44,9 @@ class PreferenceDataConfig:
 
 @dataclass
 class RMTrainConfig:
+    head: str = field(default="classifier", metadata={
+        "help": "classifier: a score head at the last token, trained by RewardTrainer; likelihood: the (supervised) "
+                "LM's log-likelihood of the completion, its scale fitted by Bradley-Terry"})
     sft_steps: int = field(default=0, metadata={"help": "fine-tune the base LM on the chosen completions first (0: off)"})
     sft_batch_size: int = field(default=64, metadata={"help": "completions per supervised step"})
     sft_lr: float = field(default=3e-3, metadata={"help": "peak learning rate of the supervised stage"})
@@ -100,6 +103,7 @@ def validate_rm(cfg: RMConfig) -> RMConfig:
     for name in ("max_steps", "batch_size", "max_length", "log_every", "eval_every", "eval_batch_tokens"):
         _positive(f"train.{name}", getattr(t, name))
     _positive("train.lr", t.lr)
+    _choice("train.head", t.head, ("classifier", "likelihood"))
     _positive("train.sft_steps", t.sft_steps, zero_ok=True)
     _positive("train.sft_batch_size", t.sft_batch_size)
     _positive("train.sft_lr", t.sft_lr)

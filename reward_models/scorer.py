@@ -10,6 +10,10 @@ unless already there), tokenized with the model's tokenizer, right-padded; the s
 output at the last non-padding token. Sequences longer than `max_length` tokens keep their *last*
 `max_length` tokens (the start of the prompt is cut), so the completion and the end token are always scored.
 
+A reward model trained with `train.head=likelihood` is a causal LM with a `reward_head.json` beside its
+weights: its score is `scale * log p(completion + eos | prompt)`, summed over the completion's tokens (the
+prompt's last `max_length` tokens are kept), with `scale` fitted by Bradley-Terry on the training pairs.
+
 Rows are sorted by length and packed into batches of at most `batch_tokens` padded tokens, so one long
 completion does not pad the whole batch. The model is loaded once per (path, device) and kept for the
 process. Under multi-process training every rank calls the reward on its own share of the batch and scores
@@ -18,6 +22,7 @@ it on its own device (`cuda:$LOCAL_RANK` by default when CUDA is there).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -43,13 +48,43 @@ def default_device() -> str:
     return "cpu"
 
 
+LIKELIHOOD_HEAD = "reward_head.json"
+
+
+class LikelihoodRewardModel(torch.nn.Module):
+    """A causal LM scored by its log-likelihood of the completion, times a scale fitted on preference pairs."""
+
+    def __init__(self, lm, scale: float):
+        super().__init__()
+        self.lm, self.scale = lm, float(scale)
+
+    def completion_logprob(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           completion_mask: torch.Tensor) -> torch.Tensor:
+        """Sum of log p(token | earlier tokens) over the tokens where `completion_mask` is 1; [b]."""
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # [b, T-1, V]
+        logp = logits.log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [b, T-1]
+        return (logp * completion_mask[:, 1:]).sum(-1)  # [b]
+
+    def save(self, directory: str | Path, tokenizer) -> None:
+        self.lm.save_pretrained(str(directory), safe_serialization=True)
+        tokenizer.save_pretrained(str(directory))
+        (Path(directory) / LIKELIHOOD_HEAD).write_text(json.dumps({"kind": "likelihood", "scale": self.scale}))
+
+
 def read_reward_model(path: str | Path, device: str = "cpu"):
     """(model, tokenizer) of the reward model directory at `path`, on `device`, in eval mode (not cached)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     if not Path(path).expanduser().exists():
         raise RewardConfigError(f"reward_model: path {path} does not exist (train one with grpo-rm-train)")
     tokenizer = AutoTokenizer.from_pretrained(str(path))
+    head = Path(path).expanduser() / LIKELIHOOD_HEAD
+    if head.exists():
+        scale = json.loads(head.read_text())["scale"]
+        lm = AutoModelForCausalLM.from_pretrained(str(path))
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return LikelihoodRewardModel(lm, scale).to(device).eval(), tokenizer
     model = AutoModelForSequenceClassification.from_pretrained(str(path)).to(device).eval()
     if model.config.num_labels != 1:
         raise RewardConfigError(f"reward_model: {path} has {model.config.num_labels} outputs, expected 1")
@@ -99,6 +134,9 @@ def score_texts(model, tokenizer, prompts: list[str], completions: list[str], *,
     """The reward model's score of each prompt + completion (see the module docstring).
 
     `counts["truncated"]`, when given, is increased by the number of sequences cut to `max_length`."""
+    if isinstance(model, LikelihoodRewardModel):
+        return score_likelihood(model, tokenizer, prompts, completions, batch_tokens=batch_tokens,
+                                max_length=max_length, counts=counts)
     encoded = [encode(tokenizer, p, c, max_length) for p, c in zip(prompts, completions)]
     if counts is not None:
         counts["truncated"] += sum(t for _, t in encoded)
@@ -116,6 +154,43 @@ def score_texts(model, tokenizer, prompts: list[str], completions: list[str], *,
         for row, value in zip(batch, logits[:, 0].float().cpu().tolist()):
             scores[row] = value
     return scores
+
+
+@torch.inference_mode()
+def score_likelihood(model: LikelihoodRewardModel, tokenizer, prompts: list[str], completions: list[str], *,
+                     batch_tokens: int = 8192, max_length: int = 512, counts: Counter | None = None) -> list[float]:
+    """`scale * log p(completion + eos | prompt)` for each row (the likelihood head)."""
+    scores = completion_logprobs(model, tokenizer, prompts, completions, batch_tokens=batch_tokens,
+                                 max_length=max_length, counts=counts)
+    return [model.scale * v for v in scores]
+
+
+def completion_logprobs(model: LikelihoodRewardModel, tokenizer, prompts: list[str], completions: list[str], *,
+                        batch_tokens: int = 8192, max_length: int = 512, counts: Counter | None = None) -> list[float]:
+    """log p(completion + eos | prompt) under the model's LM, summed over the completion's tokens."""
+    rows = []  # (ids, completion length in tokens)
+    for p, c in zip(prompts, completions):
+        done = tokenizer(c + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(p, add_special_tokens=False)["input_ids"] + done
+        if counts is not None:
+            counts["truncated"] += len(ids) > max_length
+        rows.append((ids[-max_length:], min(len(done), max_length - 1)))
+    device = next(model.parameters()).device
+    out = [0.0] * len(rows)
+    for batch in token_budget_batches([len(ids) for ids, _ in rows], batch_tokens):
+        width = max(len(rows[i][0]) for i in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)  # [b, T]
+        attn = torch.zeros_like(ids)
+        mask = torch.zeros_like(ids, dtype=torch.float32)  # 1 on the completion's tokens
+        for row, i in enumerate(batch):  # right padding: positions start at 0
+            seq, n = rows[i]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            attn[row, : len(seq)] = 1
+            mask[row, len(seq) - n : len(seq)] = 1
+        values = model.completion_logprob(ids.to(device), attn.to(device), mask.to(device))  # [b]
+        for row, value in zip(batch, values.cpu().tolist()):
+            out[row] = value
+    return out
 
 
 def normalize_scores(scores: list[float], mode: str) -> list[float]:

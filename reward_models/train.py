@@ -222,6 +222,8 @@ def train_reward_model(cfg: RMConfig) -> dict[str, float]:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
+    if cfg.train.head == "likelihood":
+        return likelihood_reward_model(cfg, base, tokenizer, train_pairs, eval_pairs, start)
     torch.manual_seed(cfg.seed)  # the score head is initialised here
     model = AutoModelForSequenceClassification.from_pretrained(
         base, num_labels=1, dtype=getattr(torch, cfg.model.dtype), trust_remote_code=cfg.model.trust_remote_code)
@@ -254,6 +256,71 @@ def train_reward_model(cfg: RMConfig) -> dict[str, float]:
         log.info("held-out pair accuracy %.3f (%d pairs), margin %.3f; trained in %.0fs",
                  final["rm/eval_pair_accuracy"], len(eval_pairs), final["rm/eval_margin"], train_s)
     writer.write(trainer.state.global_step, final)
+    writer.flush()
+    log.info("reward model: %s", out)
+    return final
+
+
+def fit_bradley_terry_scale(differences: list[float], steps: int = 100) -> float:
+    """The scale s > 0 minimising -mean log sigmoid(s * d) over the pairs' score differences d (chosen - rejected).
+
+    One parameter, convex in s: Newton's method on log s would do; LBFGS is simpler to read. When every d is
+    positive the loss keeps falling as s grows, so s is capped at 100 / max|d| (a margin of 100 nats).
+    """
+    d = torch.tensor(differences, dtype=torch.float64)  # [N]
+    cap = math.log(100.0 / max(float(d.abs().max()), 1e-12))
+    if bool((d > 0).all()):  # every pair ranked right: the loss has no minimum, take the cap
+        return math.exp(cap)
+    log_s = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_s], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = bradley_terry_loss(log_s.clamp(max=cap).exp() * d, torch.zeros_like(d))
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_s.detach().clamp(max=cap).exp())
+
+
+def likelihood_reward_model(cfg: RMConfig, base: str, tokenizer, train_pairs: list[dict], eval_pairs: list[dict],
+                            start: float) -> dict[str, float]:
+    """`train.head=likelihood`: the reward is `scale * log p(completion + eos | prompt)` under the causal LM at
+    `base` (with `train.sft_steps`, the LM fine-tuned on the training pairs' chosen completions), and `scale`
+    is fitted by Bradley-Terry on the training pairs. Saved and evaluated like the classifier.
+
+    Why: on the built-in task a last-token classifier must learn to check an addition from one bit per pair
+    and stayed near chance (held-out pair accuracy 0.50-0.61), while the supervised LM's own likelihood of an
+    answer already separates right from wrong; this head keeps that knowledge instead of training it away.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from reward_models.scorer import LikelihoodRewardModel, completion_logprobs, read_reward_model
+
+    t, run_dir = cfg.train, Path(cfg.run_dir)
+    lm = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, cfg.model.dtype),
+                                              trust_remote_code=cfg.model.trust_remote_code)
+    model = LikelihoodRewardModel(lm, 1.0).eval()
+    n = len(train_pairs)
+    logp = completion_logprobs(model, tokenizer, [p["prompt"] for p in train_pairs] * 2,
+                               [p["chosen"] for p in train_pairs] + [p["rejected"] for p in train_pairs],
+                               batch_tokens=t.eval_batch_tokens, max_length=t.max_length)
+    model.scale = fit_bradley_terry_scale([c - r for c, r in zip(logp[:n], logp[n:])])
+    train_s = time.perf_counter() - start
+    writer = _MetricsWriter(run_dir / "metrics.jsonl", tokenizer, eval_pairs, cfg)
+    final: dict[str, float] = {"rm/scale": model.scale, "time/train_s": train_s,
+                               **pair_metrics([model.scale * v for v in logp[:n]], [model.scale * v for v in logp[n:]],
+                                              prefix="rm/train")}
+    out = run_dir / "reward_model"
+    model.save(out, tokenizer)
+    if eval_pairs:
+        saved, saved_tokenizer = read_reward_model(out, "cuda" if torch.cuda.is_available() else "cpu")
+        final.update(evaluate_pairs(saved, saved_tokenizer, eval_pairs, max_length=t.max_length,
+                                    batch_tokens=t.eval_batch_tokens))
+        log.info("held-out pair accuracy %.3f (%d pairs), margin %.3f; likelihood head, scale %.3f; trained in %.0fs",
+                 final["rm/eval_pair_accuracy"], len(eval_pairs), final["rm/eval_margin"], model.scale, train_s)
+    writer.write(t.sft_steps, final)
     writer.flush()
     log.info("reward model: %s", out)
     return final

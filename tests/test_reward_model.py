@@ -194,12 +194,11 @@ def test_cli_reports_a_missing_file_in_one_line(tmp_path, monkeypatch, capsys):
 # accuracy: 0.61 and 0.52 with this recipe (two splits), 0.55 at lr 3e-4, 0.46 at lr 3e-3; the warm-started LM's own log-prob ranks the
 # same pairs right 91% of the time, so the information is there and the recipe is what is missing (issue 4).
 TRAIN_SET = dict(num_prompts=2000, samples_per_prompt=8, pairs_per_prompt=2, seed=0)
-TRAIN_RECIPE = dict(max_steps=300, batch_size=32, lr=1e-3, warmup_steps=10, log_every=10, eval_every=100)
-MIN_ACCURACY = 0.57  # chance is 0.5 (std ~0.03 over ~330 held-out pairs)
+TRAIN_RECIPE = dict(head="likelihood", sft_steps=400)  # the built-in recipe (configs/rm/config.yaml)
+MIN_ACCURACY = 0.8  # the issue's bar; measured 0.995 (chance is 0.5, std ~0.03 over ~330 held-out pairs)
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="the built-in RM recipe does not learn reliably yet (held-out 0.46-0.61); issue 4")
 def test_trained_reward_model_ranks_held_out_pairs(warm_tiny_dir, tmp_path):
     """Train on the built-in set (the warm-started model's own answers); held-out prompts are never trained on."""
     from grpo.config import ModelConfig
@@ -220,9 +219,7 @@ def test_trained_reward_model_ranks_held_out_pairs(warm_tiny_dir, tmp_path):
 
     assert final["rm/eval_pair_accuracy"] > MIN_ACCURACY, final
     lines = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert lines[-1]["step"] == TRAIN_RECIPE["max_steps"] and lines[-1]["rm/eval_pair_accuracy"] == final["rm/eval_pair_accuracy"]
-    assert [line["step"] for line in lines] == sorted({line["step"] for line in lines})  # one line per step
-    assert all("rm/loss" in line for line in lines)
+    assert lines[-1]["rm/eval_pair_accuracy"] == final["rm/eval_pair_accuracy"] and final["rm/scale"] > 0
 
     # The reward function, through the scorer, ranks chosen above rejected on the held-out pairs on average.
     from reward_models.data import split_by_prompt
@@ -238,3 +235,39 @@ def test_trained_reward_model_ranks_held_out_pairs(warm_tiny_dir, tmp_path):
     assert margin == pytest.approx(final["rm/eval_margin"], abs=1e-5)  # the run's figure is the reward's figure
     assert margin > 0
     assert out.per_reward["math_accuracy"] == [1.0] * len(held) + [0.0] * len(held)
+
+
+def test_bradley_terry_scale_by_hand():
+    from reward_models.train import fit_bradley_terry_scale
+
+    # Differences +1 and -1/2: loss(s) = -[log sig(s) + log sig(-s/2)] / 2. Its derivative is zero where
+    # sig(-s) = sig(s/2) / 2, i.e. 1/(1+e^s) = 1/(2(1+e^(-s/2))). With x = e^(s/2): 2 + 2/x = 1 + x^2, so
+    # x^3 - x - 2 = 0, x = 1.52138 (Newton), s = 2 ln x = 0.83924.
+    assert fit_bradley_terry_scale([1.0, -0.5]) == pytest.approx(0.83924, abs=1e-4)
+    # Every pair right: the loss falls forever; s stops at a margin of 100 nats on the largest difference.
+    assert fit_bradley_terry_scale([2.0, 4.0]) == pytest.approx(25.0, rel=1e-9)
+
+
+def test_likelihood_head_scores_the_completion_log_likelihood_and_reloads(tiny_random_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from reward_models.scorer import LikelihoodRewardModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_random_dir)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_random_dir).eval()
+    model = LikelihoodRewardModel(lm, 0.5)
+    prompts, completions = ["12+34=", "5+6=", "7+80="], ["46", "11", "78"]
+    scores = score_texts(model, tok, prompts, completions, batch_tokens=16)  # several batches
+
+    for p, c, got in zip(prompts, completions, scores):  # by hand: one unpadded forward per row
+        ids = tok(p + c + tok.eos_token, add_special_tokens=False)["input_ids"]
+        n = len(tok(c + tok.eos_token, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            logp = lm(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)  # [T-1, V]
+        want = sum(float(logp[t - 1, ids[t]]) for t in range(len(ids) - n, len(ids)))
+        assert got == pytest.approx(0.5 * want, abs=1e-4)
+
+    model.save(tmp_path / "rm", tok)
+    saved, saved_tok = read_reward_model(tmp_path / "rm")
+    assert isinstance(saved, LikelihoodRewardModel) and saved.scale == 0.5
+    assert score_texts(saved, saved_tok, prompts, completions) == pytest.approx(scores, abs=1e-6)
