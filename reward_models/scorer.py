@@ -128,6 +128,16 @@ def token_budget_batches(lengths: list[int], batch_tokens: int) -> list[list[int
     return batches
 
 
+def right_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [b, T] and attention mask [b, T] of `seqs`, right-padded as in training (positions start at 0)."""
+    ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)  # [b, T]
+    attn = torch.zeros_like(ids)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        attn[row, : len(seq)] = 1
+    return ids, attn
+
+
 @torch.inference_mode()
 def score_texts(model, tokenizer, prompts: list[str], completions: list[str], *, batch_tokens: int = 8192,
                 max_length: int = 512, counts: Counter | None = None) -> list[float]:
@@ -143,13 +153,7 @@ def score_texts(model, tokenizer, prompts: list[str], completions: list[str], *,
     device = next(model.parameters()).device
     scores = [0.0] * len(encoded)
     for batch in token_budget_batches([len(ids) for ids, _ in encoded], batch_tokens):
-        width = max(len(encoded[i][0]) for i in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)  # [b, T]
-        attn = torch.zeros_like(ids)
-        for row, i in enumerate(batch):  # right padding, as in training: positions start at 0
-            seq = encoded[i][0]
-            ids[row, : len(seq)] = torch.tensor(seq)
-            attn[row, : len(seq)] = 1
+        ids, attn = right_padded([encoded[i][0] for i in batch], tokenizer.pad_token_id)  # [b, T] each
         logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits  # [b, 1]
         for row, value in zip(batch, logits[:, 0].float().cpu().tolist()):
             scores[row] = value
@@ -178,14 +182,10 @@ def completion_logprobs(model: LikelihoodRewardModel, tokenizer, prompts: list[s
     device = next(model.parameters()).device
     out = [0.0] * len(rows)
     for batch in token_budget_batches([len(ids) for ids, _ in rows], batch_tokens):
-        width = max(len(rows[i][0]) for i in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)  # [b, T]
-        attn = torch.zeros_like(ids)
+        ids, attn = right_padded([rows[i][0] for i in batch], tokenizer.pad_token_id)  # [b, T] each
         mask = torch.zeros_like(ids, dtype=torch.float32)  # 1 on the completion's tokens
-        for row, i in enumerate(batch):  # right padding: positions start at 0
+        for row, i in enumerate(batch):
             seq, n = rows[i]
-            ids[row, : len(seq)] = torch.tensor(seq)
-            attn[row, : len(seq)] = 1
             mask[row, len(seq) - n : len(seq)] = 1
         values = model.completion_logprob(ids.to(device), attn.to(device), mask.to(device))  # [b]
         for row, value in zip(batch, values.cpu().tolist()):

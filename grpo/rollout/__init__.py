@@ -38,6 +38,15 @@ class RolloutEngine(Protocol):
 ENGINES = {"hf": "grpo.rollout.hf:HFRolloutEngine", "vllm": "grpo.rollout.vllm:VLLMRolloutEngine"}
 
 
+def decode_completion(tokenizer, seq: list[int], stop: list[str]) -> str:
+    """The completion's text: special tokens dropped, cut before the first stop string it contains."""
+    text = tokenizer.decode(seq, skip_special_tokens=True)
+    for s in stop:
+        if s in text:
+            text = text[: text.index(s)]
+    return text
+
+
 def build_rollout_engine(name: str, **kwargs) -> RolloutEngine:
     """Import the engine named in the config and build it."""
     module, cls = ENGINES[name].split(":")

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from grpo.rollout import Completions
+from grpo.rollout import Completions, decode_completion
 
 
 class HFRolloutEngine:
@@ -92,8 +92,4 @@ class HFRolloutEngine:
         return seq, not stopped and len(seq) >= self.max_new_tokens
 
     def _text(self, seq: list[int]) -> str:
-        text = self.tokenizer.decode(seq, skip_special_tokens=True)
-        for s in self.stop:
-            if s in text:
-                text = text[: text.index(s)]
-        return text
+        return decode_completion(self.tokenizer, seq, self.stop)

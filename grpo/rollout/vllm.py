@@ -42,7 +42,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from grpo.rollout import Completions
+from grpo.rollout import Completions, decode_completion
 
 log = logging.getLogger(__name__)
 
@@ -226,11 +226,7 @@ class VLLMRolloutEngine:
             self.asleep = True
 
     def _text(self, seq: list[int]) -> str:
-        text = self.tokenizer.decode(seq, skip_special_tokens=True)
-        for s in self.stop:
-            if s in text:
-                text = text[: text.index(s)]
-        return text
+        return decode_completion(self.tokenizer, seq, self.stop)
 
 
 def _packed_weights(vllm_model) -> list[str]:
