@@ -5,15 +5,15 @@ largest tensor of a training step by far. `sequence_logprobs` runs the model's b
 then applies the output embedding to at most `chunk_size` positions at a time, so only one
 chunk's `[chunk_size, V]` float32 logits exist at any moment, in the forward pass and in the
 backward pass alike (each chunk is recomputed in backward under activation checkpointing).
-By default a chunk holds `LOGITS_CHUNK_ELEMENTS // V` positions (32 MiB of float32 logits:
-~55 positions of a 151,936-token vocabulary, the whole batch of a 100-token one). When the
+By default a chunk holds `LOGITS_CHUNK_ELEMENTS // V` positions (64 MiB of float32 logits:
+~110 positions of a 151,936-token vocabulary, the whole batch of a 100-token one). When the
 whole batch fits in one chunk nothing is checkpointed: recomputing it would save no memory.
 
 Conventions, shared by both functions here:
 
 - `logprobs[:, t] = log p(input_ids[:, t+1] | input_ids[:, :t+1])`, shape `[B, T-1]`.
 - The distribution is the tempered one, `softmax(logits / temperature)`, computed in float32;
-  `entropy[:, t] = -sum_v p_v log p_v` of that distribution.
+  `entropy[:, t] = -sum_v p_v log p_v` of that distribution, a metric returned without a graph.
 - Columns before `logits_to_keep_from` are skipped and returned as zeros (not dropped), so the
   outputs stay aligned with `input_ids[:, 1:]` and with any mask built over it. For a prompt block
   of width P followed by completions, pass `logits_to_keep_from=P - 1`: column P-1 scores the
@@ -31,7 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-LOGITS_CHUNK_ELEMENTS = 2**23  # logits elements per chunk: 32 MiB in float32
+# Logits elements per chunk: 64 MiB in float32. Above 32 MiB on purpose: glibc's malloc serves
+# blocks over 32 MiB (its largest mmap threshold) by mmap and returns them to the system on free,
+# while smaller blocks stay in its heap. Measured (scripts/bench_logprob_memory.py setup, one
+# micro-batch): 55-position chunks (31.9 MiB) left the resident set 2.9 GB larger after the
+# forward, 56-position ones (32.4 MiB) 0.17 GB; the live tensors were the same.
+LOGITS_CHUNK_ELEMENTS = 2**24
 
 
 def sequence_logprobs(
@@ -74,8 +79,11 @@ def sequence_logprobs(
     rows = hidden[:, k : T - 1].reshape(-1, hidden.shape[-1])  # [B*L, H], L = T-1-k
     targets = input_ids[:, k + 1 :].reshape(-1)  # [B*L]
 
+    in_backward = False  # set once every chunk has been scored: later calls are recomputations
+
     def score(h, y):
-        return _score_logits(head(h), y, temperature, with_entropy)
+        # The entropy is a detached metric: recomputing it in backward would be wasted work.
+        return _score_logits(head(h), y, temperature, with_entropy and not in_backward)
 
     if chunk_size is None:
         chunk_size = max(1, LOGITS_CHUNK_ELEMENTS // head.weight.shape[0])
@@ -89,6 +97,7 @@ def sequence_logprobs(
             lp, ent = score(h, y)
         lp_chunks.append(lp)
         ent_chunks.append(ent)
+    in_backward = True
 
     logprobs = _left_zeros(_cat_rows(lp_chunks, rows).view(B, T - 1 - k), k)  # [B, T-1]
     entropy = _left_zeros(_cat_rows(ent_chunks, rows).view(B, T - 1 - k), k) if with_entropy else None
@@ -156,10 +165,18 @@ def token_budget_batches(lengths: list[int], max_tokens: int) -> list[list[int]]
 def _score_logits(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-prob of `targets` and entropy under `softmax(logits / temperature)`, in float32."""
+    """Log-prob of `targets` and entropy under `softmax(logits / temperature)`, in float32.
+
+    The entropy is computed without a graph. Were it differentiable but left out of the loss (it is
+    a metric here), its saved `[..., V]` tensors would live until the graph is freed, and under
+    activation checkpointing the recomputed ones would too: about two logits-sized tensors per chunk.
+    """
     logp = F.log_softmax(logits.float() / temperature, dim=-1)  # [..., V]
     lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [...]
-    ent = -(logp.exp() * logp).sum(-1) if with_entropy else None  # [...]
+    ent = None
+    if with_entropy:
+        with torch.no_grad():
+            ent = -(logp.exp() * logp).sum(-1)  # [...]
     return lp, ent
 
 

@@ -93,7 +93,8 @@ def _grads(model, fn, ids, mask, **kw):
     model.zero_grad(set_to_none=True)
     lp, ent = fn(model, ids, mask, with_entropy=True, **kw)
     loss_mask = mask[:, 1:].float()  # [B, T-1]: score real targets only
-    ((lp * loss_mask).sum() + 0.1 * (ent * loss_mask).sum()).backward()
+    assert not ent.requires_grad  # a metric: no graph is kept for it
+    (lp * loss_mask).sum().backward()
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
