@@ -1,15 +1,18 @@
-"""Rollout throughput: `rollout=hf` (transformers generate) against `rollout=vllm`, alternated in one run.
+"""Rollout throughput: the `rollout=hf` engine's loop, transformers' `generate`, and `rollout=vllm`, alternated.
 
-    .venv-vllm/bin/python scripts/bench_rollout.py                    # the demo's tiny model, 64 prompts x 8
-    .venv-vllm/bin/python scripts/bench_rollout.py --size small       # a 4x wider, 2x deeper random model
+    python scripts/bench_rollout.py --engines hf,generate          # the demo's tiny model, 64 prompts x 8
+    .venv-vllm/bin/python scripts/bench_rollout.py                 # all three (vLLM needs its venv)
+    .venv-vllm/bin/python scripts/bench_rollout.py --size small    # a 4x wider, 2x deeper random model
     .venv-vllm/bin/python scripts/bench_rollout.py --prompts 32 --group 16 --max-new-tokens 32 --rounds 5
 
-Both engines get the same model directory (the same weights), the same prompts, group size and sampling
-settings, and every completion is exactly `--max-new-tokens` long (`min_new_tokens` on both sides holds
-EOS back), so both generate the same number of tokens; throughput is generated tokens per second of
-`generate` wall time. The machine may be shared: the engines take turns, round by round, so load from
-elsewhere hits both alike; read the ratio of one run, not absolute figures across runs. The vLLM engine is
-built once (its start-up is not counted; it is paid once per run) and each engine runs one warm-up round.
+All engines get the same model directory (the same weights), the same prompts, group size and sampling
+settings, and every completion is exactly `--max-new-tokens` long (`min_new_tokens` everywhere holds
+EOS back), so all generate the same number of tokens; throughput is generated tokens per second of
+`generate` wall time. `generate` is transformers' `model.generate` with the settings the `hf` engine
+used before it had its own loop (`num_return_sequences`, logits returned for the sampler's log-probs).
+The machine may be shared: the engines take turns, round by round, so load from elsewhere hits all
+alike; read the ratios of one run, not absolute figures across runs. The vLLM engine is built once
+(its start-up is not counted; it is paid once per run) and each engine runs one warm-up round.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +44,33 @@ def model_dir(size: str, workdir: Path) -> str:
     return str(save_tiny(workdir / size, seed=0, **SIZES[size]))
 
 
+class TransformersGenerate:
+    """The reference: transformers' `generate`, n sequences per prompt, with the logits for log-probs."""
+
+    def __init__(self, model, tokenizer, *, temperature, top_p, top_k, max_new_tokens, min_new_tokens):
+        self.model, self.tokenizer = model, tokenizer
+        self.kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None,
+                           max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                           return_dict_in_generate=True, output_logits=True)
+
+    def generate(self, prompts, n):
+        import time
+
+        import torch
+
+        start = time.perf_counter()
+        enc = self.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            out = self.model.generate(**enc, num_return_sequences=n, **self.kwargs)
+            new = out.sequences[:, enc["input_ids"].shape[1]:]
+            logits = torch.stack(out.logits, dim=1).float()  # [rows, steps, V]
+            logits.log_softmax(-1).gather(-1, new.unsqueeze(-1))  # the sampler's log-probs, as the engine returns
+        completions = [row.tolist() for row in new]
+        return types.SimpleNamespace(completion_ids=completions,
+                                     metrics={"time/generate_s": time.perf_counter() - start})
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
@@ -48,13 +79,13 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3, help="timed generate calls per engine")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--engines", default="hf,generate,vllm", help="comma-separated: hf, generate, vllm")
     args = p.parse_args()
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from grpo.rollout.hf import HFRolloutEngine
-    from grpo.rollout.vllm import VLLMRolloutEngine
     from grpo.tasks.arithmetic import Arithmetic
 
     torch.set_num_threads(args.threads)  # before vLLM binds its threads (it refuses changes afterwards)
@@ -67,10 +98,20 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     sampling = dict(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=args.max_new_tokens,
                     min_new_tokens=args.max_new_tokens)
-    engines = {
-        "hf": HFRolloutEngine(model, tokenizer, batch_size=args.prompts * args.group, **sampling),
-        "vllm": VLLMRolloutEngine(model, tokenizer, model_path=path, dtype="float32", kv_cache_gb=0.5, **sampling),
-    }
+    names = args.engines.split(",")
+    engines = {}
+    for name in names:
+        if name == "hf":
+            engines[name] = HFRolloutEngine(model, tokenizer, batch_size=args.prompts * args.group, **sampling)
+        elif name == "generate":
+            engines[name] = TransformersGenerate(model, tokenizer, **sampling)
+        elif name == "vllm":
+            from grpo.rollout.vllm import VLLMRolloutEngine
+
+            engines[name] = VLLMRolloutEngine(model, tokenizer, model_path=path, dtype="float32", kv_cache_gb=0.5,
+                                              **sampling)
+        else:
+            p.error(f"--engines: unknown engine {name!r} (hf, generate, vllm)")
     rates = {name: [] for name in engines}
     for round_ in range(args.rounds + 1):  # round 0 warms up
         for name, engine in engines.items():
@@ -79,14 +120,17 @@ def main() -> None:
             assert tokens == len(prompts) * args.group * args.max_new_tokens, (name, tokens)
             if round_:
                 rates[name].append(tokens / out.metrics["time/generate_s"])
-    sync_s = engines["vllm"].sync_weights(model)
-    hf, vllm = statistics.median(rates["hf"]), statistics.median(rates["vllm"])
     print(f"model: {args.size} ({n_params / 1e6:.1f}M parameters, float32), {args.prompts} prompts x {args.group} "
           f"samples x {args.max_new_tokens} tokens, {args.rounds} rounds, torch threads {args.threads}")
-    print(f"hf    generate: {hf:10.0f} tokens/s  (rounds: {', '.join(f'{r:.0f}' for r in rates['hf'])})")
-    print(f"vllm  generate: {vllm:10.0f} tokens/s  (rounds: {', '.join(f'{r:.0f}' for r in rates['vllm'])})")
-    print(f"vllm / hf: {vllm / hf:.2f}x;  vllm weight sync: {sync_s * 1000:.1f} ms")
-    engines["vllm"].close()
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    for name, r in rates.items():
+        print(f"{name:9s} {median[name]:10.0f} tokens/s  (rounds: {', '.join(f'{x:.0f}' for x in r)})")
+    if "hf" in median:
+        for name in median.keys() - {"hf"}:
+            print(f"{name} / hf: {median[name] / median['hf']:.2f}x")
+    if "vllm" in engines:
+        print(f"vllm weight sync: {engines['vllm'].sync_weights(model) * 1000:.1f} ms")
+        engines["vllm"].close()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,22 @@
-"""Rollout with transformers' `generate`, sharing the policy module (no weight copy needed).
+"""Rollout on the policy module itself (no weight copy), with a sampling loop written for GRPO.
 
-Sampling follows the config: temperature, top-p, top-k, max new tokens, stop strings. The
-sampler's log-probs are those of the temperature-scaled distribution before top-k/top-p
-filtering, which is the distribution the trainer's log-probs are computed under.
+transformers' `generate` is general: it prefills each prompt once per returned sequence, and
+every step runs its logits processors, stopping criteria and cache bookkeeping. A GRPO rollout
+is one narrow case (n samples of each prompt, a few sampling settings), so this engine runs its
+own loop over the model's forward:
+
+- each prompt is prefilled once, then its KV cache is repeated for its n samples;
+- each step is one forward of the last sampled tokens, then temperature, the EOS/pad
+  suppressions, top-k, top-p and a multinomial draw, all batched over the rows;
+- rows that finish (EOS, or a stop string found by transformers' `StopStringCriteria`) are
+  fed padding until every row has finished or `max_new_tokens` is reached.
+
+Sampling follows transformers' conventions (temperature, then top-k, then top-p; top-p keeps the
+smallest set of tokens whose probability reaches `top_p`), and positions follow its left-padding
+convention (`attention_mask.cumsum(-1) - 1`), which `grpo.logprobs` uses too. The sampler's
+log-probs are those of the temperature-scaled distribution before any filtering, the distribution
+the trainer's log-probs are computed under. scripts/bench_rollout.py measures the loop against
+`generate`.
 """
 
 from __future__ import annotations
@@ -10,6 +24,7 @@ from __future__ import annotations
 import time
 
 import torch
+from transformers import StopStringCriteria
 
 from grpo.rollout import Completions, decode_completion
 
@@ -22,6 +37,7 @@ class HFRolloutEngine:
         self.max_new_tokens, self.stop, self.batch_size = max_new_tokens, list(stop), batch_size
         self.min_new_tokens = min_new_tokens  # sampling only: greedy evaluation stops at EOS
         self.return_logprobs = return_logprobs
+        self.stop_criteria = StopStringCriteria(tokenizer, self.stop) if self.stop else None
 
     def sync_weights(self, model) -> float:
         # The engine samples from the policy module itself: nothing to copy.
@@ -40,56 +56,98 @@ class HFRolloutEngine:
         self.model.eval()
         try:
             for lo in range(0, len(prompts), rows_per_call):
-                self._generate_chunk(prompt_ids[lo : lo + rows_per_call], n, greedy, out)
+                self._generate_chunk(prompt_ids[lo : lo + rows_per_call], 1 if greedy else n, greedy, out)
         finally:
             self.model.train(was_training)
         out.metrics["time/generate_s"] = time.perf_counter() - start
         return out
 
-    def _generate_chunk(self, prompt_ids, n, greedy, out: Completions) -> None:
-        tok = self.tokenizer
-        device = next(self.model.parameters()).device
+    def _generate_chunk(self, prompt_ids: list[list[int]], n: int, greedy: bool, out: Completions) -> None:
+        tok, model = self.tokenizer, self.model
+        device = next(model.parameters()).device
+        eos, pad = tok.eos_token_id, tok.pad_token_id
         width = max(map(len, prompt_ids))
-        ids = torch.full((len(prompt_ids), width), tok.pad_token_id, dtype=torch.long)
+        ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
         attn = torch.zeros_like(ids)
         for i, p in enumerate(prompt_ids):  # left padding: the completion starts at the same column for all
             ids[i, width - len(p):] = torch.tensor(p)
             attn[i, width - len(p):] = 1
-        kwargs = dict(max_new_tokens=self.max_new_tokens, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, return_dict_in_generate=True)
-        if tok.pad_token_id != tok.eos_token_id:
-            kwargs["suppress_tokens"] = [tok.pad_token_id]  # a sampled pad would be taken for padding
-        if greedy:
-            kwargs.update(do_sample=False, num_return_sequences=1)
-        else:
-            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p,
-                          top_k=self.top_k or None, num_return_sequences=n, min_new_tokens=self.min_new_tokens,
-                          output_logits=out.logprobs is not None)
-        if self.stop:
-            kwargs.update(stop_strings=self.stop, tokenizer=tok)
-        gen = self.model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs)
-        new = gen.sequences[:, width:].cpu()  # [rows, <=max_new_tokens]
-        if out.logprobs is not None:
-            logits = torch.stack(gen.logits, dim=1).float().cpu() / self.temperature  # [rows, steps, V]
-            token_logp = logits.log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # [rows, steps]
-        for r in range(new.shape[0]):
-            seq, truncated = self._cut(new[r].tolist())
-            out.completion_ids.append(seq)
-            out.truncated.append(truncated)
-            out.texts.append(self._text(seq))
-            if out.logprobs is not None:
-                out.logprobs.append(token_logp[r, : len(seq)].tolist())
+        ids, attn = ids.to(device), attn.to(device)
+        position = (attn.cumsum(-1) - 1).clamp(min=0)  # [B, W]
 
-    def _cut(self, seq: list[int]) -> tuple[list[int], bool]:
-        """Keep the sampled tokens up to and including EOS; drop the padding after a finished row."""
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        if eos in seq:
-            return seq[: seq.index(eos) + 1], False
+        # Prefill each prompt once, then give each of its n samples a copy of its cache.
+        prefill = model(input_ids=ids, attention_mask=attn, position_ids=position, use_cache=True, logits_to_keep=1)
+        cache = prefill.past_key_values
+        cache.batch_repeat_interleave(n)
+        logits = prefill.logits[:, -1].float().repeat_interleave(n, dim=0)  # [R, V], R = B*n rows
+        attn = attn.repeat_interleave(n, dim=0)  # [R, W]
+        position = position[:, -1:].repeat_interleave(n, dim=0)  # [R, 1]
+
+        rows = logits.shape[0]
+        # Added to the logits before filtering: -inf on pad (a sampled pad would be taken for padding)
+        # and, for the first `min_new_tokens` sampled tokens, on EOS.
+        suppress = torch.zeros(logits.shape[-1], device=device)  # [V]
         if pad != eos:
-            while seq and seq[-1] == pad:
-                seq = seq[:-1]
-        stopped = any(s in self._text(seq) for s in self.stop)
-        return seq, not stopped and len(seq) >= self.max_new_tokens
+            suppress[pad] = float("-inf")
+        suppress_eos = suppress.clone()
+        suppress_eos[eos] = float("-inf")
+        tokens, logps = [], []
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        length = torch.full((rows,), self.max_new_tokens, dtype=torch.long, device=device)
+        for step in range(self.max_new_tokens):
+            bias = suppress_eos if step < self.min_new_tokens and not greedy else suppress
+            token, logp = self._sample(logits, bias, greedy)  # [R], [R]
+            token = token.masked_fill(finished, pad)
+            tokens.append(token)
+            logps.append(logp)
+            done = token == eos
+            if self.stop_criteria is not None:
+                done |= self.stop_criteria(torch.stack(tokens, dim=1), None).to(device)
+            length = torch.where(done & ~finished, step + 1, length)
+            finished |= done
+            if step + 1 == self.max_new_tokens or bool(finished.all()):
+                break
+            attn = torch.cat([attn, attn.new_ones(rows, 1)], dim=1)
+            position = position + 1
+            logits = model(input_ids=token[:, None], attention_mask=attn, position_ids=position,
+                           past_key_values=cache, use_cache=True).logits[:, -1].float()  # [R, V]
 
-    def _text(self, seq: list[int]) -> str:
-        return decode_completion(self.tokenizer, seq, self.stop)
+        new = torch.stack(tokens, dim=1).cpu()  # [R, steps]
+        token_logp = torch.stack(logps, dim=1).cpu()  # [R, steps]
+        length, finished = length.tolist(), finished.tolist()
+        for r in range(rows):
+            seq = new[r, : length[r]].tolist()
+            out.completion_ids.append(seq)
+            out.truncated.append(not finished[r])
+            out.texts.append(decode_completion(tok, seq, self.stop))
+            if out.logprobs is not None:
+                out.logprobs.append(token_logp[r, : length[r]].tolist())
+
+    def _sample(self, logits: torch.Tensor, bias: torch.Tensor, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next token of every row, and its log-prob under `softmax(logits / temperature)`."""
+        if greedy:
+            return (logits + bias).argmax(-1), torch.zeros(logits.shape[0], device=logits.device)
+        scaled = logits / self.temperature  # [R, V]
+        logp = scaled.log_softmax(-1)  # the sampler's distribution, before any filtering
+        filtered = top_k_top_p(scaled + bias, self.top_k, self.top_p)
+        token = torch.multinomial(filtered.softmax(-1), 1).squeeze(1)  # [R]
+        return token, logp.gather(-1, token[:, None]).squeeze(1)
+
+
+def top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """`logits` [R, V] with the tokens outside the top-k, then outside the top-p nucleus, set to -inf.
+
+    Top-k keeps the k largest logits (ties with the k-th kept too); 0 keeps all. Top-p keeps the
+    smallest set of most likely tokens whose probability reaches `top_p`: a token goes when the
+    tokens more likely than it already hold `top_p`, so the most likely token always stays.
+    """
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [R, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V]
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # probability of the strictly more likely tokens
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = logits.scatter(-1, order, sorted_logits)
+    return logits
