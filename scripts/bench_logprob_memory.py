@@ -2,6 +2,7 @@
 
     python scripts/bench_logprob_memory.py                  # 64 sequences x 256 tokens, micro-batches of 8
     python scripts/bench_logprob_memory.py --hidden-size 896 --layers 4
+    python scripts/bench_logprob_memory.py --methods ours --chunk-size 55    # 31.9 MiB chunks (see grpo/logprobs.py)
 
 One pass = what an optimiser step needs from the model: per-token log-probs (and entropy) of the
 completion tokens under a random-weight Qwen2 model, the GRPO loss (token mean of -ratio * advantage,
@@ -91,7 +92,8 @@ def run_pass(method: str, args) -> dict:
 
     def logprobs(mids, mmask):  # [n, C] log-probs of the completion tokens
         if method == "ours":
-            lp, _ = sequence_logprobs(model, mids, mmask, with_entropy=True, logits_to_keep_from=P - 1)
+            lp, _ = sequence_logprobs(model, mids, mmask, with_entropy=True, logits_to_keep_from=P - 1,
+                                      chunk_size=args.chunk_size)
             return lp[:, P - 1 :]
         if method == "naive":
             lp, _ = naive_sequence_logprobs(model, mids, mmask, with_entropy=True, logits_to_keep_from=P - 1)
@@ -134,6 +136,7 @@ def main() -> None:
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--chunk-size", type=int, default=None, help="ours: positions per logits chunk (default: 64 MiB)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--one", choices=METHODS, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -146,7 +149,7 @@ def main() -> None:
     results = {}
     for method in args.methods.split(","):
         cmd = [sys.executable, __file__, "--one", method] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("one", "methods")]
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("one", "methods") and v is not None]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         if out.returncode:
             print(f"{method}: failed\n{out.stderr[-2000:]}")

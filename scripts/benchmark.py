@@ -11,7 +11,10 @@ sampling settings (temperature, top-p, top-k, up to `max_new_tokens`), reward fu
 which is TRL's `loss_type="dapo"`); no KL term and no reference model (`beta=0`); one optimiser step per
 rollout batch of B*G completions (TRL: `per_device_train_batch_size=B*G`, `gradient_accumulation_steps=1`,
 hence `steps_per_generation=1`, `generation_batch_size=B*G`, `num_iterations=1`, so it skips its old-log-prob
-pass too); TRL's logging, checkpointing and progress bar are off. Every completion has exactly
+pass too); the same activation checkpointing (ours: `backend.gradient_checkpointing`, off by default; TRL's
+default is on, which recomputes the forward in backward and keeps fewer activations, so left at its default
+TRL would do more work per step in less memory); the same precision (the model's dtype: TRL's default
+`bf16=True` autocast is set to match it); TRL's logging, checkpointing and progress bar are off. Every completion has exactly
 `max_new_tokens` tokens (`min_new_tokens` on both sides) unless `--natural-eos`.
 
 The machine may be shared: one side's step runs, then the other's, alternately, so that load from
@@ -23,7 +26,8 @@ Phases (seconds per step, medians): generation (the rollout engine / `_generate_
 (reward functions), log-probs (the forward passes that compute per-token log-probs), update (backward
 and optimiser step), weight sync (ours: `engine.sync_weights`; TRL with transformers generate has none),
 other (the rest of the step). Peak memory: on CPU, the peak resident-set growth over a few steps, each side
-in a fresh process (one process cannot tell the two sides' peaks apart); on CUDA, `max_memory_allocated`.
+in a fresh process (one process cannot tell the two sides' peaks apart), read from VmHWM after resetting it
+at the first timed step; it counts freed memory that malloc keeps; on CUDA, `max_memory_allocated`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -218,6 +221,7 @@ def build_trl(cfg, model_path: str, device: str, max_steps: int, timers: Timers,
         weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, lr_scheduler_type="constant", warmup_steps=0,
         logging_steps=10**9, save_strategy="no", report_to="none", disable_tqdm=True,
         use_cpu=device == "cpu", bf16=cfg.model.dtype == "bfloat16", dataloader_num_workers=0,
+        gradient_checkpointing=cfg.backend.gradient_checkpointing,  # TRL's default is on; the same work on both sides
     )
     trainer = GRPOTrainer(model=model, reward_funcs=[trl_reward(cfg)], args=args,
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=callbacks)
@@ -243,10 +247,16 @@ def peak_memory_mb(device: str) -> float:
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    # VmHWM, not getrusage's ru_maxrss: a child started by fork + exec inherits its parent's peak
+    # in ru_maxrss, which made the fresh-process memory runs report the parent's size.
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
 
 
 def current_rss_mb() -> float:
+    """The resident set now; also resets the peak (VmHWM) to it, so later peaks are this run's."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -358,7 +368,8 @@ def peak_rss_in_fresh_process(side: str, args) -> float:
     cmd = [sys.executable, __file__, "--only", side, "--steps", str(args.memory_steps), "--warmup", "1",
            "--json", "--model", args.model, "--dtype", args.dtype] + (["--natural-eos"] if args.natural_eos else [])
     cmd += [f"--override={o}" for o in args.override]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # MALLOC_MMAP_THRESHOLD_=65536 here: see docs/benchmarks.md
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
         raise RuntimeError(f"memory run of {side} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_growth_mb"]
