@@ -21,6 +21,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+import time
 import types
 from pathlib import Path
 
@@ -55,8 +56,6 @@ class TransformersGenerate:
                            return_dict_in_generate=True, output_logits=True)
 
     def generate(self, prompts, n):
-        import time
-
         import torch
 
         start = time.perf_counter()

@@ -253,10 +253,13 @@ def peak_memory_mb(device: str) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
 
 
-def current_rss_mb() -> float:
-    """The resident set now; also resets the peak (VmHWM) to it, so later peaks are this run's."""
+def reset_peak_rss() -> None:
+    """Set the peak resident set (VmHWM) to the current one, so later peaks are this run's."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def current_rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -290,6 +293,7 @@ def run_alternating(args, cfg, model_path: str) -> dict:
     if only == "ours":
         for i in range(steps):
             if i == args.warmup:
+                reset_peak_rss()
                 base_rss["ours"] = current_rss_mb()
             one_ours(i >= args.warmup)
         return {"records": records, "base_rss": base_rss}
@@ -307,6 +311,7 @@ def run_alternating(args, cfg, model_path: str) -> dict:
 
         def on_step_begin(self, *a, **k):
             if self.step == args.warmup and "trl" not in base_rss:
+                reset_peak_rss()
                 base_rss["trl"] = current_rss_mb()
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -368,8 +373,7 @@ def peak_rss_in_fresh_process(side: str, args) -> float:
     cmd = [sys.executable, __file__, "--only", side, "--steps", str(args.memory_steps), "--warmup", "1",
            "--json", "--model", args.model, "--dtype", args.dtype] + (["--natural-eos"] if args.natural_eos else [])
     cmd += [f"--override={o}" for o in args.override]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # MALLOC_MMAP_THRESHOLD_=65536 here: see docs/benchmarks.md
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode:
         raise RuntimeError(f"memory run of {side} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_growth_mb"]
