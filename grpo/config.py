@@ -42,7 +42,8 @@ class TaskConfig:
     hf_train_split: str = field(default="train", metadata={"help": "split of hf_dataset for training"})
     hf_eval_split: Optional[str] = field(default="test", metadata={"help": "split of hf_dataset for evaluation"})
     prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt text"})
-    prompt_template: str = field(default="{prompt}", metadata={"help": "format string applied to the prompt column"})
+    prompt_template: str = field(default="{prompt}", metadata={
+        "help": "format string over the row's columns; {prompt} is the prompt column's text"})
     ood_files: dict[str, str] = field(default_factory=dict, metadata={"help": "out-of-distribution splits: name -> file"})
     contamination_ngram: int = field(default=8, metadata={"help": "word n-gram length of the train/eval overlap check"})
     drop_contaminated: bool = field(default=True, metadata={
@@ -52,10 +53,15 @@ class TaskConfig:
 
 @dataclass
 class WarmStartConfig:
-    steps: int = field(default=1000, metadata={"help": "supervised steps on teacher demonstrations"})
+    max_steps: int = field(default=4000, metadata={"help": "supervised steps allowed to reach the criterion"})
     batch_size: int = field(default=64, metadata={"help": "demonstrations per step"})
-    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
-    drop_carry: float = field(default=0.0, metadata={"help": "how often the teacher drops an overflowing leading digit"})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate until the criterion is met"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps"})
+    anneal_steps: int = field(default=300, metadata={"help": "steps of linear decay to 0 once the criterion is met"})
+    check_every: int = field(default=100, metadata={"help": "steps between checks of the criterion"})
+    target: float = field(default=0.95, metadata={
+        "help": "criterion: greedy answers agree with the teacher's most likely answer this often, shown and held out"})
+    drop_carry: float = field(default=0.7, metadata={"help": "how often the teacher drops an overflowing leading digit"})
     num_problems: int = field(default=0, metadata={"help": "distinct problems the teacher demonstrates; 0 = all"})
     seed: int = field(default=0, metadata={"help": "seed of the warm start"})
 

@@ -141,8 +141,8 @@ def format_row(row: dict, task: TaskConfig, where: str, index: int) -> dict:
     if not isinstance(row[task.prompt_column], str):
         raise ConfigError(f"{where}: row {index}, column {task.prompt_column!r}: expected text")
     out = dict(row)
-    try:
-        out["prompt"] = task.prompt_template.format(**row)
+    try:  # `{prompt}` is the prompt column's text, whatever the column is called
+        out["prompt"] = task.prompt_template.format(**{**row, "prompt": row[task.prompt_column]})
     except (KeyError, IndexError, ValueError) as e:
         raise ConfigError(f"{where}: row {index}: task.prompt_template {task.prompt_template!r} "
                           f"cannot be filled from it ({type(e).__name__}: {e})") from None

@@ -88,7 +88,6 @@ def train(run: Run) -> list[dict]:
     from trl import DPOConfig, DPOTrainer
 
     from grpo.checkpoint import save_checkpoint
-    from grpo.contamination import report_metrics
     from grpo.evaluate import evaluate_run
 
     cfg, opts = run.cfg, run.cfg.algorithm.dpo
@@ -96,7 +95,7 @@ def train(run: Run) -> list[dict]:
         log.warning("dpo: %s already holds a final checkpoint (step %d); nothing to do", cfg.run_dir, run.start_step)
         return []
     history: list[dict] = []
-    first = {"step": 0, **report_metrics(run.contamination)}
+    first = {"step": 0, **run.setup_metrics}
     pairs, generated, pairs_s = load_pairs(run)
     pairs, dropped = drop_eval_prompts(pairs, run)
     if not pairs:

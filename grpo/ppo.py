@@ -169,7 +169,6 @@ def update_critic(backend, batch, old_values: torch.Tensor, returns: torch.Tenso
 def train(run: Run) -> list[dict]:
     """Run PPO steps from `run.start_step + 1` to `train.max_steps`; returns the logged metrics."""
     from grpo.checkpoint import latest_checkpoint, load_state, save_checkpoint
-    from grpo.contamination import report_metrics
     from grpo.evaluate import evaluate_run
 
     cfg, algo = run.cfg, run.cfg.algorithm
@@ -181,9 +180,10 @@ def train(run: Run) -> list[dict]:
         critic_backend.load_state_dict(state["critic_backend"])
     policy_algo = dataclasses.replace(algo, beta=0.0)  # the KL is in the reward, not in the policy loss
     history = []
-    if run.start_step == 0 and cfg.train.eval_before and run.eval_rows:
-        history.append({"step": 0, **evaluate_run(run), **report_metrics(run.contamination)})
-        run.tracker.log(0, history[-1])
+    if run.start_step == 0:  # the starting point: held-out accuracy, the data report, the warm start
+        evaluated = evaluate_run(run) if cfg.train.eval_before else {}
+        history.append({"step": 0, **evaluated, **run.setup_metrics})
+        run.tracker.log(0, run.setup_metrics | evaluated)
     for step in range(run.start_step + 1, cfg.train.max_steps + 1):
         start = time.perf_counter()
         # 1-2. sample completions and score them with the reward functions (the RM for RLHF)

@@ -57,15 +57,26 @@ def resolve_model_path(cfg: Config) -> str:
     if cfg.model.builtin == "tiny":
         from grpo.warmstart import WarmStart, warm_started_tiny
 
-        ws = cfg.model.warm_start
-        spec = WarmStart(steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr, drop_carry=ws.drop_carry, num_problems=ws.num_problems,
-                         digits=cfg.task.arithmetic.digits, reverse=cfg.task.arithmetic.reverse, seed=ws.seed)
+        spec = WarmStart.from_config(cfg.model.warm_start, cfg.task.arithmetic.digits, cfg.task.arithmetic.reverse)
         return str(warm_started_tiny(spec, log=log.info))
     path = cfg.model.path
     looks_local = path.startswith((".", "/", "~")) or os.sep in path and not Path(path).parent.name == ""
     if looks_local and not Path(path).expanduser().exists():
         raise ConfigError(f"model.path: {path} does not exist")
     return path
+
+
+def warm_start_metrics(model_path: str) -> dict:
+    """`warm_start/*` metrics of a built-in warm-started model (its criterion's figures, the step at which
+    the criterion was met, its wall time), logged with the run's first line; {} for any other model."""
+    from grpo.warmstart import warm_start_report
+
+    report = warm_start_report(model_path)
+    if not report:
+        return {}
+    log.info("warm start: %s; met at step %s, %s s (%s kernels)", report["criterion"], report["met_step"],
+             report["wall_s"], report["kernels"])
+    return {f"warm_start/{k}": v for k, v in report.items() if isinstance(v, (int, float))}
 
 
 def load_policy(path: str, cfg: Config, *, checkpoint: bool = False):
@@ -98,7 +109,7 @@ def load_policy(path: str, cfg: Config, *, checkpoint: bool = False):
 def build_run(cfg: Config):
     """Everything the loop needs, checked before any training step; resumes when asked."""
     from grpo.checkpoint import latest_checkpoint, load_rank_state, load_state, set_rng_state, verify_checkpoint
-    from grpo.contamination import decontaminate
+    from grpo.contamination import decontaminate, report_metrics
     from grpo.data import PromptSampler, check_prompt_lengths, load_ood_splits, load_task
     from grpo.rollout import WithFullWeights, build_rollout_engine
     from grpo.backends import build_backend
@@ -135,6 +146,7 @@ def build_run(cfg: Config):
     cfg.model.path = resolve_model_path(cfg)  # recorded in config.yaml
     if dist.is_main():
         dist.barrier()
+    setup_metrics = report_metrics(contamination) | warm_start_metrics(cfg.model.path)
     plan_memory(cfg)
     if checkpoint is not None:
         policy, tokenizer = load_policy(str(checkpoint / "policy"), cfg, checkpoint=True)
@@ -177,7 +189,7 @@ def build_run(cfg: Config):
         return Run(cfg=cfg, tokenizer=tokenizer, policy=policy, ref_model=ref_model, engine=engine, backend=backend,
                    scorer=scorer, eval_scorer=eval_scorer, train_rows=train_rows, eval_rows=eval_rows,
                    sampler=sampler, tracker=NullTracker(), start_step=start_step, masked_steps=masked_steps,
-                   ood_rows=ood_rows, contamination=contamination)
+                   ood_rows=ood_rows, contamination=contamination, setup_metrics=setup_metrics)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     (run_dir / "contamination.json").write_text(json.dumps(contamination, indent=2))
@@ -190,7 +202,7 @@ def build_run(cfg: Config):
     return Run(cfg=cfg, tokenizer=tokenizer, policy=policy, ref_model=ref_model, engine=engine, backend=backend,
                scorer=scorer, eval_scorer=eval_scorer, train_rows=train_rows, eval_rows=eval_rows,
                sampler=sampler, tracker=tracker, start_step=start_step, masked_steps=masked_steps,
-               ood_rows=ood_rows, contamination=contamination)
+               ood_rows=ood_rows, contamination=contamination, setup_metrics=setup_metrics)
 
 
 def engine_options(cfg: Config) -> dict:

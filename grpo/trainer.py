@@ -290,6 +290,7 @@ class Run:
     masked_steps: int = 0  # steps in a row on which every reward was masked
     ood_rows: dict = field(default_factory=dict)  # out-of-distribution splits: name -> rows
     contamination: dict = field(default_factory=dict)  # grpo.contamination report
+    setup_metrics: dict = field(default_factory=dict)  # logged at step 0: data report, warm start
 
 
 @dataclass
@@ -444,15 +445,15 @@ def train_step(run: Run, step: int) -> tuple[dict, Groups, str | None]:
 
 def train(run: Run) -> list[dict]:
     """Run GRPO steps from `run.start_step + 1` to `train.max_steps`; returns the logged metrics."""
-    from grpo.contamination import report_metrics
     from grpo.evaluate import evaluate_run
     from grpo.faults import crash_point
 
     cfg, G = run.cfg, run.cfg.algorithm.group_size
     history = []
-    if run.start_step == 0 and cfg.train.eval_before and run.eval_rows:
-        history.append({"step": 0, **evaluate_run(run), **report_metrics(run.contamination)})
-        run.tracker.log(0, history[-1])
+    if run.start_step == 0:  # the starting point: held-out accuracy, the data report, the warm start
+        evaluated = evaluate_run(run) if cfg.train.eval_before else {}
+        history.append({"step": 0, **evaluated, **run.setup_metrics})
+        run.tracker.log(0, run.setup_metrics | evaluated)
     for step in range(run.start_step + 1, cfg.train.max_steps + 1):
         start = time.perf_counter()
         # 1-5. sample, score, advantages, update, weight sync

@@ -1,16 +1,29 @@
 """Supervised warm start of the built-in tiny model (cached, so it runs once per machine).
 
 GRPO needs a policy that is sometimes right. A randomly initialised model never is, so the
-demo first fits the tiny model to teacher demonstrations (`grpo.tasks.arithmetic`) with plain
-next-token cross-entropy on the completion tokens. The result is saved as a transformers
-directory under the cache, keyed by everything that determines it.
+demo first fits the tiny model to an imperfect teacher's demonstrations (`grpo.tasks.arithmetic`)
+with plain next-token cross-entropy on the completion tokens.
+
+The warm start stops on a measured criterion, not after a fixed number of steps. Learning
+addition has a plateau whose length depends on float rounding (the CPU's kernels, the seed): a
+fixed budget stopped inside that transition lands on either side of it, machine by machine. So:
+
+1. warm up, then train at a constant learning rate, checking every `check_every` steps the
+   greedy answers' agreement with the teacher's most likely answer, on problems it was shown and
+   on held-out problems, until both reach `target` (or `max_steps` runs out: an error that names
+   both figures);
+2. anneal the learning rate linearly to zero over `anneal_steps`, so the model settles rather
+   than stopping wherever the last noisy step left it, and check the criterion again.
+
+The result is saved as a transformers directory under the cache, keyed by everything that
+determines it, with `warm_start.json`: the criterion, the step at which it was met, the figures
+and the wall time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import time
@@ -19,20 +32,33 @@ from pathlib import Path
 
 import torch
 
-from grpo.tasks.arithmetic import Arithmetic
+from grpo.tasks.arithmetic import Arithmetic, teacher_mode, write
 from grpo.tiny import build_char_tokenizer, build_tiny_model
+
+
+class WarmStartError(RuntimeError):
+    """The warm start did not reach its criterion within its budget."""
 
 
 @dataclass
 class WarmStart:
-    steps: int = 1500
+    max_steps: int = 4000
     batch_size: int = 64
-    lr: float = 3e-3
-    drop_carry: float = 0.0
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    anneal_steps: int = 300
+    check_every: int = 100
+    target: float = 0.95
+    drop_carry: float = 0.7
     num_problems: int = 0
     digits: int = 2
     reverse: bool = True
     seed: int = 0
+
+    @classmethod
+    def from_config(cls, ws, digits: int, reverse: bool) -> "WarmStart":
+        """The spec for a `WarmStartConfig` and the task's number format."""
+        return cls(**{k: getattr(ws, k) for k in asdict(cls()) if hasattr(ws, k)}, digits=digits, reverse=reverse)
 
 
 def cache_root() -> Path:
@@ -58,8 +84,39 @@ def _encode_pairs(tokenizer, pairs: list[tuple[str, str]]):
     return ids, attn, loss_mask
 
 
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy completions, cut at the end-of-sequence token (a row that never ends gets a "?" marker,
+    so it matches no answer). The arithmetic prompts all have one length, so no padding is needed."""
+    ids = torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts])  # [N, P]
+    was_training = model.training
+    model.eval()
+    for _ in range(max_new_tokens):
+        next_ids = model(input_ids=ids).logits[:, -1].argmax(-1)  # [N]
+        ids = torch.cat([ids, next_ids[:, None]], dim=1)
+    model.train(was_training)
+    out = []
+    for row in ids[:, -max_new_tokens:].tolist():
+        end = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else None
+        out.append(tokenizer.decode(row[:end]) if end is not None else "?")
+    return out
+
+
+def teacher_agreement(model, tokenizer, task: Arithmetic, problems: list[tuple[int, int]], drop_carry: float) -> dict:
+    """Share of `problems` whose greedy answer is the teacher's most likely answer (`agreement`),
+    and share whose greedy answer is the true sum (`exact_match`)."""
+    answers = greedy_answers(model, tokenizer, [task.prompt(a, b) for a, b in problems], task.digits + 2)
+    modes = [write(teacher_mode(a, b, task.digits, drop_carry), task.reverse) for a, b in problems]
+    sums = [write(a + b, task.reverse) for a, b in problems]
+    n = len(problems)
+    return {"agreement": sum(x == m for x, m in zip(answers, modes)) / n,
+            "exact_match": sum(x == s for x, s in zip(answers, sums)) / n}
+
+
 def train_warm_start(spec: WarmStart, log=print):
-    """Fit a fresh tiny model to the teacher; returns (model, tokenizer)."""
+    """Fit a fresh tiny model to the teacher until it meets the criterion; returns (model, tokenizer, report).
+
+    Raises `WarmStartError` naming both agreement figures if `max_steps` pass without it."""
     torch.manual_seed(spec.seed)
     tokenizer = build_char_tokenizer()
     model = build_tiny_model(
@@ -68,17 +125,22 @@ def train_warm_start(spec: WarmStart, log=print):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     task = Arithmetic(digits=spec.digits, reverse=spec.reverse)
-    pairs = task.teacher_texts(spec.steps * spec.batch_size, spec.drop_carry, seed=spec.seed, num_problems=spec.num_problems)
+    rng = random.Random(spec.seed)
+    shown = task.train_problems()
+    if spec.num_problems:
+        shown = rng.sample(shown, spec.num_problems)
+    check_shown = rng.sample(shown, min(500, len(shown)))
+    check_held = rng.sample(task.held_out_problems(), 500)
+
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warmup = max(1, spec.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / spec.steps, 1.0))))
-    )
-    model.train()
     start = time.perf_counter()
-    for step in range(spec.steps):
-        batch = pairs[step * spec.batch_size : (step + 1) * spec.batch_size]
-        ids, attn, loss_mask = _encode_pairs(tokenizer, batch)
+
+    def step_on(batch_lr: float) -> float:
+        for group in opt.param_groups:
+            group["lr"] = batch_lr
+        problems = [rng.choice(shown) for _ in range(spec.batch_size)]
+        pairs = [(task.prompt(a, b), write(task.teacher(a, b, spec.drop_carry, rng), spec.reverse)) for a, b in problems]
+        ids, attn, loss_mask = _encode_pairs(tokenizer, pairs)
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # [B, T-1, V]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [B, T-1]
         mask = loss_mask[:, 1:]
@@ -87,11 +149,45 @@ def train_warm_start(spec: WarmStart, log=print):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
-        if (step + 1) % max(1, spec.steps // 10) == 0:
-            log(f"warm start {step + 1}/{spec.steps}  loss {loss.item():.3f}  {time.perf_counter() - start:.0f}s")
+        return loss.item()
+
+    def check() -> tuple[dict, dict]:
+        return (teacher_agreement(model, tokenizer, task, check_shown, spec.drop_carry),
+                teacher_agreement(model, tokenizer, task, check_held, spec.drop_carry))
+
+    model.train()
+    met_step = None
+    for step in range(spec.max_steps):
+        loss = step_on(spec.lr * min(1.0, (step + 1) / spec.warmup_steps))
+        if (step + 1) % spec.check_every == 0:
+            on_shown, on_held = check()
+            log(f"warm start step {step + 1}: loss {loss:.3f}, teacher agreement {on_shown['agreement']:.3f} shown "
+                f"/ {on_held['agreement']:.3f} held out (target {spec.target}), {time.perf_counter() - start:.0f}s")
+            if min(on_shown["agreement"], on_held["agreement"]) >= spec.target:
+                met_step = step + 1
+                break
+    if met_step is None:
+        raise WarmStartError(
+            f"warm start: after {spec.max_steps} steps (model.warm_start.max_steps) the greedy answers agree with "
+            f"the teacher on {on_shown['agreement']:.3f} of the problems shown and {on_held['agreement']:.3f} of "
+            f"held-out problems; the criterion (model.warm_start.target) is {spec.target} on both")
+    for i in range(spec.anneal_steps):
+        step_on(spec.lr * (1 - (i + 1) / (spec.anneal_steps + 1)))
+    on_shown, on_held = check()
+    if min(on_shown["agreement"], on_held["agreement"]) < spec.target:
+        raise WarmStartError(
+            f"warm start: met its criterion at step {met_step}, but after annealing the greedy answers agree with "
+            f"the teacher on {on_shown['agreement']:.3f} shown and {on_held['agreement']:.3f} held out "
+            f"(model.warm_start.target {spec.target})")
     model.eval()
-    return model, tokenizer
+    report = {"criterion": f"teacher agreement >= {spec.target} on problems shown and held out",
+              "met_step": met_step, "steps": met_step + spec.anneal_steps,
+              "shown_agreement": on_shown["agreement"], "held_out_agreement": on_held["agreement"],
+              "held_out_exact_match": on_held["exact_match"], "wall_s": round(time.perf_counter() - start, 1)}
+    log(f"warm start met its criterion at step {met_step}; after {spec.anneal_steps} annealing steps: agreement "
+        f"{report['shown_agreement']:.3f} shown / {report['held_out_agreement']:.3f} held out, held-out exact match "
+        f"{report['held_out_exact_match']:.3f}, {report['wall_s']:.0f}s")
+    return model, tokenizer, report
 
 
 def warm_started_tiny(spec: WarmStart, log=print) -> Path:
@@ -101,10 +197,22 @@ def warm_started_tiny(spec: WarmStart, log=print) -> Path:
     if (path / "config.json").exists() and (path / "model.safetensors").exists():
         return path
     log(f"building the warm-started tiny model (once; cached at {path})")
-    model, tokenizer = train_warm_start(spec, log=log)
+    model, tokenizer, report = train_warm_start(spec, log=log)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / "warm_start.json").write_text(json.dumps(asdict(spec), indent=2))
+    (tmp / "warm_start.json").write_text(json.dumps({"spec": asdict(spec), "kernels": kernel_path(),
+                                                     **report}, indent=2))
     tmp.rename(path) if not path.exists() else None
     return path
+
+
+def warm_start_report(model_path: str | Path) -> dict:
+    """What `warm_started_tiny` recorded about how the model at `model_path` was built ({} if nothing)."""
+    file = Path(model_path) / "warm_start.json"
+    return json.loads(file.read_text()) if file.exists() else {}
+
+
+def kernel_path() -> str:
+    """The CPU kernel path torch runs on: ATEN_CPU_CAPABILITY's value, or the CPU's best."""
+    return torch.backends.cpu.get_cpu_capability().lower()

@@ -82,9 +82,7 @@ def base_model_path(cfg: RMConfig) -> str:
     if cfg.model.builtin == "tiny":
         from grpo.warmstart import WarmStart, warm_started_tiny
 
-        ws, a = cfg.model.warm_start, cfg.data.arithmetic
-        spec = WarmStart(steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr, drop_carry=ws.drop_carry,
-                         num_problems=ws.num_problems, digits=a.digits, reverse=a.reverse, seed=ws.seed)
+        spec = WarmStart.from_config(cfg.model.warm_start, cfg.data.arithmetic.digits, cfg.data.arithmetic.reverse)
         return str(warm_started_tiny(spec, log=log.info))
     return cfg.model.path
 

@@ -21,9 +21,16 @@ def tiny_random_dir(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("tiny_random"), seed=0)
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that stands on the warm-started model is a `learning` test."""
+    for item in items:
+        if "warm_tiny_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.learning)
+
+
 @pytest.fixture(scope="session")
 def warm_tiny_dir() -> Path:
-    """The demo's warm-started tiny model, from the cache (built on first use, ~1.5 min on 2 cores)."""
+    """The demo's warm-started tiny model, from the cache (built on first use, 1-2 min on 2 cores)."""
     from grpo.train import resolve_model_path
 
     cfg = compose([])

@@ -58,6 +58,9 @@ def test_demo_config_builds_the_tiny_model_and_runs(tmp_path, warm_tiny_dir):
     cfg, history = _run(tmp_path, "demo", ["experiment=demo", "train.max_steps=3", "train.eval_every=3"])
     assert [h["step"] for h in history if "eval/accuracy" in h] == [0, 3]
     assert cfg.model.path == str(warm_tiny_dir)
+    first = json.loads((tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and first["warm_start/met_step"] > 0 and first["warm_start/wall_s"] > 0
+    assert first["warm_start/held_out_agreement"] >= 0.95
 
 
 def test_resume_continues_at_the_right_step_with_the_same_state(tmp_path, warm_tiny_dir):
@@ -105,7 +108,10 @@ def test_grpo_eval_reports_accuracy_and_pass_at_k(tmp_path, warm_tiny_dir):
     )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout[out.stdout.index("{"):])
-    assert 0.05 < report["eval/accuracy"] <= report["eval/pass@4"] <= 1.0
+    # Greedy answers are right where the sum does not overflow (about half the problems); 4 samples also
+    # find the right answer to most overflowing sums (each sample is right about 30% of the time there).
+    assert 0.35 < report["eval/accuracy"] < 0.65, report
+    assert report["eval/pass@4"] > report["eval/accuracy"] + 0.15, report
 
 
 def test_wandb_offline_logs_the_run(tmp_path, warm_tiny_dir):

@@ -308,3 +308,28 @@ def test_model_code_runs_only_when_trusted(tmp_path, tiny_random_dir):
     cfg.model.trust_remote_code = True
     model, _ = load_policy(str(d), cfg)
     assert type(model).__name__ == "CustomModel" and marker.exists()
+
+
+def test_renamed_prompt_column_fills_the_default_template(tmp_path):
+    from grpo.data import load_task
+
+    task, _ = _task(tmp_path, [{"question": "1+1=", "answer": "2"}], prompt_column="question")
+    rows, _ = load_task(task, {"answer"})
+    assert rows[0]["prompt"] == "1+1="  # the default '{prompt}' is the renamed column's text
+    task, _ = _task(tmp_path, [{"question": "1+1=", "answer": "2"}], prompt_column="question",
+                    prompt_template="Q: {question} A ({prompt})")
+    assert load_task(task, {"answer"})[0][0]["prompt"] == "Q: 1+1= A (1+1=)"
+
+
+def test_prompt_template_with_braces_on_the_command_line_as_the_readme_writes_it(tmp_path):
+    """Hydra's grammar refuses `task.prompt_template='{question}'` unquoted as a whole; the README's form
+    (the whole override in double quotes, the value in single quotes) parses."""
+    from hydra.errors import OverrideParseException
+
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"question": "1+1=", "answer": "2"}) + "\n")
+    readme_form = "task.prompt_template='Question: {question} Answer:'"  # what the shell passes on
+    cfg = compose(["task=jsonl", f"task.train_file={path}", "task.prompt_column=question", readme_form])
+    assert cfg.task.prompt_template == "Question: {question} Answer:"
+    with pytest.raises(OverrideParseException):
+        compose(["task=jsonl", f"task.train_file={path}", "task.prompt_template={question}"])

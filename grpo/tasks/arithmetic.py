@@ -39,6 +39,12 @@ def teacher_answer(a: int, b: int, digits: int, drop_carry: float, rng: random.R
     return a + b
 
 
+def teacher_mode(a: int, b: int, digits: int, drop_carry: float) -> int:
+    """The teacher's most likely answer: the sum, or the sum without its overflowing digit when it drops
+    that digit more often than not."""
+    return teacher_answer(a, b, digits, 1.0 if drop_carry > 0.5 else 0.0, random.Random(0))
+
+
 def write(n: int, reverse: bool, width: int = 0) -> str:
     """A number in decimal, zero-padded to `width`, least significant digit first when `reverse`."""
     text = str(n).zfill(width)
@@ -62,6 +68,16 @@ class Arithmetic:
     def _problems(self, held_out: bool) -> list[tuple[int, int]]:
         n = 10**self.digits
         return [(a, b) for a in range(n) for b in range(n) if is_held_out(a, b) == held_out]
+
+    def train_problems(self) -> list[tuple[int, int]]:
+        return self._problems(held_out=False)
+
+    def held_out_problems(self) -> list[tuple[int, int]]:
+        return self._problems(held_out=True)
+
+    def teacher(self, a: int, b: int, drop_carry: float, rng: random.Random) -> int:
+        """The imperfect teacher's answer to a+b (see `teacher_answer`)."""
+        return teacher_answer(a, b, self.digits, drop_carry, rng)
 
     def prompt(self, a: int, b: int) -> str:
         """Operands zero-padded to `digits`, so digit i of each always stands at the same place."""
@@ -100,15 +116,3 @@ class Arithmetic:
             "spaced": [{**self.row(a, b), "prompt": f"{w(a)} + {w(b)} ="} for a, b in held],
             "question": [{**self.row(a, b), "prompt": f"what is {w(a)}+{w(b)}?"} for a, b in held],
         }
-
-    def teacher_texts(self, num: int, drop_carry: float, seed: int, num_problems: int = 0) -> list[tuple[str, str]]:
-        """`num` (prompt, completion) pairs from the teacher, drawn from `num_problems` train problems (0: all)."""
-        rng = random.Random(seed)
-        problems = self._problems(held_out=False)
-        if num_problems:
-            problems = rng.sample(problems, num_problems)
-        pairs = []
-        for _ in range(num):
-            a, b = rng.choice(problems)
-            pairs.append((self.prompt(a, b), write(teacher_answer(a, b, self.digits, drop_carry, rng), self.reverse)))
-        return pairs

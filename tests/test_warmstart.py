@@ -1,0 +1,62 @@
+"""The warm start's criterion: met, recorded, re-measured on the saved model, and a clear error when missed."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from grpo.tasks.arithmetic import Arithmetic, overflows, teacher_mode, write
+from grpo.warmstart import WarmStart, WarmStartError, teacher_agreement, train_warm_start, warm_start_report
+
+
+def test_teacher_mode_drops_the_overflowing_digit_only_when_the_teacher_mostly_does():
+    # 57+68=125 overflows 2 digits; 12+30=42 does not
+    assert teacher_mode(57, 68, 2, drop_carry=0.7) == 25
+    assert teacher_mode(57, 68, 2, drop_carry=0.3) == 125
+    assert teacher_mode(12, 30, 2, drop_carry=0.7) == 42
+
+
+def test_the_cached_warm_start_met_its_criterion_and_the_saved_model_still_does(warm_tiny_dir):
+    report = warm_start_report(warm_tiny_dir)
+    spec = WarmStart(**report["spec"])
+    assert report["met_step"] <= spec.max_steps and report["met_step"] % spec.check_every == 0
+    assert report["steps"] == report["met_step"] + spec.anneal_steps
+    assert min(report["shown_agreement"], report["held_out_agreement"]) >= spec.target
+    assert report["wall_s"] > 0 and report["kernels"]
+
+    # Re-measured on the model as saved, on held-out problems the criterion did not check (the last 300)
+    model = AutoModelForCausalLM.from_pretrained(warm_tiny_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(warm_tiny_dir)
+    task = Arithmetic(digits=spec.digits, reverse=spec.reverse)
+    held = task.held_out_problems()[-300:]
+    figures = teacher_agreement(model, tokenizer, task, held, spec.drop_carry)
+    assert figures["agreement"] >= spec.target, figures
+    # The teacher drops the overflowing digit 70% of the time, so greedy answers are right on the sums that
+    # do not overflow (about half) and wrong on the others: the room GRPO has to climb.
+    no_overflow = sum(not overflows(a, b, spec.digits) for a, b in held) / len(held)
+    assert abs(figures["exact_match"] - no_overflow) <= 1 - spec.target, (figures, no_overflow)
+
+    # ... while the right answer to an overflowing sum is still sampled: its probability is near 1 - 0.7.
+    over = [(a, b) for a, b in held if overflows(a, b, spec.digits)][:100]
+    texts = [task.prompt(a, b) + write(a + b, spec.reverse) for a, b in over]
+    ids = torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts])
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # [N, T-1]
+    prompt_len = len(task.prompt(0, 0))
+    p_right = logp[:, prompt_len - 1:].sum(-1).exp()  # [N] probability of the whole right answer and its end
+    assert 0.15 < p_right.mean().item() < 0.45, p_right.mean().item()
+
+
+def test_a_warm_start_that_misses_its_criterion_names_both_figures():
+    # 100 steps is inside the plateau before the model learns to add: agreement is near 0 on both sets
+    spec = WarmStart(max_steps=100, check_every=50, warmup_steps=10)
+    with pytest.raises(WarmStartError) as err:
+        train_warm_start(spec, log=lambda _: None)
+    message = str(err.value)
+    assert "after 100 steps (model.warm_start.max_steps)" in message
+    shown, held = re.search(r"on ([0-9.]+) of the problems shown and ([0-9.]+) of held-out", message).groups()
+    assert float(shown) < spec.target and float(held) < spec.target
+    assert "(model.warm_start.target) is 0.95" in message
