@@ -57,8 +57,10 @@ class WarmStartConfig:
     batch_size: int = field(default=64, metadata={"help": "demonstrations per step"})
     lr: float = field(default=1e-3, metadata={"help": "learning rate until the criterion is met"})
     warmup_steps: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps"})
-    anneal_steps: int = field(default=300, metadata={"help": "steps of linear decay to 0 once the criterion is met"})
-    check_every: int = field(default=100, metadata={"help": "steps between checks of the criterion"})
+    anneal_steps: int = field(default=500, metadata={"help": "steps of linear learning-rate decay to 0 after anneal_at"})
+    check_every: int = field(default=100, metadata={"help": "steps between checks of the agreement"})
+    anneal_at: float = field(default=0.8, metadata={
+        "help": "agreement with the teacher, shown and held out, at which the learning rate starts to anneal"})
     target: float = field(default=0.95, metadata={
         "help": "criterion: greedy answers agree with the teacher's most likely answer this often, shown and held out"})
     drop_carry: float = field(default=0.7, metadata={"help": "how often the teacher drops an overflowing leading digit"})
@@ -240,6 +242,17 @@ def _positive(field_name: str, value, *, zero_ok: bool = False) -> None:
         raise ConfigError(f"{field_name}: must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
 
 
+def validate_warm_start(ws: WarmStartConfig) -> None:
+    """The built-in model's warm start: budgets positive, agreements and the teacher's rate in [0, 1]."""
+    for name in ("max_steps", "batch_size", "warmup_steps", "check_every"):
+        _positive(f"model.warm_start.{name}", getattr(ws, name))
+    _positive("model.warm_start.lr", ws.lr)
+    _positive("model.warm_start.anneal_steps", ws.anneal_steps, zero_ok=True)
+    for name in ("anneal_at", "target", "drop_carry"):
+        if not 0.0 <= getattr(ws, name) <= 1.0:
+            raise ConfigError(f"model.warm_start.{name}: must be in [0, 1], got {getattr(ws, name)!r}")
+
+
 def validate(cfg: Config) -> Config:
     """Check choices and ranges; raise ConfigError naming the first bad field."""
     from grpo.advantages import ADVANTAGE_ESTIMATORS
@@ -318,6 +331,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("model.path: give a model directory or hub id (or model=tiny for the built-in model)")
     if cfg.model.builtin not in (None, "tiny"):
         raise ConfigError(f"model.builtin: {cfg.model.builtin!r} is not one of tiny (or null)")
+    if cfg.model.builtin == "tiny":
+        validate_warm_start(cfg.model.warm_start)
 
     o = cfg.optim
     _positive("optim.lr", o.lr)

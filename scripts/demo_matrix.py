@@ -48,7 +48,8 @@ def run_demo(path: str, seed: int, extra: list[str], workdir: Path) -> dict:
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [x for x in lines if "eval/accuracy" in x]
     first = lines[0]
-    return {"path": path, "seed": seed, "ws_met_step": first.get("warm_start/met_step"),
+    return {"path": path, "seed": seed, "ws_anneal_step": first.get("warm_start/anneal_step"),
+            "ws_met_step": first.get("warm_start/met_step"),
             "ws_wall_s": first.get("warm_start/wall_s"), "start": evals[0]["eval/accuracy"],
             "end": evals[-1]["eval/accuracy"], "best": max(x["eval/accuracy"] for x in evals),
             "grpo_s": sum(x.get("time/step_s", 0.0) for x in lines), "wall_s": wall}
@@ -68,8 +69,8 @@ def main() -> None:
             for seed in args.seeds:
                 rows.append(run_demo(path, seed, args.extra, Path(tmp)))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print("| kernel path | seed | warm start: criterion met at step | warm start s | held-out step 0 | "
-          "held-out end | gain | GRPO s | wall (install + warm start + GRPO) |")
+    print("| kernel path | seed | warm start: plateau left / criterion met, step | warm start s | "
+          "held-out step 0 | held-out end | gain | GRPO s | wall (install + warm start + GRPO) |")
     print("|---|---|---|---|---|---|---|---|---|")
     failed = False
     for r in rows:
@@ -80,7 +81,8 @@ def main() -> None:
         gain = r["end"] - r["start"]
         failed |= gain < args.min_gain
         mark = "" if gain >= args.min_gain else " FAIL"
-        print(f"| {r['path']} | {r['seed']} | {r['ws_met_step']} | {r['ws_wall_s']:.0f} | {r['start']:.3f} | "
+        print(f"| {r['path']} | {r['seed']} | {r['ws_anneal_step']} / {r['ws_met_step']} | {r['ws_wall_s']:.0f} | "
+              f"{r['start']:.3f} | "
               f"{r['end']:.3f} | {gain:+.3f}{mark} | {r['grpo_s']:.0f} | {r['wall_s'] / 60:.1f} min |")
     gains = [r["end"] - r["start"] for r in rows if "error" not in r]
     if gains:

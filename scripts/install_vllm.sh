@@ -18,9 +18,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   # --system-site-packages reaches the base interpreter's packages, not those of a venv that `python`
   # may itself be: name that environment's site directories explicitly. addsitedir (unlike a bare path
   # line) also runs their .pth files, which is how an editable install of the project is found.
-  PARENT_SITE=$(python -c 'import site, sysconfig; print(repr(sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})))')
   VENV_SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
-  echo "import site; [site.addsitedir(p) for p in $PARENT_SITE]" > "$VENV_SITE/_grpo_parent_env.pth"
+  python -c 'import sysconfig; print("import site; " + "; ".join(f"site.addsitedir({p!r})" for p in
+             sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})))' > "$VENV_SITE/_grpo_parent_env.pth"
 fi
 if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
   # The exact torch and transformers of the project's environment, so pip keeps them rather than
@@ -30,4 +30,4 @@ if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
 fi
 # Checked from another folder, so the project is found as installed, not from the working directory.
 VENV_PYTHON="$(cd "$VENV" && pwd)/bin/python"
-(cd / && "$VENV_PYTHON" -c "import vllm, transformers, omegaconf, grpo; print('vllm', vllm.__version__, 'in', '$VENV')")
+(cd / && "$VENV_PYTHON" -c "import vllm, transformers, omegaconf, grpo; print('vllm', vllm.__version__, 'in', '$VENV', 'over', grpo.__path__[0])")

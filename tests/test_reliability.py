@@ -131,7 +131,9 @@ def test_too_many_masked_steps_in_a_row_stop_the_run(tmp_path, tiny_random_dir, 
     cfg.run_dir = str(tmp_path / "run")
     with pytest.raises(MaskedRewardsError, match=r"step 3: every reward was masked .* 3 steps in a row"):
         train_from_config(cfg)
-    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 0 and "eval/accuracy" not in lines[0]  # the data report, no evaluation
+    steps = lines[1:]
     assert [s["step"] for s in steps] == [1, 2]  # steps 1-2 logged (masked, no update), the run stopped at 3
     assert all(s["train/reward_error_frac"] == s["train/reward_masked_frac"] == 1.0 for s in steps)
 

@@ -22,8 +22,8 @@ def test_teacher_mode_drops_the_overflowing_digit_only_when_the_teacher_mostly_d
 def test_the_cached_warm_start_met_its_criterion_and_the_saved_model_still_does(warm_tiny_dir):
     report = warm_start_report(warm_tiny_dir)
     spec = WarmStart(**report["spec"])
-    assert report["met_step"] <= spec.max_steps and report["met_step"] % spec.check_every == 0
-    assert report["steps"] == report["met_step"] + spec.anneal_steps
+    assert report["anneal_step"] <= spec.max_steps and report["anneal_step"] % spec.check_every == 0
+    assert report["met_step"] == report["steps"] == report["anneal_step"] + spec.anneal_steps
     assert min(report["shown_agreement"], report["held_out_agreement"]) >= spec.target
     assert report["wall_s"] > 0 and report["kernels"]
 
@@ -52,11 +52,33 @@ def test_the_cached_warm_start_met_its_criterion_and_the_saved_model_still_does(
 
 def test_a_warm_start_that_misses_its_criterion_names_both_figures():
     # 100 steps is inside the plateau before the model learns to add: agreement is near 0 on both sets
-    spec = WarmStart(max_steps=100, check_every=50, warmup_steps=10)
+    spec = WarmStart(max_steps=100, check_every=50, warmup_steps=10, anneal_steps=10)
     with pytest.raises(WarmStartError) as err:
         train_warm_start(spec, log=lambda _: None)
     message = str(err.value)
     assert "after 100 steps (model.warm_start.max_steps)" in message
     shown, held = re.search(r"on ([0-9.]+) of the problems shown and ([0-9.]+) of held-out", message).groups()
-    assert float(shown) < spec.target and float(held) < spec.target
-    assert "(model.warm_start.target) is 0.95" in message
+    assert float(shown) < spec.anneal_at and float(held) < spec.anneal_at
+    assert "annealing starts at 0.8 on both (model.warm_start.anneal_at)" in message
+
+
+def test_a_warm_start_that_anneals_short_of_its_target_names_both_figures():
+    # a target of 1.01 cannot be met: the check after annealing fails and says so
+    spec = WarmStart(max_steps=100, check_every=50, warmup_steps=10, anneal_at=0.0, anneal_steps=5, target=1.01)
+    with pytest.raises(WarmStartError, match=r"after annealing \(steps 51-55\) the greedy answers agree with the "
+                                             r"teacher on [0-9.]+ of the problems shown and [0-9.]+ of held-out "
+                                             r"problems; the criterion \(model.warm_start.target\) is 1.01"):
+        train_warm_start(spec, log=lambda _: None)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.warm_start.target=1.5", "model.warm_start.target: must be in [0, 1], got 1.5"),
+    ("model.warm_start.max_steps=0", "model.warm_start.max_steps: must be > 0, got 0"),
+    ("model.warm_start.drop_carry=-0.1", "model.warm_start.drop_carry: must be in [0, 1], got -0.1"),
+])
+def test_a_bad_warm_start_setting_is_refused_with_its_name(override, message):
+    from grpo.config import ConfigError
+    from tests.conftest import compose
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose([override])
