@@ -36,8 +36,9 @@ def test_reward_rises_and_run_dir_is_complete(tmp_path, warm_tiny_dir):
         "algorithm.epochs=2", "optim.lr=3e-4",
     ])
     rewards = [h["train/reward_mean"] for h in history if "train/reward_mean" in h]
-    # Means of 5 and 10 steps of 128 samples each: their noise is ~0.02 (binomial, p ~ 0.3), so a rise of
-    # 0.15 is learning, not luck. Seeds 0 and 1 rise by 0.19 and 0.28; the last steps still climb.
+    # Means of 5 and 10 steps of 128 samples each: their noise is ~0.02 (binomial, p ~ 0.65: the warm model
+    # is right on sums that do not overflow, and on 30% of the samples of those that do), so a rise of
+    # 0.15 is learning, not luck.
     first, last = sum(rewards[:5]) / 5, sum(rewards[-10:]) / 10
     assert last > first + 0.15, (first, last)
     evals = [h["eval/accuracy"] for h in history if "eval/accuracy" in h]
