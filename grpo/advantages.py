@@ -4,7 +4,7 @@ Every estimator is registered by name in ``ADVANTAGE_ESTIMATORS`` and has the sa
 
     fn(rewards: Tensor [B*G], group_size: int) -> advantages: Tensor [B*G]
 
-where the G completions of one prompt are contiguous. The advantage is broadcast to every token
+where the G completions of one prompt are contiguous and NaN marks a reward that does not apply. The advantage is broadcast to every token
 of its completion by the loss (outcome supervision).
 
 Where we differ from the papers:
@@ -15,6 +15,9 @@ Where we differ from the papers:
    floating-point group mean is off by an ulp (0.1 + 0.1 + 0.1 != 0.3): such a group carries no signal.
 3. ``reinforce_pp`` whitens once per completion over the batch; OpenRLHF whitens over tokens, which
    weights long completions more.
+4. A reward may be NaN: "not applicable" (a reward function's None). It is left out of every statistic,
+   so a group with k valid rewards of G is treated as a group of k (mean, std and the leave-one-out
+   factor k/(k-1) over those k), and its own advantage is 0.
 """
 
 from typing import Callable
@@ -66,14 +69,31 @@ def _grouped(rewards: Tensor, group_size: int, min_group_size: int = 1) -> Tenso
     return rewards.view(-1, group_size)  # [B, G]
 
 
+def _valid(grouped: Tensor) -> Tensor:
+    """Mask [B, G] of the rewards that apply (not NaN)."""
+    return ~grouped.isnan()  # [B, G]
+
+
+def _count(grouped: Tensor) -> Tensor:
+    """Number k [B, 1] of rewards that apply in each group."""
+    return _valid(grouped).sum(dim=1, keepdim=True)  # [B, 1]
+
+
 def _all_equal(grouped: Tensor) -> Tensor:
-    """Mask [B, 1] of groups whose rewards are all equal."""
-    return (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # [B, 1]
+    """Mask [B, 1] of groups whose applicable rewards are all equal (a group of 0 or 1 included)."""
+    valid = _valid(grouped)  # [B, G]
+    high = grouped.masked_fill(~valid, -torch.inf).amax(dim=1, keepdim=True)  # [B, 1]
+    low = grouped.masked_fill(~valid, torch.inf).amin(dim=1, keepdim=True)  # [B, 1]
+    return (high <= low) | (_count(grouped) < 2)  # [B, 1]
 
 
 def _centered(grouped: Tensor) -> Tensor:
-    """r - group mean, exactly 0 in groups with all-equal rewards."""
-    centered = grouped - grouped.mean(dim=1, keepdim=True)  # [B, G]
+    """r - mean of the group's applicable rewards; exactly 0 in groups whose applicable rewards are all
+    equal, and for rewards that do not apply."""
+    valid = _valid(grouped)  # [B, G]
+    values = grouped.nan_to_num(0.0)  # [B, G]
+    mean = values.sum(dim=1, keepdim=True) / _count(grouped).clamp(min=1)  # [B, 1]
+    centered = (values - mean).masked_fill(~valid, 0.0)  # [B, G]
     return centered.masked_fill(_all_equal(grouped), 0.0)  # [B, G]
 
 
@@ -84,13 +104,13 @@ def grpo_advantages(rewards: Tensor, group_size: int) -> Tensor:
         A_i = (r_i - mean(r_group)) / (std(r_group) + eps),   eps = 1e-6
 
     std is the unbiased (Bessel-corrected) group std, as in TRL and verl; the paper does not say.
-    Groups with all-equal rewards (including any group of size 1) get exactly 0.
+    Groups with all-equal rewards (including any group of size 1) get exactly 0. With k of G rewards
+    applicable, mean and std are over those k.
     """
     grouped = _grouped(rewards, group_size)  # [B, G]
     centered = _centered(grouped)  # [B, G]
-    if group_size == 1:
-        return centered.reshape(-1)  # [B*G], all zeros: one sample has no spread
-    std = grouped.std(dim=1, keepdim=True)  # [B, 1]
+    dof = (_count(grouped) - 1).clamp(min=1)  # [B, 1]; groups with k < 2 are all zeros already
+    std = (centered.square().sum(dim=1, keepdim=True) / dof).sqrt()  # [B, 1]
     return (centered / (std + EPS)).reshape(-1)  # [B*G]
 
 
@@ -114,10 +134,11 @@ def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
         A_i = r_i - 1/(G-1) * sum_{j != i} r_j  =  G/(G-1) * (r_i - mean(r_group))
 
     The baseline of each sample does not depend on the sample itself, so the gradient is unbiased.
-    Needs group_size >= 2.
+    Needs group_size >= 2. With k of G rewards applicable the factor is k/(k-1).
     """
     grouped = _grouped(rewards, group_size, min_group_size=2)  # [B, G]
-    return (_centered(grouped) * (group_size / (group_size - 1))).reshape(-1)  # [B*G]
+    k = _count(grouped).to(grouped.dtype)  # [B, 1]
+    return (_centered(grouped) * (k / (k - 1).clamp(min=1))).reshape(-1)  # [B*G]
 
 
 @register_advantage("reinforce_pp")
@@ -132,19 +153,20 @@ def reinforce_pp_advantages(rewards: Tensor, group_size: int) -> Tensor:
     """
     grouped = _grouped(rewards, group_size)  # [B, G]
     centered = _centered(grouped).reshape(-1)  # [B*G]
-    if centered.numel() < 2:
+    valid = _valid(grouped).reshape(-1)  # [B*G]
+    applicable = centered[valid]  # [K]
+    if applicable.numel() < 2 or applicable.std() == 0:
         return torch.zeros_like(centered)  # [B*G]
-    std = centered.std()  # []
-    if std == 0:
-        return torch.zeros_like(centered)  # [B*G]
-    return (centered - centered.mean()) / (std + EPS)  # [B*G]
+    whitened = (centered - applicable.mean()) / (applicable.std() + EPS)  # [B*G]
+    return whitened.masked_fill(~valid, 0.0)  # [B*G]
 
 
 def group_stats(rewards: Tensor, group_size: int) -> dict[str, float | Tensor]:
     """Which groups carry signal.
 
     Returns a dict with
-      - ``zero_std_frac``: float, fraction of groups whose G rewards are all equal
+      - ``zero_std_frac``: float, fraction of groups whose applicable rewards are all equal (NaN = None
+        does not count; a group with fewer than 2 applicable rewards has no spread)
         (logged as ``train/zero_std_frac``; 0.0 for an empty batch);
       - ``nonzero_std_mask``: bool Tensor [B], True for groups whose rewards differ
         (DAPO dynamic sampling keeps only these, Yu et al. 2025).

@@ -189,6 +189,7 @@ def train(run: Run) -> list[dict]:
         # 1-2. sample completions and score them with the reward functions (the RM for RLHF)
         groups, metrics = sample_groups(run, cfg.train.prompts_per_step)
         _, valid, scores = compute_advantages(groups.rewards, G, "grpo")  # None rewards: masked out
+        scores = scores.nan_to_num(0.0)  # [N]; a None's row is masked, its value unused
         batch = layout_batch(groups.prompt_ids, groups.completion_ids, G, run.tokenizer.pad_token_id,
                              groups.sampler_logprobs)
         batch.completion_mask *= valid[:, None].float()

@@ -101,20 +101,15 @@ def layout_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], g
 
 
 def compute_advantages(rewards: list[float | None], group_size: int, estimator: str):
-    """Advantages [N] and a validity mask [N]; None rewards are left out of their group's baseline.
+    """Advantages [N], a validity mask [N] and the rewards as a tensor [N] (NaN for None).
 
-    A None reward is replaced by the mean of its group's valid rewards before the estimator runs
-    (so it does not move the baseline), and its sample gets advantage 0 and no gradient.
+    A None reward does not apply: it is left out of its group's statistics (the estimators treat
+    a group with k valid rewards as a group of k), and its sample gets advantage 0 and no gradient.
     """
-    valid = torch.tensor([r is not None for r in rewards])  # [N]
-    values = torch.tensor([r if r is not None else 0.0 for r in rewards], dtype=torch.float32)  # [N]
-    groups_valid = valid.view(-1, group_size)  # [B, G]
-    groups = values.view(-1, group_size)  # [B, G]
-    counts = groups_valid.sum(1, keepdim=True).clamp(min=1)  # [B, 1]
-    means = (groups * groups_valid).sum(1, keepdim=True) / counts  # [B, 1]
-    filled = torch.where(groups_valid, groups, means).view(-1)  # [N]
-    advantages = get_advantage_estimator(estimator)(filled, group_size) * valid  # [N]
-    return advantages, valid, filled
+    values = torch.tensor([r if r is not None else float("nan") for r in rewards], dtype=torch.float32)  # [N]
+    valid = ~values.isnan()  # [N]
+    advantages = get_advantage_estimator(estimator)(values, group_size)  # [N], 0 where not valid
+    return advantages, valid, values
 
 
 def forward_logprobs(model, input_ids, attention_mask, **kwargs):
@@ -265,8 +260,8 @@ def timed(fn, *args, **kwargs):
 
 
 def nonzero_std_groups(rewards: list[float | None], group_size: int) -> list[bool]:
-    values = torch.tensor([r if r is not None else float("nan") for r in rewards], dtype=torch.float32)
-    values = torch.nan_to_num(values, nan=0.0)
+    """Per group: do its valid rewards differ (None does not count as 0)?"""
+    values = torch.tensor([r if r is not None else float("nan") for r in rewards], dtype=torch.float32)  # [N]
     return group_stats(values, group_size)["nonzero_std_mask"].tolist()
 
 

@@ -172,3 +172,19 @@ def test_overlong_penalty_disabled_and_invalid():
         overlong_penalty(torch.tensor([3]), 10, 11, 1.0)
     with pytest.raises(ValueError, match="penalty"):
         overlong_penalty(torch.tensor([3]), 10, 4, -1.0)
+
+
+def test_nan_rewards_are_left_out_of_every_estimator():
+    # [1, 0, NaN, 1] behaves as the group [1, 0, 1] of k = 3, and the NaN's advantage is 0
+    nan = float("nan")
+    with_nan = torch.tensor([1.0, 0.0, nan, 1.0, 0.0, 0.0, 1.0, nan])
+    for name in ("grpo", "dr_grpo", "rloo"):
+        adv = ADVANTAGE_ESTIMATORS[name](with_nan, 4)
+        three = ADVANTAGE_ESTIMATORS[name](torch.tensor([1.0, 0.0, 1.0]), 3)
+        torch.testing.assert_close(adv[[0, 1, 3]], three, atol=1e-6, rtol=0)
+        assert adv[2] == 0 and adv[7] == 0 and not adv.isnan().any(), name
+    # reinforce_pp whitens over the 6 applicable completions only
+    adv = ADVANTAGE_ESTIMATORS["reinforce_pp"](with_nan, 4)
+    dev = torch.tensor([1 / 3, -2 / 3, 1 / 3, -1 / 3, -1 / 3, 2 / 3])  # r - group mean, groups of 3
+    torch.testing.assert_close(adv[[0, 1, 3, 4, 5, 6]], (dev - dev.mean()) / (dev.std() + 1e-6), atol=1e-5, rtol=0)
+    assert adv[2] == 0 and adv[7] == 0

@@ -77,11 +77,32 @@ def test_gradient_accumulation_4x2_equals_8x1(tiny_random_dir):
 
 
 def test_none_rewards_leave_the_baseline_and_the_loss():
-    # group 1: [1, 0, None, 1] -> valid [1, 0, 1]: mean 2/3; the None is filled with 2/3 for the estimator
-    adv, valid, filled = compute_advantages([1.0, 0.0, None, 1.0, None, None, None, None], 4, "dr_grpo")
+    # group 1: [1, 0, None, 1] -> valid [1, 0, 1]: mean 2/3; group 2 has no valid reward at all
+    adv, valid, values = compute_advantages([1.0, 0.0, None, 1.0, None, None, None, None], 4, "dr_grpo")
     assert valid.tolist() == [True, True, False, True, False, False, False, False]
-    torch.testing.assert_close(filled[:4], torch.tensor([1.0, 0.0, 2 / 3, 1.0]), atol=1e-6, rtol=0)
+    assert values[:4].tolist()[:2] == [1.0, 0.0] and values[2].isnan() and values[4:].isnan().all()
     torch.testing.assert_close(adv, torch.tensor([1 / 3, -2 / 3, 0.0, 1 / 3, 0, 0, 0, 0]), atol=1e-6, rtol=0)
+
+
+def test_none_rewards_shrink_the_group_for_the_std_and_the_leave_one_out_factor():
+    # [1, 0, None, 1] is a group of k = 3: mean 2/3, deviations (1/3, -2/3, 1/3), unbiased std
+    # sqrt((1/9 + 4/9 + 1/9) / 2) = sqrt(1/3) = 0.5774 -> grpo (0.5774, -1.1547, 0, 0.5774)
+    adv, _, _ = compute_advantages([1.0, 0.0, None, 1.0], 4, "grpo")
+    s = (1 / 3) ** 0.5
+    torch.testing.assert_close(adv, torch.tensor([(1 / 3) / s, (-2 / 3) / s, 0.0, (1 / 3) / s]), atol=1e-5, rtol=0)
+    # RLOO: k/(k-1) = 3/2 times the deviation: 1 - mean(0, 1) = 0.5 for each 1, 0 - 1 = -1 for the 0
+    adv, _, _ = compute_advantages([1.0, 0.0, None, 1.0], 4, "rloo")
+    torch.testing.assert_close(adv, torch.tensor([0.5, -1.0, 0.0, 0.5]), atol=1e-6, rtol=0)
+    # equal valid rewards carry no signal, exactly, even where their float mean is off by an ulp
+    adv, _, _ = compute_advantages([0.3] * 6 + [None], 7, "grpo")
+    assert adv.tolist() == [0.0] * 7
+
+
+def test_a_group_of_equal_rewards_and_a_none_is_not_informative():
+    from grpo.trainer import nonzero_std_groups
+
+    assert nonzero_std_groups([1.0, None, 1.0, 1.0, 1.0, 0.0, None, None], 4) == [False, True]
+    assert nonzero_std_groups([None, None, None, 1.0], 4) == [False]
 
 
 def test_one_step_moves_the_parameters_towards_positive_samples(tiny_random_dir):
