@@ -79,7 +79,7 @@ class ModelConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = field(default="hf", metadata={"help": "hf (transformers generate) or vllm"})
+    engine: str = field(default="hf", metadata={"help": "hf (our sampling loop over the policy module) or vllm"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (the trainer scales logits alike)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
     top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens; 0 = all"})

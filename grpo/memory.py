@@ -20,8 +20,8 @@ stores): about 34 * hidden bytes per token per layer in 16-bit for one micro-bat
 (the layer inputs) plus one layer's full activations while it is recomputed. The chunked log-prob
 head adds its float32 logits: 1024 positions x vocabulary, about 3 copies (logits, softmax, grad).
 
-Rollout: transformers `generate` needs the full 16-bit weights (under ZeRO-3 they are gathered for
-the call) and a KV cache of `rollout.batch_size` sequences of `ASSUMED_PROMPT_TOKENS +
+Rollout: the hf engine (our sampling loop over the policy) needs the full 16-bit weights (under
+ZeRO-3 they are gathered for the call) and a KV cache of `rollout.batch_size` sequences of `ASSUMED_PROMPT_TOKENS +
 max_new_tokens` tokens: 2 (K, V) x layers x kv_heads x head_dim x 2 bytes per token. vLLM
 reserves `gpu_memory_utilization` of the device. A KL reference model adds its 16-bit weights.
 These are estimates, deliberately simple (no allocator fragmentation, no communication buffers).
@@ -114,7 +114,7 @@ def estimate(shape: ModelShape, *, stage: int, world_size: int, mixed_precision:
     value_bytes = 2 if mixed_precision else 4
     if rollout_engine == "vllm":
         rollout = vllm_fraction * gpu_memory_gb * GiB
-    else:  # generate on the policy: full weights when they are sharded, plus the KV cache
+    else:  # the hf engine samples from the policy: full weights when they are sharded, plus the KV cache
         gathered = P * value_bytes if stage >= 3 or offload_params else 0.0
         rollout = gathered + kv_cache_bytes(shape, rollout_sequences, ASSUMED_PROMPT_TOKENS + max_new_tokens,
                                             value_bytes)

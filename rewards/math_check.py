@@ -27,7 +27,24 @@ def check(request: dict[str, str]) -> bool | None:
     answer = parse(_boxed(request["answer"]), _LATEX_ONLY, parsing_timeout=None)
     if not answer:
         return False
+    exact_gold, exact_answer = _exact(gold), _exact(answer)
+    if exact_gold is not None and exact_answer is not None:
+        # Two exact numbers are equal or not; math-verify's numeric tolerance would call 1e-7 and 2e-7 equal.
+        return exact_gold == exact_answer
     return bool(verify(gold, answer, timeout_seconds=None))
+
+
+def _exact(parsed: list):
+    """The parsed expression as an exact sympy Rational when it is a plain number (an integer, a fraction,
+    a decimal as written), else None."""
+    import sympy
+
+    expr = next((x for x in parsed if not isinstance(x, str)), None)
+    if isinstance(expr, sympy.Rational):  # Integer included
+        return expr
+    if isinstance(expr, sympy.Float):  # a decimal as written: 15 significant digits, exactly
+        return sympy.Rational(str(expr))
+    return None
 
 
 def _boxed(text: str) -> str:

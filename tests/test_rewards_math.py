@@ -201,6 +201,20 @@ ADVERSARIAL = {
 
 
 @pytest.mark.timeout(60)
+def test_tiny_exact_numbers_a_factor_of_two_apart_are_not_equal():
+    # math-verify's numeric tolerance called these equal; two exact rationals are compared exactly
+    cases = [
+        (r"\boxed{\frac{1}{10000000}}", "0.0000002", 0.0),
+        (r"\boxed{0.0000001}", r"\frac{2}{10000000}", 0.0),
+        (r"\boxed{\frac{1}{3000000}}", r"\frac{1}{6000000}", 0.0),
+        (r"\boxed{\frac{2}{10000000}}", "0.0000002", 1.0),  # the same number, written two ways
+        (r"\boxed{\frac{1}{2}}", "0.5", 1.0),
+    ]
+    completions, golds, expected = zip(*cases)
+    assert score(list(completions), list(golds)) == list(expected)
+
+
+@pytest.mark.timeout(60)
 def test_adversarial_math_inputs_score_zero_in_bounded_time():
     if os.path.exists("/tmp/grpo_pwned"):
         os.remove("/tmp/grpo_pwned")
