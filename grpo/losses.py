@@ -15,6 +15,9 @@ Where we differ from the papers:
    loss 0 and gradient 0 instead of NaN.
 4. ``aggregate`` takes the whole batch's token and sequence counts, so micro-batch losses sum to the
    full-batch loss (gradient accumulation is exact), as verl and OpenRLHF do.
+5. The log-ratio is bounded before it is exponentiated: to [-20, 20] per token, and GSPO's
+   sequence log-ratio to at most 10 (as verl does), so one exploded ratio cannot make the loss
+   infinite and skip the whole step. Beyond the bound the token's ratio is constant (no gradient).
 """
 
 from typing import Callable
@@ -27,6 +30,8 @@ KLEstimator = Callable[[Tensor, Tensor], Tensor]
 KL_ESTIMATORS: dict[str, KLEstimator] = {}
 
 RATIO_LEVELS = ("token", "sequence")
+LOG_RATIO_BOUND = 20.0  # |log r_t| is clamped to this
+SEQ_LOG_RATIO_MAX = 10.0  # GSPO's log s_i is clamped to at most this
 
 Count = int | float | Tensor  # a token or sequence count, as a number or a 0-d tensor
 
@@ -114,10 +119,10 @@ def _policy_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, ratio_level: str
     logp = torch.where(keep, logp, 0.0)  # [N, T]
     log_ratio = torch.where(keep, logp - old_logp.detach(), 0.0)  # [N, T]
     if ratio_level == "token":
-        return log_ratio.exp()  # [N, T]
+        return log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()  # [N, T]
     # GSPO: s_i = exp(mean_t log_ratio); GSPO-token: s_i,t = sg[s_i] * exp(logp_t - sg[logp_t]).
     lengths = keep.sum(dim=1).clamp(min=1)  # [N]
-    seq_ratio = (log_ratio.sum(dim=1) / lengths).exp().detach()  # [N]
+    seq_ratio = (log_ratio.sum(dim=1) / lengths).clamp(max=SEQ_LOG_RATIO_MAX).exp().detach()  # [N]
     return seq_ratio[:, None] * (logp - logp.detach()).exp()  # [N, T]
 
 

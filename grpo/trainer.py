@@ -149,23 +149,23 @@ def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temper
     whole mini-batch in one piece on one rank.
     """
     n, device = len(batch), next(backend.model.parameters()).device
-    per_mini = n // algo.mini_batches
     stats = {"loss": 0.0, "entropy": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "skipped": 0}
     updates, diff_sum, diff_tokens, sampler_kl_sum = 0, 0.0, 0.0, 0.0
     if algo.tis_cap > 0 and batch.sampler_logprobs is None:
         raise ValueError("algorithm.tis_cap: the rollout engine returned no sampler log-probs to correct by")
     for epoch in range(algo.epochs):
-        for m in range(algo.mini_batches):
-            rows = list(range(m * per_mini, (m + 1) * per_mini))
-            mini = batch.select(rows)
-            num_tokens, num_seqs = dist.all_reduce_sum(torch.tensor([mini.completion_mask.sum(), len(rows)]))
-            num_tokens, num_seqs = num_tokens.float(), num_seqs.float()  # global counts of the mini-batch
-            lengths = mini.attention_mask.sum(1).tolist()
+        for rows in mini_batch_rows(n, algo.mini_batches):
+            mini = batch.select(rows) if rows else None
+            local_tokens = mini.completion_mask.sum() if mini is not None else 0.0
+            num_tokens, num_seqs = dist.all_reduce_sum(torch.tensor([local_tokens, len(rows)], dtype=torch.float32))
+            if num_tokens == 0:  # every token masked on every rank: nothing to learn, no optimiser step
+                continue
+            lengths = mini.attention_mask.sum(1).tolist() if mini is not None else []
             sums = torch.zeros(7, dtype=torch.float64)  # loss, entropy, kl, clipped tokens, |diff|, diff tokens, sampler kl
             finite = True
             for micro_rows in equal_count_micro_batches(lengths, micro_batch_tokens):
                 weight = 1.0 if micro_rows else 0.0  # an empty micro-batch: a forward/backward that adds nothing
-                micro = mini.select(micro_rows or [0]).to(device)
+                micro = (mini.select(micro_rows) if micro_rows else batch.select([0])).to(device)
                 logp, entropy = forward_logprobs(
                     backend.model, micro.input_ids, micro.attention_mask, temperature=temperature,
                     with_entropy=True, logits_to_keep_from=micro.prompt_width - 1,
@@ -216,9 +216,11 @@ def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temper
             stats["skipped"] += int(step_stats["skipped"])
             stats["lr"] = step_stats["lr"]
             updates += 1
+    updates = max(updates, 1)  # the caller makes sure some mini-batch has tokens
     out = {f"train/{k}": v / updates for k, v in stats.items() if k not in ("skipped", "lr", "grad_norm")}
     out["optim/grad_norm"] = stats["grad_norm"] / updates
-    out["optim/lr"] = stats["lr"]
+    if "lr" in stats:
+        out["optim/lr"] = stats["lr"]
     out["optim/skipped_steps"] = stats["skipped"]  # this step's updates skipped for a non-finite loss or gradient
     out["optim/skipped_total"] = getattr(backend, "skipped_steps", 0)
     if algo.beta <= 0:
@@ -227,6 +229,13 @@ def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temper
         out["rollout/logprob_abs_diff"] = diff_sum / diff_tokens
         out["rollout/sampler_kl"] = sampler_kl_sum / diff_tokens
     return out
+
+
+def mini_batch_rows(n: int, count: int) -> list[list[int]]:
+    """`count` contiguous mini-batches covering all `n` rows, their sizes differing by at most one
+    (some empty when n < count). E.g. n=10, count=3: [0..2], [3..5], [6..9]."""
+    bounds = [i * n // count for i in range(count + 1)]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(count)]
 
 
 @torch.no_grad()
@@ -416,6 +425,8 @@ def train_step(run: Run, step: int) -> tuple[dict, Groups, str | None]:
     batch.advantages = advantages[mine]  # [N]
     keep = valid[mine] & ~torch.tensor(groups.truncated) if algo.mask_truncated else valid[mine]  # [N]
     batch.completion_mask *= keep[:, None].float()
+    if float(dist.all_reduce_sum(batch.completion_mask.sum())) == 0:  # on every rank: a no-op, not a fault
+        return metrics, everyone, "every completion token is masked (truncated under algorithm.mask_truncated, or no reward)"
     if algo.epochs * algo.mini_batches > 1:  # several updates per batch: keep the sampling policy's log-probs
         batch.old_logprobs = score_logprobs(run.backend.model, batch, temperature=T,
                                             micro_batch_tokens=cfg.backend.micro_batch_tokens)

@@ -245,3 +245,19 @@ def test_gradient_accumulation_is_exact(mode, ratio_level):
     close(total, full.detach())
     close(micro_grad, full_grad)
     assert full_grad.abs().sum() > 0
+
+
+def test_an_exploded_ratio_on_a_negative_advantage_token_gives_a_finite_loss():
+    from grpo.losses import LOG_RATIO_BOUND, SEQ_LOG_RATIO_MAX
+
+    logp = torch.tensor([[0.0, -1.0]], requires_grad=True)
+    old = torch.tensor([[-200.0, -1.0]])  # log-ratio 200 on the first token: exp(200) overflows float32
+    mask = torch.ones(1, 2)
+    adv = torch.tensor([-1.0])
+    loss = clipped_surrogate(logp, old, adv, mask, 0.2, 0.2, "token")
+    # -min(r A, clip(r) A) with A = -1 is max(r, clip(r)) = r, bounded at exp(20)
+    torch.testing.assert_close(loss[0, 0], torch.tensor(math.exp(LOG_RATIO_BOUND)), rtol=1e-6, atol=0)
+    loss.sum().backward()
+    assert torch.isfinite(logp.grad).all()
+    seq = clipped_surrogate(logp, old, adv, mask, 0.2, 0.2, "sequence")  # log s = (200 + 0) / 2 = 100 -> 10
+    torch.testing.assert_close(seq[0], torch.full((2,), math.exp(SEQ_LOG_RATIO_MAX)), rtol=1e-6, atol=0)

@@ -178,3 +178,53 @@ def test_without_dynamic_sampling_every_group_is_kept():
     run = _fake_run({}, {"a": ["1", "1"], "b": ["0", "1"]}, rows)
     groups, metrics = sample_groups(run, 2)
     assert len(groups.rows) == 2 and metrics["train/zero_std_frac"] == 0.5
+
+
+def test_mini_batches_cover_every_row_even_when_they_do_not_divide_it():
+    from grpo.trainer import mini_batch_rows
+
+    assert mini_batch_rows(10, 3) == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    assert mini_batch_rows(1, 2) == [[], [0]]
+    assert mini_batch_rows(4, 4) == [[0], [1], [2], [3]]
+
+
+def test_the_remainder_rows_are_trained_and_fewer_rows_than_mini_batches_is_no_error(tiny_random_dir):
+    model, tok = load(tiny_random_dir)
+    algo = AlgorithmConfig(group_size=1, mini_batches=2)
+    batch = _random_batch(tok, n=3, group_size=1)
+    backend = RecordingBackend(model)
+    update_policy(backend, batch, algo, temperature=1.0, micro_batch_tokens=10_000, max_new_tokens=8)
+    # rows [0] then [1, 2]: the second optimiser step's gradient is that of rows 1 and 2 alone
+    alone = RecordingBackend(model)
+    update_policy(alone, batch.select([1, 2]), AlgorithmConfig(group_size=1), temperature=1.0,
+                  micro_batch_tokens=10_000, max_new_tokens=8)
+    for name, g in alone.grads[0].items():
+        torch.testing.assert_close(backend.grads[1][name], g, atol=1e-6, rtol=0, msg=name)
+    one = RecordingBackend(model)
+    update_policy(one, _random_batch(tok, n=1, group_size=1), algo, temperature=1.0, micro_batch_tokens=10_000,
+                  max_new_tokens=8)
+    assert len(one.grads) == 1  # the empty mini-batch took no optimiser step
+
+
+def test_a_step_whose_every_token_is_masked_is_a_no_op_with_a_reason(tmp_path, tiny_random_dir, caplog):
+    from grpo.train import train_from_config
+    from tests.conftest import compose
+
+    # min_new_tokens = max_new_tokens: EOS is held back, every completion is truncated, and
+    # mask_truncated masks them all
+    cfg = compose(["model=hf", f"model.path={tiny_random_dir}", "model.dtype=float32", "train.max_steps=2",
+                   "train.eval_every=0",
+                   "train.eval_before=false", "rollout.max_new_tokens=2", "rollout.min_new_tokens=2",
+                   "algorithm.mask_truncated=true", "tracking.progress_bar=false", "train.prompts_per_step=4"])
+    cfg.run_dir = str(tmp_path / "run")
+    before = {n: p.detach().clone() for n, p in load(tiny_random_dir)[0].named_parameters()}
+    history = train_from_config(cfg)
+    assert history == [] or all("train/loss" not in h for h in history)  # no update on any step
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all('"train/loss"' not in line and "NaN" not in line for line in lines)  # steps 0-2
+    assert caplog.text.count("every completion token is masked") == 2
+    from grpo.checkpoint import latest_checkpoint
+
+    after = AutoModelForCausalLM.from_pretrained(latest_checkpoint(tmp_path / "run") / "policy")
+    for name, p in after.named_parameters():
+        torch.testing.assert_close(p, before[name], atol=0, rtol=0, msg=name)
