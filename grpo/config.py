@@ -74,6 +74,8 @@ class ModelConfig:
     builtin: Optional[str] = field(default=None, metadata={"help": "'tiny': build the warm-started tiny model"})
     dtype: str = field(default="float32", metadata={"help": "parameter dtype: float32 or bfloat16"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with the model"})
+    dropout: bool = field(default=False, metadata={
+        "help": "keep the model's dropout in training (off by default: the trainer's log-probs then match the sampler's)"})
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 
 

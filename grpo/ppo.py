@@ -35,6 +35,7 @@ import time
 import torch
 
 from grpo.logprobs import token_budget_batches
+from grpo.modeling import disable_dropout
 from grpo.trainer import (
     Run,
     compute_advantages,
@@ -130,6 +131,7 @@ def build_critic(run: Run, path: str):
 
     cfg = run.cfg
     critic = AutoModelForTokenClassification.from_pretrained(path, num_labels=1, dtype=getattr(torch, cfg.model.dtype))
+    disable_dropout(critic)  # the classifier head's dropout would noise GAE, the returns and the value clip
     torch.nn.init.zeros_(critic.score.weight)
     if getattr(critic.score, "bias", None) is not None:
         torch.nn.init.zeros_(critic.score.bias)

@@ -19,6 +19,7 @@ import torch
 
 from grpo import distributed as dist
 from grpo.config import Config, ConfigError, register_configs, validate, validate_world
+from grpo.modeling import disable_dropout
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 log = logging.getLogger("grpo")
@@ -100,6 +101,10 @@ def load_policy(path: str, cfg: Config, *, checkpoint: bool = False):
             raise ConfigError(f"model.path: {path!r} ships its own code; set model.trust_remote_code=true "
                               f"only if you trust it") from None
         raise ConfigError(f"model.path: cannot load {path!r}: {first}") from None
+    if not cfg.model.dropout:
+        changed = disable_dropout(model)
+        if changed:
+            log.info("dropout off in %d places of %s (model.dropout=true keeps it)", len(changed), path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

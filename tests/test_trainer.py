@@ -228,3 +228,47 @@ def test_a_step_whose_every_token_is_masked_is_a_no_op_with_a_reason(tmp_path, t
     after = AutoModelForCausalLM.from_pretrained(latest_checkpoint(tmp_path / "run") / "policy")
     for name, p in after.named_parameters():
         torch.testing.assert_close(p, before[name], atol=0, rtol=0, msg=name)
+
+
+def _dropout_model_dir(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from grpo.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=64, attention_dropout=0.5,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "dropout_model")
+    tok.save_pretrained(tmp_path / "dropout_model")
+    return tmp_path / "dropout_model"
+
+
+def test_policy_dropout_is_off_unless_asked_for(tmp_path):
+    from grpo.train import load_policy
+    from tests.conftest import compose
+
+    path = _dropout_model_dir(tmp_path)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    for keep, expect_equal in ((False, True), (True, False)):
+        cfg = compose(["model=hf", f"model.path={path}", "model.dtype=float32", f"model.dropout={str(keep).lower()}"])
+        model, _ = load_policy(str(path), cfg)
+        model.train()  # as the backend trains it
+        first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+        assert torch.equal(first, second) == expect_equal, keep
+
+
+def test_the_ppo_critic_has_no_dropout(tmp_path, tiny_random_dir):
+    from types import SimpleNamespace
+
+    from grpo.ppo import build_critic
+    from tests.conftest import compose
+
+    path = _dropout_model_dir(tmp_path)
+    cfg = compose(["algorithm=ppo", "model=hf", f"model.path={path}", "model.dtype=float32"])
+    critic, _ = build_critic(SimpleNamespace(cfg=cfg), str(path))
+    torch.nn.init.normal_(critic.score.weight)  # a trained head: its input's dropout would show
+    critic.train()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    assert torch.equal(critic(input_ids=ids).logits, critic(input_ids=ids).logits)
