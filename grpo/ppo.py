@@ -40,6 +40,8 @@ from grpo.trainer import (
     Run,
     compute_advantages,
     layout_batch,
+    mini_batch_rows,
+    reward_stats,
     rollout_metrics,
     sample_groups,
     score_logprobs,
@@ -147,13 +149,12 @@ def build_critic(run: Run, path: str):
 def update_critic(backend, batch, old_values: torch.Tensor, returns: torch.Tensor, *, epochs: int, mini_batches: int,
                   clip: float, micro_batch_tokens: int) -> dict:
     """`epochs` passes of `mini_batches` optimiser steps on the clipped value loss (token mean per mini-batch)."""
-    n = len(batch)
-    per_mini = n // mini_batches
     total, updates = 0.0, 0
     for _ in range(epochs):
-        for m in range(mini_batches):
-            rows = list(range(m * per_mini, (m + 1) * per_mini))
-            num_tokens = batch.completion_mask[rows].sum().clamp(min=1)
+        for rows in mini_batch_rows(len(batch), mini_batches):
+            if not rows or batch.completion_mask[rows].sum() == 0:
+                continue  # nothing to fit in this mini-batch
+            num_tokens = batch.completion_mask[rows].sum()
             lengths = batch.attention_mask[rows].sum(1).tolist()
             for micro in token_budget_batches(lengths, micro_batch_tokens):
                 idx = [rows[i] for i in micro]
@@ -165,7 +166,7 @@ def update_critic(backend, batch, old_values: torch.Tensor, returns: torch.Tenso
                 total += float(loss.detach())
             backend.step()
             updates += 1
-    return {"train/value_loss": total / updates}
+    return {"train/value_loss": total / max(updates, 1)}
 
 
 def train(run: Run) -> list[dict]:
@@ -214,7 +215,7 @@ def train(run: Run) -> list[dict]:
                                  mini_batches=algo.mini_batches, clip=algo.ppo.value_clip, micro_batch_tokens=mbt)
         # 6. sync, evaluate, log, checkpoint
         metrics["time/weight_sync_s"] = run.engine.sync_weights(run.policy)
-        metrics |= rollout_metrics(groups, batch, valid)
+        metrics |= rollout_metrics(groups, batch, valid) | reward_stats(groups)
         tokens = mask.sum().clamp(min=1)
         metrics["train/value_mean"] = float((values * mask).sum() / tokens)
         if ref is not None:

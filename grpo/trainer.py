@@ -347,6 +347,7 @@ def sample_groups(run: Run, num_prompts: int) -> tuple[Groups, dict]:
     algo, G = run.cfg.algorithm, run.cfg.algorithm.group_size
     share = num_prompts // dist.world_size()
     groups, counts, gen_s, rounds, errors, masked, scored_n = None, None, 0.0, 0, 0, 0, 0
+    reward_counts: dict[str, float] = {}  # reward/<name>_errors and each reward's own counters
     while True:
         rows = [run.train_rows[i] for i in dist.shard(run.sampler.next_indices(num_prompts))]
         out = run.engine.generate([r["prompt"] for r in rows], G)
@@ -355,6 +356,9 @@ def sample_groups(run: Run, num_prompts: int) -> tuple[Groups, dict]:
         columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
         scored = run.scorer(prompts, out.texts, columns)
         errors += sum(any(flags) for flags in zip(*scored.errors.values())) if scored.errors else 0
+        for key, value in [*((f"reward/{n}_errors", sum(f)) for n, f in scored.errors.items()),
+                           *scored.reward_metrics.items()]:
+            reward_counts[key] = reward_counts.get(key, 0.0) + float(value)
         masked += sum(r is None for r in scored.total)
         scored_n += len(out.texts)
         rewards = shape_rewards(scored.total, [len(c) for c in out.completion_ids], algo, run.cfg.rollout.max_new_tokens)
@@ -376,9 +380,15 @@ def sample_groups(run: Run, num_prompts: int) -> tuple[Groups, dict]:
     if len(groups.rows) > share:
         groups = groups.keep([True] * share + [False] * (len(groups.rows) - share), G)
     errors, masked, scored_n = dist.all_reduce_sum(torch.tensor([errors, masked, scored_n])).tolist()
+    reward_counts = sum_over_ranks(reward_counts)
     metrics = {"train/zero_std_frac": 1.0 - float(counts[0] / counts[1]), "time/generate_s": gen_s,
                "train/reward_error_frac": errors / max(1, scored_n),  # raised or ran past its deadline: masked
                "train/reward_masked_frac": masked / max(1, scored_n)}  # no reward at all (counts before refills)
+    for key, value in reward_counts.items():  # over every sample scored this step, refills included
+        if key.endswith("_errors"):
+            metrics[key.removesuffix("s") + "_frac"] = value / max(1, scored_n)
+        else:
+            metrics[key] = value
     if algo.dynamic_sampling:
         metrics["train/resample_rounds"] = rounds
         metrics["train/kept_groups"] = int(dist.all_reduce_sum(torch.tensor([len(groups.rows)]))[0])
@@ -413,6 +423,7 @@ def train_step(run: Run, step: int) -> tuple[dict, Groups, str | None]:
     # 1-2. sample G completions per prompt and score them (each rank its share of the prompts)
     groups, metrics = sample_groups(run, cfg.train.prompts_per_step)
     everyone, offset = gather_groups(groups)
+    metrics |= reward_stats(everyone)
     nothing_to_learn = no_signal_reason(run, offset >= 0, metrics["train/reward_masked_frac"], step)
     if nothing_to_learn:
         return metrics, everyone, nothing_to_learn
@@ -526,11 +537,30 @@ def rollout_metrics(groups: Groups, batch: RolloutBatch, valid: torch.Tensor) ->
         "train/completion_len": sum(map(len, groups.completion_ids)) / max(1, len(groups.completion_ids)),
         "train/truncated_frac": sum(groups.truncated) / max(1, len(groups.truncated)),
     }
+    return out
+
+
+def reward_stats(groups: Groups) -> dict:
+    """`reward/<name>_{mean,std,none_frac}` over the step's samples (std with ddof 0; mean and std over
+    the samples where the reward applies, left out when it applies to none)."""
+    out = {}
     for name, values in groups.per_reward.items():
         vals = [v for v in values if v is not None]
+        out[f"reward/{name}_none_frac"] = 1.0 - len(vals) / max(1, len(values))
         if vals:
-            out[f"reward/{name}_mean"] = sum(vals) / len(vals)
+            mean = sum(vals) / len(vals)
+            out[f"reward/{name}_mean"] = mean
+            out[f"reward/{name}_std"] = (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5
     return out
+
+
+def sum_over_ranks(counts: dict[str, float]) -> dict[str, float]:
+    """Each key's sum over the ranks that have it."""
+    total: dict[str, float] = {}
+    for share in dist.all_gather_objects(counts):
+        for key, value in share.items():
+            total[key] = total.get(key, 0.0) + value
+    return total
 
 
 def training_state(run: Run) -> dict:

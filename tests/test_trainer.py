@@ -272,3 +272,31 @@ def test_the_ppo_critic_has_no_dropout(tmp_path, tiny_random_dir):
     critic.train()
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     assert torch.equal(critic(input_ids=ids).logits, critic(input_ids=ids).logits)
+
+
+def quarter_none(prompts, completions, **_):
+    """1, 0, 1, None, ... (used by name below)."""
+    return [None if i % 4 == 3 else float(i % 2 == 0) for i in range(len(completions))]
+
+
+def test_every_reward_metric_the_readme_lists_reaches_metrics_jsonl(tmp_path, tiny_random_dir):
+    import json
+
+    from grpo.train import train_from_config
+    from tests.conftest import compose
+
+    cfg = compose(["model=hf", f"model.path={tiny_random_dir}", "model.dtype=float32", "train.max_steps=1",
+                   "train.eval_before=false", "train.eval_every=0", "tracking.progress_bar=false",
+                   "train.prompts_per_step=2", "algorithm.group_size=4", "task.arithmetic.num_eval=2",
+                   "reward.functions=[{name: 'tests.test_trainer:quarter_none'},"
+                   "{name: 'tests.test_reliability:always_raises', weight: 0.0},"
+                   "{name: math_accuracy, weight: 0.0, timeout_s: 30}]"])
+    cfg.run_dir = str(tmp_path / "run")
+    train_from_config(cfg)
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    # quarter_none on 8 samples: 1, 0, 1, None, 1, 0, 1, None -> mean 4/6, std sqrt(2/9), 2 of 8 None
+    assert line["reward/tests.test_trainer:quarter_none_none_frac"] == 0.25
+    assert abs(line["reward/tests.test_trainer:quarter_none_mean"] - 4 / 6) < 1e-9 and abs(line["reward/tests.test_trainer:quarter_none_std"] - (2 / 9) ** 0.5) < 1e-9
+    assert line["reward/tests.test_reliability:always_raises_error_frac"] == 1.0 and line["reward/tests.test_reliability:always_raises_none_frac"] == 1.0
+    assert line["reward/tests.test_trainer:quarter_none_error_frac"] == 0.0
+    assert line["reward/math_accuracy_deadline_misses"] == 0.0
