@@ -119,3 +119,13 @@ def test_wandb_offline_logs_the_run(tmp_path, warm_tiny_dir):
     _run(tmp_path, "wb", ["train.max_steps=2", "train.prompts_per_step=4", "train.eval_every=0",
                           "tracking.wandb=true", "tracking.wandb_mode=offline"])
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("algorithm", ["dapo", "gspo"])
+def test_dapo_and_gspo_take_several_steps_per_batch_so_their_clip_range_acts(tmp_path, warm_tiny_dir, algorithm):
+    # With one optimiser step per rollout batch the ratio is exactly 1 and no token is ever clipped.
+    cfg, history = _run(tmp_path, algorithm, [f"algorithm={algorithm}", "train.max_steps=3", "train.eval_every=0",
+                                              "train.eval_before=false", "optim.lr=3e-4"])
+    assert cfg.algorithm.mini_batches > 1
+    clip = [h["train/clip_frac"] for h in history if "train/clip_frac" in h]
+    assert len(clip) == 3 and min(clip) > 0, clip
