@@ -5,8 +5,9 @@ One run:
    samples ranked by the verifiable reward (`reward_models.arithmetic_preferences`: `num_prompts` training
    problems x `samples_per_prompt` completions, a right answer against a wrong one). Those generated samples
    are DPO's whole sampling budget, spent before the first step;
-2. TRL's `DPOTrainer` optimises the DPO loss (`dpo_loss` below states it) against a frozen copy of the
-   starting policy;
+2. TRL's `DPOTrainer` optimises the DPO loss against a frozen copy of the starting policy,
+   per pair, with summed completion log-probs:
+       loss = -log sigmoid(beta * ((log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))));
 3. every `train.eval_every` optimiser steps the same evaluation as GRPO and PPO runs on the policy being
    trained (`grpo.evaluate.evaluate_run`), into the same metrics.jsonl; the final policy is saved as a
    checkpoint in the same layout.
@@ -24,24 +25,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from grpo.config import ConfigError
 from grpo.trainer import Run, training_state
 
 log = logging.getLogger(__name__)
-
-
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float) -> torch.Tensor:
-    """The DPO loss per pair [N] (what `DPOTrainer` computes with `loss_type="sigmoid"`):
-
-        loss = -log sigmoid(beta * ((log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))))
-
-    Each argument is [N]: the summed log-probability of the whole completion.
-    """
-    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)  # [N]
-    return -F.logsigmoid(beta * margin)  # [N]
 
 
 def load_pairs(run: Run) -> tuple[list[dict], int, float]:

@@ -13,6 +13,7 @@ from rewards import RewardConfigError, RewardScorer, RewardSpec
 from rewards import sandbox as sandbox_module
 from rewards.code_tests import code_tests, program_from
 from rewards.sandbox import Limits, SandboxUnavailable, resolve_sandbox, run_tests
+from tests.conftest import requires
 
 _RUNNER_MARK = "Runs one candidate program against its tests"
 
@@ -29,7 +30,7 @@ def available_sandboxes() -> list[str]:
 
 
 SANDBOXES = available_sandboxes()
-needs_sandbox = pytest.mark.skipif(not SANDBOXES, reason="neither bubblewrap nor unprivileged user namespaces here")
+needs_sandbox = requires(bool(SANDBOXES), "neither bubblewrap nor unprivileged user namespaces here")
 
 
 def runner_processes() -> list[int]:
@@ -193,6 +194,6 @@ def test_runs_in_parallel():
 
 
 @needs_sandbox
-@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
+@requires(shutil.which("bwrap") is not None, "bubblewrap not installed (scripts/install.sh installs it where apt works)")
 def test_auto_prefers_bubblewrap():
     assert resolve_sandbox("auto") == "bwrap"
