@@ -14,7 +14,10 @@ def test_dpo_run_with_trl(tmp_path, warm_tiny_dir):
 
     from grpo.train import train_from_config
 
+    # 40 prompts x 8 samples: a pair per prompt whose samples are right and wrong (the warm model's
+    # overflowing sums, about half); batches of 8 pairs make several optimiser steps of them
     cfg = compose(["algorithm=dpo", f"run_dir={tmp_path}", "algorithm.dpo.num_prompts=40", "train.eval_every=2",
+                   "algorithm.dpo.batch_size=8",
                    "task.arithmetic.num_eval=20", "task.arithmetic.num_ood=10", "tracking.progress_bar=false",
                    "tracking.plot=false", "threads=1", "optim.lr=1e-3"])
     train_from_config(cfg)
