@@ -171,6 +171,7 @@ def train_warm_start(spec: WarmStart, log=print):
                 anneal_step = step + 1
                 break
     else:
+        on_shown, on_held = check()  # the figures at the end of the budget, checked or not
         raise WarmStartError(
             f"warm start: after {spec.max_steps} steps (model.warm_start.max_steps) the greedy answers agree with "
             f"the teacher on {on_shown['agreement']:.3f} of the problems shown and {on_held['agreement']:.3f} of "
