@@ -36,6 +36,7 @@ from grpo.advantages import get_advantage_estimator, group_stats, overlong_penal
 from grpo.config import AlgorithmConfig
 from grpo.logprobs import sequence_logprobs, token_budget_batches
 from grpo.losses import aggregate, clip_fraction, clipped_surrogate, kl_divergence, truncated_importance_weights
+from rewards.scorer import ScoredBatch
 
 log = logging.getLogger(__name__)
 
@@ -541,17 +542,10 @@ def rollout_metrics(groups: Groups, batch: RolloutBatch, valid: torch.Tensor) ->
 
 
 def reward_stats(groups: Groups) -> dict:
-    """`reward/<name>_{mean,std,none_frac}` over the step's samples (std with ddof 0; mean and std over
-    the samples where the reward applies, left out when it applies to none)."""
-    out = {}
-    for name, values in groups.per_reward.items():
-        vals = [v for v in values if v is not None]
-        out[f"reward/{name}_none_frac"] = 1.0 - len(vals) / max(1, len(values))
-        if vals:
-            mean = sum(vals) / len(vals)
-            out[f"reward/{name}_mean"] = mean
-            out[f"reward/{name}_std"] = (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5
-    return out
+    """`reward/<name>_{mean,std,none_frac}` over the step's samples, as `ScoredBatch.metrics` computes
+    them. Its `_error_frac` is left to `sample_groups`, which counts errors over every scoring call."""
+    stats = ScoredBatch(total=[], per_reward=groups.per_reward).metrics()
+    return {k: v for k, v in stats.items() if not k.endswith("_error_frac")}
 
 
 def sum_over_ranks(counts: dict[str, float]) -> dict[str, float]:

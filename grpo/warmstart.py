@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from grpo.tasks.arithmetic import Arithmetic, teacher_mode, write
+from grpo.tasks.arithmetic import Arithmetic, teacher_answer, teacher_mode, write
 from grpo.tiny import build_char_tokenizer, build_tiny_model
 
 
@@ -143,7 +143,8 @@ def train_warm_start(spec: WarmStart, log=print):
         for group in opt.param_groups:
             group["lr"] = batch_lr
         problems = [rng.choice(shown) for _ in range(spec.batch_size)]
-        pairs = [(task.prompt(a, b), write(task.teacher(a, b, spec.drop_carry, rng), spec.reverse)) for a, b in problems]
+        answers = [teacher_answer(a, b, spec.digits, spec.drop_carry, rng) for a, b in problems]
+        pairs = [(task.prompt(a, b), write(answer, spec.reverse)) for (a, b), answer in zip(problems, answers)]
         ids, attn, loss_mask = _encode_pairs(tokenizer, pairs)
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # [B, T-1, V]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [B, T-1]

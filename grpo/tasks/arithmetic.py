@@ -42,7 +42,7 @@ def teacher_answer(a: int, b: int, digits: int, drop_carry: float, rng: random.R
 def teacher_mode(a: int, b: int, digits: int, drop_carry: float) -> int:
     """The teacher's most likely answer: the sum, or the sum without its overflowing digit when it drops
     that digit more often than not."""
-    return teacher_answer(a, b, digits, 1.0 if drop_carry > 0.5 else 0.0, random.Random(0))
+    return a + b - 10**digits if overflows(a, b, digits) and drop_carry > 0.5 else a + b
 
 
 def write(n: int, reverse: bool, width: int = 0) -> str:
@@ -74,10 +74,6 @@ class Arithmetic:
 
     def held_out_problems(self) -> list[tuple[int, int]]:
         return self._problems(held_out=True)
-
-    def teacher(self, a: int, b: int, drop_carry: float, rng: random.Random) -> int:
-        """The imperfect teacher's answer to a+b (see `teacher_answer`)."""
-        return teacher_answer(a, b, self.digits, drop_carry, rng)
 
     def prompt(self, a: int, b: int) -> str:
         """Operands zero-padded to `digits`, so digit i of each always stands at the same place."""
