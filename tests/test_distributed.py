@@ -199,3 +199,21 @@ def _pid_of_rank(rank: int, tag: str) -> int | None:
             found[int(pid)] = parent
     roots = [pid for pid, parent in found.items() if parent not in found]
     return roots[0] if len(roots) == 1 else None
+
+
+def test_dynamic_sampling_on_two_ranks_trains_each_rank_on_its_rows_of_the_whole_batchs_advantages(
+        tmp_path, tiny_random_dir):
+    from grpo.trainer import compute_advantages
+
+    out = tmp_path / "out.pt"
+    launch([*launcher("ddp", 2), str(ROOT / "tests" / "gathered_advantages_step.py"), "--model", str(tiny_random_dir),
+            "--out", str(out)])
+    result = torch.load(out, weights_only=False)
+    rank0, rank1 = result["shares"]
+    # 6 prompts, 3 per rank; rank 1's reward leaves one informative group: 12 rows there, 4 here
+    assert (len(rank0["advantages"]), len(rank1["advantages"])) == (12, 4) and result["kept_groups"] == 4
+    assert rank0["completion_ids"] + rank1["completion_ids"] == result["completion_ids"]  # rank order, no overlap
+    whole, _, _ = compute_advantages(result["rewards"], 4, "reinforce_pp")  # whitened over all 16 rows
+    torch.testing.assert_close(torch.tensor(rank0["advantages"] + rank1["advantages"]), whole, atol=1e-6, rtol=0)
+    alone, _, _ = compute_advantages(result["rewards"][12:], 4, "reinforce_pp")  # what rank 1 would get alone
+    assert (alone - whole[12:]).abs().max() > 1e-3  # so the check above could tell them apart

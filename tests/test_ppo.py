@@ -84,7 +84,10 @@ def test_ppo_run_updates_policy_and_critic(tmp_path, warm_tiny_dir):
     history = train_from_config(cfg)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [0, 1, 2]
-    assert lines[2]["train/value_mean"] != 0.0  # the critic's zero head moved after one step
+    # the critic's head starts at zero: step 1's values (taken before its update) are exactly 0,
+    # step 2's are not, so the critic's update reached the critic that the next step uses
+    assert lines[1]["train/value_mean"] == 0.0 and lines[2]["train/value_mean"] != 0.0
+    assert lines[1]["train/value_loss"] > 0.0
     for key in ("eval/accuracy", "eval/ood_accuracy", "eval/generalization_gap", "train/value_loss", "train/kl"):
         assert key in history[-1], key
     state = torch.load(tmp_path / "checkpoints" / "step_2" / "state.pt", weights_only=True)
