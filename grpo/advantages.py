@@ -178,25 +178,13 @@ def group_stats(rewards: Tensor, group_size: int) -> dict[str, float | Tensor]:
     return {"zero_std_frac": float(zero_std_frac), "nonzero_std_mask": ~all_equal}
 
 
-def overlong_penalty(lengths: Tensor, max_new_tokens: int, buffer: int, penalty: float) -> Tensor:
-    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), to be added to the reward.
+def compute_advantages(rewards: list[float | None], group_size: int, estimator: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Advantages [N], a validity mask [N] and the rewards as a tensor [N] (NaN for None).
 
-        R(L) = 0                                   if L <= max_new_tokens - buffer
-             = -penalty * (L - (max_new_tokens - buffer)) / buffer
-                                                   if max_new_tokens - buffer < L <= max_new_tokens
-             = -penalty                            if L > max_new_tokens
-
-    ``lengths`` [N] are completion lengths in tokens. The paper fixes penalty = 1; here it is a
-    parameter. ``buffer`` = 0 disables the punishment (zeros). Returns a float tensor [N].
+    A None reward does not apply: it is left out of its group's statistics (the estimators treat
+    a group with k valid rewards as a group of k), and its sample gets advantage 0 and no gradient.
     """
-    if buffer < 0 or buffer > max_new_tokens:
-        raise ValueError(f"buffer must be in [0, max_new_tokens={max_new_tokens}], got {buffer}")
-    if penalty < 0:
-        raise ValueError(f"penalty must be >= 0 (it is subtracted), got {penalty}")
-    dtype = lengths.dtype if lengths.is_floating_point() else torch.get_default_dtype()
-    lengths = lengths.to(dtype)  # [N]
-    if buffer == 0:
-        return torch.zeros_like(lengths)  # [N]
-    start = max_new_tokens - buffer
-    ramp = ((start - lengths) / buffer).clamp(min=-1.0, max=0.0)  # [N], 0 .. -1
-    return ramp * penalty  # [N]
+    values = torch.tensor([r if r is not None else float("nan") for r in rewards], dtype=torch.float32)  # [N]
+    valid = ~values.isnan()  # [N]
+    advantages = get_advantage_estimator(estimator)(values, group_size)  # [N], 0 where not valid
+    return advantages, valid, values

@@ -111,7 +111,7 @@ def launch(module: str, overrides: list[str], log_path: Path, in_process: bool) 
     if in_process:
         if module == "grpo.train":
             from grpo.config import register_configs, validate
-            from grpo.train import train_from_config
+            from grpo.run import train_from_config
 
             register_configs()
             train_from_config(validate(_compose("config", overrides)))

@@ -8,11 +8,12 @@ the allowed values, before any model is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
-ALGORITHM_NAMES = ("grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "ppo", "dpo")
+LOOPS = ("grpo", "ppo", "dpo")
 BACKEND_NAMES = ("torch", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
 ROLLOUT_ENGINES = ("hf", "vllm")
 DTYPES = ("float32", "bfloat16")
@@ -145,7 +146,8 @@ class DPOOptions:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = field(default="grpo", metadata={"help": "grpo, dr_grpo, dapo, gspo, rloo, reinforce_pp (GRPO loop); ppo; dpo"})
+    name: str = field(default="grpo", metadata={"help": "the recipe's label in logs and comparisons (grpo, dapo, ...)"})
+    loop: str = field(default="grpo", metadata={"help": "the training loop: grpo (every GRPO variant), ppo or dpo"})
     advantage: str = field(default="grpo", metadata={"help": "advantage estimator (grpo.advantages)"})
     group_size: int = field(default=8, metadata={"help": "completions sampled per prompt (G)"})
     negative_weight: float = field(default=1.0, metadata={"help": "scale of negative advantages (0: learn from successes only)"})
@@ -261,13 +263,13 @@ def validate(cfg: Config) -> Config:
     from grpo.losses import AGGREGATION_MODES, KL_ESTIMATORS, RATIO_LEVELS
 
     a = cfg.algorithm
-    _choice("algorithm.name", a.name, ALGORITHM_NAMES)
-    if a.name == "ppo":
+    _choice("algorithm.loop", a.loop, LOOPS)
+    if a.loop == "ppo":
         if not 0 < a.ppo.gamma <= 1 or not 0 <= a.ppo.lam <= 1:
             raise ConfigError(f"algorithm.ppo: need 0 < gamma <= 1 and 0 <= lam <= 1, got {a.ppo.gamma}, {a.ppo.lam}")
         _positive("algorithm.ppo.value_clip", a.ppo.value_clip)
         _positive("algorithm.ppo.value_lr", a.ppo.value_lr)
-    if a.name == "dpo":
+    if a.loop == "dpo":
         _positive("algorithm.dpo.beta", a.dpo.beta)
         _positive("algorithm.dpo.batch_size", a.dpo.batch_size)
         _positive("algorithm.dpo.epochs", a.dpo.epochs)
@@ -380,3 +382,11 @@ def validate_world(cfg: Config, world_size: int, num_eval_rows: int) -> None:
         raise ConfigError(f"backend: {world_size} ranks need backend=ddp or deepspeed_zero1/2/3, not torch")
     if 0 < num_eval_rows < world_size:
         raise ConfigError(f"task: {num_eval_rows} held-out rows cannot be shared by {world_size} ranks")
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def to_config(dict_cfg) -> Config:
+    """The validated `Config` of a composed Hydra config."""
+    return validate(OmegaConf.to_object(dict_cfg))

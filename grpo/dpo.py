@@ -2,7 +2,7 @@
 
 One run:
 1. the pairs: a JSONL/Parquet file (`algorithm.dpo.pairs_file`), or, for the built-in task, the policy's own
-   samples ranked by the verifiable reward (`reward_models.arithmetic_preferences`: `num_prompts` training
+   samples ranked by the verifiable reward (`grpo.tasks.arithmetic_preferences`: `num_prompts` training
    problems x `samples_per_prompt` completions, a right answer against a wrong one). Those generated samples
    are DPO's whole sampling budget, spent before the first step;
 2. TRL's `DPOTrainer` optimises the DPO loss against a frozen copy of the starting policy,
@@ -25,9 +25,18 @@ import time
 from pathlib import Path
 
 import torch
+from datasets import Dataset
+from transformers import PrinterCallback, TrainerCallback
+from trl import DPOConfig, DPOTrainer
 
-from grpo.config import ConfigError
-from grpo.trainer import Run, training_state
+from grpo.checkpoint import save_checkpoint
+from grpo.config import Config, ConfigError
+from grpo.contamination import normalise
+from grpo.data import read_rows
+from grpo.evaluate import evaluate_run
+from grpo.loop import training_state
+from grpo.run import Run
+from grpo.tasks.arithmetic_preferences import ArithmeticPreferences, arithmetic_preferences
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +46,12 @@ def load_pairs(run: Run) -> tuple[list[dict], int, float]:
     cfg, opts = run.cfg, run.cfg.algorithm.dpo
     start = time.perf_counter()
     if opts.pairs_file:
-        from grpo.data import read_rows
-
         pairs = read_rows(opts.pairs_file)
         for i, row in enumerate(pairs):
             for col in ("prompt", "chosen", "rejected"):
                 if not isinstance(row.get(col), str):
                     raise ConfigError(f"{opts.pairs_file}: row {i} has no text column {col!r} (algorithm.dpo.pairs_file)")
         return pairs, 0, time.perf_counter() - start
-    from reward_models.arithmetic_preferences import ArithmeticPreferences, arithmetic_preferences
-
     spec = ArithmeticPreferences(
         num_prompts=opts.num_prompts, samples_per_prompt=opts.samples_per_prompt, pairs_per_prompt=opts.pairs_per_prompt,
         temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
@@ -54,16 +59,12 @@ def load_pairs(run: Run) -> tuple[list[dict], int, float]:
     )
     # Built inside the run directory, never taken from a cache: its sampling time is part of DPO's cost.
     path = arithmetic_preferences(cfg.model.path, spec, cache_dir=Path(cfg.run_dir) / "pairs", log=log.info)
-    from grpo.data import read_rows
-
     num_prompts = min(opts.num_prompts or len(run.train_rows), len(run.train_rows))
     return read_rows(str(path)), num_prompts * opts.samples_per_prompt, time.perf_counter() - start
 
 
 def drop_eval_prompts(pairs: list[dict], run: Run) -> tuple[list[dict], int]:
     """Pairs whose prompt is not an evaluation prompt (exact match after normalisation)."""
-    from grpo.contamination import normalise
-
     held = {normalise(r["prompt"]) for rows in (run.eval_rows, *run.ood_rows.values()) for r in rows}
     kept = [p for p in pairs if normalise(p["prompt"]) not in held]
     return kept, len(pairs) - len(kept)
@@ -71,14 +72,7 @@ def drop_eval_prompts(pairs: list[dict], run: Run) -> tuple[list[dict], int]:
 
 def train(run: Run) -> list[dict]:
     """Build or read the pairs, run `DPOTrainer` with evaluation callbacks; returns the logged metrics."""
-    from datasets import Dataset
-    from transformers import PrinterCallback, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    from grpo.checkpoint import save_checkpoint
-    from grpo.evaluate import evaluate_run
-
-    cfg, opts = run.cfg, run.cfg.algorithm.dpo
+    cfg = run.cfg
     if run.start_step:
         log.warning("dpo: %s already holds a final checkpoint (step %d); nothing to do", cfg.run_dir, run.start_step)
         return []
@@ -95,30 +89,48 @@ def train(run: Run) -> list[dict]:
     run.tracker.log(0, first)
     history.append(first)
 
-    class _Evaluate(TrainerCallback):
-        """Our metrics line per optimiser step (TRL's loss and reward margins), our evaluation when due.
-        TRL logs every step (`logging_steps=1`) after the step ends, so the line is written there."""
+    args = dpo_arguments(cfg)
+    dataset = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+    run.tokenizer.padding_side = "left"
+    trainer = DPOTrainer(model=run.policy, args=args, train_dataset=dataset, processing_class=run.tokenizer,
+                         callbacks=[LogAndEvaluate(run, history)])
+    trainer.remove_callback(PrinterCallback)  # our tracker prints; TRL's would repeat every line
+    trainer.train()
+    run.tokenizer.padding_side = "left"
+    step = trainer.state.global_step
+    save_checkpoint(cfg.run_dir, step, policy=run.policy, tokenizer=run.tokenizer,
+                    state=training_state(run), keep_last=cfg.checkpoint.keep_last)
+    return history
 
-        def __init__(self):
-            self.last = time.perf_counter()
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = logs or {}
-            if "loss" not in logs:  # the summary TRL logs at the end of training
-                return
-            names = {"loss": "train/loss", "rewards/margins": "train/dpo_margin",
-                     "rewards/accuracies": "train/dpo_pair_accuracy", "learning_rate": "optim/lr",
-                     "grad_norm": "optim/grad_norm", "entropy": "train/entropy"}
-            metrics = {ours: float(logs[theirs]) for theirs, ours in names.items() if theirs in logs}
-            step = state.global_step
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == state.max_steps:
-                metrics |= evaluate_run(run)
-            now = time.perf_counter()
-            metrics["time/step_s"], self.last = now - self.last, now
-            run.tracker.log(step, metrics)
-            history.append({"step": step, **metrics})
+class LogAndEvaluate(TrainerCallback):
+    """Our metrics line per optimiser step (TRL's loss and reward margins), our evaluation when due.
+    TRL logs every step (`logging_steps=1`) after the step ends, so the line is written there."""
 
-    args = DPOConfig(
+    def __init__(self, run: Run, history: list[dict]):
+        self.run, self.history, self.last = run, history, time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs:  # the summary TRL logs at the end of training
+            return
+        names = {"loss": "train/loss", "rewards/margins": "train/dpo_margin",
+                 "rewards/accuracies": "train/dpo_pair_accuracy", "learning_rate": "optim/lr",
+                 "grad_norm": "optim/grad_norm", "entropy": "train/entropy"}
+        metrics = {ours: float(logs[theirs]) for theirs, ours in names.items() if theirs in logs}
+        step, every = state.global_step, self.run.cfg.train.eval_every
+        if every and step % every == 0 or step == state.max_steps:
+            metrics |= evaluate_run(self.run)
+        now = time.perf_counter()
+        metrics["time/step_s"], self.last = now - self.last, now
+        self.run.tracker.log(step, metrics)
+        self.history.append({"step": step, **metrics})
+
+
+def dpo_arguments(cfg: Config) -> DPOConfig:
+    """TRL's DPO settings from the run's config (`algorithm.dpo.*` and `optim.*`)."""
+    opts = cfg.algorithm.dpo
+    return DPOConfig(
         output_dir=str(Path(cfg.run_dir) / "trainer"), per_device_train_batch_size=opts.batch_size,
         num_train_epochs=opts.epochs, learning_rate=cfg.optim.lr, lr_scheduler_type=cfg.optim.schedule,
         warmup_steps=cfg.optim.warmup_steps, weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.betas[0],
@@ -127,14 +139,3 @@ def train(run: Run) -> list[dict]:
         report_to="none", seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=not cfg.tracking.progress_bar,
         bf16=cfg.model.dtype == "bfloat16", dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
     )
-    dataset = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
-    run.tokenizer.padding_side = "left"
-    trainer = DPOTrainer(model=run.policy, args=args, train_dataset=dataset, processing_class=run.tokenizer,
-                         callbacks=[_Evaluate()])
-    trainer.remove_callback(PrinterCallback)  # our tracker prints; TRL's would repeat every line
-    trainer.train()
-    run.tokenizer.padding_side = "left"
-    step = trainer.state.global_step
-    save_checkpoint(cfg.run_dir, step, policy=run.policy, tokenizer=run.tokenizer,
-                    state=training_state(run), keep_last=cfg.checkpoint.keep_last)
-    return history

@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from grpo import distributed as dist
+
 
 def evaluate(engine, scorer, rows: list[dict], accuracy_reward: str, *, pass_k: int = 0) -> dict:
     """`eval/accuracy`: share of rows whose greedy completion scores 1 on `accuracy_reward`
@@ -59,8 +61,6 @@ def evaluate_run(run) -> dict:
     With several ranks each evaluates every world_size-th row of each split, and the means are
     combined weighted by the rows each rank scored: the result is that of one rank on all rows.
     """
-    from grpo import distributed as dist
-
     if not run.eval_rows:
         return {}
     rank, world = dist.rank(), dist.world_size()
@@ -84,14 +84,3 @@ def evaluate_run(run) -> dict:
         out["eval/generalization_gap"] = out["eval/accuracy"] - out["eval/ood_accuracy"]
     out["time/eval_s"] = dist.all_reduce_max(metrics["time/eval_s"])
     return out
-
-
-def main() -> None:
-    """`grpo-eval`: same config and overrides as grpo-train; `eval.checkpoint=<dir>` to pick a model."""
-    from grpo.train import run_cli
-
-    run_cli(mode="eval")
-
-
-if __name__ == "__main__":
-    main()

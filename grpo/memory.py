@@ -31,7 +31,16 @@ These are estimates, deliberately simple (no allocator fragmentation, no communi
 
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import dataclass
+
+import torch
+from hydra import compose, initialize_config_dir
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from grpo.config import CONFIG_DIR, ConfigError, register_configs, to_config
+from grpo.model_facts import facts_for, transformers_config
 
 GiB = 2**30
 ASSUMED_PROMPT_TOKENS = 512  # prompts are not measured before launch; the KV cache assumes this length
@@ -130,9 +139,6 @@ def estimate(shape: ModelShape, *, stage: int, world_size: int, mixed_precision:
 
 def model_shape(config) -> ModelShape:
     """The shape of a transformers config; parameters counted on the meta device (no memory)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     heads = config.num_attention_heads
@@ -144,14 +150,10 @@ def model_shape(config) -> ModelShape:
 
 def estimate_from_config(cfg, world_size: int, gpu_memory_gb: float = 80.0) -> MemoryEstimate:
     """The plan of a run config (model facts from `grpo.model_facts` when known, else its config.json)."""
-    from grpo.model_facts import facts_for, transformers_config
-
     facts = facts_for(cfg.model.path)
     if facts is not None:
         config = transformers_config(facts)
     else:
-        from transformers import AutoConfig
-
         config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     b = cfg.backend
     stage = int(b.name.removeprefix("deepspeed_zero")) if b.name.startswith("deepspeed") else 0
@@ -167,8 +169,6 @@ def estimate_from_config(cfg, world_size: int, gpu_memory_gb: float = 80.0) -> M
 
 def check_fits(plan: MemoryEstimate, capacity_gb: float) -> None:
     """Raise ConfigError with the numbers when the plan exceeds the device."""
-    from grpo.config import ConfigError
-
     if plan.total > capacity_gb * GiB:
         raise ConfigError(
             f"backend: the plan needs an estimated {plan.total / GiB:.1f} GiB per GPU but the device has "
@@ -181,14 +181,6 @@ def check_fits(plan: MemoryEstimate, capacity_gb: float) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Print the plan of a config (Hydra overrides) for a number of GPUs, without loading weights."""
-    import argparse
-    import sys
-
-    from hydra import compose, initialize_config_dir
-
-    from grpo.config import ConfigError, register_configs
-    from grpo.train import CONFIG_DIR, to_config
-
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--gpus", type=int, default=1, help="ranks the run will have")
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU")

@@ -1,5 +1,7 @@
-"""What the trainer does to a model it loads, before training it.
+"""Loading the policy, and what the trainer does to a model it loads before training it.
 
+`load_policy` reads a model directory (or a checkpoint's `policy/`) with transformers; the
+built-in `model=tiny` is the warm-started demo model, built once and cached (`grpo.warmstart`).
 Dropout is turned off (`model.dropout=false`, the default). With dropout on, the log-probs the
 trainer computes for a completion are not those the sampler drew it with, the PPO ratio is
 noised at 1 before any update, and a critic's values (GAE, the returns, the value-clip anchor)
@@ -8,7 +10,18 @@ are noised too. TRL and verl turn it off for the same reason.
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
+
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from grpo.checkpoint import CheckpointError
+from grpo.config import Config, ConfigError
+from grpo.warmstart import WarmStart, warm_start_report, warm_started_tiny
+
+log = logging.getLogger("grpo")
 
 
 def disable_dropout(model: torch.nn.Module) -> list[str]:
@@ -29,3 +42,58 @@ def disable_dropout(model: torch.nn.Module) -> list[str]:
         if isinstance(getattr(config, key, None), float) and getattr(config, key) > 0:
             setattr(config, key, 0.0)  # so a saved checkpoint says what was trained
     return changed
+
+
+def resolve_model_path(cfg: Config) -> str:
+    """The model directory; builds (once) the warm-started tiny model for `model=tiny`."""
+    if cfg.model.builtin == "tiny":
+        spec = WarmStart.from_config(cfg.model.warm_start, cfg.task.arithmetic.digits, cfg.task.arithmetic.reverse)
+        return str(warm_started_tiny(spec, log=log.info))
+    path = cfg.model.path
+    looks_local = path.startswith((".", "/", "~")) or os.sep in path and not Path(path).parent.name == ""
+    if looks_local and not Path(path).expanduser().exists():
+        raise ConfigError(f"model.path: {path} does not exist")
+    return path
+
+
+def warm_start_metrics(model_path: str) -> dict:
+    """`warm_start/*` metrics of a built-in warm-started model (its criterion's figures, the step at which
+    the criterion was met, its wall time), logged with the run's first line; {} for any other model."""
+    report = warm_start_report(model_path)
+    if not report:
+        return {}
+    log.info("warm start: %s; met at step %s, %s s (%s kernels)", report["criterion"], report["met_step"],
+             report["wall_s"], report["kernels"])
+    return {f"warm_start/{k}": v for k, v in report.items() if isinstance(v, (int, float))}
+
+
+def load_policy(path: str, cfg: Config, *, checkpoint: bool = False):
+    """The model and tokenizer at `path`. Code shipped with a model runs only with
+    `model.trust_remote_code=true`; a checkpoint's weights are read from safetensors only."""
+    dtype = getattr(torch, cfg.model.dtype)
+    trust = cfg.model.trust_remote_code
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust,
+                                                     use_safetensors=True if checkpoint else None)
+    except Exception as e:  # noqa: BLE001 - OSError, a refused remote-code prompt, a corrupt safetensors header...
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if checkpoint:
+            raise CheckpointError(f"checkpoint {path} is unreadable: {first}") from None
+        if "trust_remote_code" in str(e) and not trust:
+            raise ConfigError(f"model.path: {path!r} ships its own code; set model.trust_remote_code=true "
+                              f"only if you trust it") from None
+        raise ConfigError(f"model.path: cannot load {path!r}: {first}") from None
+    if not cfg.model.dropout:
+        changed = disable_dropout(model)
+        if changed:
+            log.info("dropout off in %d places of %s (model.dropout=true keeps it)", len(changed), path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model's position embeddings cover, where its config says."""
+    return getattr(model.config, "max_position_embeddings", None)

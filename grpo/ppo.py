@@ -1,15 +1,16 @@
 """The RLHF baseline: PPO with a critic, GAE, and the KL to the reference inside the reward.
 
-One step, as `train` below reads:
+One step, as `PPO.step` below reads:
 1. take B prompts; the rollout engine samples G completions of each (the same engine, reward scorer
    and batch layout as GRPO, so both algorithms see the same number of samples per step);
 2. the reward functions score them: a learned reward model (`reward_model`) for RLHF, or any other reward;
 3. per-token rewards: -beta * (log pi - log pi_ref) on every completion token, plus the score on the last one;
 4. the critic estimates the value of every prefix; GAE turns rewards and values into per-token advantages
    and returns;
-5. the policy takes the clipped surrogate step on those advantages (`grpo.trainer.update_policy`), and
+5. the policy takes the clipped surrogate step on those advantages (`grpo.update.update_policy`), and
    the critic a clipped value-loss step towards the returns;
-6. weights sync, evaluation, metrics and checkpoints as in GRPO.
+6. the weights sync; evaluation, metrics, samples and checkpoints (the critic's state included) are the
+   loop every algorithm shares (`grpo.loop`), with its guards and crash points.
 
 The critic is a separate value model (the policy's architecture with a one-output token head,
 initialised from the policy's weights; the head starts at zero), not a value head on the policy. So the
@@ -30,26 +31,91 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 
 import torch
 
+from transformers import AutoModelForTokenClassification
+
+from grpo.advantages import compute_advantages
+from grpo.backends import build_backend
+from grpo.batch import layout_batch
+from grpo.checkpoint import latest_checkpoint, load_state
+from grpo.faults import crash_point
 from grpo.logprobs import token_budget_batches
+from grpo.loop import StepResult, no_signal_reason, run_loop
 from grpo.modeling import disable_dropout
-from grpo.trainer import (
-    Run,
-    compute_advantages,
-    layout_batch,
-    mini_batch_rows,
-    reward_stats,
-    rollout_metrics,
-    sample_groups,
-    score_logprobs,
-    training_state,
-    update_policy,
-)
+from grpo.run import Run
+from grpo.sampling import reward_stats, rollout_metrics, sample_groups
+from grpo.update import mini_batch_rows, score_logprobs, update_policy
 
 log = logging.getLogger(__name__)
+
+
+def train(run: Run) -> list[dict]:
+    """PPO steps from `run.start_step + 1` to `train.max_steps`; returns the logged metrics."""
+    ppo = PPO(run)
+    return run_loop(run, ppo.step, ppo.state_dict)
+
+
+class PPO:
+    """The PPO step, and the critic it keeps (saved with the run's checkpoints)."""
+
+    def __init__(self, run: Run):
+        self.critic, self.critic_backend = build_critic(run, run.cfg.model.path)
+        if run.start_step:
+            state = load_state(latest_checkpoint(run.cfg.run_dir))
+            self.critic.load_state_dict(state["critic"])
+            self.critic_backend.load_state_dict(state["critic_backend"])
+
+    def state_dict(self) -> dict:
+        return {"critic": self.critic.state_dict(), "critic_backend": self.critic_backend.state_dict()}
+
+    def step(self, run: Run, step: int) -> StepResult:
+        """One PPO step on a fresh rollout batch (evaluation, logging and checkpoints are the loop's)."""
+        cfg, algo = run.cfg, run.cfg.algorithm
+        G, T, mbt = algo.group_size, cfg.rollout.temperature, cfg.backend.micro_batch_tokens
+        # 1-2. sample completions and score them with the reward functions (the RM for RLHF)
+        groups, metrics = sample_groups(run, cfg.train.prompts_per_step)
+        metrics |= reward_stats(groups)
+        skipped = no_signal_reason(run, True, metrics["train/reward_masked_frac"], step)
+        if skipped:
+            return StepResult(metrics, groups, skipped)
+        _, valid, scores = compute_advantages(groups.rewards, G, "grpo")  # None rewards: masked out
+        batch = layout_batch(groups.prompt_ids, groups.completion_ids, G, run.tokenizer.pad_token_id,
+                             groups.sampler_logprobs)
+        batch.completion_mask *= valid[:, None].float()
+        mask = batch.completion_mask  # [N, T-1]
+        # 3. per-token rewards: the score at the end, the KL to the reference on every token
+        batch.old_logprobs = score_logprobs(run.policy, batch, temperature=T, micro_batch_tokens=mbt)  # [N, T-1]
+        ref = score_logprobs(run.ref_model, batch, temperature=T, micro_batch_tokens=mbt) if algo.beta > 0 else None
+        rewards = token_rewards(scores.nan_to_num(0.0), mask, batch.old_logprobs, ref, algo.beta)  # [N, T-1]
+        # 4. critic values and GAE
+        values = self.values(batch, mbt)  # [N, T-1]
+        advantages, returns = gae(rewards, values, mask, algo.ppo.gamma, algo.ppo.lam)  # [N, T-1] each
+        batch.advantages = whiten(advantages, mask) if algo.ppo.whiten_advantages else advantages
+        # 5. policy step on the clipped surrogate (the KL is in the reward, not the loss), critic step on
+        #    the clipped value loss
+        metrics |= update_policy(run.backend, batch, dataclasses.replace(algo, beta=0.0), temperature=T,
+                                 micro_batch_tokens=mbt, max_new_tokens=cfg.rollout.max_new_tokens)
+        metrics |= update_critic(self.critic_backend, batch, values, returns, epochs=algo.epochs,
+                                 mini_batches=algo.mini_batches, clip=algo.ppo.value_clip, micro_batch_tokens=mbt)
+        crash_point("mid_step", step)
+        # 6. the rollout engine samples from the new weights next step
+        metrics["time/weight_sync_s"] = run.engine.sync_weights(run.policy)
+        metrics |= rollout_metrics(groups, valid)
+        tokens = mask.sum().clamp(min=1)
+        metrics["train/value_mean"] = float((values * mask).sum() / tokens)
+        if ref is not None:
+            metrics["train/kl"] = float(((batch.old_logprobs - ref) * mask).sum() / tokens)
+        return StepResult(metrics, groups)
+
+    @torch.no_grad()
+    def values(self, batch, micro_batch_tokens: int) -> torch.Tensor:
+        """The critic's values [N, T-1] of the batch's prefixes."""
+        values = torch.zeros_like(batch.completion_mask)  # [N, T-1]
+        for rows in token_budget_batches(batch.attention_mask.sum(1).tolist(), micro_batch_tokens):
+            values[rows] = critic_values(self.critic, batch.input_ids[rows], batch.attention_mask[rows])
+        return values
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
@@ -127,10 +193,6 @@ def critic_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor)
 
 def build_critic(run: Run, path: str):
     """The value model: the policy's weights under a one-output token head that starts at zero."""
-    from transformers import AutoModelForTokenClassification
-
-    from grpo.backends import build_backend
-
     cfg = run.cfg
     critic = AutoModelForTokenClassification.from_pretrained(path, num_labels=1, dtype=getattr(torch, cfg.model.dtype))
     disable_dropout(critic)  # the classifier head's dropout would noise GAE, the returns and the value clip
@@ -167,70 +229,3 @@ def update_critic(backend, batch, old_values: torch.Tensor, returns: torch.Tenso
             backend.step()
             updates += 1
     return {"train/value_loss": total / max(updates, 1)}
-
-
-def train(run: Run) -> list[dict]:
-    """Run PPO steps from `run.start_step + 1` to `train.max_steps`; returns the logged metrics."""
-    from grpo.checkpoint import latest_checkpoint, load_state, save_checkpoint
-    from grpo.evaluate import evaluate_run
-
-    cfg, algo = run.cfg, run.cfg.algorithm
-    G, T, mbt = algo.group_size, cfg.rollout.temperature, cfg.backend.micro_batch_tokens
-    critic, critic_backend = build_critic(run, cfg.model.path)
-    if run.start_step:
-        state = load_state(latest_checkpoint(cfg.run_dir))
-        critic.load_state_dict(state["critic"])
-        critic_backend.load_state_dict(state["critic_backend"])
-    policy_algo = dataclasses.replace(algo, beta=0.0)  # the KL is in the reward, not in the policy loss
-    history = []
-    if run.start_step == 0:  # the starting point: held-out accuracy, the data report, the warm start
-        evaluated = evaluate_run(run) if cfg.train.eval_before else {}
-        history.append({"step": 0, **evaluated, **run.setup_metrics})
-        run.tracker.log(0, run.setup_metrics | evaluated)
-    for step in range(run.start_step + 1, cfg.train.max_steps + 1):
-        start = time.perf_counter()
-        # 1-2. sample completions and score them with the reward functions (the RM for RLHF)
-        groups, metrics = sample_groups(run, cfg.train.prompts_per_step)
-        _, valid, scores = compute_advantages(groups.rewards, G, "grpo")  # None rewards: masked out
-        scores = scores.nan_to_num(0.0)  # [N]; a None's row is masked, its value unused
-        batch = layout_batch(groups.prompt_ids, groups.completion_ids, G, run.tokenizer.pad_token_id,
-                             groups.sampler_logprobs)
-        batch.completion_mask *= valid[:, None].float()
-        mask = batch.completion_mask  # [N, T-1]
-        # 3. per-token rewards: the score at the end, the KL to the reference on every token
-        batch.old_logprobs = score_logprobs(run.policy, batch, temperature=T, micro_batch_tokens=mbt)  # [N, T-1]
-        ref = score_logprobs(run.ref_model, batch, temperature=T, micro_batch_tokens=mbt) if algo.beta > 0 else None
-        rewards = token_rewards(scores, mask, batch.old_logprobs, ref, algo.beta)  # [N, T-1]
-        # 4. critic values and GAE
-        with torch.no_grad():
-            values = torch.zeros_like(mask)  # [N, T-1]
-            for rows in token_budget_batches(batch.attention_mask.sum(1).tolist(), mbt):
-                values[rows] = critic_values(critic, batch.input_ids[rows], batch.attention_mask[rows])
-        advantages, returns = gae(rewards, values, mask, algo.ppo.gamma, algo.ppo.lam)  # [N, T-1] each
-        batch.advantages = whiten(advantages, mask) if algo.ppo.whiten_advantages else advantages
-        # 5. policy step on the clipped surrogate, critic step on the clipped value loss
-        metrics |= update_policy(run.backend, batch, policy_algo, temperature=T, micro_batch_tokens=mbt,
-                                 max_new_tokens=cfg.rollout.max_new_tokens)
-        metrics |= update_critic(critic_backend, batch, values, returns, epochs=algo.epochs,
-                                 mini_batches=algo.mini_batches, clip=algo.ppo.value_clip, micro_batch_tokens=mbt)
-        # 6. sync, evaluate, log, checkpoint
-        metrics["time/weight_sync_s"] = run.engine.sync_weights(run.policy)
-        metrics |= rollout_metrics(groups, batch, valid) | reward_stats(groups)
-        tokens = mask.sum().clamp(min=1)
-        metrics["train/value_mean"] = float((values * mask).sum() / tokens)
-        if ref is not None:
-            metrics["train/kl"] = float(((batch.old_logprobs - ref) * mask).sum() / tokens)
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
-            metrics |= evaluate_run(run)
-        metrics["time/step_s"] = time.perf_counter() - start
-        run.tracker.log(step, metrics)
-        history.append({"step": step, **metrics})
-        if cfg.train.samples_every and step % cfg.train.samples_every == 0:
-            k = cfg.train.num_samples_logged
-            run.tracker.log_samples(step, [r["prompt"] for r in groups.rows for _ in range(G)][:k],
-                                    groups.texts[:k], groups.rewards[:k])
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
-            state = {**training_state(run), "critic": critic.state_dict(), "critic_backend": critic_backend.state_dict()}
-            save_checkpoint(cfg.run_dir, step, policy=run.policy, tokenizer=run.tokenizer, state=state,
-                            keep_last=cfg.checkpoint.keep_last)
-    return history

@@ -96,7 +96,7 @@ def load_pairs(cfg: RMConfig) -> tuple[list[dict], list[dict]]:
     d = cfg.data
     columns = dict(prompt_column=d.prompt_column, chosen_column=d.chosen_column, rejected_column=d.rejected_column)
     if d.builtin == "arithmetic":
-        from reward_models.arithmetic_preferences import ArithmeticPreferences, arithmetic_preferences
+        from grpo.tasks.arithmetic_preferences import ArithmeticPreferences, arithmetic_preferences
 
         a = d.arithmetic
         spec = ArithmeticPreferences(num_prompts=a.num_prompts, samples_per_prompt=a.samples_per_prompt,

@@ -61,6 +61,14 @@ def _tag_layout(tags: list[str]) -> re.Pattern[str]:
     return re.compile(rf"\s*{body}\s*", re.DOTALL)
 
 
+def overlong_penalty(lengths: list[int], max_length: int, buffer: int) -> list[float]:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) of each length, in [-1, 0]: the formula in
+    the module docstring with ``L = max_length``, ``C = buffer``; ``buffer`` 0 makes it a step at ``L``.
+    Shared by the ``length`` reward and the trainer's ``algorithm.overlong_buffer``."""
+    soft_start = max_length - buffer
+    return [0.0 if n <= soft_start else (soft_start - n) / buffer if n <= max_length else -1.0 for n in lengths]
+
+
 @register_reward("length")
 def length_reward(
     prompts: list[str],
@@ -89,16 +97,7 @@ def length_reward(
         lengths = [int(n) for n in completion_length]
     else:
         raise RewardConfigError(f"length reward: unit must be 'chars' or 'tokens', got {unit!r}")
-    soft_start = max_length - buffer
-    scores: list[float | None] = []
-    for n in lengths:
-        if n <= soft_start:
-            scores.append(0.0)
-        elif n <= max_length:
-            scores.append((soft_start - n) / buffer)
-        else:
-            scores.append(-1.0)
-    return scores
+    return overlong_penalty(lengths, max_length, buffer)
 
 
 # Options are checked when the scorer is built: an empty batch runs every validation above.

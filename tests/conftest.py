@@ -48,7 +48,7 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def warm_tiny_dir() -> Path:
     """The demo's warm-started tiny model, from the cache (built on first use, 1-2 min on 2 cores)."""
-    from grpo.train import resolve_model_path
+    from grpo.modeling import resolve_model_path
 
     cfg = compose([])
     return Path(resolve_model_path(cfg))
@@ -60,7 +60,7 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_dir
 
     from grpo.config import register_configs
-    from grpo.train import to_config
+    from grpo.config import to_config
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):

@@ -19,8 +19,9 @@ from grpo import distributed as dist
 from grpo.backends import build_backend
 from grpo.config import AlgorithmConfig
 from grpo.tiny import build_char_tokenizer, build_tiny_model
-from grpo.train import drop_launcher_args
-from grpo.trainer import layout_batch, update_policy
+from grpo.cli import drop_launcher_args
+from grpo.batch import layout_batch
+from grpo.update import update_policy
 
 
 def fixed_batch(num_groups: int, group_size: int, seed: int = 0):

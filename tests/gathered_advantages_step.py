@@ -30,7 +30,7 @@ def rank_reward(prompts, completions, **_):
 
 
 def main() -> None:
-    from grpo.train import build_run
+    from grpo.run import build_run
     from tests.conftest import compose
 
     parser = argparse.ArgumentParser()
@@ -57,13 +57,13 @@ def main() -> None:
         return real_update(backend, batch, algo, **kwargs)
 
     trainer.update_policy = spy
-    metrics, everyone, reason = trainer.train_step(run, 1)
-    assert reason is None, reason
+    result = trainer.train_step(run, 1)
+    assert result.skipped is None, result.skipped
     shares = dist.all_gather_objects({"advantages": seen["advantages"].tolist(),
                                       "completion_ids": seen["completion_ids"]})
     if dist.is_main():
-        torch.save({"shares": shares, "rewards": everyone.rewards, "completion_ids": everyone.completion_ids,
-                    "kept_groups": metrics["train/kept_groups"]}, args.out)
+        torch.save({"shares": shares, "rewards": result.groups.rewards, "completion_ids": result.groups.completion_ids,
+                    "kept_groups": result.metrics["train/kept_groups"]}, args.out)
     run.tracker.close(plot=False)
     dist.barrier()
 

@@ -8,7 +8,6 @@ from grpo.advantages import (
     EPS,
     get_advantage_estimator,
     group_stats,
-    overlong_penalty,
 )
 
 ATOL = 1e-6
@@ -157,21 +156,6 @@ def test_group_stats_empty_batch():
     stats = group_stats(torch.zeros(0), 4)
     assert stats["zero_std_frac"] == 0.0
     assert stats["nonzero_std_mask"].shape == (0,)
-
-
-def test_overlong_penalty():
-    # max 10, buffer 4: free up to 6, then -1/4 per token: 7 -> -0.25, 8 -> -0.5, 10 -> -1, beyond -> -1
-    lengths = torch.tensor([0, 6, 7, 8, 10, 12])
-    close(overlong_penalty(lengths, 10, 4, 1.0), [0.0, 0.0, -0.25, -0.5, -1.0, -1.0])
-    close(overlong_penalty(lengths, 10, 4, 0.5), [0.0, 0.0, -0.125, -0.25, -0.5, -0.5])
-
-
-def test_overlong_penalty_disabled_and_invalid():
-    assert torch.equal(overlong_penalty(torch.tensor([3, 100]), 10, 0, 1.0), torch.zeros(2))
-    with pytest.raises(ValueError, match="buffer"):
-        overlong_penalty(torch.tensor([3]), 10, 11, 1.0)
-    with pytest.raises(ValueError, match="penalty"):
-        overlong_penalty(torch.tensor([3]), 10, 4, -1.0)
 
 
 def test_nan_rewards_are_left_out_of_every_estimator():

@@ -203,7 +203,7 @@ def _pid_of_rank(rank: int, tag: str) -> int | None:
 
 def test_dynamic_sampling_on_two_ranks_trains_each_rank_on_its_rows_of_the_whole_batchs_advantages(
         tmp_path, tiny_random_dir):
-    from grpo.trainer import compute_advantages
+    from grpo.advantages import compute_advantages
 
     out = tmp_path / "out.pt"
     launch([*launcher("ddp", 2), str(ROOT / "tests" / "gathered_advantages_step.py"), "--model", str(tiny_random_dir),

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from grpo.checkpoint import latest_checkpoint, load_state
-from grpo.train import train_from_config
+from grpo.run import train_from_config
 from tests.conftest import compose
 
 pytestmark = pytest.mark.slow

@@ -32,7 +32,7 @@ BASE = ["model=hf", "model.dtype=float32", "train.max_steps=2", "train.eval_befo
 def steps(tmp_path, model_dir, monkeypatch, *overrides, n=1):
     """`n` real train steps; returns per step (metrics, groups, the batch and algo update_policy got,
     the optimiser steps it took) and the policy's weights after the last."""
-    from grpo.train import build_run
+    from grpo.run import build_run
 
     cfg = compose([*BASE, f"model.path={model_dir}", *overrides])
     cfg.run_dir = str(tmp_path / "_".join(o.split(".")[-1] for o in overrides) or "base")
@@ -53,9 +53,9 @@ def steps(tmp_path, model_dir, monkeypatch, *overrides, n=1):
     monkeypatch.setattr(trainer, "update_policy", spy)
     out = []
     for step in range(1, n + 1):
-        metrics, groups, reason = trainer.train_step(run, step)
-        assert reason is None, reason
-        out.append(SimpleNamespace(metrics=metrics, groups=groups, **vars(seen[-1])))
+        result = trainer.train_step(run, step)
+        assert result.skipped is None, result.skipped
+        out.append(SimpleNamespace(metrics=result.metrics, groups=result.groups, **vars(seen[-1])))
     run.tracker.close(plot=False)
     return out, {name: p.detach().clone() for name, p in run.policy.named_parameters()}
 

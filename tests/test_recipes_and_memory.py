@@ -94,7 +94,7 @@ def test_estimate_adds_up_and_refuses_with_the_numbers():
 
 
 def test_grpo_train_refuses_a_plan_that_cannot_fit(tmp_path, tiny_random_dir):
-    from grpo.train import build_run
+    from grpo.run import build_run
 
     cfg = compose(["model=hf", f"model.path={tiny_random_dir}", "model.dtype=float32", f"run_dir={tmp_path / 'r'}",
                    "backend.gpu_memory_gb=0.001"])

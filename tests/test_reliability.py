@@ -16,7 +16,8 @@ from grpo.checkpoint import (
     CheckpointError, latest_checkpoint, load_rank_state, load_state, save_checkpoint, verify_checkpoint,
 )
 from grpo.config import AlgorithmConfig, ConfigError, TaskConfig
-from grpo.trainer import layout_batch, update_policy
+from grpo.batch import layout_batch
+from grpo.update import update_policy
 from rewards import RewardScorer, RewardSpec
 from tests.conftest import compose
 
@@ -118,8 +119,8 @@ def always_raises(prompts, completions, **_):
 
 @pytest.mark.parametrize("dynamic_sampling", ["false", "true"])
 def test_too_many_masked_steps_in_a_row_stop_the_run(tmp_path, tiny_random_dir, dynamic_sampling):
-    from grpo.train import train_from_config
-    from grpo.trainer import MaskedRewardsError
+    from grpo.run import train_from_config
+    from grpo.loop import MaskedRewardsError
 
     cfg = compose(["model=hf", f"model.path={tiny_random_dir}", "model.dtype=float32", "threads=1",
                    "tracking.progress_bar=false", "tracking.plot=false", "train.max_steps=10",
@@ -266,7 +267,7 @@ def test_checkpoint_state_is_unpickled_without_running_code(tmp_path, tiny_rando
 
 
 def test_checkpoints_hold_safetensors_and_pickled_weights_are_refused(tmp_path, tiny_random_dir):
-    from grpo.train import load_policy
+    from grpo.modeling import load_policy
 
     model, tok = load(tiny_random_dir)
     path = save_checkpoint(tmp_path, 1, policy=model, tokenizer=tok, state={})
@@ -298,7 +299,7 @@ def _model_with_code(tmp_path, tiny_random_dir, model_type):
 
 
 def test_model_code_runs_only_when_trusted(tmp_path, tiny_random_dir):
-    from grpo.train import load_policy
+    from grpo.modeling import load_policy
 
     # an architecture transformers does not know: refused with the switch named, its code never runs
     d, marker = _model_with_code(tmp_path, tiny_random_dir, "custom_qwen")

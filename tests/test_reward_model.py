@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from grpo.config import ConfigError
-from reward_models.arithmetic_preferences import ArithmeticPreferences, build_arithmetic_preferences, pair_completions
+from grpo.tasks.arithmetic_preferences import ArithmeticPreferences, build_arithmetic_preferences, pair_completions
 from reward_models.data import check_preferences, read_preference_file, split_by_prompt
 from reward_models.scorer import encode, read_reward_model, score_texts, token_budget_batches
 from reward_models.train import bradley_terry_loss, pair_metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rewards import get_reward
+from rewards.shaping import overlong_penalty
 
 format_reward = get_reward("format")
 length_reward = get_reward("length")
@@ -46,6 +47,12 @@ def test_length_soft_overlong_penalty():
     # l = 800 -> -32/256 = -0.125 ; l = 1024 -> -1 ; l = 1025 -> -1
     lengths = [0, 768, 800, 1024, 1025]
     assert length_reward([""] * 5, ["a" * n for n in lengths]) == [0.0, 0.0, -0.125, -1.0, -1.0]
+
+
+def test_overlong_penalty_by_hand():
+    # max 10, buffer 4: free up to 6, then -1/4 per token: 7 -> -0.25, 8 -> -0.5, 10 -> -1, beyond -> -1
+    assert overlong_penalty([0, 6, 7, 8, 10, 12], 10, 4) == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
+    assert overlong_penalty([3, 10, 11], 10, 0) == [0.0, 0.0, -1.0]  # buffer 0: a step past max_length
 
 
 def test_length_in_tokens_and_hard_cut():

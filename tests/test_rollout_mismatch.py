@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from grpo.config import AlgorithmConfig
 from grpo.losses import truncated_importance_weights
-from grpo.trainer import layout_batch, score_logprobs, update_policy
+from grpo.batch import layout_batch
+from grpo.update import score_logprobs, update_policy
 
 LN2 = math.log(2.0)
 
@@ -71,7 +72,7 @@ def test_tis_needs_the_samplers_logprobs(tiny_random_dir):
 
 def test_rollout_vllm_config_composes_without_vllm_installed():
     from grpo.config import ConfigError
-    from grpo.train import engine_options
+    from grpo.run import engine_options
     from tests.conftest import compose
 
     cfg = compose(["rollout=vllm", "model=hf", "model.path=/models/x", "rollout.kv_cache_gb=0.5"])

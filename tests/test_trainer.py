@@ -8,7 +8,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo.config import AlgorithmConfig
 from grpo.rollout.hf import HFRolloutEngine
-from grpo.trainer import compute_advantages, layout_batch, score_logprobs, update_policy
+from grpo.advantages import compute_advantages
+from grpo.batch import layout_batch
+from grpo.update import score_logprobs, update_policy
 
 
 def load(path):
@@ -99,7 +101,7 @@ def test_none_rewards_shrink_the_group_for_the_std_and_the_leave_one_out_factor(
 
 
 def test_a_group_of_equal_rewards_and_a_none_is_not_informative():
-    from grpo.trainer import nonzero_std_groups
+    from grpo.sampling import nonzero_std_groups
 
     assert nonzero_std_groups([1.0, None, 1.0, 1.0, 1.0, 0.0, None, None], 4) == [False, True]
     assert nonzero_std_groups([None, None, None, 1.0], 4) == [False]
@@ -142,7 +144,7 @@ def _fake_run(algo_overrides, answers, rows):
     from types import SimpleNamespace
 
     from grpo.data import PromptSampler
-    from grpo.trainer import Run
+    from grpo.run import Run
     from rewards import RewardScorer, RewardSpec
     from tests.conftest import compose
 
@@ -154,7 +156,7 @@ def _fake_run(algo_overrides, answers, rows):
 
 
 def test_dynamic_sampling_drops_equal_reward_groups_and_refills():
-    from grpo.trainer import sample_groups
+    from grpo.sampling import sample_groups
 
     # prompts a, b: both completions right or both wrong (no signal); c, d: one right, one wrong
     rows = [{"prompt": p, "answer": "1"} for p in "abcd"]
@@ -172,7 +174,7 @@ def test_dynamic_sampling_drops_equal_reward_groups_and_refills():
 
 
 def test_without_dynamic_sampling_every_group_is_kept():
-    from grpo.trainer import sample_groups
+    from grpo.sampling import sample_groups
 
     rows = [{"prompt": p, "answer": "1"} for p in "ab"]
     run = _fake_run({}, {"a": ["1", "1"], "b": ["0", "1"]}, rows)
@@ -181,7 +183,7 @@ def test_without_dynamic_sampling_every_group_is_kept():
 
 
 def test_mini_batches_cover_every_row_even_when_they_do_not_divide_it():
-    from grpo.trainer import mini_batch_rows
+    from grpo.update import mini_batch_rows
 
     assert mini_batch_rows(10, 3) == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
     assert mini_batch_rows(1, 2) == [[], [0]]
@@ -207,7 +209,7 @@ def test_the_remainder_rows_are_trained_and_fewer_rows_than_mini_batches_is_no_e
 
 
 def test_a_step_whose_every_token_is_masked_is_a_no_op_with_a_reason(tmp_path, tiny_random_dir, caplog):
-    from grpo.train import train_from_config
+    from grpo.run import train_from_config
     from tests.conftest import compose
 
     # min_new_tokens = max_new_tokens: EOS is held back, every completion is truncated, and
@@ -246,7 +248,7 @@ def _dropout_model_dir(tmp_path):
 
 
 def test_policy_dropout_is_off_unless_asked_for(tmp_path):
-    from grpo.train import load_policy
+    from grpo.modeling import load_policy
     from tests.conftest import compose
 
     path = _dropout_model_dir(tmp_path)
@@ -282,7 +284,7 @@ def quarter_none(prompts, completions, **_):
 def test_every_reward_metric_the_readme_lists_reaches_metrics_jsonl(tmp_path, tiny_random_dir):
     import json
 
-    from grpo.train import train_from_config
+    from grpo.run import train_from_config
     from tests.conftest import compose
 
     cfg = compose(["model=hf", f"model.path={tiny_random_dir}", "model.dtype=float32", "train.max_steps=1",

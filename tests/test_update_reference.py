@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from grpo.config import AlgorithmConfig
-from grpo.trainer import layout_batch, update_policy
+from grpo.batch import layout_batch
+from grpo.update import update_policy
 from tests.test_trainer import RecordingBackend, load
 
 T = 0.7  # sampling temperature: the trainer scores logits / T

@@ -32,7 +32,7 @@ PROMPTS = ["12+34=", "50+07=", "99+99=", "3+4=", "81+18=", "06+60="]
 
 
 def _run(tmp_path, overrides):
-    from grpo.train import build_run
+    from grpo.run import build_run
 
     cfg = compose([*ENGINE, "model=hf", f"model.path={_warm_dir()}", "model.dtype=float32", *overrides])
     cfg.run_dir = str(tmp_path / "run")
@@ -40,7 +40,7 @@ def _run(tmp_path, overrides):
 
 
 def _warm_dir():
-    from grpo.train import resolve_model_path
+    from grpo.modeling import resolve_model_path
 
     return resolve_model_path(compose([]))
 
@@ -58,7 +58,8 @@ def run(tmp_path_factory):
 
 def _sampler_vs_trainer(run, prompts, G=4) -> torch.Tensor:
     """|sampler log-prob - trainer log-prob| of every sampled completion token (1-D)."""
-    from grpo.trainer import layout_batch, score_logprobs
+    from grpo.batch import layout_batch
+    from grpo.update import score_logprobs
 
     out = run.engine.generate(prompts, G)
     batch = layout_batch(out.prompt_ids, out.completion_ids, G, run.tokenizer.pad_token_id, out.logprobs)
@@ -103,14 +104,14 @@ def test_weight_sync_keeps_the_sampler_on_the_policy_after_large_updates(run, ca
 
     # Adam at lr 1e-2 with no clipping moves every weight by ~1e-2 a step: a large change for this model.
     before = {n: p.detach().clone() for n, p in run.policy.named_parameters()}
-    synced = [train_step(run, step)[0] for step in range(1, 4)]
+    synced = [train_step(run, step).metrics for step in range(1, 4)]
     moved = max(float((p.detach() - before[n]).abs().max()) for n, p in run.policy.named_parameters())
     assert moved > 1e-2
     sync_s = [m["time/weight_sync_s"] for m in synced]
     # The same loop with the sync skipped: the engine keeps sampling from step 3's weights.
     real_sync, run.engine.sync_weights = run.engine.sync_weights, lambda model: 0.0
     try:
-        unsynced = [train_step(run, step)[0] for step in range(4, 7)]
+        unsynced = [train_step(run, step).metrics for step in range(4, 7)]
     finally:
         run.engine.sync_weights = real_sync
     with_sync = [m["rollout/logprob_abs_diff"] for m in synced[1:]]  # steps 2-3 sample from synced weights

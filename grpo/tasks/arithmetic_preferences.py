@@ -24,6 +24,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from grpo.rollout.hf import HFRolloutEngine
+from grpo.tasks.arithmetic import Arithmetic
+from grpo.warmstart import cache_root
+from rewards import get_reward
 
 
 @dataclass
@@ -57,12 +63,6 @@ def pair_completions(
 
 def build_arithmetic_preferences(model_path: str | Path, spec: ArithmeticPreferences, log=print) -> list[dict]:
     """Sample from the policy at `model_path` and pair right against wrong answers (see the module docstring)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from grpo.rollout.hf import HFRolloutEngine
-    from grpo.tasks.arithmetic import Arithmetic
-    from rewards import get_reward
-
     rng = random.Random(spec.seed)
     rows = Arithmetic(digits=spec.digits, reverse=spec.reverse).train_rows()
     if spec.num_prompts:
@@ -95,8 +95,6 @@ def build_arithmetic_preferences(model_path: str | Path, spec: ArithmeticPrefere
 def arithmetic_preferences(model_path: str | Path, spec: ArithmeticPreferences, cache_dir: str | Path | None = None,
                            log=print) -> Path:
     """Path of the cached JSONL preference set for this policy and `spec`, building it on first use."""
-    from grpo.warmstart import cache_root
-
     model_path = Path(model_path).resolve()
     weights = model_path / "model.safetensors"
     stamp = {"model": str(model_path), "weights_bytes": weights.stat().st_size if weights.exists() else None,

@@ -1,0 +1,119 @@
+"""The outer loop every online algorithm shares: steps, evaluation, logging, samples, checkpoints.
+
+An algorithm (GRPO in `grpo.trainer`, PPO in `grpo.ppo`) supplies one training step; this loop runs
+it from the run's first step to `train.max_steps` and around it does what every algorithm needs in
+the same way: the step-0 line (held-out accuracy, the data report, the warm start), evaluation every
+`train.eval_every` steps and after the last, the metrics line, sample logging, the crash points of
+the fault-injection tests, and checkpoints (with the algorithm's own state, e.g. PPO's critic).
+The guard against broken rewards (`no_signal_reason`) is here too, for every algorithm's step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from grpo import distributed as dist
+from grpo.checkpoint import save_checkpoint
+from grpo.evaluate import evaluate_run
+from grpo.faults import crash_point
+from grpo.run import Run
+from grpo.sampling import Groups
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    """What one training step hands the loop."""
+
+    metrics: dict
+    groups: Groups  # the step's sampled groups (every rank's), for sample logging
+    skipped: str | None = None  # why the step made no update; None when it did
+
+
+# One training step of an algorithm: (run, step number) -> what it did.
+Step = Callable[[Run, int], StepResult]
+
+
+def run_loop(run: Run, train_step: Step, extra_state: Callable[[], dict] = dict) -> list[dict]:
+    """Run `train_step` from `run.start_step + 1` to `train.max_steps`; returns the logged metrics.
+    `extra_state` is what the algorithm keeps besides the policy (PPO: its critic), saved in checkpoints."""
+    cfg = run.cfg
+    history = []
+    if run.start_step == 0:  # the starting point: held-out accuracy, the data report, the warm start
+        evaluated = evaluate_run(run) if cfg.train.eval_before else {}
+        history.append({"step": 0, **evaluated, **run.setup_metrics})
+        run.tracker.log(0, run.setup_metrics | evaluated)
+    for step in range(run.start_step + 1, cfg.train.max_steps + 1):
+        start = time.perf_counter()
+        result = train_step(run, step)
+        metrics = result.metrics
+        if result.skipped:
+            log.warning("step %d: %s; no update", step, result.skipped)
+            run.tracker.log(step, {**metrics, "time/step_s": time.perf_counter() - start})
+            checkpoint_if_due(run, step, extra_state)
+            continue
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+            metrics |= evaluate_run(run)
+        metrics["time/step_s"] = dist.all_reduce_max(time.perf_counter() - start)
+        run.tracker.log(step, metrics)  # rank 0 writes
+        history.append({"step": step, **metrics})
+        log_samples_if_due(run, step, result.groups)
+        crash_point("after_metrics", step)
+        checkpoint_if_due(run, step, extra_state)
+    return history
+
+
+def log_samples_if_due(run: Run, step: int, groups: Groups) -> None:
+    """The first `train.num_samples_logged` samples (prompt, completion, reward) every `samples_every` steps."""
+    every, k, G = run.cfg.train.samples_every, run.cfg.train.num_samples_logged, run.cfg.algorithm.group_size
+    if every and step % every == 0:
+        prompts = [r["prompt"] for r in groups.rows for _ in range(G)]
+        run.tracker.log_samples(step, prompts[:k], groups.texts[:k], groups.rewards[:k])
+
+
+def checkpoint_if_due(run: Run, step: int, extra_state: Callable[[], dict]) -> None:
+    """Save a checkpoint every `checkpoint.every_steps` steps and after the last one."""
+    cfg = run.cfg
+    if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
+        state = training_state(run) | extra_state()
+        save_checkpoint(cfg.run_dir, step, policy=run.policy, tokenizer=run.tokenizer, state=state,
+                        keep_last=cfg.checkpoint.keep_last, backend=run.backend)
+
+
+def training_state(run: Run) -> dict:
+    """Everything besides the weights and the per-rank RNG streams that a resumed run needs to continue
+    exactly. Dynamic sampling keeps no buffer across steps (surplus groups are dropped), so the sampler's
+    position and the RNG streams are all of its state."""
+    return {"backend": run.backend.state_dict(), "sampler": run.sampler.state(),
+            "guards": {"masked_steps": run.masked_steps}}
+
+
+class MaskedRewardsError(RuntimeError):
+    """Too many steps in a row on which every sample's reward was masked (the rewards are broken)."""
+
+
+def no_signal_reason(run: Run, every_rank_has_groups: bool, masked_frac: float, step: int) -> str | None:
+    """Why this step has nothing to train on, or None; raises after too many fully masked steps in a row.
+
+    A step whose every sampled reward is masked (each reward raised, ran past its deadline or returned
+    None) trains on nothing; `train.max_masked_steps` such steps in a row stop the run, since the
+    rewards are then broken rather than unlucky.
+    """
+    if masked_frac < 1.0:
+        run.masked_steps = 0
+    else:
+        run.masked_steps += 1
+        limit = run.cfg.train.max_masked_steps
+        if limit and run.masked_steps >= limit:
+            raise MaskedRewardsError(
+                f"step {step}: every reward was masked (raised, timed out or None) on {run.masked_steps} steps "
+                f"in a row (train.max_masked_steps={limit}); check the reward functions' logged errors"
+            )
+        return f"all rewards masked ({run.masked_steps} steps in a row)"
+    if not every_rank_has_groups:  # dynamic sampling found no group with a reward signal (on some rank)
+        return "every sampled group had equal rewards" + (" on some rank" if dist.world_size() > 1 else "")
+    return None

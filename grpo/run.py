@@ -1,0 +1,256 @@
+"""A run: everything one training job uses, built from its config and checked before the first step.
+
+`train_from_config` is what `grpo-train` does: build the run (resuming from the run directory's
+latest checkpoint when asked), then hand it to the loop that `algorithm.loop` names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from grpo import distributed as dist
+from grpo.backends import TrainBackend, build_backend
+from grpo.checkpoint import latest_checkpoint, load_rank_state, load_state, set_rng_state, verify_checkpoint
+from grpo.config import Config, ConfigError, validate_world
+from grpo.contamination import decontaminate, report_metrics
+from grpo.data import PromptSampler, check_prompt_lengths, load_ood_splits, load_task
+from grpo.evaluate import evaluate_splits
+from grpo.memory import check_fits, estimate_from_config
+from grpo.modeling import context_length, load_policy, resolve_model_path, warm_start_metrics
+from grpo.rollout import RolloutEngine, WithFullWeights, build_rollout_engine
+from grpo.tracking import Tracker
+from rewards import RewardScorer, RewardSpec
+
+log = logging.getLogger("grpo")
+
+# The loop each `algorithm.loop` runs, imported when chosen (DPO's pulls in TRL's trainer).
+LOOPS = {"grpo": "grpo.trainer:train", "ppo": "grpo.ppo:train", "dpo": "grpo.dpo:train"}
+
+
+@dataclass
+class Run:
+    """Everything one training run uses, built from the config by `build_run`."""
+
+    cfg: Config
+    tokenizer: object  # a transformers tokenizer, left padding
+    policy: torch.nn.Module
+    ref_model: torch.nn.Module | None  # the frozen initial policy, when algorithm.beta > 0
+    engine: RolloutEngine
+    backend: TrainBackend
+    scorer: RewardScorer
+    eval_scorer: RewardScorer  # holds the accuracy reward alone
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    sampler: PromptSampler
+    tracker: Tracker | NullTracker
+    start_step: int = 0
+    masked_steps: int = 0  # steps in a row on which every reward was masked
+    ood_rows: dict = field(default_factory=dict)  # out-of-distribution splits: name -> rows
+    contamination: dict = field(default_factory=dict)  # grpo.contamination report
+    setup_metrics: dict = field(default_factory=dict)  # logged at step 0: data report, warm start
+
+
+def train_from_config(cfg: Config) -> list[dict]:
+    """Build the run and train it with the loop `algorithm.loop` names; returns the logged metrics."""
+    module, fn = LOOPS[cfg.algorithm.loop].split(":")
+    train = getattr(importlib.import_module(module), fn)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dist.init_distributed(deepspeed=cfg.backend.name.startswith("deepspeed"), timeout_s=cfg.backend.timeout_s)
+    run = build_run(cfg)
+    try:
+        history = train(run)
+    except Exception as e:  # a peer rank died or timed out: say which rank saw it, and exit at once
+        if dist.world_size() > 1 and dist.is_collective_failure(e):
+            print(f"error: rank {dist.rank()}: a collective with the other ranks failed (a rank died or hung; "
+                  f"the launcher's log names it): {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+            os._exit(1)  # the process group is broken: skip the exit handlers that would wait on it
+        raise
+    finally:
+        run.tracker.close(plot=cfg.tracking.plot)
+    final = [h for h in history if "eval/accuracy" in h]
+    if final:
+        log.info("held-out accuracy: %.3f at step %d -> %.3f at step %d", final[0]["eval/accuracy"],
+                 final[0]["step"], final[-1]["eval/accuracy"], final[-1]["step"])
+    log.info("run directory: %s", cfg.run_dir)
+    return history
+
+
+def build_run(cfg: Config) -> Run:
+    """Everything the loop needs, checked before any training step; resumes when asked."""
+    checkpoint = checkpoint_to_resume(cfg)
+    scorer, eval_scorer = build_scorers(cfg)
+    train_rows, eval_rows, ood_rows, contamination = load_rows(cfg, scorer, eval_scorer)
+    validate_world(cfg, dist.world_size(), len(eval_rows))
+    if checkpoint is not None:
+        saved_world = int(load_state(checkpoint).get("world_size", 1))
+        if saved_world != dist.world_size():
+            raise ConfigError(f"resume: {checkpoint} was written by {saved_world} ranks; relaunch with "
+                              f"{saved_world} (its policy/ directory starts a new run at any size)")
+    # Each rank samples its own completions: distinct seeds, or the ranks' samples would be correlated.
+    seed_everything(cfg.seed + dist.rank())
+    if not dist.is_main():
+        dist.barrier()  # rank 0 builds the tiny model's cache first
+    cfg.model.path = resolve_model_path(cfg)  # recorded in config.yaml
+    if dist.is_main():
+        dist.barrier()
+    setup_metrics = report_metrics(contamination) | warm_start_metrics(cfg.model.path)
+    plan_memory(cfg)
+    policy_dir = str(checkpoint / "policy") if checkpoint is not None else cfg.model.path
+    policy, tokenizer = load_policy(policy_dir, cfg, checkpoint=checkpoint is not None)
+    check_prompt_lengths(train_rows, eval_rows, tokenizer, context=context_length(policy),
+                         max_new_tokens=cfg.rollout.max_new_tokens, where=cfg.task.train_file or cfg.task.name)
+    ref_model = None
+    if cfg.algorithm.beta > 0:
+        ref_model, _ = load_policy(cfg.model.path, cfg)
+        ref_model.eval().requires_grad_(False)
+    backend = build_policy_backend(cfg, policy)
+    engine = build_rollout_engine(cfg.rollout.engine, model=policy, tokenizer=tokenizer, **engine_options(cfg))
+    if hasattr(backend, "gathered_for_rollout") and not getattr(engine, "holds_own_weights", False):
+        engine = WithFullWeights(engine, backend.gathered_for_rollout)
+    run = Run(cfg=cfg, tokenizer=tokenizer, policy=policy, ref_model=ref_model, engine=engine, backend=backend,
+              scorer=scorer, eval_scorer=eval_scorer, train_rows=train_rows, eval_rows=eval_rows,
+              sampler=PromptSampler(len(train_rows), seed=cfg.seed), tracker=NullTracker(), ood_rows=ood_rows,
+              contamination=contamination, setup_metrics=setup_metrics)
+    if checkpoint is not None:
+        restore(run, checkpoint)
+    if dist.is_main():  # rank 0 writes the run's files
+        run.tracker = open_run_dir(cfg, contamination, start_step=run.start_step, resumed=checkpoint is not None)
+    return run
+
+
+def checkpoint_to_resume(cfg: Config) -> Path | None:
+    """The run directory's latest checkpoint, verified, if the run resumes; refuses to overwrite one."""
+    checkpoint = latest_checkpoint(Path(cfg.run_dir))
+    if checkpoint is not None and cfg.resume == "never":
+        raise ConfigError(f"run_dir: {cfg.run_dir} already holds checkpoints; pass resume=auto or a new run_dir")
+    if checkpoint is not None:
+        verify_checkpoint(checkpoint)  # a truncated file is named here, before anything is built
+    return checkpoint
+
+
+def build_scorers(cfg: Config) -> tuple[RewardScorer, RewardScorer]:
+    """The training scorer (every reward function, weighted) and the evaluation scorer (the accuracy reward)."""
+    specs = [RewardSpec(f.name, f.weight, dict(f.kwargs), f.timeout_s) for f in cfg.reward.functions]
+    accuracy_kwargs = next((s.kwargs for s in specs if s.name == cfg.reward.accuracy), {})
+    return RewardScorer(specs), RewardScorer([RewardSpec(cfg.reward.accuracy, 1.0, accuracy_kwargs)])
+
+
+def load_rows(cfg: Config, scorer: RewardScorer, eval_scorer: RewardScorer):
+    """Training, held-out and out-of-distribution rows, training rows that overlap an evaluation split
+    dropped (`task.drop_contaminated`), and the contamination report."""
+    train_rows, eval_rows = load_task(cfg.task, scorer.required_columns() | eval_scorer.required_columns())
+    ood_rows = load_ood_splits(cfg.task, eval_scorer.required_columns())
+    train_rows, splits, contamination = decontaminate(train_rows, {"eval": eval_rows, **ood_rows},
+                                                      cfg.task.contamination_ngram, cfg.task.drop_contaminated)
+    eval_rows = splits.pop("eval")
+    return train_rows, eval_rows, splits, contamination
+
+
+def build_policy_backend(cfg: Config, policy: torch.nn.Module) -> TrainBackend:
+    """The policy's optimiser and data-parallel wrapper (`backend=torch|ddp|deepspeed_zero*`)."""
+    return build_backend(
+        cfg.backend.name, policy=policy, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps, schedule=cfg.optim.schedule,
+        total_steps=cfg.train.max_steps * cfg.algorithm.epochs * cfg.algorithm.mini_batches,
+        max_grad_norm=cfg.optim.max_grad_norm, gradient_checkpointing=cfg.backend.gradient_checkpointing,
+        offload_optimizer=cfg.backend.offload_optimizer, offload_params=cfg.backend.offload_params,
+        deepspeed_overrides=dict(cfg.backend.deepspeed),
+    )
+
+
+def restore(run: Run, checkpoint: Path) -> None:
+    """The optimiser, sampler position, RNG streams, step and guards of `checkpoint` (the weights are
+    loaded with the policy)."""
+    state = load_state(checkpoint)
+    if hasattr(run.backend, "load_sharded"):
+        run.backend.load_sharded(checkpoint / "deepspeed")
+    run.backend.load_state_dict(state["backend"])
+    run.sampler.load_state(state["sampler"])  # one shared order: the same on every rank
+    set_rng_state(load_rank_state(checkpoint, dist.rank())["rng"])
+    run.start_step = int(state["step"])
+    run.masked_steps = int(state.get("guards", {}).get("masked_steps", 0))
+    log.info("resuming from %s (step %d)", checkpoint, run.start_step)
+
+
+def open_run_dir(cfg: Config, contamination: dict, *, start_step: int, resumed: bool) -> Tracker:
+    """Write the run's config.yaml and contamination.json, and open its metrics tracker."""
+    run_dir, t = Path(cfg.run_dir), cfg.tracking
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    (run_dir / "contamination.json").write_text(json.dumps(contamination, indent=2))
+    return Tracker(
+        run_dir, total_steps=cfg.train.max_steps, start_step=start_step, resumed=resumed,
+        progress_bar=t.progress_bar,
+        wandb_config={"project": t.wandb_project, "mode": t.wandb_mode, "id": run_dir.name} if t.wandb else None,
+        run_config=json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg)))),
+    )
+
+
+def evaluate_from_config(cfg: Config) -> dict:
+    """What `grpo-eval` does: the held-out (and out-of-distribution) accuracy of `model.path`."""
+    _, eval_scorer = build_scorers(cfg)
+    _, eval_rows = load_task(cfg.task, eval_scorer.required_columns())
+    if not eval_rows:
+        raise ConfigError("task: no held-out rows to evaluate (set task.eval_file or task.hf_eval_split)")
+    path = resolve_model_path(cfg)
+    model, tokenizer = load_policy(path, cfg)
+    cfg.model.path = path
+    engine = build_rollout_engine(cfg.rollout.engine, model=model, tokenizer=tokenizer, **engine_options(cfg))
+    ood_rows = load_ood_splits(cfg.task, eval_scorer.required_columns())
+    metrics = evaluate_splits(engine, eval_scorer, eval_rows, ood_rows, cfg.reward.accuracy,
+                              pass_k=cfg.train.eval_pass_k)
+    print(json.dumps({"model": path, **metrics}, indent=2))
+    return metrics
+
+
+def engine_options(cfg: Config) -> dict:
+    """The rollout engine's keyword arguments from `cfg.rollout` (vLLM also gets its engine settings)."""
+    r = cfg.rollout
+    options = dict(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+                   min_new_tokens=r.min_new_tokens, stop=r.stop, batch_size=r.batch_size)
+    if r.engine == "vllm":
+        options |= dict(model_path=cfg.model.path, dtype=cfg.model.dtype, seed=cfg.seed + dist.rank(),
+                        gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb,
+                        max_model_len=r.max_model_len, enforce_eager=r.enforce_eager,
+                        tensor_parallel_size=r.tensor_parallel_size, enable_sleep_mode=r.enable_sleep_mode,
+                        sync_bucket_mb=r.sync_bucket_mb)
+    return options
+
+
+def plan_memory(cfg: Config) -> None:
+    """Print the per-GPU memory estimate of a GPU run and refuse one that cannot fit."""
+    if not torch.cuda.is_available() and not cfg.backend.gpu_memory_gb:
+        return
+    capacity = cfg.backend.gpu_memory_gb or torch.cuda.get_device_properties(dist.local_rank()).total_memory / 2**30
+    estimate = estimate_from_config(cfg, dist.world_size(), capacity)
+    if dist.is_main():
+        log.info("%s", estimate.table())
+    check_fits(estimate, capacity)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class NullTracker:
+    """What ranks other than 0 log to: nothing (rank 0 writes the reduced metrics)."""
+
+    def log(self, step, metrics) -> None: ...
+
+    def log_samples(self, step, prompts, completions, rewards) -> None: ...
+
+    def close(self, plot: bool = True) -> None: ...

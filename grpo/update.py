@@ -1,0 +1,173 @@
+"""The policy update: `epochs` passes over a rollout batch, `mini_batches` optimiser steps each.
+
+Each optimiser step accumulates the gradient of its mini-batch over micro-batches that fit a token
+budget (`backend.micro_batch_tokens`). Every micro-batch's loss is normalised by its mini-batch's
+total token and sequence counts, summed over all ranks, so the accumulated gradient, summed over
+ranks, equals that of the whole mini-batch in one piece on one rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grpo import distributed as dist
+from grpo.batch import RolloutBatch
+from grpo.config import AlgorithmConfig
+from grpo.logprobs import sequence_logprobs, token_budget_batches
+from grpo.losses import aggregate, clip_fraction, clipped_surrogate, kl_divergence, truncated_importance_weights
+
+# What one optimiser step adds up over its micro-batches (summed over ranks before use).
+STEP_SUMS = ("loss", "entropy", "kl", "clipped_tokens", "sampler_abs_diff", "sampler_tokens", "sampler_kl")
+
+
+def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temperature: float,
+                  micro_batch_tokens: int, max_new_tokens: int) -> dict:
+    """`algo.epochs` passes over the batch, `algo.mini_batches` optimiser steps each; returns metrics
+    (`train/*` averaged over the optimiser steps taken, `optim/*`, `rollout/*` sampler vs trainer)."""
+    if algo.tis_cap > 0 and batch.sampler_logprobs is None:
+        raise ValueError("algorithm.tis_cap: the rollout engine returned no sampler log-probs to correct by")
+    steps = []  # one dict per optimiser step taken
+    for epoch in range(algo.epochs):
+        for rows in mini_batch_rows(len(batch), algo.mini_batches):
+            step = optimiser_step(backend, batch, rows, algo, temperature=temperature, first_epoch=epoch == 0,
+                                  micro_batch_tokens=micro_batch_tokens, max_new_tokens=max_new_tokens)
+            if step is not None:
+                steps.append(step)
+    return update_metrics(steps, algo, backend)
+
+
+def optimiser_step(backend, batch: RolloutBatch, rows: list[int], algo: AlgorithmConfig, *, temperature: float,
+                   first_epoch: bool, micro_batch_tokens: int, max_new_tokens: int) -> dict | None:
+    """One optimiser step on the mini-batch `rows` (this rank's; may be empty); None when every token of
+    the mini-batch is masked on every rank (nothing to learn: no step)."""
+    mini = batch.select(rows) if rows else None
+    local_tokens = mini.completion_mask.sum() if mini is not None else 0.0
+    num_tokens, num_seqs = dist.all_reduce_sum(torch.tensor([local_tokens, len(rows)], dtype=torch.float32))
+    if num_tokens == 0:
+        return None
+    lengths = mini.attention_mask.sum(1).tolist() if mini is not None else []
+    sums = dict.fromkeys(STEP_SUMS, 0.0)
+    finite = True
+    for micro_rows in equal_count_micro_batches(lengths, micro_batch_tokens):
+        # an empty micro-batch (ZeRO-3 needs as many on every rank): a forward/backward that adds nothing
+        micro = (mini.select(micro_rows) if micro_rows else batch.select([0])).to(next(backend.model.parameters()).device)
+        loss, micro_sums = micro_batch_loss(backend.model, micro, algo, weight=1.0 if micro_rows else 0.0,
+                                            temperature=temperature, num_tokens=num_tokens, num_seqs=num_seqs,
+                                            max_new_tokens=max_new_tokens, first_epoch=first_epoch)
+        if not torch.isfinite(loss):  # a NaN/inf loss never reaches the weights: the update is skipped
+            finite = False
+            if dist.world_size() == 1:
+                continue
+            # other ranks' backward passes may hold collectives (ZeRO): take part, then skip the step
+        backend.backward(loss)
+        for key, value in micro_sums.items():
+            sums[key] += value
+    finite = not dist.all_reduce_max(float(not finite))  # every rank skips, or none
+    result = backend.step() if finite else backend.step(skip=True)
+    summed = dist.all_reduce_sum(torch.tensor([sums[k] for k in STEP_SUMS], dtype=torch.float64)).tolist()
+    return dict(zip(STEP_SUMS, summed)) | {"tokens": max(float(num_tokens), 1.0), **result}
+
+
+def micro_batch_loss(model, micro: RolloutBatch, algo: AlgorithmConfig, *, weight: float, temperature: float,
+                     num_tokens, num_seqs, max_new_tokens: int, first_epoch: bool) -> tuple[torch.Tensor, dict]:
+    """The micro-batch's share of its mini-batch's loss, and its token sums (`STEP_SUMS`)."""
+    logp, entropy = forward_logprobs(model, micro.input_ids, micro.attention_mask, temperature=temperature,
+                                     with_entropy=True, logits_to_keep_from=micro.prompt_width - 1)  # [n, T-1] each
+    mask = micro.completion_mask * weight  # [n, T-1]
+    old = micro.old_logprobs if micro.old_logprobs is not None else logp.detach()  # [n, T-1]
+    per_token = clipped_surrogate(logp, old, micro.advantages, mask, algo.clip_low, algo.clip_high, algo.ratio_level,
+                                  algo.dual_clip)  # [n, T-1]
+    if algo.tis_cap > 0:  # the sampler is not exactly the trainer's policy: reweight by their ratio
+        per_token = per_token * truncated_importance_weights(old, micro.sampler_logprobs, mask, algo.tis_cap)
+    sums = {"kl": 0.0}
+    if algo.beta > 0:
+        kl = kl_divergence(logp, micro.ref_logprobs, algo.kl_estimator)  # [n, T-1]
+        per_token = per_token + algo.beta * kl
+        sums["kl"] = float((kl.detach() * mask).sum())
+    loss = aggregate(per_token, mask, algo.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                     max_len=max_new_tokens) * weight
+    sums["loss"] = float(loss.detach())
+    sums["entropy"] = float((entropy.detach() * mask).sum())
+    frac = clip_fraction(logp.detach(), old, micro.advantages, mask, algo.clip_low, algo.clip_high, algo.ratio_level)
+    sums["clipped_tokens"] = frac * float(mask.sum())
+    if first_epoch and micro.sampler_logprobs is not None:  # sampler vs trainer, same weights
+        sums["sampler_abs_diff"] = float(((old - micro.sampler_logprobs).abs() * mask).sum())
+        sums["sampler_tokens"] = float(mask.sum())
+        # KL(sampler || trainer), k3 on the sampler's own tokens
+        kl_st = kl_divergence(torch.where(mask.bool(), micro.sampler_logprobs, 0.0),
+                              torch.where(mask.bool(), old, 0.0), "k3")  # [n, T-1]
+        sums["sampler_kl"] = float((kl_st * mask).sum())
+    return loss, sums
+
+
+def update_metrics(steps: list[dict], algo: AlgorithmConfig, backend) -> dict:
+    """The update's metrics from its optimiser steps' sums (the caller makes sure there is one)."""
+    n = max(len(steps), 1)
+
+    def mean(fn) -> float:
+        return sum(fn(s) for s in steps) / n
+
+    out = {"train/loss": mean(lambda s: s["loss"]), "train/entropy": mean(lambda s: s["entropy"] / s["tokens"]),
+           "train/clip_frac": mean(lambda s: s["clipped_tokens"] / s["tokens"])}
+    if algo.beta > 0:
+        out["train/kl"] = mean(lambda s: s["kl"] / s["tokens"])
+    out["optim/grad_norm"] = mean(lambda s: s["grad_norm"])
+    if steps:
+        out["optim/lr"] = steps[-1]["lr"]
+    out["optim/skipped_steps"] = sum(int(s["skipped"]) for s in steps)  # skipped for a non-finite loss or gradient
+    out["optim/skipped_total"] = getattr(backend, "skipped_steps", 0)
+    sampler_tokens = sum(s["sampler_tokens"] for s in steps)
+    if sampler_tokens:
+        out["rollout/logprob_abs_diff"] = sum(s["sampler_abs_diff"] for s in steps) / sampler_tokens
+        out["rollout/sampler_kl"] = sum(s["sampler_kl"] for s in steps) / sampler_tokens
+    return out
+
+
+def mini_batch_rows(n: int, count: int) -> list[list[int]]:
+    """`count` contiguous mini-batches covering all `n` rows, their sizes differing by at most one
+    (some empty when n < count). E.g. n=10, count=3: [0..2], [3..5], [6..9]."""
+    bounds = [i * n // count for i in range(count + 1)]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(count)]
+
+
+def forward_logprobs(model, input_ids, attention_mask, **kwargs):
+    """`(logprobs, entropy)` of a micro-batch: through `model`'s own forward when it computes
+    log-probs (`backends.LogProbModel`, alone or inside a DeepSpeed engine), else chunked over
+    a bare causal LM."""
+    if getattr(model, "computes_logprobs", False):
+        return model(input_ids, attention_mask, **kwargs)
+    return sequence_logprobs(model, input_ids, attention_mask, **kwargs)
+
+
+def equal_count_micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Micro-batches within the token budget, as many on every rank (the largest count).
+
+    Under ZeRO-3 every forward and backward is collective, so all ranks must run the same number;
+    a rank with fewer splits its largest micro-batches, and pads with empty ones if it runs out
+    of rows (an empty micro-batch runs a zero-weighted forward/backward).
+    """
+    micro = token_budget_batches(lengths, max_tokens)
+    target = int(dist.all_reduce_max(len(micro)))
+    while len(micro) < target:
+        largest = max(range(len(micro)), key=lambda i: len(micro[i]))
+        rows = micro[largest]
+        if len(rows) < 2:
+            micro.append([])
+            continue
+        micro[largest : largest + 1] = [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
+    return micro
+
+
+@torch.no_grad()
+def score_logprobs(model, batch: RolloutBatch, *, temperature: float, micro_batch_tokens: int) -> torch.Tensor:
+    """Log-probs [N, T-1] of the batch's tokens under `model`, without gradients."""
+    out = torch.zeros(batch.completion_mask.shape)
+    lengths = batch.attention_mask.sum(1).tolist()
+    device = next(model.parameters()).device
+    for rows in equal_count_micro_batches(lengths, micro_batch_tokens):
+        ids, mask = batch.input_ids[rows or [0]].to(device), batch.attention_mask[rows or [0]].to(device)
+        logp, _ = forward_logprobs(model, ids, mask, temperature=temperature,
+                                   logits_to_keep_from=batch.prompt_width - 1)
+        if rows:  # an empty micro-batch only keeps ZeRO-3's collective forwards in step
+            out[rows] = logp.float().cpu()
+    return out
