@@ -33,10 +33,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from grpo.config import ConfigError
+import hydra
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+
+from grpo.config import CONFIG_DIR, ConfigError, register_configs, validate
+from grpo.run import train_from_config
 
 log = logging.getLogger("grpo.compare")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # What each name runs: grpo-train overrides. `{rm}` is the reward model directory.
 ALGORITHMS: dict[str, list[str]] = {
@@ -65,7 +72,8 @@ class CompareConfig:
     run_overrides: list[str] = field(default_factory=list, metadata={"help": "grpo-train overrides given to every run"})
     reward_model_path: str | None = field(default=None, metadata={"help": "ppo_rlhf's RM; null: train one first"})
     rm_overrides: list[str] = field(default_factory=list, metadata={"help": "grpo-rm-train overrides when training it"})
-    in_process: bool = field(default=False, metadata={"help": "run in this process (tests): faster, shared peak memory"})
+    in_process: bool = field(default=False, metadata={"help": "run the training runs in this process (tests): faster, "
+                                                              "shared peak memory; the reward model trains in its own"})
 
 
 def validate_compare(cfg: CompareConfig) -> CompareConfig:
@@ -98,29 +106,18 @@ def run_overrides(cfg: CompareConfig, name: str, rm_path: str | None) -> list[st
 
 
 def _compose(config_name: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return OmegaConf.to_object(compose(config_name=config_name, overrides=overrides))
+        return OmegaConf.to_object(hydra_compose(config_name=config_name, overrides=overrides))
 
 
 def launch(module: str, overrides: list[str], log_path: Path, in_process: bool) -> tuple[float, float]:
-    """Run `python -m module overrides` (or the same in this process); returns (wall seconds, peak RSS MiB)."""
+    """Run `python -m module overrides`, or with `in_process` a grpo.train run in this process; returns
+    (wall seconds, peak RSS MiB). The reward model is always trained in its own process (`reward_models`
+    builds on `grpo`, not the other way round)."""
     start = time.perf_counter()
-    if in_process:
-        if module == "grpo.train":
-            from grpo.config import register_configs, validate
-            from grpo.run import train_from_config
-
-            register_configs()
-            train_from_config(validate(_compose("config", overrides)))
-        else:
-            from reward_models.config import register_rm_configs, validate_rm
-            from reward_models.train import train_reward_model
-
-            register_rm_configs()
-            train_reward_model(validate_rm(_compose("rm/config", overrides)))
+    if in_process and module == "grpo.train":
+        register_configs()
+        train_from_config(validate(_compose("config", overrides)))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return time.perf_counter() - start, peak
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,12 +177,8 @@ def write_table(rows: list[dict], out_dir: Path, notes: list[str]) -> tuple[Path
 
 def plot(curves: dict[str, list[dict]], path: Path) -> Path:
     """Held-out accuracy (solid) and out-of-distribution accuracy (dashed) against samples and against minutes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig = Figure(figsize=(11, 4))  # no pyplot: no GUI backend, no global state
+    axes = fig.subplots(1, 2, sharey=True)
     for i, (name, points) in enumerate(curves.items()):
         color = f"C{i}"
         for ax, x in zip(axes, ("samples", "minutes")):
@@ -201,7 +194,6 @@ def plot(curves: dict[str, list[dict]], path: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -252,10 +244,6 @@ def compare(cfg: CompareConfig) -> list[dict]:
 
 
 def main() -> None:
-    import hydra
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
-
     ConfigStore.instance().store(name="compare_schema", node=CompareConfig)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 

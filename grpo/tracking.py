@@ -8,6 +8,10 @@ import math
 import os
 from pathlib import Path
 
+import wandb
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
 
 def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
@@ -29,13 +33,9 @@ class Tracker:
         self._samples = self.samples_path.open("a")
         self.bar = None
         if progress_bar:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total_steps, initial=start_step, desc="grpo", dynamic_ncols=True)
         self.wandb = None
         if wandb_config is not None:
-            import wandb
-
             self.wandb = wandb.init(
                 project=wandb_config["project"], mode=wandb_config["mode"], dir=str(self.run_dir),
                 config=run_config, resume="allow", id=wandb_config.get("id"),
@@ -100,13 +100,9 @@ def truncate_after(path: Path, step: int) -> None:
 
 def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path:
     """Training reward and held-out accuracy against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = read_metrics(metrics_path)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))  # no pyplot: no GUI backend, no global state
+    ax = fig.subplots()
     steps = [r["step"] for r in rows if r.get("train/reward_mean") is not None]
     ax.plot(steps, [r["train/reward_mean"] for r in rows if r.get("train/reward_mean") is not None],
             color="tab:blue", alpha=0.6, label="train reward (mean)")
@@ -119,5 +115,4 @@ def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path:
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
-    plt.close(fig)
     return Path(out_path)
