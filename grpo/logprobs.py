@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 # Logits elements per chunk: 64 MiB in float32. Above 32 MiB on purpose: glibc's malloc serves
 # blocks over 32 MiB (its largest mmap threshold) by mmap and returns them to the system on free,
-# while smaller blocks stay in its heap. `scripts/bench_logprob_memory.py --methods ours --chunk-size N`:
+# while smaller blocks stay in its heap. `python -m scripts.bench.logprob_memory --methods ours --chunk-size N`:
 # peak RSS growth 3866 MiB at 55 positions (31.9 MiB), 834 MiB at 56 (32.4 MiB), 770 MiB at the default.
 LOGITS_CHUNK_ELEMENTS = 2**24
 

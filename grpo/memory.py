@@ -11,8 +11,8 @@ Psi parameters and N ranks, in bytes per parameter:
 
 In float32 (no mixed precision) weights and gradients take 4 bytes and the optimiser 8 (m and v;
 the weights are the master copy), except that ZeRO (stage >= 1) still keeps an fp32 master copy of
-its partition: 12 / N (measured: scripts/measure_zero_memory.py). Offloading moves the optimiser states (and under ZeRO-3 the
-weights) to CPU memory: 0 on the GPU.
+its partition: 12 / N (measured: python -m scripts.bench.zero_memory). Offloading moves the optimiser states
+(and under ZeRO-3 the weights) to CPU memory: 0 on the GPU.
 
 Activations (Korthikanti et al. 2022, without the attention-score term that fused attention never
 stores): about 34 * hidden bytes per token per layer in 16-bit for one micro-batch of

@@ -1,7 +1,7 @@
 """GRPO with the learned reward model as its only reward, next to the same run with the verifiable reward.
 
-    python scripts/rm_vs_verifiable.py --out runs/rm_vs_verifiable            # train the RM, then both GRPO runs
-    python scripts/rm_vs_verifiable.py --out runs/x --rm runs/rm/reward_model --steps 100 --threads 1
+    python -m scripts.experiments.rm_vs_verifiable --out runs/rm_vs_verifiable  # train the RM, then both GRPO runs
+    python -m scripts.experiments.rm_vs_verifiable --out runs/x --rm runs/rm/reward_model --steps 100 --threads 1
 
 Both GRPO runs are `experiment=demo` with the same seed and steps; only the reward differs (`reward=rm`, which
 also logs the true accuracy of the training samples at weight 0, against `reward=arithmetic`). Held-out
@@ -17,8 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from grpo.tracking import read_metrics  # noqa: E402
+from grpo.tracking import read_metrics
 
 
 def run(args: list[str], threads: int) -> None:
@@ -46,7 +45,8 @@ def summary(run_dir: Path, window: int) -> dict[str, float | None]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory for the RM and both GRPO runs")
     p.add_argument("--rm", help="a trained reward model directory; default: train one into OUT/rm")
     p.add_argument("--steps", type=int, default=200, help="GRPO steps of each run")

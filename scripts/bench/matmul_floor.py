@@ -1,7 +1,7 @@
 """How close one GRPO step on CPU is to its matmul floor: the arithmetic behind docs/benchmarks.md.
 
-    python scripts/bench_floor.py                 # the standard settings' shapes (experiment=bench_cpu)
-    python scripts/bench_floor.py --threads 1
+    python -m scripts.bench.matmul_floor  # the standard settings' shapes (experiment=bench_cpu)
+    python -m scripts.bench.matmul_floor --threads 1
 
 On the tiny built-in model, at the standard benchmark's shapes (64 rows, a 9-token prompt, 32
 completion tokens), it times:
@@ -18,12 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def median_time(fn, repeats: int) -> float:
@@ -49,7 +44,7 @@ def matmul_share(fn) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--prompt", type=int, default=9)

@@ -1,9 +1,9 @@
 """Our GRPO step against TRL's `GRPOTrainer`, doing the same work, alternated in one run.
 
-    python scripts/benchmark.py                       # the standard CPU settings (configs/experiment/bench_cpu.yaml)
-    python scripts/benchmark.py --steps 20 --warmup 2
-    python scripts/benchmark.py --natural-eos         # completions stop at EOS (token counts then differ)
-    python scripts/benchmark.py --device cuda --model qwen2.5-1.5b   # random Qwen2.5-1.5B-shaped model, bf16
+    python -m scripts.bench.step_vs_trl                # the standard CPU settings (configs/experiment/bench_cpu.yaml)
+    python -m scripts.bench.step_vs_trl --steps 20 --warmup 2
+    python -m scripts.bench.step_vs_trl --natural-eos  # completions stop at EOS (token counts then differ)
+    python -m scripts.bench.step_vs_trl --device cuda --model qwen2.5-1.5b  # random Qwen2.5-1.5B-shaped model, bf16
 
 Both sides get the same model weights (two copies, each trained by its own side), prompts, group size,
 sampling settings (temperature, top-p, top-k, up to `max_new_tokens`), reward function, optimiser
@@ -43,8 +43,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]  # the repository: the memory runs relaunch this module from it
 
 PHASES = ("generation", "scoring", "logprobs", "update", "weight_sync", "other")
 # Dense bf16 peak of the accelerator, for the model-FLOPs utilisation of the update phase.
@@ -111,7 +110,7 @@ def standard_config(args, run_dir: str):
     from hydra import compose, initialize_config_dir
 
     from grpo.config import register_configs
-    from grpo.train import to_config
+    from grpo.train import CONFIG_DIR, to_config
 
     overrides = ["experiment=bench_cpu", f"run_dir={run_dir}"]
     if args.natural_eos:
@@ -120,7 +119,7 @@ def standard_config(args, run_dir: str):
         overrides.append(f"model.dtype={args.dtype}")
     overrides += args.override
     register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return to_config(compose(config_name="config", overrides=overrides))
 
 
@@ -370,10 +369,10 @@ def _iqr(xs: list[float]) -> float:
 
 def peak_rss_in_fresh_process(side: str, args) -> float:
     """Peak RSS growth (MiB) over `--memory-steps` steps of one side, alone in a new process."""
-    cmd = [sys.executable, __file__, "--only", side, "--steps", str(args.memory_steps), "--warmup", "1",
+    cmd = [sys.executable, "-m", __spec__.name, "--only", side, "--steps", str(args.memory_steps), "--warmup", "1",
            "--json", "--model", args.model, "--dtype", args.dtype] + (["--natural-eos"] if args.natural_eos else [])
     cmd += [f"--override={o}" for o in args.override]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         raise RuntimeError(f"memory run of {side} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_growth_mb"]
@@ -392,7 +391,7 @@ def update_flops(cfg, model_path: str, tokens_in_update: float) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=10, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

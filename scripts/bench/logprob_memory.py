@@ -1,8 +1,8 @@
 """Peak memory of the log-prob and loss pass on a 151,936-token vocabulary (Qwen2.5's): ours vs naive vs TRL.
 
-    python scripts/bench_logprob_memory.py                  # 64 sequences x 256 tokens, micro-batches of 8
-    python scripts/bench_logprob_memory.py --hidden-size 896 --layers 4
-    python scripts/bench_logprob_memory.py --methods ours --chunk-size 55    # 31.9 MiB chunks (see grpo/logprobs.py)
+    python -m scripts.bench.logprob_memory                              # 64 sequences x 256 tokens, micro-batches of 8
+    python -m scripts.bench.logprob_memory --hidden-size 896 --layers 4
+    python -m scripts.bench.logprob_memory --methods ours --chunk-size 55  # 31.9 MiB chunks (see grpo/logprobs.py)
 
 One pass = what an optimiser step needs from the model: per-token log-probs (and entropy) of the
 completion tokens under a random-weight Qwen2 model, the GRPO loss (token mean of -ratio * advantage,
@@ -35,8 +35,7 @@ import time
 import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]  # the repository: each method reruns this module from it
 
 METHODS = ("ours", "naive", "trl", "trl_selective")
 VOCAB = 151936  # Qwen2.5
@@ -128,7 +127,7 @@ def run_pass(method: str, args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     p.add_argument("--sequences", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence, prompt + completion")
     p.add_argument("--completion-len", type=int, default=192, help="completion tokens (the scored ones)")
@@ -148,9 +147,9 @@ def main() -> None:
           f"{args.threads} threads; each method in a fresh process")
     results = {}
     for method in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--one", method] + [
+        cmd = [sys.executable, "-m", __spec__.name, "--one", method] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("one", "methods") and v is not None]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if out.returncode:
             print(f"{method}: failed\n{out.stderr[-2000:]}")
             continue

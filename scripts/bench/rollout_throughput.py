@@ -1,9 +1,9 @@
 """Rollout throughput: the `rollout=hf` engine's loop, transformers' `generate`, and `rollout=vllm`, alternated.
 
-    python scripts/bench_rollout.py --engines hf,generate          # the demo's tiny model, 64 prompts x 8
-    .venv-vllm/bin/python scripts/bench_rollout.py                 # all three (vLLM needs its venv)
-    .venv-vllm/bin/python scripts/bench_rollout.py --size small    # a 4x wider, 2x deeper random model
-    .venv-vllm/bin/python scripts/bench_rollout.py --prompts 32 --group 16 --max-new-tokens 32 --rounds 5
+    python -m scripts.bench.rollout_throughput --engines hf,generate        # the demo's tiny model, 64 prompts x 8
+    .venv-vllm/bin/python -m scripts.bench.rollout_throughput               # all three (vLLM needs its venv)
+    .venv-vllm/bin/python -m scripts.bench.rollout_throughput --size small  # a 4x wider, 2x deeper random model
+    .venv-vllm/bin/python -m scripts.bench.rollout_throughput --prompts 32 --group 16 --max-new-tokens 32 --rounds 5
 
 All engines get the same model directory (the same weights), the same prompts, group size and sampling
 settings, and every completion is exactly `--max-new-tokens` long (`min_new_tokens` everywhere holds
@@ -19,14 +19,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 import types
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 SIZES = {  # Qwen2-architecture models with the character-level tokenizer; head_dim 64 (vLLM's CPU attention)
     "tiny": None,  # the demo's warm-started model (grpo.warmstart), 0.8M parameters
@@ -71,7 +67,7 @@ class TransformersGenerate:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
     p.add_argument("--prompts", type=int, default=64, help="prompts per generate call")
     p.add_argument("--group", type=int, default=8, help="completions per prompt")

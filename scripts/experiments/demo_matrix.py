@@ -1,7 +1,7 @@
 """Rerun the demo over CPU kernel paths and seeds and print the table the README shows.
 
-    python scripts/demo_matrix.py                          # avx2, default (+ avx512 where the CPU has it) x seeds 0 1 2
-    python scripts/demo_matrix.py --paths default --seeds 0 --extra train.max_steps=50
+    python -m scripts.experiments.demo_matrix  # avx2, default (+ avx512 where the CPU has it) x seeds 0 1 2
+    python -m scripts.experiments.demo_matrix --paths default --seeds 0 --extra train.max_steps=50
 
 Each run is `bash scripts/demo.sh` (install, then `grpo-train experiment=demo`) with
 `ATEN_CPU_CAPABILITY=<path>`, `seed=S model.warm_start.seed=S`, and a cache of its own, so its warm
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository, where scripts/demo.sh runs
 
 
 def available_paths() -> list[str]:
@@ -56,7 +56,8 @@ def run_demo(path: str, seed: int, extra: list[str], workdir: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--paths", nargs="+", default=available_paths(), help="ATEN_CPU_CAPABILITY values")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--min-gain", type=float, default=0.25, help="least held-out gain (end - step 0) that passes")

@@ -1,7 +1,7 @@
 """Measure per-rank optimiser-state memory under DeepSpeed ZeRO-0/1/2/3 on 2 ranks, same model.
 
-    python scripts/measure_zero_memory.py            # launches the 4 stages (deepspeed --num_gpus 2), prints a table
-    python scripts/measure_zero_memory.py --dtype bfloat16
+    python -m scripts.bench.zero_memory  # launches the 4 stages (deepspeed --num_gpus 2), prints a table
+    python -m scripts.bench.zero_memory --dtype bfloat16
 
 Each rank builds the same random Qwen2-architecture model (about 17M parameters), wraps it in our
 DeepSpeed backend, takes one optimiser step on a fixed batch (Adam allocates its states lazily), then
@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: the ranks run this module from it
 
 
 def tensor_bytes(obj) -> int:
@@ -48,7 +48,6 @@ def optimizer_state_bytes(backend) -> dict:
 def rank_main(stage: int, dtype: str) -> None:
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from grpo import distributed as dist
     from grpo.backends.deepspeed_backend import DeepSpeedBackend
     from grpo.config import AlgorithmConfig
@@ -78,12 +77,12 @@ def rank_main(stage: int, dtype: str) -> None:
 def launch_all(dtype: str) -> None:
     from grpo.memory import training_bytes_per_param
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     results = []
     for stage in range(4):
-        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(29600 + stage), __file__,
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(29600 + stage), "--module", __spec__.name,
                "--rank-main", "--stage", str(stage), "--dtype", dtype]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
         line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
             sys.exit(f"stage {stage} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
@@ -100,7 +99,7 @@ def launch_all(dtype: str) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     parser.add_argument("--rank-main", action="store_true", help="(internal) run as one launched rank")
     parser.add_argument("--stage", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

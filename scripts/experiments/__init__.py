@@ -1,0 +1,1 @@
+"""Experiments that rerun training to produce the comparison tables the docs cite."""
