@@ -32,7 +32,7 @@ SIZES = {  # Qwen2-architecture models with the character-level tokenizer; head_
 
 def model_dir(size: str, workdir: Path) -> str:
     if SIZES[size] is None:
-        from grpo.train import resolve_model_path
+        from grpo.modeling import resolve_model_path
         from tests.conftest import compose
 
         return resolve_model_path(compose([]))

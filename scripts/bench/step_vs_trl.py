@@ -109,8 +109,7 @@ def standard_config(args, run_dir: str):
     """The validated Config of `experiment=bench_cpu` plus this run's overrides."""
     from hydra import compose, initialize_config_dir
 
-    from grpo.config import register_configs
-    from grpo.train import CONFIG_DIR, to_config
+    from grpo.config import CONFIG_DIR, register_configs, to_config
 
     overrides = ["experiment=bench_cpu", f"run_dir={run_dir}"]
     if args.natural_eos:
@@ -159,9 +158,10 @@ def random_model_dir(name: str, dtype: str) -> str:
 # ---------------------------------------------------------------- the two sides
 
 def build_ours(cfg, device: str, timers: Timers):
-    """Our run (grpo.train.build_run), its phases wrapped in timers; returns a zero-argument step."""
+    """Our run (grpo.run.build_run), its phases wrapped in timers; returns a zero-argument step."""
     import grpo.trainer as trainer
-    from grpo.train import build_run
+    import grpo.update as update
+    from grpo.run import build_run
 
     run = build_run(cfg)
     run.policy.to(device)  # in place: the optimiser holds the same Parameter objects
@@ -177,7 +177,7 @@ def build_ours(cfg, device: str, timers: Timers):
     run.scorer = timers.wrap("scoring", run.scorer)
     run.backend.backward = timers.wrap("update", run.backend.backward)
     run.backend.step = timers.wrap("update", run.backend.step)
-    trainer.sequence_logprobs = timers.wrap("logprobs", timers.count_scored(trainer.sequence_logprobs))
+    update.sequence_logprobs = timers.wrap("logprobs", timers.count_scored(update.sequence_logprobs))
     return lambda: trainer.train_step(run, 1)
 
 
@@ -202,7 +202,7 @@ def build_trl(cfg, model_path: str, device: str, max_steps: int, timers: Timers,
     from trl import GRPOConfig, GRPOTrainer
 
     from grpo.data import load_task
-    from grpo.train import load_policy
+    from grpo.modeling import load_policy
 
     r, a, o = cfg.rollout, cfg.algorithm, cfg.optim
     model, tokenizer = load_policy(model_path, cfg)
@@ -417,7 +417,7 @@ def main() -> None:
     run_dir = tempfile.mkdtemp(prefix="grpo-bench-")
     cfg = standard_config(args, run_dir)
     torch.set_num_threads(args.threads or cfg.threads or torch.get_num_threads())
-    from grpo.train import resolve_model_path
+    from grpo.modeling import resolve_model_path
 
     if args.model != "tiny":
         cfg.model.builtin, cfg.model.path = None, random_model_dir(args.model, args.dtype)

@@ -52,7 +52,8 @@ def rank_main(stage: int, dtype: str) -> None:
     from grpo.backends.deepspeed_backend import DeepSpeedBackend
     from grpo.config import AlgorithmConfig
     from grpo.tiny import build_tiny_model
-    from grpo.trainer import layout_batch, update_policy
+    from grpo.batch import layout_batch
+    from grpo.update import update_policy
 
     torch.set_num_threads(1)
     dist.init_distributed(deepspeed=True, timeout_s=300)
