@@ -1,7 +1,7 @@
 """One policy update on a fixed batch, run by a real launcher on 1 or 2 ranks (test_distributed.py).
 
 The batch is the same `num_groups` groups whatever the world size (generated from a seed); each
-rank takes its contiguous share, runs `grpo.trainer.update_policy` through the chosen backend, and
+rank takes its contiguous share, runs `grpo.update.update_policy` through the chosen backend, and
 rank 0 writes the loss, the gradient norm and the full gradient that reached the optimiser, so the
 test can check that 2 ranks x B groups give what 1 rank x 2B groups gives.
 

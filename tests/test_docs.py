@@ -23,7 +23,7 @@ Not checked, and why:
 - Files an override names (`model.path=`, `task.train_file=`, `reward...path=`): they are the user's files
   or a run's outputs, and composing a config does not open them. Likewise paths under `runs/`, `data/`,
   `.venv-vllm/`, which exist only after something has run.
-- Launcher and script arguments (`--num_gpus 8`, `python scripts/benchmark.py --device cuda`): only the
+- Launcher and script arguments (`--num_gpus 8`, `python -m scripts.bench.step_vs_trl --device cuda`): only the
   script's path and the module are checked, not what argparse would make of the flags.
 - A line the shell could not split (an unbalanced quote) is not read as a command.
 - YAML and Python snippets are not loaded or run; figures and timings cannot be checked without rerunning

@@ -41,7 +41,7 @@ class LogProbModel(torch.nn.Module):
 
     Wrappers that hook a module's forward (DeepSpeed ZeRO-3 fetches parameters when the
     top-level forward starts) must see the log-prob computation as one forward call;
-    `grpo.trainer.forward_logprobs` calls it through `computes_logprobs`.
+    `grpo.update.forward_logprobs` calls it through `computes_logprobs`.
     """
 
     computes_logprobs = True
