@@ -146,23 +146,30 @@ def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, state:
         kept = f"the last complete checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"checkpoint step {step}: writing {current} failed ({reason}); {kept}") from e
     if dist.is_main():
-        if final.exists():  # re-saving a step (a resumed run that re-ran it): move the old copy aside first
-            stale = root / f".old_step_{step}"
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        crash_point("checkpoint_publish", step)
-        pointer_tmp = root / ".latest.tmp"
-        pointer_tmp.write_text(final.name)
-        with pointer_tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(pointer_tmp, root / "latest")
-        _fsync_dir(root)
-        _rotate(root, keep_last, protect=final)
+        _publish(tmp, final, step, keep_last)
     dist.barrier()
     return final
+
+
+def _publish(tmp: Path, final: Path, step: int, keep_last: int) -> None:
+    """Rename the complete temporary directory to `final`, point `latest` at it, and drop the checkpoints
+    past `keep_last`; each rename is atomic and fsynced, so a crash leaves the old or the new state."""
+    root = final.parent
+    if final.exists():  # re-saving a step (a resumed run that re-ran it): move the old copy aside first
+        stale = root / f".old_step_{step}"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    crash_point("checkpoint_publish", step)
+    pointer_tmp = root / ".latest.tmp"
+    pointer_tmp.write_text(final.name)
+    with pointer_tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(pointer_tmp, root / "latest")
+    _fsync_dir(root)
+    _rotate(root, keep_last, protect=final)
 
 
 def _step_of(path: Path) -> int:

@@ -13,7 +13,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+import pyarrow.parquet as pq
+
 from grpo.config import ConfigError, TaskConfig
+from grpo.tasks.arithmetic import Arithmetic
 
 
 def read_rows(path: str) -> list[dict]:
@@ -22,8 +26,6 @@ def read_rows(path: str) -> list[dict]:
     if not p.exists():
         raise ConfigError(f"task: data file {path} does not exist")
     if p.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         return pq.read_table(p).to_pylist()
     if p.suffix not in (".jsonl", ".json"):
         raise ConfigError(f"task: data file {path}: expected .jsonl or .parquet")
@@ -43,16 +45,12 @@ def read_rows(path: str) -> list[dict]:
 
 
 def _hf_rows(name: str, split: str) -> list[dict]:
-    import datasets
-
     return list(datasets.load_dataset(name, split=split))
 
 
 def load_task(task: TaskConfig, required_columns: set[str]) -> tuple[list[dict], list[dict]]:
     """(train rows, eval rows), each row with a formatted `prompt`; checks columns before training."""
     if task.builtin == "arithmetic":
-        from grpo.tasks.arithmetic import Arithmetic
-
         gen = Arithmetic(digits=task.arithmetic.digits, reverse=task.arithmetic.reverse, num_eval=task.arithmetic.num_eval)
         train, evals, where = gen.train_rows(), gen.eval_rows(), "task arithmetic"
     elif task.train_file:
@@ -121,8 +119,6 @@ def load_ood_splits(task: TaskConfig, required_columns: set[str]) -> dict[str, l
     """Out-of-distribution evaluation splits: the built-in task's own, or `task.ood_files` (name -> file)."""
     splits: dict[str, list[dict]] = {}
     if task.builtin == "arithmetic" and task.arithmetic.num_ood:
-        from grpo.tasks.arithmetic import Arithmetic
-
         gen = Arithmetic(digits=task.arithmetic.digits, reverse=task.arithmetic.reverse)
         splits.update(gen.ood_splits(task.arithmetic.num_ood))
     for name, path in task.ood_files.items():

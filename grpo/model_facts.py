@@ -8,6 +8,8 @@ published totals (0.5B: 494,032,768; 1.5B: 1,543,714,304; 7B: 7,615,616,512).
 
 from __future__ import annotations
 
+from transformers import AutoConfig
+
 QWEN2_COMMON = dict(
     model_type="qwen2", vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
     rms_norm_eps=1e-6, hidden_act="silu", bos_token_id=151643, eos_token_id=151645,
@@ -32,7 +34,5 @@ def facts_for(model_path: str) -> dict | None:
 
 def transformers_config(facts: dict, **overrides):
     """A transformers config of these facts (overrides shrink it for tests)."""
-    from transformers import AutoConfig
-
     values = {k: v for k, v in {**facts, **overrides}.items() if k != "model_type"}
     return AutoConfig.for_model(facts["model_type"], **values)

@@ -33,7 +33,6 @@ import dataclasses
 import logging
 
 import torch
-
 from transformers import AutoModelForTokenClassification
 
 from grpo.advantages import compute_advantages

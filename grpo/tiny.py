@@ -11,6 +11,8 @@ import string
 from pathlib import Path
 
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 # Every printable ASCII character but the vertical whitespace: one token each.
@@ -19,9 +21,6 @@ CHARS = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"]
 
 def build_char_tokenizer():
     """A `PreTrainedTokenizerFast` with one token per printable character."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {tok: i for i, tok in enumerate([PAD, EOS, UNK, *CHARS])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
@@ -44,8 +43,6 @@ def build_tiny_model(
     seed: int = 0,
 ):
     """A randomly initialised `Qwen2ForCausalLM` with head_dim 64 (about 0.8M parameters by default)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     config = Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,

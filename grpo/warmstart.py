@@ -117,50 +117,61 @@ def teacher_agreement(model, tokenizer, task: Arithmetic, problems: list[tuple[i
             "exact_match": sum(x == s for x, s in zip(answers, sums)) / n}
 
 
+class TeacherFit:
+    """A fresh tiny model, its optimiser and the teacher's problems: supervised steps on the teacher's
+    answers, and the agreement check on 500 problems shown and 500 held out."""
+
+    def __init__(self, spec: WarmStart):
+        torch.manual_seed(spec.seed)
+        self.spec, self.tokenizer = spec, build_char_tokenizer()
+        tok = self.tokenizer
+        self.model = build_tiny_model(len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                      seed=spec.seed)
+        self.model.generation_config.eos_token_id = tok.eos_token_id
+        self.model.generation_config.pad_token_id = tok.pad_token_id
+        self.task = Arithmetic(digits=spec.digits, reverse=spec.reverse)
+        self.rng = random.Random(spec.seed)
+        self.shown = self.task.train_problems()
+        if spec.num_problems:
+            self.shown = self.rng.sample(self.shown, spec.num_problems)
+        self.check_shown = self.rng.sample(self.shown, min(500, len(self.shown)))
+        self.check_held = self.rng.sample(self.task.held_out_problems(), 500)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=0.0, betas=(0.9, 0.98))
+
+    def step(self, lr: float) -> float:
+        """One step of cross-entropy on the teacher's answers to a batch of problems shown; returns the loss."""
+        spec, rng = self.spec, self.rng
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        problems = [rng.choice(self.shown) for _ in range(spec.batch_size)]
+        answers = [teacher_answer(a, b, spec.digits, spec.drop_carry, rng) for a, b in problems]
+        pairs = [(self.task.prompt(a, b), write(answer, spec.reverse)) for (a, b), answer in zip(problems, answers)]
+        ids, attn, loss_mask = _encode_pairs(self.tokenizer, pairs)
+        logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # [B, T-1, V]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [B, T-1]
+        mask = loss_mask[:, 1:]
+        loss = (nll * mask).sum() / mask.sum()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        return loss.item()
+
+    def check(self) -> tuple[dict, dict]:
+        """Teacher agreement (and exact match) on the problems shown, and on held-out problems."""
+        args = (self.model, self.tokenizer, self.task)
+        return (teacher_agreement(*args, self.check_shown, self.spec.drop_carry),
+                teacher_agreement(*args, self.check_held, self.spec.drop_carry))
+
+
 def train_warm_start(spec: WarmStart, log=print):
     """Fit a fresh tiny model to the teacher until it meets the criterion; returns (model, tokenizer, report).
 
     Raises `WarmStartError` naming both agreement figures if `max_steps` pass without it."""
-    torch.manual_seed(spec.seed)
-    tokenizer = build_char_tokenizer()
-    model = build_tiny_model(
-        len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, seed=spec.seed
-    )
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    task = Arithmetic(digits=spec.digits, reverse=spec.reverse)
-    rng = random.Random(spec.seed)
-    shown = task.train_problems()
-    if spec.num_problems:
-        shown = rng.sample(shown, spec.num_problems)
-    check_shown = rng.sample(shown, min(500, len(shown)))
-    check_held = rng.sample(task.held_out_problems(), 500)
-
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    fit = TeacherFit(spec)
     start = time.perf_counter()
-
-    def step_on(batch_lr: float) -> float:
-        for group in opt.param_groups:
-            group["lr"] = batch_lr
-        problems = [rng.choice(shown) for _ in range(spec.batch_size)]
-        answers = [teacher_answer(a, b, spec.digits, spec.drop_carry, rng) for a, b in problems]
-        pairs = [(task.prompt(a, b), write(answer, spec.reverse)) for (a, b), answer in zip(problems, answers)]
-        ids, attn, loss_mask = _encode_pairs(tokenizer, pairs)
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # [B, T-1, V]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [B, T-1]
-        mask = loss_mask[:, 1:]
-        loss = (nll * mask).sum() / mask.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return loss.item()
-
-    def check() -> tuple[dict, dict]:
-        return (teacher_agreement(model, tokenizer, task, check_shown, spec.drop_carry),
-                teacher_agreement(model, tokenizer, task, check_held, spec.drop_carry))
-
-    model.train()
+    step_on, check = fit.step, fit.check
+    fit.model.train()
     for step in range(spec.max_steps):
         loss = step_on(spec.lr * min(1.0, (step + 1) / spec.warmup_steps))
         if (step + 1) % spec.check_every == 0:
@@ -186,7 +197,7 @@ def train_warm_start(spec: WarmStart, log=print):
             f"answers agree with the teacher on {on_shown['agreement']:.3f} of the problems shown and "
             f"{on_held['agreement']:.3f} of held-out problems; the criterion (model.warm_start.target) is "
             f"{spec.target} on both")
-    model.eval()
+    fit.model.eval()
     met_step = anneal_step + spec.anneal_steps
     report = {"criterion": f"teacher agreement >= {spec.target} on problems shown and held out",
               "anneal_step": anneal_step, "met_step": met_step, "steps": met_step,
@@ -195,7 +206,7 @@ def train_warm_start(spec: WarmStart, log=print):
     log(f"warm start met its criterion at step {met_step} (annealed from step {anneal_step}): agreement "
         f"{report['shown_agreement']:.3f} shown / {report['held_out_agreement']:.3f} held out, held-out exact match "
         f"{report['held_out_exact_match']:.3f}, {report['wall_s']:.0f}s")
-    return model, tokenizer, report
+    return fit.model, fit.tokenizer, report
 
 
 def warm_started_tiny(spec: WarmStart, log=print) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from grpo.config import ConfigError, ModelConfig, _choice, _positive
@@ -75,8 +76,6 @@ class RMConfig:
 
 def register_rm_configs() -> None:
     """Register the schema with Hydra's ConfigStore (configs/rm/config.yaml lists it first)."""
-    from hydra.core.config_store import ConfigStore
-
     ConfigStore.instance().store(name="rm_schema", node=RMConfig)
 
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import datasets
+
 from grpo.config import ConfigError
+from grpo.data import read_rows
 
 FIELDS = ("prompt", "chosen", "rejected")
 
 
 def read_preference_file(path: str) -> list[dict]:
     """Rows of a JSONL or Parquet file, unchecked; a missing file or a malformed line names the file."""
-    from grpo.data import read_rows
-
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"preference file {path} does not exist")
@@ -30,8 +31,6 @@ def read_preference_file(path: str) -> list[dict]:
 
 def read_preference_hf(name: str, split: str) -> list[dict]:
     """Rows of a Hugging Face dataset split (from the local cache when the machine is offline)."""
-    import datasets
-
     try:
         return list(datasets.load_dataset(name, split=split))
     except Exception as e:  # datasets raises many types for a missing name, split or cache entry

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rewards.registry import RewardConfigError, register_reward
 
@@ -73,8 +74,6 @@ class LikelihoodRewardModel(torch.nn.Module):
 
 def read_reward_model(path: str | Path, device: str = "cpu"):
     """(model, tokenizer) of the reward model directory at `path`, on `device`, in eval mode (not cached)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
     if not Path(path).expanduser().exists():
         raise RewardConfigError(f"reward_model: path {path} does not exist (train one with grpo-rm-train)")
     tokenizer = AutoTokenizer.from_pretrained(str(path))

@@ -32,11 +32,19 @@ import sys
 import time
 from pathlib import Path
 
+import hydra
 import torch
-from transformers import TrainerCallback
+from datasets import Dataset
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
 from grpo.config import ConfigError
+from grpo.tasks.arithmetic_preferences import ArithmeticPreferences, arithmetic_preferences
+from grpo.warmstart import WarmStart, warm_started_tiny
 from reward_models.config import RMConfig, register_rm_configs, validate_rm
+from reward_models.data import check_preferences, read_preference_file, read_preference_hf, split_by_prompt
+from reward_models.scorer import LikelihoodRewardModel, completion_logprobs, read_reward_model, score_texts
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 log = logging.getLogger("grpo.rm")
@@ -63,8 +71,6 @@ def pair_metrics(chosen: list[float], rejected: list[float], prefix: str = "rm/e
 
 def evaluate_pairs(model, tokenizer, pairs: list[dict], *, max_length: int, batch_tokens: int) -> dict[str, float]:
     """Held-out metrics of `model` over every pair, scored as the `reward_model` reward scores."""
-    from reward_models.scorer import score_texts
-
     was_training = model.training
     model.eval()
     try:
@@ -80,8 +86,6 @@ def evaluate_pairs(model, tokenizer, pairs: list[dict], *, max_length: int, batc
 def base_model_path(cfg: RMConfig) -> str:
     """The causal LM the reward model starts from; builds (once) the warm-started tiny model for `model=tiny`."""
     if cfg.model.builtin == "tiny":
-        from grpo.warmstart import WarmStart, warm_started_tiny
-
         spec = WarmStart.from_config(cfg.model.warm_start, cfg.data.arithmetic.digits, cfg.data.arithmetic.reverse)
         return str(warm_started_tiny(spec, log=log.info))
     return cfg.model.path
@@ -91,13 +95,9 @@ def load_pairs(cfg: RMConfig) -> tuple[list[dict], list[dict]]:
     """(train pairs, held-out pairs), every row checked (see `reward_models.data`).
 
     The built-in set is sampled from `data.arithmetic.policy_path`, else from the base model."""
-    from reward_models.data import check_preferences, read_preference_file, read_preference_hf, split_by_prompt
-
     d = cfg.data
     columns = dict(prompt_column=d.prompt_column, chosen_column=d.chosen_column, rejected_column=d.rejected_column)
     if d.builtin == "arithmetic":
-        from grpo.tasks.arithmetic_preferences import ArithmeticPreferences, arithmetic_preferences
-
         a = d.arithmetic
         spec = ArithmeticPreferences(num_prompts=a.num_prompts, samples_per_prompt=a.samples_per_prompt,
                                      pairs_per_prompt=a.pairs_per_prompt, temperature=a.temperature,
@@ -166,10 +166,6 @@ def supervised_start(cfg: RMConfig, base: str, train_pairs: list[dict], out: Pat
     reward model starts from the supervised policy. Each distinct (prompt, chosen) is one example; held-out
     pairs are never seen.
     """
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
     t = cfg.train
     examples = sorted({(p["prompt"], p["chosen"]) for p in train_pairs})
     log.info("supervised stage: %d steps on %d chosen completions", t.sft_steps, len(examples))
@@ -193,13 +189,6 @@ def supervised_start(cfg: RMConfig, base: str, train_pairs: list[dict], out: Pat
 
 def train_reward_model(cfg: RMConfig) -> dict[str, float]:
     """Train, save `<run_dir>/reward_model/`, evaluate the saved model; returns the final held-out metrics."""
-    from datasets import Dataset
-    from omegaconf import OmegaConf
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from trl import RewardConfig, RewardTrainer
-
-    from reward_models.scorer import read_reward_model
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.run_dir)
@@ -292,10 +281,6 @@ def likelihood_reward_model(cfg: RMConfig, base: str, tokenizer, train_pairs: li
     and stayed near chance (held-out pair accuracy 0.50-0.61), while the supervised LM's own likelihood of an
     answer already separates right from wrong; this head keeps that knowledge instead of training it away.
     """
-    from transformers import AutoModelForCausalLM
-
-    from reward_models.scorer import LikelihoodRewardModel, completion_logprobs, read_reward_model
-
     t, run_dir = cfg.train, Path(cfg.run_dir)
     lm = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, cfg.model.dtype),
                                               trust_remote_code=cfg.model.trust_remote_code)
@@ -325,15 +310,11 @@ def likelihood_reward_model(cfg: RMConfig, base: str, tokenizer, train_pairs: li
 
 
 def main() -> None:
-    import hydra
-
     register_rm_configs()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="rm/config")
     def _main(dict_cfg) -> None:
-        from omegaconf import OmegaConf
-
         try:
             train_reward_model(validate_rm(OmegaConf.to_object(dict_cfg)))
         except ConfigError as e:

@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import sympy
+from math_verify import LatexExtractionConfig, parse, verify
+
 _LATEX_ONLY: Any = None
 
 
 def check(request: dict[str, str]) -> bool | None:
     """True when ``answer`` equals ``gold`` (numbers, fractions, LaTeX, sets, intervals); None if gold won't parse."""
-    from math_verify import parse, verify
-
     gold = parse(_boxed(request["gold"]), _LATEX_ONLY, parsing_timeout=None)
     if all(isinstance(g, str) for g in gold):  # nothing or only the raw text came back: no expression
         return None
@@ -37,8 +38,6 @@ def check(request: dict[str, str]) -> bool | None:
 def _exact(parsed: list):
     """The parsed expression as an exact sympy Rational when it is a plain number (an integer, a fraction,
     a decimal as written), else None."""
-    import sympy
-
     expr = next((x for x in parsed if not isinstance(x, str)), None)
     if isinstance(expr, sympy.Rational):  # Integer included
         return expr
@@ -53,7 +52,6 @@ def _boxed(text: str) -> str:
 
 def _prepare() -> None:
     global _LATEX_ONLY
-    from math_verify import LatexExtractionConfig
 
     _LATEX_ONLY = [LatexExtractionConfig(boxed_match_priority=0)]
     # math-verify warns on every call that its own timeout is off; the pool's deadline replaces it.

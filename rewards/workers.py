@@ -13,8 +13,10 @@ and cap their own address space, so a runaway check cannot take the trainer's me
 from __future__ import annotations
 
 import atexit
+import ctypes
 import json
 import os
+import resource
 import selectors
 import signal
 import subprocess
@@ -201,8 +203,6 @@ def serve(handle: Callable[[Any], Any], memory_limit_mb: int | None = None) -> N
     """
     _die_with_parent()
     if memory_limit_mb:
-        import resource
-
         limit = memory_limit_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     out = sys.stdout
@@ -230,8 +230,6 @@ def _die_with_parent() -> None:
     if not sys.platform.startswith("linux"):
         return
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)

@@ -12,6 +12,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from grpo.logprobs import sequence_logprobs
+
 
 @runtime_checkable
 class TrainBackend(Protocol):
@@ -52,8 +54,6 @@ class LogProbModel(torch.nn.Module):
         self.device = device  # where the policy runs; inputs go there, outputs come back
 
     def forward(self, input_ids, attention_mask, **kwargs):
-        from grpo.logprobs import sequence_logprobs
-
         home = input_ids.device
         device = self.device or home
         logp, entropy = sequence_logprobs(self.policy, input_ids.to(device), attention_mask.to(device), **kwargs)

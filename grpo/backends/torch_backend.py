@@ -19,7 +19,7 @@ import contextlib
 import torch
 
 from grpo import distributed as dist
-from grpo.backends import lr_lambda
+from grpo.backends import LogProbModel, lr_lambda
 
 
 class TorchBackend:
@@ -31,8 +31,6 @@ class TorchBackend:
         self.policy = policy
         self.model = policy
         if self.data_parallel:
-            from grpo.backends import LogProbModel
-
             policy.to(dist.device())
             self.model = LogProbModel(policy, dist.device())
         if gradient_checkpointing:
