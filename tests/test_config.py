@@ -88,6 +88,12 @@ def test_the_command_line_beats_what_a_task_or_recipe_chooses():
     assert cfg.reward.functions[0].name == "reward_model"
 
 
+def test_the_cpu_benchmark_is_its_own_group():
+    cfg = compose(["bench=cpu"])
+    assert (cfg.threads, cfg.model.builtin, cfg.train.prompts_per_step, cfg.algorithm.group_size) == (2, "tiny", 8, 8)
+    assert cfg.rollout.min_new_tokens == cfg.rollout.max_new_tokens == 32
+
+
 @pytest.mark.parametrize("algo", ["grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"])
 def test_every_algorithm_group_validates(algo):
     assert compose([f"algorithm={algo}"]).algorithm.name == algo
