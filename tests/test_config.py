@@ -123,6 +123,26 @@ def test_bad_values_name_the_field(override, words):
         assert word in str(err.value)
 
 
+def test_each_group_checks_its_own_fields_and_validate_the_ones_across_groups():
+    from grpo.config import (AlgorithmConfig, BackendConfig, Config, ModelConfig, RewardConfig, RewardItem,
+                             TrainLoopConfig, WarmStartConfig, validate)
+
+    with pytest.raises(ConfigError, match=r"^algorithm\.dual_clip: must be > 1 \(or null\), got 0\.5$"):
+        AlgorithmConfig(dual_clip=0.5).validate()
+    with pytest.raises(ConfigError, match=r"^backend\.offload_params: needs backend=deepspeed_zero3, got torch$"):
+        BackendConfig(offload_params=True).validate()
+    with pytest.raises(ConfigError, match=r"^model\.warm_start\.target: must be in \[0, 1\], got 1\.5$"):
+        ModelConfig(builtin="tiny", warm_start=WarmStartConfig(target=1.5)).validate()
+    # 5 mini-batches are fine for the algorithm alone, not for a step of 32 prompts
+    AlgorithmConfig(mini_batches=5).validate()
+    cfg = Config(run_dir="r", model=ModelConfig(builtin="tiny"), algorithm=AlgorithmConfig(mini_batches=5),
+                 reward=RewardConfig(functions=[RewardItem(name="math_accuracy")]), train=TrainLoopConfig(prompts_per_step=32))
+    with pytest.raises(ConfigError, match=r"^algorithm\.mini_batches: 5 does not divide train\.prompts_per_step=32$"):
+        validate(cfg)
+    cfg.train.prompts_per_step = 40
+    assert validate(cfg) is cfg
+
+
 def test_wrong_type_is_rejected_by_the_schema():
     with pytest.raises(Exception, match="lr"):
         compose(["optim.lr=fast"])
