@@ -1,8 +1,9 @@
 """Structured configuration: one dataclass per config group, validated when loaded.
 
 Hydra composes `configs/` into these dataclasses (an unknown key or a value of the wrong type
-fails there, naming the key). `validate` then checks choices and ranges, naming the field and
-the allowed values, before any model is loaded.
+fails there, naming the key). Each group's `validate()` then checks its own choices and ranges, and
+`validate(cfg)` the few that span groups, naming the field and the allowed values, before any model
+is loaded.
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+
+from grpo.advantages import ADVANTAGE_ESTIMATORS
+from grpo.losses import AGGREGATION_MODES, KL_ESTIMATORS, RATIO_LEVELS
 
 LOOPS = ("grpo", "ppo", "dpo")
 BACKEND_NAMES = ("torch", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
@@ -23,6 +28,16 @@ RESUME_MODES = ("never", "auto")
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field."""
+
+
+def _choice(field_name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{field_name}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _positive(field_name: str, value, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{field_name}: must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
 
 
 @dataclass
@@ -51,6 +66,14 @@ class TaskConfig:
         "help": "drop evaluation prompts seen exactly in training (false: measure fit on training prompts)"})
     arithmetic: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig)
 
+    def validate(self) -> None:
+        """One source of prompts, and a built-in generator that exists."""
+        sources = [s for s in (self.builtin, self.train_file, self.hf_dataset) if s]
+        if len(sources) != 1:
+            raise ConfigError("task: set exactly one of task.builtin, task.train_file, task.hf_dataset")
+        if self.builtin not in (None, "arithmetic"):
+            raise ConfigError(f"task.builtin: {self.builtin!r} is not one of arithmetic (or null)")
+
 
 @dataclass
 class WarmStartConfig:
@@ -68,6 +91,16 @@ class WarmStartConfig:
     num_problems: int = field(default=0, metadata={"help": "distinct problems the teacher demonstrates; 0 = all"})
     seed: int = field(default=0, metadata={"help": "seed of the warm start"})
 
+    def validate(self) -> None:
+        """Budgets positive; agreements and the teacher's rate in [0, 1]."""
+        for name in ("max_steps", "batch_size", "warmup_steps", "check_every"):
+            _positive(f"model.warm_start.{name}", getattr(self, name))
+        _positive("model.warm_start.lr", self.lr)
+        _positive("model.warm_start.anneal_steps", self.anneal_steps, zero_ok=True)
+        for name in ("anneal_at", "target", "drop_carry"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"model.warm_start.{name}: must be in [0, 1], got {getattr(self, name)!r}")
+
 
 @dataclass
 class ModelConfig:
@@ -78,6 +111,16 @@ class ModelConfig:
     dropout: bool = field(default=False, metadata={
         "help": "keep the model's dropout in training (off by default: the trainer's log-probs then match the sampler's)"})
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+
+    def validate(self) -> None:
+        """A dtype we train in, and either a model directory or the built-in model (then its warm start)."""
+        _choice("model.dtype", self.dtype, DTYPES)
+        if self.builtin is None and not self.path:
+            raise ConfigError("model.path: give a model directory or hub id (or model=tiny for the built-in model)")
+        if self.builtin not in (None, "tiny"):
+            raise ConfigError(f"model.builtin: {self.builtin!r} is not one of tiny (or null)")
+        if self.builtin == "tiny":
+            self.warm_start.validate()
 
 
 @dataclass
@@ -98,6 +141,27 @@ class RolloutConfig:
     enable_sleep_mode: bool = field(default=True, metadata={"help": "vllm on GPU: free the engine's memory during the update"})
     sync_bucket_mb: float = field(default=256.0, metadata={"help": "vllm: MiB of weights copied (ZeRO-3: gathered) at a time"})
 
+    def validate(self) -> None:
+        """A known engine; sampling and memory settings in range."""
+        _choice("rollout.engine", self.engine, ROLLOUT_ENGINES)
+        _positive("rollout.temperature", self.temperature)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"rollout.top_p: must be in (0, 1], got {self.top_p}")
+        _positive("rollout.top_k", self.top_k, zero_ok=True)
+        _positive("rollout.max_new_tokens", self.max_new_tokens)
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError(
+                f"rollout.min_new_tokens: must be in [0, rollout.max_new_tokens={self.max_new_tokens}], "
+                f"got {self.min_new_tokens}"
+            )
+        _positive("rollout.batch_size", self.batch_size)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"rollout.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        _positive("rollout.kv_cache_gb", self.kv_cache_gb, zero_ok=True)
+        _positive("rollout.max_model_len", self.max_model_len, zero_ok=True)
+        _positive("rollout.tensor_parallel_size", self.tensor_parallel_size)
+        _positive("rollout.sync_bucket_mb", self.sync_bucket_mb)
+
 
 @dataclass
 class BackendConfig:
@@ -111,6 +175,18 @@ class BackendConfig:
     gpu_memory_gb: float = field(default=0.0, metadata={"help": "per-GPU memory the plan must fit; 0 = ask the device"})
     deepspeed: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra DeepSpeed config entries"})
 
+    def validate(self) -> None:
+        """A known backend; offloading only where that backend offers it."""
+        _choice("backend.name", self.name, BACKEND_NAMES)
+        _positive("backend.micro_batch_tokens", self.micro_batch_tokens)
+        _positive("backend.timeout_s", self.timeout_s)
+        _positive("backend.check_replicas_every", self.check_replicas_every, zero_ok=True)
+        _positive("backend.gpu_memory_gb", self.gpu_memory_gb, zero_ok=True)
+        if self.offload_params and self.name != "deepspeed_zero3":
+            raise ConfigError(f"backend.offload_params: needs backend=deepspeed_zero3, got {self.name}")
+        if self.offload_optimizer and not self.name.startswith("deepspeed"):
+            raise ConfigError(f"backend.offload_optimizer: needs a deepspeed backend, got {self.name}")
+
 
 @dataclass
 class OptimConfig:
@@ -122,6 +198,15 @@ class OptimConfig:
     schedule: str = field(default="constant", metadata={"help": "after warm-up: constant, linear or cosine decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global gradient norm; 0 = off"})
 
+    def validate(self) -> None:
+        """A positive learning rate, a known schedule, two betas."""
+        _positive("optim.lr", self.lr)
+        _choice("optim.schedule", self.schedule, LR_SCHEDULES)
+        _positive("optim.warmup_steps", self.warmup_steps, zero_ok=True)
+        _positive("optim.max_grad_norm", self.max_grad_norm, zero_ok=True)
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas: needs two values, got {list(self.betas)}")
+
 
 @dataclass
 class PPOOptions:
@@ -130,6 +215,13 @@ class PPOOptions:
     value_clip: float = field(default=0.2, metadata={"help": "PPO: new values kept within this of the old ones in the loss"})
     value_lr: float = field(default=1e-4, metadata={"help": "PPO: learning rate of the critic"})
     whiten_advantages: bool = field(default=True, metadata={"help": "PPO: zero-mean unit-std advantages over the batch"})
+
+    def validate(self) -> None:
+        """Discount and GAE lambda in range; a positive critic clip and learning rate."""
+        if not 0 < self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ConfigError(f"algorithm.ppo: need 0 < gamma <= 1 and 0 <= lam <= 1, got {self.gamma}, {self.lam}")
+        _positive("algorithm.ppo.value_clip", self.value_clip)
+        _positive("algorithm.ppo.value_lr", self.value_lr)
 
 
 @dataclass
@@ -142,6 +234,13 @@ class DPOOptions:
     num_prompts: int = field(default=2000, metadata={"help": "DPO built-in pairs: training problems sampled on"})
     samples_per_prompt: int = field(default=8, metadata={"help": "DPO built-in pairs: completions sampled per problem"})
     pairs_per_prompt: int = field(default=2, metadata={"help": "DPO built-in pairs: pairs kept per problem at most"})
+
+    def validate(self) -> None:
+        """Positive strength, batch, passes and samples (where the pairs come from: `validate(cfg)`)."""
+        _positive("algorithm.dpo.beta", self.beta)
+        _positive("algorithm.dpo.batch_size", self.batch_size)
+        _positive("algorithm.dpo.epochs", self.epochs)
+        _positive("algorithm.dpo.samples_per_prompt", self.samples_per_prompt)
 
 
 @dataclass
@@ -169,6 +268,33 @@ class AlgorithmConfig:
     ppo: PPOOptions = field(default_factory=PPOOptions)
     dpo: DPOOptions = field(default_factory=DPOOptions)
 
+    def validate(self) -> None:
+        """Known names (the estimator, aggregation, ratio and KL registries) and ranges; PPO's and DPO's
+        own options when chosen."""
+        _choice("algorithm.loop", self.loop, LOOPS)
+        if self.loop == "ppo":
+            self.ppo.validate()
+        if self.loop == "dpo":
+            self.dpo.validate()
+        _choice("algorithm.advantage", self.advantage, sorted(ADVANTAGE_ESTIMATORS))
+        _choice("algorithm.loss_agg", self.loss_agg, AGGREGATION_MODES)
+        _choice("algorithm.ratio_level", self.ratio_level, RATIO_LEVELS)
+        _choice("algorithm.kl_estimator", self.kl_estimator, sorted(KL_ESTIMATORS))
+        _positive("algorithm.group_size", self.group_size)
+        if self.group_size < 2:
+            raise ConfigError("algorithm.group_size: a group baseline needs at least 2 completions per prompt")
+        if not 0 <= self.clip_low < 1:
+            raise ConfigError(f"algorithm.clip_low: must be in [0, 1), got {self.clip_low}")
+        _positive("algorithm.clip_high", self.clip_high, zero_ok=True)
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ConfigError(f"algorithm.dual_clip: must be > 1 (or null), got {self.dual_clip}")
+        for name in ("beta", "negative_weight", "overlong_penalty"):
+            _positive(f"algorithm.{name}", getattr(self, name), zero_ok=True)
+        _positive("algorithm.epochs", self.epochs)
+        _positive("algorithm.mini_batches", self.mini_batches)
+        for name in ("max_resample", "tis_cap"):
+            _positive(f"algorithm.{name}", getattr(self, name), zero_ok=True)
+
 
 @dataclass
 class RewardItem:
@@ -183,6 +309,11 @@ class RewardConfig:
     functions: list[RewardItem] = field(default_factory=list, metadata={"help": "rewards and their weights"})
     accuracy: str = field(default="math_accuracy", metadata={"help": "reward whose 1.0 means correct: eval/accuracy"})
 
+    def validate(self) -> None:
+        """At least one reward function."""
+        if not self.functions:
+            raise ConfigError("reward.functions: no reward function configured")
+
 
 @dataclass
 class TrainLoopConfig:
@@ -195,11 +326,23 @@ class TrainLoopConfig:
     num_samples_logged: int = field(default=8, metadata={"help": "completions written per samples entry"})
     max_masked_steps: int = field(default=3, metadata={"help": "stop after this many steps in a row with every reward masked; 0 = never"})
 
+    def validate(self) -> None:
+        """Positive run length and batch; intervals >= 0 (0: off, or only at the end)."""
+        _positive("train.max_steps", self.max_steps)
+        _positive("train.prompts_per_step", self.prompts_per_step)
+        for name in ("eval_every", "samples_every", "max_masked_steps"):
+            _positive(f"train.{name}", getattr(self, name), zero_ok=True)
+
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = field(default=50, metadata={"help": "steps between checkpoints; 0 = only at the end"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+
+    def validate(self) -> None:
+        """An interval >= 0 and at least one checkpoint kept."""
+        _positive("checkpoint.every_steps", self.every_steps, zero_ok=True)
+        _positive("checkpoint.keep_last", self.keep_last)
 
 
 @dataclass
@@ -209,6 +352,10 @@ class TrackingConfig:
     wandb_mode: str = field(default="online", metadata={"help": "online, offline or disabled"})
     progress_bar: bool = field(default=True, metadata={"help": "show a progress bar"})
     plot: bool = field(default=True, metadata={"help": "write plot.png at the end"})
+
+    def validate(self) -> None:
+        """A wandb mode wandb knows."""
+        _choice("tracking.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
 
 
 @dataclass
@@ -231,69 +378,27 @@ class Config:
 
 def register_configs() -> None:
     """Register the schema with Hydra's ConfigStore (configs/config.yaml lists it first)."""
-    from hydra.core.config_store import ConfigStore
-
     ConfigStore.instance().store(name="schema", node=Config)
 
 
-def _choice(field_name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{field_name}: {value!r} is not one of {', '.join(map(str, allowed))}")
-
-
-def _positive(field_name: str, value, *, zero_ok: bool = False) -> None:
-    if value < 0 or (value == 0 and not zero_ok):
-        raise ConfigError(f"{field_name}: must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
-
-
-def validate_warm_start(ws: WarmStartConfig) -> None:
-    """The built-in model's warm start: budgets positive, agreements and the teacher's rate in [0, 1]."""
-    for name in ("max_steps", "batch_size", "warmup_steps", "check_every"):
-        _positive(f"model.warm_start.{name}", getattr(ws, name))
-    _positive("model.warm_start.lr", ws.lr)
-    _positive("model.warm_start.anneal_steps", ws.anneal_steps, zero_ok=True)
-    for name in ("anneal_at", "target", "drop_carry"):
-        if not 0.0 <= getattr(ws, name) <= 1.0:
-            raise ConfigError(f"model.warm_start.{name}: must be in [0, 1], got {getattr(ws, name)!r}")
-
-
 def validate(cfg: Config) -> Config:
-    """Check choices and ranges; raise ConfigError naming the first bad field."""
-    from grpo.advantages import ADVANTAGE_ESTIMATORS
-    from grpo.losses import AGGREGATION_MODES, KL_ESTIMATORS, RATIO_LEVELS
+    """Check every group's own fields, then the settings that must agree across groups; raise
+    ConfigError naming the first bad field."""
+    cfg.algorithm.validate()
+    validate_algorithm_against_run(cfg)
+    for group in (cfg.rollout, cfg.backend, cfg.model, cfg.optim, cfg.train, cfg.checkpoint):
+        group.validate()
+    _choice("resume", cfg.resume, RESUME_MODES)
+    for group in (cfg.tracking, cfg.task, cfg.reward):
+        group.validate()
+    return cfg
 
+
+def validate_algorithm_against_run(cfg: Config) -> None:
+    """What the algorithm asks of the task, the rollout and the batch."""
     a = cfg.algorithm
-    _choice("algorithm.loop", a.loop, LOOPS)
-    if a.loop == "ppo":
-        if not 0 < a.ppo.gamma <= 1 or not 0 <= a.ppo.lam <= 1:
-            raise ConfigError(f"algorithm.ppo: need 0 < gamma <= 1 and 0 <= lam <= 1, got {a.ppo.gamma}, {a.ppo.lam}")
-        _positive("algorithm.ppo.value_clip", a.ppo.value_clip)
-        _positive("algorithm.ppo.value_lr", a.ppo.value_lr)
-    if a.loop == "dpo":
-        _positive("algorithm.dpo.beta", a.dpo.beta)
-        _positive("algorithm.dpo.batch_size", a.dpo.batch_size)
-        _positive("algorithm.dpo.epochs", a.dpo.epochs)
-        _positive("algorithm.dpo.samples_per_prompt", a.dpo.samples_per_prompt)
-        if a.dpo.pairs_file is None and cfg.task.builtin != "arithmetic":
-            raise ConfigError("algorithm.dpo.pairs_file: give preference pairs (the built-in set exists for task=arithmetic only)")
-    _choice("algorithm.advantage", a.advantage, sorted(ADVANTAGE_ESTIMATORS))
-    _choice("algorithm.loss_agg", a.loss_agg, AGGREGATION_MODES)
-    _choice("algorithm.ratio_level", a.ratio_level, RATIO_LEVELS)
-    _choice("algorithm.kl_estimator", a.kl_estimator, sorted(KL_ESTIMATORS))
-    _positive("algorithm.group_size", a.group_size)
-    if a.group_size < 2:
-        raise ConfigError("algorithm.group_size: a group baseline needs at least 2 completions per prompt")
-    if not 0 <= a.clip_low < 1:
-        raise ConfigError(f"algorithm.clip_low: must be in [0, 1), got {a.clip_low}")
-    _positive("algorithm.clip_high", a.clip_high, zero_ok=True)
-    if a.dual_clip is not None and a.dual_clip <= 1:
-        raise ConfigError(f"algorithm.dual_clip: must be > 1 (or null), got {a.dual_clip}")
-    _positive("algorithm.beta", a.beta, zero_ok=True)
-    _positive("algorithm.negative_weight", a.negative_weight, zero_ok=True)
-    _positive("algorithm.epochs", a.epochs)
-    _positive("algorithm.mini_batches", a.mini_batches)
-    _positive("algorithm.max_resample", a.max_resample, zero_ok=True)
-    _positive("algorithm.tis_cap", a.tis_cap, zero_ok=True)
+    if a.loop == "dpo" and a.dpo.pairs_file is None and cfg.task.builtin != "arithmetic":
+        raise ConfigError("algorithm.dpo.pairs_file: give preference pairs (the built-in set exists for task=arithmetic only)")
     if not 0 <= a.overlong_buffer <= cfg.rollout.max_new_tokens:
         raise ConfigError(
             f"algorithm.overlong_buffer: must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}], "
@@ -303,69 +408,6 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"algorithm.mini_batches: {a.mini_batches} does not divide train.prompts_per_step={cfg.train.prompts_per_step}"
         )
-
-    r = cfg.rollout
-    _choice("rollout.engine", r.engine, ROLLOUT_ENGINES)
-    _positive("rollout.temperature", r.temperature)
-    if not 0 < r.top_p <= 1:
-        raise ConfigError(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
-    _positive("rollout.top_k", r.top_k, zero_ok=True)
-    _positive("rollout.max_new_tokens", r.max_new_tokens)
-    if not 0 <= r.min_new_tokens <= r.max_new_tokens:
-        raise ConfigError(f"rollout.min_new_tokens: must be in [0, rollout.max_new_tokens={r.max_new_tokens}], got {r.min_new_tokens}")
-    _positive("rollout.batch_size", r.batch_size)
-    if not 0 < r.gpu_memory_utilization <= 1:
-        raise ConfigError(f"rollout.gpu_memory_utilization: must be in (0, 1], got {r.gpu_memory_utilization}")
-    _positive("rollout.kv_cache_gb", r.kv_cache_gb, zero_ok=True)
-    _positive("rollout.max_model_len", r.max_model_len, zero_ok=True)
-    _positive("rollout.tensor_parallel_size", r.tensor_parallel_size)
-    _positive("rollout.sync_bucket_mb", r.sync_bucket_mb)
-
-    _choice("backend.name", cfg.backend.name, BACKEND_NAMES)
-    _positive("backend.micro_batch_tokens", cfg.backend.micro_batch_tokens)
-    _positive("backend.timeout_s", cfg.backend.timeout_s)
-    _positive("backend.check_replicas_every", cfg.backend.check_replicas_every, zero_ok=True)
-    _positive("backend.gpu_memory_gb", cfg.backend.gpu_memory_gb, zero_ok=True)
-    if cfg.backend.offload_params and cfg.backend.name != "deepspeed_zero3":
-        raise ConfigError(f"backend.offload_params: needs backend=deepspeed_zero3, got {cfg.backend.name}")
-    if cfg.backend.offload_optimizer and not cfg.backend.name.startswith("deepspeed"):
-        raise ConfigError(f"backend.offload_optimizer: needs a deepspeed backend, got {cfg.backend.name}")
-    _choice("model.dtype", cfg.model.dtype, DTYPES)
-    if cfg.model.builtin is None and not cfg.model.path:
-        raise ConfigError("model.path: give a model directory or hub id (or model=tiny for the built-in model)")
-    if cfg.model.builtin not in (None, "tiny"):
-        raise ConfigError(f"model.builtin: {cfg.model.builtin!r} is not one of tiny (or null)")
-    if cfg.model.builtin == "tiny":
-        validate_warm_start(cfg.model.warm_start)
-
-    o = cfg.optim
-    _positive("optim.lr", o.lr)
-    _choice("optim.schedule", o.schedule, LR_SCHEDULES)
-    _positive("optim.warmup_steps", o.warmup_steps, zero_ok=True)
-    _positive("optim.max_grad_norm", o.max_grad_norm, zero_ok=True)
-    if len(o.betas) != 2:
-        raise ConfigError(f"optim.betas: needs two values, got {list(o.betas)}")
-
-    t = cfg.train
-    _positive("train.max_steps", t.max_steps)
-    _positive("train.prompts_per_step", t.prompts_per_step)
-    _positive("train.eval_every", t.eval_every, zero_ok=True)
-    _positive("train.samples_every", t.samples_every, zero_ok=True)
-    _positive("train.max_masked_steps", t.max_masked_steps, zero_ok=True)
-    _positive("checkpoint.every_steps", cfg.checkpoint.every_steps, zero_ok=True)
-    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
-    _choice("resume", cfg.resume, RESUME_MODES)
-    _choice("tracking.wandb_mode", cfg.tracking.wandb_mode, ("online", "offline", "disabled"))
-
-    task = cfg.task
-    sources = [s for s in (task.builtin, task.train_file, task.hf_dataset) if s]
-    if len(sources) != 1:
-        raise ConfigError("task: set exactly one of task.builtin, task.train_file, task.hf_dataset")
-    if task.builtin not in (None, "arithmetic"):
-        raise ConfigError(f"task.builtin: {task.builtin!r} is not one of arithmetic (or null)")
-    if not cfg.reward.functions:
-        raise ConfigError("reward.functions: no reward function configured")
-    return cfg
 
 
 def validate_world(cfg: Config, world_size: int, num_eval_rows: int) -> None:

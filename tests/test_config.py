@@ -33,6 +33,67 @@ def test_experiment_overrides_every_value_it_sets_and_the_command_line_overrides
     assert compose(["experiment=demo", "optim.lr=1e-4"]).optim.lr == 1e-4
 
 
+# The Qwen recipes are composed, not copied: model_recipe/<model> (learning rate, per-GPU budgets),
+# task/<task> (reward, completion length, run length) and scale/<n>gpu (global batch, ZeRO-2).
+MODELS = {  # model: (optim.lr, backend.micro_batch_tokens, rollout.batch_size)
+    "qwen2.5-0.5b-instruct": (1e-6, 16384, 512),
+    "qwen2.5-1.5b-instruct": (1e-6, 16384, 256),
+    "qwen2.5-7b-instruct": (5e-7, 8192, 128),
+}
+TASKS = {"gsm8k": 512, "math": 1024}  # task: rollout.max_new_tokens
+SCALES = {"1gpu": 32, "8gpu": 128}  # scale: train.prompts_per_step, over all GPUs
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_task_and_scale_composes_and_validates(model, task, scale):
+    cfg = compose([f"model={model}", f"task={task}", f"scale={scale}"])
+    lr, micro_batch_tokens, rollout_batch = MODELS[model]
+    assert (cfg.optim.lr, cfg.optim.warmup_steps) == (lr, 10)
+    assert (cfg.backend.micro_batch_tokens, cfg.backend.gradient_checkpointing) == (micro_batch_tokens, True)
+    assert cfg.rollout.batch_size == rollout_batch
+    assert (cfg.task.name, cfg.rollout.max_new_tokens) == (task, TASKS[task])
+    assert [f.name for f in cfg.reward.functions] == ["math_accuracy", "format"]
+    assert (cfg.train.max_steps, cfg.train.eval_every) == (500, 50)
+    assert (cfg.train.prompts_per_step, cfg.backend.name) == (SCALES[scale], "deepspeed_zero2")
+    # the algorithm is still its group's: a recipe does not restate it
+    assert (cfg.algorithm.name, cfg.algorithm.loss_agg, cfg.algorithm.group_size) == ("grpo", "token_mean", 8)
+
+
+# What an experiment adds to its three parts: the one setting that depends on model size and GPU count.
+COMBINATIONS = {("7b", "1gpu"): ["backend.offload_optimizer=true"], ("7b", "8gpu"): ["backend=deepspeed_zero3"]}
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("size", ["0.5b", "1.5b", "7b"])
+def test_each_qwen_experiment_is_its_model_task_and_scale(size, task, scale):
+    by_parts = compose([f"model=qwen2.5-{size}-instruct", f"task={task}", f"scale={scale}",
+                        *COMBINATIONS.get((size, scale), [])])
+    assert compose([f"experiment=qwen2.5-{size}_{task}_{scale}"]) == by_parts
+
+
+def test_the_7b_experiments_shard_more():
+    assert compose(["experiment=qwen2.5-7b_gsm8k_1gpu"]).backend.offload_optimizer
+    assert compose(["experiment=qwen2.5-7b_gsm8k_8gpu"]).backend.name == "deepspeed_zero3"
+
+
+def test_the_command_line_beats_what_a_task_or_recipe_chooses():
+    # task=gsm8k picks reward=math, but reward=rm on the command line wins; a recipe leaves
+    # the algorithm to its group (Dr. GRPO keeps its loss aggregation; the old copied recipes pinned token_mean)
+    assert compose(["task=gsm8k", "reward=rm"]).reward.functions[0].name == "reward_model"
+    cfg = compose(["experiment=qwen2.5-1.5b_gsm8k_8gpu", "algorithm=dr_grpo", "reward=rm"])
+    assert cfg.algorithm.loss_agg == "seq_mean_token_sum_norm"
+    assert cfg.reward.functions[0].name == "reward_model"
+
+
+def test_the_cpu_benchmark_is_its_own_group():
+    cfg = compose(["bench=cpu"])
+    assert (cfg.threads, cfg.model.builtin, cfg.train.prompts_per_step, cfg.algorithm.group_size) == (2, "tiny", 8, 8)
+    assert cfg.rollout.min_new_tokens == cfg.rollout.max_new_tokens == 32
+
+
 @pytest.mark.parametrize("algo", ["grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"])
 def test_every_algorithm_group_validates(algo):
     assert compose([f"algorithm={algo}"]).algorithm.name == algo
@@ -60,6 +121,26 @@ def test_bad_values_name_the_field(override, words):
         compose([override])
     for word in words:
         assert word in str(err.value)
+
+
+def test_each_group_checks_its_own_fields_and_validate_the_ones_across_groups():
+    from grpo.config import (AlgorithmConfig, BackendConfig, Config, ModelConfig, RewardConfig, RewardItem,
+                             TrainLoopConfig, WarmStartConfig, validate)
+
+    with pytest.raises(ConfigError, match=r"^algorithm\.dual_clip: must be > 1 \(or null\), got 0\.5$"):
+        AlgorithmConfig(dual_clip=0.5).validate()
+    with pytest.raises(ConfigError, match=r"^backend\.offload_params: needs backend=deepspeed_zero3, got torch$"):
+        BackendConfig(offload_params=True).validate()
+    with pytest.raises(ConfigError, match=r"^model\.warm_start\.target: must be in \[0, 1\], got 1\.5$"):
+        ModelConfig(builtin="tiny", warm_start=WarmStartConfig(target=1.5)).validate()
+    # 5 mini-batches are fine for the algorithm alone, not for a step of 32 prompts
+    AlgorithmConfig(mini_batches=5).validate()
+    cfg = Config(run_dir="r", model=ModelConfig(builtin="tiny"), algorithm=AlgorithmConfig(mini_batches=5),
+                 reward=RewardConfig(functions=[RewardItem(name="math_accuracy")]), train=TrainLoopConfig(prompts_per_step=32))
+    with pytest.raises(ConfigError, match=r"^algorithm\.mini_batches: 5 does not divide train\.prompts_per_step=32$"):
+        validate(cfg)
+    cfg.train.prompts_per_step = 40
+    assert validate(cfg) is cfg
 
 
 def test_wrong_type_is_rejected_by_the_schema():

@@ -1,6 +1,6 @@
 """How close one GRPO step on CPU is to its matmul floor: the arithmetic behind docs/benchmarks.md.
 
-    python -m scripts.bench.matmul_floor  # the standard settings' shapes (experiment=bench_cpu)
+    python -m scripts.bench.matmul_floor  # the standard settings' shapes (bench=cpu)
     python -m scripts.bench.matmul_floor --threads 1
 
 On the tiny built-in model, at the standard benchmark's shapes (64 rows, a 9-token prompt, 32

@@ -1,6 +1,6 @@
 """Our GRPO step against TRL's `GRPOTrainer`, doing the same work, alternated in one run.
 
-    python -m scripts.bench.step_vs_trl                # the standard CPU settings (configs/experiment/bench_cpu.yaml)
+    python -m scripts.bench.step_vs_trl                # the standard CPU settings (configs/bench/cpu.yaml)
     python -m scripts.bench.step_vs_trl --steps 20 --warmup 2
     python -m scripts.bench.step_vs_trl --natural-eos  # completions stop at EOS (token counts then differ)
     python -m scripts.bench.step_vs_trl --device cuda --model qwen2.5-1.5b  # random Qwen2.5-1.5B-shaped model, bf16
@@ -106,12 +106,12 @@ def torch_grad_enabled() -> bool:
 # ---------------------------------------------------------------- settings and model
 
 def standard_config(args, run_dir: str):
-    """The validated Config of `experiment=bench_cpu` plus this run's overrides."""
+    """The validated Config of `bench=cpu` plus this run's overrides."""
     from hydra import compose, initialize_config_dir
 
     from grpo.config import CONFIG_DIR, register_configs, to_config
 
-    overrides = ["experiment=bench_cpu", f"run_dir={run_dir}"]
+    overrides = ["bench=cpu", f"run_dir={run_dir}"]
     if args.natural_eos:
         overrides.append("rollout.min_new_tokens=0")
     if args.model != "tiny":
