@@ -20,7 +20,7 @@ Where we differ from the papers:
    factor k/(k-1) over those k), and its own advantage is 0.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -28,7 +28,7 @@ class RolloutBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def to(self, device) -> "RolloutBatch":
+    def to(self, device) -> RolloutBatch:
         """The batch with every tensor on `device` (the policy's), one copy per micro-batch."""
         def move(t):
             return None if t is None else t.to(device, non_blocking=True)
@@ -37,7 +37,7 @@ class RolloutBatch:
                             self.prompt_width, move(self.advantages), move(self.sampler_logprobs),
                             move(self.old_logprobs), move(self.ref_logprobs))
 
-    def select(self, rows: list[int]) -> "RolloutBatch":
+    def select(self, rows: list[int]) -> RolloutBatch:
         """The given rows, with columns that are padding in all of them trimmed away."""
         idx = torch.tensor(rows)
         attn = self.attention_mask[idx]

@@ -20,7 +20,7 @@ Where we differ from the papers:
    infinite and skip the whole step. Beyond the bound the token's ratio is constant (no gradient).
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

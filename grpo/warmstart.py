@@ -60,7 +60,7 @@ class WarmStart:
     seed: int = 0
 
     @classmethod
-    def from_config(cls, ws, digits: int, reverse: bool) -> "WarmStart":
+    def from_config(cls, ws, digits: int, reverse: bool) -> WarmStart:
         """The spec for a `WarmStartConfig` and the task's number format."""
         return cls(**{k: getattr(ws, k) for k in asdict(cls()) if hasattr(ws, k)}, digits=digits, reverse=reverse)
 

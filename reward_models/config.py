@@ -8,7 +8,6 @@ network with its language-model head replaced by a one-output score head.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -24,18 +23,18 @@ class ArithmeticPreferencesConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the policy"})
     digits: int = field(default=2, metadata={"help": "operands have up to this many digits (as task.arithmetic)"})
     reverse: bool = field(default=True, metadata={"help": "least significant digit first (as task.arithmetic)"})
-    policy_path: Optional[str] = field(default=None, metadata={"help": "policy that answers; null: the base model"})
+    policy_path: str | None = field(default=None, metadata={"help": "policy that answers; null: the base model"})
     seed: int = field(default=0, metadata={"help": "seed of problem choice, sampling and pairing"})
 
 
 @dataclass
 class PreferenceDataConfig:
-    builtin: Optional[str] = field(default="arithmetic", metadata={"help": "built-in preference set, or null for files"})
-    train_file: Optional[str] = field(default=None, metadata={"help": "JSONL or Parquet file of preference pairs"})
-    eval_file: Optional[str] = field(default=None, metadata={"help": "held-out pairs; null: split off eval_fraction"})
-    hf_dataset: Optional[str] = field(default=None, metadata={"help": "Hugging Face `datasets` name (local cache)"})
+    builtin: str | None = field(default="arithmetic", metadata={"help": "built-in preference set, or null for files"})
+    train_file: str | None = field(default=None, metadata={"help": "JSONL or Parquet file of preference pairs"})
+    eval_file: str | None = field(default=None, metadata={"help": "held-out pairs; null: split off eval_fraction"})
+    hf_dataset: str | None = field(default=None, metadata={"help": "Hugging Face `datasets` name (local cache)"})
     hf_train_split: str = field(default="train", metadata={"help": "split of hf_dataset for training"})
-    hf_eval_split: Optional[str] = field(default=None, metadata={"help": "split of hf_dataset held out; null: eval_fraction"})
+    hf_eval_split: str | None = field(default=None, metadata={"help": "split of hf_dataset held out; null: eval_fraction"})
     prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt"})
     chosen_column: str = field(default="chosen", metadata={"help": "column holding the preferred completion"})
     rejected_column: str = field(default="rejected", metadata={"help": "column holding the other completion"})
@@ -57,7 +56,7 @@ class RMTrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps, then linear decay to 0"})
     max_length: int = field(default=512, metadata={"help": "pairs with a longer side (in tokens) are dropped"})
-    center_rewards: Optional[float] = field(default=None, metadata={"help": "weight of mean((r_c + r_r)^2); null: off"})
+    center_rewards: float | None = field(default=None, metadata={"help": "weight of mean((r_c + r_r)^2); null: off"})
     log_every: int = field(default=10, metadata={"help": "steps between metrics.jsonl lines"})
     eval_every: int = field(default=100, metadata={"help": "steps between held-out evaluations (and at the end)"})
     eval_batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per forward pass when evaluating"})

@@ -104,7 +104,7 @@ def check_plain(value, depth=0):
     """Raise TypeError unless ``value`` is built-in data all the way down (exact types, no subclasses)."""
     kind = type(value)
     if kind not in _PLAIN:
-        raise TypeError("the solution returned a %s; the tests accept plain built-in values only" % kind.__name__)
+        raise TypeError(f"the solution returned a {kind.__name__}; the tests accept plain built-in values only")
     if depth > 50:
         raise TypeError("the solution returned data nested deeper than 50 levels")
     if kind in (list, tuple, set, frozenset, collections.deque):
@@ -159,7 +159,7 @@ def main():
     try:
         exec(compile(code, "<candidate>", "exec"), candidate)
     except BaseException as e:  # SystemExit included: leaving early is failing
-        report(False, "candidate raised %s: %s" % (type(e).__name__, e))
+        report(False, f"candidate raised {type(e).__name__}: {e}")
     scope = {"__name__": "__tests__", "__builtins__": clean_builtins}
     for name, value in list(candidate.items()):
         if isinstance(value, types.FunctionType):
@@ -170,10 +170,10 @@ def main():
         exec(compile(tests, "<tests>", "exec"), scope)
         if entry_point:
             if entry_point not in scope:
-                report(False, "the solution defines no function %r" % entry_point)
+                report(False, f"the solution defines no function {entry_point!r}")
             scope["check"](scope[entry_point])
     except BaseException as e:
-        report(False, "test failed with %s: %s" % (type(e).__name__, e))
+        report(False, f"test failed with {type(e).__name__}: {e}")
     report(True, "passed")
 
 

@@ -99,7 +99,7 @@ def resolve_sandbox(kind: str = "auto") -> str:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(kind: str) -> str | None:
     """None if ``kind`` can run the runner here, else the reason it cannot."""
     if shutil.which(kind) is None:
@@ -111,7 +111,7 @@ def _probe(kind: str) -> str | None:
     return None if result.passed else f"test run failed ({result.detail})"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_no_sandbox() -> None:
     logger.warning(
         "code_tests runs generated code WITHOUT a sandbox (sandbox: none): it can read your files and use the "
@@ -125,7 +125,7 @@ def run_tests(
     entry_point: str | None,
     *,
     kind: str,
-    limits: Limits = Limits(),
+    limits: Limits | None = None,
     site_packages: bool = False,
 ) -> RunResult:
     """Run ``code`` then ``tests`` (asserts, or a ``check(candidate)`` with ``entry_point``) in sandbox ``kind``.
@@ -133,6 +133,7 @@ def run_tests(
     ``site_packages``: let the program import installed packages (numpy, ...); off, it has the standard library
     only and starts about twice as fast.
     """
+    limits = limits or Limits()
     nonce = secrets.token_hex(16)
     payload = json.dumps(
         {"code": code, "tests": tests, "entry_point": entry_point, "nonce": nonce, "limits": limits.for_runner()}

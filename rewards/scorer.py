@@ -20,8 +20,9 @@ import inspect
 import logging
 import math
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from rewards.registry import RewardConfigError, get_reward
 

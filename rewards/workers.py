@@ -24,8 +24,9 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 OK, TIMEOUT, CRASHED, FAILED = "ok", "timeout", "crashed", "failed"
 

@@ -59,8 +59,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from grpo.config import register_configs
-    from grpo.config import to_config
+    from grpo.config import register_configs, to_config
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):

@@ -17,10 +17,10 @@ import torch
 
 from grpo import distributed as dist
 from grpo.backends import build_backend
+from grpo.batch import layout_batch
+from grpo.cli import drop_launcher_args
 from grpo.config import AlgorithmConfig
 from grpo.tiny import build_char_tokenizer, build_tiny_model
-from grpo.cli import drop_launcher_args
-from grpo.batch import layout_batch
 from grpo.update import update_policy
 
 

@@ -124,8 +124,17 @@ def test_bad_values_name_the_field(override, words):
 
 
 def test_each_group_checks_its_own_fields_and_validate_the_ones_across_groups():
-    from grpo.config import (AlgorithmConfig, BackendConfig, Config, ModelConfig, RewardConfig, RewardItem,
-                             TrainLoopConfig, WarmStartConfig, validate)
+    from grpo.config import (
+        AlgorithmConfig,
+        BackendConfig,
+        Config,
+        ModelConfig,
+        RewardConfig,
+        RewardItem,
+        TrainLoopConfig,
+        WarmStartConfig,
+        validate,
+    )
 
     with pytest.raises(ConfigError, match=r"^algorithm\.dual_clip: must be > 1 \(or null\), got 0\.5$"):
         AlgorithmConfig(dual_clip=0.5).validate()

@@ -10,9 +10,8 @@ import pytest
 
 @pytest.mark.slow
 def test_dpo_run_with_trl(tmp_path, warm_tiny_dir):
-    from tests.conftest import compose
-
     from grpo.run import train_from_config
+    from tests.conftest import compose
 
     # 40 prompts x 8 samples: a pair per prompt whose samples are right and wrong (the warm model's
     # overflowing sums, about half); batches of 8 pairs make several optimiser steps of them

@@ -74,9 +74,8 @@ def test_whiten_ignores_masked_entries():
 
 @pytest.mark.slow
 def test_ppo_run_updates_policy_and_critic(tmp_path, warm_tiny_dir):
-    from tests.conftest import compose
-
     from grpo.run import train_from_config
+    from tests.conftest import compose
 
     cfg = compose(["algorithm=ppo", f"run_dir={tmp_path}", "train.max_steps=2", "train.prompts_per_step=8",
                    "task.arithmetic.num_eval=20", "task.arithmetic.num_ood=10", "tracking.progress_bar=false",

@@ -3,14 +3,20 @@ plan's arithmetic against values worked out by hand; a plan that cannot fit is r
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from grpo.config import ConfigError
-from grpo.memory import (GiB, ModelShape, activation_bytes, check_fits, estimate, estimate_from_config,
-                         kv_cache_bytes, model_shape, training_bytes_per_param)
+from grpo.memory import (
+    ModelShape,
+    activation_bytes,
+    check_fits,
+    estimate,
+    estimate_from_config,
+    kv_cache_bytes,
+    model_shape,
+    training_bytes_per_param,
+)
 from grpo.model_facts import MODEL_FACTS, facts_for, transformers_config
 from tests.conftest import CONFIGS, compose
 

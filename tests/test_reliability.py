@@ -12,11 +12,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from grpo.batch import layout_batch
 from grpo.checkpoint import (
-    CheckpointError, latest_checkpoint, load_rank_state, load_state, save_checkpoint, verify_checkpoint,
+    CheckpointError,
+    latest_checkpoint,
+    load_rank_state,
+    load_state,
+    save_checkpoint,
+    verify_checkpoint,
 )
 from grpo.config import AlgorithmConfig, ConfigError, TaskConfig
-from grpo.batch import layout_batch
 from grpo.update import update_policy
 from rewards import RewardScorer, RewardSpec
 from tests.conftest import compose
@@ -119,8 +124,8 @@ def always_raises(prompts, completions, **_):
 
 @pytest.mark.parametrize("dynamic_sampling", ["false", "true"])
 def test_too_many_masked_steps_in_a_row_stop_the_run(tmp_path, tiny_random_dir, dynamic_sampling):
-    from grpo.run import train_from_config
     from grpo.loop import MaskedRewardsError
+    from grpo.run import train_from_config
 
     cfg = compose(["model=hf", f"model.path={tiny_random_dir}", "model.dtype=float32", "threads=1",
                    "tracking.progress_bar=false", "tracking.plot=false", "train.max_steps=10",

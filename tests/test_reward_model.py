@@ -202,9 +202,9 @@ MIN_ACCURACY = 0.8  # the issue's bar; measured 0.995 (chance is 0.5, std ~0.03 
 def test_trained_reward_model_ranks_held_out_pairs(warm_tiny_dir, tmp_path):
     """Train on the built-in set (the warm-started model's own answers); held-out prompts are never trained on."""
     from grpo.config import ModelConfig
+    from grpo.tracking import read_metrics
     from reward_models.config import PreferenceDataConfig, RMConfig, RMTrainConfig, validate_rm
     from reward_models.train import train_reward_model
-    from grpo.tracking import read_metrics
 
     torch.set_num_threads(2)
     rows = build_arithmetic_preferences(warm_tiny_dir, ArithmeticPreferences(**TRAIN_SET), log=lambda *_: None)

@@ -12,8 +12,7 @@ import sys
 import pytest
 
 import rewards
-from rewards import RewardScorer, RewardSpec, get_reward, known_rewards, per_sample, register_reward
-from rewards import registry
+from rewards import RewardScorer, RewardSpec, get_reward, known_rewards, per_sample, register_reward, registry
 
 
 def constant(value):

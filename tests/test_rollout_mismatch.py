@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from grpo.batch import layout_batch
 from grpo.config import AlgorithmConfig
 from grpo.losses import truncated_importance_weights
-from grpo.batch import layout_batch
 from grpo.update import score_logprobs, update_policy
 
 LN2 = math.log(2.0)

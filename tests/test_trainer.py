@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpo.config import AlgorithmConfig
-from grpo.rollout.hf import HFRolloutEngine
 from grpo.advantages import compute_advantages
 from grpo.batch import layout_batch
+from grpo.config import AlgorithmConfig
+from grpo.rollout.hf import HFRolloutEngine
 from grpo.update import score_logprobs, update_policy
 
 

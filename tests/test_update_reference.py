@@ -14,8 +14,8 @@ import itertools
 import pytest
 import torch
 
-from grpo.config import AlgorithmConfig
 from grpo.batch import layout_batch
+from grpo.config import AlgorithmConfig
 from grpo.update import update_policy
 from tests.test_trainer import RecordingBackend, load
 

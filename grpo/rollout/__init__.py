@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 
 @dataclass
@@ -20,7 +20,7 @@ class Completions:
     completion_ids: list[list[int]]  # [B*n] sampled ids, ending with EOS when the model stopped
     texts: list[str]  # [B*n] decoded completions, special tokens and stop strings removed
     truncated: list[bool]  # [B*n] True when max_new_tokens ran out before EOS or a stop string
-    logprobs: Optional[list[list[float]]] = None  # [B*n] the sampler's log-prob of each sampled token
+    logprobs: list[list[float]] | None = None  # [B*n] the sampler's log-prob of each sampled token
     metrics: dict = field(default_factory=dict)
 
 

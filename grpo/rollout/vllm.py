@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -185,7 +185,7 @@ class VLLMRolloutEngine:
             for bucket in parameter_buckets(model.named_parameters(), self.sync_bucket_bytes):
                 with gathered([p for _, p in bucket]):
                     weights = [(name, p.detach()) for name, p in bucket]
-                    llm.apply_model(lambda vllm_model: vllm_model.load_weights(iter(weights)))
+                    llm.apply_model(lambda vllm_model, weights=weights: vllm_model.load_weights(iter(weights)))
         except Exception as e:  # noqa: BLE001
             self._broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             raise RolloutEngineError(f"vLLM rollout engine failed in sync_weights: {self._broken}") from e

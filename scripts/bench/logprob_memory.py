@@ -77,7 +77,7 @@ def run_pass(method: str, args) -> dict:
     torch.set_num_threads(args.threads)
     model, ids, mask, advantages = build(args)
     model.train()
-    P, T = args.seq_len - args.completion_len, args.seq_len
+    P = args.seq_len - args.completion_len
     C = args.completion_len
     if method in ("trl", "trl_selective"):
         from trl import GRPOTrainer

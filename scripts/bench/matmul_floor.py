@@ -69,7 +69,7 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         for m, k, n in ((R * T, c.hidden_size, c.intermediate_size), (R, c.hidden_size, c.intermediate_size)):
             a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-            s = median_time(lambda: a @ b, args.repeats * 10)
+            s = median_time(lambda a=a, b=b: a @ b, args.repeats * 10)
             print(f"matmul {str(dtype):15s} [{m}, {k}] x [{k}, {n}]: {2 * m * k * n / s / 1e9:6.0f} GFLOP/s")
 
     ids = torch.randint(3, c.vocab_size, (R, T))

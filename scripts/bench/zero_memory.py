@@ -50,9 +50,9 @@ def rank_main(stage: int, dtype: str) -> None:
 
     from grpo import distributed as dist
     from grpo.backends.deepspeed_backend import DeepSpeedBackend
+    from grpo.batch import layout_batch
     from grpo.config import AlgorithmConfig
     from grpo.tiny import build_tiny_model
-    from grpo.batch import layout_batch
     from grpo.update import update_policy
 
     torch.set_num_threads(1)
@@ -84,7 +84,7 @@ def launch_all(dtype: str) -> None:
         cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(29600 + stage), "--module", __spec__.name,
                "--rank-main", "--stage", str(stage), "--dtype", dtype]
         out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             sys.exit(f"stage {stage} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
         results.append(json.loads(line[len("RESULT "):]))
