@@ -38,6 +38,26 @@ from torch.utils.checkpoint import checkpoint
 LOGITS_CHUNK_ELEMENTS = 2**24
 
 
+def _score_in_chunks(head, rows, targets, temperature: float, with_entropy: bool, chunk_size: int):
+    """Log-prob (and entropy) chunks of `rows` [R, H] under the output embedding `head`, `chunk_size` rows at
+    a time; each chunk checkpointed when gradients are on and there is more than one."""
+    in_backward = False  # set once every chunk has been scored: later calls are recomputations
+
+    def score(h, y):
+        # The entropy is a detached metric: recomputing it in backward would be wasted work.
+        return _score_logits(head(h), y, temperature, with_entropy and not in_backward)
+
+    recompute = torch.is_grad_enabled() and rows.shape[0] > chunk_size
+    lp_chunks, ent_chunks = [], []
+    for start in range(0, rows.shape[0], chunk_size):
+        h, y = rows[start : start + chunk_size], targets[start : start + chunk_size]
+        lp, ent = checkpoint(score, h, y, use_reentrant=False) if recompute else score(h, y)
+        lp_chunks.append(lp)
+        ent_chunks.append(ent)
+    in_backward = True
+    return lp_chunks, ent_chunks
+
+
 def sequence_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -78,26 +98,9 @@ def sequence_logprobs(
     rows = hidden[:, k : T - 1].reshape(-1, hidden.shape[-1])  # [B*L, H], L = T-1-k
     targets = input_ids[:, k + 1 :].reshape(-1)  # [B*L]
 
-    in_backward = False  # set once every chunk has been scored: later calls are recomputations
-
-    def score(h, y):
-        # The entropy is a detached metric: recomputing it in backward would be wasted work.
-        return _score_logits(head(h), y, temperature, with_entropy and not in_backward)
-
     if chunk_size is None:
         chunk_size = max(1, LOGITS_CHUNK_ELEMENTS // head.weight.shape[0])
-    recompute = torch.is_grad_enabled() and rows.shape[0] > chunk_size
-    lp_chunks, ent_chunks = [], []
-    for start in range(0, rows.shape[0], chunk_size):
-        h, y = rows[start : start + chunk_size], targets[start : start + chunk_size]
-        if recompute:
-            lp, ent = checkpoint(score, h, y, use_reentrant=False)
-        else:
-            lp, ent = score(h, y)
-        lp_chunks.append(lp)
-        ent_chunks.append(ent)
-    in_backward = True
-
+    lp_chunks, ent_chunks = _score_in_chunks(head, rows, targets, temperature, with_entropy, chunk_size)
     logprobs = _left_zeros(_cat_rows(lp_chunks, rows).view(B, T - 1 - k), k)  # [B, T-1]
     entropy = _left_zeros(_cat_rows(ent_chunks, rows).view(B, T - 1 - k), k) if with_entropy else None
     return logprobs, entropy

@@ -216,14 +216,7 @@ def train_reward_model(cfg: RMConfig) -> dict[str, float]:
         base, num_labels=1, dtype=getattr(torch, cfg.model.dtype), trust_remote_code=cfg.model.trust_remote_code)
     model.config.pad_token_id = tokenizer.pad_token_id
 
-    t = cfg.train
-    args = RewardConfig(
-        output_dir=str(run_dir / "trainer"), max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
-        learning_rate=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, lr_scheduler_type="linear",
-        max_length=t.max_length, center_rewards_coefficient=t.center_rewards, logging_steps=t.log_every,
-        eval_strategy="no", save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
-        disable_tqdm=not cfg.progress_bar, bf16=cfg.model.dtype == "bfloat16", dataloader_num_workers=0,
-    )
+    args = reward_arguments(cfg, run_dir)
     columns = ("prompt", "chosen", "rejected")
     dataset = Dataset.from_list([{k: p[k] for k in columns} for p in train_pairs])
     writer = _MetricsWriter(run_dir / "metrics.jsonl", tokenizer, eval_pairs, cfg)
@@ -235,17 +228,35 @@ def train_reward_model(cfg: RMConfig) -> dict[str, float]:
     out = run_dir / "reward_model"
     trainer.save_model(str(out))
     tokenizer.save_pretrained(str(out))
-    final: dict[str, float] = {"time/train_s": train_s}
-    if eval_pairs:
-        saved, saved_tokenizer = read_reward_model(out, "cuda" if torch.cuda.is_available() else "cpu")
-        final.update(evaluate_pairs(saved, saved_tokenizer, eval_pairs, max_length=t.max_length,
-                                    batch_tokens=t.eval_batch_tokens))
-        log.info("held-out pair accuracy %.3f (%d pairs), margin %.3f; trained in %.0fs",
-                 final["rm/eval_pair_accuracy"], len(eval_pairs), final["rm/eval_margin"], train_s)
+    final = {"time/train_s": train_s} | evaluate_saved(out, eval_pairs, cfg, train_s)
     writer.write(trainer.state.global_step, final)
     writer.flush()
     log.info("reward model: %s", out)
     return final
+
+
+def reward_arguments(cfg: RMConfig, run_dir: Path) -> RewardConfig:
+    """TRL's reward-model settings from `cfg.train`."""
+    t = cfg.train
+    return RewardConfig(
+        output_dir=str(run_dir / "trainer"), max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
+        learning_rate=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, lr_scheduler_type="linear",
+        max_length=t.max_length, center_rewards_coefficient=t.center_rewards, logging_steps=t.log_every,
+        eval_strategy="no", save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+        disable_tqdm=not cfg.progress_bar, bf16=cfg.model.dtype == "bfloat16", dataloader_num_workers=0,
+    )
+
+
+def evaluate_saved(out: Path, eval_pairs: list[dict], cfg: RMConfig, train_s: float) -> dict[str, float]:
+    """Held-out pair accuracy and margin of the reward model saved at `out` ({} without held-out pairs)."""
+    if not eval_pairs:
+        return {}
+    saved, saved_tokenizer = read_reward_model(out, "cuda" if torch.cuda.is_available() else "cpu")
+    metrics = evaluate_pairs(saved, saved_tokenizer, eval_pairs, max_length=cfg.train.max_length,
+                             batch_tokens=cfg.train.eval_batch_tokens)
+    log.info("held-out pair accuracy %.3f (%d pairs), margin %.3f; trained in %.0fs",
+             metrics["rm/eval_pair_accuracy"], len(eval_pairs), metrics["rm/eval_margin"], train_s)
+    return metrics
 
 
 def fit_bradley_terry_scale(differences: list[float], steps: int = 100) -> float:

@@ -28,6 +28,28 @@ _pool_lock = threading.Lock()
 _counts: Counter[str] = Counter()
 
 
+def _first_pass(completion: str, gold_value, answer_pattern: str | None, strict: bool, max_answer_chars: int
+                ) -> tuple[float | None, tuple[str, str] | None]:
+    """The score without the symbolic checker, or None and the (answer, gold) pair it must decide."""
+    gold = normalize(str(gold_value)) if gold_value is not None else ""
+    if not gold:
+        _counts["gold_unparsed"] += 1
+        return None, None
+    found = extract_answer(completion, pattern=answer_pattern, strict=strict)
+    if found.answer is None:
+        _counts["no_answer"] += 1
+        return 0.0, None
+    text = found.answer.strip() if found.source == "whole" else normalize(found.answer)
+    if found.hedged or hedges_inside(text, gold):
+        _counts["hedged"] += 1
+        return 0.0, None
+    if not text or len(text) > max_answer_chars or not _braces_balance(text):
+        _counts["malformed"] += 1
+        return 0.0, None
+    verdict = quick_verdict(text, gold)
+    return (None, (text, gold)) if verdict is None else (verdict, None)
+
+
 @register_reward("math_accuracy")
 def math_accuracy(
     prompts: list[str],
@@ -55,29 +77,9 @@ def math_accuracy(
     scores: list[float | None] = [None] * len(completions)
     slow: list[tuple[int, str, str]] = []
     for i, (completion, gold_value) in enumerate(zip(completions, answer)):
-        gold = normalize(str(gold_value)) if gold_value is not None else ""
-        if not gold:
-            _counts["gold_unparsed"] += 1
-            continue
-        found = extract_answer(completion, pattern=answer_pattern, strict=strict)
-        if found.answer is None:
-            _counts["no_answer"] += 1
-            scores[i] = 0.0
-            continue
-        text = found.answer.strip() if found.source == "whole" else normalize(found.answer)
-        if found.hedged or hedges_inside(text, gold):
-            _counts["hedged"] += 1
-            scores[i] = 0.0
-            continue
-        if not text or len(text) > max_answer_chars or not _braces_balance(text):
-            _counts["malformed"] += 1
-            scores[i] = 0.0
-            continue
-        verdict = quick_verdict(text, gold)
-        if verdict is None:
-            slow.append((i, text, gold))
-        else:
-            scores[i] = verdict
+        scores[i], pending = _first_pass(completion, gold_value, answer_pattern, strict, max_answer_chars)
+        if pending is not None:
+            slow.append((i, *pending))
     if slow:
         _counts["symbolic_checks"] += len(slow)
         pool = _checker_pool(num_workers or min(4, os.cpu_count() or 1), worker_memory_mb)

@@ -35,6 +35,7 @@ Choices, and where they depart from a plain `vllm.LLM(...)`:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -71,8 +72,6 @@ def parameter_buckets(named: Iterable[tuple[str, torch.nn.Parameter]], bucket_by
 
 def gathered(params: list[torch.nn.Parameter]):
     """A context in which ZeRO-3-partitioned `params` hold their full values (no-op otherwise)."""
-    import contextlib
-
     if not any(hasattr(p, "ds_id") for p in params):
         return contextlib.nullcontext()
     import deepspeed
