@@ -4,8 +4,8 @@ Every estimator is registered by name in ``ADVANTAGE_ESTIMATORS`` and has the sa
 
     fn(rewards: Tensor [B*G], group_size: int) -> advantages: Tensor [B*G]
 
-where the G completions of one prompt are contiguous and NaN marks a reward that does not apply. The advantage is broadcast to every token
-of its completion by the loss (outcome supervision).
+where the G completions of one prompt are contiguous and NaN marks a reward that does not apply. The advantage is
+broadcast to every token of its completion by the loss (outcome supervision).
 
 Where we differ from the papers:
 

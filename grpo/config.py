@@ -51,16 +51,19 @@ class ArithmeticTaskConfig:
 @dataclass
 class TaskConfig:
     name: str = field(default="arithmetic", metadata={"help": "label of the task in logs"})
-    builtin: Optional[str] = field(default="arithmetic", metadata={"help": "built-in task generator, or null for files"})
+    builtin: Optional[str] = field(default="arithmetic", metadata={
+        "help": "built-in task generator, or null for files"})
     train_file: Optional[str] = field(default=None, metadata={"help": "JSONL or Parquet file of training prompts"})
     eval_file: Optional[str] = field(default=None, metadata={"help": "JSONL or Parquet file of held-out prompts"})
-    hf_dataset: Optional[str] = field(default=None, metadata={"help": "Hugging Face `datasets` name (local cache only)"})
+    hf_dataset: Optional[str] = field(default=None, metadata={
+        "help": "Hugging Face `datasets` name (local cache only)"})
     hf_train_split: str = field(default="train", metadata={"help": "split of hf_dataset for training"})
     hf_eval_split: Optional[str] = field(default="test", metadata={"help": "split of hf_dataset for evaluation"})
     prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt text"})
     prompt_template: str = field(default="{prompt}", metadata={
         "help": "format string over the row's columns; {prompt} is the prompt column's text"})
-    ood_files: dict[str, str] = field(default_factory=dict, metadata={"help": "out-of-distribution splits: name -> file"})
+    ood_files: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "out-of-distribution splits: name -> file"})
     contamination_ngram: int = field(default=8, metadata={"help": "word n-gram length of the train/eval overlap check"})
     drop_contaminated: bool = field(default=True, metadata={
         "help": "drop evaluation prompts seen exactly in training (false: measure fit on training prompts)"})
@@ -81,13 +84,15 @@ class WarmStartConfig:
     batch_size: int = field(default=64, metadata={"help": "demonstrations per step"})
     lr: float = field(default=1e-3, metadata={"help": "learning rate until the criterion is met"})
     warmup_steps: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps"})
-    anneal_steps: int = field(default=500, metadata={"help": "steps of linear learning-rate decay to 0 after anneal_at"})
+    anneal_steps: int = field(default=500, metadata={
+        "help": "steps of linear learning-rate decay to 0 after anneal_at"})
     check_every: int = field(default=100, metadata={"help": "steps between checks of the agreement"})
     anneal_at: float = field(default=0.8, metadata={
         "help": "agreement with the teacher, shown and held out, at which the learning rate starts to anneal"})
     target: float = field(default=0.95, metadata={
         "help": "criterion: greedy answers agree with the teacher's most likely answer this often, shown and held out"})
-    drop_carry: float = field(default=0.7, metadata={"help": "how often the teacher drops an overflowing leading digit"})
+    drop_carry: float = field(default=0.7, metadata={
+        "help": "how often the teacher drops an overflowing leading digit"})
     num_problems: int = field(default=0, metadata={"help": "distinct problems the teacher demonstrates; 0 = all"})
     seed: int = field(default=0, metadata={"help": "seed of the warm start"})
 
@@ -109,7 +114,8 @@ class ModelConfig:
     dtype: str = field(default="float32", metadata={"help": "parameter dtype: float32 or bfloat16"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with the model"})
     dropout: bool = field(default=False, metadata={
-        "help": "keep the model's dropout in training (off by default: the trainer's log-probs then match the sampler's)"})
+        "help": "keep the model's dropout in training (off by default: the trainer's log-probs then match the "
+                "sampler's)"})
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 
     def validate(self) -> None:
@@ -130,16 +136,22 @@ class RolloutConfig:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
     top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens; 0 = all"})
     max_new_tokens: int = field(default=8, metadata={"help": "longest completion, in tokens"})
-    min_new_tokens: int = field(default=0, metadata={"help": "sampled completions get at least this many tokens (EOS held back); 0 = off"})
+    min_new_tokens: int = field(default=0, metadata={
+        "help": "sampled completions get at least this many tokens (EOS held back); 0 = off"})
     stop: list[str] = field(default_factory=list, metadata={"help": "strings that end a completion"})
     batch_size: int = field(default=512, metadata={"help": "sequences per generate call"})
-    gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vllm: memory fraction it reserves (on CPU: of RAM)"})
-    kv_cache_gb: float = field(default=0.0, metadata={"help": "vllm: KV cache size in GiB; 0 = from gpu_memory_utilization"})
-    max_model_len: int = field(default=0, metadata={"help": "vllm: longest prompt + completion; 0 = the model's context"})
+    gpu_memory_utilization: float = field(default=0.3, metadata={
+        "help": "vllm: memory fraction it reserves (on CPU: of RAM)"})
+    kv_cache_gb: float = field(default=0.0, metadata={
+        "help": "vllm: KV cache size in GiB; 0 = from gpu_memory_utilization"})
+    max_model_len: int = field(default=0, metadata={
+        "help": "vllm: longest prompt + completion; 0 = the model's context"})
     enforce_eager: bool = field(default=True, metadata={"help": "vllm: no CUDA graphs / compilation (faster start)"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: devices one engine is split over"})
-    enable_sleep_mode: bool = field(default=True, metadata={"help": "vllm on GPU: free the engine's memory during the update"})
-    sync_bucket_mb: float = field(default=256.0, metadata={"help": "vllm: MiB of weights copied (ZeRO-3: gathered) at a time"})
+    enable_sleep_mode: bool = field(default=True, metadata={
+        "help": "vllm on GPU: free the engine's memory during the update"})
+    sync_bucket_mb: float = field(default=256.0, metadata={
+        "help": "vllm: MiB of weights copied (ZeRO-3: gathered) at a time"})
 
     def validate(self) -> None:
         """A known engine; sampling and memory settings in range."""
@@ -171,7 +183,8 @@ class BackendConfig:
     offload_optimizer: bool = field(default=False, metadata={"help": "deepspeed: optimiser states and step on the CPU"})
     offload_params: bool = field(default=False, metadata={"help": "deepspeed_zero3: parameters live on the CPU"})
     timeout_s: float = field(default=300.0, metadata={"help": "seconds a collective waits for a peer rank"})
-    check_replicas_every: int = field(default=0, metadata={"help": "steps between checks that all ranks hold the same weights; 0 = never"})
+    check_replicas_every: int = field(default=0, metadata={
+        "help": "steps between checks that all ranks hold the same weights; 0 = never"})
     gpu_memory_gb: float = field(default=0.0, metadata={"help": "per-GPU memory the plan must fit; 0 = ask the device"})
     deepspeed: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra DeepSpeed config entries"})
 
@@ -212,9 +225,11 @@ class OptimConfig:
 class PPOOptions:
     gamma: float = field(default=1.0, metadata={"help": "PPO: discount of the per-token rewards"})
     lam: float = field(default=0.95, metadata={"help": "PPO: GAE lambda (1: Monte Carlo returns, 0: one-step TD)"})
-    value_clip: float = field(default=0.2, metadata={"help": "PPO: new values kept within this of the old ones in the loss"})
+    value_clip: float = field(default=0.2, metadata={
+        "help": "PPO: new values kept within this of the old ones in the loss"})
     value_lr: float = field(default=1e-4, metadata={"help": "PPO: learning rate of the critic"})
-    whiten_advantages: bool = field(default=True, metadata={"help": "PPO: zero-mean unit-std advantages over the batch"})
+    whiten_advantages: bool = field(default=True, metadata={
+        "help": "PPO: zero-mean unit-std advantages over the batch"})
 
     def validate(self) -> None:
         """Discount and GAE lambda in range; a positive critic clip and learning rate."""
@@ -230,7 +245,8 @@ class DPOOptions:
     loss_type: str = field(default="sigmoid", metadata={"help": "DPO: TRL loss type (sigmoid = the DPO paper)"})
     batch_size: int = field(default=32, metadata={"help": "DPO: preference pairs per optimiser step"})
     epochs: float = field(default=1.0, metadata={"help": "DPO: passes over the pairs"})
-    pairs_file: Optional[str] = field(default=None, metadata={"help": "DPO: JSONL/Parquet pairs; null: built-in arithmetic set"})
+    pairs_file: Optional[str] = field(default=None, metadata={
+        "help": "DPO: JSONL/Parquet pairs; null: built-in arithmetic set"})
     num_prompts: int = field(default=2000, metadata={"help": "DPO built-in pairs: training problems sampled on"})
     samples_per_prompt: int = field(default=8, metadata={"help": "DPO built-in pairs: completions sampled per problem"})
     pairs_per_prompt: int = field(default=2, metadata={"help": "DPO built-in pairs: pairs kept per problem at most"})
@@ -249,13 +265,16 @@ class AlgorithmConfig:
     loop: str = field(default="grpo", metadata={"help": "the training loop: grpo (every GRPO variant), ppo or dpo"})
     advantage: str = field(default="grpo", metadata={"help": "advantage estimator (grpo.advantages)"})
     group_size: int = field(default=8, metadata={"help": "completions sampled per prompt (G)"})
-    negative_weight: float = field(default=1.0, metadata={"help": "scale of negative advantages (0: learn from successes only)"})
-    loss_agg: str = field(default="token_mean", metadata={"help": "token_mean, seq_mean_token_mean, seq_mean_token_sum_norm"})
+    negative_weight: float = field(default=1.0, metadata={
+        "help": "scale of negative advantages (0: learn from successes only)"})
+    loss_agg: str = field(default="token_mean", metadata={
+        "help": "token_mean, seq_mean_token_mean, seq_mean_token_sum_norm"})
     ratio_level: str = field(default="token", metadata={"help": "importance ratio per token, or per sequence (GSPO)"})
     clip_low: float = field(default=0.2, metadata={"help": "ratio clipped below at 1 - clip_low"})
     clip_high: float = field(default=0.2, metadata={"help": "ratio clipped above at 1 + clip_high (DAPO: 0.28)"})
     dual_clip: Optional[float] = field(default=None, metadata={"help": "cap the loss of negative advantages at c*|A|"})
-    beta: float = field(default=0.0, metadata={"help": "KL penalty weight (ppo: in the reward); 0 loads no reference model"})
+    beta: float = field(default=0.0, metadata={
+        "help": "KL penalty weight (ppo: in the reward); 0 loads no reference model"})
     kl_estimator: str = field(default="k3", metadata={"help": "k1, k2 or k3"})
     epochs: int = field(default=1, metadata={"help": "optimisation passes over each rollout batch"})
     mini_batches: int = field(default=1, metadata={"help": "optimiser steps per pass"})
@@ -264,7 +283,8 @@ class AlgorithmConfig:
     overlong_buffer: int = field(default=0, metadata={"help": "DAPO soft overlong penalty ramp length; 0 = off"})
     overlong_penalty: float = field(default=1.0, metadata={"help": "penalty at max_new_tokens"})
     mask_truncated: bool = field(default=False, metadata={"help": "truncated completions get no gradient"})
-    tis_cap: float = field(default=0.0, metadata={"help": "truncated importance sampling: loss x min(pi_trainer / pi_sampler, cap); 0 = off"})
+    tis_cap: float = field(default=0.0, metadata={
+        "help": "truncated importance sampling: loss x min(pi_trainer / pi_sampler, cap); 0 = off"})
     ppo: PPOOptions = field(default_factory=PPOOptions)
     dpo: DPOOptions = field(default_factory=DPOOptions)
 
@@ -301,7 +321,8 @@ class RewardItem:
     name: str = MISSING
     weight: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
-    timeout_s: Optional[float] = field(default=None, metadata={"help": "seconds a reward call may take; past it its samples are masked"})
+    timeout_s: Optional[float] = field(default=None, metadata={
+        "help": "seconds a reward call may take; past it its samples are masked"})
 
 
 @dataclass
@@ -324,7 +345,8 @@ class TrainLoopConfig:
     samples_every: int = field(default=10, metadata={"help": "steps between samples.jsonl entries"})
     eval_pass_k: int = field(default=0, metadata={"help": "also report eval/pass@k from k samples; 0 = off"})
     num_samples_logged: int = field(default=8, metadata={"help": "completions written per samples entry"})
-    max_masked_steps: int = field(default=3, metadata={"help": "stop after this many steps in a row with every reward masked; 0 = never"})
+    max_masked_steps: int = field(default=3, metadata={
+        "help": "stop after this many steps in a row with every reward masked; 0 = never"})
 
     def validate(self) -> None:
         """Positive run length and batch; intervals >= 0 (0: off, or only at the end)."""
@@ -398,7 +420,9 @@ def validate_algorithm_against_run(cfg: Config) -> None:
     """What the algorithm asks of the task, the rollout and the batch."""
     a = cfg.algorithm
     if a.loop == "dpo" and a.dpo.pairs_file is None and cfg.task.builtin != "arithmetic":
-        raise ConfigError("algorithm.dpo.pairs_file: give preference pairs (the built-in set exists for task=arithmetic only)")
+        raise ConfigError(
+            "algorithm.dpo.pairs_file: give preference pairs (the built-in set exists for task=arithmetic only)"
+        )
     if not 0 <= a.overlong_buffer <= cfg.rollout.max_new_tokens:
         raise ConfigError(
             f"algorithm.overlong_buffer: must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}], "
@@ -406,7 +430,8 @@ def validate_algorithm_against_run(cfg: Config) -> None:
         )
     if cfg.train.prompts_per_step % a.mini_batches:
         raise ConfigError(
-            f"algorithm.mini_batches: {a.mini_batches} does not divide train.prompts_per_step={cfg.train.prompts_per_step}"
+            f"algorithm.mini_batches: {a.mini_batches} does not divide "
+            f"train.prompts_per_step={cfg.train.prompts_per_step}"
         )
 
 

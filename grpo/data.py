@@ -51,7 +51,8 @@ def _hf_rows(name: str, split: str) -> list[dict]:
 def load_task(task: TaskConfig, required_columns: set[str]) -> tuple[list[dict], list[dict]]:
     """(train rows, eval rows), each row with a formatted `prompt`; checks columns before training."""
     if task.builtin == "arithmetic":
-        gen = Arithmetic(digits=task.arithmetic.digits, reverse=task.arithmetic.reverse, num_eval=task.arithmetic.num_eval)
+        gen = Arithmetic(digits=task.arithmetic.digits, reverse=task.arithmetic.reverse,
+                         num_eval=task.arithmetic.num_eval)
         train, evals, where = gen.train_rows(), gen.eval_rows(), "task arithmetic"
     elif task.train_file:
         train, where = read_rows(task.train_file), task.train_file

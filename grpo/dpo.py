@@ -50,10 +50,13 @@ def load_pairs(run: Run) -> tuple[list[dict], int, float]:
         for i, row in enumerate(pairs):
             for col in ("prompt", "chosen", "rejected"):
                 if not isinstance(row.get(col), str):
-                    raise ConfigError(f"{opts.pairs_file}: row {i} has no text column {col!r} (algorithm.dpo.pairs_file)")
+                    raise ConfigError(
+                        f"{opts.pairs_file}: row {i} has no text column {col!r} (algorithm.dpo.pairs_file)"
+                    )
         return pairs, 0, time.perf_counter() - start
     spec = ArithmeticPreferences(
-        num_prompts=opts.num_prompts, samples_per_prompt=opts.samples_per_prompt, pairs_per_prompt=opts.pairs_per_prompt,
+        num_prompts=opts.num_prompts, samples_per_prompt=opts.samples_per_prompt,
+        pairs_per_prompt=opts.pairs_per_prompt,
         temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
         digits=cfg.task.arithmetic.digits, reverse=cfg.task.arithmetic.reverse, seed=cfg.seed,
     )
@@ -81,7 +84,9 @@ def train(run: Run) -> list[dict]:
     pairs, generated, pairs_s = load_pairs(run)
     pairs, dropped = drop_eval_prompts(pairs, run)
     if not pairs:
-        raise ConfigError("algorithm.dpo: no preference pairs (the policy had no prompt with a right and a wrong answer)")
+        raise ConfigError(
+            "algorithm.dpo: no preference pairs (the policy had no prompt with a right and a wrong answer)"
+        )
     first |= {"dpo/pairs": len(pairs), "dpo/pairs_dropped_eval_overlap": dropped, "dpo/generated_samples": generated,
               "time/generate_s": pairs_s, "time/step_s": pairs_s}
     if cfg.train.eval_before and run.eval_rows:

@@ -218,12 +218,14 @@ def _token_mean(masked_loss: Tensor, mask: Tensor, num_tokens: Count, num_seqs: 
     return masked_loss.sum() / num_tokens  # []
 
 
-def _seq_mean_token_mean(masked_loss: Tensor, mask: Tensor, num_tokens: Count, num_seqs: Count, max_len: Count) -> Tensor:
+def _seq_mean_token_mean(masked_loss: Tensor, mask: Tensor, num_tokens: Count, num_seqs: Count,
+                         max_len: Count) -> Tensor:
     per_seq = masked_loss.sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [N]
     return per_seq.sum() / num_seqs  # []
 
 
-def _seq_mean_token_sum_norm(masked_loss: Tensor, mask: Tensor, num_tokens: Count, num_seqs: Count, max_len: Count) -> Tensor:
+def _seq_mean_token_sum_norm(masked_loss: Tensor, mask: Tensor, num_tokens: Count, num_seqs: Count,
+                             max_len: Count) -> Tensor:
     per_seq = masked_loss.sum(dim=1) / max_len  # [N]
     return per_seq.sum() / num_seqs  # []
 

@@ -101,7 +101,8 @@ def training_bytes_per_param(stage: int, world_size: int, *, mixed_precision: bo
     return w, g, o
 
 
-def activation_bytes(shape: ModelShape, tokens: int, *, gradient_checkpointing: bool, bytes_per_value: int = 2) -> float:
+def activation_bytes(shape: ModelShape, tokens: int, *, gradient_checkpointing: bool,
+                     bytes_per_value: int = 2) -> float:
     """Activations of one micro-batch of `tokens` tokens kept for backward."""
     per_layer = 34 * shape.hidden_size * tokens * bytes_per_value / 2  # 34*h bytes per token in 16-bit
     if gradient_checkpointing:

@@ -19,7 +19,8 @@ from grpo.config import ConfigError, ModelConfig, _choice, _positive
 class ArithmeticPreferencesConfig:
     num_prompts: int = field(default=2000, metadata={"help": "training problems sampled on (0: all)"})
     samples_per_prompt: int = field(default=8, metadata={"help": "completions sampled per problem"})
-    pairs_per_prompt: int = field(default=2, metadata={"help": "pairs per problem at most, each with another wrong answer"})
+    pairs_per_prompt: int = field(default=2, metadata={
+        "help": "pairs per problem at most, each with another wrong answer"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the policy"})
     digits: int = field(default=2, metadata={"help": "operands have up to this many digits (as task.arithmetic)"})
     reverse: bool = field(default=True, metadata={"help": "least significant digit first (as task.arithmetic)"})
@@ -34,7 +35,8 @@ class PreferenceDataConfig:
     eval_file: str | None = field(default=None, metadata={"help": "held-out pairs; null: split off eval_fraction"})
     hf_dataset: str | None = field(default=None, metadata={"help": "Hugging Face `datasets` name (local cache)"})
     hf_train_split: str = field(default="train", metadata={"help": "split of hf_dataset for training"})
-    hf_eval_split: str | None = field(default=None, metadata={"help": "split of hf_dataset held out; null: eval_fraction"})
+    hf_eval_split: str | None = field(default=None, metadata={
+        "help": "split of hf_dataset held out; null: eval_fraction"})
     prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt"})
     chosen_column: str = field(default="chosen", metadata={"help": "column holding the preferred completion"})
     rejected_column: str = field(default="rejected", metadata={"help": "column holding the other completion"})
@@ -47,7 +49,8 @@ class RMTrainConfig:
     head: str = field(default="classifier", metadata={
         "help": "classifier: a score head at the last token, trained by RewardTrainer; likelihood: the (supervised) "
                 "LM's log-likelihood of the completion, its scale fitted by Bradley-Terry"})
-    sft_steps: int = field(default=0, metadata={"help": "fine-tune the base LM on the chosen completions first (0: off)"})
+    sft_steps: int = field(default=0, metadata={
+        "help": "fine-tune the base LM on the chosen completions first (0: off)"})
     sft_batch_size: int = field(default=64, metadata={"help": "completions per supervised step"})
     sft_lr: float = field(default=3e-3, metadata={"help": "peak learning rate of the supervised stage"})
     max_steps: int = field(default=300, metadata={"help": "optimiser steps"})

@@ -209,7 +209,9 @@ def check_options(*, path: str | None = None, batch_tokens: int = 8192, max_leng
     if normalize not in NORMALIZE_MODES:
         raise RewardConfigError(f"reward_model: normalize={normalize!r} is not one of {', '.join(NORMALIZE_MODES)}")
     if max_length < 1 or batch_tokens < 1:
-        raise RewardConfigError(f"reward_model: max_length and batch_tokens must be >= 1, got {max_length}, {batch_tokens}")
+        raise RewardConfigError(
+            f"reward_model: max_length and batch_tokens must be >= 1, got {max_length}, {batch_tokens}"
+        )
     if not Path(path).expanduser().exists():
         raise RewardConfigError(f"reward_model: path {path} does not exist (train one with grpo-rm-train)")
 

@@ -175,7 +175,8 @@ def supervised_start(cfg: RMConfig, base: str, train_pairs: list[dict], out: Pat
     args = SFTConfig(
         output_dir=str(out.parent / "sft_trainer"), max_steps=t.sft_steps, per_device_train_batch_size=t.sft_batch_size,
         learning_rate=t.sft_lr, warmup_steps=max(1, t.sft_steps // 20), lr_scheduler_type="cosine",
-        adam_beta2=0.98, weight_decay=0.0, completion_only_loss=True, max_length=t.max_length, logging_steps=t.log_every,
+        adam_beta2=0.98, weight_decay=0.0, completion_only_loss=True, max_length=t.max_length,
+        logging_steps=t.log_every,
         save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=not cfg.progress_bar,
         bf16=cfg.model.dtype == "bfloat16", dataloader_num_workers=0,
     )

@@ -94,7 +94,8 @@ def boxed_contents(text: str) -> list[str]:
         i = k + 1
 
 
-def extract_answer(completion: str, *, pattern: str | re.Pattern[str] | None = None, strict: bool = False) -> Extraction:
+def extract_answer(completion: str, *, pattern: str | re.Pattern[str] | None = None,
+                   strict: bool = False) -> Extraction:
     """The final answer of ``completion`` under the rules in the module docstring."""
     if pattern is not None:
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern

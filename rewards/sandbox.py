@@ -105,7 +105,8 @@ def _probe(kind: str) -> str | None:
     if shutil.which(kind) is None:
         return "not installed"
     try:
-        result = run_tests("def f():\n    return 1\n", "assert f() == 1\n", None, kind=kind, limits=Limits(timeout_s=20))
+        result = run_tests("def f():\n    return 1\n", "assert f() == 1\n", None, kind=kind,
+                           limits=Limits(timeout_s=20))
     except OSError as e:
         return str(e)
     return None if result.passed else f"test run failed ({result.detail})"
@@ -291,7 +292,8 @@ _UNSHARE_INIT = r"""
 import ctypes, json, os, sys
 spec = json.loads(sys.argv[1])
 libc = ctypes.CDLL(None, use_errno=True)
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 def mount(src, dst, fstype, flags, data=None):
     if libc.mount(src and src.encode(), dst.encode(), fstype and fstype.encode(), flags, data and data.encode()) != 0:
         e = ctypes.get_errno(); raise OSError(e, "mount %s -> %s: %s" % (src, dst, os.strerror(e)))

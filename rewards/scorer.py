@@ -36,7 +36,8 @@ class RewardSpec:
     name: str = field(metadata={"help": "registered name, 'package.module:function', or a grpo.rewards entry point"})
     weight: float = field(default=1.0, metadata={"help": "multiplies this reward in the total"})
     kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "keyword options passed on every call"})
-    timeout_s: float | None = field(default=None, metadata={"help": "seconds a call may take before its samples are masked"})
+    timeout_s: float | None = field(default=None, metadata={
+        "help": "seconds a call may take before its samples are masked"})
 
 
 @dataclass
@@ -180,12 +181,14 @@ class RewardScorer:
 
         total: list[float | None] = []
         for i in range(n):
-            terms = [r.spec.weight * per_reward[r.spec.name][i] for r in self._rewards if per_reward[r.spec.name][i] is not None]
+            terms = [r.spec.weight * per_reward[r.spec.name][i] for r in self._rewards
+                     if per_reward[r.spec.name][i] is not None]
             total.append(math.fsum(terms) if terms else None)
         return ScoredBatch(total=total, per_reward=per_reward, errors=errors, reward_metrics=reward_metrics)
 
     def _arguments(self, reward: _BoundReward, columns: dict[str, list[Any]]) -> dict[str, Any]:
-        passed = columns if reward.takes_all_columns else {k: v for k, v in columns.items() if k in reward.column_params}
+        passed = columns if reward.takes_all_columns else {
+            k: v for k, v in columns.items() if k in reward.column_params}
         clash = passed.keys() & reward.spec.kwargs.keys()
         if clash:
             raise ValueError(f"reward {reward.spec.name!r}: {sorted(clash)} is both a column and an option in kwargs")

@@ -88,12 +88,16 @@ def length_reward(
             (token counts, which the trainer passes alongside the dataset columns).
     """
     if max_length <= 0 or not 0 <= buffer <= max_length:
-        raise RewardConfigError(f"length reward: need max_length > 0 and 0 <= buffer <= max_length, got {max_length}, {buffer}")
+        raise RewardConfigError(
+            f"length reward: need max_length > 0 and 0 <= buffer <= max_length, got {max_length}, {buffer}"
+        )
     if unit == "chars":
         lengths = [len(c) for c in completions]
     elif unit == "tokens":
         if completion_length is None:
-            raise RewardConfigError("length reward with unit='tokens' needs the column completion_length (token counts)")
+            raise RewardConfigError(
+                "length reward with unit='tokens' needs the column completion_length (token counts)"
+            )
         lengths = [int(n) for n in completion_length]
     else:
         raise RewardConfigError(f"length reward: unit must be 'chars' or 'tokens', got {unit!r}")

@@ -145,7 +145,8 @@ def test_each_group_checks_its_own_fields_and_validate_the_ones_across_groups():
     # 5 mini-batches are fine for the algorithm alone, not for a step of 32 prompts
     AlgorithmConfig(mini_batches=5).validate()
     cfg = Config(run_dir="r", model=ModelConfig(builtin="tiny"), algorithm=AlgorithmConfig(mini_batches=5),
-                 reward=RewardConfig(functions=[RewardItem(name="math_accuracy")]), train=TrainLoopConfig(prompts_per_step=32))
+                 reward=RewardConfig(functions=[RewardItem(name="math_accuracy")]),
+                 train=TrainLoopConfig(prompts_per_step=32))
     with pytest.raises(ConfigError, match=r"^algorithm\.mini_batches: 5 does not divide train\.prompts_per_step=32$"):
         validate(cfg)
     cfg.train.prompts_per_step = 40

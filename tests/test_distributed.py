@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DRIVER = ROOT / "tests" / "data_parallel_step.py"
 TRAIN_ARGS = [
     "threads=1", "train.max_steps=3", "train.prompts_per_step=4", "algorithm.group_size=4", "train.eval_every=0",
-    "task.arithmetic.num_eval=8", "tracking.progress_bar=false", "tracking.plot=false", "backend.check_replicas_every=1",
-    "checkpoint.every_steps=3", "backend.timeout_s=60", "optim.lr=1e-3",
+    "task.arithmetic.num_eval=8", "tracking.progress_bar=false", "tracking.plot=false",
+    "backend.check_replicas_every=1", "checkpoint.every_steps=3", "backend.timeout_s=60", "optim.lr=1e-3",
 ]
 
 
@@ -175,8 +175,8 @@ def test_a_dead_rank_ends_the_job_and_is_named(tmp_path, warm_tiny_dir, backend)
         assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9", output), output[-3000:]
     else:  # the deepspeed launcher reports the first exit code it sees: the dead rank's -9, or the survivor's 1
         failed = [line for line in output.splitlines() if "exits with return code" in line]
-        assert failed and ("= -9" in failed[0] or "error: rank 0: a collective with the other ranks failed" in output), \
-            output[-3000:]
+        assert failed and ("= -9" in failed[0]
+                           or "error: rank 0: a collective with the other ranks failed" in output), output[-3000:]
 
 
 def _pid_of_rank(rank: int, tag: str) -> int | None:

@@ -103,8 +103,8 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path, warm_tiny_dir):
 
 def test_grpo_eval_reports_accuracy_and_pass_at_k(tmp_path, warm_tiny_dir):
     out = subprocess.run(
-        [str(Path(sys.executable).parent / "grpo-eval"), f"run_dir={tmp_path}/eval", "model=hf", f"model.path={warm_tiny_dir}",
-         "model.dtype=float32", "train.eval_pass_k=4", "task.arithmetic.num_eval=100"],
+        [str(Path(sys.executable).parent / "grpo-eval"), f"run_dir={tmp_path}/eval", "model=hf",
+         f"model.path={warm_tiny_dir}", "model.dtype=float32", "train.eval_pass_k=4", "task.arithmetic.num_eval=100"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr

@@ -27,8 +27,8 @@ def _args(run_dir: Path, model_dir: Path) -> list[str]:
         sys.executable, "-m", "grpo.train", f"run_dir={run_dir}", "model=hf", f"model.path={model_dir}",
         "threads=1", "seed=3", "train.max_steps=6", "train.prompts_per_step=4", "algorithm.group_size=4",
         "task.arithmetic.num_eval=8", "train.eval_every=0", "train.samples_every=1", "checkpoint.every_steps=2",
-        "checkpoint.keep_last=2", "optim.lr=1e-4", "algorithm.dynamic_sampling=true", "algorithm.max_resample=1", "tracking.progress_bar=false", "tracking.plot=false",
-        "resume=auto",
+        "checkpoint.keep_last=2", "optim.lr=1e-4", "algorithm.dynamic_sampling=true", "algorithm.max_resample=1",
+        "tracking.progress_bar=false", "tracking.plot=false", "resume=auto",
     ]
 
 

@@ -103,7 +103,8 @@ def test_reward_that_raises_or_misses_its_deadline_is_masked_and_counted():
     for name, fn in (("test_slow", slow), ("test_broken", broken), ("test_fine", fine)):
         register_reward(name)(fn)
     try:
-        scorer = RewardScorer([RewardSpec("test_slow", timeout_s=0.2), RewardSpec("test_broken"), RewardSpec("test_fine")])
+        scorer = RewardScorer([RewardSpec("test_slow", timeout_s=0.2), RewardSpec("test_broken"),
+                               RewardSpec("test_fine")])
         out = scorer(["p"] * 3, ["a", "b", "c"])
         assert out.per_reward["test_slow"] == [None] * 3 and out.errors["test_slow"] == [True] * 3
         assert out.per_reward["test_broken"] == [None] * 3 and out.errors["test_broken"] == [True] * 3
@@ -195,7 +196,8 @@ def test_truncated_checkpoint_file_is_named(tmp_path, tiny_random_dir):
     weights = path / "policy" / "model.safetensors"
     size = weights.stat().st_size
     weights.write_bytes(weights.read_bytes()[: size // 2])
-    with pytest.raises(CheckpointError, match=rf"policy/model.safetensors is {size // 2} bytes, the manifest says {size}"):
+    with pytest.raises(CheckpointError,
+                       match=rf"policy/model.safetensors is {size // 2} bytes, the manifest says {size}"):
         verify_checkpoint(path)
     (path / "rank_0.pt").unlink()
     with pytest.raises(CheckpointError, match="no rank_0.pt"):

@@ -157,7 +157,8 @@ def test_reward_model_combines_with_math_accuracy_each_logged(random_rm_dir):
     rm = {"path": str(random_rm_dir), "device": "cpu"}
     scorer = RewardScorer([RewardSpec("math_accuracy", 1.0), RewardSpec("reward_model", 0.5, rm)])
     assert scorer.required_columns() == {"answer"}
-    prompts, completions, answers = ["12+34=", "12+34=", "5+6=", "5+6="], ["64", "65", "11", "7"], ["64", "64", "11", "11"]
+    prompts, completions, answers = (["12+34=", "12+34=", "5+6=", "5+6="], ["64", "65", "11", "7"],
+                                     ["64", "64", "11", "11"])
     out = scorer(prompts, completions, {"answer": answers})
     rm_alone = get_reward("reward_model")(prompts, completions, **rm)
     assert out.per_reward["math_accuracy"] == [1.0, 0.0, 1.0, 0.0]
@@ -191,8 +192,9 @@ def test_cli_reports_a_missing_file_in_one_line(tmp_path, monkeypatch, capsys):
 
 
 # ~2,200 pairs; 300 steps of 32 pairs take 25 s on 2 idle cores (5 min on busy ones). Measured held-out pair
-# accuracy: 0.61 and 0.52 with this recipe (two splits), 0.55 at lr 3e-4, 0.46 at lr 3e-3; the warm-started LM's own log-prob ranks the
-# same pairs right 91% of the time, so the information is there and the recipe is what is missing (issue 4).
+# accuracy: 0.61 and 0.52 with this recipe (two splits), 0.55 at lr 3e-4, 0.46 at lr 3e-3; the warm-started LM's
+# own log-prob ranks the same pairs right 91% of the time, so the information is there and the recipe is what is
+# missing (issue 4).
 TRAIN_SET = dict(num_prompts=2000, samples_per_prompt=8, pairs_per_prompt=2, seed=0)
 TRAIN_RECIPE = dict(head="likelihood", sft_steps=400)  # the built-in recipe (configs/rm/config.yaml)
 MIN_ACCURACY = 0.8  # the issue's bar; measured 0.995 (chance is 0.5, std ~0.03 over ~330 held-out pairs)

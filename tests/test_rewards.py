@@ -30,7 +30,8 @@ def echo_answer(prompts, completions, answer):
 def test_import_is_light():
     code = (
         "import sys, rewards; "
-        "heavy = [m for m in ('sympy', 'math_verify', 'torch', 'rewards.math_accuracy', 'rewards.code_tests') if m in sys.modules]; "
+        "heavy = [m for m in ('sympy', 'math_verify', 'torch', 'rewards.math_accuracy', 'rewards.code_tests') "
+        "if m in sys.modules]; "
         "print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -70,7 +71,8 @@ def test_register_reward_and_duplicate():
 
 
 def test_entry_point(monkeypatch):
-    ep = importlib.metadata.EntryPoint(name="from_a_plugin", value="tests.test_rewards:echo_answer", group="grpo.rewards")
+    ep = importlib.metadata.EntryPoint(name="from_a_plugin", value="tests.test_rewards:echo_answer",
+                                       group="grpo.rewards")
     monkeypatch.setattr(registry, "_entry_points", lambda: [ep])
     assert "from_a_plugin" in known_rewards()
     assert get_reward("from_a_plugin") is echo_answer

@@ -76,7 +76,8 @@ def test_sandbox_none_is_explicit_and_warns(caplog):
     with caplog.at_level("WARNING", logger="rewards.sandbox"):
         assert resolve_sandbox("none") == "none"
     assert "WITHOUT a sandbox" in caplog.text
-    scores = code_tests(["", ""], ["def f():\n    return 1\n", "def f():\n    return 2\n"], tests=["assert f() == 1"] * 2, sandbox="none")
+    scores = code_tests(["", ""], ["def f():\n    return 1\n", "def f():\n    return 2\n"],
+                        tests=["assert f() == 1"] * 2, sandbox="none")
     assert scores == [1.0, 0.0]
 
 
@@ -101,7 +102,8 @@ def test_assert_and_check_styles_and_not_applicable():
 def test_sandbox_sees_nothing_of_the_host(kind, tmp_path):
     probe = (
         "import os, socket\n"
-        "home_visible = os.path.exists(os.path.expanduser('~/.bashrc')) or os.path.exists('/work') or os.path.exists('/home')\n"
+        "home_visible = os.path.exists(os.path.expanduser('~/.bashrc')) or os.path.exists('/work') "
+        "or os.path.exists('/home')\n"
         f"host_tmp_visible = os.path.exists({str(tmp_path)!r})\n"
         "env = dict(os.environ)\n"
         "try:\n"
@@ -110,7 +112,13 @@ def test_sandbox_sees_nothing_of_the_host(kind, tmp_path):
         "except OSError:\n"
         "    net = False\n"
     )
-    tests = "assert not home_visible\nassert not host_tmp_visible\nassert 'GRPO_TEST_SECRET' not in env, env\nassert not net\nassert os.getcwd() == '/tmp'"
+    tests = (
+        "assert not home_visible\n"
+        "assert not host_tmp_visible\n"
+        "assert 'GRPO_TEST_SECRET' not in env, env\n"
+        "assert not net\n"
+        "assert os.getcwd() == '/tmp'"
+    )
     os.environ["GRPO_TEST_SECRET"] = "hunter2"
     try:
         result = run_tests(probe, tests, None, kind=kind, limits=Limits(timeout_s=10))
@@ -131,16 +139,23 @@ def adversarial_cases(canary: str) -> dict[str, tuple[str, str]]:
         "huge output": ("import sys\ndef f(x):\n    while True:\n        sys.stdout.write('x' * 65536)\n", test),
         "50 GB allocation": ("def f(x):\n    b = bytearray(50 * 10**9)\n    return x + 1\n", test),
         "delete canary": (f"import os\ndef f(x):\n    os.remove({canary!r})\n    return x + 1\n", test),
-        "read env secret": ("import os\ndef f(x):\n    return int(os.environ['GRPO_TEST_SECRET'])\n", "assert f(1) == 42"),
-        "network": ("import socket\ndef f(x):\n    socket.create_connection(('1.1.1.1', 53), timeout=2)\n    return x + 1\n", test),
+        "read env secret": ("import os\ndef f(x):\n    return int(os.environ['GRPO_TEST_SECRET'])\n",
+                            "assert f(1) == 42"),
+        "network": ("import socket\ndef f(x):\n    socket.create_connection(('1.1.1.1', 53), timeout=2)\n"
+                    "    return x + 1\n", test),
         "sys.exit(0) first": ("import sys\nsys.exit(0)\ndef f(x):\n    return x\n", test),
         "os._exit(0) first": ("import os\nos._exit(0)\n", test),
         "exit inside the call": ("import sys\ndef f(x):\n    sys.exit(0)\n", test),
-        "__eq__ always True": ("class Any:\n    def __eq__(self, other):\n        return True\ndef f(x):\n    return Any()\n", test),
-        "int subclass __eq__": ("class Int(int):\n    def __eq__(self, other):\n        return True\ndef f(x):\n    return Int(0)\n", test),
-        "forged result line": ("import os\nos.write(1, b'{\"passed\": true, \"detail\": \"\", \"nonce\": \"0\"}\\n')\nos._exit(0)\n", test),
-        "patched builtins": ("import builtins\nbuiltins.AssertionError = type('E', (Exception,), {})\ndef f(x):\n    return x\n", test),
-        "write a huge file": ("def f(x):\n    with open('/tmp/big', 'wb') as fh:\n        fh.write(b'0' * (200 << 20))\n    return x + 1\n", test),
+        "__eq__ always True": ("class Any:\n    def __eq__(self, other):\n        return True\n"
+                               "def f(x):\n    return Any()\n", test),
+        "int subclass __eq__": ("class Int(int):\n    def __eq__(self, other):\n        return True\n"
+                                "def f(x):\n    return Int(0)\n", test),
+        "forged result line": ("import os\nos.write(1, b'{\"passed\": true, \"detail\": \"\", \"nonce\": \"0\"}\\n')\n"
+                               "os._exit(0)\n", test),
+        "patched builtins": ("import builtins\nbuiltins.AssertionError = type('E', (Exception,), {})\n"
+                             "def f(x):\n    return x\n", test),
+        "write a huge file": ("def f(x):\n    with open('/tmp/big', 'wb') as fh:\n"
+                              "        fh.write(b'0' * (200 << 20))\n    return x + 1\n", test),
     }
 
 
@@ -177,7 +192,14 @@ def test_adversarial_programs_score_zero_and_leave_nothing(kind, tmp_path):
 
 @needs_sandbox
 def test_threads_still_work_inside():
-    program = "import threading\ndef f(x):\n    out = []\n    t = threading.Thread(target=lambda: out.append(x + 1))\n    t.start(); t.join()\n    return out[0]\n"
+    program = (
+        "import threading\n"
+        "def f(x):\n"
+        "    out = []\n"
+        "    t = threading.Thread(target=lambda: out.append(x + 1))\n"
+        "    t.start(); t.join()\n"
+        "    return out[0]\n"
+    )
     assert code_tests([""], [program], tests=["assert f(1) == 2"]) == [1.0]
 
 
@@ -194,6 +216,7 @@ def test_runs_in_parallel():
 
 
 @needs_sandbox
-@requires(shutil.which("bwrap") is not None, "bubblewrap not installed (scripts/install.sh installs it where apt works)")
+@requires(shutil.which("bwrap") is not None,
+          "bubblewrap not installed (scripts/install.sh installs it where apt works)")
 def test_auto_prefers_bubblewrap():
     assert resolve_sandbox("auto") == "bwrap"

@@ -56,7 +56,8 @@ def test_overlong_penalty_by_hand():
 
 
 def test_length_in_tokens_and_hard_cut():
-    scores = length_reward([""] * 3, ["", "", ""], max_length=10, buffer=0, unit="tokens", completion_length=[10, 11, 3])
+    scores = length_reward([""] * 3, ["", "", ""], max_length=10, buffer=0, unit="tokens",
+                           completion_length=[10, 11, 3])
     assert scores == [0.0, -1.0, 0.0]
     with pytest.raises(ValueError, match="completion_length"):
         length_reward([""], [""], unit="tokens")

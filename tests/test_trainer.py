@@ -56,8 +56,10 @@ class RecordingBackend:
 
 def _random_batch(tok, n=8, group_size=4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, 60, (int(k),), generator=g).tolist() for k in torch.randint(2, 7, (n // group_size,), generator=g)]
-    completions = [torch.randint(3, 60, (int(k),), generator=g).tolist() for k in torch.randint(1, 9, (n,), generator=g)]
+    prompts = [torch.randint(3, 60, (int(k),), generator=g).tolist()
+               for k in torch.randint(2, 7, (n // group_size,), generator=g)]
+    completions = [torch.randint(3, 60, (int(k),), generator=g).tolist()
+                   for k in torch.randint(1, 9, (n,), generator=g)]
     batch = layout_batch(prompts, completions, group_size, tok.pad_token_id)
     batch.advantages = torch.randn(n, generator=g)
     return batch
@@ -298,7 +300,9 @@ def test_every_reward_metric_the_readme_lists_reaches_metrics_jsonl(tmp_path, ti
     line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     # quarter_none on 8 samples: 1, 0, 1, None, 1, 0, 1, None -> mean 4/6, std sqrt(2/9), 2 of 8 None
     assert line["reward/tests.test_trainer:quarter_none_none_frac"] == 0.25
-    assert abs(line["reward/tests.test_trainer:quarter_none_mean"] - 4 / 6) < 1e-9 and abs(line["reward/tests.test_trainer:quarter_none_std"] - (2 / 9) ** 0.5) < 1e-9
-    assert line["reward/tests.test_reliability:always_raises_error_frac"] == 1.0 and line["reward/tests.test_reliability:always_raises_none_frac"] == 1.0
+    assert (abs(line["reward/tests.test_trainer:quarter_none_mean"] - 4 / 6) < 1e-9
+            and abs(line["reward/tests.test_trainer:quarter_none_std"] - (2 / 9) ** 0.5) < 1e-9)
+    assert (line["reward/tests.test_reliability:always_raises_error_frac"] == 1.0
+            and line["reward/tests.test_reliability:always_raises_none_frac"] == 1.0)
     assert line["reward/tests.test_trainer:quarter_none_error_frac"] == 0.0
     assert line["reward/math_accuracy_deadline_misses"] == 0.0

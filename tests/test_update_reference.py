@@ -57,8 +57,10 @@ def reference_loss(logp, old, adv, mask, agg, ratio_level, clip_low, clip_high, 
 def _batch(model, tok, seed):
     g = torch.Generator().manual_seed(seed)
     n, group = 8, 4
-    prompts = [torch.randint(3, 60, (int(k),), generator=g).tolist() for k in torch.randint(2, 6, (n // group,), generator=g)]
-    completions = [torch.randint(3, 60, (int(k),), generator=g).tolist() for k in torch.randint(1, MAX_NEW + 1, (n,), generator=g)]
+    prompts = [torch.randint(3, 60, (int(k),), generator=g).tolist()
+               for k in torch.randint(2, 6, (n // group,), generator=g)]
+    completions = [torch.randint(3, 60, (int(k),), generator=g).tolist()
+                   for k in torch.randint(1, MAX_NEW + 1, (n,), generator=g)]
     batch = layout_batch(prompts, completions, group, tok.pad_token_id)
     batch.advantages = torch.randn(n, generator=g)
     with torch.no_grad():

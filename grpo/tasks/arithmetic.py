@@ -80,7 +80,8 @@ class Arithmetic:
         return f"{write(a, self.reverse, self.digits)}+{write(b, self.reverse, self.digits)}="
 
     def row(self, a: int, b: int) -> dict:
-        return {"prompt": self.prompt(a, b), "answer": write(a + b, self.reverse), "overflow": overflows(a, b, self.digits)}
+        return {"prompt": self.prompt(a, b), "answer": write(a + b, self.reverse),
+                "overflow": overflows(a, b, self.digits)}
 
     def train_rows(self) -> list[dict]:
         return [self.row(a, b) for a, b in self._problems(held_out=False)]

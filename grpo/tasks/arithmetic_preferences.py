@@ -84,7 +84,8 @@ def build_arithmetic_preferences(model_path: str | Path, spec: ArithmeticPrefere
     pairs = []
     for i, row in enumerate(rows):
         group = slice(i * n, (i + 1) * n)
-        for chosen, rejected in pair_completions(row["prompt"], out.texts[group], scores[group], spec.pairs_per_prompt, rng):
+        for chosen, rejected in pair_completions(row["prompt"], out.texts[group], scores[group],
+                                                 spec.pairs_per_prompt, rng):
             pairs.append({"prompt": row["prompt"], "chosen": chosen, "rejected": rejected, "answer": row["answer"]})
     right = sum(s == 1.0 for s in scores) / max(len(scores), 1)
     log(f"preference set: {len(pairs)} pairs from {len(rows)} prompts x {n} samples "

@@ -148,7 +148,8 @@ def main() -> None:
     results = {}
     for method in args.methods.split(","):
         cmd = [sys.executable, "-m", __spec__.name, "--one", method] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("one", "methods") and v is not None]
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+            if k not in ("one", "methods") and v is not None]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if out.returncode:
             print(f"{method}: failed\n{out.stderr[-2000:]}")
@@ -160,7 +161,8 @@ def main() -> None:
     if "ours" in results:
         for other in ("naive", "trl", "trl_selective"):
             if other in results:
-                print(f"ours / {other}: peak {results['ours']['peak_growth_mb'] / results[other]['peak_growth_mb']:.3f}, "
+                print(f"ours / {other}: "
+                      f"peak {results['ours']['peak_growth_mb'] / results[other]['peak_growth_mb']:.3f}, "
                       f"time {results['ours']['seconds'] / results[other]['seconds']:.3f}")
 
 

@@ -29,7 +29,8 @@ def bench_math_fast(batch: int, repeats: int) -> None:
     for _ in range(repeats):
         math_accuracy([""] * batch, completions, answer=golds)
     per_batch = (time.perf_counter() - start) / repeats
-    print(f"math_accuracy fast path: {per_batch * 1e3:.2f} ms per batch of {batch} ({batch / per_batch:,.0f} completions/s)")
+    print(f"math_accuracy fast path: {per_batch * 1e3:.2f} ms per batch of {batch} "
+          f"({batch / per_batch:,.0f} completions/s)")
 
 
 def bench_math_symbolic(n: int) -> None:
@@ -50,7 +51,8 @@ def bench_math_symbolic(n: int) -> None:
     scores = math_accuracy([""] * n, completions, answer=golds)
     elapsed = time.perf_counter() - start
     assert scores == [1.0] * n, scores
-    print(f"math_accuracy symbolic path: {n} checks in {elapsed:.2f} s ({n / elapsed:.0f}/s); worker start {startup:.2f} s")
+    print(f"math_accuracy symbolic path: {n} checks in {elapsed:.2f} s ({n / elapsed:.0f}/s); "
+          f"worker start {startup:.2f} s")
 
 
 def bench_code(n: int, sandbox: str) -> None:

@@ -14,8 +14,8 @@ hence `steps_per_generation=1`, `generation_batch_size=B*G`, `num_iterations=1`,
 pass too); the same activation checkpointing (ours: `backend.gradient_checkpointing`, off by default; TRL's
 default is on, which recomputes the forward in backward and keeps fewer activations, so left at its default
 TRL would do more work per step in less memory); the same precision (the model's dtype: TRL's default
-`bf16=True` autocast is set to match it); TRL's logging, checkpointing and progress bar are off. Every completion has exactly
-`max_new_tokens` tokens (`min_new_tokens` on both sides) unless `--natural-eos`.
+`bf16=True` autocast is set to match it); TRL's logging, checkpointing and progress bar are off. Every completion has
+exactly `max_new_tokens` tokens (`min_new_tokens` on both sides) unless `--natural-eos`.
 
 The machine may be shared: one side's step runs, then the other's, alternately, so that load from
 elsewhere hits both alike; compare the ratios from one run, not absolute times across runs.
@@ -401,7 +401,8 @@ def main() -> None:
     p.add_argument("--natural-eos", action="store_true", help="let completions stop at EOS")
     p.add_argument("--memory-steps", type=int, default=3, help="CPU peak-RSS runs: steps per side")
     p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-RSS runs")
-    p.add_argument("--override", action="append", default=[], help="extra Hydra override, e.g. train.prompts_per_step=4")
+    p.add_argument("--override", action="append", default=[],
+                   help="extra Hydra override, e.g. train.prompts_per_step=4")
     p.add_argument("--only", choices=("ours", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
