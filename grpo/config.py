@@ -19,6 +19,11 @@ from grpo.advantages import ADVANTAGE_ESTIMATORS
 from grpo.losses import AGGREGATION_MODES, KL_ESTIMATORS, RATIO_LEVELS
 
 LOOPS = ("grpo", "ppo", "dpo")
+# Loops that do not run data-parallel yet, and why: several ranks would be unsynchronised copies of one run.
+SINGLE_PROCESS_LOOPS = {
+    "ppo": "its critic is not synced across ranks and GAE would whiten each rank's share alone",
+    "dpo": "TRL's trainer runs on this process's model without the run's data-parallel backend",
+}
 BACKEND_NAMES = ("torch", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
 ROLLOUT_ENGINES = ("hf", "vllm")
 DTYPES = ("float32", "bfloat16")
@@ -447,6 +452,9 @@ def validate_world(cfg: Config, world_size: int, num_eval_rows: int) -> None:
         )
     if world_size > 1 and cfg.backend.name == "torch":
         raise ConfigError(f"backend: {world_size} ranks need backend=ddp or deepspeed_zero1/2/3, not torch")
+    if world_size > 1 and cfg.algorithm.loop in SINGLE_PROCESS_LOOPS:
+        raise ConfigError(f"algorithm.loop: {cfg.algorithm.loop} runs on one process only "
+                          f"({SINGLE_PROCESS_LOOPS[cfg.algorithm.loop]}); launch it without torchrun/deepspeed")
     if 0 < num_eval_rows < world_size:
         raise ConfigError(f"task: {num_eval_rows} held-out rows cannot be shared by {world_size} ranks")
 

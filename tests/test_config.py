@@ -215,3 +215,14 @@ def test_import_grpo_pulls_in_neither_vllm_nor_deepspeed():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('vllm', 'deepspeed')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "dpo"])
+def test_ppo_and_dpo_on_several_ranks_are_refused_before_any_work(algorithm):
+    from grpo.config import validate_world
+
+    cfg = compose([f"algorithm={algorithm}", "backend=ddp", "train.prompts_per_step=8"])
+    validate_world(cfg, 1, 100)
+    with pytest.raises(ConfigError, match=f"algorithm.loop: {algorithm} runs on one process only"):
+        validate_world(cfg, 2, 100)
+    validate_world(compose(["backend=ddp", "train.prompts_per_step=8"]), 2, 100)  # GRPO runs on both
