@@ -1,28 +1,30 @@
-"""`grpo-compare`: several algorithms on the same task, model, seed and sampling budget, one table and one plot.
+"""`grpo-compare`: several algorithms on the same task, model, seeds and sampling budget; one table, one plot.
 
-    grpo-compare out_dir=runs/compare                       # GRPO, Dr. GRPO, PPO-RLHF, DPO on the built-in task
-    grpo-compare algorithms='[grpo,ppo]' budget_samples=25600 run_overrides='[optim.lr=1e-4]'
+    grpo-compare out_dir=runs/compare                       # GRPO, Dr. GRPO, PPO-RLHF, DPO; seeds 0, 1, 2
+    grpo-compare algorithms='[grpo,ppo]' seeds='[0,1,2,3,4]' budget_samples=25600 run_overrides='[optim.lr=1e-4]'
 
-Each algorithm is an ordinary `grpo-train` run (`<out_dir>/<name>/`, its own process, so its peak memory is
-its own), given the same `run_overrides`, seed, prompts per step and group size. The budget is counted in
-generated completions: GRPO and PPO sample `prompts_per_step x group_size` per step and run
-`budget_samples / (prompts_per_step x group_size)` steps; DPO spends the whole budget up front, sampling
-`budget_samples / samples_per_prompt` training problems to build its preference pairs, then trains one
-epoch on them. Every run is evaluated by the same harness (`grpo.evaluate.evaluate_splits`: greedy,
-the same held-out and out-of-distribution rows) every `eval_every_samples` samples (DPO: every `dpo_eval_every`
-optimiser steps). PPO-RLHF scores with a reward model: `reward_model_path`, or one trained first by
-`grpo-rm-train` on the built-in preference set (its cost is reported beside the table, not in PPO's row).
+Each algorithm runs once per seed, each run an ordinary `grpo-train` run (`<out_dir>/<name>/seed_<s>/`, its own
+process, so its peak memory is its own), given the same `run_overrides`, prompts per step and group size; the
+seed sets both the run's seed and its warm start's. The budget is counted in generated completions: GRPO and
+PPO sample `prompts_per_step x group_size` per step and run `budget_samples / (prompts_per_step x group_size)`
+steps; DPO spends the whole budget up front, sampling `budget_samples / samples_per_prompt` training problems
+to build its preference pairs, then trains one epoch on them. Every run is evaluated by the same harness
+(`grpo.evaluate.evaluate_splits`: greedy, the same held-out and out-of-distribution rows) every
+`eval_every_samples` samples (DPO: every `dpo_eval_every` optimiser steps). PPO-RLHF scores with a reward
+model: `reward_model_path`, or one trained first by `grpo-rm-train` on the built-in preference set (its cost is
+reported beside the table, not in PPO's row).
 
-Outputs in `out_dir`: `compare.md` and `compare.csv` (final and best in-distribution accuracy, final
-out-of-distribution accuracy and the gap, samples and minutes to reach the best, wall minutes, peak memory)
-and `compare.png` (accuracy against samples and against minutes). Minutes to the best are training time:
-the sum of the run's step times (sampling, updates, evaluation; DPO's includes building its pairs), which
-leaves out process start and model loading; the wall column has everything.
+Outputs in `out_dir` (`grpo.compare_report`): `compare.md` and `compare.csv` (per arm, the mean over seeds with
+a 95% bootstrap interval of final and best held-out accuracy, final out-of-distribution accuracy and the gap;
+samples and minutes to the best, wall minutes, peak memory), the differences between arms paired by seed and
+whether their intervals exclude zero, `runs.csv` (every run) and `compare.png` (mean accuracy over seeds
+against samples and against minutes, with the seeds' range). Minutes to the best are training time: the sum of
+the run's step times (sampling, updates, evaluation; DPO's includes building its pairs), which leaves out process
+start and model loading; the wall column has everything.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -37,9 +39,9 @@ import hydra
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
+from grpo.compare_report import curve, differences, plot, summarise_arm, summarise_run, write_report
 from grpo.config import CONFIG_DIR, ConfigError, register_configs, validate
 from grpo.run import train_from_config
 
@@ -67,7 +69,8 @@ class CompareConfig:
     group_size: int = field(default=8, metadata={"help": "completions per prompt (DPO: samples per problem)"})
     eval_every_samples: int = field(default=6400, metadata={"help": "samples between evaluations (online algorithms)"})
     dpo_eval_every: int = field(default=10, metadata={"help": "DPO optimiser steps between evaluations"})
-    seed: int = field(default=0, metadata={"help": "seed of every run"})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={
+        "help": "every algorithm runs once per seed (its run seed and warm-start seed); intervals need >= 2"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads per run; 0 = torch's default"})
     run_overrides: list[str] = field(default_factory=list, metadata={"help": "grpo-train overrides given to every run"})
     reward_model_path: str | None = field(default=None, metadata={"help": "ppo_rlhf's RM; null: train one first"})
@@ -85,14 +88,21 @@ def validate_compare(cfg: CompareConfig) -> CompareConfig:
         raise ConfigError(f"budget_samples: {cfg.budget_samples} is less than one step ({per_step} samples)")
     if cfg.eval_every_samples <= 0 or cfg.dpo_eval_every <= 0:
         raise ConfigError("eval_every_samples, dpo_eval_every: must be > 0")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ConfigError(f"seeds: need at least one seed and no repeats, got {list(cfg.seeds)}")
     return cfg
 
 
-def run_overrides(cfg: CompareConfig, name: str, rm_path: str | None) -> list[str]:
-    """The grpo-train overrides of one algorithm's run."""
+def run_dir(cfg: CompareConfig, name: str, seed: int) -> Path:
+    return Path(cfg.out_dir) / name / f"seed_{seed}"
+
+
+def run_overrides(cfg: CompareConfig, name: str, rm_path: str | None, seed: int) -> list[str]:
+    """The grpo-train overrides of one algorithm's run on one seed (the warm start is seeded alike)."""
     per_step = cfg.prompts_per_step * cfg.group_size
     steps = cfg.budget_samples // per_step
-    common = [f"run_dir={Path(cfg.out_dir) / name}", f"seed={cfg.seed}", f"threads={cfg.threads}",
+    common = [f"run_dir={run_dir(cfg, name, seed)}", f"seed={seed}", f"model.warm_start.seed={seed}",
+              f"threads={cfg.threads}",
               "tracking.progress_bar=false", "tracking.plot=false", *cfg.run_overrides]
     algo = [o.replace("{rm}", str(rm_path)) for o in ALGORITHMS[name]]
     if name == "dpo":
@@ -129,118 +139,62 @@ def launch(module: str, overrides: list[str], log_path: Path, in_process: bool) 
     return time.perf_counter() - start, usage.ru_maxrss / 1024
 
 
-def curve(metrics_path: Path, samples_per_step: int, name: str) -> list[dict]:
-    """The evaluation points of one run: samples used, training minutes, accuracies."""
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    generated = next((r["dpo/generated_samples"] for r in rows if "dpo/generated_samples" in r), None)
-    points, seconds = [], 0.0
-    for r in rows:
-        seconds += r.get("time/step_s") or 0.0
-        if r.get("eval/accuracy") is None:
-            continue
-        samples = generated if name == "dpo" else r["step"] * samples_per_step
-        points.append({"step": r["step"], "samples": samples, "minutes": seconds / 60,
-                       "accuracy": r["eval/accuracy"], "ood_accuracy": r.get("eval/ood_accuracy")})
-    return points
-
-
-def summarise(name: str, points: list[dict], wall_s: float, peak_mib: float) -> dict:
-    best = max(points, key=lambda p: p["accuracy"])  # the first of equal bests: the earliest
-    final = points[-1]
-    gap = None if final["ood_accuracy"] is None else final["accuracy"] - final["ood_accuracy"]
-    return {"algorithm": LABELS[name], "start_accuracy": points[0]["accuracy"], "final_accuracy": final["accuracy"],
-            "best_accuracy": best["accuracy"], "final_ood_accuracy": final["ood_accuracy"], "final_gap": gap,
-            "samples_to_best": best["samples"], "minutes_to_best": best["minutes"],
-            "train_minutes": final["minutes"], "wall_minutes": wall_s / 60, "peak_memory_mib": peak_mib}
-
-
-COLUMNS = [("algorithm", "algorithm", "{}"), ("start_accuracy", "start acc", "{:.3f}"),
-           ("final_accuracy", "final acc", "{:.3f}"), ("best_accuracy", "best acc", "{:.3f}"),
-           ("final_ood_accuracy", "final OOD acc", "{:.3f}"), ("final_gap", "gap (ID - OOD)", "{:.3f}"),
-           ("samples_to_best", "samples to best", "{:,}"), ("minutes_to_best", "min to best", "{:.2f}"),
-           ("train_minutes", "train min", "{:.2f}"), ("wall_minutes", "wall min", "{:.2f}"),
-           ("peak_memory_mib", "peak RSS MiB", "{:.0f}")]
-
-
-def write_table(rows: list[dict], out_dir: Path, notes: list[str]) -> tuple[Path, Path]:
-    md, csv_path = out_dir / "compare.md", out_dir / "compare.csv"
-    fmt = lambda v, f: "n/a" if v is None else f.format(v)  # noqa: E731
-    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r[k], f) for k, _, f in COLUMNS) + " |" for r in rows]
-    md.write_text("\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n")
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[k for k, _, _ in COLUMNS])
-        writer.writeheader()
-        writer.writerows(rows)
-    return md, csv_path
-
-
-def plot(curves: dict[str, list[dict]], path: Path) -> Path:
-    """Held-out accuracy (solid) and out-of-distribution accuracy (dashed) against samples and against minutes."""
-    fig = Figure(figsize=(11, 4))  # no pyplot: no GUI backend, no global state
-    axes = fig.subplots(1, 2, sharey=True)
-    for i, (name, points) in enumerate(curves.items()):
-        color = f"C{i}"
-        for ax, x in zip(axes, ("samples", "minutes")):
-            xs = [p[x] for p in points]
-            ax.plot(xs, [p["accuracy"] for p in points], "-o", ms=3, color=color, label=LABELS[name])
-            if points[0]["ood_accuracy"] is not None:
-                ax.plot(xs, [p["ood_accuracy"] for p in points], "--", color=color, alpha=0.6)
-    axes[0].set_xlabel("generated samples")
-    axes[1].set_xlabel("training minutes")
-    axes[0].set_ylabel("greedy accuracy (solid: held-out, dashed: OOD)")
-    axes[0].legend(fontsize=8)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
-
-
 def reward_model_for(cfg: CompareConfig) -> tuple[str | None, list[str]]:
-    """The RM directory ppo_rlhf scores with (trained here unless given) and notes for the table."""
+    """The RM directory ppo_rlhf scores with (trained here, on the first seed, unless given) and notes."""
     if "ppo_rlhf" not in cfg.algorithms:
         return None, []
     if cfg.reward_model_path:
         return cfg.reward_model_path, [f"PPO-RLHF reward model: {cfg.reward_model_path} (given)"]
-    run_dir = Path(cfg.out_dir) / "reward_model_run"
-    overrides = [f"run_dir={run_dir}", f"seed={cfg.seed}", f"threads={cfg.threads}", "progress_bar=false",
+    rm_dir = Path(cfg.out_dir) / "reward_model_run"
+    overrides = [f"run_dir={rm_dir}", f"seed={cfg.seeds[0]}", f"threads={cfg.threads}", "progress_bar=false",
                  *cfg.rm_overrides]
     wall, _ = launch("reward_models.train", overrides, Path(cfg.out_dir) / "logs" / "reward_model.log", cfg.in_process)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (rm_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     acc = next((r["rm/eval_pair_accuracy"] for r in reversed(rows) if "rm/eval_pair_accuracy" in r), None)
     note = (f"PPO-RLHF reward model: trained by grpo-rm-train on the built-in preference set in {wall / 60:.1f} min "
-            f"(not counted in PPO-RLHF's row), held-out pair accuracy {'n/a' if acc is None else f'{acc:.3f}'}")
-    return str(run_dir / "reward_model"), [note]
+            f"(not counted in PPO-RLHF's row; one model for every seed), held-out pair accuracy "
+            f"{'n/a' if acc is None else f'{acc:.3f}'}")
+    return str(rm_dir / "reward_model"), [note]
 
 
 def compare(cfg: CompareConfig) -> list[dict]:
-    """Run every algorithm, then write the table and the plot; returns the table rows."""
+    """Run every algorithm on every seed, then write the table and the plot; returns the arms' rows."""
     validate_compare(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     rm_path, notes = reward_model_for(cfg)
     per_step = cfg.prompts_per_step * cfg.group_size
-    rows, curves = [], {}
-    for name in cfg.algorithms:
-        overrides = run_overrides(cfg, name, rm_path)
-        log.info("%s: grpo-train %s", name, " ".join(overrides))
-        wall, peak = launch("grpo.train", overrides, out / "logs" / f"{name}.log", cfg.in_process)
-        curves[name] = curve(out / name / "metrics.jsonl", per_step, name)
-        rows.append(summarise(name, curves[name], wall, peak))
-        log.info("%s: best held-out accuracy %.3f, %.1f min", name, rows[-1]["best_accuracy"], wall / 60)
-    total = time.perf_counter() - start
-    notes += [f"budget {cfg.budget_samples:,} generated samples per algorithm, seed {cfg.seed}; "
-              f"whole comparison {total / 60:.1f} min wall",
+    runs: dict[str, list[dict]] = {LABELS[name]: [] for name in cfg.algorithms}
+    curves: dict[str, list[list[dict]]] = {LABELS[name]: [] for name in cfg.algorithms}
+    for seed in cfg.seeds:  # seed-major: a comparison stopped early has every arm on its first seeds
+        for name in cfg.algorithms:
+            overrides = run_overrides(cfg, name, rm_path, seed)
+            log.info("%s, seed %d: grpo-train %s", name, seed, " ".join(overrides))
+            wall, peak = launch("grpo.train", overrides, out / "logs" / f"{name}_seed{seed}.log", cfg.in_process)
+            points = curve(run_dir(cfg, name, seed) / "metrics.jsonl", per_step, offline=name == "dpo")
+            curves[LABELS[name]].append(points)
+            runs[LABELS[name]].append(summarise_run(LABELS[name], seed, points, wall, peak))
+            log.info("%s, seed %d: final held-out accuracy %.3f, %.1f min", name, seed,
+                     runs[LABELS[name]][-1]["final_accuracy"], wall / 60)
+    arms = [summarise_arm(label, seed_runs) for label, seed_runs in runs.items()]
+    diffs = differences(runs)
+    notes += [f"budget {cfg.budget_samples:,} generated samples per algorithm and seed; seeds {list(cfg.seeds)} "
+              f"(each seeds its run and its warm start); whole comparison "
+              f"{(time.perf_counter() - start) / 60:.1f} min wall",
+              "intervals: 95%, bootstrap over seeds and, within each seed, over the evaluation problems "
+              "(10,000 replicates); differences paired by seed",
+              "best acc is the best evaluation on the held-out split itself, so it is biased upwards; "
+              "final acc is not",
               "OOD: longer operands, spaced and question phrasings (eval/ood_accuracy, pooled)"]
     if cfg.in_process:
         notes.append("in_process: peak memory is the comparison process's, not each run's")
-    write_table(rows, out, notes)
+    md = write_report(arms, [r for seed_runs in runs.values() for r in seed_runs], diffs, out, notes)
     plot(curves, out / "compare.png")
-    (out / "compare.json").write_text(json.dumps({"rows": rows, "curves": curves, "notes": notes}, indent=2))
-    log.info("table: %s; plot: %s", out / "compare.md", out / "compare.png")
-    return rows
+    (out / "compare.json").write_text(json.dumps(
+        {"arms": arms, "runs": runs, "differences": diffs, "curves": curves, "notes": notes}, indent=2, default=str))
+    log.info("table: %s; plot: %s", md, out / "compare.png")
+    return arms
 
 
 def main() -> None:

@@ -68,8 +68,11 @@ def evaluate_run(run) -> dict:
     ood = {name: rows[rank::world] for name, rows in run.ood_rows.items()}
     metrics = evaluate_splits(run.engine, run.eval_scorer, eval_rows, ood, run.cfg.reward.accuracy,
                               pass_k=run.cfg.train.eval_pass_k)
+    sizes = {"eval/problems": len(run.eval_rows)}  # what each accuracy is a fraction of (for intervals)
+    if run.ood_rows:
+        sizes["eval/ood_problems"] = sum(map(len, run.ood_rows.values()))
     if world == 1:
-        return metrics
+        return metrics | sizes
 
     def rows_behind(key: str) -> int:  # how many rows this rank's value of `key` is a mean over
         if key.startswith("eval/ood/"):
@@ -83,4 +86,4 @@ def evaluate_run(run) -> dict:
     if "eval/ood_accuracy" in out:
         out["eval/generalization_gap"] = out["eval/accuracy"] - out["eval/ood_accuracy"]
     out["time/eval_s"] = dist.all_reduce_max(metrics["time/eval_s"])
-    return out
+    return out | sizes

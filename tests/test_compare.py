@@ -1,4 +1,5 @@
-"""grpo-compare: a short comparison writes a table with every algorithm's row, a CSV and a plot."""
+"""grpo-compare: a short comparison on two seeds writes the arms' table with intervals, the differences,
+every run, a CSV and a plot."""
 
 from __future__ import annotations
 
@@ -9,21 +10,31 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_short_comparison_writes_every_row(tmp_path, warm_tiny_dir):
+def test_short_comparison_on_two_seeds_writes_every_arm_and_run(tmp_path, warm_tiny_dir):
     from grpo.compare import LABELS, CompareConfig, compare
 
+    # model.warm_start.seed=0: both seeds start from the cached warm model (the default builds one per seed)
     cfg = CompareConfig(out_dir=str(tmp_path), budget_samples=64, prompts_per_step=8, group_size=8,
-                        eval_every_samples=64, dpo_eval_every=1, threads=1, in_process=True,
-                        run_overrides=["task.arithmetic.num_eval=30", "task.arithmetic.num_ood=10"],
+                        eval_every_samples=64, dpo_eval_every=1, threads=1, in_process=True, seeds=[0, 1],
+                        run_overrides=["task.arithmetic.num_eval=30", "task.arithmetic.num_ood=10",
+                                       "model.warm_start.seed=0"],
                         rm_overrides=["train.max_steps=2", "data.arithmetic.num_prompts=40", "train.eval_every=2"])
-    rows = compare(cfg)
+    arms = compare(cfg)
     names = [LABELS[a] for a in cfg.algorithms]
-    assert [r["algorithm"] for r in rows] == names
+    assert [r["algorithm"] for r in arms] == names and all(r["seeds"] == 2 for r in arms)
+    for r in arms:
+        final = r["final_accuracy"]
+        assert final.low <= final.mean <= final.high and final.high - final.low > 0  # 30 problems: never a point
     table = (tmp_path / "compare.md").read_text()
     for name in names:
-        assert f"| {name} |" in table
+        assert f"| {name} | 2 |" in table
+    assert table.count(" - GRPO, final held-out accuracy: ") == len(names) - 1
+    with (tmp_path / "runs.csv").open() as f:
+        runs = list(csv.DictReader(f))
+    assert sorted((r["algorithm"], r["seed"]) for r in runs) == sorted((n, s) for n in names for s in ("0", "1"))
+    assert all(r["problems"] == "30" and r["ood_problems"] for r in runs)
     with (tmp_path / "compare.csv").open() as f:
         assert [r["algorithm"] for r in csv.DictReader(f)] == names
     assert (tmp_path / "compare.png").stat().st_size > 10_000
-    for r in rows:
-        assert r["final_ood_accuracy"] is not None and r["samples_to_best"] <= cfg.budget_samples
+    for name in cfg.algorithms:
+        assert (tmp_path / name / "seed_1" / "metrics.jsonl").exists()

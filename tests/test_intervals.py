@@ -1,0 +1,50 @@
+"""The comparison's bootstrap intervals against values worked out by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from grpo.intervals import bootstrap_interval, paired_difference
+
+
+def test_one_seed_is_the_binomial_interval_of_its_problems():
+    # p = 0.5 on 100 problems: sd sqrt(0.25 / 100) = 0.05, so about 0.5 -+ 1.96 x 0.05 = [0.402, 0.598]
+    interval = bootstrap_interval([0.5], 100)
+    assert interval.mean == 0.5
+    assert interval.low == pytest.approx(0.40, abs=0.011) and interval.high == pytest.approx(0.60, abs=0.011)
+
+
+def test_two_seeds_on_very_many_problems_spread_as_the_seeds_do():
+    # seeds 0 and 1 drawn twice with replacement: the mean is 0, 0.5 or 1 with odds 1/4, 1/2, 1/4, so the
+    # 2.5th and 97.5th percentiles are 0 and 1 (the problems add almost nothing at 10^6 of them)
+    interval = bootstrap_interval([0.0, 1.0], 1_000_000)
+    assert interval.mean == 0.5
+    assert interval.low == pytest.approx(0.0, abs=0.003) and interval.high == pytest.approx(1.0, abs=0.003)
+
+
+def test_a_certain_accuracy_has_no_spread():
+    interval = bootstrap_interval([1.0, 1.0, 1.0], 50)
+    assert (interval.low, interval.mean, interval.high) == (1.0, 1.0, 1.0)
+
+
+def test_a_difference_is_paired_by_seed():
+    # arm A is arm B plus 0.1 on every seed, though the seeds differ by 0.3: pairing removes the seeds'
+    # spread, so the interval is the problems' alone, about 0.1 -+ 1.96 x sqrt(2 x 0.21 x 0.79 / (3 x 1000))
+    a, b = [0.2, 0.5, 0.8], [0.1, 0.4, 0.7]
+    interval = paired_difference(a, b, 1000)
+    assert interval.mean == pytest.approx(0.1) and interval.excludes_zero()
+    assert interval.high - interval.low < 0.1
+    unpaired_spread = bootstrap_interval(a, 1000)
+    assert unpaired_spread.high - unpaired_spread.low > 0.3  # the seeds' own spread, which pairing removed
+
+
+def test_equal_arms_differ_by_nothing_the_interval_supports():
+    interval = paired_difference([0.4, 0.6], [0.4, 0.6], 200)
+    assert interval.mean == 0.0 and not interval.excludes_zero()
+
+
+def test_bad_input_names_what_is_wrong():
+    with pytest.raises(ValueError, match="same seeds"):
+        paired_difference([0.1, 0.2], [0.1], 10)
+    with pytest.raises(ValueError, match="problems"):
+        bootstrap_interval([0.1], 0)
