@@ -151,6 +151,34 @@ def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, state:
     return final
 
 
+def save_best(run_dir: str | Path, step: int, *, policy, tokenizer, record: dict, backend=None) -> Path:
+    """Write the policy to `checkpoints/best` (a transformers directory, with `best.json` saying which step and
+    evaluation it is), replacing the previous best atomically. Collective when several ranks run."""
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / "best", root / ".tmp_best"
+    if dist.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    if hasattr(backend, "save_policy"):  # DeepSpeed: every rank takes part in the gather, rank 0 writes
+        backend.save_policy(tmp, tokenizer)
+    elif dist.is_main():
+        policy.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    if dist.is_main():
+        (tmp / "best.json").write_text(json.dumps({"step": step, **record}, indent=1))
+        _fsync_tree(tmp)
+        stale = root / ".old_best"
+        shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():
+            os.replace(final, stale)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
 def _publish(tmp: Path, final: Path, step: int, keep_last: int) -> None:
     """Rename the complete temporary directory to `final`, point `latest` at it, and drop the checkpoints
     past `keep_last`; each rename is atomic and fsynced, so a crash leaves the old or the new state."""

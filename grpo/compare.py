@@ -157,6 +157,14 @@ def reward_model_for(cfg: CompareConfig) -> tuple[str | None, list[str]]:
     return str(rm_dir / "reward_model"), [note]
 
 
+def best_note(runs: dict[str, list[dict]]) -> str:
+    """How the best evaluation was chosen: on validation (unbiased on test), or on test itself (biased up)."""
+    if all(r["best_chosen_on"] == "val" for seed_runs in runs.values() for r in seed_runs):
+        return ("best acc: test accuracy at the evaluation with the best val/accuracy "
+                "(a validation split apart from test)")
+    return "best acc: chosen on the test split itself (some run had no validation split), so biased upwards"
+
+
 def compare(cfg: CompareConfig) -> list[dict]:
     """Run every algorithm on every seed, then write the table and the plot; returns the arms' rows."""
     validate_compare(cfg)
@@ -184,8 +192,7 @@ def compare(cfg: CompareConfig) -> list[dict]:
               f"{(time.perf_counter() - start) / 60:.1f} min wall",
               "intervals: 95%, bootstrap over seeds and, within each seed, over the evaluation problems "
               "(10,000 replicates); differences paired by seed",
-              "best acc is the best evaluation on the held-out split itself, so it is biased upwards; "
-              "final acc is not",
+              best_note(runs),
               "OOD: longer operands, spaced and question phrasings (eval/ood_accuracy, pooled)"]
     if cfg.in_process:
         notes.append("in_process: peak memory is the comparison process's, not each run's")

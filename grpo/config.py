@@ -51,6 +51,8 @@ class ArithmeticTaskConfig:
     reverse: bool = field(default=True, metadata={"help": "write numbers least significant digit first"})
     num_eval: int = field(default=500, metadata={"help": "held-out problems used for eval/accuracy"})
     num_ood: int = field(default=200, metadata={"help": "problems in each out-of-distribution split (0: none)"})
+    num_val: int = field(default=200, metadata={
+        "help": "held-out problems for val/accuracy, apart from num_eval's (best checkpoint, early stopping)"})
 
 
 @dataclass
@@ -60,6 +62,8 @@ class TaskConfig:
         "help": "built-in task generator, or null for files"})
     train_file: Optional[str] = field(default=None, metadata={"help": "JSONL or Parquet file of training prompts"})
     eval_file: Optional[str] = field(default=None, metadata={"help": "JSONL or Parquet file of held-out prompts"})
+    val_file: Optional[str] = field(default=None, metadata={
+        "help": "JSONL or Parquet file of validation prompts (val/accuracy: best checkpoint, early stopping)"})
     hf_dataset: Optional[str] = field(default=None, metadata={
         "help": "Hugging Face `datasets` name (local cache only)"})
     hf_train_split: str = field(default="train", metadata={"help": "split of hf_dataset for training"})
@@ -352,12 +356,14 @@ class TrainLoopConfig:
     num_samples_logged: int = field(default=8, metadata={"help": "completions written per samples entry"})
     max_masked_steps: int = field(default=3, metadata={
         "help": "stop after this many steps in a row with every reward masked; 0 = never"})
+    early_stop: int = field(default=0, metadata={
+        "help": "stop after this many evaluations in a row without a better val/accuracy; 0 = never"})
 
     def validate(self) -> None:
         """Positive run length and batch; intervals >= 0 (0: off, or only at the end)."""
         _positive("train.max_steps", self.max_steps)
         _positive("train.prompts_per_step", self.prompts_per_step)
-        for name in ("eval_every", "samples_every", "max_masked_steps"):
+        for name in ("eval_every", "samples_every", "max_masked_steps", "early_stop"):
             _positive(f"train.{name}", getattr(self, name), zero_ok=True)
 
 
@@ -365,6 +371,8 @@ class TrainLoopConfig:
 class CheckpointConfig:
     every_steps: int = field(default=50, metadata={"help": "steps between checkpoints; 0 = only at the end"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    keep_best: bool = field(default=False, metadata={
+        "help": "also keep the policy with the best val/accuracy so far in checkpoints/best"})
 
     def validate(self) -> None:
         """An interval >= 0 and at least one checkpoint kept."""
@@ -424,6 +432,9 @@ def validate(cfg: Config) -> Config:
 def validate_algorithm_against_run(cfg: Config) -> None:
     """What the algorithm asks of the task, the rollout and the batch."""
     a = cfg.algorithm
+    if a.loop == "dpo" and (cfg.checkpoint.keep_best or cfg.train.early_stop):
+        raise ConfigError("checkpoint.keep_best, train.early_stop: the DPO loop (TRL's trainer) does not support "
+                          "them; it logs val/accuracy at each evaluation")
     if a.loop == "dpo" and a.dpo.pairs_file is None and cfg.task.builtin != "arithmetic":
         raise ConfigError(
             "algorithm.dpo.pairs_file: give preference pairs (the built-in set exists for task=arithmetic only)"

@@ -116,6 +116,29 @@ def check_prompt_lengths(train: list[dict], evals: list[dict], tokenizer, *, con
                                   f"{max_new_tokens} it exceeds the model's context of {context} tokens")
 
 
+def load_val_split(task: TaskConfig, required_columns: set[str]) -> list[dict]:
+    """The validation split (`val/accuracy`: best checkpoint, early stopping), apart from the test split:
+    the built-in task's `num_val` problems after its test problems, or `task.val_file`; [] if neither."""
+    if task.val_file:
+        where = task.val_file
+        rows = [format_row(r, task, where, i) for i, r in enumerate(read_rows(where))]
+    elif task.builtin == "arithmetic" and task.arithmetic.num_val:
+        gen = Arithmetic(digits=task.arithmetic.digits, reverse=task.arithmetic.reverse,
+                         num_eval=task.arithmetic.num_eval)
+        where = "task.arithmetic.num_val"
+        try:
+            rows = gen.val_rows(task.arithmetic.num_val)
+        except ValueError as e:
+            raise ConfigError(f"task.arithmetic.num_val: {e}") from None
+    else:
+        return []
+    for i, row in enumerate(rows):
+        missing = required_columns - row.keys()
+        if missing:
+            raise ConfigError(f"{where}: row {i} lacks column(s) {', '.join(sorted(missing))} that the rewards need")
+    return rows
+
+
 def load_ood_splits(task: TaskConfig, required_columns: set[str]) -> dict[str, list[dict]]:
     """Out-of-distribution evaluation splits: the built-in task's own, or `task.ood_files` (name -> file)."""
     splits: dict[str, list[dict]] = {}

@@ -56,7 +56,8 @@ def evaluate_splits(engine, scorer, eval_rows: list[dict], ood_splits: dict[str,
 
 
 def evaluate_run(run) -> dict:
-    """The evaluation every trainer (GRPO, PPO, DPO) logs: `evaluate_splits` on the run's held-out splits.
+    """The evaluation every trainer (GRPO, PPO, DPO) logs: `evaluate_splits` on the run's held-out (test)
+    and out-of-distribution splits, and `val/accuracy` on its validation split when it has one.
 
     With several ranks each evaluates every world_size-th row of each split, and the means are
     combined weighted by the rows each rank scored: the result is that of one rank on all rows.
@@ -66,17 +67,26 @@ def evaluate_run(run) -> dict:
     rank, world = dist.rank(), dist.world_size()
     eval_rows = run.eval_rows[rank::world]
     ood = {name: rows[rank::world] for name, rows in run.ood_rows.items()}
+    val_rows = run.val_rows[rank::world]
     metrics = evaluate_splits(run.engine, run.eval_scorer, eval_rows, ood, run.cfg.reward.accuracy,
                               pass_k=run.cfg.train.eval_pass_k)
+    if val_rows:  # the validation split, scored by the same greedy harness
+        val = evaluate(run.engine, run.eval_scorer, val_rows, run.cfg.reward.accuracy)
+        metrics["val/accuracy"] = val["eval/accuracy"]
+        metrics["time/eval_s"] += val["time/eval_s"]
     sizes = {"eval/problems": len(run.eval_rows)}  # what each accuracy is a fraction of (for intervals)
     if run.ood_rows:
         sizes["eval/ood_problems"] = sum(map(len, run.ood_rows.values()))
+    if run.val_rows:
+        sizes["val/problems"] = len(run.val_rows)
     if world == 1:
         return metrics | sizes
 
     def rows_behind(key: str) -> int:  # how many rows this rank's value of `key` is a mean over
         if key.startswith("eval/ood/"):
             return len(ood[key.removeprefix("eval/ood/").removesuffix("_accuracy")])
+        if key == "val/accuracy":
+            return len(val_rows)
         return sum(map(len, ood.values())) if key == "eval/ood_accuracy" else len(eval_rows)
 
     keys = sorted(set().union(*dist.all_gather_objects(set(metrics))) - {"time/eval_s", "eval/generalization_gap"})

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from grpo import distributed as dist
-from grpo.checkpoint import save_checkpoint
+from grpo.checkpoint import save_best, save_checkpoint
 from grpo.evaluate import evaluate_run
 from grpo.faults import crash_point
 from grpo.run import Run
@@ -45,6 +45,7 @@ def run_loop(run: Run, train_step: Step, extra_state: Callable[[], dict] = dict)
     history = []
     if run.start_step == 0:  # the starting point: held-out accuracy, the data report, the warm start
         evaluated = evaluate_run(run) if cfg.train.eval_before else {}
+        track_best(run, 0, evaluated)
         history.append({"step": 0, **evaluated, **run.setup_metrics})
         run.tracker.log(0, run.setup_metrics | evaluated)
     for step in range(run.start_step + 1, cfg.train.max_steps + 1):
@@ -58,13 +59,44 @@ def run_loop(run: Run, train_step: Step, extra_state: Callable[[], dict] = dict)
             continue
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
             metrics |= evaluate_run(run)
+            track_best(run, step, metrics)
         metrics["time/step_s"] = dist.all_reduce_max(time.perf_counter() - start)
         run.tracker.log(step, metrics)  # rank 0 writes
         history.append({"step": step, **metrics})
         log_samples_if_due(run, step, result.groups)
         crash_point("after_metrics", step)
-        checkpoint_if_due(run, step, extra_state)
+        stop = should_stop_early(run, step)
+        checkpoint_if_due(run, step, extra_state, last=stop)
+        if stop:
+            break
     return history
+
+
+def track_best(run: Run, step: int, metrics: dict) -> None:
+    """Remember the best `val/accuracy` so far and how many evaluations ago it was; with
+    `checkpoint.keep_best`, write a better policy to `checkpoints/best`."""
+    if "val/accuracy" not in metrics:
+        return
+    accuracy = metrics["val/accuracy"]
+    if not run.best or accuracy > run.best["accuracy"]:
+        run.best = {"accuracy": accuracy, "step": step, "since": 0}
+        if run.cfg.checkpoint.keep_best:
+            record = {k: v for k, v in metrics.items() if k.startswith(("val/", "eval/"))}
+            save_best(run.cfg.run_dir, step, policy=run.policy, tokenizer=run.tokenizer, record=record,
+                      backend=run.backend)
+    else:
+        run.best["since"] += 1
+    metrics["val/best_accuracy"], metrics["val/best_step"] = run.best["accuracy"], run.best["step"]
+
+
+def should_stop_early(run: Run, step: int) -> bool:
+    """`train.early_stop` evaluations in a row without a better `val/accuracy`: the run ends here."""
+    patience = run.cfg.train.early_stop
+    if not patience or not run.best or run.best["since"] < patience or step == run.cfg.train.max_steps:
+        return False
+    log.warning("step %d: early stop: no better val/accuracy in %d evaluations (best %.3f at step %d)",
+                step, run.best["since"], run.best["accuracy"], run.best["step"])
+    return True
 
 
 def log_samples_if_due(run: Run, step: int, groups: Groups) -> None:
@@ -75,10 +107,10 @@ def log_samples_if_due(run: Run, step: int, groups: Groups) -> None:
         run.tracker.log_samples(step, prompts[:k], groups.texts[:k], groups.rewards[:k])
 
 
-def checkpoint_if_due(run: Run, step: int, extra_state: Callable[[], dict]) -> None:
-    """Save a checkpoint every `checkpoint.every_steps` steps and after the last one."""
+def checkpoint_if_due(run: Run, step: int, extra_state: Callable[[], dict], last: bool = False) -> None:
+    """Save a checkpoint every `checkpoint.every_steps` steps and after the last one (`last`: an early stop)."""
     cfg = run.cfg
-    if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
+    if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps or last:
         state = training_state(run) | extra_state()
         save_checkpoint(cfg.run_dir, step, policy=run.policy, tokenizer=run.tokenizer, state=state,
                         keep_last=cfg.checkpoint.keep_last, backend=run.backend)
@@ -89,7 +121,7 @@ def training_state(run: Run) -> dict:
     exactly. Dynamic sampling keeps no buffer across steps (surplus groups are dropped), so the sampler's
     position and the RNG streams are all of its state."""
     return {"backend": run.backend.state_dict(), "sampler": run.sampler.state(),
-            "guards": {"masked_steps": run.masked_steps}}
+            "guards": {"masked_steps": run.masked_steps}, "best": dict(run.best)}
 
 
 class MaskedRewardsError(RuntimeError):

@@ -24,7 +24,7 @@ from grpo.backends import TrainBackend, build_backend
 from grpo.checkpoint import latest_checkpoint, load_rank_state, load_state, set_rng_state, verify_checkpoint
 from grpo.config import Config, ConfigError, validate_world
 from grpo.contamination import decontaminate, report_metrics
-from grpo.data import PromptSampler, check_prompt_lengths, load_ood_splits, load_task
+from grpo.data import PromptSampler, check_prompt_lengths, load_ood_splits, load_task, load_val_split
 from grpo.evaluate import evaluate_splits
 from grpo.memory import check_fits, estimate_from_config
 from grpo.modeling import context_length, load_policy, resolve_model_path, warm_start_metrics
@@ -57,6 +57,8 @@ class Run:
     start_step: int = 0
     masked_steps: int = 0  # steps in a row on which every reward was masked
     ood_rows: dict = field(default_factory=dict)  # out-of-distribution splits: name -> rows
+    val_rows: list[dict] = field(default_factory=list)  # the validation split (best checkpoint, early stopping)
+    best: dict = field(default_factory=dict)  # the best val/accuracy so far: {"accuracy", "step", "since"}
     contamination: dict = field(default_factory=dict)  # grpo.contamination report
     setup_metrics: dict = field(default_factory=dict)  # logged at step 0: data report, warm start
 
@@ -91,7 +93,7 @@ def build_run(cfg: Config) -> Run:
     """Everything the loop needs, checked before any training step; resumes when asked."""
     checkpoint = checkpoint_to_resume(cfg)
     scorer, eval_scorer = build_scorers(cfg)
-    train_rows, eval_rows, ood_rows, contamination = load_rows(cfg, scorer, eval_scorer)
+    train_rows, eval_rows, val_rows, ood_rows, contamination = load_rows(cfg, scorer, eval_scorer)
     validate_world(cfg, dist.world_size(), len(eval_rows))
     if checkpoint is not None:
         saved_world = int(load_state(checkpoint).get("world_size", 1))
@@ -122,7 +124,7 @@ def build_run(cfg: Config) -> Run:
     run = Run(cfg=cfg, tokenizer=tokenizer, policy=policy, ref_model=ref_model, engine=engine, backend=backend,
               scorer=scorer, eval_scorer=eval_scorer, train_rows=train_rows, eval_rows=eval_rows,
               sampler=PromptSampler(len(train_rows), seed=cfg.seed), tracker=NullTracker(), ood_rows=ood_rows,
-              contamination=contamination, setup_metrics=setup_metrics)
+              val_rows=val_rows, contamination=contamination, setup_metrics=setup_metrics)
     if checkpoint is not None:
         restore(run, checkpoint)
     if dist.is_main():  # rank 0 writes the run's files
@@ -148,14 +150,19 @@ def build_scorers(cfg: Config) -> tuple[RewardScorer, RewardScorer]:
 
 
 def load_rows(cfg: Config, scorer: RewardScorer, eval_scorer: RewardScorer):
-    """Training, held-out and out-of-distribution rows, training rows that overlap an evaluation split
-    dropped (`task.drop_contaminated`), and the contamination report."""
+    """Training, held-out (test), validation and out-of-distribution rows, training rows that overlap an
+    evaluation split dropped (`task.drop_contaminated`), and the contamination report."""
     train_rows, eval_rows = load_task(cfg.task, scorer.required_columns() | eval_scorer.required_columns())
+    val_rows = load_val_split(cfg.task, eval_scorer.required_columns())
     ood_rows = load_ood_splits(cfg.task, eval_scorer.required_columns())
-    train_rows, splits, contamination = decontaminate(train_rows, {"eval": eval_rows, **ood_rows},
-                                                      cfg.task.contamination_ngram, cfg.task.drop_contaminated)
-    eval_rows = splits.pop("eval")
-    return train_rows, eval_rows, splits, contamination
+    if (cfg.checkpoint.keep_best or cfg.train.early_stop) and not val_rows:
+        raise ConfigError("checkpoint.keep_best, train.early_stop: need a validation split "
+                          "(task.val_file, or task.arithmetic.num_val for the built-in task)")
+    train_rows, splits, contamination = decontaminate(
+        train_rows, {"eval": eval_rows, **({"val": val_rows} if val_rows else {}), **ood_rows},
+        cfg.task.contamination_ngram, cfg.task.drop_contaminated)
+    eval_rows, val_rows = splits.pop("eval"), splits.pop("val", [])
+    return train_rows, eval_rows, val_rows, splits, contamination
 
 
 def build_policy_backend(cfg: Config, policy: torch.nn.Module) -> TrainBackend:
@@ -181,6 +188,7 @@ def restore(run: Run, checkpoint: Path) -> None:
     set_rng_state(load_rank_state(checkpoint, dist.rank())["rng"])
     run.start_step = int(state["step"])
     run.masked_steps = int(state.get("guards", {}).get("masked_steps", 0))
+    run.best = dict(state.get("best", {}))
     log.info("resuming from %s (step %d)", checkpoint, run.start_step)
 
 

@@ -29,10 +29,11 @@ def test_short_comparison_on_two_seeds_writes_every_arm_and_run(tmp_path, warm_t
     for name in names:
         assert f"| {name} | 2 |" in table
     assert table.count(" - GRPO, final held-out accuracy: ") == len(names) - 1
+    assert "best acc: test accuracy at the evaluation with the best val/accuracy" in table
     with (tmp_path / "runs.csv").open() as f:
         runs = list(csv.DictReader(f))
     assert sorted((r["algorithm"], r["seed"]) for r in runs) == sorted((n, s) for n in names for s in ("0", "1"))
-    assert all(r["problems"] == "30" and r["ood_problems"] for r in runs)
+    assert all(r["problems"] == "30" and r["ood_problems"] and r["best_chosen_on"] == "val" for r in runs)
     with (tmp_path / "compare.csv").open() as f:
         assert [r["algorithm"] for r in csv.DictReader(f)] == names
     assert (tmp_path / "compare.png").stat().st_size > 10_000

@@ -87,9 +87,21 @@ class Arithmetic:
         return [self.row(a, b) for a, b in self._problems(held_out=False)]
 
     def eval_rows(self) -> list[dict]:
+        """The first `num_eval` held-out problems in a fixed shuffled order: the test split."""
+        return [self.row(a, b) for a, b in self._shuffled_held_out()[: self.num_eval]]
+
+    def val_rows(self, num: int) -> list[dict]:
+        """The `num` held-out problems after the test split's: a validation split that shares none of them."""
+        problems = self._shuffled_held_out()[self.num_eval :]
+        if num > len(problems):
+            raise ValueError(f"{num} validation problems asked for; {len(problems)} held-out problems are left "
+                             f"after the {self.num_eval} of the test split")
+        return [self.row(a, b) for a, b in problems[:num]]
+
+    def _shuffled_held_out(self) -> list[tuple[int, int]]:
         problems = self._problems(held_out=True)
         random.Random(self.seed).shuffle(problems)
-        return [self.row(a, b) for a, b in problems[: self.num_eval]]
+        return problems
 
     def ood_splits(self, num: int) -> dict[str, list[dict]]:
         """Out-of-distribution splits, `num` problems each, never trained on:
