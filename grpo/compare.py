@@ -54,9 +54,10 @@ ALGORITHMS: dict[str, list[str]] = {
     "ppo_rlhf": ["algorithm=ppo", "reward.functions=[{name:reward_model,weight:1.0,kwargs:{path:'{rm}'}}]"],
     "ppo": ["algorithm=ppo"],  # PPO on the task's own (verifiable) reward
     "dpo": ["algorithm=dpo"],
+    "online_dpo": ["algorithm=online_dpo"],  # pairs from the current policy, ranked by the task's reward
 }
 LABELS = {"grpo": "GRPO", "dr_grpo": "Dr. GRPO", "ppo_rlhf": "PPO-RLHF (learned RM)", "ppo": "PPO (verifiable reward)",
-          "dpo": "DPO (offline pairs)"}
+          "dpo": "DPO (offline pairs)", "online_dpo": "online DPO"}
 
 
 @dataclass

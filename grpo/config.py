@@ -18,11 +18,12 @@ from omegaconf import MISSING, OmegaConf
 from grpo.advantages import ADVANTAGE_ESTIMATORS
 from grpo.losses import AGGREGATION_MODES, KL_ESTIMATORS, RATIO_LEVELS
 
-LOOPS = ("grpo", "ppo", "dpo")
+LOOPS = ("grpo", "ppo", "dpo", "online_dpo")
 # Loops that do not run data-parallel yet, and why: several ranks would be unsynchronised copies of one run.
 SINGLE_PROCESS_LOOPS = {
     "ppo": "its critic is not synced across ranks and GAE would whiten each rank's share alone",
     "dpo": "TRL's trainer runs on this process's model without the run's data-parallel backend",
+    "online_dpo": "its loss is normalised by this rank's pairs, not the whole step's",
 }
 BACKEND_NAMES = ("torch", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
 ROLLOUT_ENGINES = ("hf", "vllm")
@@ -271,7 +272,8 @@ class DPOOptions:
 @dataclass
 class AlgorithmConfig:
     name: str = field(default="grpo", metadata={"help": "the recipe's label in logs and comparisons (grpo, dapo, ...)"})
-    loop: str = field(default="grpo", metadata={"help": "the training loop: grpo (every GRPO variant), ppo or dpo"})
+    loop: str = field(default="grpo", metadata={
+        "help": "the training loop: grpo (every GRPO variant), ppo, dpo or online_dpo"})
     advantage: str = field(default="grpo", metadata={"help": "advantage estimator (grpo.advantages)"})
     group_size: int = field(default=8, metadata={"help": "completions sampled per prompt (G)"})
     negative_weight: float = field(default=1.0, metadata={
@@ -303,7 +305,7 @@ class AlgorithmConfig:
         _choice("algorithm.loop", self.loop, LOOPS)
         if self.loop == "ppo":
             self.ppo.validate()
-        if self.loop == "dpo":
+        if self.loop in ("dpo", "online_dpo"):
             self.dpo.validate()
         _choice("algorithm.advantage", self.advantage, sorted(ADVANTAGE_ESTIMATORS))
         _choice("algorithm.loss_agg", self.loss_agg, AGGREGATION_MODES)

@@ -35,7 +35,8 @@ from rewards import RewardScorer, RewardSpec
 log = logging.getLogger("grpo")
 
 # The loop each `algorithm.loop` runs, imported when chosen (DPO's pulls in TRL's trainer).
-LOOPS = {"grpo": "grpo.trainer:train", "ppo": "grpo.ppo:train", "dpo": "grpo.dpo:train"}
+LOOPS = {"grpo": "grpo.trainer:train", "ppo": "grpo.ppo:train", "dpo": "grpo.dpo:train",
+         "online_dpo": "grpo.online_dpo:train"}
 
 
 @dataclass
@@ -114,7 +115,7 @@ def build_run(cfg: Config) -> Run:
     check_prompt_lengths(train_rows, eval_rows, tokenizer, context=context_length(policy),
                          max_new_tokens=cfg.rollout.max_new_tokens, where=cfg.task.train_file or cfg.task.name)
     ref_model = None
-    if cfg.algorithm.beta > 0:
+    if cfg.algorithm.beta > 0 or cfg.algorithm.loop == "online_dpo":  # the KL's, or DPO's, reference
         ref_model, _ = load_policy(cfg.model.path, cfg)
         ref_model.eval().requires_grad_(False)
     backend = build_policy_backend(cfg, policy)

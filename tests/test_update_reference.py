@@ -86,7 +86,7 @@ def test_every_optimiser_step_has_the_papers_gradient(tiny_random_dir, agg, rati
     beta, kl = (0.05, "k3") if ratio_level == "token" else (0.0, "k3")
     algo = AlgorithmConfig(loss_agg=agg, ratio_level=ratio_level, clip_low=clip_low, clip_high=clip_high,
                            dual_clip=dual_clip, beta=beta, kl_estimator=kl, group_size=4, epochs=2, mini_batches=2)
-    batch = _batch(model, tok, seed=hash((agg, ratio_level, clip)) % 1000)
+    batch = _batch(model, tok, seed=CASES.index((agg, ratio_level, clip)))  # fixed: str hashes vary by process
     width = batch.input_ids.shape[1]
     minis = [list(range(0, 4)), list(range(4, 8))]
     expected = []
