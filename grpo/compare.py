@@ -1,6 +1,6 @@
 """`grpo-compare`: several algorithms on the same task, model, seeds and sampling budget; one table, one plot.
 
-    grpo-compare out_dir=runs/compare                       # GRPO, Dr. GRPO, PPO-RLHF, DPO; seeds 0, 1, 2
+    grpo-compare out_dir=runs/compare        # GRPO, Dr. GRPO, PPO-RLHF, DPO, online DPO; seeds 0, 1, 2
     grpo-compare algorithms='[grpo,ppo]' seeds='[0,1,2,3,4]' budget_samples=25600 run_overrides='[optim.lr=1e-4]'
 
 Each algorithm runs once per seed, each run an ordinary `grpo-train` run (`<out_dir>/<name>/seed_<s>/`, its own
@@ -63,12 +63,12 @@ LABELS = {"grpo": "GRPO", "dr_grpo": "Dr. GRPO", "ppo_rlhf": "PPO-RLHF (learned 
 @dataclass
 class CompareConfig:
     out_dir: str = field(default="runs/compare", metadata={"help": "directory of the comparison"})
-    algorithms: list[str] = field(default_factory=lambda: ["grpo", "dr_grpo", "ppo_rlhf", "dpo"],
+    algorithms: list[str] = field(default_factory=lambda: ["grpo", "dr_grpo", "ppo_rlhf", "dpo", "online_dpo"],
                                   metadata={"help": "names from grpo.compare.ALGORITHMS, run in this order"})
-    budget_samples: int = field(default=51200, metadata={"help": "generated completions each algorithm may use"})
+    budget_samples: int = field(default=12800, metadata={"help": "generated completions each algorithm may use"})
     prompts_per_step: int = field(default=32, metadata={"help": "prompts per step of the online algorithms"})
     group_size: int = field(default=8, metadata={"help": "completions per prompt (DPO: samples per problem)"})
-    eval_every_samples: int = field(default=6400, metadata={"help": "samples between evaluations (online algorithms)"})
+    eval_every_samples: int = field(default=1600, metadata={"help": "samples between evaluations (online algorithms)"})
     dpo_eval_every: int = field(default=10, metadata={"help": "DPO optimiser steps between evaluations"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={
         "help": "every algorithm runs once per seed (its run seed and warm-start seed); intervals need >= 2"})
