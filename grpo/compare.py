@@ -1,13 +1,14 @@
 """`grpo-compare`: several algorithms on the same task, model, seeds and sampling budget; one table, one plot.
 
-    grpo-compare out_dir=runs/compare        # GRPO, Dr. GRPO, PPO-RLHF, DPO, online DPO; seeds 0, 1, 2
+    grpo-compare out_dir=runs/compare   # GRPO, Dr. GRPO, PPO-RLHF, DPO, online DPO, RFT, SFT; seeds 0, 1, 2
     grpo-compare algorithms='[grpo,ppo]' seeds='[0,1,2,3,4]' budget_samples=25600 run_overrides='[optim.lr=1e-4]'
 
 Each algorithm runs once per seed, each run an ordinary `grpo-train` run (`<out_dir>/<name>/seed_<s>/`, its own
 process, so its peak memory is its own), given the same `run_overrides`, prompts per step and group size; the
 seed sets both the run's seed and its warm start's. The budget is counted in generated completions: GRPO and
 PPO sample `prompts_per_step x group_size` per step and run `budget_samples / (prompts_per_step x group_size)`
-steps; DPO spends the whole budget up front, sampling `budget_samples / samples_per_prompt` training problems
+steps (RFT samples as GRPO does; SFT trains on as many demonstrations per step and samples nothing); DPO spends
+the whole budget up front, sampling `budget_samples / samples_per_prompt` training problems
 to build its preference pairs, then trains one epoch on them. Every run is evaluated by the same harness
 (`grpo.evaluate.evaluate_splits`: greedy, the same held-out and out-of-distribution rows) every
 `eval_every_samples` samples (DPO: every `dpo_eval_every` optimiser steps). PPO-RLHF scores with a reward
@@ -55,15 +56,19 @@ ALGORITHMS: dict[str, list[str]] = {
     "ppo": ["algorithm=ppo"],  # PPO on the task's own (verifiable) reward
     "dpo": ["algorithm=dpo"],
     "online_dpo": ["algorithm=online_dpo"],  # pairs from the current policy, ranked by the task's reward
+    "rft": ["algorithm=rft"],  # supervised on the policy's own samples that reach the reward bar
+    "sft": ["algorithm=sft"],  # supervised on the dataset's demonstrations (the gold answers)
 }
 LABELS = {"grpo": "GRPO", "dr_grpo": "Dr. GRPO", "ppo_rlhf": "PPO-RLHF (learned RM)", "ppo": "PPO (verifiable reward)",
-          "dpo": "DPO (offline pairs)", "online_dpo": "online DPO"}
+          "dpo": "DPO (offline pairs)", "online_dpo": "online DPO", "rft": "RFT (own correct samples)",
+          "sft": "SFT (demonstrations)"}
 
 
 @dataclass
 class CompareConfig:
     out_dir: str = field(default="runs/compare", metadata={"help": "directory of the comparison"})
-    algorithms: list[str] = field(default_factory=lambda: ["grpo", "dr_grpo", "ppo_rlhf", "dpo", "online_dpo"],
+    algorithms: list[str] = field(default_factory=lambda: ["grpo", "dr_grpo", "ppo_rlhf", "dpo", "online_dpo", "rft",
+                                                           "sft"],
                                   metadata={"help": "names from grpo.compare.ALGORITHMS, run in this order"})
     budget_samples: int = field(default=12800, metadata={"help": "generated completions each algorithm may use"})
     prompts_per_step: int = field(default=32, metadata={"help": "prompts per step of the online algorithms"})

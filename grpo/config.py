@@ -18,12 +18,14 @@ from omegaconf import MISSING, OmegaConf
 from grpo.advantages import ADVANTAGE_ESTIMATORS
 from grpo.losses import AGGREGATION_MODES, KL_ESTIMATORS, RATIO_LEVELS
 
-LOOPS = ("grpo", "ppo", "dpo", "online_dpo")
+LOOPS = ("grpo", "ppo", "dpo", "online_dpo", "rft", "sft")
 # Loops that do not run data-parallel yet, and why: several ranks would be unsynchronised copies of one run.
 SINGLE_PROCESS_LOOPS = {
     "ppo": "its critic is not synced across ranks and GAE would whiten each rank's share alone",
     "dpo": "TRL's trainer runs on this process's model without the run's data-parallel backend",
     "online_dpo": "its loss is normalised by this rank's pairs, not the whole step's",
+    "rft": "its loss is normalised by this rank's tokens, not the whole step's",
+    "sft": "its loss is normalised by this rank's tokens, not the whole step's",
 }
 BACKEND_NAMES = ("torch", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
 ROLLOUT_ENGINES = ("hf", "vllm")
@@ -270,10 +272,17 @@ class DPOOptions:
 
 
 @dataclass
+class SFTOptions:
+    min_reward: float = field(default=1.0, metadata={
+        "help": "RFT: a sampled completion is trained on when its reward reaches this"})
+    column: str = field(default="answer", metadata={"help": "SFT: the dataset column holding the demonstration"})
+
+
+@dataclass
 class AlgorithmConfig:
     name: str = field(default="grpo", metadata={"help": "the recipe's label in logs and comparisons (grpo, dapo, ...)"})
     loop: str = field(default="grpo", metadata={
-        "help": "the training loop: grpo (every GRPO variant), ppo, dpo or online_dpo"})
+        "help": "the training loop: grpo (every GRPO variant), ppo, dpo, online_dpo, rft or sft"})
     advantage: str = field(default="grpo", metadata={"help": "advantage estimator (grpo.advantages)"})
     group_size: int = field(default=8, metadata={"help": "completions sampled per prompt (G)"})
     negative_weight: float = field(default=1.0, metadata={
@@ -298,6 +307,7 @@ class AlgorithmConfig:
         "help": "truncated importance sampling: loss x min(pi_trainer / pi_sampler, cap); 0 = off"})
     ppo: PPOOptions = field(default_factory=PPOOptions)
     dpo: DPOOptions = field(default_factory=DPOOptions)
+    sft: SFTOptions = field(default_factory=SFTOptions)
 
     def validate(self) -> None:
         """Known names (the estimator, aggregation, ratio and KL registries) and ranges; PPO's and DPO's

@@ -101,9 +101,10 @@ def should_stop_early(run: Run, step: int) -> bool:
 
 def log_samples_if_due(run: Run, step: int, groups: Groups) -> None:
     """The first `train.num_samples_logged` samples (prompt, completion, reward) every `samples_every` steps."""
-    every, k, G = run.cfg.train.samples_every, run.cfg.train.num_samples_logged, run.cfg.algorithm.group_size
+    every, k = run.cfg.train.samples_every, run.cfg.train.num_samples_logged
     if every and step % every == 0:
-        prompts = [r["prompt"] for r in groups.rows for _ in range(G)]
+        per_row = len(groups.texts) // max(1, len(groups.rows))  # G sampled completions, or 1 demonstration
+        prompts = [r["prompt"] for r in groups.rows for _ in range(per_row)]
         run.tracker.log_samples(step, prompts[:k], groups.texts[:k], groups.rewards[:k])
 
 

@@ -36,7 +36,7 @@ log = logging.getLogger("grpo")
 
 # The loop each `algorithm.loop` runs, imported when chosen (DPO's pulls in TRL's trainer).
 LOOPS = {"grpo": "grpo.trainer:train", "ppo": "grpo.ppo:train", "dpo": "grpo.dpo:train",
-         "online_dpo": "grpo.online_dpo:train"}
+         "online_dpo": "grpo.online_dpo:train", "rft": "grpo.supervised:train_rft", "sft": "grpo.supervised:train_sft"}
 
 
 @dataclass
