@@ -19,9 +19,10 @@ from grpo.advantages import ADVANTAGE_ESTIMATORS
 from grpo.losses import AGGREGATION_MODES, KL_ESTIMATORS, RATIO_LEVELS
 
 LOOPS = ("grpo", "ppo", "dpo", "online_dpo", "rft", "sft")
-# Loops that do not run data-parallel yet, and why: several ranks would be unsynchronised copies of one run.
+# Loops that do not run data-parallel (on the backends listed, or any), and why: several ranks would be
+# unsynchronised copies of one run. PPO runs on several ranks under ddp (its critic is synced like the policy).
 SINGLE_PROCESS_LOOPS = {
-    "ppo": "its critic is not synced across ranks and GAE would whiten each rank's share alone",
+    "ppo": "its critic is not sharded by DeepSpeed yet; backend=ddp runs it on several ranks",
     "dpo": "TRL's trainer runs on this process's model without the run's data-parallel backend",
     "online_dpo": "its loss is normalised by this rank's pairs, not the whole step's",
     "rft": "its loss is normalised by this rank's tokens, not the whole step's",
@@ -475,9 +476,11 @@ def validate_world(cfg: Config, world_size: int, num_eval_rows: int) -> None:
         )
     if world_size > 1 and cfg.backend.name == "torch":
         raise ConfigError(f"backend: {world_size} ranks need backend=ddp or deepspeed_zero1/2/3, not torch")
-    if world_size > 1 and cfg.algorithm.loop in SINGLE_PROCESS_LOOPS:
-        raise ConfigError(f"algorithm.loop: {cfg.algorithm.loop} runs on one process only "
-                          f"({SINGLE_PROCESS_LOOPS[cfg.algorithm.loop]}); launch it without torchrun/deepspeed")
+    loop = cfg.algorithm.loop
+    ppo_under_ddp = loop == "ppo" and cfg.backend.name == "ddp"
+    if world_size > 1 and loop in SINGLE_PROCESS_LOOPS and not ppo_under_ddp:
+        raise ConfigError(f"algorithm.loop: {loop} does not run on {world_size} ranks with backend={cfg.backend.name} "
+                          f"({SINGLE_PROCESS_LOOPS[loop]}); launch it on one process")
     if 0 < num_eval_rows < world_size:
         raise ConfigError(f"task: {num_eval_rows} held-out rows cannot be shared by {world_size} ranks")
 

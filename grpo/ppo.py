@@ -35,16 +35,17 @@ import logging
 import torch
 from transformers import AutoModelForTokenClassification
 
+from grpo import distributed as dist
 from grpo.advantages import compute_advantages
 from grpo.backends import build_backend
-from grpo.batch import layout_batch
+from grpo.batch import RolloutBatch, layout_batch
 from grpo.checkpoint import latest_checkpoint, load_state
 from grpo.faults import crash_point
 from grpo.logprobs import token_budget_batches
 from grpo.loop import StepResult, no_signal_reason, run_loop
 from grpo.modeling import disable_dropout
 from grpo.run import Run
-from grpo.sampling import reward_stats, rollout_metrics, sample_groups
+from grpo.sampling import gather_groups, reward_stats, rollout_metrics, sample_groups
 from grpo.update import mini_batch_rows, score_logprobs, update_policy
 
 log = logging.getLogger(__name__)
@@ -71,42 +72,57 @@ class PPO:
 
     def step(self, run: Run, step: int) -> StepResult:
         """One PPO step on a fresh rollout batch (evaluation, logging and checkpoints are the loop's)."""
-        cfg, algo = run.cfg, run.cfg.algorithm
-        G, T, mbt = algo.group_size, cfg.rollout.temperature, cfg.backend.micro_batch_tokens
-        # 1-2. sample completions and score them with the reward functions (the RM for RLHF)
+        cfg, G = run.cfg, run.cfg.algorithm.group_size
+        # 1-2. sample completions and score them with the reward functions (the RM for RLHF); each rank its
+        #      share of the prompts, gathered for the metrics
         groups, metrics = sample_groups(run, cfg.train.prompts_per_step)
-        metrics |= reward_stats(groups)
-        skipped = no_signal_reason(run, True, metrics["train/reward_masked_frac"], step)
+        everyone, offset = gather_groups(groups)
+        metrics |= reward_stats(everyone)
+        skipped = no_signal_reason(run, offset >= 0, metrics["train/reward_masked_frac"], step)
         if skipped:
-            return StepResult(metrics, groups, skipped)
+            return StepResult(metrics, everyone, skipped)
         _, valid, scores = compute_advantages(groups.rewards, G, "grpo")  # None rewards: masked out
         batch = layout_batch(groups.prompt_ids, groups.completion_ids, G, run.tokenizer.pad_token_id,
                              groups.sampler_logprobs)
         batch.completion_mask *= valid[:, None].float()
+        # 3-5. per-token rewards, critic values, GAE, the policy's and the critic's steps
+        metrics |= self.update(run, batch, scores.nan_to_num(0.0))
+        crash_point("mid_step", step)
+        # 6. the rollout engine samples from the new weights next step
+        metrics["time/weight_sync_s"] = run.engine.sync_weights(run.policy)
+        _, valid_all, _ = compute_advantages(everyone.rewards, G, "grpo")
+        metrics |= rollout_metrics(everyone, valid_all)
+        return StepResult(metrics, everyone)
+
+    def update(self, run: Run, batch: RolloutBatch, scores: torch.Tensor) -> dict:
+        """PPO's update of this rank's rows (scores [N], 0 where masked): returns, advantages whitened over
+        every rank's tokens, one policy and one critic update, each normalised by the whole batch's counts."""
+        cfg, algo = run.cfg, run.cfg.algorithm
+        T, mbt = cfg.rollout.temperature, cfg.backend.micro_batch_tokens
         mask = batch.completion_mask  # [N, T-1]
         # 3. per-token rewards: the score at the end, the KL to the reference on every token
-        batch.old_logprobs = score_logprobs(run.policy, batch, temperature=T, micro_batch_tokens=mbt)  # [N, T-1]
+        batch.old_logprobs = score_logprobs(run.backend.model, batch, temperature=T, micro_batch_tokens=mbt)
         ref = score_logprobs(run.ref_model, batch, temperature=T, micro_batch_tokens=mbt) if algo.beta > 0 else None
-        rewards = token_rewards(scores.nan_to_num(0.0), mask, batch.old_logprobs, ref, algo.beta)  # [N, T-1]
+        rewards = token_rewards(scores, mask, batch.old_logprobs, ref, algo.beta)  # [N, T-1]
         # 4. critic values and GAE
         values = self.values(batch, mbt)  # [N, T-1]
         advantages, returns = gae(rewards, values, mask, algo.ppo.gamma, algo.ppo.lam)  # [N, T-1] each
         batch.advantages = whiten(advantages, mask) if algo.ppo.whiten_advantages else advantages
         # 5. policy step on the clipped surrogate (the KL is in the reward, not the loss), critic step on
         #    the clipped value loss
-        metrics |= update_policy(run.backend, batch, dataclasses.replace(algo, beta=0.0), temperature=T,
-                                 micro_batch_tokens=mbt, max_new_tokens=cfg.rollout.max_new_tokens)
+        metrics = update_policy(run.backend, batch, dataclasses.replace(algo, beta=0.0), temperature=T,
+                                micro_batch_tokens=mbt, max_new_tokens=cfg.rollout.max_new_tokens)
         metrics |= update_critic(self.critic_backend, batch, values, returns, epochs=algo.epochs,
                                  mini_batches=algo.mini_batches, clip=algo.ppo.value_clip, micro_batch_tokens=mbt)
-        crash_point("mid_step", step)
-        # 6. the rollout engine samples from the new weights next step
-        metrics["time/weight_sync_s"] = run.engine.sync_weights(run.policy)
-        metrics |= rollout_metrics(groups, valid)
-        tokens = mask.sum().clamp(min=1)
-        metrics["train/value_mean"] = float((values * mask).sum() / tokens)
+        sums = [mask.sum(), (values * mask).sum()]
         if ref is not None:
-            metrics["train/kl"] = float(((batch.old_logprobs - ref) * mask).sum() / tokens)
-        return StepResult(metrics, groups)
+            sums.append(((batch.old_logprobs - ref) * mask).sum())
+        sums = dist.all_reduce_sum(torch.stack(sums).double())  # over every rank's tokens
+        tokens = max(float(sums[0]), 1.0)
+        metrics["train/value_mean"] = float(sums[1]) / tokens
+        if ref is not None:
+            metrics["train/kl"] = float(sums[2]) / tokens
+        return metrics
 
     @torch.no_grad()
     def values(self, batch, micro_batch_tokens: int) -> torch.Tensor:
@@ -172,11 +188,12 @@ def token_rewards(scores: torch.Tensor, mask: torch.Tensor, logp: torch.Tensor, 
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Zero mean, unit std over the masked entries; masked-out entries stay 0."""
+    """Zero mean, unit (unbiased) std over the masked entries of every rank; masked-out entries stay 0."""
     m = mask.bool()
-    mean = x[m].mean()
-    std = x[m].std() if m.sum() > 1 else torch.tensor(1.0)
-    return torch.where(m, (x - mean) / (std + eps), 0.0)
+    count, total, squares = dist.all_reduce_sum(torch.stack([m.sum(), x[m].sum(), (x[m] ** 2).sum()]).double())
+    mean = total / count.clamp(min=1)
+    var = (squares - count * mean**2) / (count - 1) if count > 1 else torch.tensor(1.0, dtype=torch.float64)
+    return torch.where(m, (x - mean.float()) / (var.clamp(min=0).sqrt().float() + eps), 0.0)
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -199,7 +216,8 @@ def build_critic(run: Run, path: str):
     if getattr(critic.score, "bias", None) is not None:
         torch.nn.init.zeros_(critic.score.bias)
     backend = build_backend(
-        "torch", policy=critic, lr=cfg.algorithm.ppo.value_lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+        "ddp" if cfg.backend.name == "ddp" else "torch", policy=critic, lr=cfg.algorithm.ppo.value_lr,
+        betas=cfg.optim.betas, eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps, schedule=cfg.optim.schedule,
         total_steps=cfg.train.max_steps * cfg.algorithm.epochs * cfg.algorithm.mini_batches,
         max_grad_norm=cfg.optim.max_grad_norm,
@@ -209,17 +227,20 @@ def build_critic(run: Run, path: str):
 
 def update_critic(backend, batch, old_values: torch.Tensor, returns: torch.Tensor, *, epochs: int, mini_batches: int,
                   clip: float, micro_batch_tokens: int) -> dict:
-    """`epochs` passes of `mini_batches` optimiser steps on the clipped value loss (token mean per mini-batch)."""
+    """`epochs` passes of `mini_batches` optimiser steps on the clipped value loss: the token mean over the
+    mini-batch's tokens on every rank, so the gradients summed over ranks (`backend=ddp`) are the whole
+    batch's. The critic runs through `backend.policy`, the bare value model."""
     total, updates = 0.0, 0
     for _ in range(epochs):
         for rows in mini_batch_rows(len(batch), mini_batches):
-            if not rows or batch.completion_mask[rows].sum() == 0:
-                continue  # nothing to fit in this mini-batch
-            num_tokens = batch.completion_mask[rows].sum()
-            lengths = batch.attention_mask[rows].sum(1).tolist()
+            local = batch.completion_mask[rows].sum() if rows else torch.tensor(0.0)
+            num_tokens = float(dist.all_reduce_sum(local.reshape(1).double())[0])
+            if num_tokens == 0:
+                continue  # nothing to fit in this mini-batch on any rank: no step anywhere
+            lengths = batch.attention_mask[rows].sum(1).tolist() if rows else []
             for micro in token_budget_batches(lengths, micro_batch_tokens):
                 idx = [rows[i] for i in micro]
-                values = critic_values(backend.model, batch.input_ids[idx], batch.attention_mask[idx])  # [n, T-1]
+                values = critic_values(backend.policy, batch.input_ids[idx], batch.attention_mask[idx])  # [n, T-1]
                 mask = batch.completion_mask[idx]  # [n, T-1]
                 per_token = value_loss(values, old_values[idx], returns[idx], mask, clip)  # [n, T-1]
                 loss = per_token.sum() / num_tokens
@@ -227,4 +248,4 @@ def update_critic(backend, batch, old_values: torch.Tensor, returns: torch.Tenso
                 total += float(loss.detach())
             backend.step()
             updates += 1
-    return {"train/value_loss": total / max(updates, 1)}
+    return {"train/value_loss": float(dist.all_reduce_sum(torch.tensor([total]))[0]) / max(updates, 1)}

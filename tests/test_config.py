@@ -217,12 +217,20 @@ def test_import_grpo_pulls_in_neither_vllm_nor_deepspeed():
     assert out.stdout.strip() == "[]", out.stderr
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "dpo"])
-def test_ppo_and_dpo_on_several_ranks_are_refused_before_any_work(algorithm):
+@pytest.mark.parametrize("algorithm, backend", [("ppo", "deepspeed_zero2"), ("dpo", "ddp"), ("online_dpo", "ddp"),
+                                                ("rft", "ddp"), ("sft", "ddp")])
+def test_loops_that_do_not_run_data_parallel_are_refused_on_several_ranks_before_any_work(algorithm, backend):
     from grpo.config import validate_world
 
-    cfg = compose([f"algorithm={algorithm}", "backend=ddp", "train.prompts_per_step=8"])
+    cfg = compose([f"algorithm={algorithm}", f"backend={backend}", "train.prompts_per_step=8"])
     validate_world(cfg, 1, 100)
-    with pytest.raises(ConfigError, match=f"algorithm.loop: {algorithm} runs on one process only"):
+    refused = f"algorithm.loop: {algorithm} does not run on 2 ranks with backend={backend}"
+    with pytest.raises(ConfigError, match=refused):
         validate_world(cfg, 2, 100)
-    validate_world(compose(["backend=ddp", "train.prompts_per_step=8"]), 2, 100)  # GRPO runs on both
+
+
+@pytest.mark.parametrize("overrides", [["backend=ddp"], ["algorithm=ppo", "backend=ddp"]])
+def test_grpo_and_ppo_under_ddp_run_on_several_ranks(overrides):
+    from grpo.config import validate_world
+
+    validate_world(compose([*overrides, "train.prompts_per_step=8"]), 2, 100)

@@ -217,3 +217,23 @@ def test_dynamic_sampling_on_two_ranks_trains_each_rank_on_its_rows_of_the_whole
     torch.testing.assert_close(torch.tensor(rank0["advantages"] + rank1["advantages"]), whole, atol=1e-6, rtol=0)
     alone, _, _ = compute_advantages(result["rewards"][12:], 4, "reinforce_pp")  # what rank 1 would get alone
     assert (alone - whole[12:]).abs().max() > 1e-3  # so the check above could tell them apart
+
+
+def test_ppo_on_two_ranks_with_b_groups_equals_one_rank_with_2b(tmp_path, tiny_random_dir):
+    driver = ROOT / "tests" / "ppo_data_parallel_step.py"
+    out = {}
+    for ranks in (1, 2):
+        result = tmp_path / f"{ranks}.pt"
+        launch([*launcher("ddp", ranks), str(driver), "--model", str(tiny_random_dir), "--out", str(result)])
+        out[ranks] = torch.load(result, weights_only=False)
+    one, two = out[1], out[2]
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    # GAE's whitening, the value mean and the KL are over every rank's tokens; both losses are normalised by
+    # the whole batch's counts, so the summed gradients are the one-rank ones (float32 summation order apart)
+    for key in ("train/value_mean", "train/kl", "train/loss", "train/value_loss", "optim/grad_norm"):
+        assert abs(one["metrics"][key] - two["metrics"][key]) < 1e-5 * max(1.0, abs(one["metrics"][key])), key
+    moved = {"policy": 0, "critic": 0}
+    for name, g in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], g, atol=2e-6, rtol=0, msg=name)
+        moved["critic" if name.startswith("critic") else "policy"] += int(g.abs().sum() > 0)
+    assert moved["policy"] > 10 and moved["critic"] > 10  # a real gradient reached both models
