@@ -125,6 +125,17 @@ def training_state(run: Run) -> dict:
             "guards": {"masked_steps": run.masked_steps}, "best": dict(run.best)}
 
 
+def replica_check(run: Run, step: int, **models) -> dict:
+    """Every `backend.check_replicas_every` steps: how far the ranks' copies of the policy (and of any other
+    `models` trained data-parallel, e.g. PPO's critic) are apart; 0 when they are in sync."""
+    every = run.cfg.backend.check_replicas_every
+    if not every or step % every:
+        return {}
+    with run.backend.gathered_for_rollout():  # ZeRO-3: the full weights
+        out = {"dist/replica_weight_diff": dist.replica_difference(run.policy)}
+    return out | {f"dist/{name}_replica_weight_diff": dist.replica_difference(m) for name, m in models.items()}
+
+
 class MaskedRewardsError(RuntimeError):
     """Too many steps in a row on which every sample's reward was masked (the rewards are broken)."""
 

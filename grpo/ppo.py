@@ -42,7 +42,7 @@ from grpo.batch import RolloutBatch, layout_batch
 from grpo.checkpoint import latest_checkpoint, load_state
 from grpo.faults import crash_point
 from grpo.logprobs import token_budget_batches
-from grpo.loop import StepResult, no_signal_reason, run_loop
+from grpo.loop import StepResult, no_signal_reason, replica_check, run_loop
 from grpo.modeling import disable_dropout
 from grpo.run import Run
 from grpo.sampling import gather_groups, reward_stats, rollout_metrics, sample_groups
@@ -90,6 +90,7 @@ class PPO:
         crash_point("mid_step", step)
         # 6. the rollout engine samples from the new weights next step
         metrics["time/weight_sync_s"] = run.engine.sync_weights(run.policy)
+        metrics |= replica_check(run, step, critic=self.critic)
         _, valid_all, _ = compute_advantages(everyone.rewards, G, "grpo")
         metrics |= rollout_metrics(everyone, valid_all)
         return StepResult(metrics, everyone)

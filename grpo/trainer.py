@@ -32,7 +32,7 @@ from grpo import distributed as dist
 from grpo.advantages import compute_advantages
 from grpo.batch import RolloutBatch, layout_batch
 from grpo.faults import crash_point
-from grpo.loop import StepResult, no_signal_reason, run_loop
+from grpo.loop import StepResult, no_signal_reason, replica_check, run_loop
 from grpo.run import Run
 from grpo.sampling import Groups, gather_groups, reward_stats, rollout_metrics, sample_groups
 from grpo.update import score_logprobs, update_policy
@@ -102,12 +102,3 @@ def add_old_and_reference_logprobs(run: Run, batch: RolloutBatch) -> None:
         batch.old_logprobs = score_logprobs(run.backend.model, batch, temperature=T, micro_batch_tokens=budget)
     if algo.beta > 0:
         batch.ref_logprobs = score_logprobs(run.ref_model, batch, temperature=T, micro_batch_tokens=budget)
-
-
-def replica_check(run: Run, step: int) -> dict:
-    """Every `backend.check_replicas_every` steps: how far the ranks' weights are apart (should be 0)."""
-    every = run.cfg.backend.check_replicas_every
-    if not every or step % every:
-        return {}
-    with run.backend.gathered_for_rollout():  # ZeRO-3: the full weights
-        return {"dist/replica_weight_diff": dist.replica_difference(run.policy)}

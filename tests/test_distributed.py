@@ -237,3 +237,15 @@ def test_ppo_on_two_ranks_with_b_groups_equals_one_rank_with_2b(tmp_path, tiny_r
         torch.testing.assert_close(two["grads"][name], g, atol=2e-6, rtol=0, msg=name)
         moved["critic" if name.startswith("critic") else "policy"] += int(g.abs().sum() > 0)
     assert moved["policy"] > 10 and moved["critic"] > 10  # a real gradient reached both models
+
+
+def test_ppo_trains_on_two_ranks_with_identical_policy_and_critic_replicas(tmp_path, warm_tiny_dir):
+    run_dir = tmp_path / "run"
+    train("ddp", run_dir, "algorithm=ppo", "train.max_steps=2", "checkpoint.every_steps=0")
+    steps = [r for r in metrics(run_dir) if r["step"] > 0]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:  # both ranks hold bit-identical policies and critics after every step
+        assert r["dist/replica_weight_diff"] == 0.0 and r["dist/critic_replica_weight_diff"] == 0.0, r
+        assert r["train/value_loss"] > 0
+    state = torch.load(run_dir / "checkpoints" / "step_2" / "state.pt", weights_only=True)
+    assert "critic" in state and state["world_size"] == 2
