@@ -19,14 +19,14 @@ from grpo.advantages import ADVANTAGE_ESTIMATORS
 from grpo.losses import AGGREGATION_MODES, KL_ESTIMATORS, RATIO_LEVELS
 
 LOOPS = ("grpo", "ppo", "dpo", "online_dpo", "rft", "sft")
-# Loops that do not run data-parallel (on the backends listed, or any), and why: several ranks would be
-# unsynchronised copies of one run. PPO runs on several ranks under ddp (its critic is synced like the policy).
-SINGLE_PROCESS_LOOPS = {
-    "ppo": "its critic is not sharded by DeepSpeed yet; backend=ddp runs it on several ranks",
-    "dpo": "TRL's trainer runs on this process's model without the run's data-parallel backend",
-    "online_dpo": "its loss is normalised by this rank's pairs, not the whole step's",
-    "rft": "its loss is normalised by this rank's tokens, not the whole step's",
-    "sft": "its loss is normalised by this rank's tokens, not the whole step's",
+# Loops that run on several ranks under some backends only: those backends, and why not the others (several
+# ranks would otherwise be unsynchronised copies of one run). GRPO runs on every backend.
+DATA_PARALLEL_LIMITS = {
+    "ppo": (("ddp",), "its critic is not sharded by DeepSpeed yet"),
+    "dpo": ((), "TRL's trainer runs on this process's model without the run's data-parallel backend"),
+    "online_dpo": (("ddp",), "its update is not yet tested under DeepSpeed"),
+    "rft": (("ddp",), "its update is not yet tested under DeepSpeed"),
+    "sft": (("ddp",), "its update is not yet tested under DeepSpeed"),
 }
 BACKEND_NAMES = ("torch", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
 ROLLOUT_ENGINES = ("hf", "vllm")
@@ -477,10 +477,11 @@ def validate_world(cfg: Config, world_size: int, num_eval_rows: int) -> None:
     if world_size > 1 and cfg.backend.name == "torch":
         raise ConfigError(f"backend: {world_size} ranks need backend=ddp or deepspeed_zero1/2/3, not torch")
     loop = cfg.algorithm.loop
-    ppo_under_ddp = loop == "ppo" and cfg.backend.name == "ddp"
-    if world_size > 1 and loop in SINGLE_PROCESS_LOOPS and not ppo_under_ddp:
+    backends, reason = DATA_PARALLEL_LIMITS.get(loop, (BACKEND_NAMES, ""))
+    if world_size > 1 and cfg.backend.name not in backends:
+        where = f"backend={'|'.join(backends)}" if backends else "one process"
         raise ConfigError(f"algorithm.loop: {loop} does not run on {world_size} ranks with backend={cfg.backend.name} "
-                          f"({SINGLE_PROCESS_LOOPS[loop]}); launch it on one process")
+                          f"({reason}); launch it on {where}")
     if 0 < num_eval_rows < world_size:
         raise ConfigError(f"task: {num_eval_rows} held-out rows cannot be shared by {world_size} ranks")
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from grpo import distributed as dist
 from grpo.batch import RolloutBatch, layout_batch
 from grpo.faults import crash_point
-from grpo.loop import StepResult, no_signal_reason, run_loop
+from grpo.loop import StepResult, no_signal_reason, replica_check, run_loop
 from grpo.run import Run
-from grpo.sampling import Groups, reward_stats, rollout_metrics, sample_groups
+from grpo.sampling import Groups, gather_groups, reward_stats, rollout_metrics, sample_groups
 from grpo.update import equal_count_micro_batches, forward_logprobs, score_logprobs
 
 
@@ -37,19 +38,23 @@ def train(run: Run) -> list[dict]:
 def train_step(run: Run, step: int) -> StepResult:
     """One online DPO step on pairs from a fresh rollout batch."""
     cfg = run.cfg
-    groups, metrics = sample_groups(run, cfg.train.prompts_per_step)
-    metrics |= reward_stats(groups)
-    pairs = best_and_worst(groups.rewards, cfg.algorithm.group_size)  # [(chosen row, rejected row)]
-    valid = torch.tensor([r is not None for r in groups.rewards])
-    metrics |= rollout_metrics(groups, valid) | {"train/dpo_pairs": len(pairs)}
-    skipped = no_signal_reason(run, bool(pairs), metrics["train/reward_masked_frac"], step)
+    groups, metrics = sample_groups(run, cfg.train.prompts_per_step)  # this rank's share of the prompts
+    everyone, _ = gather_groups(groups)
+    metrics |= reward_stats(everyone)
+    pairs = best_and_worst(groups.rewards, cfg.algorithm.group_size)  # [(chosen row, rejected row)], this rank's
+    total_pairs = int(dist.all_reduce_sum(torch.tensor([len(pairs)]))[0])
+    valid = torch.tensor([r is not None for r in everyone.rewards])
+    metrics |= rollout_metrics(everyone, valid) | {"train/dpo_pairs": total_pairs}
+    skipped = no_signal_reason(run, total_pairs > 0, metrics["train/reward_masked_frac"], step)
     if skipped:
-        return StepResult(metrics, groups, skipped)
-    batch = pair_batch(run, groups, pairs)
-    metrics |= dpo_update(run, batch, len(pairs))
+        return StepResult(metrics, everyone, skipped)
+    # a rank without a pair of its own runs a zero-weighted one: every rank takes part in the step
+    batch = pair_batch(run, groups, pairs or [(0, 1)])
+    metrics |= dpo_update(run, batch, total_pairs, own_pairs=bool(pairs))
     crash_point("mid_step", step)
     metrics["time/weight_sync_s"] = run.engine.sync_weights(run.policy)
-    return StepResult(metrics, groups)
+    metrics |= replica_check(run, step)
+    return StepResult(metrics, everyone)
 
 
 def best_and_worst(rewards: list[float | None], group_size: int) -> list[tuple[int, int]]:
@@ -84,14 +89,15 @@ def dpo_loss(policy_seq: torch.Tensor, ref_seq: torch.Tensor, beta: float) -> tu
     return -F.logsigmoid(margin), margin.detach()
 
 
-def dpo_update(run: Run, batch: RolloutBatch, num_pairs: int) -> dict:
-    """One optimiser step on the batch's pairs; each micro-batch holds whole pairs, and its loss is its share
-    of the mean over all pairs, so the accumulated gradient is that of the mean."""
+def dpo_update(run: Run, batch: RolloutBatch, total_pairs: int, own_pairs: bool = True) -> dict:
+    """One optimiser step on this rank's pairs (rows chosen, rejected, ...); each micro-batch holds whole pairs,
+    and its loss is its share of the mean over `total_pairs`, every rank's, so the gradient summed over ranks
+    is that of the mean. `own_pairs` false: the batch is a stand-in that only keeps this rank in step."""
     cfg, beta = run.cfg, run.cfg.algorithm.dpo.beta
     lengths = batch.attention_mask.sum(1).tolist()
-    pair_lengths = [lengths[2 * p] + lengths[2 * p + 1] for p in range(num_pairs)]
+    pair_lengths = [lengths[2 * p] + lengths[2 * p + 1] for p in range(len(batch) // 2)]
     device = next(run.backend.model.parameters()).device
-    losses, margins = [], []
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, margin, margins > 0, pairs: this rank's
     for micro_pairs in equal_count_micro_batches(pair_lengths, cfg.backend.micro_batch_tokens):
         rows = [r for p in micro_pairs for r in (2 * p, 2 * p + 1)]
         micro = batch.select(rows or [0, 1]).to(device)
@@ -100,14 +106,13 @@ def dpo_update(run: Run, batch: RolloutBatch, num_pairs: int) -> dict:
                                    logits_to_keep_from=micro.prompt_width - 1)  # [n, T-1]
         mask = micro.completion_mask
         loss, margin = dpo_loss((logp * mask).sum(1), (micro.ref_logprobs * mask).sum(1), beta)  # [n/2] each
-        weight = 1.0 if micro_pairs else 0.0  # an empty micro-batch keeps ZeRO-3's collectives in step
-        run.backend.backward(loss.sum() * weight / num_pairs)
-        if micro_pairs:
-            losses.append(loss.detach())
-            margins.append(margin)
+        weight = 1.0 if micro_pairs and own_pairs else 0.0  # empty micro-batches keep ZeRO-3's collectives in step
+        run.backend.backward(loss.sum() * weight / total_pairs)
+        count = margin.new_tensor(float(len(margin)))
+        sums += weight * torch.stack([loss.detach().sum(), margin.sum(), (margin > 0).sum(), count]).double()
     result = run.backend.step()
-    loss, margin = torch.cat(losses), torch.cat(margins)
-    return {"train/loss": float(loss.mean()), "train/dpo_margin": float(margin.mean()),
-            "train/dpo_pair_accuracy": float((margin > 0).float().mean()), "optim/grad_norm": result["grad_norm"],
-            "optim/lr": result["lr"], "optim/skipped_steps": int(result["skipped"]),
+    loss, margin, right, pairs = dist.all_reduce_sum(sums).tolist()
+    return {"train/loss": loss / pairs, "train/dpo_margin": margin / pairs, "train/dpo_pair_accuracy": right / pairs,
+            "optim/grad_norm": result["grad_norm"], "optim/lr": result["lr"],
+            "optim/skipped_steps": int(result["skipped"]),
             "optim/skipped_total": getattr(run.backend, "skipped_steps", 0)}

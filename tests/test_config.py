@@ -217,8 +217,9 @@ def test_import_grpo_pulls_in_neither_vllm_nor_deepspeed():
     assert out.stdout.strip() == "[]", out.stderr
 
 
-@pytest.mark.parametrize("algorithm, backend", [("ppo", "deepspeed_zero2"), ("dpo", "ddp"), ("online_dpo", "ddp"),
-                                                ("rft", "ddp"), ("sft", "ddp")])
+@pytest.mark.parametrize("algorithm, backend", [("ppo", "deepspeed_zero2"), ("dpo", "ddp"),
+                                                ("online_dpo", "deepspeed_zero3"), ("rft", "deepspeed_zero1"),
+                                                ("sft", "deepspeed_zero2")])
 def test_loops_that_do_not_run_data_parallel_are_refused_on_several_ranks_before_any_work(algorithm, backend):
     from grpo.config import validate_world
 
@@ -229,8 +230,9 @@ def test_loops_that_do_not_run_data_parallel_are_refused_on_several_ranks_before
         validate_world(cfg, 2, 100)
 
 
-@pytest.mark.parametrize("overrides", [["backend=ddp"], ["algorithm=ppo", "backend=ddp"]])
-def test_grpo_and_ppo_under_ddp_run_on_several_ranks(overrides):
+@pytest.mark.parametrize("overrides", [["backend=ddp"], ["backend=deepspeed_zero3"], *(
+    [f"algorithm={a}", "backend=ddp"] for a in ("ppo", "online_dpo", "rft", "sft"))])
+def test_grpo_and_the_ddp_loops_run_on_several_ranks(overrides):
     from grpo.config import validate_world
 
     validate_world(compose([*overrides, "train.prompts_per_step=8"]), 2, 100)

@@ -249,3 +249,32 @@ def test_ppo_trains_on_two_ranks_with_identical_policy_and_critic_replicas(tmp_p
         assert r["train/value_loss"] > 0
     state = torch.load(run_dir / "checkpoints" / "step_2" / "state.pt", weights_only=True)
     assert "critic" in state and state["world_size"] == 2
+
+
+def test_online_dpo_and_nll_updates_on_two_ranks_equal_one_rank_with_the_whole_batch(tmp_path, tiny_random_dir):
+    driver = ROOT / "tests" / "pairs_data_parallel_step.py"
+    out = {}
+    for ranks in (1, 2):
+        result = tmp_path / f"{ranks}.pt"
+        launch([*launcher("ddp", ranks), str(driver), "--model", str(tiny_random_dir), "--out", str(result)])
+        out[ranks] = torch.load(result, weights_only=False)
+    assert (out[1]["world_size"], out[2]["world_size"]) == (1, 2)
+    for kind in ("dpo", "nll"):  # normalised by every rank's pairs / tokens: the summed gradient is the mean's
+        one, two = out[1][kind], out[2][kind]
+        assert abs(one["loss"] - two["loss"]) < 1e-6, kind
+        for name, g in one["grads"].items():
+            torch.testing.assert_close(two["grads"][name], g, atol=2e-6, rtol=0, msg=f"{kind}: {name}")
+        assert sum(int(g.abs().sum() > 0) for g in one["grads"].values()) > 10, kind
+
+
+@pytest.mark.parametrize("algorithm", ["online_dpo", "rft", "sft"])
+def test_the_other_ddp_loops_train_on_two_ranks_with_identical_replicas(tmp_path, warm_tiny_dir, algorithm):
+    run_dir = tmp_path / "run"
+    train("ddp", run_dir, f"algorithm={algorithm}", "train.max_steps=3", "train.prompts_per_step=8",
+          "checkpoint.every_steps=0")
+    steps = [r for r in metrics(run_dir) if r["step"] > 0]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    updated = [r for r in steps if "optim/grad_norm" in r]  # a step may find no pair or no right answer
+    assert updated, steps
+    for r in updated:
+        assert r["dist/replica_weight_diff"] == 0.0 and r["optim/grad_norm"] > 0, r

@@ -45,7 +45,7 @@ def test_the_update_is_the_mean_over_pairs_whatever_the_micro_batches(tiny_rando
                        "rollout.temperature=1.0"])
         backend = RecordingBackend(model)
         run = SimpleNamespace(cfg=cfg, backend=backend)
-        metrics = dpo_update(run, batch, num_pairs=3)
+        metrics = dpo_update(run, batch, total_pairs=3)
         grads.append(backend.grads[0])
         assert 0.0 <= metrics["train/dpo_pair_accuracy"] <= 1.0 and metrics["train/loss"] > 0
     for name, g in grads[0].items():

@@ -48,7 +48,7 @@ def test_rft_trains_on_exactly_the_samples_that_reach_the_bar(tmp_path, tiny_ran
     run = build_run(cfg)
     seen = []
     real = supervised.nll_update
-    monkeypatch.setattr(supervised, "nll_update", lambda run, batch: seen.append(batch) or real(run, batch))
+    monkeypatch.setattr(supervised, "nll_update", lambda run, batch, **kw: seen.append(batch) or real(run, batch, **kw))
     result = supervised.rft_step(run, 1)
     right = [i for i, r in enumerate(result.groups.rewards) if r == 1.0]  # even-length completions
     assert 0 < len(right) < 16 and result.metrics["train/sft_rows"] == len(right)
