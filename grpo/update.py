@@ -47,11 +47,10 @@ def optimiser_step(backend, batch: RolloutBatch, rows: list[int], algo: Algorith
         return None
     lengths = mini.attention_mask.sum(1).tolist() if mini is not None else []
     sums = dict.fromkeys(STEP_SUMS, 0.0)
-    finite = True
+    finite, device = True, next(backend.model.parameters()).device
     for micro_rows in equal_count_micro_batches(lengths, micro_batch_tokens):
         # an empty micro-batch (ZeRO-3 needs as many on every rank): a forward/backward that adds nothing
-        micro = (mini.select(micro_rows) if micro_rows else batch.select([0])).to(
-            next(backend.model.parameters()).device)
+        micro = (mini.select(micro_rows) if micro_rows else batch.select([0])).to(device)
         loss, micro_sums = micro_batch_loss(backend.model, micro, algo, weight=1.0 if micro_rows else 0.0,
                                             temperature=temperature, num_tokens=num_tokens, num_seqs=num_seqs,
                                             max_new_tokens=max_new_tokens, first_epoch=first_epoch)

@@ -219,14 +219,18 @@ def test_dynamic_sampling_on_two_ranks_trains_each_rank_on_its_rows_of_the_whole
     assert (alone - whole[12:]).abs().max() > 1e-3  # so the check above could tell them apart
 
 
-def test_ppo_on_two_ranks_with_b_groups_equals_one_rank_with_2b(tmp_path, tiny_random_dir):
-    driver = ROOT / "tests" / "ppo_data_parallel_step.py"
-    out = {}
+def on_one_and_two_ranks(driver: str, tmp_path: Path, model_dir: Path) -> tuple[dict, dict]:
+    """What a driver in tests/ writes when torchrun runs it on 1 rank and on 2 (backend ddp)."""
+    out = []
     for ranks in (1, 2):
         result = tmp_path / f"{ranks}.pt"
-        launch([*launcher("ddp", ranks), str(driver), "--model", str(tiny_random_dir), "--out", str(result)])
-        out[ranks] = torch.load(result, weights_only=False)
-    one, two = out[1], out[2]
+        launch([*launcher("ddp", ranks), str(ROOT / "tests" / driver), "--model", str(model_dir), "--out", str(result)])
+        out.append(torch.load(result, weights_only=False))
+    return out[0], out[1]
+
+
+def test_ppo_on_two_ranks_with_b_groups_equals_one_rank_with_2b(tmp_path, tiny_random_dir):
+    one, two = on_one_and_two_ranks("ppo_data_parallel_step.py", tmp_path, tiny_random_dir)
     assert (one["world_size"], two["world_size"]) == (1, 2)
     # GAE's whitening, the value mean and the KL are over every rank's tokens; both losses are normalised by
     # the whole batch's counts, so the summed gradients are the one-rank ones (float32 summation order apart)
@@ -252,12 +256,7 @@ def test_ppo_trains_on_two_ranks_with_identical_policy_and_critic_replicas(tmp_p
 
 
 def test_online_dpo_and_nll_updates_on_two_ranks_equal_one_rank_with_the_whole_batch(tmp_path, tiny_random_dir):
-    driver = ROOT / "tests" / "pairs_data_parallel_step.py"
-    out = {}
-    for ranks in (1, 2):
-        result = tmp_path / f"{ranks}.pt"
-        launch([*launcher("ddp", ranks), str(driver), "--model", str(tiny_random_dir), "--out", str(result)])
-        out[ranks] = torch.load(result, weights_only=False)
+    out = dict(zip((1, 2), on_one_and_two_ranks("pairs_data_parallel_step.py", tmp_path, tiny_random_dir)))
     assert (out[1]["world_size"], out[2]["world_size"]) == (1, 2)
     for kind in ("dpo", "nll"):  # normalised by every rank's pairs / tokens: the summed gradient is the mean's
         one, two = out[1][kind], out[2][kind]
