@@ -35,6 +35,16 @@ def backends(*names: str) -> list:
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_deepspeed_shared_memory():
+    """DeepSpeed's CPU all-reduce leaves one shared-memory buffer per rank and port in /dev/shm when its job
+    ends (about a GiB per launch here); drop those this module's launches made, so they do not pile up in RAM."""
+    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    yield
+    for path in set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before:
+        path.unlink(missing_ok=True)
+
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = ROOT / "tests" / "data_parallel_step.py"
 TRAIN_ARGS = [
