@@ -42,7 +42,7 @@ from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from grpo.compare_report import curve, differences, plot, summarise_arm, summarise_run, write_report
+from grpo.compare_report import curve, differences, outcomes_at, plot, summarise_arm, summarise_run, write_report
 from grpo.config import CONFIG_DIR, ConfigError, register_configs, validate
 from grpo.run import train_from_config
 
@@ -181,6 +181,7 @@ def compare(cfg: CompareConfig) -> list[dict]:
     per_step = cfg.prompts_per_step * cfg.group_size
     runs: dict[str, list[dict]] = {LABELS[name]: [] for name in cfg.algorithms}
     curves: dict[str, list[list[dict]]] = {LABELS[name]: [] for name in cfg.algorithms}
+    outcomes: dict[str, list[dict]] = {LABELS[name]: [] for name in cfg.algorithms}  # per seed: final outcomes
     for seed in cfg.seeds:  # seed-major: a comparison stopped early has every arm on its first seeds
         for name in cfg.algorithms:
             overrides = run_overrides(cfg, name, rm_path, seed)
@@ -188,16 +189,18 @@ def compare(cfg: CompareConfig) -> list[dict]:
             wall, peak = launch("grpo.train", overrides, out / "logs" / f"{name}_seed{seed}.log", cfg.in_process)
             points = curve(run_dir(cfg, name, seed) / "metrics.jsonl", per_step, offline=name == "dpo")
             curves[LABELS[name]].append(points)
+            outcomes[LABELS[name]].append(outcomes_at(run_dir(cfg, name, seed), points[-1]["step"]))
             runs[LABELS[name]].append(summarise_run(LABELS[name], seed, points, wall, peak))
             log.info("%s, seed %d: final held-out accuracy %.3f, %.1f min", name, seed,
                      runs[LABELS[name]][-1]["final_accuracy"], wall / 60)
     arms = [summarise_arm(label, seed_runs) for label, seed_runs in runs.items()]
-    diffs = differences(runs)
+    diffs = differences(runs, outcomes)
     notes += [f"budget {cfg.budget_samples:,} generated samples per algorithm and seed; seeds {list(cfg.seeds)} "
               f"(each seeds its run and its warm start); whole comparison "
               f"{(time.perf_counter() - start) / 60:.1f} min wall",
               "intervals: 95%, bootstrap over seeds and, within each seed, over the evaluation problems "
-              "(10,000 replicates); differences paired by seed",
+              "(10,000 replicates); differences paired by seed, and by problem where both runs logged which of "
+              "the same problems they solved",
               best_note(runs),
               "OOD: longer operands, spaced and question phrasings (eval/ood_accuracy, pooled)"]
     if cfg.in_process:

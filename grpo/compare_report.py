@@ -2,7 +2,8 @@
 differences the intervals support, the table (`compare.md`, `compare.csv`, `runs.csv`) and the plot.
 
 Intervals are `grpo.intervals`' two-level bootstrap (over seeds, and over the evaluation problems of each
-seed). Differences are paired by seed and taken against the first arm.
+seed). Differences are taken against the first arm, paired by seed, and by problem where both runs of a seed
+logged which of the same problems they solved (their eval_outcomes.jsonl).
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from grpo.intervals import Interval, bootstrap_interval, paired_difference
+from grpo.intervals import Interval, bootstrap_interval, paired_difference, paired_problem_difference
+
+# The accuracies a difference is taken on, and the split of eval_outcomes.jsonl each is measured on.
+DIFFERENCE_SPLITS = {"final_accuracy": "test", "final_ood_accuracy": "ood"}
 
 
 def curve(metrics_path: Path, samples_per_step: int, offline: bool) -> list[dict]:
@@ -32,6 +36,22 @@ def curve(metrics_path: Path, samples_per_step: int, offline: bool) -> list[dict
                        "val_accuracy": r.get("val/accuracy"),
                        "problems": r.get("eval/problems"), "ood_problems": r.get("eval/ood_problems")})
     return points
+
+
+def outcomes_at(run_dir: Path, step: int) -> dict[str, tuple[str, str]]:
+    """Which problems the run's evaluation at `step` solved: split -> (outcomes "0110...", prompts' digest), with
+    the out-of-distribution splits pooled as "ood" (in name order, as `eval/ood_accuracy` pools them). Empty
+    when the run logged none (the last record of a step wins: a resumed run may have evaluated it twice)."""
+    path = run_dir / "eval_outcomes.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    record = next((r for r in reversed(records) if r["step"] == step), None)
+    if record is None:
+        return {}
+    out = {split: (v["solved"], v["digest"]) for split, v in record.items() if split in ("test", "val")}
+    ood = sorted(split for split in record if split.startswith("ood/"))
+    if ood:
+        out["ood"] = ("".join(record[s]["solved"] for s in ood), "+".join(record[s]["digest"] for s in ood))
+    return out
 
 
 def summarise_run(label: str, seed: int, points: list[dict], wall_s: float, peak_mib: float) -> dict:
@@ -70,18 +90,28 @@ def summarise_arm(label: str, runs: list[dict]) -> dict:
     return row
 
 
-def differences(runs_by_arm: dict[str, list[dict]]) -> list[dict]:
-    """Each arm against the first, paired by seed, on final held-out and final OOD accuracy."""
-    arms = list(runs_by_arm)
+def differences(runs_by_arm: dict[str, list[dict]], outcomes_by_arm: dict[str, list[dict]] | None = None
+                ) -> list[dict]:
+    """Each arm against the first on final held-out and final OOD accuracy, paired by seed, and by problem
+    where every seed's two runs logged their outcomes on the same problems (`outcomes_by_arm`: per arm, per
+    seed, `outcomes_at`'s dict)."""
+    arms, outcomes_by_arm = list(runs_by_arm), outcomes_by_arm or {}
     base, out = arms[0], []
     for other in arms[1:]:
         a, b = runs_by_arm[other], runs_by_arm[base]
         for key, size in (("final_accuracy", "problems"), ("final_ood_accuracy", "ood_problems")):
             if a[0][size] is None or any(r[key] is None for r in a + b):
                 continue
-            interval = paired_difference([r[key] for r in a], [r[key] for r in b], a[0][size])
+            split = DIFFERENCE_SPLITS[key]
+            pairs = [(x.get(split), y.get(split)) for x, y in zip(outcomes_by_arm.get(other, []),
+                                                                 outcomes_by_arm.get(base, []))]
+            if len(pairs) == len(a) and all(x and y and x[1] == y[1] for x, y in pairs):  # the same problems
+                paired = "seed and problem"
+                interval = paired_problem_difference([x[0] for x, _ in pairs], [y[0] for _, y in pairs])
+            else:
+                interval, paired = paired_difference([r[key] for r in a], [r[key] for r in b], a[0][size]), "seed"
             out.append({"arm": other, "against": base, "metric": key, "difference": interval,
-                        "supported": interval.excludes_zero()})
+                        "supported": interval.excludes_zero(), "paired_by": paired})
     return out
 
 
@@ -103,7 +133,8 @@ def difference_lines(diffs: list[dict]) -> list[str]:
     for d in diffs:
         what = "held-out" if d["metric"] == "final_accuracy" else "out-of-distribution"
         verdict = "supported (the interval excludes 0)" if d["supported"] else "not supported (the interval includes 0)"
-        lines.append(f"{d['arm']} - {d['against']}, final {what} accuracy: {d['difference']}: {verdict}")
+        lines.append(f"{d['arm']} - {d['against']}, final {what} accuracy: {d['difference']}: {verdict}; "
+                     f"paired by {d['paired_by']}")
     return lines
 
 
@@ -112,7 +143,7 @@ def write_report(arms: list[dict], runs: list[dict], diffs: list[dict], out_dir:
     (every run); returns the markdown's path."""
     lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell(r[k], f) for k, _, f in COLUMNS) + " |" for r in arms]
-    lines += ["", "Differences (paired by seed; the first arm is the reference):", ""]
+    lines += ["", "Differences (the first arm is the reference):", ""]
     lines += [f"- {line}" for line in difference_lines(diffs)] or ["- none (one arm)"]
     lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     md = out_dir / "compare.md"

@@ -6,6 +6,7 @@ the same rollout engine and reward functions as training.
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import torch
@@ -13,16 +14,21 @@ import torch
 from grpo import distributed as dist
 
 
-def evaluate(engine, scorer, rows: list[dict], accuracy_reward: str, *, pass_k: int = 0) -> dict:
+def evaluate(engine, scorer, rows: list[dict], accuracy_reward: str, *, pass_k: int = 0,
+             solved: list[bool] | None = None) -> dict:
     """`eval/accuracy`: share of rows whose greedy completion scores 1 on `accuracy_reward`
-    (None counts as wrong). With `pass_k`, also `eval/pass@k` from k sampled completions."""
+    (None counts as wrong). With `pass_k`, also `eval/pass@k` from k sampled completions.
+    `solved`, when given, receives each row's greedy outcome, in row order."""
     start = time.perf_counter()
     prompts = [r["prompt"] for r in rows]
     columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
     out = engine.generate(prompts, 1, greedy=True)
     scores = scorer(prompts, out.texts, columns).per_reward[accuracy_reward]
+    outcomes = [s is not None and s >= 1.0 for s in scores]
+    if solved is not None:
+        solved.extend(outcomes)
     metrics = {
-        "eval/accuracy": sum(1.0 for s in scores if s is not None and s >= 1.0) / len(rows),
+        "eval/accuracy": sum(outcomes) / len(rows),
         "eval/completion_len": sum(map(len, out.completion_ids)) / len(rows),
     }
     if pass_k:
@@ -36,16 +42,19 @@ def evaluate(engine, scorer, rows: list[dict], accuracy_reward: str, *, pass_k: 
 
 
 def evaluate_splits(engine, scorer, eval_rows: list[dict], ood_splits: dict[str, list[dict]], accuracy_reward: str,
-                    *, pass_k: int = 0) -> dict:
+                    *, pass_k: int = 0, outcomes: dict[str, list[bool]] | None = None) -> dict:
     """In-distribution held-out accuracy (`eval/accuracy`), each out-of-distribution split's
     (`eval/ood/<name>_accuracy`), their row-weighted mean `eval/ood_accuracy`, and the gap
-    `eval/generalization_gap` = `eval/accuracy` - `eval/ood_accuracy`, all with the same greedy harness."""
-    metrics = evaluate(engine, scorer, eval_rows, accuracy_reward, pass_k=pass_k)
+    `eval/generalization_gap` = `eval/accuracy` - `eval/ood_accuracy`, all with the same greedy harness.
+    `outcomes`, when given, receives each split's per-row outcomes (`test`, `ood/<name>`)."""
+    outcomes = {} if outcomes is None else outcomes
+    metrics = evaluate(engine, scorer, eval_rows, accuracy_reward, pass_k=pass_k,
+                       solved=outcomes.setdefault("test", []))
     splits = {name: rows for name, rows in ood_splits.items() if rows}
     if splits:
         correct = total = 0.0
         for name, rows in splits.items():
-            acc = evaluate(engine, scorer, rows, accuracy_reward)
+            acc = evaluate(engine, scorer, rows, accuracy_reward, solved=outcomes.setdefault(f"ood/{name}", []))
             metrics[f"eval/ood/{name}_accuracy"] = acc["eval/accuracy"]
             metrics["time/eval_s"] += acc["time/eval_s"]
             correct += acc["eval/accuracy"] * len(rows)
@@ -55,9 +64,11 @@ def evaluate_splits(engine, scorer, eval_rows: list[dict], ood_splits: dict[str,
     return metrics
 
 
-def evaluate_run(run) -> dict:
+def evaluate_run(run, outcomes: dict[str, dict] | None = None) -> dict:
     """The evaluation every trainer (GRPO, PPO, DPO) logs: `evaluate_splits` on the run's held-out (test)
     and out-of-distribution splits, and `val/accuracy` on its validation split when it has one.
+    `outcomes`, when given, receives every split's per-problem outcomes over all ranks (`solved_bits`) and a
+    digest of its prompts, so that two runs' outcomes are paired by problem only when they saw the same ones.
 
     With several ranks each evaluates every world_size-th row of each split, and the means are
     combined weighted by the rows each rank scored: the result is that of one rank on all rows.
@@ -68,10 +79,12 @@ def evaluate_run(run) -> dict:
     eval_rows = run.eval_rows[rank::world]
     ood = {name: rows[rank::world] for name, rows in run.ood_rows.items()}
     val_rows = run.val_rows[rank::world]
+    mine: dict[str, list[bool]] = {}  # this rank's rows of each split
     metrics = evaluate_splits(run.engine, run.eval_scorer, eval_rows, ood, run.cfg.reward.accuracy,
-                              pass_k=run.cfg.train.eval_pass_k)
+                              pass_k=run.cfg.train.eval_pass_k, outcomes=mine)
     if val_rows:  # the validation split, scored by the same greedy harness
-        val = evaluate(run.engine, run.eval_scorer, val_rows, run.cfg.reward.accuracy)
+        val = evaluate(run.engine, run.eval_scorer, val_rows, run.cfg.reward.accuracy,
+                       solved=mine.setdefault("val", []))
         metrics["val/accuracy"] = val["eval/accuracy"]
         metrics["time/eval_s"] += val["time/eval_s"]
     sizes = {"eval/problems": len(run.eval_rows)}  # what each accuracy is a fraction of (for intervals)
@@ -79,6 +92,10 @@ def evaluate_run(run) -> dict:
         sizes["eval/ood_problems"] = sum(map(len, run.ood_rows.values()))
     if run.val_rows:
         sizes["val/problems"] = len(run.val_rows)
+    if outcomes is not None:
+        splits = {"test": run.eval_rows, "val": run.val_rows} | {f"ood/{k}": v for k, v in run.ood_rows.items()}
+        outcomes |= {split: {"solved": bits, "digest": prompts_digest(splits[split])}
+                     for split, bits in solved_bits(mine).items()}
     if world == 1:
         return metrics | sizes
 
@@ -97,3 +114,22 @@ def evaluate_run(run) -> dict:
         out["eval/generalization_gap"] = out["eval/accuracy"] - out["eval/ood_accuracy"]
     out["time/eval_s"] = dist.all_reduce_max(metrics["time/eval_s"])
     return out | sizes
+
+
+def prompts_digest(rows: list[dict]) -> str:
+    """A short fingerprint of a split's prompts, in order."""
+    return hashlib.sha256("\n".join(r["prompt"] for r in rows).encode()).hexdigest()[:16]
+
+
+def solved_bits(mine: dict[str, list[bool]]) -> dict[str, str]:
+    """Each split's outcomes over every rank, in the split's row order, as a string of 0s and 1s.
+    Rank r evaluated rows r, r + world, r + 2 world, ...: the ranks' lists interleave back into the split."""
+    everyone = dist.all_gather_objects(mine)
+    out = {}
+    for split in sorted(set().union(*everyone)):
+        lists = [rank_outcomes.get(split, []) for rank_outcomes in everyone]
+        merged = [None] * sum(map(len, lists))
+        for r, solved in enumerate(lists):
+            merged[r :: len(lists)] = solved
+        out[split] = "".join("1" if s else "0" for s in merged)
+    return out

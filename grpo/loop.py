@@ -46,7 +46,7 @@ def run_loop(run: Run, train_step: Step, extra_state: Callable[[], dict] = dict)
     cfg = run.cfg
     history = []
     if run.start_step == 0:  # the starting point: held-out accuracy, the data report, the warm start
-        evaluated = evaluate_run(run) if cfg.train.eval_before else {}
+        evaluated = evaluate_and_record(run, 0) if cfg.train.eval_before else {}
         track_best(run, 0, evaluated)
         history.append({"step": 0, **evaluated, **run.setup_metrics})
         run.tracker.log(0, run.setup_metrics | evaluated)
@@ -60,7 +60,7 @@ def run_loop(run: Run, train_step: Step, extra_state: Callable[[], dict] = dict)
             checkpoint_if_due(run, step, extra_state)
             continue
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
-            metrics |= evaluate_run(run)
+            metrics |= evaluate_and_record(run, step)
             track_best(run, step, metrics)
         metrics["time/step_s"] = dist.all_reduce_max(time.perf_counter() - start)
         run.tracker.log(step, metrics)  # rank 0 writes
@@ -72,6 +72,15 @@ def run_loop(run: Run, train_step: Step, extra_state: Callable[[], dict] = dict)
         if stop:
             break
     return history
+
+
+def evaluate_and_record(run: Run, step: int) -> dict:
+    """The evaluation's metrics; which problems it solved go to the run's eval_outcomes.jsonl."""
+    outcomes: dict[str, dict] = {}
+    metrics = evaluate_run(run, outcomes)
+    if outcomes:
+        run.tracker.log_outcomes(step, outcomes)
+    return metrics
 
 
 def track_best(run: Run, step: int, metrics: dict) -> None:

@@ -1,5 +1,6 @@
-"""Where a run's numbers go: metrics.jsonl always, samples.jsonl, a progress bar, wandb when
-configured, and a plot of reward and held-out accuracy at the end."""
+"""Where a run's numbers go: metrics.jsonl always, samples.jsonl, eval_outcomes.jsonl (which evaluation
+problems each evaluation solved, for intervals paired by problem), a progress bar, wandb when configured,
+and a plot of reward and held-out accuracy at the end."""
 
 from __future__ import annotations
 
@@ -25,12 +26,14 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.samples_path = self.run_dir / "samples.jsonl"
-        for path in (self.metrics_path, self.samples_path):
+        self.outcomes_path = self.run_dir / "eval_outcomes.jsonl"
+        for path in (self.metrics_path, self.samples_path, self.outcomes_path):
             # a resumed run continues the same files without doubling the steps it re-runs; a run that
             # starts from scratch (no checkpoint to resume from) starts them afresh
             truncate_after(path, start_step if resumed else -1)
         self._metrics = self.metrics_path.open("a")
         self._samples = self.samples_path.open("a")
+        self._outcomes = self.outcomes_path.open("a")
         self.bar = None
         if progress_bar:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="grpo", dynamic_ncols=True)
@@ -62,9 +65,16 @@ class Tracker:
             self._samples.write(json.dumps({"step": step, "prompt": p, "completion": c, "reward": r}) + "\n")
         self._samples.flush()
 
+    def log_outcomes(self, step: int, outcomes: dict[str, dict]) -> None:
+        """One evaluation's per-problem outcomes: split -> {"solved": "0110..." (one character per problem, in
+        row order), "digest": the split's prompts' fingerprint}."""
+        self._outcomes.write(json.dumps({"step": step, **outcomes}) + "\n")
+        self._outcomes.flush()
+
     def close(self, plot: bool = True) -> None:
         self._metrics.close()
         self._samples.close()
+        self._outcomes.close()
         if self.bar is not None:
             self.bar.close()
         if self.wandb is not None:

@@ -29,6 +29,10 @@ def test_short_comparison_on_two_seeds_writes_every_arm_and_run(tmp_path, warm_t
     for name in names:
         assert f"| {name} | 2 |" in table
     assert table.count(" - GRPO, final held-out accuracy: ") == len(names) - 1
+    # every online arm logged which of the same problems it solved, so its difference is paired by problem
+    online = [LABELS[a] for a in cfg.algorithms if a != "dpo"]
+    assert sum(f"{name} - GRPO, final held-out accuracy" in line and line.endswith("paired by seed and problem")
+               for line in table.splitlines() for name in online[1:]) == len(online) - 1
     assert "best acc: test accuracy at the evaluation with the best val/accuracy" in table
     with (tmp_path / "runs.csv").open() as f:
         runs = list(csv.DictReader(f))

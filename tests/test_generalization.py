@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from grpo import evaluate
 from grpo.evaluate import evaluate_splits
 from grpo.rollout import Completions
 from grpo.tasks.arithmetic import Arithmetic
@@ -49,3 +50,11 @@ def test_arithmetic_ood_splits():
     trained = {r["prompt"] for r in task.train_rows()}
     spaced = {r["prompt"].replace(" ", "") for r in splits["spaced"]}
     assert spaced and not spaced & trained  # held-out problems: only the phrasing differs from eval/accuracy's
+
+
+def test_outcomes_of_several_ranks_interleave_back_into_the_splits_row_order(monkeypatch):
+    # 5 test rows on 2 ranks: rank 0 evaluated rows 0, 2, 4 (solved 0 and 4), rank 1 rows 1, 3 (solved 3);
+    # the val split has one row, on rank 0
+    ranks = [{"test": [True, False, True], "val": [True]}, {"test": [False, True]}]
+    monkeypatch.setattr(evaluate.dist, "all_gather_objects", lambda mine: ranks)
+    assert evaluate.solved_bits(ranks[0]) == {"test": "10011", "val": "1"}

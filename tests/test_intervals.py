@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from grpo.intervals import bootstrap_interval, paired_difference
+from grpo.intervals import bootstrap_interval, paired_difference, paired_problem_difference
 
 
 def test_one_seed_is_the_binomial_interval_of_its_problems():
@@ -43,8 +43,40 @@ def test_equal_arms_differ_by_nothing_the_interval_supports():
     assert interval.mean == 0.0 and not interval.excludes_zero()
 
 
+def test_paired_by_problem_two_problems_each_arm_solving_one():
+    # one seed, A solved problem 1 only, B problem 2 only: each problem's difference is +1 or -1, shares 1/2.
+    # Two problems redrawn: (+1, +1) -> 1 with odds 1/4, (+1, -1) or (-1, +1) -> 0 with 1/2, (-1, -1) -> -1
+    # with 1/4, so the 2.5th and 97.5th percentiles are -1 and 1, the mean 0
+    interval = paired_problem_difference(["10"], ["01"])
+    assert (interval.low, interval.mean, interval.high) == (-1.0, 0.0, 1.0)
+
+
+def test_paired_by_problem_arms_that_solve_the_same_problems_differ_by_exactly_nothing():
+    # both arms solve the same 100 of 200 problems on every seed: every redraw differs by 0, where the
+    # Binomial redraw of each arm's accuracy on its own spreads about -+1.96 x sqrt(2 x 0.25 / 200) x 1/sqrt(3)
+    same = ["1" * 100 + "0" * 100] * 3
+    paired = paired_problem_difference(same, same)
+    assert (paired.low, paired.mean, paired.high) == (0.0, 0.0, 0.0)
+    unpaired = paired_difference([0.5] * 3, [0.5] * 3, 200)
+    assert unpaired.low < -0.05 and unpaired.high > 0.05
+
+
+def test_paired_by_problem_supports_a_small_difference_the_seed_pairing_cannot():
+    # A solves the 140 problems B solves and 10 more, on 3 seeds: the difference is 10/200 = 0.05 on every
+    # draw's expectation; only the 10 problems where they disagree vary, so the interval is about
+    # 0.05 -+ 1.96 x sqrt(0.05 x 0.95 / 600) = [0.033, 0.067] and excludes 0. Redrawing each arm on its own
+    # (accuracies 0.75 and 0.70) spreads -+1.96 x sqrt((0.1875 + 0.21) / 600) = -+0.05 and reaches 0.
+    a, b = ["1" * 150 + "0" * 50] * 3, ["1" * 140 + "0" * 60] * 3
+    paired = paired_problem_difference(a, b)
+    assert paired.mean == pytest.approx(0.05) and paired.excludes_zero()
+    assert paired.low == pytest.approx(0.033, abs=0.004) and paired.high == pytest.approx(0.067, abs=0.004)
+    assert not paired_difference([0.75] * 3, [0.70] * 3, 200).excludes_zero()
+
+
 def test_bad_input_names_what_is_wrong():
     with pytest.raises(ValueError, match="same seeds"):
         paired_difference([0.1, 0.2], [0.1], 10)
     with pytest.raises(ValueError, match="problems"):
         bootstrap_interval([0.1], 0)
+    with pytest.raises(ValueError, match="seed 1: paired by problem needs the same problems"):
+        paired_problem_difference(["10", "10"], ["01", "011"])

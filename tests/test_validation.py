@@ -55,6 +55,11 @@ def test_early_stop_ends_the_run_and_keep_best_keeps_the_best_policy(tmp_path, t
     best = json.loads((checkpoints / "best" / "best.json").read_text())
     assert best["step"] == 0 and best["val/accuracy"] == 0.0 and "eval/accuracy" in best
     assert (checkpoints / "best" / "model.safetensors").exists()
+    # every evaluation's per-problem outcomes, one character per problem of each split
+    outcomes = [json.loads(line) for line in (tmp_path / "run" / "eval_outcomes.jsonl").read_text().splitlines()]
+    assert [o["step"] for o in outcomes] == [0, 1, 2]
+    assert all(o["test"]["solved"] == "0" * 20 and o["val"]["solved"] == "0" * 20 for o in outcomes)
+    assert outcomes[0]["test"]["digest"] != outcomes[0]["val"]["digest"]  # different problems
 
 
 def test_keep_best_without_a_validation_split_is_refused_before_training(tmp_path, tiny_random_dir):
