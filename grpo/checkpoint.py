@@ -7,6 +7,8 @@ A checkpoint `checkpoints/step_N/` holds
 - `rank_R.pt`: what each rank owns: its Python, NumPy and torch (CPU and CUDA) RNG states;
 - `deepspeed/` (DeepSpeed backends only): every rank's ZeRO shards of the weights and optimiser,
   in DeepSpeed's own format, resumable on the same world size;
+- `<name>_deepspeed/` (DeepSpeed backends only): the same for another model the algorithm trains with
+  its own engine (PPO's `critic_deepspeed/`), whose weights and optimiser then live only there;
 - `COMPLETE`: a manifest of every file's size, written last.
 
 The directory is written under a temporary name (`.tmp_step_N`), each file fsynced, then renamed
@@ -97,8 +99,11 @@ def first_nonfinite_parameter(model: torch.nn.Module) -> str | None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, state: dict, keep_last: int = 2,
-                    backend=None) -> Path:
+                    backend=None, extra_backends: dict | None = None) -> Path:
     """Write `checkpoints/step_{step}` atomically and point `latest` at it; returns its path.
+
+    `extra_backends` (name -> backend) are other models' backends (PPO's critic); those with DeepSpeed
+    shards write them to `<name>_deepspeed/` (`sharded_dir`), the others keep theirs in `state`.
 
     Collective when several ranks run: every rank must call it. Non-finite weights are refused
     (on every rank, so none waits for the others); a failed write (a full disk) removes the
@@ -127,6 +132,10 @@ def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, state:
         elif dist.is_main():
             policy.save_pretrained(current, safe_serialization=True)
             tokenizer.save_pretrained(current)
+        for name, other in (extra_backends or {}).items():
+            if hasattr(other, "save_sharded"):
+                current = sharded_dir(tmp, name)
+                other.save_sharded(current)
         crash_point("checkpoint_write", step)
         current = tmp / f"rank_{dist.rank()}.pt"
         torch.save({"rng": rng_state()}, current)
@@ -149,6 +158,11 @@ def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, state:
         _publish(tmp, final, step, keep_last)
     dist.barrier()
     return final
+
+
+def sharded_dir(checkpoint: Path, name: str) -> Path:
+    """Where a checkpoint holds the DeepSpeed shards of the model `name` besides the policy (`critic`)."""
+    return checkpoint / f"{name}_deepspeed"
 
 
 def save_best(run_dir: str | Path, step: int, *, policy, tokenizer, record: dict, backend=None) -> Path:

@@ -20,9 +20,9 @@ from grpo.losses import AGGREGATION_MODES, KL_ESTIMATORS, RATIO_LEVELS
 
 LOOPS = ("grpo", "ppo", "dpo", "online_dpo", "rft", "sft")
 # Loops that run on several ranks under some backends only: those backends, and why not the others (several
-# ranks would otherwise be unsynchronised copies of one run). GRPO runs on every backend.
+# ranks would otherwise be unsynchronised copies of one run). GRPO and PPO (its critic an engine of its own
+# under DeepSpeed, like the policy) run on every backend.
 DATA_PARALLEL_LIMITS = {
-    "ppo": (("ddp",), "its critic is not sharded by DeepSpeed yet"),
     "dpo": ((), "TRL's trainer runs on this process's model without the run's data-parallel backend"),
     "online_dpo": (("ddp",), "its update is not yet tested under DeepSpeed"),
     "rft": (("ddp",), "its update is not yet tested under DeepSpeed"),

@@ -40,9 +40,12 @@ class StepResult:
 Step = Callable[[Run, int], StepResult]
 
 
-def run_loop(run: Run, train_step: Step, extra_state: Callable[[], dict] = dict) -> list[dict]:
+def run_loop(run: Run, train_step: Step, extra_state: Callable[[], dict] = dict,
+             extra_backends: dict | None = None) -> list[dict]:
     """Run `train_step` from `run.start_step + 1` to `train.max_steps`; returns the logged metrics.
-    `extra_state` is what the algorithm keeps besides the policy (PPO: its critic), saved in checkpoints."""
+    `extra_state` is what the algorithm keeps besides the policy (PPO: its critic), saved in checkpoints;
+    `extra_backends` (name -> backend) are the backends of the other models it trains, whose DeepSpeed
+    shards the checkpoints hold (`grpo.checkpoint.sharded_dir`)."""
     cfg = run.cfg
     history = []
     if run.start_step == 0:  # the starting point: held-out accuracy, the data report, the warm start
@@ -57,7 +60,7 @@ def run_loop(run: Run, train_step: Step, extra_state: Callable[[], dict] = dict)
         if result.skipped:
             log.warning("step %d: %s; no update", step, result.skipped)
             run.tracker.log(step, {**metrics, "time/step_s": time.perf_counter() - start})
-            checkpoint_if_due(run, step, extra_state)
+            checkpoint_if_due(run, step, extra_state, extra_backends)
             continue
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
             metrics |= evaluate_and_record(run, step)
@@ -68,7 +71,7 @@ def run_loop(run: Run, train_step: Step, extra_state: Callable[[], dict] = dict)
         log_samples_if_due(run, step, result.groups)
         crash_point("after_metrics", step)
         stop = should_stop_early(run, step)
-        checkpoint_if_due(run, step, extra_state, last=stop)
+        checkpoint_if_due(run, step, extra_state, extra_backends, last=stop)
         if stop:
             break
     return history
@@ -119,13 +122,14 @@ def log_samples_if_due(run: Run, step: int, groups: Groups) -> None:
         run.tracker.log_samples(step, prompts[:k], groups.texts[:k], groups.rewards[:k])
 
 
-def checkpoint_if_due(run: Run, step: int, extra_state: Callable[[], dict], last: bool = False) -> None:
+def checkpoint_if_due(run: Run, step: int, extra_state: Callable[[], dict], extra_backends: dict | None = None,
+                      last: bool = False) -> None:
     """Save a checkpoint every `checkpoint.every_steps` steps and after the last one (`last`: an early stop)."""
     cfg = run.cfg
     if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps or last:
         state = training_state(run) | extra_state()
         save_checkpoint(cfg.run_dir, step, policy=run.policy, tokenizer=run.tokenizer, state=state,
-                        keep_last=cfg.checkpoint.keep_last, backend=run.backend)
+                        keep_last=cfg.checkpoint.keep_last, backend=run.backend, extra_backends=extra_backends)
 
 
 def training_state(run: Run) -> dict:

@@ -18,6 +18,14 @@ policy stays an ordinary causal LM (its rollout engine, weight sync, DeepSpeed s
 format are GRPO's, untouched) and the value regression cannot pull the policy's features toward
 predicting rewards. It costs one more forward and backward pass of a model the policy's size.
 
+Data parallel: the critic runs on the policy's kind of backend (`critic_backend`). Under `ddp` its gradients
+are summed over ranks like the policy's; under `deepspeed_zero1|2|3` it is a DeepSpeed engine of its own over
+a `ValueModel` (the critic behind a forward that returns values), sharded like the policy, so every critic
+forward goes through the engine (ZeRO-3 fetches its parameters there). Every rank runs as many critic
+micro-batches as the others (zero-weighted stand-ins where it has fewer rows), since under ZeRO-3 each forward
+and backward is collective. Checkpoints keep the critic's weights and optimiser in `state.pt` on the torch
+backends, in the checkpoint's `critic_deepspeed/` shards under DeepSpeed (resumable on the same world size).
+
 Where this departs from PPO-RLHF as published (Ouyang et al. 2022; Stiennon et al. 2020):
 1. The critic starts from the policy's weights, not the reward model's (any reward function may score,
    and a verifiable reward has no network to start from).
@@ -39,14 +47,13 @@ from grpo import distributed as dist
 from grpo.advantages import compute_advantages
 from grpo.backends import build_backend
 from grpo.batch import RolloutBatch, layout_batch
-from grpo.checkpoint import latest_checkpoint, load_state
+from grpo.checkpoint import latest_checkpoint, load_rank_state, load_state, set_rng_state, sharded_dir
 from grpo.faults import crash_point
-from grpo.logprobs import token_budget_batches
 from grpo.loop import StepResult, no_signal_reason, replica_check, run_loop
 from grpo.modeling import disable_dropout
 from grpo.run import Run
 from grpo.sampling import gather_groups, reward_stats, rollout_metrics, sample_groups
-from grpo.update import mini_batch_rows, score_logprobs, update_policy
+from grpo.update import equal_count_micro_batches, mini_batch_rows, score_logprobs, update_policy
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +61,7 @@ log = logging.getLogger(__name__)
 def train(run: Run) -> list[dict]:
     """PPO steps from `run.start_step + 1` to `train.max_steps`; returns the logged metrics."""
     ppo = PPO(run)
-    return run_loop(run, ppo.step, ppo.state_dict)
+    return run_loop(run, ppo.step, ppo.state_dict, extra_backends={"critic": ppo.critic_backend})
 
 
 class PPO:
@@ -63,12 +70,24 @@ class PPO:
     def __init__(self, run: Run):
         self.critic, self.critic_backend = build_critic(run, run.cfg.model.path)
         if run.start_step:
-            state = load_state(latest_checkpoint(run.cfg.run_dir))
-            self.critic.load_state_dict(state["critic"])
+            checkpoint = latest_checkpoint(run.cfg.run_dir)
+            state = load_state(checkpoint)
+            if hasattr(self.critic_backend, "load_sharded"):  # DeepSpeed: weights and optimiser from its shards
+                self.critic_backend.load_sharded(sharded_dir(checkpoint, "critic"))
+            else:
+                self.critic.load_state_dict(state["critic"])
             self.critic_backend.load_state_dict(state["critic_backend"])
+            # `restore` set the RNG streams before the critic was built, and building it draws from them (the
+            # head's random init before it is zeroed): set them back, or the resumed run samples differently
+            set_rng_state(load_rank_state(checkpoint, dist.rank())["rng"])
 
     def state_dict(self) -> dict:
-        return {"critic": self.critic.state_dict(), "critic_backend": self.critic_backend.state_dict()}
+        """The critic's share of a checkpoint's `state.pt`; under DeepSpeed its weights and optimiser are
+        in the checkpoint's `critic_deepspeed/` shards instead (`run_loop`'s `extra_backends`)."""
+        state = {"critic_backend": self.critic_backend.state_dict()}
+        if not hasattr(self.critic_backend, "save_sharded"):
+            state["critic"] = self.critic.state_dict()
+        return state
 
     def step(self, run: Run, step: int) -> StepResult:
         """One PPO step on a fresh rollout batch (evaluation, logging and checkpoints are the loop's)."""
@@ -90,7 +109,8 @@ class PPO:
         crash_point("mid_step", step)
         # 6. the rollout engine samples from the new weights next step
         metrics["time/weight_sync_s"] = run.engine.sync_weights(run.policy)
-        metrics |= replica_check(run, step, critic=self.critic)
+        with self.critic_backend.gathered_for_rollout():  # ZeRO-3: the critic's full weights
+            metrics |= replica_check(run, step, critic=self.critic)
         _, valid_all, _ = compute_advantages(everyone.rewards, G, "grpo")
         metrics |= rollout_metrics(everyone, valid_all)
         return StepResult(metrics, everyone)
@@ -127,10 +147,14 @@ class PPO:
 
     @torch.no_grad()
     def values(self, batch, micro_batch_tokens: int) -> torch.Tensor:
-        """The critic's values [N, T-1] of the batch's prefixes."""
+        """The critic's values [N, T-1] of the batch's prefixes, through its backend's module (as many
+        micro-batches on every rank: under ZeRO-3 each forward is collective)."""
         values = torch.zeros_like(batch.completion_mask)  # [N, T-1]
-        for rows in token_budget_batches(batch.attention_mask.sum(1).tolist(), micro_batch_tokens):
-            values[rows] = critic_values(self.critic, batch.input_ids[rows], batch.attention_mask[rows])
+        for rows in equal_count_micro_batches(batch.attention_mask.sum(1).tolist(), micro_batch_tokens):
+            # an empty micro-batch runs row 0 and keeps nothing: it only keeps ZeRO-3's forwards in step
+            out = self.critic_backend.model(batch.input_ids[rows or [0]], batch.attention_mask[rows or [0]])
+            if rows:
+                values[rows] = out.cpu()  # [n, T-1]
         return values
 
 
@@ -208,29 +232,61 @@ def critic_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     return out.logits[:, :-1, 0].float()  # [n, T-1]
 
 
+class ValueModel(torch.nn.Module):
+    """The critic behind a forward that returns its values [n, T-1] (`critic_values`): the module its
+    backend runs. Under DeepSpeed the engine wraps it, so every critic forward goes through the engine
+    and ZeRO-3's parameter hooks see it start (as `grpo.backends.LogProbModel` does for the policy)."""
+
+    def __init__(self, critic: torch.nn.Module, device: torch.device | None = None):
+        super().__init__()
+        self.critic = critic
+        self.device = device  # where the critic runs; inputs go there, values come back
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        home = input_ids.device
+        device = self.device or home
+        return critic_values(self.critic, input_ids.to(device), attention_mask.to(device)).to(home)  # [n, T-1]
+
+
 def build_critic(run: Run, path: str):
-    """The value model: the policy's weights under a one-output token head that starts at zero."""
-    cfg = run.cfg
+    """The value model and its backend (`critic_backend`): the policy's weights under a one-output token
+    head that starts at zero."""
+    critic = load_critic(run.cfg, path)
+    return critic, critic_backend(run.cfg, critic)
+
+
+def load_critic(cfg, path: str) -> torch.nn.Module:
+    """The bare value model: `path`'s weights under a zero-initialised one-output token head, no dropout."""
     critic = AutoModelForTokenClassification.from_pretrained(path, num_labels=1, dtype=getattr(torch, cfg.model.dtype))
     disable_dropout(critic)  # the classifier head's dropout would noise GAE, the returns and the value clip
     torch.nn.init.zeros_(critic.score.weight)
     if getattr(critic.score, "bias", None) is not None:
         torch.nn.init.zeros_(critic.score.bias)
-    backend = build_backend(
-        "ddp" if cfg.backend.name == "ddp" else "torch", policy=critic, lr=cfg.algorithm.ppo.value_lr,
-        betas=cfg.optim.betas, eps=cfg.optim.eps,
+    return critic
+
+
+def critic_backend(cfg, critic: torch.nn.Module):
+    """The critic's optimiser on the policy's kind of backend: one process (`torch`), `ddp`, or its own
+    DeepSpeed engine over a `ValueModel` (sharded like the policy: same ZeRO stage, offload and overrides)."""
+    name = cfg.backend.name
+    b = cfg.backend
+    return build_backend(
+        name, policy=critic, module=ValueModel(critic, None if name == "torch" else dist.device()),
+        lr=cfg.algorithm.ppo.value_lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps, schedule=cfg.optim.schedule,
         total_steps=cfg.train.max_steps * cfg.algorithm.epochs * cfg.algorithm.mini_batches,
-        max_grad_norm=cfg.optim.max_grad_norm,
+        max_grad_norm=cfg.optim.max_grad_norm, offload_optimizer=b.offload_optimizer,
+        offload_params=b.offload_params, deepspeed_overrides=dict(b.deepspeed),
     )
-    return critic, backend
 
 
 def update_critic(backend, batch, old_values: torch.Tensor, returns: torch.Tensor, *, epochs: int, mini_batches: int,
                   clip: float, micro_batch_tokens: int) -> dict:
     """`epochs` passes of `mini_batches` optimiser steps on the clipped value loss: the token mean over the
-    mini-batch's tokens on every rank, so the gradients summed over ranks (`backend=ddp`) are the whole
-    batch's. The critic runs through `backend.policy`, the bare value model."""
+    mini-batch's tokens on every rank, so the gradients summed over ranks are the whole batch's. The critic
+    runs through `backend.model` (its `ValueModel`, inside the DeepSpeed engine there), as many
+    micro-batches on every rank (a rank short of rows runs zero-weighted stand-ins: ZeRO-3's forwards and
+    backwards are collective)."""
     total, updates = 0.0, 0
     for _ in range(epochs):
         for rows in mini_batch_rows(len(batch), mini_batches):
@@ -239,12 +295,13 @@ def update_critic(backend, batch, old_values: torch.Tensor, returns: torch.Tenso
             if num_tokens == 0:
                 continue  # nothing to fit in this mini-batch on any rank: no step anywhere
             lengths = batch.attention_mask[rows].sum(1).tolist() if rows else []
-            for micro in token_budget_batches(lengths, micro_batch_tokens):
-                idx = [rows[i] for i in micro]
-                values = critic_values(backend.policy, batch.input_ids[idx], batch.attention_mask[idx])  # [n, T-1]
-                mask = batch.completion_mask[idx]  # [n, T-1]
+            for micro in equal_count_micro_batches(lengths, micro_batch_tokens):
+                idx = [rows[i] for i in micro] or [0]  # [0]: a stand-in row, weighted 0
+                weight = 1.0 if micro else 0.0
+                values = backend.model(batch.input_ids[idx], batch.attention_mask[idx])  # [n, T-1]
+                mask = batch.completion_mask[idx] * weight  # [n, T-1]
                 per_token = value_loss(values, old_values[idx], returns[idx], mask, clip)  # [n, T-1]
-                loss = per_token.sum() / num_tokens
+                loss = per_token.sum() / num_tokens * weight
                 backend.backward(loss)
                 total += float(loss.detach())
             backend.step()

@@ -17,7 +17,7 @@ from grpo.logprobs import sequence_logprobs
 
 @runtime_checkable
 class TrainBackend(Protocol):
-    model: torch.nn.Module  # the module whose forward computes log-probs (may be a wrapper)
+    model: torch.nn.Module  # the module whose forward the caller runs: log-probs (may be a wrapper), or `module`
     policy: torch.nn.Module  # the bare transformers model (for saving and weight sync)
     skipped_steps: int  # optimiser steps skipped so far for a non-finite loss or gradient (saved in state_dict)
 

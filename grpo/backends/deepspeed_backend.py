@@ -6,6 +6,7 @@ keep in step; `backend.deepspeed` entries are merged over it for expert settings
 How it fits the loop:
 - The engine wraps a `LogProbModel` (the policy behind a forward that returns log-probs), so
   every forward goes through the engine's module and ZeRO-3's parameter hooks see it start.
+  Another model trained beside the policy (PPO's critic) passes its own forward as `module`.
 - Gradient accumulation is ours: the number of micro-batches varies with sequence lengths, so
   DeepSpeed runs with `managed_gradient_accumulation: false` (`backward` accumulates, `step`
   is the boundary: it reduces, clips and steps).
@@ -66,7 +67,9 @@ class DeepSpeedBackend:
     def __init__(self, policy: torch.nn.Module, *, name: str, lr: float, betas=(0.9, 0.99), eps=1e-8,
                  weight_decay=0.0, warmup_steps=0, schedule="constant", total_steps=1, max_grad_norm=1.0,
                  gradient_checkpointing=False, offload_optimizer=False, offload_params=False,
-                 deepspeed_overrides: dict | None = None, **_unused):
+                 deepspeed_overrides: dict | None = None, module: torch.nn.Module | None = None, **_unused):
+        """`module` is what the engine wraps and runs (it must hold `policy`): by default the policy's
+        `LogProbModel`; PPO's critic passes its `ValueModel`."""
         import deepspeed
 
         self.stage = int(name.removeprefix("deepspeed_zero"))
@@ -90,7 +93,8 @@ class DeepSpeedBackend:
             optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         factor = lr_lambda(schedule, warmup_steps, total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=LogProbModel(policy, dist.device()), optimizer=optimizer, config=self.config,
+            model=module if module is not None else LogProbModel(policy, dist.device()), optimizer=optimizer,
+            config=self.config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         )
         self.model = self.engine
@@ -122,7 +126,8 @@ class DeepSpeedBackend:
         return {"grad_norm": norm, "lr": lr, "skipped": skipped}
 
     def gathered_for_rollout(self):
-        """A context in which the policy holds its full parameters (ZeRO-3), for generate."""
+        """A context in which the policy holds its full parameters (ZeRO-3), for generate (and for reading
+        the weights: a replica check, a test)."""
         if self.stage != 3:
             return contextlib.nullcontext()
         from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation

@@ -25,7 +25,9 @@ from grpo.backends import LogProbModel, lr_lambda
 class TorchBackend:
     def __init__(self, policy: torch.nn.Module, *, lr: float, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
                  warmup_steps=0, schedule="constant", total_steps=1, max_grad_norm=1.0,
-                 gradient_checkpointing=False, name="torch", **_unused):
+                 gradient_checkpointing=False, name="torch", module: torch.nn.Module | None = None, **_unused):
+        """`module`, when given, is the forward the caller runs (holding `policy`), e.g. PPO's `ValueModel`;
+        by default the bare policy on one process and its `LogProbModel` under ddp."""
         # One rank (no process group) is plain single-process training.
         self.data_parallel = name == "ddp" and torch.distributed.is_initialized()
         self.policy = policy
@@ -33,6 +35,8 @@ class TorchBackend:
         if self.data_parallel:
             policy.to(dist.device())
             self.model = LogProbModel(policy, dist.device())
+        if module is not None:
+            self.model = module
         if gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         policy.train()
