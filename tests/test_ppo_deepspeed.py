@@ -34,7 +34,7 @@ def one_ppo_update(backend: str, ranks: int, model_dir: Path, out: Path) -> dict
     """What tests/ppo_data_parallel_step.py writes for one update on `ranks` ranks under `backend`."""
     launch([*launcher(backend, ranks), str(ROOT / "tests" / "ppo_data_parallel_step.py"), "--backend", backend,
             "--model", str(model_dir), "--out", str(out)])
-    return torch.load(out, weights_only=False)
+    return torch.load(out, weights_only=True)
 
 
 @pytest.mark.parametrize("backend", ["deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3"])
@@ -56,7 +56,7 @@ def test_ppo_under_zero_on_two_ranks_with_b_groups_equals_one_rank_with_2b(tmp_p
 
 def critic_weights(checkpoint: Path) -> dict:
     """The critic's weights in a ZeRO-2 checkpoint: DeepSpeed's module file holds them whole."""
-    states = torch.load(checkpoint / "critic_deepspeed" / "zero" / "mp_rank_00_model_states.pt", weights_only=False)
+    states = torch.load(checkpoint / "critic_deepspeed" / "zero" / "mp_rank_00_model_states.pt", weights_only=True)
     return states["module"]
 
 
