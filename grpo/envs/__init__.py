@@ -1,0 +1,78 @@
+"""Environments: multi-turn episodes, where the model's turns alternate with the environment's.
+
+An episode starts from one dataset row and runs in turns:
+
+    messages = env.reset(row)            # the opening chat messages (system, user, ...)
+    loop:
+        the model writes its turn        # sampled token ids, kept exactly as sampled
+        result = env.step(text)          # the turn's text -> Observation or Done
+        Observation: its messages (tool responses, a user reply) are rendered with the chat
+                     template and appended; they are in the context but get no gradient
+        Done:        the episode ends with its reward (a float, or None: "the task's reward
+                     functions score it")
+
+Any class with `reset` and `step` is an environment (a `typing.Protocol`: nothing to inherit). One
+instance runs one episode, so episodes never share state. An environment that offers tools lists them
+in `tools`: plain Python functions, whose JSON schema (shown to the model through the chat template) is
+taken from their signature and docstring. `ToolEnvironment` (grpo.envs.tools) does the tool plumbing:
+parse the turn's tool calls, run them, and turn every failure into a message the model sees.
+Environments are chosen by `env.name`: a dotted path `package.module:Class` or a name registered in the
+`grpo.environments` entry-point group; `env.kwargs` are passed to the class.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass
+class Observation:
+    """The environment's reply: messages appended to the conversation, after which the model speaks again."""
+
+    messages: list[dict]  # e.g. [{"role": "tool", "name": "multiply", "content": "42"}]
+
+
+@dataclass
+class Done:
+    """The episode is over. `reward` None leaves the scoring to the task's reward functions."""
+
+    reward: float | None = None
+    info: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class Environment(Protocol):
+    tools: list[Callable]  # functions the model may call ([] for none)
+
+    def reset(self, row: dict) -> list[dict]:
+        """Start an episode on a dataset row; returns its opening chat messages."""
+        ...
+
+    def step(self, text: str) -> Observation | Done:
+        """The model's turn (its text, special tokens dropped) -> the next observation, or the end."""
+        ...
+
+
+BUILTIN = {"calculator": "grpo.envs.calculator:calculator_environment"}
+ENTRY_POINT_GROUP = "grpo.environments"
+
+
+def environment_factory(name: str, kwargs: dict | None = None) -> Callable[[], Environment]:
+    """A function that makes a fresh environment per call (one per episode), for a built-in name, a
+    `package.module:Class` path or a `grpo.environments` entry point; ValueError lists the known names."""
+    path = BUILTIN.get(name, name)
+    if ":" in path:
+        module, attr = path.split(":", 1)
+        cls = getattr(importlib.import_module(module), attr)
+    else:
+        found = [ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+        if not found:
+            known = sorted({*BUILTIN, *(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))})
+            raise ValueError(f"env.name: {name!r} is not a 'package.module:Class' path nor one of {', '.join(known)}")
+        cls = found[0].load()
+    options = dict(kwargs or {})
+    return lambda: cls(**options)
