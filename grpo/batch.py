@@ -57,8 +57,12 @@ class RolloutBatch:
 
 
 def layout_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], group_size: int, pad_id: int,
-                 sampler_logprobs: list[list[float]] | None = None) -> RolloutBatch:
-    """Left-pad each prompt and right-pad each completion so all completions start at one column."""
+                 sampler_logprobs: list[list[float]] | None = None,
+                 loss_masks: list[list[int]] | None = None) -> RolloutBatch:
+    """Left-pad each prompt and right-pad each completion so all completions start at one column.
+
+    `loss_masks` (multi-turn episodes): per completion token, 0 where the environment wrote it; those
+    tokens stay in the context but are left out of `completion_mask`, so no loss or count sees them."""
     n = len(completion_ids)
     P = max(map(len, prompt_ids))
     C = max(1, max(map(len, completion_ids)))
@@ -72,6 +76,8 @@ def layout_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], g
         ids[i, P : P + len(comp)] = torch.tensor(comp, dtype=torch.long)
         attn[i, P - len(prompt) : P + len(comp)] = 1
         cmask[i, P - 1 : P - 1 + len(comp)] = 1  # log-prob column t scores token t+1
+        if loss_masks is not None:
+            cmask[i, P - 1 : P - 1 + len(comp)] *= torch.tensor(loss_masks[i], dtype=cmask.dtype)
         if slp is not None:
             slp[i, P - 1 : P - 1 + len(comp)] = torch.tensor(sampler_logprobs[i])
     return RolloutBatch(ids, attn, cmask, P, torch.zeros(n), sampler_logprobs=slp)

@@ -22,6 +22,9 @@ class Completions:
     truncated: list[bool]  # [B*n] True when max_new_tokens ran out before EOS or a stop string
     logprobs: list[list[float]] | None = None  # [B*n] the sampler's log-prob of each sampled token
     metrics: dict = field(default_factory=dict)
+    # Multi-turn episodes (grpo.rollout.episodes) only: per token, 1 for the model's, 0 for the environment's
+    loss_masks: list[list[int]] | None = None  # [B*n]
+    episodes: list[dict] | None = None  # [B*n] per episode: turns, tool calls and failures, truncated, reward
 
 
 @runtime_checkable
@@ -32,6 +35,16 @@ class RolloutEngine(Protocol):
 
     def sync_weights(self, model) -> float:
         """Load the policy's current weights into the engine; returns the seconds it took."""
+        ...
+
+
+@runtime_checkable
+class TokenRolloutEngine(Protocol):
+    """An engine that can also continue token-id contexts, as multi-turn episodes need."""
+
+    def generate_from_ids(self, prompt_ids: list[list[int]], n: int, *, greedy: bool = False,
+                          max_new_tokens: int | None = None) -> Completions:
+        """Sample n continuations of each token-id context, at most `max_new_tokens` tokens each."""
         ...
 
 
@@ -67,6 +80,11 @@ class WithFullWeights:
     def generate(self, prompts: list[str], n: int, *, greedy: bool = False) -> Completions:
         with self.context():
             return self.engine.generate(prompts, n, greedy=greedy)
+
+    def generate_from_ids(self, prompt_ids: list[list[int]], n: int, *, greedy: bool = False,
+                          max_new_tokens: int | None = None) -> Completions:
+        with self.context():
+            return self.engine.generate_from_ids(prompt_ids, n, greedy=greedy, max_new_tokens=max_new_tokens)
 
     def sync_weights(self, model) -> float:
         with self.context():

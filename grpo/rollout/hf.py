@@ -44,10 +44,16 @@ class HFRolloutEngine:
         self.model = model
         return 0.0
 
-    @torch.no_grad()
     def generate(self, prompts: list[str], n: int, *, greedy: bool = False) -> Completions:
         tok = self.tokenizer
-        prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        return self.generate_from_ids([tok(p, add_special_tokens=False)["input_ids"] for p in prompts], n,
+                                      greedy=greedy)
+
+    @torch.no_grad()
+    def generate_from_ids(self, prompt_ids: list[list[int]], n: int, *, greedy: bool = False,
+                          max_new_tokens: int | None = None) -> Completions:
+        """`generate` from token-id contexts (a multi-turn episode's whole context so far), at most
+        `max_new_tokens` (default: the engine's) new tokens each."""
         rows_per_call = max(1, self.batch_size // n)
         out = Completions(prompt_ids=prompt_ids, completion_ids=[], texts=[], truncated=[],
                           logprobs=[] if self.return_logprobs and not greedy else None)
@@ -55,14 +61,16 @@ class HFRolloutEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            for lo in range(0, len(prompts), rows_per_call):
-                self._generate_chunk(prompt_ids[lo : lo + rows_per_call], 1 if greedy else n, greedy, out)
+            for lo in range(0, len(prompt_ids), rows_per_call):
+                self._generate_chunk(prompt_ids[lo : lo + rows_per_call], 1 if greedy else n, greedy, out,
+                                     max_new_tokens or self.max_new_tokens)
         finally:
             self.model.train(was_training)
         out.metrics["time/generate_s"] = time.perf_counter() - start
         return out
 
-    def _generate_chunk(self, prompt_ids: list[list[int]], n: int, greedy: bool, out: Completions) -> None:
+    def _generate_chunk(self, prompt_ids: list[list[int]], n: int, greedy: bool, out: Completions,
+                        max_new_tokens: int) -> None:
         tok, model = self.tokenizer, self.model
         device = next(model.parameters()).device
         eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -93,8 +101,8 @@ class HFRolloutEngine:
         suppress_eos[eos] = float("-inf")
         tokens, logps = [], []
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
-        length = torch.full((rows,), self.max_new_tokens, dtype=torch.long, device=device)
-        for step in range(self.max_new_tokens):
+        length = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
+        for step in range(max_new_tokens):
             bias = suppress_eos if step < self.min_new_tokens and not greedy else suppress
             token, logp = self._sample(logits, bias, greedy)  # [R], [R]
             token = token.masked_fill(finished, pad)
@@ -105,7 +113,7 @@ class HFRolloutEngine:
                 done |= self.stop_criteria(torch.stack(tokens, dim=1), None).to(device)
             length = torch.where(done & ~finished, step + 1, length)
             finished |= done
-            if step + 1 == self.max_new_tokens or bool(finished.all()):
+            if step + 1 == max_new_tokens or bool(finished.all()):
                 break
             attn = torch.cat([attn, attn.new_ones(rows, 1)], dim=1)
             position = position + 1
