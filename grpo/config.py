@@ -166,6 +166,10 @@ class RolloutConfig:
     sync_bucket_mb: float = field(default=256.0, metadata={
         "help": "vllm: MiB of weights copied (ZeRO-3: gathered) at a time"})
 
+    max_turns: int = field(default=4, metadata={"help": "env: model turns per episode at most"})
+    max_episode_tokens: int = field(default=256, metadata={
+        "help": "env: an episode's tokens after the prompt at most, the model's and the environment's together"})
+
     def validate(self) -> None:
         """A known engine; sampling and memory settings in range."""
         _choice("rollout.engine", self.engine, ROLLOUT_ENGINES)
@@ -186,6 +190,18 @@ class RolloutConfig:
         _positive("rollout.max_model_len", self.max_model_len, zero_ok=True)
         _positive("rollout.tensor_parallel_size", self.tensor_parallel_size)
         _positive("rollout.sync_bucket_mb", self.sync_bucket_mb)
+        _positive("rollout.max_turns", self.max_turns)
+        _positive("rollout.max_episode_tokens", self.max_episode_tokens)
+
+
+@dataclass
+class EnvConfig:
+    name: Optional[str] = field(default=None, metadata={
+        "help": "environment of multi-turn episodes: 'package.module:Class', a built-in or a grpo.environments "
+                "entry point; null: single-turn completions"})
+    kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "keyword arguments of the environment"})
+    reward_weight: float = field(default=1.0, metadata={
+        "help": "weight of the environment's Done reward (reward/env) in the total"})
 
 
 @dataclass
@@ -422,6 +438,12 @@ class Config:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+
+
+def completion_budget(cfg: Config) -> int:
+    """The longest completion, in tokens: an episode's budget with an environment, else max_new_tokens."""
+    return cfg.rollout.max_episode_tokens if cfg.env.name else cfg.rollout.max_new_tokens
 
 
 def register_configs() -> None:
@@ -457,6 +479,14 @@ def validate_algorithm_against_run(cfg: Config) -> None:
             f"algorithm.overlong_buffer: must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}], "
             f"got {a.overlong_buffer}"
         )
+    if cfg.env.name and a.loop != "grpo":
+        raise ConfigError(f"env.name: multi-turn episodes run in the grpo loop only, not algorithm.loop={a.loop}")
+    if cfg.env.name and cfg.rollout.engine != "hf":
+        raise ConfigError(f"rollout.engine: multi-turn episodes (env.name) run on the hf engine only for now, "
+                          f"not {cfg.rollout.engine}")
+    if cfg.env.name and a.overlong_buffer:
+        raise ConfigError("algorithm.overlong_buffer: the overlong penalty is for single-turn completions; "
+                          "set it to 0 with env.name")
     if cfg.train.prompts_per_step % a.mini_batches:
         raise ConfigError(
             f"algorithm.mini_batches: {a.mini_batches} does not divide "

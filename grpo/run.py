@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from grpo.checkpoint import latest_checkpoint, load_rank_state, load_state, set_
 from grpo.config import Config, ConfigError, validate_world
 from grpo.contamination import decontaminate, report_metrics
 from grpo.data import PromptSampler, check_prompt_lengths, load_ood_splits, load_task, load_val_split
+from grpo.envs import Environment, environment_factory
 from grpo.evaluate import evaluate_splits
 from grpo.memory import check_fits, estimate_from_config
 from grpo.modeling import context_length, load_policy, resolve_model_path, warm_start_metrics
@@ -62,6 +64,7 @@ class Run:
     best: dict = field(default_factory=dict)  # the best val/accuracy so far: {"accuracy", "step", "since"}
     contamination: dict = field(default_factory=dict)  # grpo.contamination report
     setup_metrics: dict = field(default_factory=dict)  # logged at step 0: data report, warm start
+    make_env: Callable[[], Environment] | None = None  # a fresh environment per episode, when env.name is set
 
 
 def train_from_config(cfg: Config) -> list[dict]:
@@ -93,6 +96,7 @@ def train_from_config(cfg: Config) -> list[dict]:
 def build_run(cfg: Config) -> Run:
     """Everything the loop needs, checked before any training step; resumes when asked."""
     checkpoint = checkpoint_to_resume(cfg)
+    make_env = build_environment(cfg)
     scorer, eval_scorer = build_scorers(cfg)
     train_rows, eval_rows, val_rows, ood_rows, contamination = load_rows(cfg, scorer, eval_scorer)
     validate_world(cfg, dist.world_size(), len(eval_rows))
@@ -125,7 +129,7 @@ def build_run(cfg: Config) -> Run:
     run = Run(cfg=cfg, tokenizer=tokenizer, policy=policy, ref_model=ref_model, engine=engine, backend=backend,
               scorer=scorer, eval_scorer=eval_scorer, train_rows=train_rows, eval_rows=eval_rows,
               sampler=PromptSampler(len(train_rows), seed=cfg.seed), tracker=NullTracker(), ood_rows=ood_rows,
-              val_rows=val_rows, contamination=contamination, setup_metrics=setup_metrics)
+              val_rows=val_rows, contamination=contamination, setup_metrics=setup_metrics, make_env=make_env)
     if checkpoint is not None:
         restore(run, checkpoint)
     if dist.is_main():  # rank 0 writes the run's files
@@ -141,6 +145,16 @@ def checkpoint_to_resume(cfg: Config) -> Path | None:
     if checkpoint is not None:
         verify_checkpoint(checkpoint)  # a truncated file is named here, before anything is built
     return checkpoint
+
+
+def build_environment(cfg: Config) -> Callable[[], Environment] | None:
+    """The factory of one environment per episode that `env.name` names (None: single-turn)."""
+    if not cfg.env.name:
+        return None
+    try:
+        return environment_factory(cfg.env.name, dict(cfg.env.kwargs))
+    except (ValueError, ImportError, AttributeError) as e:
+        raise ConfigError(f"env.name: cannot load {cfg.env.name!r}: {e}") from e
 
 
 def build_scorers(cfg: Config) -> tuple[RewardScorer, RewardScorer]:

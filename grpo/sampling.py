@@ -15,6 +15,7 @@ import torch
 from grpo import distributed as dist
 from grpo.advantages import group_stats
 from grpo.config import AlgorithmConfig
+from grpo.rollout.episodes import episode_metrics, run_episodes
 from rewards.scorer import ScoredBatch
 from rewards.shaping import overlong_penalty
 
@@ -31,6 +32,8 @@ class Groups:
     sampler_logprobs: list[list[float]] | None  # [B*G]
     per_reward: dict[str, list[float | None]]  # name -> [B*G]
     rewards: list[float | None]  # [B*G] weighted total after the overlong penalty
+    loss_masks: list[list[int]] | None = None  # [B*G] episodes: 0 on the environment's tokens
+    episodes: list[dict] | None = None  # [B*G] episodes: what grpo.rollout.episodes.episode_metrics reads
 
     def keep(self, keep: list[bool], G: int) -> Groups:
         """Only the groups whose flag is set."""
@@ -45,6 +48,7 @@ class Groups:
             completion_ids=pick(self.completion_ids), texts=pick(self.texts), truncated=pick(self.truncated),
             sampler_logprobs=pick(self.sampler_logprobs),
             per_reward={name: pick(v) for name, v in self.per_reward.items()}, rewards=pick(self.rewards),
+            loss_masks=pick(self.loss_masks), episodes=pick(self.episodes),
         )
 
     def __add__(self, other: Groups) -> Groups:
@@ -57,7 +61,8 @@ class Groups:
             truncated=self.truncated + other.truncated,
             sampler_logprobs=both(self.sampler_logprobs, other.sampler_logprobs),
             per_reward={k: v + other.per_reward[k] for k, v in self.per_reward.items()},
-            rewards=self.rewards + other.rewards,
+            rewards=self.rewards + other.rewards, loss_masks=both(self.loss_masks, other.loss_masks),
+            episodes=both(self.episodes, other.episodes),
         )
 
 
@@ -133,16 +138,32 @@ def sample_and_score(run, num_prompts: int, tally: ScoringTally) -> tuple[Groups
     (the overlong penalty added); returns the groups and the generation time."""
     G = run.cfg.algorithm.group_size
     rows = [run.train_rows[i] for i in dist.shard(run.sampler.next_indices(num_prompts))]
-    out = run.engine.generate([r["prompt"] for r in rows], G)
+    if run.make_env is None:
+        out = run.engine.generate([r["prompt"] for r in rows], G)
+    else:  # multi-turn episodes; the task's rewards score each episode's last model turn
+        r = run.cfg.rollout
+        out = run_episodes(run.engine, run.tokenizer, run.make_env, rows, G, max_turns=r.max_turns,
+                           max_episode_tokens=r.max_episode_tokens, max_new_tokens=r.max_new_tokens)
     prompts = [r["prompt"] for r in rows for _ in range(G)]
     columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
     scored = run.scorer(prompts, out.texts, columns)
     tally.add(scored)
-    rewards = add_overlong_penalty(scored.total, [len(c) for c in out.completion_ids], run.cfg.algorithm,
+    total, per_reward = scored.total, scored.per_reward
+    if out.episodes is not None:
+        env_rewards = [e["reward"] for e in out.episodes]
+        total = add_env_reward(total, env_rewards, run.cfg.env.reward_weight)
+        per_reward = {**per_reward, "env": env_rewards}
+    rewards = add_overlong_penalty(total, [len(c) for c in out.completion_ids], run.cfg.algorithm,
                                    run.cfg.rollout.max_new_tokens)
     groups = Groups(rows, out.prompt_ids, out.completion_ids, out.texts, out.truncated, out.logprobs,
-                    scored.per_reward, rewards)
+                    per_reward, rewards, out.loss_masks, out.episodes)
     return groups, out.metrics.get("time/generate_s", 0.0)
+
+
+def add_env_reward(total: list[float | None], env: list[float | None], weight: float) -> list[float | None]:
+    """The episodes' total reward: the task's weighted total plus `weight` times the environment's `Done`
+    reward, a None on either side left out as the scorer leaves it out (None when both are None)."""
+    return [t if e is None else weight * e if t is None else t + weight * e for t, e in zip(total, env)]
 
 
 def add_overlong_penalty(rewards: list[float | None], lengths: list[int], algo: AlgorithmConfig,
@@ -189,6 +210,7 @@ def rollout_metrics(groups: Groups, valid: torch.Tensor) -> dict:
         "train/reward_none_frac": 1.0 - float(valid.float().mean()),
         "train/completion_len": sum(map(len, groups.completion_ids)) / max(1, len(groups.completion_ids)),
         "train/truncated_frac": sum(groups.truncated) / max(1, len(groups.truncated)),
+        **(episode_metrics(groups.episodes) if groups.episodes is not None else {}),
     }
 
 

@@ -16,6 +16,8 @@ Where this departs from GRPO as published (DeepSeekMath, Shao et al. 2024):
 3. With one pass over each batch (the default) the old policy is the current one: the
    importance ratio is exactly 1 and no old log-probs are computed.
 4. A sample whose reward is None counts neither in its group's baseline nor in the loss.
+5. With an environment (`env=...`), a sample is a whole multi-turn episode (`grpo.rollout.episodes`): the
+   group baseline is over the G episodes of a prompt, and the environment's tokens get no gradient.
 
 Data parallel (several ranks, `grpo.distributed`): each rank samples and scores its own share
 of the step's prompts (a group never straddles ranks); the scored groups are gathered so that
@@ -31,6 +33,7 @@ import torch
 from grpo import distributed as dist
 from grpo.advantages import compute_advantages
 from grpo.batch import RolloutBatch, layout_batch
+from grpo.config import completion_budget
 from grpo.faults import crash_point
 from grpo.loop import StepResult, no_signal_reason, replica_check, run_loop
 from grpo.run import Run
@@ -65,7 +68,7 @@ def train_step(run: Run, step: int) -> StepResult:
     #    loss or gradient is not finite is skipped)
     metrics |= update_policy(run.backend, batch, algo, temperature=cfg.rollout.temperature,
                              micro_batch_tokens=cfg.backend.micro_batch_tokens,
-                             max_new_tokens=cfg.rollout.max_new_tokens)
+                             max_new_tokens=completion_budget(cfg))
     crash_point("mid_step", step)
     # 5. the rollout engine samples from the new weights next step
     metrics["time/weight_sync_s"] = run.engine.sync_weights(run.policy)
@@ -86,7 +89,7 @@ def advantage_batch(run: Run, groups: Groups, everyone: Groups, offset: int) -> 
     advantages = torch.where(advantages < 0, advantages * algo.negative_weight, advantages)  # [N_all]
     mine = slice(offset, offset + len(groups.completion_ids))
     batch = layout_batch(groups.prompt_ids, groups.completion_ids, algo.group_size, run.tokenizer.pad_token_id,
-                         groups.sampler_logprobs)
+                         groups.sampler_logprobs, groups.loss_masks)
     batch.advantages = advantages[mine]  # [N]
     keep = valid[mine] & ~torch.tensor(groups.truncated) if algo.mask_truncated else valid[mine]  # [N]
     batch.completion_mask *= keep[:, None].float()
