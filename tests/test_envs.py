@@ -4,6 +4,8 @@ kind of failed call, the calculator, the environment factory and the chat render
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -173,3 +175,34 @@ def test_environment_text_refuses_a_template_that_rewrites_the_conversation():
         environment_text("<user>a<eos><assistant>", "x", "<user>A<eos><assistant>x<eos><assistant>")
     with pytest.raises(ValueError, match="not rendered verbatim"):
         environment_text("<user>a<eos><assistant>", "x y", "<user>a<eos><assistant>x<eos><assistant>")
+
+
+# --- the README's example -----------------------------------------------------------------------------
+
+def readme_environment() -> str:
+    """The Python block of the README's section "Your own environment in twenty lines"."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Your own environment in twenty lines", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+
+
+def test_the_readmes_environment_runs(tmp_path, monkeypatch):
+    code = readme_environment()
+    assert len(code.splitlines()) <= 20  # as the heading says
+    (tmp_path / "my_env.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    make = environment_factory("my_env:GuessNumber")
+    env = make()
+    assert isinstance(env, Environment)
+    assert tool_schema(env.tools[0])["function"]["parameters"]["properties"] == {
+        "guess": {"type": "integer", "description": "the number to compare"}}
+    assert env.reset({"prompt": "unused", "answer": "42"}) == [{"role": "user", "content": "Guess my number."}]
+    assert env.step(call("compare", guess=40) + call("compare", guess="x")) == Observation([
+        {"role": "tool", "name": "compare", "content": "higher"},
+        {"role": "tool", "name": "compare", "content": "error: compare raised TypeError: '<' not supported between "
+                                                       "instances of 'str' and 'int'"}])
+    assert env.step("42") == Done(1.0) and env.step("41") == Done(0.0)
+    assert dict(env.counts) == {"calls": 2, "raised": 1}
+    other = make()
+    other.reset({"prompt": "unused", "answer": "7"})
+    assert other.step(call("compare", guess=9)).messages[0]["content"] == "lower" and other.counts["calls"] == 1

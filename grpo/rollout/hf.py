@@ -71,8 +71,7 @@ class HFRolloutEngine:
 
     def _generate_chunk(self, prompt_ids: list[list[int]], n: int, greedy: bool, out: Completions,
                         max_new_tokens: int) -> None:
-        tok, model = self.tokenizer, self.model
-        device = next(model.parameters()).device
+        tok, model, device = self.tokenizer, self.model, next(self.model.parameters()).device
         eos, pad = tok.eos_token_id, tok.pad_token_id
         width = max(map(len, prompt_ids))
         ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
