@@ -15,6 +15,8 @@ from grpo.backends.torch_backend import TorchBackend
 from grpo.batch import layout_batch
 from grpo.config import AlgorithmConfig, ConfigError
 from grpo.envs import Done, Observation
+from grpo.envs.calculator import calculate
+from grpo.envs.tools import ToolEnvironment
 from grpo.rollout import Completions
 from grpo.rollout.episodes import episode_metrics, run_episodes
 from grpo.rollout.hf import HFRolloutEngine
@@ -42,6 +44,26 @@ class Chatty:
         if self.steps >= self.turns:
             return Done(float(len(text) % 2 == 0))
         return Observation([{"role": "user", "content": "go"}])
+
+
+CALLS = '<tool_call>{"name": "calculate", "arguments": {"expression": "2*3"}}</tool_call><tool_call>{</tool_call>'
+
+
+class CallsOnce:
+    """On the model's first turn, whatever it wrote, one good `calculate` call and one malformed; its second
+    turn ends the episode, scored 1 for an even length."""
+
+    def __init__(self):
+        self.toolbox = ToolEnvironment([calculate], score=lambda text, row: float(len(text) % 2 == 0))
+        self.tools, self.counts, self.turns = self.toolbox.tools, self.toolbox.counts, 0
+
+    def reset(self, row):
+        return self.toolbox.reset(row)
+
+    def step(self, text):
+        self.turns += 1
+        calls = CALLS if self.turns == 1 else ""
+        return self.toolbox.step(text.replace("<tool_call>", "") + calls)
 
 
 class ScriptedEngine:
@@ -182,16 +204,18 @@ def test_grpo_train_env_calculator_runs_steps_with_env_metrics(tmp_path, tiny_ra
 
 
 @pytest.mark.slow
-def test_a_multi_turn_run_scores_the_models_tokens_as_sampled(tmp_path, tiny_random_dir):
-    lines = train(tmp_path, tiny_random_dir, "chatty", "env.name=tests.test_episodes:Chatty", "train.max_steps=2",
-                  "rollout.max_turns=3", "rollout.max_episode_tokens=64",
+def test_a_multi_turn_run_with_tool_calls_scores_the_models_tokens_as_sampled(tmp_path, tiny_random_dir):
+    lines = train(tmp_path, tiny_random_dir, "calls", "env.name=tests.test_episodes:CallsOnce", "train.max_steps=2",
+                  "rollout.max_turns=3", "rollout.max_episode_tokens=200",
                   "reward.functions=[{name: 'tests.test_options:parity_reward'}]")
     steps = [m for m in lines if "train/loss" in m]
     assert len(steps) == 2
     for m in steps:
-        assert m["env/turns_mean"] == 3 and m["env/truncated_frac"] == 0
-        assert m["rollout/logprob_abs_diff"] < 2e-5  # the trainer's log-probs are the sampler's, every turn
-        assert "reward/env_mean" in m
+        # two model turns per episode, two tool calls in the first, one of them malformed
+        assert m["env/turns_mean"] == 2 and m["env/truncated_frac"] == 0
+        assert m["env/tool_calls_mean"] == 2 and m["env/tool_error_frac"] == 0.5
+        assert 0 < m["rollout/logprob_abs_diff"] < 2e-5  # the trainer's log-probs are the sampler's, every turn
+        assert m["reward/env_none_frac"] == 0  # every episode ended with Done and its score
 
 
 def test_env_settings_are_checked_naming_the_field():
