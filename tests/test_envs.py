@@ -3,13 +3,14 @@ kind of failed call, the calculator, the environment factory and the chat render
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import re
 from pathlib import Path
 
 import pytest
 
-from grpo.envs import Done, Environment, Observation, environment_factory
+from grpo.envs import ENTRY_POINT_GROUP, Done, Environment, Observation, environment_factory
 from grpo.envs.calculator import calculate
 from grpo.envs.chat import environment_text, render
 from grpo.envs.tools import ToolCall, ToolEnvironment, parse_tool_calls, tool_schema
@@ -142,6 +143,14 @@ def test_factory_makes_a_fresh_environment_per_call():
     made = environment_factory("grpo.envs.tools:ToolEnvironment", {"tools": [multiply], "system": "s"})()
     assert made.system == "s" and made.tools == [multiply]
     with pytest.raises(ValueError, match="env.name: 'nope' is not .* calculator"):
+        environment_factory("nope")
+
+
+def test_factory_finds_an_entry_point(monkeypatch):
+    point = md.EntryPoint(name="calc2", value="grpo.envs.calculator:calculator_environment", group=ENTRY_POINT_GROUP)
+    monkeypatch.setattr(md, "entry_points", lambda group: [point] if group == ENTRY_POINT_GROUP else [])
+    assert [fn.__name__ for fn in environment_factory("calc2", {"system": "s"})().tools] == ["calculate"]
+    with pytest.raises(ValueError, match="calc2, calculator"):
         environment_factory("nope")
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 
@@ -41,7 +41,6 @@ class Done:
     """The episode is over. `reward` None leaves the scoring to the task's reward functions."""
 
     reward: float | None = None
-    info: dict = field(default_factory=dict)
 
 
 @runtime_checkable
