@@ -40,26 +40,30 @@ class StepResult:
 Step = Callable[[Run, int], StepResult]
 
 
-def run_loop(run: Run, train_step: Step, extra_state: Callable[[], dict] = dict) -> list[dict]:
-    """Run `train_step` from `run.start_step + 1` to `train.max_steps`; returns the logged metrics.
-    `extra_state` is what the algorithm keeps besides the policy (PPO: its critic), saved in checkpoints."""
+def run_loop(run: Run, train_step: Step, extra_state: Callable[[], dict] = dict,
+             max_steps: int | None = None) -> list[dict]:
+    """Run `train_step` from `run.start_step + 1` to `max_steps` (default `train.max_steps`; offline DPO
+    derives its own from its pairs); returns the logged metrics. `extra_state` is what the algorithm keeps
+    besides the policy (PPO: its critic), saved in checkpoints."""
     cfg = run.cfg
+    last = max_steps or cfg.train.max_steps
+    run.tracker.set_total_steps(last)
     history = []
     if run.start_step == 0:  # the starting point: held-out accuracy, the data report, the warm start
         evaluated = evaluate_run(run) if cfg.train.eval_before else {}
         track_best(run, 0, evaluated)
         history.append({"step": 0, **evaluated, **run.setup_metrics})
         run.tracker.log(0, run.setup_metrics | evaluated)
-    for step in range(run.start_step + 1, cfg.train.max_steps + 1):
+    for step in range(run.start_step + 1, last + 1):
         start = time.perf_counter()
         result = train_step(run, step)
         metrics = result.metrics
         if result.skipped:
             log.warning("step %d: %s; no update", step, result.skipped)
             run.tracker.log(step, {**metrics, "time/step_s": time.perf_counter() - start})
-            checkpoint_if_due(run, step, extra_state)
+            checkpoint_if_due(run, step, extra_state, last)
             continue
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == last:
             metrics |= evaluate_run(run)
             track_best(run, step, metrics)
         metrics["time/step_s"] = dist.all_reduce_max(time.perf_counter() - start)
@@ -67,8 +71,8 @@ def run_loop(run: Run, train_step: Step, extra_state: Callable[[], dict] = dict)
         history.append({"step": step, **metrics})
         log_samples_if_due(run, step, result.groups)
         crash_point("after_metrics", step)
-        stop = should_stop_early(run, step)
-        checkpoint_if_due(run, step, extra_state, last=stop)
+        stop = should_stop_early(run, step, last)
+        checkpoint_if_due(run, step, extra_state, last, stopped=stop)
         if stop:
             break
     return history
@@ -91,10 +95,11 @@ def track_best(run: Run, step: int, metrics: dict) -> None:
     metrics["val/best_accuracy"], metrics["val/best_step"] = run.best["accuracy"], run.best["step"]
 
 
-def should_stop_early(run: Run, step: int) -> bool:
-    """`train.early_stop` evaluations in a row without a better `val/accuracy`: the run ends here."""
+def should_stop_early(run: Run, step: int, last: int) -> bool:
+    """`train.early_stop` evaluations in a row without a better `val/accuracy`: the run ends here
+    (before its `last` step)."""
     patience = run.cfg.train.early_stop
-    if not patience or not run.best or run.best["since"] < patience or step == run.cfg.train.max_steps:
+    if not patience or not run.best or run.best["since"] < patience or step == last:
         return False
     log.warning("step %d: early stop: no better val/accuracy in %d evaluations (best %.3f at step %d)",
                 step, run.best["since"], run.best["accuracy"], run.best["step"])
@@ -110,10 +115,11 @@ def log_samples_if_due(run: Run, step: int, groups: Groups) -> None:
         run.tracker.log_samples(step, prompts[:k], groups.texts[:k], groups.rewards[:k])
 
 
-def checkpoint_if_due(run: Run, step: int, extra_state: Callable[[], dict], last: bool = False) -> None:
-    """Save a checkpoint every `checkpoint.every_steps` steps and after the last one (`last`: an early stop)."""
+def checkpoint_if_due(run: Run, step: int, extra_state: Callable[[], dict], last: int,
+                      stopped: bool = False) -> None:
+    """Save a checkpoint every `checkpoint.every_steps` steps and after the `last` one (or an early stop)."""
     cfg = run.cfg
-    if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps or last:
+    if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 or step == last or stopped:
         state = training_state(run) | extra_state()
         save_checkpoint(cfg.run_dir, step, policy=run.policy, tokenizer=run.tokenizer, state=state,
                         keep_last=cfg.checkpoint.keep_last, backend=run.backend)

@@ -217,7 +217,7 @@ def test_import_grpo_pulls_in_neither_vllm_nor_deepspeed():
     assert out.stdout.strip() == "[]", out.stderr
 
 
-@pytest.mark.parametrize("algorithm, backend", [("ppo", "deepspeed_zero2"), ("dpo", "ddp"),
+@pytest.mark.parametrize("algorithm, backend", [("ppo", "deepspeed_zero2"), ("dpo", "deepspeed_zero3"),
                                                 ("online_dpo", "deepspeed_zero3"), ("rft", "deepspeed_zero1"),
                                                 ("sft", "deepspeed_zero2")])
 def test_loops_that_do_not_run_data_parallel_are_refused_on_several_ranks_before_any_work(algorithm, backend):
@@ -231,7 +231,8 @@ def test_loops_that_do_not_run_data_parallel_are_refused_on_several_ranks_before
 
 
 @pytest.mark.parametrize("overrides", [["backend=ddp"], ["backend=deepspeed_zero3"], *(
-    [f"algorithm={a}", "backend=ddp"] for a in ("ppo", "online_dpo", "rft", "sft"))])
+    [f"algorithm={a}", "backend=ddp"] for a in ("ppo", "dpo", "online_dpo", "rft", "sft")), *(
+    [f"algorithm={a}", "backend=deepspeed_zero2"] for a in ("dpo", "online_dpo"))])
 def test_grpo_and_the_ddp_loops_run_on_several_ranks(overrides):
     from grpo.config import validate_world
 

@@ -26,7 +26,7 @@ import time
 import torch
 from transformers import StopStringCriteria
 
-from grpo.rollout import Completions, decode_completion
+from grpo.rollout import Completions, decode_completion, encode_prompts
 
 
 class HFRolloutEngine:
@@ -47,7 +47,7 @@ class HFRolloutEngine:
     @torch.no_grad()
     def generate(self, prompts: list[str], n: int, *, greedy: bool = False) -> Completions:
         tok = self.tokenizer
-        prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        prompt_ids = encode_prompts(tok, prompts)
         rows_per_call = max(1, self.batch_size // n)
         out = Completions(prompt_ids=prompt_ids, completion_ids=[], texts=[], truncated=[],
                           logprobs=[] if self.return_logprobs and not greedy else None)
