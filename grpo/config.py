@@ -23,8 +23,7 @@ LOOPS = ("grpo", "ppo", "dpo", "online_dpo", "rft", "sft")
 # ranks would otherwise be unsynchronised copies of one run). GRPO runs on every backend.
 DATA_PARALLEL_LIMITS = {
     "ppo": (("ddp",), "its critic is not sharded by DeepSpeed yet"),
-    "dpo": (("ddp", "deepspeed_zero2"), "its update is not yet tested under the other DeepSpeed stages"),
-    "online_dpo": (("ddp", "deepspeed_zero2"), "its update is not yet tested under the other DeepSpeed stages"),
+    "online_dpo": (("ddp", "deepspeed_zero2"), "its loop is not yet tested under ZeRO-1 or ZeRO-3"),
     "rft": (("ddp",), "its update is not yet tested under DeepSpeed"),
     "sft": (("ddp",), "its update is not yet tested under DeepSpeed"),
 }

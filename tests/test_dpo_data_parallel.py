@@ -1,4 +1,4 @@
-"""Offline (and online) DPO on 2 ranks, under ddp and DeepSpeed ZeRO-2, started by the real launchers:
+"""Offline (and online) DPO on 2 ranks, under ddp and DeepSpeed ZeRO-1, 2 and 3, started by the real launchers:
 
 - one DPO update on 2 ranks x B/2 pairs gives the gradient of 1 rank x B pairs (the online update with given
   reference log-probs, and a step of the offline loop with its shuffled batch and its reference);
@@ -29,7 +29,7 @@ def dpo_update(backend: str, ranks: int, out, model_dir) -> dict:
     return torch.load(out, weights_only=False)
 
 
-@pytest.mark.parametrize("backend", backends("ddp", "deepspeed_zero2"))
+@pytest.mark.parametrize("backend", backends("ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3"))
 def test_a_dpo_update_on_two_ranks_equals_one_rank_with_every_pair(tmp_path, tiny_random_dir, backend):
     one = dpo_update(backend, 1, tmp_path / "one.pt", tiny_random_dir)
     two = dpo_update(backend, 2, tmp_path / "two.pt", tiny_random_dir)
@@ -47,7 +47,7 @@ def test_a_dpo_update_on_two_ranks_equals_one_rank_with_every_pair(tmp_path, tin
         assert sum(int(g.abs().sum() > 0) for g in a["grads"].values()) > 10, kind  # a real gradient
 
 
-@pytest.mark.parametrize("backend", backends("ddp", "deepspeed_zero2"))
+@pytest.mark.parametrize("backend", backends("ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3"))
 def test_offline_dpo_trains_on_two_ranks_with_identical_replicas(tmp_path, warm_tiny_dir, backend):
     run_dir = tmp_path / "run"
     # 40 problems x 8 samples give about 25 pairs: 3 steps of 8 pairs, 4 per rank
