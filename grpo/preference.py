@@ -14,13 +14,14 @@ import torch
 from grpo import distributed as dist
 from grpo.batch import RolloutBatch, layout_batch
 from grpo.losses import dpo_loss
+from grpo.run import Run
 from grpo.update import equal_count_micro_batches, forward_logprobs, score_logprobs
 
 # What one DPO step adds up over its micro-batches (this rank's), summed over ranks once.
 PAIR_SUMS = ("loss", "margin", "right", "pairs")
 
 
-def pair_batch(run, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> RolloutBatch:
+def pair_batch(run: Run, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> RolloutBatch:
     """P prompts and their 2P completions (chosen, rejected, ...) laid out as groups of 2, with the reference's
     log-probs of every completion token."""
     batch = layout_batch(prompt_ids, completion_ids, 2, run.tokenizer.pad_token_id)
@@ -29,7 +30,7 @@ def pair_batch(run, prompt_ids: list[list[int]], completion_ids: list[list[int]]
     return batch
 
 
-def dpo_update(run, batch: RolloutBatch, total_pairs: int, own_pairs: bool = True) -> dict:
+def dpo_update(run: Run, batch: RolloutBatch, total_pairs: int, own_pairs: bool = True) -> dict:
     """One optimiser step on this rank's pairs (rows chosen, rejected, ...); each micro-batch holds whole pairs,
     and its loss is its share of the mean over `total_pairs`, every rank's, so the gradient summed over ranks
     is that of the mean. `own_pairs` false: the batch is a stand-in that only keeps this rank in step."""
