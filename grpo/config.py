@@ -16,15 +16,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from grpo.advantages import ADVANTAGE_ESTIMATORS
-from grpo.losses import AGGREGATION_MODES, KL_ESTIMATORS, RATIO_LEVELS
+from grpo.losses import AGGREGATION_MODES, DPO_LOSSES, KL_ESTIMATORS, RATIO_LEVELS
 
 LOOPS = ("grpo", "ppo", "dpo", "online_dpo", "rft", "sft")
 # Loops that run on several ranks under some backends only: those backends, and why not the others (several
-# ranks would otherwise be unsynchronised copies of one run). GRPO and PPO (its critic an engine of its own
-# under DeepSpeed, like the policy) run on every backend.
+# ranks would otherwise be unsynchronised copies of one run). GRPO, PPO (its critic an engine of its own
+# under DeepSpeed, like the policy) and offline DPO run on every backend.
 DATA_PARALLEL_LIMITS = {
-    "dpo": ((), "TRL's trainer runs on this process's model without the run's data-parallel backend"),
-    "online_dpo": (("ddp",), "its update is not yet tested under DeepSpeed"),
+    "online_dpo": (("ddp", "deepspeed_zero2"), "its loop is not yet tested under ZeRO-1 or ZeRO-3"),
     "rft": (("ddp",), "its update is not yet tested under DeepSpeed"),
     "sft": (("ddp",), "its update is not yet tested under DeepSpeed"),
 }
@@ -271,9 +270,12 @@ class PPOOptions:
 @dataclass
 class DPOOptions:
     beta: float = field(default=0.1, metadata={"help": "DPO: strength of the implicit KL to the reference"})
-    loss_type: str = field(default="sigmoid", metadata={"help": "DPO: TRL loss type (sigmoid = the DPO paper)"})
-    batch_size: int = field(default=32, metadata={"help": "DPO: preference pairs per optimiser step"})
-    epochs: float = field(default=1.0, metadata={"help": "DPO: passes over the pairs"})
+    loss_type: str = field(default="sigmoid", metadata={
+        "help": "DPO: sigmoid (the DPO paper), ipo or hinge (grpo.losses.DPO_LOSSES)"})
+    batch_size: int = field(default=32, metadata={
+        "help": "offline DPO: preference pairs per optimiser step, all ranks together"})
+    epochs: float = field(default=1.0, metadata={
+        "help": "offline DPO: passes over the pairs; its steps are ceil(epochs x pairs / batch_size)"})
     pairs_file: Optional[str] = field(default=None, metadata={
         "help": "DPO: JSONL/Parquet pairs; null: built-in arithmetic set"})
     num_prompts: int = field(default=2000, metadata={"help": "DPO built-in pairs: training problems sampled on"})
@@ -283,6 +285,7 @@ class DPOOptions:
     def validate(self) -> None:
         """Positive strength, batch, passes and samples (where the pairs come from: `validate(cfg)`)."""
         _positive("algorithm.dpo.beta", self.beta)
+        _choice("algorithm.dpo.loss_type", self.loss_type, sorted(DPO_LOSSES))
         _positive("algorithm.dpo.batch_size", self.batch_size)
         _positive("algorithm.dpo.epochs", self.epochs)
         _positive("algorithm.dpo.samples_per_prompt", self.samples_per_prompt)
@@ -353,6 +356,10 @@ class AlgorithmConfig:
         for name in ("max_resample", "tis_cap"):
             _positive(f"algorithm.{name}", getattr(self, name), zero_ok=True)
 
+    def uses_reference(self) -> bool:
+        """Whether the run keeps a frozen copy of the starting policy: the KL penalty's, or DPO's reference."""
+        return self.beta > 0 or self.loop in ("dpo", "online_dpo")
+
 
 @dataclass
 class RewardItem:
@@ -376,7 +383,8 @@ class RewardConfig:
 
 @dataclass
 class TrainLoopConfig:
-    max_steps: int = field(default=100, metadata={"help": "GRPO steps (one rollout batch each)"})
+    max_steps: int = field(default=100, metadata={
+        "help": "steps of the online loops (one rollout batch each); offline DPO derives its own from its pairs"})
     prompts_per_step: int = field(default=32, metadata={"help": "prompts sampled per step (B)"})
     eval_every: int = field(default=25, metadata={"help": "steps between held-out evaluations; 0 = only at the end"})
     eval_before: bool = field(default=True, metadata={"help": "evaluate once before the first step"})
@@ -467,9 +475,6 @@ def validate(cfg: Config) -> Config:
 def validate_algorithm_against_run(cfg: Config) -> None:
     """What the algorithm asks of the task, the rollout and the batch."""
     a = cfg.algorithm
-    if a.loop == "dpo" and (cfg.checkpoint.keep_best or cfg.train.early_stop):
-        raise ConfigError("checkpoint.keep_best, train.early_stop: the DPO loop (TRL's trainer) does not support "
-                          "them; it logs val/accuracy at each evaluation")
     if a.loop == "dpo" and a.dpo.pairs_file is None and cfg.task.builtin != "arithmetic":
         raise ConfigError(
             "algorithm.dpo.pairs_file: give preference pairs (the built-in set exists for task=arithmetic only)"
@@ -504,6 +509,9 @@ def validate_world(cfg: Config, world_size: int, num_eval_rows: int) -> None:
             f"algorithm.mini_batches: {cfg.algorithm.mini_batches} does not divide the {B // world_size} prompts "
             f"per rank (train.prompts_per_step={B} over {world_size} ranks)"
         )
+    if cfg.algorithm.loop == "dpo" and cfg.algorithm.dpo.batch_size % world_size:
+        raise ConfigError(f"algorithm.dpo.batch_size: {cfg.algorithm.dpo.batch_size} pairs do not split evenly "
+                          f"over {world_size} ranks")
     if world_size > 1 and cfg.backend.name == "torch":
         raise ConfigError(f"backend: {world_size} ranks need backend=ddp or deepspeed_zero1/2/3, not torch")
     loop = cfg.algorithm.loop

@@ -1,48 +1,131 @@
-"""The offline preference baseline: DPO on (prompt, chosen, rejected) pairs, trained by TRL's `DPOTrainer`.
+"""The offline preference baseline: DPO on (prompt, chosen, rejected) pairs fixed before the first step.
 
-One run:
+One run, as `train` and `train_step` below read:
 1. the pairs: a JSONL/Parquet file (`algorithm.dpo.pairs_file`), or, for the built-in task, the policy's own
    samples ranked by the verifiable reward (`grpo.tasks.arithmetic_preferences`: `num_prompts` training
-   problems x `samples_per_prompt` completions, a right answer against a wrong one). Those generated samples
-   are DPO's whole sampling budget, spent before the first step;
-2. TRL's `DPOTrainer` optimises the DPO loss against a frozen copy of the starting policy,
-   per pair, with summed completion log-probs:
-       loss = -log sigmoid(beta * ((log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))));
-3. every `train.eval_every` optimiser steps the same evaluation as GRPO and PPO runs on the policy being
-   trained (`grpo.evaluate.evaluate_run`), into the same metrics.jsonl; the final policy is saved as a
-   checkpoint in the same layout.
+   problems x `samples_per_prompt` completions, a right answer against a wrong one), built in the run
+   directory (a resumed run reads the file it built). Those generated samples are DPO's whole sampling
+   budget, spent before the first step. Pairs whose prompt is an evaluation prompt are dropped;
+2. each prompt is tokenised as the rollout engines tokenise prompts, each completion as its text without
+   special tokens plus EOS (a sampled completion that stopped ended with EOS);
+3. the run takes ceil(epochs x pairs / batch_size) steps; step s trains on the s-th `batch_size` pairs of a
+   stream that shuffles all the pairs once per epoch (seeded by the run's seed and the epoch), each rank on
+   its contiguous share of them;
+4. one step is the DPO update online DPO takes too (`grpo.preference.dpo_update`), against the frozen
+   starting policy, with summed completion log-probs:
+       loss = -mean log sigmoid(beta * ((log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))))
+   (or `algorithm.dpo.loss_type` ipo or hinge), one optimiser step, micro-batched by the token budget, exact.
+   Evaluation, logging, the best checkpoint, early stopping, checkpoints and resuming are the shared loop's
+   (`grpo.loop`), so offline and online DPO differ only in where their pairs come from.
 
 Where this departs from DPO as published (Rafailov et al. 2023): the pairs are the policy's own samples
 labelled by a verifiable reward rather than human preferences over a fine-tuned model's samples (as in
-"on-policy"/"self-rewarding" variants); the loss is the paper's (`loss_type=sigmoid`) unless configured.
-Resuming an unfinished DPO run is not supported: it restarts from the start.
+"on-policy"/"self-rewarding" variants); the loss is the paper's (`loss_type=sigmoid`) unless configured. The
+pairs are one stream of per-epoch shuffles cut into equal batches, so every step has `batch_size` pairs and a
+batch may straddle two epochs (with fewer pairs than `batch_size`, a batch holds some pair twice).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-import torch
-from datasets import Dataset
-from transformers import PrinterCallback, TrainerCallback
-from trl import DPOConfig, DPOTrainer
+import numpy as np
 
-from grpo.checkpoint import save_checkpoint
-from grpo.config import Config, ConfigError
+from grpo import distributed as dist
+from grpo.config import ConfigError
 from grpo.contamination import normalise
 from grpo.data import read_rows
-from grpo.evaluate import evaluate_run
-from grpo.loop import training_state
+from grpo.faults import crash_point
+from grpo.loop import StepResult, replica_check, run_loop
+from grpo.preference import dpo_update, pair_batch
+from grpo.rollout import encode_prompts
 from grpo.run import Run
+from grpo.sampling import Groups
 from grpo.tasks.arithmetic_preferences import ArithmeticPreferences, arithmetic_preferences
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class TokenisedPairs:
+    """The run's preference pairs, as text and as token ids."""
+
+    rows: list[dict]  # [P] prompt, chosen, rejected texts
+    prompt_ids: list[list[int]]  # [P]
+    chosen_ids: list[list[int]]  # [P] ending with EOS
+    rejected_ids: list[list[int]]  # [P] ending with EOS
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def train(run: Run) -> list[dict]:
+    """Build or read the pairs, then DPO steps from `run.start_step + 1` to the derived step count; returns
+    the logged metrics."""
+    opts = run.cfg.algorithm.dpo
+    pairs = prepare_pairs(run)
+    steps = num_steps(len(pairs), opts.epochs, opts.batch_size)
+    if run.start_step > steps:
+        raise ConfigError(f"algorithm.dpo: the checkpoint to resume is at step {run.start_step}, past this run's "
+                          f"{steps} steps ({len(pairs)} pairs); were the pairs or algorithm.dpo changed?")
+    run.backend.set_total_steps(steps)  # the learning-rate schedule spans the derived steps
+    return run_loop(run, partial(train_step, pairs=pairs), max_steps=steps)
+
+
+def train_step(run: Run, step: int, pairs: TokenisedPairs) -> StepResult:
+    """One DPO step on the step's `batch_size` pairs, this rank's contiguous share of them."""
+    cfg = run.cfg
+    chosen = step_pairs(len(pairs), cfg.algorithm.dpo.batch_size, cfg.seed, step)  # [B] every rank's
+    mine = dist.shard(chosen)
+    batch = pair_batch(run, [pairs.prompt_ids[i] for i in mine],
+                       [ids for i in mine for ids in (pairs.chosen_ids[i], pairs.rejected_ids[i])])
+    metrics = dpo_update(run, batch, total_pairs=len(chosen))
+    metrics["dpo/epoch"] = step * len(chosen) / len(pairs)
+    crash_point("mid_step", step)
+    metrics["time/weight_sync_s"] = run.engine.sync_weights(run.policy)
+    metrics |= replica_check(run, step)
+    return StepResult(metrics, logged_pairs(pairs, chosen))
+
+
+def num_steps(num_pairs: int, epochs: float, batch_size: int) -> int:
+    """ceil(epochs x pairs / batch_size): the optimiser steps of a run (at least one)."""
+    return max(1, math.ceil(epochs * num_pairs / batch_size))
+
+
+def step_pairs(num_pairs: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """The pairs step `step` (from 1) trains on: positions (step-1) x B .. step x B - 1 of a stream that holds
+    each epoch's own shuffle of all the pairs, epoch after epoch. A function of its arguments alone, so a
+    resumed run takes the same batches as an uninterrupted one."""
+    start = (step - 1) * batch_size
+    out: list[int] = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), num_pairs)
+        order = np.random.default_rng([seed, epoch]).permutation(num_pairs)  # [P] this epoch's shuffle
+        out += order[offset : offset + batch_size - len(out)].tolist()
+    return out
+
+
+def prepare_pairs(run: Run) -> TokenisedPairs:
+    """The run's pairs, evaluation prompts dropped, tokenised; their counts and cost join the step-0 line."""
+    pairs, generated, pairs_s = load_pairs(run)
+    pairs, dropped = drop_eval_prompts(pairs, run)
+    if not pairs:
+        raise ConfigError(
+            "algorithm.dpo: no preference pairs (the policy had no prompt with a right and a wrong answer)"
+        )
+    run.setup_metrics |= {"dpo/pairs": len(pairs), "dpo/pairs_dropped_eval_overlap": dropped,
+                          "dpo/generated_samples": generated, "time/generate_s": pairs_s, "time/step_s": pairs_s}
+    return tokenise_pairs(pairs, run.tokenizer)
+
+
 def load_pairs(run: Run) -> tuple[list[dict], int, float]:
-    """(pairs, samples generated to build them, seconds spent) for the run's config."""
+    """(pairs, samples generated to build them, seconds spent) for the run's config. The built-in set is
+    built by rank 0 while the other ranks wait, then read by every rank."""
     cfg, opts = run.cfg, run.cfg.algorithm.dpo
     start = time.perf_counter()
     if opts.pairs_file:
@@ -61,7 +144,12 @@ def load_pairs(run: Run) -> tuple[list[dict], int, float]:
         digits=cfg.task.arithmetic.digits, reverse=cfg.task.arithmetic.reverse, seed=cfg.seed,
     )
     # Built inside the run directory, never taken from a cache: its sampling time is part of DPO's cost.
+    # A resumed run finds the file it built there (the same policy and options) and samples nothing.
+    if not dist.is_main():
+        dist.barrier()
     path = arithmetic_preferences(cfg.model.path, spec, cache_dir=Path(cfg.run_dir) / "pairs", log=log.info)
+    if dist.is_main():
+        dist.barrier()
     num_prompts = min(opts.num_prompts or len(run.train_rows), len(run.train_rows))
     return read_rows(str(path)), num_prompts * opts.samples_per_prompt, time.perf_counter() - start
 
@@ -73,74 +161,22 @@ def drop_eval_prompts(pairs: list[dict], run: Run) -> tuple[list[dict], int]:
     return kept, len(pairs) - len(kept)
 
 
-def train(run: Run) -> list[dict]:
-    """Build or read the pairs, run `DPOTrainer` with evaluation callbacks; returns the logged metrics."""
-    cfg = run.cfg
-    if run.start_step:
-        log.warning("dpo: %s already holds a final checkpoint (step %d); nothing to do", cfg.run_dir, run.start_step)
-        return []
-    history: list[dict] = []
-    first = {"step": 0, **run.setup_metrics}
-    pairs, generated, pairs_s = load_pairs(run)
-    pairs, dropped = drop_eval_prompts(pairs, run)
-    if not pairs:
-        raise ConfigError(
-            "algorithm.dpo: no preference pairs (the policy had no prompt with a right and a wrong answer)"
-        )
-    first |= {"dpo/pairs": len(pairs), "dpo/pairs_dropped_eval_overlap": dropped, "dpo/generated_samples": generated,
-              "time/generate_s": pairs_s, "time/step_s": pairs_s}
-    if cfg.train.eval_before and run.eval_rows:
-        first |= evaluate_run(run)
-    run.tracker.log(0, first)
-    history.append(first)
+def tokenise_pairs(pairs: list[dict], tokenizer) -> TokenisedPairs:
+    """Prompts as the rollout engines tokenise them; completions as their text without special tokens, then EOS."""
+    def completion(texts: list[str]) -> list[list[int]]:
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [seq + [tokenizer.eos_token_id] for seq in ids]
 
-    args = dpo_arguments(cfg)
-    dataset = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
-    run.tokenizer.padding_side = "left"
-    trainer = DPOTrainer(model=run.policy, args=args, train_dataset=dataset, processing_class=run.tokenizer,
-                         callbacks=[LogAndEvaluate(run, history)])
-    trainer.remove_callback(PrinterCallback)  # our tracker prints; TRL's would repeat every line
-    trainer.train()
-    run.tokenizer.padding_side = "left"
-    step = trainer.state.global_step
-    save_checkpoint(cfg.run_dir, step, policy=run.policy, tokenizer=run.tokenizer,
-                    state=training_state(run), keep_last=cfg.checkpoint.keep_last)
-    return history
+    return TokenisedPairs(rows=pairs, prompt_ids=encode_prompts(tokenizer, [p["prompt"] for p in pairs]),
+                          chosen_ids=completion([p["chosen"] for p in pairs]),
+                          rejected_ids=completion([p["rejected"] for p in pairs]))
 
 
-class LogAndEvaluate(TrainerCallback):
-    """Our metrics line per optimiser step (TRL's loss and reward margins), our evaluation when due.
-    TRL logs every step (`logging_steps=1`) after the step ends, so the line is written there."""
-
-    def __init__(self, run: Run, history: list[dict]):
-        self.run, self.history, self.last = run, history, time.perf_counter()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        if "loss" not in logs:  # the summary TRL logs at the end of training
-            return
-        names = {"loss": "train/loss", "rewards/margins": "train/dpo_margin",
-                 "rewards/accuracies": "train/dpo_pair_accuracy", "learning_rate": "optim/lr",
-                 "grad_norm": "optim/grad_norm", "entropy": "train/entropy"}
-        metrics = {ours: float(logs[theirs]) for theirs, ours in names.items() if theirs in logs}
-        step, every = state.global_step, self.run.cfg.train.eval_every
-        if every and step % every == 0 or step == state.max_steps:
-            metrics |= evaluate_run(self.run)
-        now = time.perf_counter()
-        metrics["time/step_s"], self.last = now - self.last, now
-        self.run.tracker.log(step, metrics)
-        self.history.append({"step": step, **metrics})
-
-
-def dpo_arguments(cfg: Config) -> DPOConfig:
-    """TRL's DPO settings from the run's config (`algorithm.dpo.*` and `optim.*`)."""
-    opts = cfg.algorithm.dpo
-    return DPOConfig(
-        output_dir=str(Path(cfg.run_dir) / "trainer"), per_device_train_batch_size=opts.batch_size,
-        num_train_epochs=opts.epochs, learning_rate=cfg.optim.lr, lr_scheduler_type=cfg.optim.schedule,
-        warmup_steps=cfg.optim.warmup_steps, weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.betas[0],
-        adam_beta2=cfg.optim.betas[1], adam_epsilon=cfg.optim.eps, max_grad_norm=cfg.optim.max_grad_norm or 1e9,
-        beta=opts.beta, loss_type=[opts.loss_type], logging_steps=1, save_strategy="no", eval_strategy="no",
-        report_to="none", seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=not cfg.tracking.progress_bar,
-        bf16=cfg.model.dtype == "bfloat16", dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
-    )
+def logged_pairs(pairs: TokenisedPairs, chosen: list[int]) -> Groups:
+    """The step's pairs as the loop's sample log reads them: per prompt, its chosen then its rejected text."""
+    rows = [pairs.rows[i] for i in chosen]
+    return Groups(rows=rows, prompt_ids=[pairs.prompt_ids[i] for i in chosen],
+                  completion_ids=[ids for i in chosen for ids in (pairs.chosen_ids[i], pairs.rejected_ids[i])],
+                  texts=[text for r in rows for text in (r["chosen"], r["rejected"])],
+                  truncated=[False] * (2 * len(rows)), sampler_logprobs=None, per_reward={},
+                  rewards=[None] * (2 * len(rows)))

@@ -1,13 +1,13 @@
-"""The outer loop every online algorithm shares: steps, evaluation, logging, samples, checkpoints.
+"""The outer loop every algorithm shares: steps, evaluation, logging, samples, checkpoints.
 
-An algorithm (GRPO in `grpo.trainer`, PPO in `grpo.ppo`, online DPO in `grpo.online_dpo`, RFT and SFT in
-`grpo.supervised`) supplies one training step; this loop runs it from the run's first step to
-`train.max_steps` and around it does what every algorithm needs in the same way: the step-0 line (held-out
-accuracy, the data report, the warm start), evaluation every `train.eval_every` steps and after the last,
-the best validation accuracy so far (`checkpoint.keep_best`, `train.early_stop`), the metrics line, sample
-logging, the crash points of the fault-injection tests, and checkpoints (with the algorithm's own state,
-e.g. PPO's critic). The guard against broken rewards (`no_signal_reason`) and the replica check are here
-too, for every algorithm's step.
+An algorithm (GRPO in `grpo.trainer`, PPO in `grpo.ppo`, offline DPO in `grpo.dpo`, online DPO in
+`grpo.online_dpo`, RFT and SFT in `grpo.supervised`) supplies one training step; this loop runs it from the
+run's first step to `train.max_steps` (offline DPO: the steps its pairs make) and around it does what every
+algorithm needs in the same way: the step-0 line (held-out accuracy, the data report, the warm start),
+evaluation every `train.eval_every` steps and after the last, the best validation accuracy so far
+(`checkpoint.keep_best`, `train.early_stop`), the metrics line, sample logging, the crash points of the
+fault-injection tests, and checkpoints (with the algorithm's own state, e.g. PPO's critic). The guard
+against broken rewards (`no_signal_reason`) and the replica check are here too, for every algorithm's step.
 """
 
 from __future__ import annotations
@@ -41,28 +41,31 @@ Step = Callable[[Run, int], StepResult]
 
 
 def run_loop(run: Run, train_step: Step, extra_state: Callable[[], dict] = dict,
-             extra_backends: dict | None = None) -> list[dict]:
-    """Run `train_step` from `run.start_step + 1` to `train.max_steps`; returns the logged metrics.
-    `extra_state` is what the algorithm keeps besides the policy (PPO: its critic), saved in checkpoints;
-    `extra_backends` (name -> backend) are the backends of the other models it trains, whose DeepSpeed
-    shards the checkpoints hold (`grpo.checkpoint.sharded_dir`)."""
+             extra_backends: dict | None = None, max_steps: int | None = None) -> list[dict]:
+    """Run `train_step` from `run.start_step + 1` to `max_steps` (default `train.max_steps`; offline DPO
+    derives its own from its pairs); returns the logged metrics. `extra_state` is what the algorithm keeps
+    besides the policy (PPO: its critic), saved in checkpoints; `extra_backends` (name -> backend) are the
+    backends of the other models it trains, whose DeepSpeed shards the checkpoints hold
+    (`grpo.checkpoint.sharded_dir`)."""
     cfg = run.cfg
+    last = max_steps or cfg.train.max_steps
+    run.tracker.set_total_steps(last)
     history = []
     if run.start_step == 0:  # the starting point: held-out accuracy, the data report, the warm start
         evaluated = evaluate_and_record(run, 0) if cfg.train.eval_before else {}
         track_best(run, 0, evaluated)
         history.append({"step": 0, **evaluated, **run.setup_metrics})
         run.tracker.log(0, run.setup_metrics | evaluated)
-    for step in range(run.start_step + 1, cfg.train.max_steps + 1):
+    for step in range(run.start_step + 1, last + 1):
         start = time.perf_counter()
         result = train_step(run, step)
         metrics = result.metrics
         if result.skipped:
             log.warning("step %d: %s; no update", step, result.skipped)
             run.tracker.log(step, {**metrics, "time/step_s": time.perf_counter() - start})
-            checkpoint_if_due(run, step, extra_state, extra_backends)
+            checkpoint_if_due(run, step, extra_state, last, extra_backends)
             continue
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == last:
             metrics |= evaluate_and_record(run, step)
             track_best(run, step, metrics)
         metrics["time/step_s"] = dist.all_reduce_max(time.perf_counter() - start)
@@ -70,8 +73,8 @@ def run_loop(run: Run, train_step: Step, extra_state: Callable[[], dict] = dict,
         history.append({"step": step, **metrics})
         log_samples_if_due(run, step, result.groups)
         crash_point("after_metrics", step)
-        stop = should_stop_early(run, step)
-        checkpoint_if_due(run, step, extra_state, extra_backends, last=stop)
+        stop = should_stop_early(run, step, last)
+        checkpoint_if_due(run, step, extra_state, last, extra_backends, stopped=stop)
         if stop:
             break
     return history
@@ -103,10 +106,11 @@ def track_best(run: Run, step: int, metrics: dict) -> None:
     metrics["val/best_accuracy"], metrics["val/best_step"] = run.best["accuracy"], run.best["step"]
 
 
-def should_stop_early(run: Run, step: int) -> bool:
-    """`train.early_stop` evaluations in a row without a better `val/accuracy`: the run ends here."""
+def should_stop_early(run: Run, step: int, last: int) -> bool:
+    """`train.early_stop` evaluations in a row without a better `val/accuracy`: the run ends here
+    (before its `last` step)."""
     patience = run.cfg.train.early_stop
-    if not patience or not run.best or run.best["since"] < patience or step == run.cfg.train.max_steps:
+    if not patience or not run.best or run.best["since"] < patience or step == last:
         return False
     log.warning("step %d: early stop: no better val/accuracy in %d evaluations (best %.3f at step %d)",
                 step, run.best["since"], run.best["accuracy"], run.best["step"])
@@ -122,11 +126,11 @@ def log_samples_if_due(run: Run, step: int, groups: Groups) -> None:
         run.tracker.log_samples(step, prompts[:k], groups.texts[:k], groups.rewards[:k])
 
 
-def checkpoint_if_due(run: Run, step: int, extra_state: Callable[[], dict], extra_backends: dict | None = None,
-                      last: bool = False) -> None:
-    """Save a checkpoint every `checkpoint.every_steps` steps and after the last one (`last`: an early stop)."""
+def checkpoint_if_due(run: Run, step: int, extra_state: Callable[[], dict], last: int,
+                      extra_backends: dict | None = None, stopped: bool = False) -> None:
+    """Save a checkpoint every `checkpoint.every_steps` steps and after the `last` one (or an early stop)."""
     cfg = run.cfg
-    if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps or last:
+    if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 or step == last or stopped:
         state = training_state(run) | extra_state()
         save_checkpoint(cfg.run_dir, step, policy=run.policy, tokenizer=run.tokenizer, state=state,
                         keep_last=cfg.checkpoint.keep_last, backend=run.backend, extra_backends=extra_backends)

@@ -1,4 +1,5 @@
-"""Policy losses: KL estimators, the clipped surrogate (token or sequence ratio) and aggregation.
+"""Policy losses: KL estimators, the clipped surrogate (token or sequence ratio), aggregation, and the
+preference losses of DPO.
 
 Shapes: N completions, T token positions (padded); ``mask`` [N, T] is 1 on completion tokens.
 ``advantages`` [N] hold one value per completion (outcome supervision), broadcast over its tokens.
@@ -18,6 +19,8 @@ Where we differ from the papers:
 5. The log-ratio is bounded before it is exponentiated: to [-20, 20] per token, and GSPO's
    sequence log-ratio to at most 10 (as verl does), so one exploded ratio cannot make the loss
    infinite and skip the whole step. Beyond the bound the token's ratio is constant (no gradient).
+6. The preference losses (``dpo_loss``) take summed completion log-probs for every loss type, IPO's
+   included, as the IPO paper writes it (TRL's ``ipo`` averages them over the completion's tokens).
 """
 
 from collections.abc import Callable
@@ -277,3 +280,50 @@ def aggregate(
         if not isinstance(value, Tensor) and value <= 0:
             raise ValueError(f"{name} must be > 0, got {value}")
     return _AGGREGATORS[mode](masked_loss, mask, num_tokens, num_seqs, max_len)  # []
+
+
+PreferenceLoss = Callable[[Tensor, float], Tensor]
+
+DPO_LOSSES: dict[str, PreferenceLoss] = {}
+
+
+def register_dpo_loss(name: str) -> Callable[[PreferenceLoss], PreferenceLoss]:
+    """Register ``fn(h [P], beta) -> per-pair loss [P]`` under ``name``, where h is the pair's log-ratio
+    difference (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))."""
+
+    def decorator(fn: PreferenceLoss) -> PreferenceLoss:
+        if name in DPO_LOSSES:
+            raise ValueError(f"DPO loss {name!r} is already registered")
+        DPO_LOSSES[name] = fn
+        return fn
+
+    return decorator
+
+
+@register_dpo_loss("sigmoid")
+def dpo_sigmoid(h: Tensor, beta: float) -> Tensor:
+    """-log sigmoid(beta h): DPO as published (Rafailov et al. 2023, eq. 7)."""
+    return -torch.nn.functional.logsigmoid(beta * h)  # [P]
+
+
+@register_dpo_loss("ipo")
+def dpo_ipo(h: Tensor, beta: float) -> Tensor:
+    """(h - 1 / (2 beta))^2: IPO (Azar et al. 2023, eq. 17), a squared loss whose target margin keeps the
+    policy near the reference even on pairs it already ranks right (beta is IPO's tau)."""
+    return (h - 1.0 / (2.0 * beta)).square()  # [P]
+
+
+@register_dpo_loss("hinge")
+def dpo_hinge(h: Tensor, beta: float) -> Tensor:
+    """max(0, 1 - beta h): the hinge loss of SLiC (Zhao et al. 2023), on the reference-normalised log-ratio."""
+    return torch.relu(1.0 - beta * h)  # [P]
+
+
+def dpo_loss(policy_seq: Tensor, ref_seq: Tensor, beta: float, loss_type: str = "sigmoid") -> tuple[Tensor, Tensor]:
+    """Per pair: the preference loss ``DPO_LOSSES[loss_type]`` and the implicit reward margin beta h, from
+    summed completion log-probs [2P] laid out chosen, rejected, chosen, rejected, ..."""
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"unknown DPO loss {loss_type!r}; known: {', '.join(sorted(DPO_LOSSES))}")
+    logratio = policy_seq - ref_seq  # [2P]
+    h = logratio[0::2] - logratio[1::2]  # [P]
+    return DPO_LOSSES[loss_type](h, beta), (beta * h).detach()  # [P], [P]

@@ -163,7 +163,7 @@ def estimate_from_config(cfg, world_size: int, gpu_memory_gb: float = 80.0) -> M
         micro_batch_tokens=b.micro_batch_tokens, gradient_checkpointing=b.gradient_checkpointing,
         rollout_engine=cfg.rollout.engine, rollout_sequences=cfg.rollout.batch_size,
         max_new_tokens=cfg.rollout.max_new_tokens, gpu_memory_gb=b.gpu_memory_gb or gpu_memory_gb,
-        vllm_fraction=cfg.rollout.gpu_memory_utilization, with_reference=cfg.algorithm.beta > 0,
+        vllm_fraction=cfg.rollout.gpu_memory_utilization, with_reference=cfg.algorithm.uses_reference(),
         offload_optimizer=b.offload_optimizer, offload_params=b.offload_params, stage_name=b.name,
     )
 

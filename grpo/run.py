@@ -36,7 +36,7 @@ from rewards import RewardScorer, RewardSpec
 
 log = logging.getLogger("grpo")
 
-# The loop each `algorithm.loop` runs, imported when chosen (DPO's pulls in TRL's trainer).
+# The loop each `algorithm.loop` runs, imported when chosen.
 LOOPS = {"grpo": "grpo.trainer:train", "ppo": "grpo.ppo:train", "dpo": "grpo.dpo:train",
          "online_dpo": "grpo.online_dpo:train", "rft": "grpo.supervised:train_rft", "sft": "grpo.supervised:train_sft"}
 
@@ -119,7 +119,7 @@ def build_run(cfg: Config) -> Run:
     check_prompt_lengths(train_rows, eval_rows, tokenizer, context=context_length(policy),
                          max_new_tokens=cfg.rollout.max_new_tokens, where=cfg.task.train_file or cfg.task.name)
     ref_model = None
-    if cfg.algorithm.beta > 0 or cfg.algorithm.loop == "online_dpo":  # the KL's, or DPO's, reference
+    if cfg.algorithm.uses_reference():  # the KL's, or DPO's, reference
         ref_model, _ = load_policy(cfg.model.path, cfg)
         ref_model.eval().requires_grad_(False)
     backend = build_policy_backend(cfg, policy)
@@ -271,6 +271,8 @@ def seed_everything(seed: int) -> None:
 
 class NullTracker:
     """What ranks other than 0 log to: nothing (rank 0 writes the reduced metrics)."""
+
+    def set_total_steps(self, total_steps) -> None: ...
 
     def log(self, step, metrics) -> None: ...
 

@@ -44,6 +44,12 @@ class Tracker:
                 config=run_config, resume="allow", id=wandb_config.get("id"),
             )
 
+    def set_total_steps(self, total_steps: int) -> None:
+        """The run's length, when the loop learns it after the tracker opened (offline DPO: from its pairs)."""
+        if self.bar is not None:
+            self.bar.total = total_steps
+            self.bar.refresh()
+
     def log(self, step: int, metrics: dict) -> None:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self._metrics.write(json.dumps(record) + "\n")

@@ -217,7 +217,7 @@ def test_import_grpo_pulls_in_neither_vllm_nor_deepspeed():
     assert out.stdout.strip() == "[]", out.stderr
 
 
-@pytest.mark.parametrize("algorithm, backend", [("dpo", "ddp"), ("online_dpo", "deepspeed_zero3"),
+@pytest.mark.parametrize("algorithm, backend", [("online_dpo", "deepspeed_zero1"), ("online_dpo", "deepspeed_zero3"),
                                                 ("rft", "deepspeed_zero1"), ("sft", "deepspeed_zero2")])
 def test_loops_that_do_not_run_data_parallel_are_refused_on_several_ranks_before_any_work(algorithm, backend):
     from grpo.config import validate_world
@@ -230,8 +230,9 @@ def test_loops_that_do_not_run_data_parallel_are_refused_on_several_ranks_before
 
 
 @pytest.mark.parametrize("overrides", [["backend=ddp"], ["backend=deepspeed_zero3"], *(
-    [f"algorithm={a}", "backend=ddp"] for a in ("ppo", "online_dpo", "rft", "sft")), *(
-    ["algorithm=ppo", f"backend=deepspeed_zero{n}"] for n in (1, 2, 3))])
+    [f"algorithm={a}", "backend=ddp"] for a in ("ppo", "dpo", "online_dpo", "rft", "sft")),
+    ["algorithm=online_dpo", "backend=deepspeed_zero2"], *(
+    [f"algorithm={a}", f"backend=deepspeed_zero{stage}"] for a in ("ppo", "dpo") for stage in (1, 2, 3))])
 def test_grpo_and_the_ddp_loops_run_on_several_ranks(overrides):
     from grpo.config import validate_world
 

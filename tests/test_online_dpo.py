@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from grpo.batch import layout_batch
-from grpo.online_dpo import best_and_worst, dpo_loss, dpo_update
+from grpo.losses import dpo_loss
+from grpo.online_dpo import best_and_worst
+from grpo.preference import dpo_update
 from tests.conftest import compose
 from tests.test_trainer import RecordingBackend, load
 

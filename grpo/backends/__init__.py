@@ -31,6 +31,11 @@ class TrainBackend(Protocol):
         gradient is discarded without touching the weights or optimiser moments, and counted."""
         ...
 
+    def set_total_steps(self, total_steps: int) -> None:
+        """The schedule's length, when the loop learns it after the backend is built (offline DPO: from its
+        pairs); the steps taken so far and the current learning rate's position are kept."""
+        ...
+
     def state_dict(self) -> dict:
         """Optimiser and scheduler state, for checkpoints."""
         ...
@@ -90,3 +95,12 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+def set_lr_factor(scheduler: torch.optim.lr_scheduler.LambdaLR, factor) -> None:
+    """Give a `LambdaLR` a new multiplier from its current step on (its step count and base rates kept)."""
+    groups = scheduler.optimizer.param_groups
+    scheduler.lr_lambdas = [factor] * len(groups)
+    for group, base in zip(groups, scheduler.base_lrs):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]

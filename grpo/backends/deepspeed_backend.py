@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from grpo import distributed as dist
-from grpo.backends import LogProbModel, lr_lambda
+from grpo.backends import LogProbModel, lr_lambda, set_lr_factor
 
 CHECKPOINT_TAG = "zero"
 
@@ -98,6 +98,7 @@ class DeepSpeedBackend:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         )
         self.model = self.engine
+        self.schedule = (schedule, warmup_steps)
         self.skipped_steps = 0
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -124,6 +125,9 @@ class DeepSpeedBackend:
         self.skipped_steps += int(skipped)
         self.engine.zero_grad()
         return {"grad_norm": norm, "lr": lr, "skipped": skipped}
+
+    def set_total_steps(self, total_steps: int) -> None:
+        set_lr_factor(self.scheduler, lr_lambda(*self.schedule, total_steps))
 
     def gathered_for_rollout(self):
         """A context in which the policy holds its full parameters (ZeRO-3), for generate (and for reading

@@ -19,7 +19,7 @@ import contextlib
 import torch
 
 from grpo import distributed as dist
-from grpo.backends import LogProbModel, lr_lambda
+from grpo.backends import LogProbModel, lr_lambda, set_lr_factor
 
 
 class TorchBackend:
@@ -49,6 +49,7 @@ class TorchBackend:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(schedule, warmup_steps, total_steps)
         )
+        self.schedule = (schedule, warmup_steps)
         self.max_grad_norm = max_grad_norm
         self.skipped_steps = 0
 
@@ -76,6 +77,9 @@ class TorchBackend:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": float(norm), "lr": lr, "skipped": skipped}
+
+    def set_total_steps(self, total_steps: int) -> None:
+        set_lr_factor(self.scheduler, lr_lambda(*self.schedule, total_steps))
 
     def gathered_for_rollout(self):
         return contextlib.nullcontext()  # every rank holds the whole model

@@ -51,6 +51,12 @@ class TokenRolloutEngine(Protocol):
 ENGINES = {"hf": "grpo.rollout.hf:HFRolloutEngine", "vllm": "grpo.rollout.vllm:VLLMRolloutEngine"}
 
 
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """The token ids every engine samples after, one list per prompt text: the text as it is, with no
+    special tokens added (a template, where wanted, is already in the task's prompt text)."""
+    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+
 def decode_completion(tokenizer, seq: list[int], stop: list[str]) -> str:
     """The completion's text: special tokens dropped, cut before the first stop string it contains."""
     text = tokenizer.decode(seq, skip_special_tokens=True)

@@ -26,7 +26,7 @@ import time
 import torch
 from transformers import StopStringCriteria
 
-from grpo.rollout import Completions, decode_completion
+from grpo.rollout import Completions, decode_completion, encode_prompts
 
 
 class HFRolloutEngine:
@@ -46,8 +46,7 @@ class HFRolloutEngine:
 
     def generate(self, prompts: list[str], n: int, *, greedy: bool = False) -> Completions:
         tok = self.tokenizer
-        return self.generate_from_ids([tok(p, add_special_tokens=False)["input_ids"] for p in prompts], n,
-                                      greedy=greedy)
+        return self.generate_from_ids(encode_prompts(tok, prompts), n, greedy=greedy)
 
     @torch.no_grad()
     def generate_from_ids(self, prompt_ids: list[list[int]], n: int, *, greedy: bool = False,

@@ -43,7 +43,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from grpo.rollout import Completions, decode_completion
+from grpo.rollout import Completions, decode_completion, encode_prompts
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class VLLMRolloutEngine:
         from vllm import SamplingParams
 
         llm = self._alive()
-        prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        prompt_ids = encode_prompts(self.tokenizer, prompts)
         stop = self.stop or None
         if greedy:
             params = SamplingParams(n=1, temperature=0.0, max_tokens=self.max_new_tokens, stop=stop)
