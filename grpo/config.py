@@ -19,14 +19,6 @@ from grpo.advantages import ADVANTAGE_ESTIMATORS
 from grpo.losses import AGGREGATION_MODES, DPO_LOSSES, KL_ESTIMATORS, RATIO_LEVELS
 
 LOOPS = ("grpo", "ppo", "dpo", "online_dpo", "rft", "sft")
-# Loops that run on several ranks under some backends only: those backends, and why not the others (several
-# ranks would otherwise be unsynchronised copies of one run). GRPO, PPO (its critic an engine of its own
-# under DeepSpeed, like the policy) and offline DPO run on every backend.
-DATA_PARALLEL_LIMITS = {
-    "online_dpo": (("ddp", "deepspeed_zero2"), "its loop is not yet tested under ZeRO-1 or ZeRO-3"),
-    "rft": (("ddp",), "its update is not yet tested under DeepSpeed"),
-    "sft": (("ddp",), "its update is not yet tested under DeepSpeed"),
-}
 BACKEND_NAMES = ("torch", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
 ROLLOUT_ENGINES = ("hf", "vllm")
 DTYPES = ("float32", "bfloat16")
@@ -514,12 +506,6 @@ def validate_world(cfg: Config, world_size: int, num_eval_rows: int) -> None:
                           f"over {world_size} ranks")
     if world_size > 1 and cfg.backend.name == "torch":
         raise ConfigError(f"backend: {world_size} ranks need backend=ddp or deepspeed_zero1/2/3, not torch")
-    loop = cfg.algorithm.loop
-    backends, reason = DATA_PARALLEL_LIMITS.get(loop, (BACKEND_NAMES, ""))
-    if world_size > 1 and cfg.backend.name not in backends:
-        where = f"backend={'|'.join(backends)}" if backends else "one process"
-        raise ConfigError(f"algorithm.loop: {loop} does not run on {world_size} ranks with backend={cfg.backend.name} "
-                          f"({reason}); launch it on {where}")
     if 0 < num_eval_rows < world_size:
         raise ConfigError(f"task: {num_eval_rows} held-out rows cannot be shared by {world_size} ranks")
 
