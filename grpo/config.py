@@ -22,6 +22,7 @@ LOOPS = ("grpo", "ppo", "dpo", "online_dpo", "rft", "sft")
 BACKEND_NAMES = ("torch", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
 ROLLOUT_ENGINES = ("hf", "vllm")
 DTYPES = ("float32", "bfloat16")
+BUILTIN_TASKS = ("arithmetic", "reasoning_gym")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 RESUME_MODES = ("never", "auto")
 
@@ -51,6 +52,29 @@ class ArithmeticTaskConfig:
 
 
 @dataclass
+class ReasoningGymTaskConfig:
+    names: list[str] = field(default_factory=lambda: ["basic_arithmetic", "chain_sum", "leg_counting"], metadata={
+        "help": "reasoning_gym dataset names, one share of rows each"})
+    size: int = field(default=1000, metadata={"help": "training rows per dataset"})
+    num_eval: int = field(default=100, metadata={"help": "test rows per dataset (eval/accuracy)"})
+    num_val: int = field(default=100, metadata={"help": "validation rows per dataset (val/accuracy); 0 = none"})
+    seed: int = field(default=0, metadata={"help": "seed of the rows; each split draws from its own seed range"})
+    options: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "settings of each dataset's config, name -> {field: value} (e.g. {chain_sum: {max_terms: 3}})"})
+
+    def validate(self) -> None:
+        """Names given, sizes that make rows, options only for named datasets."""
+        if not self.names:
+            raise ConfigError("task.reasoning_gym.names: name at least one reasoning_gym dataset")
+        _positive("task.reasoning_gym.size", self.size)
+        _positive("task.reasoning_gym.num_eval", self.num_eval)
+        _positive("task.reasoning_gym.num_val", self.num_val, zero_ok=True)
+        extra = set(self.options) - set(self.names)
+        if extra:
+            raise ConfigError(f"task.reasoning_gym.options: {', '.join(sorted(extra))} not in task.reasoning_gym.names")
+
+
+@dataclass
 class TaskConfig:
     name: str = field(default="arithmetic", metadata={"help": "label of the task in logs"})
     builtin: Optional[str] = field(default="arithmetic", metadata={
@@ -72,14 +96,16 @@ class TaskConfig:
     drop_contaminated: bool = field(default=True, metadata={
         "help": "drop evaluation prompts seen exactly in training (false: measure fit on training prompts)"})
     arithmetic: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig)
+    reasoning_gym: ReasoningGymTaskConfig = field(default_factory=ReasoningGymTaskConfig)
 
     def validate(self) -> None:
         """One source of prompts, and a built-in generator that exists."""
         sources = [s for s in (self.builtin, self.train_file, self.hf_dataset) if s]
         if len(sources) != 1:
             raise ConfigError("task: set exactly one of task.builtin, task.train_file, task.hf_dataset")
-        if self.builtin not in (None, "arithmetic"):
-            raise ConfigError(f"task.builtin: {self.builtin!r} is not one of arithmetic (or null)")
+        _choice("task.builtin", self.builtin, (None, *BUILTIN_TASKS))
+        if self.builtin == "reasoning_gym":
+            self.reasoning_gym.validate()
 
 
 @dataclass

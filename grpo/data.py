@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from grpo.config import ConfigError, TaskConfig
 from grpo.tasks.arithmetic import Arithmetic
+from grpo.tasks.procedural import ReasoningGym
 
 
 def read_rows(path: str) -> list[dict]:
@@ -54,6 +55,9 @@ def load_task(task: TaskConfig, required_columns: set[str]) -> tuple[list[dict],
         gen = Arithmetic(digits=task.arithmetic.digits, reverse=task.arithmetic.reverse,
                          num_eval=task.arithmetic.num_eval)
         train, evals, where = gen.train_rows(), gen.eval_rows(), "task arithmetic"
+    elif task.builtin == "reasoning_gym":
+        splits = reasoning_gym_splits(task)
+        train, evals, where = splits["train"], splits["test"], "task reasoning_gym"
     elif task.train_file:
         train, where = read_rows(task.train_file), task.train_file
         evals = read_rows(task.eval_file) if task.eval_file else []
@@ -130,6 +134,9 @@ def load_val_split(task: TaskConfig, required_columns: set[str]) -> list[dict]:
             rows = gen.val_rows(task.arithmetic.num_val)
         except ValueError as e:
             raise ConfigError(f"task.arithmetic.num_val: {e}") from None
+    elif task.builtin == "reasoning_gym" and task.reasoning_gym.num_val:
+        where = "task.reasoning_gym.num_val"
+        rows = [format_row(r, task, where, i) for i, r in enumerate(reasoning_gym_splits(task)["val"])]
     else:
         return []
     for i, row in enumerate(rows):
@@ -137,6 +144,17 @@ def load_val_split(task: TaskConfig, required_columns: set[str]) -> list[dict]:
         if missing:
             raise ConfigError(f"{where}: row {i} lacks column(s) {', '.join(sorted(missing))} that the rewards need")
     return rows
+
+
+def reasoning_gym_splits(task: TaskConfig) -> dict[str, list[dict]]:
+    """The `train`, `test` and `val` rows of `task.reasoning_gym` (grpo.tasks.procedural)."""
+    rg = task.reasoning_gym
+    gen = ReasoningGym(names=list(rg.names), size=rg.size, num_eval=rg.num_eval, num_val=rg.num_val, seed=rg.seed,
+                       options={name: dict(opts) for name, opts in rg.options.items()})
+    try:
+        return gen.splits()
+    except ValueError as e:  # an unknown name, or a dataset's own check of its options
+        raise ConfigError(f"task.reasoning_gym: {e}") from None
 
 
 def load_ood_splits(task: TaskConfig, required_columns: set[str]) -> dict[str, list[dict]]:

@@ -172,7 +172,7 @@ def load_rows(cfg: Config, scorer: RewardScorer, eval_scorer: RewardScorer):
     ood_rows = load_ood_splits(cfg.task, eval_scorer.required_columns())
     if (cfg.checkpoint.keep_best or cfg.train.early_stop) and not val_rows:
         raise ConfigError("checkpoint.keep_best, train.early_stop: need a validation split "
-                          "(task.val_file, or task.arithmetic.num_val for the built-in task)")
+                          "(task.val_file, task.arithmetic.num_val or task.reasoning_gym.num_val)")
     train_rows, splits, contamination = decontaminate(
         train_rows, {"eval": eval_rows, **({"val": val_rows} if val_rows else {}), **ood_rows},
         cfg.task.contamination_ngram, cfg.task.drop_contaminated)

@@ -35,6 +35,7 @@ _BUILTINS: dict[str, str] = {
     "format": "rewards.shaping:format_reward",
     "length": "rewards.shaping:length_reward",
     "reward_model": "reward_models.scorer:reward_model",
+    "reasoning_gym": "rewards.reasoning_tasks:reasoning_gym_reward",
 }
 
 _REGISTRY: dict[str, RewardFn] = {}
