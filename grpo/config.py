@@ -182,6 +182,8 @@ class RolloutConfig:
         "help": "vllm on GPU: free the engine's memory during the update"})
     sync_bucket_mb: float = field(default=256.0, metadata={
         "help": "vllm: MiB of weights copied (ZeRO-3: gathered) at a time"})
+    block_size: int = field(default=0, metadata={
+        "help": "vllm: tokens per KV-cache block, the prefix cache's unit; 0 = vLLM's (16 on GPU, 128 on CPU)"})
 
     max_turns: int = field(default=4, metadata={"help": "env: model turns per episode at most"})
     max_episode_tokens: int = field(default=256, metadata={
@@ -207,6 +209,7 @@ class RolloutConfig:
         _positive("rollout.max_model_len", self.max_model_len, zero_ok=True)
         _positive("rollout.tensor_parallel_size", self.tensor_parallel_size)
         _positive("rollout.sync_bucket_mb", self.sync_bucket_mb)
+        _positive("rollout.block_size", self.block_size, zero_ok=True)
         _positive("rollout.max_turns", self.max_turns)
         _positive("rollout.max_episode_tokens", self.max_episode_tokens)
 
@@ -504,9 +507,6 @@ def validate_algorithm_against_run(cfg: Config) -> None:
         )
     if cfg.env.name and a.loop != "grpo":
         raise ConfigError(f"env.name: multi-turn episodes run in the grpo loop only, not algorithm.loop={a.loop}")
-    if cfg.env.name and cfg.rollout.engine != "hf":
-        raise ConfigError(f"rollout.engine: multi-turn episodes (env.name) run on the hf engine only for now, "
-                          f"not {cfg.rollout.engine}")
     if cfg.env.name and a.overlong_buffer:
         raise ConfigError("algorithm.overlong_buffer: the overlong penalty is for single-turn completions; "
                           "set it to 0 with env.name")

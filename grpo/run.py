@@ -248,7 +248,7 @@ def engine_options(cfg: Config) -> dict:
                         gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb,
                         max_model_len=r.max_model_len, enforce_eager=r.enforce_eager,
                         tensor_parallel_size=r.tensor_parallel_size, enable_sleep_mode=r.enable_sleep_mode,
-                        sync_bucket_mb=r.sync_bucket_mb)
+                        sync_bucket_mb=r.sync_bucket_mb, block_size=r.block_size)
     return options
 
 

@@ -223,7 +223,8 @@ def test_env_settings_are_checked_naming_the_field():
         compose(["env=calculator", "rollout.max_turns=0"])
     with pytest.raises(ConfigError, match="env.name: multi-turn episodes run in the grpo loop only"):
         compose(["env=calculator", "algorithm=ppo"])
-    with pytest.raises(ConfigError, match="rollout.engine"):
-        compose(["env=calculator", "rollout=vllm", "model=hf", "model.path=/x"])
+    assert compose(["env=calculator", "rollout=vllm", "model=hf", "model.path=/x"]).rollout.engine == "vllm"
+    with pytest.raises(ConfigError, match="rollout.block_size"):
+        compose(["rollout=vllm", "rollout.block_size=-1", "model=hf", "model.path=/x"])
     with pytest.raises(ConfigError, match="algorithm.overlong_buffer"):
         compose(["env=calculator", "algorithm.overlong_buffer=2"])

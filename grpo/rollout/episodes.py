@@ -15,7 +15,9 @@ The episode's completion is everything after the prompt. An episode ends
   appended. A truncated episode has no environment reward (None); the task's reward functions score
   its last model turn, and `truncated` is set (`algorithm.mask_truncated` drops it from the loss).
 
-Each turn re-prefills every context on the hf engine (no KV cache kept across turns).
+Each turn re-prefills every context on the hf engine (no KV cache kept across turns); the vLLM engine
+takes the KV blocks of each context's earlier turns from its prefix cache. An engine with a
+`max_model_len` (vLLM's) must hold every opening plus `max_episode_tokens`, checked before the first turn.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ def run_episodes(engine: TokenRolloutEngine, tokenizer, make_env: Callable[[], E
             raise ValueError(f"environment: the {n} episodes of row {b} open differently; reset(row) must "
                              "return the same messages for the same row")
         prompt_ids.append(tokenizer(openings.pop(), add_special_tokens=False)["input_ids"])
+    limit = getattr(engine, "max_model_len", None)  # the vLLM engine cannot run past it (the hf engine can)
+    if limit and max(map(len, prompt_ids)) + max_episode_tokens > limit:
+        raise ValueError(f"rollout.max_episode_tokens: an opening of {max(map(len, prompt_ids))} tokens plus "
+                         f"{max_episode_tokens} exceeds the rollout engine's max_model_len={limit}")
     seconds = 0.0
     while active := [i for i, e in enumerate(episodes) if not e.finished]:
         budget = [max_episode_tokens - len(episodes[i].ids) for i in active]

@@ -31,6 +31,14 @@ Choices, and where they depart from a plain `vllm.LLM(...)`:
    bucket to them through vLLM's RPC. Only the single-device engine is exercised by the tests (CPU).
 7. Sleep mode on GPU only: between rollouts the engine sleeps (level 1: weights offloaded to CPU,
    KV cache freed) so the policy update has the memory; it wakes for the next sync or rollout.
+8. Multi-turn episodes (grpo.rollout.episodes) continue token-id contexts through `generate_from_ids`
+   (`TokensPrompt`s; `generate` tokenises its prompts and takes the same path). Prefix caching is on
+   (`enable_prefix_caching`, also vLLM's default on x86 CPU and GPU): the KV blocks of a context's earlier
+   turns, computed in the previous call, are reused, so a turn prefills only its new tokens; the cache
+   is reset at every weight sync. It caches whole blocks only (`block_size`: vLLM's default is 128 tokens
+   on CPU, 16 on GPU), so short contexts need a smaller block to hit it. vLLM cannot run past
+   `max_model_len` (the hf engine runs past the model's positions), so a context must leave room for
+   a token, and an episode's opening plus its token budget must fit (checked by `run_episodes`).
 """
 
 from __future__ import annotations
@@ -87,7 +95,8 @@ class VLLMRolloutEngine:
     def __init__(self, model, tokenizer, *, model_path: str, temperature=1.0, top_p=1.0, top_k=0,
                  max_new_tokens=8, min_new_tokens=0, stop=(), batch_size=512, dtype="float32", seed=0,
                  gpu_memory_utilization=0.3, kv_cache_gb=0.0, max_model_len=0, enforce_eager=True,
-                 tensor_parallel_size=1, enable_sleep_mode=True, sync_bucket_mb=256):
+                 tensor_parallel_size=1, enable_sleep_mode=True, sync_bucket_mb=256, enable_prefix_caching=True,
+                 block_size=0):
         self.tokenizer = tokenizer
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.max_new_tokens, self.min_new_tokens, self.stop = max_new_tokens, min_new_tokens, list(stop)
@@ -100,13 +109,15 @@ class VLLMRolloutEngine:
         self.asleep = False
         self.llm = self._build(model_path, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                                kv_cache_gb=kv_cache_gb, max_model_len=max_model_len, enforce_eager=enforce_eager,
-                               tensor_parallel_size=tensor_parallel_size)
+                               tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=enable_prefix_caching,
+                               block_size=block_size)
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len  # context + continuation, at most
         if model is not None:  # e.g. resuming: the policy came from a checkpoint, not from model_path
             self.sync_weights(model)
 
     # --- building ------------------------------------------------------------------------------
     def _build(self, model_path, *, dtype, seed, gpu_memory_utilization, kv_cache_gb, max_model_len,
-               enforce_eager, tensor_parallel_size):
+               enforce_eager, tensor_parallel_size, enable_prefix_caching, block_size):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core runs in this process
         if tensor_parallel_size > 1:  # the sync sends each bucket to the TP workers by vLLM's RPC
             os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
@@ -118,7 +129,10 @@ class VLLMRolloutEngine:
             onednn, vllm_ops._supports_onednn = vllm_ops._supports_onednn, False  # module docstring, point 5
         kwargs = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, enforce_eager=enforce_eager,
                       tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                      logprobs_mode="processed_logprobs", enable_sleep_mode=self.sleep_mode)
+                      logprobs_mode="processed_logprobs", enable_sleep_mode=self.sleep_mode,
+                      enable_prefix_caching=enable_prefix_caching)
+        if block_size:
+            kwargs["block_size"] = block_size
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         if kv_cache_gb:
@@ -138,21 +152,27 @@ class VLLMRolloutEngine:
 
     # --- the RolloutEngine protocol ------------------------------------------------------------
     def generate(self, prompts: list[str], n: int, *, greedy: bool = False) -> Completions:
-        from vllm import SamplingParams
+        return self.generate_from_ids(encode_prompts(self.tokenizer, prompts), n, greedy=greedy)
+
+    def generate_from_ids(self, prompt_ids: list[list[int]], n: int, *, greedy: bool = False,
+                          max_new_tokens: int | None = None) -> Completions:
+        """`generate` from token-id contexts (a multi-turn episode's whole context so far), at most
+        `max_new_tokens` (default: the engine's) new tokens each; a context's KV blocks computed by an
+        earlier call are taken from the prefix cache. A context must leave room for one token within
+        `max_model_len`; a continuation that reaches it stops there (truncated)."""
+        from vllm.inputs import TokensPrompt
 
         llm = self._alive()
-        prompt_ids = encode_prompts(self.tokenizer, prompts)
-        stop = self.stop or None
-        if greedy:
-            params = SamplingParams(n=1, temperature=0.0, max_tokens=self.max_new_tokens, stop=stop)
-        else:
-            params = SamplingParams(n=n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or 0,
-                                    max_tokens=self.max_new_tokens, min_tokens=self.min_new_tokens, stop=stop,
-                                    logprobs=0)  # 0: only the sampled token's log-prob
+        too_long = [len(ids) for ids in prompt_ids if len(ids) >= self.max_model_len]
+        if too_long:
+            raise ValueError(f"vLLM rollout engine: a context of {max(too_long)} tokens leaves no room in the "
+                             f"engine's max_model_len={self.max_model_len} (rollout.max_model_len or the model's "
+                             f"context)")
+        params = self._sampling_params(n, greedy, max_new_tokens or self.max_new_tokens)
         start = time.perf_counter()
         self._wake()
         try:
-            outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+            outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
         except Exception as e:  # noqa: BLE001 - whatever broke inside the engine, say where it came from
             self._broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             raise RolloutEngineError(f"vLLM rollout engine failed in generate: {self._broken}") from e
@@ -168,7 +188,19 @@ class VLLMRolloutEngine:
                 if out.logprobs is not None:
                     out.logprobs.append([step[t].logprob for step, t in zip(sample.logprobs, ids)])
         out.metrics["time/generate_s"] = time.perf_counter() - start
+        # context tokens whose KV came from the prefix cache, over all requests (vLLM counts each once)
+        out.metrics["rollout/prefix_cached_tokens"] = sum(r.num_cached_tokens or 0 for r in outputs)
         return out
+
+    def _sampling_params(self, n: int, greedy: bool, max_tokens: int):
+        from vllm import SamplingParams
+
+        stop = self.stop or None
+        if greedy:
+            return SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens, stop=stop)
+        return SamplingParams(n=n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or 0,
+                              max_tokens=max_tokens, min_tokens=min(self.min_new_tokens, max_tokens), stop=stop,
+                              logprobs=0)  # 0: only the sampled token's log-prob
 
     @torch.no_grad()
     def sync_weights(self, model) -> float:
