@@ -105,8 +105,8 @@ def test_a_context_past_max_model_len_is_refused_and_the_engine_lives_on(sampler
         run_episodes(engine, engine.tokenizer, lambda: Chatty(2), ROWS[:1], 1, max_turns=2, max_episode_tokens=240,
                      max_new_tokens=5)
     out = engine.generate_from_ids([[5] * (engine.max_model_len - 2)], 2, max_new_tokens=5)
-    assert [len(ids) for ids in out.completion_ids] <= [2, 2]  # stopped at the context's end
-    assert all(len(ids) == 2 for ids, cut in zip(out.completion_ids, out.truncated) if cut)
+    # stopped at the context's end: 2 tokens, unless it sampled EOS first
+    assert all(len(ids) == 2 if cut else 1 <= len(ids) <= 2 for ids, cut in zip(out.completion_ids, out.truncated))
 
 
 @pytest.mark.slow

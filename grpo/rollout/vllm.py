@@ -190,7 +190,7 @@ class VLLMRolloutEngine:
                 if out.logprobs is not None:
                     out.logprobs.append([step[t].logprob for step, t in zip(sample.logprobs, ids)])
         out.metrics["time/generate_s"] = time.perf_counter() - start
-        # context tokens whose KV came from the prefix cache, over all requests (vLLM counts each once)
+        # context tokens whose KV came from the prefix cache, summed over the requests (one per context)
         out.metrics["rollout/prefix_cached_tokens"] = sum(r.num_cached_tokens or 0 for r in outputs)
         return out
 
