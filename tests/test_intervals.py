@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from grpo.compare_report import differences
 from grpo.intervals import bootstrap_interval, paired_difference, paired_problem_difference
 
 
@@ -80,3 +81,20 @@ def test_bad_input_names_what_is_wrong():
         bootstrap_interval([0.1], 0)
     with pytest.raises(ValueError, match="seed 1: paired by problem needs the same problems"):
         paired_problem_difference(["10", "10"], ["01", "011"])
+
+
+def test_the_comparison_pairs_by_problem_only_where_both_runs_saw_the_same_problems():
+    def run(accuracy):  # the fields `differences` reads of one run's summary
+        return {"final_accuracy": accuracy, "final_ood_accuracy": None, "problems": 4, "ood_problems": None}
+
+    runs = {"A": [run(0.5), run(0.5)], "B": [run(0.75), run(0.75)]}
+    same = {"A": [{"test": ("1100", "d0")}, {"test": ("1100", "d1")}],
+            "B": [{"test": ("1110", "d0")}, {"test": ("1110", "d1")}]}
+    (paired,) = differences(runs, same)
+    # B solves A's problems and one more, on both seeds: a redraw of the 4 problems differs by the number
+    # of times it drew that problem, over 4, so never below 0; redrawn apart (0.75 vs 0.5 on 4 problems
+    # each) B can come out below A
+    assert paired["paired_by"] == "seed and problem" and paired["difference"].low >= 0.0
+    other = {"A": same["A"], "B": [{"test": ("1110", "d0")}, {"test": ("1110", "another split")}]}
+    (unpaired,) = differences(runs, other)
+    assert unpaired["paired_by"] == "seed" and unpaired["difference"].low < 0.0
