@@ -2,6 +2,9 @@
 
 A checkpoint `checkpoints/step_N/` holds
 - `policy/`: the weights as a transformers directory (safetensors only) and the tokenizer;
+  under LoRA (`model.lora.r > 0`) `adapter/` instead: the adapters in peft's format (loadable with
+  `PeftModel.from_pretrained` over the base model), and `policy/` only with `checkpoint.merge_lora`,
+  the base with the adapters merged;
 - `state.pt`: what every rank shares: optimiser, scheduler, data position, guard counters, step,
   world size;
 - `rank_R.pt`: what each rank owns: its Python, NumPy and torch (CPU and CUDA) RNG states;
@@ -41,6 +44,7 @@ import torch
 
 from grpo import distributed as dist
 from grpo.faults import crash_point
+from grpo.lora import is_adapted, merged_copy, save_adapters
 
 COMPLETE = "COMPLETE"
 
@@ -99,11 +103,11 @@ def first_nonfinite_parameter(model: torch.nn.Module) -> str | None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, state: dict, keep_last: int = 2,
-                    backend=None, extra_backends: dict | None = None) -> Path:
+                    backend=None, extra_backends: dict | None = None, merge_lora: bool = False) -> Path:
     """Write `checkpoints/step_{step}` atomically and point `latest` at it; returns its path.
 
-    `extra_backends` (name -> backend) are other models' backends (PPO's critic); those with DeepSpeed
-    shards write them to `<name>_deepspeed/` (`sharded_dir`), the others keep theirs in `state`.
+    `extra_backends` (name -> backend): other models' backends (PPO's critic); DeepSpeed ones write their shards
+    to `<name>_deepspeed/`, the others keep theirs in `state`. LoRA: `adapter/`, `policy/` only with `merge_lora`.
 
     Collective when several ranks run: every rank must call it. Non-finite weights are refused
     (on every rank, so none waits for the others); a failed write (a full disk) removes the
@@ -130,8 +134,8 @@ def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, state:
             current = tmp / "policy"
             backend.save_policy(current, tokenizer)
         elif dist.is_main():
-            policy.save_pretrained(current, safe_serialization=True)
-            tokenizer.save_pretrained(current)
+            current = tmp
+            save_policy_files(policy, tokenizer, tmp, merge_lora)
         for name, other in (extra_backends or {}).items():
             if hasattr(other, "save_sharded"):
                 current = sharded_dir(tmp, name)
@@ -160,14 +164,28 @@ def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, state:
     return final
 
 
+def save_policy_files(policy, tokenizer, checkpoint: Path, merge_lora: bool) -> None:
+    """The checkpoint's `policy/` (a transformers directory with the tokenizer); for a LoRA policy its
+    `adapter/` (peft's format), and `policy/` only when `merge_lora` asks for the merged model."""
+    if is_adapted(policy):
+        save_adapters(policy, checkpoint / "adapter")
+        if not merge_lora:
+            return
+        policy = merged_copy(policy)
+    policy.save_pretrained(checkpoint / "policy", safe_serialization=True)
+    tokenizer.save_pretrained(checkpoint / "policy")
+
+
 def sharded_dir(checkpoint: Path, name: str) -> Path:
     """Where a checkpoint holds the DeepSpeed shards of the model `name` besides the policy (`critic`)."""
     return checkpoint / f"{name}_deepspeed"
 
 
-def save_best(run_dir: str | Path, step: int, *, policy, tokenizer, record: dict, backend=None) -> Path:
+def save_best(run_dir: str | Path, step: int, *, policy, tokenizer, record: dict, backend=None,
+              merge_lora: bool = False) -> Path:
     """Write the policy to `checkpoints/best` (a transformers directory, with `best.json` saying which step and
-    evaluation it is), replacing the previous best atomically. Collective when several ranks run."""
+    evaluation it is), replacing the previous best atomically. Collective when several ranks run.
+    A LoRA policy writes its adapter directory there instead, or with `merge_lora` the merged model."""
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / "best", root / ".tmp_best"
     if dist.is_main():
@@ -176,7 +194,11 @@ def save_best(run_dir: str | Path, step: int, *, policy, tokenizer, record: dict
     dist.barrier()
     if hasattr(backend, "save_policy"):  # DeepSpeed: every rank takes part in the gather, rank 0 writes
         backend.save_policy(tmp, tokenizer)
+    elif dist.is_main() and is_adapted(policy) and not merge_lora:
+        save_adapters(policy, tmp)
+        tokenizer.save_pretrained(tmp)
     elif dist.is_main():
+        policy = merged_copy(policy) if is_adapted(policy) else policy
         policy.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     if dist.is_main():

@@ -25,6 +25,7 @@ DTYPES = ("float32", "bfloat16")
 BUILTIN_TASKS = ("arithmetic", "reasoning_gym")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 RESUME_MODES = ("never", "auto")
+LORA_BACKENDS = ("torch", "ddp")  # the backends whose LoRA runs are tested (tests/test_lora.py)
 
 
 class ConfigError(ValueError):
@@ -138,6 +139,31 @@ class WarmStartConfig:
 
 
 @dataclass
+class LoraOptions:
+    r: int = field(default=0, metadata={"help": "LoRA rank of the adapters trained instead of the weights; 0 = off"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator: an adapter adds (alpha / r) B A x"})
+    dropout: float = field(default=0.0, metadata={
+        "help": "dropout on the adapters' input (needs model.dropout=true: it noises the ratio like any dropout)"})
+    target_modules: list[str] = field(default_factory=list, metadata={
+        "help": "module names that get adapters; empty = every attention and MLP projection (peft's all-linear)"})
+    modules_to_save: list[str] = field(default_factory=list, metadata={
+        "help": "modules trained in full beside the adapters and saved with them (e.g. embed_tokens, lm_head)"})
+    qlora: bool = field(default=False, metadata={"help": "QLoRA: the frozen base in 4-bit (bitsandbytes, GPU only)"})
+
+    def validate(self, model_dropout: bool) -> None:
+        """A rank >= 0, a positive alpha, a dropout in [0, 1) that model.dropout allows, and QLoRA only with r."""
+        _positive("model.lora.r", self.r, zero_ok=True)
+        _positive("model.lora.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.lora.dropout: must be in [0, 1), got {self.dropout}")
+        if self.dropout > 0 and not model_dropout:
+            raise ConfigError("model.lora.dropout: dropout is off in training (model.dropout=false) so that the "
+                              "trainer's log-probs match the sampler's; set model.dropout=true to keep it")
+        if self.qlora and not self.r:
+            raise ConfigError("model.lora.qlora: a 4-bit base trains through adapters; set model.lora.r > 0")
+
+
+@dataclass
 class ModelConfig:
     path: Optional[str] = field(default=None, metadata={"help": "transformers model directory or hub id"})
     builtin: Optional[str] = field(default=None, metadata={"help": "'tiny': build the warm-started tiny model"})
@@ -147,10 +173,12 @@ class ModelConfig:
         "help": "keep the model's dropout in training (off by default: the trainer's log-probs then match the "
                 "sampler's)"})
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    lora: LoraOptions = field(default_factory=LoraOptions)
 
     def validate(self) -> None:
         """A dtype we train in, and either a model directory or the built-in model (then its warm start)."""
         _choice("model.dtype", self.dtype, DTYPES)
+        self.lora.validate(self.dropout)
         if self.builtin is None and not self.path:
             raise ConfigError("model.path: give a model directory or hub id (or model=tiny for the built-in model)")
         if self.builtin not in (None, "tiny"):
@@ -431,6 +459,8 @@ class CheckpointConfig:
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
     keep_best: bool = field(default=False, metadata={
         "help": "also keep the policy with the best val/accuracy so far in checkpoints/best"})
+    merge_lora: bool = field(default=False, metadata={
+        "help": "with model.lora: also write policy/ as the base with the adapters merged (else adapter/ alone)"})
 
     def validate(self) -> None:
         """An interval >= 0 and at least one checkpoint kept."""
@@ -490,6 +520,7 @@ def validate(cfg: Config) -> Config:
     _choice("resume", cfg.resume, RESUME_MODES)
     for group in (cfg.tracking, cfg.task, cfg.reward):
         group.validate()
+    validate_lora_against_run(cfg)
     return cfg
 
 
@@ -542,3 +573,17 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 def to_config(dict_cfg) -> Config:
     """The validated `Config` of a composed Hydra config."""
     return validate(OmegaConf.to_object(dict_cfg))
+
+
+def validate_lora_against_run(cfg: Config) -> None:
+    """What LoRA adapters (model.lora.r > 0) work with: the engines and backends that handle them so far."""
+    if not cfg.model.lora.r:
+        if cfg.checkpoint.merge_lora:
+            raise ConfigError("checkpoint.merge_lora: there are no adapters to merge; set model.lora.r > 0")
+        return
+    if cfg.rollout.engine != "hf":
+        raise ConfigError(f"model.lora.r: rollout.engine={cfg.rollout.engine} does not receive adapters yet "
+                          f"(its weight sync copies full parameters); use rollout=hf")
+    if cfg.backend.name not in LORA_BACKENDS:
+        raise ConfigError(f"model.lora.r: backend.name={cfg.backend.name} does not train adapters yet; "
+                          f"use one of {', '.join(LORA_BACKENDS)}")

@@ -100,7 +100,7 @@ def track_best(run: Run, step: int, metrics: dict) -> None:
         if run.cfg.checkpoint.keep_best:
             record = {k: v for k, v in metrics.items() if k.startswith(("val/", "eval/"))}
             save_best(run.cfg.run_dir, step, policy=run.policy, tokenizer=run.tokenizer, record=record,
-                      backend=run.backend)
+                      backend=run.backend, merge_lora=run.cfg.checkpoint.merge_lora)
     else:
         run.best["since"] += 1
     metrics["val/best_accuracy"], metrics["val/best_step"] = run.best["accuracy"], run.best["step"]
@@ -133,7 +133,8 @@ def checkpoint_if_due(run: Run, step: int, extra_state: Callable[[], dict], last
     if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 or step == last or stopped:
         state = training_state(run) | extra_state()
         save_checkpoint(cfg.run_dir, step, policy=run.policy, tokenizer=run.tokenizer, state=state,
-                        keep_last=cfg.checkpoint.keep_last, backend=run.backend, extra_backends=extra_backends)
+                        keep_last=cfg.checkpoint.keep_last, backend=run.backend, extra_backends=extra_backends,
+                        merge_lora=cfg.checkpoint.merge_lora)
 
 
 def training_state(run: Run) -> dict:

@@ -6,6 +6,10 @@ Dropout is turned off (`model.dropout=false`, the default). With dropout on, the
 trainer computes for a completion are not those the sampler drew it with, the PPO ratio is
 noised at 1 before any update, and a critic's values (GAE, the returns, the value-clip anchor)
 are noised too. TRL and verl turn it off for the same reason.
+
+With `model.lora.r > 0` the trained policy is the model wrapped in LoRA adapters (`grpo.lora`):
+`load_train_policy` adds fresh adapters, or loads a checkpoint's `adapter/` over the base model.
+`load_policy` of an adapter directory (for `grpo-eval`) loads its base and merges the adapters in.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo.checkpoint import CheckpointError
 from grpo.config import Config, ConfigError
+from grpo.lora import adapter_base, add_adapters, is_adapter_dir, load_adapters
 from grpo.warmstart import WarmStart, warm_start_report, warm_started_tiny
 
 log = logging.getLogger("grpo")
@@ -67,9 +72,29 @@ def warm_start_metrics(model_path: str) -> dict:
     return {f"warm_start/{k}": v for k, v in report.items() if isinstance(v, (int, float))}
 
 
+def load_train_policy(cfg: Config, checkpoint: Path | None):
+    """The policy a run trains, and its tokenizer: `model.path`, or the checkpoint's `policy/` when resuming;
+    with `model.lora.r > 0`, `model.path` wrapped in fresh adapters, or in the checkpoint's `adapter/`."""
+    if not cfg.model.lora.r:
+        path = str(checkpoint / "policy") if checkpoint is not None else cfg.model.path
+        return load_policy(path, cfg, checkpoint=checkpoint is not None)
+    model, tokenizer = load_policy(cfg.model.path, cfg)
+    if checkpoint is None:
+        return add_adapters(model, cfg.model.lora), tokenizer
+    try:
+        return load_adapters(model, checkpoint / "adapter"), tokenizer
+    except Exception as e:  # noqa: BLE001 - a missing or corrupt adapter file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"checkpoint {checkpoint / 'adapter'} is unreadable: {first}") from None
+
+
 def load_policy(path: str, cfg: Config, *, checkpoint: bool = False):
     """The model and tokenizer at `path`. Code shipped with a model runs only with
-    `model.trust_remote_code=true`; a checkpoint's weights are read from safetensors only."""
+    `model.trust_remote_code=true`; a checkpoint's weights are read from safetensors only.
+    An adapter directory (a LoRA checkpoint's `adapter/`) gives its base model with the adapters merged."""
+    if is_adapter_dir(path):
+        base, tokenizer = load_policy(adapter_base(path), cfg)
+        return load_adapters(base, path).merge_and_unload(), tokenizer
     dtype = getattr(torch, cfg.model.dtype)
     trust = cfg.model.trust_remote_code
     try:

@@ -28,8 +28,9 @@ from grpo.contamination import decontaminate, report_metrics
 from grpo.data import PromptSampler, check_prompt_lengths, load_ood_splits, load_task, load_val_split
 from grpo.envs import Environment, environment_factory
 from grpo.evaluate import evaluate_splits
+from grpo.lora import AdapterDisabled, is_adapted
 from grpo.memory import check_fits, estimate_from_config
-from grpo.modeling import context_length, load_policy, resolve_model_path, warm_start_metrics
+from grpo.modeling import context_length, load_policy, load_train_policy, resolve_model_path, warm_start_metrics
 from grpo.rollout import RolloutEngine, WithFullWeights, build_rollout_engine
 from grpo.tracking import Tracker
 from rewards import RewardScorer, RewardSpec
@@ -48,7 +49,7 @@ class Run:
     cfg: Config
     tokenizer: object  # a transformers tokenizer, left padding
     policy: torch.nn.Module
-    ref_model: torch.nn.Module | None  # the frozen initial policy, when algorithm.beta > 0
+    ref_model: torch.nn.Module | None  # the frozen initial policy, when algorithm.beta > 0 (LoRA: adapters off)
     engine: RolloutEngine
     backend: TrainBackend
     scorer: RewardScorer
@@ -114,14 +115,10 @@ def build_run(cfg: Config) -> Run:
         dist.barrier()
     setup_metrics = report_metrics(contamination) | warm_start_metrics(cfg.model.path)
     plan_memory(cfg)
-    policy_dir = str(checkpoint / "policy") if checkpoint is not None else cfg.model.path
-    policy, tokenizer = load_policy(policy_dir, cfg, checkpoint=checkpoint is not None)
+    policy, tokenizer = load_train_policy(cfg, checkpoint)
     check_prompt_lengths(train_rows, eval_rows, tokenizer, context=context_length(policy),
                          max_new_tokens=cfg.rollout.max_new_tokens, where=cfg.task.train_file or cfg.task.name)
-    ref_model = None
-    if cfg.algorithm.uses_reference():  # the KL's, or DPO's, reference
-        ref_model, _ = load_policy(cfg.model.path, cfg)
-        ref_model.eval().requires_grad_(False)
+    ref_model = build_reference(cfg, policy) if cfg.algorithm.uses_reference() else None
     backend = build_policy_backend(cfg, policy)
     engine = build_rollout_engine(cfg.rollout.engine, model=policy, tokenizer=tokenizer, **engine_options(cfg))
     if hasattr(backend, "gathered_for_rollout") and not getattr(engine, "holds_own_weights", False):
@@ -135,6 +132,15 @@ def build_run(cfg: Config) -> Run:
     if dist.is_main():  # rank 0 writes the run's files
         run.tracker = open_run_dir(cfg, contamination, start_step=run.start_step, resumed=checkpoint is not None)
     return run
+
+
+def build_reference(cfg: Config, policy: torch.nn.Module) -> torch.nn.Module:
+    """The KL's, or DPO's, reference: the starting policy, frozen. Under LoRA the policy's own base with
+    the adapters off (no second copy); else a second copy of `model.path`."""
+    if is_adapted(policy):
+        return AdapterDisabled(policy)
+    ref_model, _ = load_policy(cfg.model.path, cfg)
+    return ref_model.eval().requires_grad_(False)
 
 
 def checkpoint_to_resume(cfg: Config) -> Path | None:

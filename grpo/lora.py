@@ -1,0 +1,115 @@
+"""LoRA adapters on the policy (`model.lora.r > 0`), built on `peft`.
+
+The policy is the base model wrapped by peft: its weights are frozen and each adapted linear layer
+W gains a trainable low-rank update, y = W x + (alpha / r) B A x (Hu et al., 2021), with A random
+and B zero at the start, so the adapted policy starts as the base model. The optimiser sees only
+the adapters (and `model.lora.modules_to_save`), which is what saves the optimiser states' memory.
+
+Where the trainer departs from keeping a second model:
+1. The KL's (and DPO's) reference is the same model with its adapters switched off
+   (`AdapterDisabled`, peft's `disable_adapter()`), which is exactly the starting policy: no
+   second copy of the weights is loaded.
+2. Checkpoints hold the adapters in peft's own format (`adapter/`, loadable with
+   `PeftModel.from_pretrained` over the base); `policy/` holds the merged model only when
+   `checkpoint.merge_lora=true`. A run resumes by loading the base again and the adapters over it.
+3. The hf rollout engine samples from the peft model itself, adapters in place; engines that copy
+   weights (vLLM) do not take adapters yet (refused by `grpo.config.validate_lora_against_run`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from grpo.config import ConfigError, LoraOptions
+from grpo.logprobs import sequence_logprobs
+
+ADAPTER_CONFIG = "adapter_config.json"  # what marks a peft adapter directory
+
+
+def add_adapters(model: torch.nn.Module, options: LoraOptions) -> PeftModel:
+    """`model` with fresh LoRA adapters (B = 0: it computes what `model` did), only they trainable."""
+    check_quantization(options)
+    config = LoraConfig(
+        r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
+        target_modules=list(options.target_modules) or "all-linear",  # all-linear: the output head excluded
+        modules_to_save=list(options.modules_to_save) or None, task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # a target module name the model does not have
+        raise ConfigError(f"model.lora.target_modules: {str(e).splitlines()[0]}") from None
+
+
+def check_quantization(options: LoraOptions) -> None:
+    """Refuse QLoRA where it cannot run: its 4-bit kernels (bitsandbytes) need a CUDA GPU."""
+    if not options.qlora:
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError("model.lora.qlora: the 4-bit base needs bitsandbytes' CUDA kernels and this machine has "
+                          "no CUDA GPU; train plain LoRA (model.lora.qlora=false) on CPU")
+    raise ConfigError("model.lora.qlora: the 4-bit base is not built yet; train plain LoRA (model.lora.qlora=false)")
+
+
+def load_adapters(model: torch.nn.Module, adapter_dir: str | Path) -> PeftModel:
+    """`model` with the trainable adapters saved in `adapter_dir` (a checkpoint's `adapter/`)."""
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+
+
+def is_adapted(model: torch.nn.Module) -> bool:
+    """Whether `model` is a peft model (a LoRA policy)."""
+    return isinstance(model, PeftModel)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """Whether `path` is a local peft adapter directory (a checkpoint's `adapter/`)."""
+    return (Path(path).expanduser() / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model an adapter directory was trained on (its `base_model_name_or_path`)."""
+    base = json.loads((Path(path).expanduser() / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"model.path: the adapter {path} does not name its base model (base_model_name_or_path)")
+    return base
+
+
+def save_adapters(policy: PeftModel, directory: Path) -> None:
+    """The adapters (and modules_to_save) in peft's format: adapter_config.json, adapter_model.safetensors."""
+    policy.save_pretrained(directory, safe_serialization=True)
+
+
+def merged_copy(policy: PeftModel) -> torch.nn.Module:
+    """A plain transformers model with the adapters folded into the weights, W + (alpha / r) B A.
+    Merged in a copy: merging in place and unmerging would round the base weights, and a resumed run
+    would no longer continue exactly."""
+    return copy.deepcopy(policy).merge_and_unload()
+
+
+class AdapterDisabled(torch.nn.Module):
+    """The policy's base model, the adapters off: the reference of the KL and of DPO under LoRA.
+
+    Its forward returns `(logprobs [B, T-1], entropy or None)` like `backends.LogProbModel`, computed
+    under peft's `disable_adapter()` and with the model in eval mode (so no dropout of the base
+    reaches the reference); the policy's mode is restored afterwards. It holds no weights of its own:
+    `parameters()` are the policy's, which the caller must leave trainable.
+    """
+
+    computes_logprobs = True
+
+    def __init__(self, policy: PeftModel):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, input_ids, attention_mask, **kwargs):
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with torch.no_grad(), self.policy.disable_adapter():
+                return sequence_logprobs(self.policy, input_ids, attention_mask, **kwargs)
+        finally:
+            self.policy.train(was_training)
