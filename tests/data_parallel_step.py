@@ -7,6 +7,9 @@ test can check that 2 ranks x B groups give what 1 rank x 2B groups gives.
 
     deepspeed --num_gpus 2 tests/data_parallel_step.py --backend deepspeed_zero2 --out out.pt
     torchrun --nproc_per_node 2 tests/data_parallel_step.py --backend ddp --out out.pt
+
+With `--lora-r R` the model trains LoRA adapters of rank R (tests/test_lora.py); their B matrices are
+drawn at random rather than zero, so that A gets a gradient in this one step too.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from grpo import distributed as dist
 from grpo.backends import build_backend
 from grpo.batch import layout_batch
 from grpo.cli import drop_launcher_args
-from grpo.config import AlgorithmConfig
+from grpo.config import AlgorithmConfig, LoraOptions
+from grpo.lora import add_adapters
 from grpo.tiny import build_char_tokenizer, build_tiny_model
 from grpo.update import update_policy
 
@@ -54,12 +58,15 @@ def main() -> None:
     parser.add_argument("--micro-batch-tokens", type=int, default=40)
     parser.add_argument("--loss-agg", default="token_mean")
     parser.add_argument("--poison-rank", type=int, default=-1, help="this rank's loss is made infinite")
+    parser.add_argument("--lora-r", type=int, default=0, help="train LoRA adapters of this rank; 0 = every weight")
     args = parser.parse_args(drop_launcher_args(__import__("sys").argv[1:]))
     torch.set_num_threads(1)
     dist.init_distributed(deepspeed=args.backend.startswith("deepspeed"), timeout_s=120)
 
     tok = build_char_tokenizer()
     model = build_tiny_model(len(tok), seed=0)  # the same initial weights on every rank
+    if args.lora_r:
+        model = with_random_adapters(model, args.lora_r)
     prompts, completions, advantages = fixed_batch(args.groups, args.group_size)
     G = args.group_size
     my_prompts = dist.shard(prompts)
@@ -70,21 +77,36 @@ def main() -> None:
     if dist.rank() == args.poison_rank:
         batch.advantages[0] = float("inf")  # inf * ratio: this rank's loss is not finite, the others' are
 
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     backend = build_backend(args.backend, policy=model, lr=1.0, eps=1.0, betas=(0.9, 0.99), max_grad_norm=0.0)
     algo = AlgorithmConfig(group_size=G, loss_agg=args.loss_agg)
     metrics = update_policy(backend, batch, algo, temperature=1.0, micro_batch_tokens=args.micro_batch_tokens,
                             max_new_tokens=8)
     with backend.gathered_for_rollout():  # ZeRO-3: the full weights
-        grads = {n: gradient_from_adam_step(before[n], p.detach().float()) for n, p in model.named_parameters()}
-        moved = max(float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters())
+        trained = [(n, p) for n, p in model.named_parameters() if n in before]
+        grads = {n: gradient_from_adam_step(before[n], p.detach().float()) for n, p in trained}
+        moved = max(float((p.detach() - before[n]).abs().max()) for n, p in trained)
+        frozen_moved = max((float((p.detach() - frozen[n]).abs().max()) for n, p in model.named_parameters()
+                            if n in frozen), default=0.0)
     if dist.is_main():
         torch.save({"loss": metrics["train/loss"], "grad_norm": metrics["optim/grad_norm"],
                     "entropy": metrics["train/entropy"], "grads": grads, "world_size": dist.world_size(),
                     "skipped": metrics["optim/skipped_steps"],
-                    "moved": moved},
+                    "moved": moved, "frozen_moved": frozen_moved},
                    args.out)
     dist.barrier()
+
+
+def with_random_adapters(model: torch.nn.Module, r: int) -> torch.nn.Module:
+    """`model` with LoRA adapters of rank r whose B matrices are random (the same on every rank)."""
+    model = add_adapters(model, LoraOptions(r=r, alpha=2.0 * r))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
 
 
 if __name__ == "__main__":
