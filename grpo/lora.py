@@ -31,8 +31,10 @@ from grpo.logprobs import sequence_logprobs
 ADAPTER_CONFIG = "adapter_config.json"  # what marks a peft adapter directory
 
 
-def add_adapters(model: torch.nn.Module, options: LoraOptions) -> PeftModel:
-    """`model` with fresh LoRA adapters (B = 0: it computes what `model` did), only they trainable."""
+def add_adapters(model: torch.nn.Module, options: LoraOptions, seed: int = 0) -> PeftModel:
+    """`model` with fresh LoRA adapters (B = 0: it computes what `model` did), only they trainable.
+    A is drawn from `seed` alone, not the caller's random streams: under data parallel each rank's
+    streams differ, and every rank must start from the same adapters."""
     check_quantization(options)
     config = LoraConfig(
         r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
@@ -40,7 +42,9 @@ def add_adapters(model: torch.nn.Module, options: LoraOptions) -> PeftModel:
         modules_to_save=list(options.modules_to_save) or None, task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, config)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return get_peft_model(model, config)
     except ValueError as e:  # a target module name the model does not have
         raise ConfigError(f"model.lora.target_modules: {str(e).splitlines()[0]}") from None
 

@@ -80,7 +80,7 @@ def load_train_policy(cfg: Config, checkpoint: Path | None):
         return load_policy(path, cfg, checkpoint=checkpoint is not None)
     model, tokenizer = load_policy(cfg.model.path, cfg)
     if checkpoint is None:
-        return add_adapters(model, cfg.model.lora), tokenizer
+        return add_adapters(model, cfg.model.lora, seed=cfg.seed), tokenizer  # the same on every rank
     try:
         return load_adapters(model, checkpoint / "adapter"), tokenizer
     except Exception as e:  # noqa: BLE001 - a missing or corrupt adapter file

@@ -74,6 +74,19 @@ def test_adapters_start_as_the_base_model_and_cover_every_projection(tiny_random
     assert sum(p.numel() for p in policy.parameters() if p.requires_grad) == layers * per_layer
 
 
+def test_adapters_are_drawn_from_their_seed_not_the_callers_streams(tiny_random_dir):
+    # under data parallel each rank's streams differ (seed + rank); the ranks' adapters must not
+    draws = []
+    for stream in (1, 2):
+        torch.manual_seed(stream)
+        policy = add_adapters(AutoModelForCausalLM.from_pretrained(tiny_random_dir), LoraOptions(r=4), seed=7)
+        draws.append({n: p for n, p in policy.named_parameters() if "lora_A" in n})
+        after = torch.rand(1)
+        torch.manual_seed(stream)
+        assert torch.equal(after, torch.rand(1))  # the caller's stream is left where it was
+    assert all(torch.equal(draws[0][n], draws[1][n]) for n in draws[0])
+
+
 def test_modules_to_save_are_trained_in_full(tiny_random_dir):
     policy = adapted(tiny_random_dir, modules_to_save=["lm_head"])
     trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
