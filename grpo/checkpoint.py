@@ -31,6 +31,7 @@ never runs code from it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -128,14 +129,12 @@ def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, state:
     dist.barrier()
     current = tmp / "policy"
     try:
-        if hasattr(backend, "save_sharded"):  # DeepSpeed: every rank writes its shards; rank 0 the policy
+        if hasattr(backend, "save_sharded"):  # DeepSpeed: every rank writes its shards
             current = tmp / "deepspeed"
             backend.save_sharded(current)
-            current = tmp / "policy"
-            backend.save_policy(current, tokenizer)
-        elif dist.is_main():
-            current = tmp
-            save_policy_files(policy, tokenizer, tmp, merge_lora)
+        current = tmp
+        save_policy_files(policy, tokenizer, policy_dir=tmp / "policy", adapter_dir=tmp / "adapter",
+                          merge_lora=merge_lora, backend=backend)
         for name, other in (extra_backends or {}).items():
             if hasattr(other, "save_sharded"):
                 current = sharded_dir(tmp, name)
@@ -164,16 +163,22 @@ def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, state:
     return final
 
 
-def save_policy_files(policy, tokenizer, checkpoint: Path, merge_lora: bool) -> None:
-    """The checkpoint's `policy/` (a transformers directory with the tokenizer); for a LoRA policy its
-    `adapter/` (peft's format), and `policy/` only when `merge_lora` asks for the merged model."""
-    if is_adapted(policy):
-        save_adapters(policy, checkpoint / "adapter")
-        if not merge_lora:
+def save_policy_files(policy, tokenizer, *, policy_dir: Path, adapter_dir: Path, merge_lora: bool,
+                      backend=None) -> None:
+    """Rank 0 writes the policy as a transformers directory with the tokenizer; a LoRA policy its adapters
+    in peft's format (with the tokenizer) to `adapter_dir`, and to `policy_dir` only the merged model, when
+    `merge_lora` asks for it. Collective under ZeRO-3: every rank takes part in gathering the weights."""
+    with backend.gathered_for_rollout() if backend is not None else contextlib.nullcontext():
+        if not dist.is_main():
             return
-        policy = merged_copy(policy)
-    policy.save_pretrained(checkpoint / "policy", safe_serialization=True)
-    tokenizer.save_pretrained(checkpoint / "policy")
+        if is_adapted(policy):
+            save_adapters(policy, adapter_dir)
+            tokenizer.save_pretrained(adapter_dir)
+            if not merge_lora:
+                return
+            policy = merged_copy(policy)
+        policy.save_pretrained(policy_dir, safe_serialization=True)
+        tokenizer.save_pretrained(policy_dir)
 
 
 def sharded_dir(checkpoint: Path, name: str) -> Path:
@@ -192,15 +197,7 @@ def save_best(run_dir: str | Path, step: int, *, policy, tokenizer, record: dict
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    if hasattr(backend, "save_policy"):  # DeepSpeed: every rank takes part in the gather, rank 0 writes
-        backend.save_policy(tmp, tokenizer)
-    elif dist.is_main() and is_adapted(policy) and not merge_lora:
-        save_adapters(policy, tmp)
-        tokenizer.save_pretrained(tmp)
-    elif dist.is_main():
-        policy = merged_copy(policy) if is_adapted(policy) else policy
-        policy.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+    save_policy_files(policy, tokenizer, policy_dir=tmp, adapter_dir=tmp, merge_lora=merge_lora, backend=backend)
     if dist.is_main():
         (tmp / "best.json").write_text(json.dumps({"step": step, **record}, indent=1))
         _fsync_tree(tmp)

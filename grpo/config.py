@@ -25,7 +25,6 @@ DTYPES = ("float32", "bfloat16")
 BUILTIN_TASKS = ("arithmetic", "reasoning_gym")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 RESUME_MODES = ("never", "auto")
-LORA_BACKENDS = ("torch", "ddp")  # the backends whose LoRA runs are tested (tests/test_lora.py)
 
 
 class ConfigError(ValueError):
@@ -576,7 +575,7 @@ def to_config(dict_cfg) -> Config:
 
 
 def validate_lora_against_run(cfg: Config) -> None:
-    """What LoRA adapters (model.lora.r > 0) work with: the engines and backends that handle them so far."""
+    """What LoRA adapters (model.lora.r > 0) work with: the rollout engines that take them so far."""
     if not cfg.model.lora.r:
         if cfg.checkpoint.merge_lora:
             raise ConfigError("checkpoint.merge_lora: there are no adapters to merge; set model.lora.r > 0")
@@ -584,6 +583,3 @@ def validate_lora_against_run(cfg: Config) -> None:
     if cfg.rollout.engine != "hf":
         raise ConfigError(f"model.lora.r: rollout.engine={cfg.rollout.engine} does not receive adapters yet "
                           f"(its weight sync copies full parameters); use rollout=hf")
-    if cfg.backend.name not in LORA_BACKENDS:
-        raise ConfigError(f"model.lora.r: backend.name={cfg.backend.name} does not train adapters yet; "
-                          f"use one of {', '.join(LORA_BACKENDS)}")

@@ -26,7 +26,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from grpo.config import ConfigError, LoraOptions
-from grpo.logprobs import sequence_logprobs
+from grpo.update import forward_logprobs
 
 ADAPTER_CONFIG = "adapter_config.json"  # what marks a peft adapter directory
 
@@ -98,22 +98,24 @@ class AdapterDisabled(torch.nn.Module):
     """The policy's base model, the adapters off: the reference of the KL and of DPO under LoRA.
 
     Its forward returns `(logprobs [B, T-1], entropy or None)` like `backends.LogProbModel`, computed
-    under peft's `disable_adapter()` and with the model in eval mode (so no dropout of the base
-    reaches the reference); the policy's mode is restored afterwards. It holds no weights of its own:
-    `parameters()` are the policy's, which the caller must leave trainable.
+    through `model` (the backend's forward: the bare policy, its `LogProbModel`, or a DeepSpeed engine,
+    whose ZeRO-3 hooks gather the sharded weights) under peft's `disable_adapter()`, without gradients
+    and with the policy in eval mode (no dropout of the base reaches the reference); the policy's mode
+    is restored afterwards. It holds no weights of its own: its parameters are the policy's.
     """
 
     computes_logprobs = True
 
-    def __init__(self, policy: PeftModel):
+    def __init__(self, policy: PeftModel, model: torch.nn.Module):
         super().__init__()
         self.policy = policy
+        self.model = model
 
     def forward(self, input_ids, attention_mask, **kwargs):
         was_training = self.policy.training
         self.policy.eval()
         try:
             with torch.no_grad(), self.policy.disable_adapter():
-                return sequence_logprobs(self.policy, input_ids, attention_mask, **kwargs)
+                return forward_logprobs(self.model, input_ids, attention_mask, **kwargs)
         finally:
             self.policy.train(was_training)

@@ -118,8 +118,8 @@ def build_run(cfg: Config) -> Run:
     policy, tokenizer = load_train_policy(cfg, checkpoint)
     check_prompt_lengths(train_rows, eval_rows, tokenizer, context=context_length(policy),
                          max_new_tokens=cfg.rollout.max_new_tokens, where=cfg.task.train_file or cfg.task.name)
-    ref_model = build_reference(cfg, policy) if cfg.algorithm.uses_reference() else None
     backend = build_policy_backend(cfg, policy)
+    ref_model = build_reference(cfg, policy, backend) if cfg.algorithm.uses_reference() else None
     engine = build_rollout_engine(cfg.rollout.engine, model=policy, tokenizer=tokenizer, **engine_options(cfg))
     if hasattr(backend, "gathered_for_rollout") and not getattr(engine, "holds_own_weights", False):
         engine = WithFullWeights(engine, backend.gathered_for_rollout)
@@ -134,11 +134,11 @@ def build_run(cfg: Config) -> Run:
     return run
 
 
-def build_reference(cfg: Config, policy: torch.nn.Module) -> torch.nn.Module:
+def build_reference(cfg: Config, policy: torch.nn.Module, backend: TrainBackend) -> torch.nn.Module:
     """The KL's, or DPO's, reference: the starting policy, frozen. Under LoRA the policy's own base with
-    the adapters off (no second copy); else a second copy of `model.path`."""
+    the adapters off, run through the backend's forward (no second copy); else a second copy of `model.path`."""
     if is_adapted(policy):
-        return AdapterDisabled(policy)
+        return AdapterDisabled(policy, backend.model)
     ref_model, _ = load_policy(cfg.model.path, cfg)
     return ref_model.eval().requires_grad_(False)
 

@@ -154,11 +154,3 @@ class DeepSpeedBackend:
         path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
         if path is None:
             raise RuntimeError(f"checkpoint {directory}: DeepSpeed found nothing to load")
-
-    def save_policy(self, directory: Path, tokenizer) -> None:
-        """The consolidated policy as a transformers directory (safetensors), written by rank 0."""
-        context = self.gathered_for_rollout()  # ZeRO-3: every rank takes part in the gather
-        with context:
-            if dist.is_main():
-                self.policy.save_pretrained(directory, safe_serialization=True)
-                tokenizer.save_pretrained(directory)
