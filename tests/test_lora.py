@@ -26,7 +26,14 @@ from grpo.lora import AdapterDisabled, add_adapters, merged_copy
 from grpo.run import evaluate_from_config, train_from_config
 from grpo.tiny import build_char_tokenizer
 from tests.conftest import compose
-from tests.test_distributed import TRAIN_ARGS, launch, launcher, metrics
+from tests.test_distributed import (  # noqa: F401 - the fixture frees DeepSpeed's shared memory
+    TRAIN_ARGS,
+    _release_deepspeed_shared_memory,
+    backends,
+    launch,
+    launcher,
+    metrics,
+)
 
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -212,11 +219,12 @@ def test_lora_run_stopped_and_resumed_ends_with_the_uninterrupted_adapters(tmp_p
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_lora_on_two_ranks_with_b_groups_equals_one_rank_with_2b(tmp_path):
+@pytest.mark.parametrize("backend", backends("ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3"))
+def test_lora_on_two_ranks_with_b_groups_equals_one_rank_with_2b(tmp_path, backend):
     out = {}
     for ranks in (1, 2):
         path = tmp_path / f"{ranks}.pt"
-        launch([*launcher("ddp", ranks), "tests/data_parallel_step.py", "--backend", "ddp", "--lora-r", "4",
+        launch([*launcher(backend, ranks), "tests/data_parallel_step.py", "--backend", backend, "--lora-r", "4",
                 "--out", str(path)])
         out[ranks] = torch.load(path, weights_only=True)
     one, two = out[1], out[2]
@@ -232,16 +240,32 @@ def test_lora_on_two_ranks_with_b_groups_equals_one_rank_with_2b(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_lora_trains_on_two_ranks_with_identical_replicas(tmp_path, warm_tiny_dir):
+@pytest.mark.parametrize("backend", backends("ddp", "deepspeed_zero2", "deepspeed_zero3"))
+def test_lora_trains_on_two_ranks_with_identical_replicas(tmp_path, warm_tiny_dir, backend):
     run_dir = tmp_path / "run"
-    launch([*launcher("ddp", 2), "--module", "grpo.train", f"run_dir={run_dir}", "backend=ddp", *TRAIN_ARGS,
-            "model.lora.r=8", "algorithm.beta=0.04"])
+    lora = ["model.lora.r=8", "algorithm.beta=0.04", "checkpoint.merge_lora=true"]
+    launch([*launcher(backend, 2), "--module", "grpo.train", f"run_dir={run_dir}", f"backend={backend}", *TRAIN_ARGS,
+            *lora])
     steps = [r for r in metrics(run_dir) if r["step"] > 0]
     assert [r["step"] for r in steps] == [1, 2, 3]
     for r in steps:
         assert r["dist/replica_weight_diff"] == 0.0, r
-    adapter = load_file(run_dir / "checkpoints" / "step_3" / "adapter" / "adapter_model.safetensors")
+        assert r["rollout/logprob_abs_diff"] < 1e-5  # the sampler ran the adapted policy the trainer scores
+    ckpt = run_dir / "checkpoints" / "step_3"
+    adapter = load_file(ckpt / "adapter" / "adapter_model.safetensors")
     assert max(float(t.abs().max()) for k, t in adapter.items() if "lora_B" in k) > 0  # B left zero: it trained
+    # the adapter (gathered from the shards under ZeRO-3) and the merged policy/ are the same function
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(warm_tiny_dir), ckpt / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(ckpt / "policy").eval()
+    ids, mask = random_batch()
+    torch.testing.assert_close(sequence_logprobs(merged, ids, mask)[0], sequence_logprobs(peft, ids, mask)[0],
+                               atol=2e-5, rtol=0)
+    if backend.startswith("deepspeed"):  # resume from DeepSpeed's shards and the adapter: one more step
+        launch([*launcher(backend, 2), "--module", "grpo.train", f"run_dir={run_dir}", f"backend={backend}",
+                *TRAIN_ARGS, *lora, "resume=auto", "train.max_steps=4"])
+        rows = metrics(run_dir)
+        assert [r["step"] for r in rows if r["step"] > 0] == [1, 2, 3, 4]
+        assert rows[-1]["dist/replica_weight_diff"] == 0.0
 
 
 # --- what is refused ------------------------------------------------------------------------------------
