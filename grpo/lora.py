@@ -64,6 +64,12 @@ def load_adapters(model: torch.nn.Module, adapter_dir: str | Path) -> PeftModel:
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
 
 
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts of `model`."""
+    counts = [(p.numel(), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, grad in counts if grad), sum(n for n, _ in counts)
+
+
 def is_adapted(model: torch.nn.Module) -> bool:
     """Whether `model` is a peft model (a LoRA policy)."""
     return isinstance(model, PeftModel)

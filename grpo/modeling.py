@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo.checkpoint import CheckpointError
 from grpo.config import Config, ConfigError
-from grpo.lora import adapter_base, add_adapters, is_adapter_dir, load_adapters
+from grpo.lora import adapter_base, add_adapters, is_adapter_dir, load_adapters, trainable_parameters
 from grpo.warmstart import WarmStart, warm_start_report, warm_started_tiny
 
 log = logging.getLogger("grpo")
@@ -80,12 +80,17 @@ def load_train_policy(cfg: Config, checkpoint: Path | None):
         return load_policy(path, cfg, checkpoint=checkpoint is not None)
     model, tokenizer = load_policy(cfg.model.path, cfg)
     if checkpoint is None:
-        return add_adapters(model, cfg.model.lora, seed=cfg.seed), tokenizer  # the same on every rank
-    try:
-        return load_adapters(model, checkpoint / "adapter"), tokenizer
-    except Exception as e:  # noqa: BLE001 - a missing or corrupt adapter file
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"checkpoint {checkpoint / 'adapter'} is unreadable: {first}") from None
+        policy = add_adapters(model, cfg.model.lora, seed=cfg.seed)  # the same on every rank
+    else:
+        try:
+            policy = load_adapters(model, checkpoint / "adapter")
+        except Exception as e:  # noqa: BLE001 - a missing or corrupt adapter file
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"checkpoint {checkpoint / 'adapter'} is unreadable: {first}") from None
+    trainable, total = trainable_parameters(policy)
+    log.info("LoRA r=%d: %d trainable parameters of %d (%.2f%%)", cfg.model.lora.r, trainable, total,
+             100 * trainable / total)
+    return policy, tokenizer
 
 
 def load_policy(path: str, cfg: Config, *, checkpoint: bool = False):
