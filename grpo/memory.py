@@ -26,6 +26,10 @@ max_new_tokens` tokens: 2 (K, V) x layers x kv_heads x head_dim x 2 bytes per to
 reserves `gpu_memory_utilization` of the device. A KL reference model adds its 16-bit weights.
 These are estimates, deliberately simple (no allocator fragmentation, no communication buffers).
 
+LoRA (`model.lora.r > 0`): the weights are all Psi parameters, but gradients and optimiser states
+only the T trainable ones (r x (in + out) per adapted linear layer, plus `modules_to_save`), at the
+bytes per parameter above; the reference is the policy with its adapters off, so it adds nothing.
+
     python -m grpo.memory --gpus 8 --gpu-memory-gb 80 experiment=qwen2.5-7b_gsm8k_8gpu
 """
 
@@ -69,6 +73,7 @@ class MemoryEstimate:
     reference: float
     stage: str = ""
     world_size: int = 1
+    trainable: int = 0  # parameters the optimiser holds, when fewer than all (LoRA); 0 = all
 
     @property
     def total(self) -> float:
@@ -79,7 +84,9 @@ class MemoryEstimate:
         rows = [("weights", self.weights), ("gradients", self.gradients), ("optimiser states", self.optimizer),
                 ("activations", self.activations), ("log-prob logits", self.logits),
                 ("rollout engine", self.rollout), ("reference model", self.reference), ("total", self.total)]
-        head = f"estimated memory per GPU ({self.stage}, {self.world_size} rank{'s' if self.world_size > 1 else ''}):"
+        lora = f", LoRA: {self.trainable:,} parameters trained" if self.trainable else ""
+        head = (f"estimated memory per GPU ({self.stage}, {self.world_size} rank{'s' if self.world_size > 1 else ''}"
+                f"{lora}):")
         return "\n".join([head, *(f"  {name:<18}{value / GiB:8.2f} GiB" for name, value in rows)])
 
 
@@ -117,10 +124,13 @@ def kv_cache_bytes(shape: ModelShape, sequences: int, tokens_per_sequence: int, 
 def estimate(shape: ModelShape, *, stage: int, world_size: int, mixed_precision: bool, micro_batch_tokens: int,
              gradient_checkpointing: bool, rollout_engine: str, rollout_sequences: int, max_new_tokens: int,
              gpu_memory_gb: float = 80.0, vllm_fraction: float = 0.3, with_reference: bool = False,
-             offload_optimizer: bool = False, offload_params: bool = False, stage_name: str = "") -> MemoryEstimate:
+             offload_optimizer: bool = False, offload_params: bool = False, stage_name: str = "",
+             trainable_params: int = 0) -> MemoryEstimate:
+    """The plan; `trainable_params` > 0 (LoRA) are the parameters with gradients and optimiser states."""
     w, g, o = training_bytes_per_param(stage, world_size, mixed_precision=mixed_precision,
                                        offload_optimizer=offload_optimizer, offload_params=offload_params)
     P = shape.num_params
+    T = trainable_params or P
     value_bytes = 2 if mixed_precision else 4
     if rollout_engine == "vllm":
         rollout = vllm_fraction * gpu_memory_gb * GiB
@@ -129,12 +139,12 @@ def estimate(shape: ModelShape, *, stage: int, world_size: int, mixed_precision:
         rollout = gathered + kv_cache_bytes(shape, rollout_sequences, ASSUMED_PROMPT_TOKENS + max_new_tokens,
                                             value_bytes)
     return MemoryEstimate(
-        weights=w * P, gradients=g * P, optimizer=o * P,
+        weights=w * P, gradients=g * T, optimizer=o * T,
         activations=activation_bytes(shape, micro_batch_tokens, gradient_checkpointing=gradient_checkpointing,
                                      bytes_per_value=value_bytes),
         logits=3 * LOGIT_CHUNK * shape.vocab_size * 4,
         rollout=rollout, reference=P * value_bytes if with_reference else 0.0,
-        stage=stage_name, world_size=world_size,
+        stage=stage_name, world_size=world_size, trainable=trainable_params,
     )
 
 
@@ -149,6 +159,24 @@ def model_shape(config) -> ModelShape:
                       num_layers=config.num_hidden_layers, vocab_size=config.vocab_size, kv_dim=kv_heads * head_dim)
 
 
+def lora_trainable_params(config, target_modules: list[str], modules_to_save: list[str], r: int) -> int:
+    """Parameters LoRA of rank r trains on a transformers config (built on the meta device): r x (in + out)
+    per adapted linear layer (named in `target_modules`, or every linear layer but the output head, as
+    peft's all-linear), and every parameter of `modules_to_save`."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    count = 0
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in modules_to_save:
+            count += sum(p.numel() for p in module.parameters())
+        elif isinstance(module, torch.nn.Linear) and module is not head and (
+                not target_modules or leaf in target_modules):
+            count += r * (module.in_features + module.out_features)
+    return count
+
+
 def estimate_from_config(cfg, world_size: int, gpu_memory_gb: float = 80.0) -> MemoryEstimate:
     """The plan of a run config (model facts from `grpo.model_facts` when known, else its config.json)."""
     facts = facts_for(cfg.model.path)
@@ -156,15 +184,19 @@ def estimate_from_config(cfg, world_size: int, gpu_memory_gb: float = 80.0) -> M
         config = transformers_config(facts)
     else:
         config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    b = cfg.backend
+    b, lora = cfg.backend, cfg.model.lora
     stage = int(b.name.removeprefix("deepspeed_zero")) if b.name.startswith("deepspeed") else 0
+    trainable = lora_trainable_params(config, list(lora.target_modules), list(lora.modules_to_save), lora.r) \
+        if lora.r else 0
     return estimate(
         model_shape(config), stage=stage, world_size=world_size, mixed_precision=cfg.model.dtype == "bfloat16",
         micro_batch_tokens=b.micro_batch_tokens, gradient_checkpointing=b.gradient_checkpointing,
         rollout_engine=cfg.rollout.engine, rollout_sequences=cfg.rollout.batch_size,
         max_new_tokens=cfg.rollout.max_new_tokens, gpu_memory_gb=b.gpu_memory_gb or gpu_memory_gb,
-        vllm_fraction=cfg.rollout.gpu_memory_utilization, with_reference=cfg.algorithm.uses_reference(),
+        vllm_fraction=cfg.rollout.gpu_memory_utilization,
+        with_reference=cfg.algorithm.uses_reference() and not lora.r,  # LoRA: the base, adapters off
         offload_optimizer=b.offload_optimizer, offload_params=b.offload_params, stage_name=b.name,
+        trainable_params=trainable,
     )
 
 

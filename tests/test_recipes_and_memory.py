@@ -3,6 +3,8 @@ plan's arithmetic against values worked out by hand; a plan that cannot fit is r
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from grpo.memory import (
     estimate,
     estimate_from_config,
     kv_cache_bytes,
+    lora_trainable_params,
     model_shape,
     training_bytes_per_param,
 )
@@ -25,7 +28,7 @@ RECIPES = sorted(p.stem for p in (CONFIGS / "experiment").glob("qwen2.5-*.yaml")
 
 def test_there_is_a_recipe_per_model_task_and_gpu_count():
     expected = {f"qwen2.5-{m}_{t}_{g}gpu" for m in ("0.5b", "1.5b", "7b") for t in ("gsm8k", "math") for g in (1, 8)}
-    assert set(RECIPES) == expected
+    assert set(RECIPES) == expected | {"qwen2.5-7b_gsm8k_1gpu_lora"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -45,7 +48,7 @@ def test_recipe_composes_builds_its_model_and_fits_its_gpus(recipe):
     ids = torch.tensor([[0, 17, facts["vocab_size"] - 1]])
     assert model(input_ids=ids).logits.shape == (1, 3, facts["vocab_size"])
     # the full-size plan fits an 80 GB GPU at the recipe's GPU count
-    gpus = int(recipe.rsplit("_", 1)[1].removesuffix("gpu"))
+    gpus = int(re.search(r"_(\d+)gpu", recipe).group(1))
     plan = estimate_from_config(cfg, gpus, 80.0)
     check_fits(plan, 80.0)
     assert cfg.train.prompts_per_step % gpus == 0
@@ -97,6 +100,37 @@ def test_estimate_adds_up_and_refuses_with_the_numbers():
     check_fits(plan, 6.0)  # ~5.6 GiB fits 6
     with pytest.raises(ConfigError, match=r"needs an estimated 5\.\d GiB per GPU but the device has 4\.0 GiB"):
         check_fits(plan, 4.0)
+
+
+def test_lora_plan_counts_gradients_and_optimiser_of_the_adapters_only_and_no_reference():
+    shape = ModelShape(num_params=1_000_000_000, hidden_size=1000, num_layers=10, vocab_size=1000, kv_dim=8)
+    common = dict(stage=0, world_size=1, mixed_precision=True, micro_batch_tokens=100, gradient_checkpointing=False,
+                  rollout_engine="hf", rollout_sequences=3, max_new_tokens=5)
+    full = estimate(shape, **common, with_reference=True)
+    lora = estimate(shape, **common, trainable_params=10_000_000)
+    # weights 2 bytes x 1e9 either way; gradients 2 and Adam 12 bytes x 1e7 trained parameters only
+    assert (lora.weights, lora.gradients, lora.optimizer) == (2e9, 2e7, 1.2e8)
+    assert (full.gradients, full.optimizer, full.reference) == (2e9, 1.2e10, 2e9)
+    assert "LoRA: 10,000,000 parameters trained" in lora.table()
+
+
+def test_lora_parameter_count_matches_peft_and_the_7b_recipe_plan_fits_one_gpu():
+    from grpo.config import LoraOptions
+    from grpo.lora import add_adapters, trainable_parameters
+    from grpo.tiny import build_tiny_model
+
+    for targets, saved in (([], []), (["q_proj", "v_proj"], ["lm_head"])):
+        model = build_tiny_model(100, seed=0)
+        options = LoraOptions(r=8, target_modules=targets, modules_to_save=saved)
+        counted = lora_trainable_params(model.config, targets, saved, 8)
+        assert counted == trainable_parameters(add_adapters(model, options))[0], (targets, saved)
+    # Qwen2.5-7B, r=64 on every projection, per layer: 64 x (q 3584+3584, k 3584+512, v 3584+512,
+    # o 3584+3584, gate 3584+18944, up 3584+18944, down 18944+3584) = 64 x 90,112; 28 layers
+    cfg = compose(["experiment=qwen2.5-7b_gsm8k_1gpu_lora", "algorithm.beta=0.04"])
+    plan = estimate_from_config(cfg, 1, 80.0)
+    assert plan.trainable == 28 * 64 * 90_112 == 161_480_704
+    assert plan.reference == 0 and plan.optimizer == 12 * plan.trainable
+    check_fits(plan, 80.0)
 
 
 def test_grpo_train_refuses_a_plan_that_cannot_fit(tmp_path, tiny_random_dir):
