@@ -163,17 +163,18 @@ def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, state:
     return final
 
 
-def save_policy_files(policy, tokenizer, *, policy_dir: Path, adapter_dir: Path, merge_lora: bool,
+def save_policy_files(policy, tokenizer, *, policy_dir: Path, adapter_dir: Path | None, merge_lora: bool,
                       backend=None) -> None:
     """Rank 0 writes the policy as a transformers directory with the tokenizer; a LoRA policy its adapters
-    in peft's format (with the tokenizer) to `adapter_dir`, and to `policy_dir` only the merged model, when
-    `merge_lora` asks for it. Collective under ZeRO-3: every rank takes part in gathering the weights."""
+    in peft's format (with the tokenizer) to `adapter_dir` (unless None), and to `policy_dir` only the merged
+    model, when `merge_lora` asks for it. Collective under ZeRO-3: every rank takes part in gathering the weights."""
     with backend.gathered_for_rollout() if backend is not None else contextlib.nullcontext():
         if not dist.is_main():
             return
         if is_adapted(policy):
-            save_adapters(policy, adapter_dir)
-            tokenizer.save_pretrained(adapter_dir)
+            if adapter_dir is not None:
+                save_adapters(policy, adapter_dir)
+                tokenizer.save_pretrained(adapter_dir)
             if not merge_lora:
                 return
             policy = merged_copy(policy)
@@ -197,7 +198,8 @@ def save_best(run_dir: str | Path, step: int, *, policy, tokenizer, record: dict
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    save_policy_files(policy, tokenizer, policy_dir=tmp, adapter_dir=tmp, merge_lora=merge_lora, backend=backend)
+    save_policy_files(policy, tokenizer, policy_dir=tmp, adapter_dir=None if merge_lora else tmp,  # one or the other
+                      merge_lora=merge_lora, backend=backend)
     if dist.is_main():
         (tmp / "best.json").write_text(json.dumps({"step": step, **record}, indent=1))
         _fsync_tree(tmp)

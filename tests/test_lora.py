@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from grpo.backends import build_backend
-from grpo.checkpoint import save_checkpoint
+from grpo.checkpoint import save_best, save_checkpoint
 from grpo.config import ConfigError, LoraOptions
 from grpo.logprobs import sequence_logprobs
-from grpo.lora import AdapterDisabled, add_adapters, merged_copy
+from grpo.lora import AdapterDisabled, add_adapters, is_adapter_dir, merged_copy
 from grpo.run import evaluate_from_config, train_from_config
 from grpo.tiny import build_char_tokenizer
 from tests.conftest import compose
@@ -166,6 +166,18 @@ def test_checkpoint_holds_the_adapter_in_peft_format_and_the_merged_policy_on_re
         merged = AutoModelForCausalLM.from_pretrained(ckpt / "policy").eval()
         torch.testing.assert_close(sequence_logprobs(merged, ids, mask)[0], expected, atol=2e-5, rtol=0)
         assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_best_checkpoint_of_a_lora_run_is_its_adapter_or_the_merged_model(tmp_path, tiny_random_dir, merge):
+    policy = adapted(tiny_random_dir)
+    perturb_adapters(policy)
+    best = save_best(tmp_path, 3, policy=policy, tokenizer=build_char_tokenizer(), record={"val/accuracy": 0.5},
+                     merge_lora=merge)
+    names = {p.name for p in best.iterdir()}
+    assert "best.json" in names and "tokenizer.json" in names
+    assert ("adapter_config.json" in names) == (not merge) and ("model.safetensors" in names) == merge
+    assert is_adapter_dir(best) == (not merge)  # grpo-eval reads either
 
 
 def test_merging_for_a_checkpoint_leaves_the_trained_policy_untouched(tiny_random_dir):
