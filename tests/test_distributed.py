@@ -274,16 +274,3 @@ def test_online_dpo_and_nll_updates_on_two_ranks_equal_one_rank_with_the_whole_b
         for name, g in one["grads"].items():
             torch.testing.assert_close(two["grads"][name], g, atol=2e-6, rtol=0, msg=f"{kind}: {name}")
         assert sum(int(g.abs().sum() > 0) for g in one["grads"].values()) > 10, kind
-
-
-@pytest.mark.parametrize("algorithm", ["online_dpo", "rft", "sft"])
-def test_the_other_ddp_loops_train_on_two_ranks_with_identical_replicas(tmp_path, warm_tiny_dir, algorithm):
-    run_dir = tmp_path / "run"
-    train("ddp", run_dir, f"algorithm={algorithm}", "train.max_steps=3", "train.prompts_per_step=8",
-          "checkpoint.every_steps=0")
-    steps = [r for r in metrics(run_dir) if r["step"] > 0]
-    assert [r["step"] for r in steps] == [1, 2, 3]
-    updated = [r for r in steps if "optim/grad_norm" in r]  # a step may find no pair or no right answer
-    assert updated, steps
-    for r in updated:
-        assert r["dist/replica_weight_diff"] == 0.0 and r["optim/grad_norm"] > 0, r

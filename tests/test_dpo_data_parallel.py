@@ -5,7 +5,7 @@ real launchers:
   reference log-probs, and a step of the offline loop with its shuffled batch and its reference), and one NLL
   update (RFT's and SFT's) on 2 ranks x B/2 rows that of 1 rank x B rows;
 - `grpo-train algorithm=dpo` trains on 2 ranks with bit-identical replicas after every step, and so do online
-  DPO, RFT and SFT under DeepSpeed (each loop under one ZeRO stage; ddp's runs are in test_distributed.py).
+  DPO, RFT and SFT under ddp and DeepSpeed (each loop under one ZeRO stage).
 """
 
 from __future__ import annotations
@@ -70,10 +70,11 @@ def test_offline_dpo_trains_on_two_ranks_with_identical_replicas(tmp_path, warm_
 
 
 @pytest.mark.parametrize("algorithm, backend", [
-    pytest.param(a, b, marks=DEEPSPEED) for a, b in (("online_dpo", "deepspeed_zero3"), ("rft", "deepspeed_zero2"),
-                                                     ("sft", "deepspeed_zero1"))])
-def test_online_dpo_rft_and_sft_train_under_deepspeed_with_identical_replicas(tmp_path, warm_tiny_dir, algorithm,
-                                                                              backend):
+    *((a, "ddp") for a in ("online_dpo", "rft", "sft")),
+    *(pytest.param(a, b, marks=DEEPSPEED) for a, b in (("online_dpo", "deepspeed_zero3"), ("rft", "deepspeed_zero2"),
+                                                       ("sft", "deepspeed_zero1")))])
+def test_online_dpo_rft_and_sft_train_on_two_ranks_with_identical_replicas(tmp_path, warm_tiny_dir, algorithm,
+                                                                           backend):
     run_dir = tmp_path / "run"
     train(backend, run_dir, f"algorithm={algorithm}", "train.max_steps=3", "train.prompts_per_step=8",
           "checkpoint.every_steps=0")
