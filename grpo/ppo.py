@@ -287,7 +287,7 @@ def update_critic(backend, batch, old_values: torch.Tensor, returns: torch.Tenso
     runs through `backend.model` (its `ValueModel`, inside the DeepSpeed engine there), as many
     micro-batches on every rank (a rank short of rows runs zero-weighted stand-ins: ZeRO-3's forwards and
     backwards are collective)."""
-    total, updates = 0.0, 0
+    total, updates, skipped = 0.0, 0, 0
     for _ in range(epochs):
         for rows in mini_batch_rows(len(batch), mini_batches):
             local = batch.completion_mask[rows].sum() if rows else torch.tensor(0.0)
@@ -295,6 +295,7 @@ def update_critic(backend, batch, old_values: torch.Tensor, returns: torch.Tenso
             if num_tokens == 0:
                 continue  # nothing to fit in this mini-batch on any rank: no step anywhere
             lengths = batch.attention_mask[rows].sum(1).tolist() if rows else []
+            finite = True
             for micro in equal_count_micro_batches(lengths, micro_batch_tokens):
                 idx = [rows[i] for i in micro] or [0]  # [0]: a stand-in row, weighted 0
                 weight = 1.0 if micro else 0.0
@@ -302,8 +303,14 @@ def update_critic(backend, batch, old_values: torch.Tensor, returns: torch.Tenso
                 mask = batch.completion_mask[idx] * weight  # [n, T-1]
                 per_token = value_loss(values, old_values[idx], returns[idx], mask, clip)  # [n, T-1]
                 loss = per_token.sum() / num_tokens * weight
-                backend.backward(loss)
-                total += float(loss.detach())
-            backend.step()
+                if not torch.isfinite(loss):  # as the policy's update: a NaN/inf never reaches the weights
+                    finite = False
+                    if dist.world_size() == 1:
+                        continue
+                backend.backward(loss)  # with several ranks, take part in ZeRO's collectives, then skip
+                total += float(loss.detach()) if finite else 0.0
+            finite = not dist.all_reduce_max(float(not finite))  # every rank skips, or none
+            skipped += int(bool(backend.step(skip=not finite)["skipped"]))
             updates += 1
-    return {"train/value_loss": float(dist.all_reduce_sum(torch.tensor([total]))[0]) / max(updates, 1)}
+    total = float(dist.all_reduce_sum(torch.tensor([total]))[0])
+    return {"train/value_loss": total / max(updates, 1), "optim/critic_skipped_steps": skipped}

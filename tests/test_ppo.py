@@ -91,3 +91,29 @@ def test_ppo_run_updates_policy_and_critic(tmp_path, warm_tiny_dir):
         assert key in history[-1], key
     state = torch.load(tmp_path / "checkpoints" / "step_2" / "state.pt", weights_only=True)
     assert "critic" in state and "critic_backend" in state
+
+
+def test_critic_update_skips_a_non_finite_loss_and_keeps_the_weights(tiny_random_dir):
+    """A NaN return makes the value loss NaN: the critic's step is skipped and counted, the weights and
+    the optimiser's moments stay as they were, and the next finite batch updates the critic."""
+    from grpo.backends.torch_backend import TorchBackend
+    from grpo.batch import layout_batch
+    from grpo.ppo import ValueModel, load_critic, update_critic
+    from tests.conftest import compose
+
+    critic = load_critic(compose([]), str(tiny_random_dir))
+    backend = TorchBackend(critic, module=ValueModel(critic), lr=1e-2)
+    batch = layout_batch([[5, 6, 7], [5, 8]], [[9, 10], [11, 12, 13]], 1, pad_id=0)
+    old_values = torch.zeros(batch.completion_mask.shape)  # [2, T-1]
+    returns = torch.ones(batch.completion_mask.shape)
+    returns[0, 3] = float("nan")  # a completion position of row 0
+    before = {k: v.clone() for k, v in critic.state_dict().items()}
+    out = update_critic(backend, batch, old_values, returns, epochs=1, mini_batches=1, clip=0.2,
+                        micro_batch_tokens=1024)
+    assert out["optim/critic_skipped_steps"] == 1 and backend.skipped_steps == 1
+    assert all(torch.equal(before[k], v) for k, v in critic.state_dict().items())
+    assert not backend.optimizer.state  # no moments were taken from the discarded gradient
+    out = update_critic(backend, batch, old_values, torch.ones_like(returns), epochs=1, mini_batches=1, clip=0.2,
+                        micro_batch_tokens=1024)
+    assert out["optim/critic_skipped_steps"] == 0 and out["train/value_loss"] > 0
+    assert not torch.equal(before["score.weight"], critic.state_dict()["score.weight"])
