@@ -26,6 +26,12 @@ max_new_tokens` tokens: 2 (K, V) x layers x kv_heads x head_dim x 2 bytes per to
 reserves `gpu_memory_utilization` of the device. A KL reference model adds its 16-bit weights.
 These are estimates, deliberately simple (no allocator fragmentation, no communication buffers).
 
+PPO (`algorithm=ppo`) trains a critic beside the policy: the policy's network under a one-output token
+head (Psi_c parameters: Psi less the output embedding unless it is tied, plus hidden + 1), sharded and
+optimised like the policy, so it adds its weights, gradients and optimiser states at the same bytes per
+parameter (its activations come and go with its own micro-batches, after the policy's: not added). It is
+trained in full even when the policy has LoRA adapters.
+
 LoRA (`model.lora.r > 0`): the weights are all Psi parameters, but gradients and optimiser states
 only the T trainable ones (r x (in + out) per adapted linear layer, plus `modules_to_save`), at the
 bytes per parameter above; the reference is the policy with its adapters off, so it adds nothing.
@@ -71,6 +77,7 @@ class MemoryEstimate:
     logits: float
     rollout: float
     reference: float
+    critic: float = 0.0  # PPO's value model: its weights, gradients and optimiser states
     stage: str = ""
     world_size: int = 1
     trainable: int = 0  # parameters the optimiser holds, when fewer than all (LoRA); 0 = all
@@ -78,12 +85,14 @@ class MemoryEstimate:
     @property
     def total(self) -> float:
         return (self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.rollout
-                + self.reference)
+                + self.reference + self.critic)
 
     def table(self) -> str:
         rows = [("weights", self.weights), ("gradients", self.gradients), ("optimiser states", self.optimizer),
                 ("activations", self.activations), ("log-prob logits", self.logits),
-                ("rollout engine", self.rollout), ("reference model", self.reference), ("total", self.total)]
+                ("rollout engine", self.rollout), ("reference model", self.reference)]
+        rows += [("critic (PPO)", self.critic)] if self.critic else []
+        rows += [("total", self.total)]
         lora = f", LoRA: {self.trainable:,} parameters trained" if self.trainable else ""
         head = (f"estimated memory per GPU ({self.stage}, {self.world_size} rank{'s' if self.world_size > 1 else ''}"
                 f"{lora}):")
@@ -125,8 +134,9 @@ def estimate(shape: ModelShape, *, stage: int, world_size: int, mixed_precision:
              gradient_checkpointing: bool, rollout_engine: str, rollout_sequences: int, max_new_tokens: int,
              gpu_memory_gb: float = 80.0, vllm_fraction: float = 0.3, with_reference: bool = False,
              offload_optimizer: bool = False, offload_params: bool = False, stage_name: str = "",
-             trainable_params: int = 0) -> MemoryEstimate:
-    """The plan; `trainable_params` > 0 (LoRA) are the parameters with gradients and optimiser states."""
+             trainable_params: int = 0, critic_params: int = 0) -> MemoryEstimate:
+    """The plan; `trainable_params` > 0 (LoRA) are the parameters with gradients and optimiser states;
+    `critic_params` > 0, PPO's value model, trained in full beside the policy."""
     w, g, o = training_bytes_per_param(stage, world_size, mixed_precision=mixed_precision,
                                        offload_optimizer=offload_optimizer, offload_params=offload_params)
     P = shape.num_params
@@ -144,7 +154,7 @@ def estimate(shape: ModelShape, *, stage: int, world_size: int, mixed_precision:
                                      bytes_per_value=value_bytes),
         logits=3 * LOGIT_CHUNK * shape.vocab_size * 4,
         rollout=rollout, reference=P * value_bytes if with_reference else 0.0,
-        stage=stage_name, world_size=world_size, trainable=trainable_params,
+        critic=(w + g + o) * critic_params, stage=stage_name, world_size=world_size, trainable=trainable_params,
     )
 
 
@@ -157,6 +167,18 @@ def model_shape(config) -> ModelShape:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     return ModelShape(num_params=sum(p.numel() for p in model.parameters()), hidden_size=config.hidden_size,
                       num_layers=config.num_hidden_layers, vocab_size=config.vocab_size, kv_dim=kv_heads * head_dim)
+
+
+def critic_params(config) -> int:
+    """Parameters of PPO's value model on a transformers config: the causal LM's backbone (counted on the
+    meta device) under a one-output head, `hidden + 1` (grpo.ppo.load_critic)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    backbone = sum(p.numel() for p in model.parameters())
+    if not getattr(config, "tie_word_embeddings", False):
+        backbone -= head.weight.numel()
+    return backbone + config.hidden_size + 1
 
 
 def lora_trainable_params(config, target_modules: list[str], modules_to_save: list[str], r: int) -> int:
@@ -196,7 +218,7 @@ def estimate_from_config(cfg, world_size: int, gpu_memory_gb: float = 80.0) -> M
         vllm_fraction=cfg.rollout.gpu_memory_utilization,
         with_reference=cfg.algorithm.uses_reference() and not lora.r,  # LoRA: the base, adapters off
         offload_optimizer=b.offload_optimizer, offload_params=b.offload_params, stage_name=b.name,
-        trainable_params=trainable,
+        trainable_params=trainable, critic_params=critic_params(config) if cfg.algorithm.loop == "ppo" else 0,
     )
 
 

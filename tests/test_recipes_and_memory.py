@@ -13,6 +13,7 @@ from grpo.memory import (
     ModelShape,
     activation_bytes,
     check_fits,
+    critic_params,
     estimate,
     estimate_from_config,
     kv_cache_bytes,
@@ -141,3 +142,31 @@ def test_grpo_train_refuses_a_plan_that_cannot_fit(tmp_path, tiny_random_dir):
     with pytest.raises(ConfigError, match="backend: the plan needs an estimated"):
         build_run(cfg)
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_ppo_plan_counts_the_critic_at_the_policys_bytes_per_parameter(tmp_path):
+    from transformers import AutoModelForTokenClassification
+
+    from grpo.tiny import build_tiny_model
+
+    for tied in (True, False):  # the critic's count equals the value model grpo.ppo.load_critic builds
+        model = build_tiny_model(100, seed=0)
+        model.config.tie_word_embeddings = tied
+        model.save_pretrained(tmp_path / str(tied))
+        critic = AutoModelForTokenClassification.from_pretrained(tmp_path / str(tied), num_labels=1)
+        assert critic_params(model.config) == sum(p.numel() for p in critic.parameters()), tied
+    shape = ModelShape(num_params=1_000_000_000, hidden_size=1000, num_layers=10, vocab_size=1000, kv_dim=8)
+    plan = estimate(shape, stage=2, world_size=4, mixed_precision=True, micro_batch_tokens=100,
+                    gradient_checkpointing=False, rollout_engine="hf", rollout_sequences=3, max_new_tokens=5,
+                    critic_params=900_000_000)
+    # ZeRO-2 on 4 ranks: 2 + 2/4 + 12/4 = 5.5 bytes per critic parameter, added to the total
+    assert plan.critic == 5.5 * 900_000_000 and "critic (PPO)" in plan.table()
+    assert plan.total == pytest.approx(plan.weights + plan.gradients + plan.optimizer + plan.activations
+                                       + plan.logits + plan.rollout + plan.critic)
+    recipe = ["experiment=qwen2.5-1.5b_gsm8k_8gpu"]
+    grpo = estimate_from_config(compose(recipe), 8, 80.0)
+    ppo = estimate_from_config(compose([*recipe, "algorithm=ppo"]), 8, 80.0)
+    config = transformers_config(facts_for(compose(recipe).model.path))
+    per_param = (ppo.weights + ppo.gradients + ppo.optimizer) / model_shape(config).num_params
+    assert grpo.critic == 0 and "critic" not in grpo.table()
+    assert ppo.critic == pytest.approx(per_param * critic_params(config))
