@@ -21,6 +21,7 @@ from grpo.losses import AGGREGATION_MODES, DPO_LOSSES, KL_ESTIMATORS, RATIO_LEVE
 LOOPS = ("grpo", "ppo", "dpo", "online_dpo", "rft", "sft")
 BACKEND_NAMES = ("torch", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
 ROLLOUT_ENGINES = ("hf", "vllm")
+ROLLOUT_MODES = ("colocate", "server")
 DTYPES = ("float32", "bfloat16")
 BUILTIN_TASKS = ("arithmetic", "reasoning_gym")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -211,6 +212,12 @@ class RolloutConfig:
         "help": "vllm: MiB of weights copied (ZeRO-3: gathered) at a time"})
     block_size: int = field(default=0, metadata={
         "help": "vllm: tokens per KV-cache block, the prefix cache's unit; 0 = vLLM's (GPU 16, CPU 128; CPU: k*32)"})
+    mode: str = field(default="colocate", metadata={
+        "help": "vllm: colocate (an engine in each training process) or server (grpo-vllm-serve engines elsewhere)"})
+    server_urls: list[str] = field(default_factory=list, metadata={
+        "help": "server mode: http://host:port of each grpo-vllm-serve engine; prompts are split across them"})
+    timeout_s: float = field(default=600.0, metadata={
+        "help": "server mode: seconds a request or weight push may take before the run fails naming the server"})
 
     max_turns: int = field(default=4, metadata={"help": "env: model turns per episode at most"})
     max_episode_tokens: int = field(default=256, metadata={
@@ -239,6 +246,21 @@ class RolloutConfig:
         _positive("rollout.block_size", self.block_size, zero_ok=True)
         _positive("rollout.max_turns", self.max_turns)
         _positive("rollout.max_episode_tokens", self.max_episode_tokens)
+        _choice("rollout.mode", self.mode, ROLLOUT_MODES)
+        _positive("rollout.timeout_s", self.timeout_s)
+        if self.mode == "server":
+            if self.engine != "vllm":
+                raise ConfigError(f"rollout.mode: server runs vLLM engines (grpo-vllm-serve); set rollout=vllm, "
+                                  f"not rollout.engine={self.engine}")
+            if not self.server_urls:
+                raise ConfigError("rollout.server_urls: server mode needs the URL of each grpo-vllm-serve engine, "
+                                  "e.g. rollout.server_urls=[http://10.0.0.5:8000]")
+            for url in self.server_urls:
+                if not url.startswith(("http://", "https://")) or ":" not in url.split("//", 1)[1]:
+                    raise ConfigError(f"rollout.server_urls: {url!r} is not http://host:port")
+        elif self.server_urls:
+            raise ConfigError("rollout.server_urls: given, but rollout.mode=colocate ignores it; "
+                              "set rollout.mode=server")
 
 
 @dataclass

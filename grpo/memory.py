@@ -142,7 +142,9 @@ def estimate(shape: ModelShape, *, stage: int, world_size: int, mixed_precision:
     P = shape.num_params
     T = trainable_params or P
     value_bytes = 2 if mixed_precision else 4
-    if rollout_engine == "vllm":
+    if rollout_engine == "server":  # rollout.mode=server: the engines have devices of their own
+        rollout = 0.0
+    elif rollout_engine == "vllm":
         rollout = vllm_fraction * gpu_memory_gb * GiB
     else:  # the hf engine samples from the policy: full weights when they are sharded, plus the KV cache
         gathered = P * value_bytes if stage >= 3 or offload_params else 0.0
@@ -213,7 +215,8 @@ def estimate_from_config(cfg, world_size: int, gpu_memory_gb: float = 80.0) -> M
     return estimate(
         model_shape(config), stage=stage, world_size=world_size, mixed_precision=cfg.model.dtype == "bfloat16",
         micro_batch_tokens=b.micro_batch_tokens, gradient_checkpointing=b.gradient_checkpointing,
-        rollout_engine=cfg.rollout.engine, rollout_sequences=cfg.rollout.batch_size,
+        rollout_engine="server" if cfg.rollout.mode == "server" else cfg.rollout.engine,
+        rollout_sequences=cfg.rollout.batch_size,
         max_new_tokens=cfg.rollout.max_new_tokens, gpu_memory_gb=b.gpu_memory_gb or gpu_memory_gb,
         vllm_fraction=cfg.rollout.gpu_memory_utilization,
         with_reference=cfg.algorithm.uses_reference() and not lora.r,  # LoRA: the base, adapters off

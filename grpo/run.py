@@ -120,7 +120,7 @@ def build_run(cfg: Config) -> Run:
                          max_new_tokens=cfg.rollout.max_new_tokens, where=cfg.task.train_file or cfg.task.name)
     backend = build_policy_backend(cfg, policy)
     ref_model = build_reference(cfg, policy, backend) if cfg.algorithm.uses_reference() else None
-    engine = build_rollout_engine(cfg.rollout.engine, model=policy, tokenizer=tokenizer, **engine_options(cfg))
+    engine = build_rollout_engine(engine_name(cfg.rollout), model=policy, tokenizer=tokenizer, **engine_options(cfg))
     if hasattr(backend, "gathered_for_rollout") and not getattr(engine, "holds_own_weights", False):
         engine = WithFullWeights(engine, backend.gathered_for_rollout)
     run = Run(cfg=cfg, tokenizer=tokenizer, policy=policy, ref_model=ref_model, engine=engine, backend=backend,
@@ -236,7 +236,7 @@ def evaluate_from_config(cfg: Config) -> dict:
     path = resolve_model_path(cfg)
     model, tokenizer = load_policy(path, cfg)
     cfg.model.path = path
-    engine = build_rollout_engine(cfg.rollout.engine, model=model, tokenizer=tokenizer, **engine_options(cfg))
+    engine = build_rollout_engine(engine_name(cfg.rollout), model=model, tokenizer=tokenizer, **engine_options(cfg))
     ood_rows = load_ood_splits(cfg.task, eval_scorer.required_columns())
     metrics = evaluate_splits(engine, eval_scorer, eval_rows, ood_rows, cfg.reward.accuracy,
                               pass_k=cfg.train.eval_pass_k)
@@ -244,12 +244,19 @@ def evaluate_from_config(cfg: Config) -> dict:
     return metrics
 
 
+def engine_name(r) -> str:
+    """The key of `grpo.rollout.ENGINES` that `rollout` selects (vLLM in server mode: its client)."""
+    return "server" if r.engine == "vllm" and r.mode == "server" else r.engine
+
+
 def engine_options(cfg: Config) -> dict:
     """The rollout engine's keyword arguments from `cfg.rollout` (vLLM also gets its engine settings)."""
     r = cfg.rollout
     options = dict(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
                    min_new_tokens=r.min_new_tokens, stop=r.stop, batch_size=r.batch_size)
-    if r.engine == "vllm":
+    if r.engine == "vllm" and r.mode == "server":
+        options |= dict(server_urls=list(r.server_urls), timeout_s=r.timeout_s, sync_bucket_mb=r.sync_bucket_mb)
+    elif r.engine == "vllm":
         options |= dict(model_path=cfg.model.path, dtype=cfg.model.dtype, seed=cfg.seed + dist.rank(),
                         gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb,
                         max_model_len=r.max_model_len, enforce_eager=r.enforce_eager,

@@ -48,7 +48,8 @@ class TokenRolloutEngine(Protocol):
         ...
 
 
-ENGINES = {"hf": "grpo.rollout.hf:HFRolloutEngine", "vllm": "grpo.rollout.vllm:VLLMRolloutEngine"}
+ENGINES = {"hf": "grpo.rollout.hf:HFRolloutEngine", "vllm": "grpo.rollout.vllm:VLLMRolloutEngine",
+           "server": "grpo.rollout.remote:ServerRolloutEngine"}  # server: rollout.mode=server
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:

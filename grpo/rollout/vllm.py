@@ -211,23 +211,32 @@ class VLLMRolloutEngine:
         Under ZeRO-3 each bucket is gathered, loaded and released before the next, so at most one
         bucket's full weights exist beside the shards.
         """
-        llm = self._alive()
+        self._alive()
         start = time.perf_counter()
+        for bucket in parameter_buckets(model.named_parameters(), self.sync_bucket_bytes):
+            with gathered([p for _, p in bucket]):
+                self.load_weights([(name, p.detach()) for name, p in bucket])
+        self.finish_weight_update()
+        return time.perf_counter() - start
+
+    def load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        """Load one bucket of (Hugging Face name, full tensor) into the engine's model (the server's entry too)."""
+        llm = self._alive()
         self._wake()
         try:
-            for bucket in parameter_buckets(model.named_parameters(), self.sync_bucket_bytes):
-                with gathered([p for _, p in bucket]):
-                    weights = [(name, p.detach()) for name, p in bucket]
-                    llm.apply_model(lambda vllm_model, weights=weights: vllm_model.load_weights(iter(weights)))
+            llm.apply_model(lambda vllm_model: vllm_model.load_weights(iter(weights)))
         except Exception as e:  # noqa: BLE001
             self._broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             raise RolloutEngineError(f"vLLM rollout engine failed in sync_weights: {self._broken}") from e
+
+    def finish_weight_update(self) -> None:
+        """After the last bucket: rebuild the CPU kernels from the new weights and drop the stale prefix cache."""
+        llm = self._alive()
         if not self.on_gpu:
             llm.apply_model(_build_cpu_kernels)  # the packed kernels are copies: rebuild them from the new weights
         llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
         if self.on_gpu:
             torch.cuda.synchronize()
-        return time.perf_counter() - start
 
     def close(self) -> None:
         """Shut the engine down and free its memory; `generate` afterwards raises."""
