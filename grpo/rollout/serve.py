@@ -39,8 +39,10 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
+from transformers import AutoTokenizer
 
 from grpo.rollout import weight_channel
+from grpo.rollout.vllm import VLLMRolloutEngine
 
 log = logging.getLogger("grpo-vllm-serve")
 
@@ -110,10 +112,6 @@ def launch_engines(args) -> None:
 
 def build_engine(args):
     """The colocated engine, built from the model directory (it syncs nothing until the trainer pushes)."""
-    from transformers import AutoTokenizer
-
-    from grpo.rollout.vllm import VLLMRolloutEngine
-
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     return VLLMRolloutEngine(
         None, tokenizer, model_path=args.model, dtype=args.dtype, seed=args.seed,
