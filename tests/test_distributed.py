@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.conftest import requires
 
@@ -227,6 +228,33 @@ def test_dynamic_sampling_on_two_ranks_trains_each_rank_on_its_rows_of_the_whole
     torch.testing.assert_close(torch.tensor(rank0["advantages"] + rank1["advantages"]), whole, atol=1e-6, rtol=0)
     alone, _, _ = compute_advantages(result["rewards"][12:], 4, "reinforce_pp")  # what rank 1 would get alone
     assert (alone - whole[12:]).abs().max() > 1e-3  # so the check above could tell them apart
+
+
+@DEEPSPEED
+def test_server_mode_on_two_zero3_ranks_pushes_the_gathered_policy_once_per_sync(tmp_path, tiny_random_dir):
+    from tests.test_rollout_server import FakeEngine, serve_fake
+
+    engines = [FakeEngine(0), FakeEngine(1)]
+    served = [serve_fake(e) for e in engines]
+    out = tmp_path / "out.pt"
+    try:
+        launch([*launcher("deepspeed_zero3", 2), str(ROOT / "tests" / "server_sync_step.py"), "--model",
+                str(tiny_random_dir), "--urls", ",".join(url for url, _ in served), "--out", str(out)])
+    finally:
+        for _, server in served:
+            server.shutdown()
+            server.server_close()
+    policy = torch.load(out, weights_only=True)
+    assert policy.pop("_sync_s") > 0
+    start = load_file(tiny_random_dir / "model.safetensors")
+    assert any(not torch.equal(p, start[name]) for name, p in policy.items() if name in start)  # the step moved it
+    for fake in engines:
+        # two pushes (the engine's start, the step), each every parameter once: rank 0 alone sends
+        assert fake.updates == 2
+        names = [name for bucket in fake.buckets for name in bucket]
+        assert sorted(names) == sorted(list(policy) * 2) and len(fake.buckets) > 2  # 0.01 MiB: several buckets
+        for name, p in policy.items():  # the whole gathered parameter, as the step left it, bit for bit
+            assert fake.loaded[name].shape == p.shape and torch.equal(fake.loaded[name], p), name
 
 
 def on_one_and_two_ranks(driver: str, tmp_path: Path, model_dir: Path) -> tuple[dict, dict]:

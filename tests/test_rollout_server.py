@@ -23,7 +23,7 @@ from tests.conftest import compose
 
 
 class FakeEngine:
-    """Answers each prompt with [its server's tag, the prompt's length]; keeps the weights it is sent."""
+    """Answers sample k of each prompt with [its server's tag, the prompt's length, k]; keeps the weights it is sent."""
 
     max_model_len = 64
 
@@ -36,10 +36,10 @@ class FakeEngine:
             self.hang.wait()
         if max_new_tokens > 100:
             raise ValueError("too many tokens")
-        ids = [[self.tag, len(p)] for p in prompt_ids for _ in range(n)]
+        ids = [[self.tag, len(p), k] for p in prompt_ids for k in range(n)]
+        logprobs = None if greedy else [[-0.5, -0.25, -0.125]] * len(ids)
         return Completions(prompt_ids=prompt_ids, completion_ids=ids, texts=[""] * len(ids),
-                           truncated=[False] * len(ids), logprobs=None if greedy else [[-0.5, -0.25]] * len(ids),
-                           metrics={"rollout/prefix_cached_tokens": 1})
+                           truncated=[False] * len(ids), logprobs=logprobs, metrics={"rollout/prefix_cached_tokens": 1})
 
     def load_weights(self, weights):
         self.buckets.append([name for name, _ in weights])
@@ -54,7 +54,7 @@ class JoinTokenizer:
         return ",".join(map(str, ids))
 
 
-def _serve(engine) -> tuple[str, ThreadingHTTPServer]:
+def serve_fake(engine) -> tuple[str, ThreadingHTTPServer]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(EngineHost(lambda: engine)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{server.server_address[1]}", server
@@ -63,7 +63,7 @@ def _serve(engine) -> tuple[str, ThreadingHTTPServer]:
 @pytest.fixture
 def two_servers():
     engines = [FakeEngine(0), FakeEngine(1)]
-    served = [_serve(e) for e in engines]
+    served = [serve_fake(e) for e in engines]
     yield [url for url, _ in served], engines
     for _, server in served:
         server.shutdown()
@@ -87,9 +87,10 @@ def test_prompts_are_split_across_the_servers_and_come_back_in_order(two_servers
     engine = ServerRolloutEngine(None, JoinTokenizer(), server_urls=urls, timeout_s=10)
     out = engine.generate_from_ids([[7] * k for k in range(1, 6)], 2)
     # 5 prompts over 2 servers: lengths 1-3 to server 0, 4-5 to server 1; n=2 samples each, prompt-major
-    assert out.completion_ids == [[0, 1], [0, 1], [0, 2], [0, 2], [0, 3], [0, 3], [1, 4], [1, 4], [1, 5], [1, 5]]
-    assert out.texts[0] == "0,1" and out.texts[-1] == "1,5"
-    assert out.logprobs == [[-0.5, -0.25]] * 10 and out.truncated == [False] * 10
+    assert out.completion_ids == [[0, 1, 0], [0, 1, 1], [0, 2, 0], [0, 2, 1], [0, 3, 0], [0, 3, 1],
+                                  [1, 4, 0], [1, 4, 1], [1, 5, 0], [1, 5, 1]]
+    assert out.texts[0] == "0,1,0" and out.texts[-1] == "1,5,1"
+    assert out.logprobs == [[-0.5, -0.25, -0.125]] * 10 and out.truncated == [False] * 10
     assert out.metrics["rollout/prefix_cached_tokens"] == 2  # one from each server
     assert engine.generate_from_ids([[7]], 1, greedy=True).logprobs is None
     with pytest.raises(RolloutEngineError, match=f"rollout server {urls[0]} failed /generate: ValueError: too many"):
@@ -132,7 +133,7 @@ def test_a_dead_server_fails_the_weight_push_naming_it(two_servers):
 
 def test_a_hung_server_fails_within_the_timeout_naming_it():
     release = threading.Event()
-    url, server = _serve(FakeEngine(0, hang=release))
+    url, server = serve_fake(FakeEngine(0, hang=release))
     engine = ServerRolloutEngine(None, JoinTokenizer(), server_urls=[url], timeout_s=1.5)
     start = time.perf_counter()
     with pytest.raises(RolloutEngineError, match=rf"rollout server {url}: no answer to /generate within 1.5 s"):
