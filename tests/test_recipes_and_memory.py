@@ -170,3 +170,12 @@ def test_ppo_plan_counts_the_critic_at_the_policys_bytes_per_parameter(tmp_path)
     per_param = (ppo.weights + ppo.gradients + ppo.optimizer) / model_shape(config).num_params
     assert grpo.critic == 0 and "critic" not in grpo.table()
     assert ppo.critic == pytest.approx(per_param * critic_params(config))
+
+
+def test_server_mode_plans_no_engine_on_the_training_gpus():
+    common = ["experiment=qwen2.5-7b_gsm8k_8gpu", "rollout=vllm", "rollout.gpu_memory_utilization=0.3"]
+    colocated = estimate_from_config(compose(common), 4, 80.0)
+    served = estimate_from_config(compose([*common, "rollout.mode=server", "rollout.server_urls=[http://a:8000]"]),
+                                  4, 80.0)
+    assert colocated.rollout == 0.3 * 80 * 2**30 and served.rollout == 0  # the engine: 30% of an 80 GiB GPU, or none
+    assert served.total == colocated.total - colocated.rollout
