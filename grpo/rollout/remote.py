@@ -132,18 +132,15 @@ class ServerRolloutEngine:
         if self.closed:
             raise RolloutEngineError("server rollout engine is closed (close() was called); build a new one")
 
-    def _check_alive(self, timeout_s: float) -> list:
-        """Each server's /health reply; an unreachable one raises, naming it."""
-        return [reply["max_model_len"] for reply in self._on_servers("/health", [None] * len(self.urls),
-                                                                    method="GET", timeout_s=timeout_s,
-                                                                    all_servers=True)]
+    def _check_alive(self, timeout_s: float) -> list[int]:
+        """Each server's max_model_len, from its /health; an unreachable one raises, naming it."""
+        replies = [self.pool.submit(_http, url, "/health", None, timeout_s, "GET") for url in self.urls]
+        return [f.result()["max_model_len"] for f in replies]
 
-    def _on_servers(self, path: str, bodies: list, *, method: str = "POST", timeout_s: float | None = None,
-                    all_servers: bool = False) -> list:
-        """One request per server at once (body None: none to that server, unless `all_servers`)."""
-        timeout_s = timeout_s or self.timeout_s
-        futures = [self.pool.submit(_http, url, path, body, timeout_s, method) if body is not None or all_servers
-                   else None for url, body in zip(self.urls, bodies)]
+    def _on_servers(self, path: str, bodies: list[dict | None]) -> list[dict | None]:
+        """POST bodies[i] to server i, all at once (None: nothing to that server); their replies in order."""
+        futures = [self.pool.submit(_http, url, path, body, self.timeout_s) if body is not None else None
+                   for url, body in zip(self.urls, bodies)]
         return [f.result() if f is not None else None for f in futures]
 
     def _open_channel(self) -> None:
