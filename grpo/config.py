@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from grpo.advantages import ADVANTAGE_ESTIMATORS
-from grpo.losses import AGGREGATION_MODES, DPO_LOSSES, KL_ESTIMATORS, RATIO_LEVELS
+from grpo.losses import AGGREGATION_MODES, DPO_LOSSES, IS_LEVELS, KL_ESTIMATORS, RATIO_LEVELS
 
 LOOPS = ("grpo", "ppo", "dpo", "online_dpo", "rft", "sft")
 BACKEND_NAMES = ("torch", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
@@ -219,6 +219,10 @@ class RolloutConfig:
     timeout_s: float = field(default=600.0, metadata={
         "help": "server mode: seconds a request or weight push may take before the run fails naming the server"})
 
+    max_staleness: int = field(default=0, metadata={
+        "help": "asynchronous rollout: the next steps' batches are sampled while this one trains, at most this "
+                "many policy versions old (needs algorithm.tis_cap or mis_high); 0 = synchronous"})
+
     max_turns: int = field(default=4, metadata={"help": "env: model turns per episode at most"})
     max_episode_tokens: int = field(default=256, metadata={
         "help": "env: an episode's tokens after the prompt at most, the model's and the environment's together"})
@@ -245,6 +249,7 @@ class RolloutConfig:
         _positive("rollout.sync_bucket_mb", self.sync_bucket_mb)
         _positive("rollout.block_size", self.block_size, zero_ok=True)
         _positive("rollout.max_turns", self.max_turns)
+        _positive("rollout.max_staleness", self.max_staleness, zero_ok=True)
         _positive("rollout.max_episode_tokens", self.max_episode_tokens)
         _choice("rollout.mode", self.mode, ROLLOUT_MODES)
         _positive("rollout.timeout_s", self.timeout_s)
@@ -395,6 +400,12 @@ class AlgorithmConfig:
     mask_truncated: bool = field(default=False, metadata={"help": "truncated completions get no gradient"})
     tis_cap: float = field(default=0.0, metadata={
         "help": "truncated importance sampling: loss x min(pi_trainer / pi_sampler, cap); 0 = off"})
+    tis_level: str = field(default="token", metadata={
+        "help": "TIS and MIS ratio per token, or per sequence (the product over its tokens)"})
+    mis_low: float = field(default=0.0, metadata={
+        "help": "masked importance sampling: drop tokens (sequences) whose pi_trainer / pi_sampler < mis_low"})
+    mis_high: float = field(default=0.0, metadata={
+        "help": "masked importance sampling: drop tokens (sequences) whose ratio > mis_high; 0 = MIS off"})
     ppo: PPOOptions = field(default_factory=PPOOptions)
     dpo: DPOOptions = field(default_factory=DPOOptions)
     sft: SFTOptions = field(default_factory=SFTOptions)
@@ -425,6 +436,16 @@ class AlgorithmConfig:
         _positive("algorithm.mini_batches", self.mini_batches)
         for name in ("max_resample", "tis_cap"):
             _positive(f"algorithm.{name}", getattr(self, name), zero_ok=True)
+        _choice("algorithm.tis_level", self.tis_level, IS_LEVELS)
+        if self.mis_high and not 0 <= self.mis_low < 1 < self.mis_high:
+            raise ConfigError(f"algorithm.mis_low, algorithm.mis_high: need 0 <= mis_low < 1 < mis_high, "
+                              f"got {self.mis_low}, {self.mis_high}")
+        if self.mis_low and not self.mis_high:
+            raise ConfigError("algorithm.mis_high: set it (> 1) to turn masked importance sampling on with mis_low")
+
+    def corrects_sampler(self) -> bool:
+        """Whether the loss reweights (TIS) or masks (MIS) by the trainer/sampler ratio."""
+        return self.tis_cap > 0 or self.mis_high > 0
 
     def uses_reference(self) -> bool:
         """Whether the run keeps a frozen copy of the starting policy: the KL penalty's, or DPO's reference."""
@@ -562,11 +583,32 @@ def validate_algorithm_against_run(cfg: Config) -> None:
     if cfg.env.name and a.overlong_buffer:
         raise ConfigError("algorithm.overlong_buffer: the overlong penalty is for single-turn completions; "
                           "set it to 0 with env.name")
+    validate_staleness(cfg)
     if cfg.train.prompts_per_step % a.mini_batches:
         raise ConfigError(
             f"algorithm.mini_batches: {a.mini_batches} does not divide "
             f"train.prompts_per_step={cfg.train.prompts_per_step}"
         )
+
+
+def validate_staleness(cfg: Config) -> None:
+    """What asynchronous rollout (`rollout.max_staleness` > 0) needs: the GRPO loop, an importance
+    correction for the older sampling policy, a fixed number of prompts per step, full weights to copy."""
+    n, a = cfg.rollout.max_staleness, cfg.algorithm
+    if not n:
+        return
+    if a.loop != "grpo":
+        raise ConfigError(f"rollout.max_staleness: asynchronous rollout is built for the grpo loop, "
+                          f"not algorithm.loop={a.loop}")
+    if not a.corrects_sampler():
+        raise ConfigError(f"rollout.max_staleness: a batch sampled up to {n} policy versions ago needs an importance "
+                          f"correction; set algorithm.tis_cap (e.g. 2) or algorithm.mis_low/mis_high")
+    if a.dynamic_sampling:
+        raise ConfigError("rollout.max_staleness: dynamic sampling draws a varying number of prompts per step; "
+                          "set algorithm.dynamic_sampling=false")
+    if cfg.backend.name == "deepspeed_zero3" and cfg.rollout.engine == "hf":
+        raise ConfigError("rollout.max_staleness: the hf engine's own copy of the policy needs full weights; "
+                          "ZeRO-3 shards them (use rollout=vllm, or deepspeed_zero1/2)")
 
 
 def validate_world(cfg: Config, world_size: int, num_eval_rows: int) -> None:

@@ -23,6 +23,7 @@ Where we differ from the papers:
    included, as the IPO paper writes it (TRL's ``ipo`` averages them over the completion's tokens).
 """
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -170,24 +171,64 @@ def clipped_surrogate(
     return torch.where(mask.bool(), loss, 0.0)  # [N, T]
 
 
-@torch.no_grad()
-def truncated_importance_weights(trainer_logp: Tensor, sampler_logp: Tensor, mask: Tensor, cap: float) -> Tensor:
-    """Per-token weights [N, T] that correct for the sampler not being exactly the trainer's policy.
+IS_LEVELS = ("token", "sequence")
 
-        w_t = min(exp(trainer_logp_t - sampler_logp_t), cap)        (1 on masked positions)
+
+def _sampler_log_ratio(trainer_logp: Tensor, sampler_logp: Tensor, mask: Tensor, level: str) -> Tensor:
+    """log(pi_trainer / pi_sampler) [N, T]: per token, or the sequence's sum over its masked tokens
+    broadcast to each of its positions (0 on masked positions at token level)."""
+    if level not in IS_LEVELS:
+        raise ValueError(f"unknown importance-sampling level {level!r}; known: {', '.join(IS_LEVELS)}")
+    log_ratio = torch.where(mask.bool(), trainer_logp - sampler_logp, 0.0)  # [N, T]
+    if level == "token":
+        return log_ratio
+    return log_ratio.sum(dim=1, keepdim=True).expand_as(log_ratio)  # [N, T]
+
+
+@torch.no_grad()
+def truncated_importance_weights(trainer_logp: Tensor, sampler_logp: Tensor, mask: Tensor, cap: float,
+                                 level: str = "token") -> Tensor:
+    """Weights [N, T] that correct for the sampler not being exactly the trainer's policy.
+
+        token:     w_t = min(exp(trainer_logp_t - sampler_logp_t), cap)           (1 on masked positions)
+        sequence:  w_i = min(exp(sum_t m_t (trainer_logp_t - sampler_logp_t)), cap), on each of its tokens
 
     Truncated importance sampling (TIS; Yao et al. 2025, "Your efficient RL framework secretly
-    brings you off-policy RL training"): the rollout engine (vLLM, other kernels, other precision)
-    samples from a slightly different distribution than the trainer scores, so the per-token loss
-    is reweighted by their ratio, capped at `cap` to bound the variance. ``trainer_logp`` is the
-    trainer's log-prob under the weights the samples were drawn with (the "old" policy), so the
-    weight is a constant, as in the paper; it multiplies the surrogate, not the KL penalty.
+    brings you off-policy RL training"): the rollout engine (vLLM, other kernels, other precision, or
+    an older policy under `rollout.max_staleness`) samples from a different distribution than the
+    trainer scores, so the loss is reweighted by their ratio, capped at `cap` to bound the variance.
+    The sequence level is the ratio of the whole completion's probabilities (unbiased for a
+    sequence-level objective, higher variance). ``trainer_logp`` is the trainer's log-prob under the
+    weights before this update (the "old" policy), so the weight is a constant, as in the paper; it
+    multiplies the surrogate, not the KL penalty.
     """
     if cap <= 0:
         raise ValueError(f"the TIS cap must be > 0, got {cap}")
-    keep = mask.bool()  # [N, T]
-    log_ratio = torch.where(keep, trainer_logp - sampler_logp, 0.0)  # [N, T]
-    return log_ratio.exp().clamp(max=cap)  # [N, T]
+    log_ratio = _sampler_log_ratio(trainer_logp, sampler_logp, mask, level)  # [N, T]
+    # bounded first so a long sequence's sum cannot overflow; below the bound exactly min(exp(x), cap)
+    return log_ratio.clamp(max=math.log(cap) + 1.0).exp().clamp(max=cap)  # [N, T]
+
+
+@torch.no_grad()
+def masked_importance_keep(trainer_logp: Tensor, sampler_logp: Tensor, mask: Tensor, low: float, high: float,
+                           level: str = "token") -> Tensor:
+    """1.0 where the trainer/sampler ratio lies in [low, high], else 0.0 [N, T] (masked positions: 1).
+
+        token:     keep_t = [low <= exp(trainer_logp_t - sampler_logp_t) <= high]
+        sequence:  keep_i = [low <= exp(sum_t m_t (trainer_logp_t - sampler_logp_t)) <= high], on each token
+
+    Masked importance sampling (MIS): rather than capping a far-off ratio (TIS), the token or sequence is
+    dropped from the loss, since its gradient is more likely the mismatch's than the task's (Yao et al.
+    2025's follow-up on token- and sequence-level MIS; "IcePop", Ling team 2025, masks tokens outside
+    [0.5, 5]). The caller multiplies the per-token loss by it: a dropped token still counts in the loss's
+    normaliser, as a weight of 0 would.
+    """
+    if not 0.0 <= low < 1.0 < high:
+        raise ValueError(f"need 0 <= low < 1 < high, got {low}, {high}")
+    log_ratio = _sampler_log_ratio(trainer_logp, sampler_logp, mask, level)  # [N, T]
+    lo = math.log(low) if low > 0 else -math.inf
+    keep = (log_ratio >= lo) & (log_ratio <= math.log(high))  # [N, T]
+    return (keep | ~mask.bool()).to(trainer_logp.dtype)  # [N, T]
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import os
 import random
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from grpo.evaluate import evaluate_splits
 from grpo.lora import AdapterDisabled, is_adapted
 from grpo.memory import check_fits, estimate_from_config
 from grpo.modeling import context_length, load_policy, load_train_policy, resolve_model_path, warm_start_metrics
-from grpo.rollout import RolloutEngine, WithFullWeights, build_rollout_engine
+from grpo.rollout import OnOwnCopy, RolloutEngine, WithFullWeights, build_rollout_engine
 from grpo.tracking import Tracker
 from rewards import RewardScorer, RewardSpec
 
@@ -120,9 +121,7 @@ def build_run(cfg: Config) -> Run:
                          max_new_tokens=cfg.rollout.max_new_tokens, where=cfg.task.train_file or cfg.task.name)
     backend = build_policy_backend(cfg, policy)
     ref_model = build_reference(cfg, policy, backend) if cfg.algorithm.uses_reference() else None
-    engine = build_rollout_engine(engine_name(cfg.rollout), model=policy, tokenizer=tokenizer, **engine_options(cfg))
-    if hasattr(backend, "gathered_for_rollout") and not getattr(engine, "holds_own_weights", False):
-        engine = WithFullWeights(engine, backend.gathered_for_rollout)
+    engine = build_training_engine(cfg, policy, tokenizer, backend)
     run = Run(cfg=cfg, tokenizer=tokenizer, policy=policy, ref_model=ref_model, engine=engine, backend=backend,
               scorer=scorer, eval_scorer=eval_scorer, train_rows=train_rows, eval_rows=eval_rows,
               sampler=PromptSampler(len(train_rows), seed=cfg.seed), tracker=NullTracker(), ood_rows=ood_rows,
@@ -132,6 +131,20 @@ def build_run(cfg: Config) -> Run:
     if dist.is_main():  # rank 0 writes the run's files
         run.tracker = open_run_dir(cfg, contamination, start_step=run.start_step, resumed=checkpoint is not None)
     return run
+
+
+def build_training_engine(cfg: Config, policy: torch.nn.Module, tokenizer, backend: TrainBackend) -> RolloutEngine:
+    """The rollout engine of training. Asynchronous rollout (`rollout.max_staleness` > 0) samples while the
+    trainer updates the policy, so an engine that samples from the policy module itself gets its own copy."""
+    def build(model):
+        return build_rollout_engine(engine_name(cfg.rollout), model=model, tokenizer=tokenizer, **engine_options(cfg))
+
+    engine = build(policy)
+    if cfg.rollout.max_staleness and not getattr(engine, "holds_own_weights", False):
+        return OnOwnCopy(build, policy, getattr(backend, "gathered_for_rollout", nullcontext))
+    if hasattr(backend, "gathered_for_rollout") and not getattr(engine, "holds_own_weights", False):
+        engine = WithFullWeights(engine, backend.gathered_for_rollout)
+    return engine
 
 
 def build_reference(cfg: Config, policy: torch.nn.Module, backend: TrainBackend) -> torch.nn.Module:

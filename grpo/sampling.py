@@ -112,7 +112,7 @@ def sample_groups(run, num_prompts: int) -> tuple[Groups, dict]:
         generate_s += seconds
         informative = nonzero_std_groups(fresh.rewards, G)
         if counts is None:  # [informative groups, groups] of the first round, summed over ranks
-            counts = dist.all_reduce_sum(torch.tensor([sum(informative), len(informative)]))
+            counts = group_counts(informative)
         if algo.dynamic_sampling:
             fresh = fresh.keep(informative, G)
         if groups is None:
@@ -136,8 +136,18 @@ def sample_groups(run, num_prompts: int) -> tuple[Groups, dict]:
 def sample_and_score(run, num_prompts: int, tally: ScoringTally) -> tuple[Groups, float]:
     """One round: this rank's share of the next `num_prompts` prompts, G completions each, scored
     (the overlong penalty added); returns the groups and the generation time."""
+    return score_rows(run, draw_rows(run.train_rows, run.sampler, num_prompts), tally)
+
+
+def draw_rows(train_rows: list[dict], sampler, num_prompts: int) -> list[dict]:
+    """This rank's share of the next `num_prompts` prompts of `sampler`'s order (the same on every rank)."""
+    return [train_rows[i] for i in dist.shard(sampler.next_indices(num_prompts))]
+
+
+def score_rows(run, rows: list[dict], tally: ScoringTally) -> tuple[Groups, float]:
+    """G completions of each of `rows`, scored (the overlong penalty added; the scoring counted in
+    `tally`); returns the groups and the generation time. No collective: it may run on a rollout thread."""
     G = run.cfg.algorithm.group_size
-    rows = [run.train_rows[i] for i in dist.shard(run.sampler.next_indices(num_prompts))]
     if run.make_env is None:
         out = run.engine.generate([r["prompt"] for r in rows], G)
     else:  # multi-turn episodes; the task's rewards score each episode's last model turn
@@ -174,6 +184,11 @@ def add_overlong_penalty(rewards: list[float | None], lengths: list[int], algo: 
         return rewards
     ramp = overlong_penalty(lengths, max_new_tokens, algo.overlong_buffer)
     return [None if r is None else r + algo.overlong_penalty * p for r, p in zip(rewards, ramp)]
+
+
+def group_counts(informative: list[bool]) -> torch.Tensor:
+    """[groups with a reward signal, groups], summed over ranks (`train/zero_std_frac` is 1 - their ratio)."""
+    return dist.all_reduce_sum(torch.tensor([sum(informative), len(informative)]))
 
 
 def nonzero_std_groups(rewards: list[float | None], group_size: int) -> list[bool]:

@@ -18,6 +18,9 @@ Where this departs from GRPO as published (DeepSeekMath, Shao et al. 2024):
 4. A sample whose reward is None counts neither in its group's baseline nor in the loss.
 5. With an environment (`env=...`), a sample is a whole multi-turn episode (`grpo.rollout.episodes`): the
    group baseline is over the G episodes of a prompt, and the environment's tokens get no gradient.
+6. With `rollout.max_staleness` = N > 0 (asynchronous rollout, `grpo.pipeline`) the batch was sampled by a
+   policy up to N updates old, while the previous step trained; the loss's importance correction
+   (`algorithm.tis_cap`, `mis_low`/`mis_high`) takes the sampler's log-probs as the behaviour policy.
 
 Data parallel (several ranks, `grpo.distributed`): each rank samples and scores its own share
 of the step's prompts (a group never straddles ranks); the scored groups are gathered so that
@@ -28,6 +31,9 @@ sequence counts, so the summed gradient is the one-rank gradient of the whole ba
 
 from __future__ import annotations
 
+import time
+from functools import partial
+
 import torch
 
 from grpo import distributed as dist
@@ -36,6 +42,7 @@ from grpo.batch import RolloutBatch, layout_batch
 from grpo.config import completion_budget
 from grpo.faults import crash_point
 from grpo.loop import StepResult, no_signal_reason, replica_check, run_loop
+from grpo.pipeline import RolloutPipeline
 from grpo.run import Run
 from grpo.sampling import Groups, gather_groups, reward_stats, rollout_metrics, sample_groups
 from grpo.update import score_logprobs, update_policy
@@ -44,16 +51,27 @@ ALL_MASKED = "every completion token is masked (truncated under algorithm.mask_t
 
 
 def train(run: Run) -> list[dict]:
-    """GRPO steps from `run.start_step + 1` to `train.max_steps`; returns the logged metrics."""
-    return run_loop(run, train_step)
+    """GRPO steps from `run.start_step + 1` to `train.max_steps`; returns the logged metrics. With
+    `rollout.max_staleness` > 0 the batches are sampled ahead on a rollout thread (`grpo.pipeline`)."""
+    if not run.cfg.rollout.max_staleness:
+        return run_loop(run, train_step)
+    pipeline = RolloutPipeline(run)
+    try:
+        return run_loop(run, partial(train_step, pipeline=pipeline))
+    finally:
+        pipeline.close()
 
 
-def train_step(run: Run, step: int) -> StepResult:
-    """One GRPO step on a fresh rollout batch: its metrics, the whole step's groups (every rank's)
-    and, when it made no update, why. Evaluation, logging and checkpoints are the loop's."""
+def train_step(run: Run, step: int, pipeline: RolloutPipeline | None = None) -> StepResult:
+    """One GRPO step on a fresh rollout batch (or, with a `pipeline`, the batch sampled ahead for this
+    step): its metrics, the whole step's groups (every rank's) and, when it made no update, why.
+    Evaluation, logging and checkpoints are the loop's."""
     cfg, algo = run.cfg, run.cfg.algorithm
     # 1-2. sample G completions per prompt and score them (each rank its share of the prompts)
-    groups, metrics = sample_groups(run, cfg.train.prompts_per_step)
+    if pipeline is None:
+        groups, metrics = sample_groups(run, cfg.train.prompts_per_step)
+    else:
+        groups, metrics = pipeline.take(step)
     everyone, offset = gather_groups(groups)
     metrics |= reward_stats(everyone)
     skipped = no_signal_reason(run, offset >= 0, metrics["train/reward_masked_frac"], step)
@@ -66,12 +84,17 @@ def train_step(run: Run, step: int) -> StepResult:
     add_old_and_reference_logprobs(run, batch)
     # 4. clipped surrogate loss, backward, optimiser steps (gradients summed over ranks; a step whose
     #    loss or gradient is not finite is skipped)
+    start = time.perf_counter()
     metrics |= update_policy(run.backend, batch, algo, temperature=cfg.rollout.temperature,
                              micro_batch_tokens=cfg.backend.micro_batch_tokens,
                              max_new_tokens=completion_budget(cfg))
+    metrics["time/update_s"] = time.perf_counter() - start
     crash_point("mid_step", step)
-    # 5. the rollout engine samples from the new weights next step
-    metrics["time/weight_sync_s"] = run.engine.sync_weights(run.policy)
+    # 5. the rollout engine samples from the new weights next step (asynchronous: the batches queued after it)
+    if pipeline is None:
+        metrics["time/weight_sync_s"] = run.engine.sync_weights(run.policy)
+    else:
+        metrics |= pipeline.sync_weights(run.policy)
     metrics |= replica_check(run, step)
     metrics |= rollout_metrics(everyone, valid)
     return StepResult(metrics, everyone)

@@ -14,18 +14,27 @@ from grpo import distributed as dist
 from grpo.batch import RolloutBatch
 from grpo.config import AlgorithmConfig
 from grpo.logprobs import sequence_logprobs, token_budget_batches
-from grpo.losses import aggregate, clip_fraction, clipped_surrogate, kl_divergence, truncated_importance_weights
+from grpo.losses import (
+    aggregate,
+    clip_fraction,
+    clipped_surrogate,
+    kl_divergence,
+    masked_importance_keep,
+    truncated_importance_weights,
+)
 
 # What one optimiser step adds up over its micro-batches (summed over ranks before use).
-STEP_SUMS = ("loss", "entropy", "kl", "clipped_tokens", "sampler_abs_diff", "sampler_tokens", "sampler_kl")
+STEP_SUMS = ("loss", "entropy", "kl", "clipped_tokens", "sampler_abs_diff", "sampler_tokens", "sampler_kl",
+             "is_weight", "mis_masked")
 
 
 def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temperature: float,
                   micro_batch_tokens: int, max_new_tokens: int) -> dict:
     """`algo.epochs` passes over the batch, `algo.mini_batches` optimiser steps each; returns metrics
     (`train/*` averaged over the optimiser steps taken, `optim/*`, `rollout/*` sampler vs trainer)."""
-    if algo.tis_cap > 0 and batch.sampler_logprobs is None:
-        raise ValueError("algorithm.tis_cap: the rollout engine returned no sampler log-probs to correct by")
+    if algo.corrects_sampler() and batch.sampler_logprobs is None:
+        raise ValueError("algorithm.tis_cap, algorithm.mis_high: the rollout engine returned no sampler log-probs "
+                         "to correct by")
     steps = []  # one dict per optimiser step taken
     for epoch in range(algo.epochs):
         for rows in mini_batch_rows(len(batch), algo.mini_batches):
@@ -77,9 +86,12 @@ def micro_batch_loss(model, micro: RolloutBatch, algo: AlgorithmConfig, *, weigh
     old = micro.old_logprobs if micro.old_logprobs is not None else logp.detach()  # [n, T-1]
     per_token = clipped_surrogate(logp, old, micro.advantages, mask, algo.clip_low, algo.clip_high, algo.ratio_level,
                                   algo.dual_clip)  # [n, T-1]
-    if algo.tis_cap > 0:  # the sampler is not exactly the trainer's policy: reweight by their ratio
-        per_token = per_token * truncated_importance_weights(old, micro.sampler_logprobs, mask, algo.tis_cap)
     sums = {"kl": 0.0}
+    if algo.corrects_sampler():  # the sampler is not exactly the trainer's policy: reweight or mask by their ratio
+        weights, keep = sampler_correction(old, micro.sampler_logprobs, mask, algo)  # [n, T-1] each
+        per_token = per_token * weights * keep
+        sums["is_weight"] = float((weights * keep * mask).sum())
+        sums["mis_masked"] = float(((1 - keep) * mask).sum())
     if algo.beta > 0:
         kl = kl_divergence(logp, micro.ref_logprobs, algo.kl_estimator)  # [n, T-1]
         per_token = per_token + algo.beta * kl
@@ -98,6 +110,18 @@ def micro_batch_loss(model, micro: RolloutBatch, algo: AlgorithmConfig, *, weigh
                               torch.where(mask.bool(), old, 0.0), "k3")  # [n, T-1]
         sums["sampler_kl"] = float((kl_st * mask).sum())
     return loss, sums
+
+
+def sampler_correction(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
+                       algo: AlgorithmConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The surrogate's per-token factors [n, T-1]: the TIS weight (`tis_cap` > 0, else 1) and the MIS keep
+    mask (`mis_high` > 0, else 1), both at `tis_level`."""
+    weights, keep = torch.ones_like(trainer_logp), torch.ones_like(trainer_logp)  # [n, T-1] each
+    if algo.tis_cap > 0:
+        weights = truncated_importance_weights(trainer_logp, sampler_logp, mask, algo.tis_cap, algo.tis_level)
+    if algo.mis_high > 0:
+        keep = masked_importance_keep(trainer_logp, sampler_logp, mask, algo.mis_low, algo.mis_high, algo.tis_level)
+    return weights, keep
 
 
 def update_metrics(steps: list[dict], algo: AlgorithmConfig, backend) -> dict:
@@ -120,6 +144,10 @@ def update_metrics(steps: list[dict], algo: AlgorithmConfig, backend) -> dict:
     if sampler_tokens:
         out["rollout/logprob_abs_diff"] = sum(s["sampler_abs_diff"] for s in steps) / sampler_tokens
         out["rollout/sampler_kl"] = sum(s["sampler_kl"] for s in steps) / sampler_tokens
+    tokens = max(sum(s["tokens"] for s in steps), 1.0)
+    if algo.corrects_sampler():  # over every optimiser step's tokens
+        out["rollout/is_weight_mean"] = sum(s["is_weight"] for s in steps) / tokens
+        out["rollout/mis_masked_frac"] = sum(s["mis_masked"] for s in steps) / tokens
     return out
 
 

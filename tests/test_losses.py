@@ -10,6 +10,8 @@ from grpo.losses import (
     clip_fraction,
     clipped_surrogate,
     kl_divergence,
+    masked_importance_keep,
+    truncated_importance_weights,
 )
 
 ATOL = 1e-6
@@ -261,3 +263,40 @@ def test_an_exploded_ratio_on_a_negative_advantage_token_gives_a_finite_loss():
     assert torch.isfinite(logp.grad).all()
     seq = clipped_surrogate(logp, old, adv, mask, 0.2, 0.2, "sequence")  # log s = (200 + 0) / 2 = 100 -> 10
     torch.testing.assert_close(seq[0], torch.full((2,), math.exp(SEQ_LOG_RATIO_MAX)), rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------- sampler corrections (TIS, MIS)
+
+# trainer - sampler log-ratios: row 0 ratios 2, 2 and a masked position (ratio 3, ignored); row 1 ratios 0.5, 1.5, 1
+IS_TRAINER = torch.tensor([[LOG(2.0), LOG(2.0), LOG(3.0)], [LOG(0.5), LOG(1.5), 0.0]])
+IS_SAMPLER = torch.zeros(2, 3)
+IS_MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+
+
+def test_tis_weights_per_token_and_per_sequence_by_hand():
+    # token, cap 3: min(ratio, 3) per token, 1 on the masked position
+    close(truncated_importance_weights(IS_TRAINER, IS_SAMPLER, IS_MASK, 3.0, "token"),
+          [[2.0, 2.0, 1.0], [0.5, 1.5, 1.0]])
+    # sequence, cap 3: row 0: 2 * 2 = 4 (the masked 3 left out) -> 3; row 1: 0.5 * 1.5 * 1 = 0.75, on every position
+    close(truncated_importance_weights(IS_TRAINER, IS_SAMPLER, IS_MASK, 3.0, "sequence"),
+          [[3.0, 3.0, 3.0], [0.75, 0.75, 0.75]])
+    # a 200-token sequence of ratio e per token: e^200 overflows float32 unless bounded first; capped at 2
+    long = torch.ones(1, 200)
+    close(truncated_importance_weights(long, torch.zeros(1, 200), long, 2.0, "sequence"), torch.full((1, 200), 2.0))
+    with pytest.raises(ValueError, match="level"):
+        truncated_importance_weights(IS_TRAINER, IS_SAMPLER, IS_MASK, 3.0, "group")
+
+
+def test_mis_keeps_ratios_inside_the_range_by_hand():
+    # token, [0.6, 1.8]: row 0's 2, 2 dropped (the masked position stays 1); row 1: 0.5 dropped, 1.5 and 1 kept
+    close(masked_importance_keep(IS_TRAINER, IS_SAMPLER, IS_MASK, 0.6, 1.8, "token"),
+          [[0.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    # sequence, [0.6, 1.8]: row 0's 4 out (its tokens dropped), row 1's 0.75 in (all kept)
+    close(masked_importance_keep(IS_TRAINER, IS_SAMPLER, IS_MASK, 0.6, 1.8, "sequence"),
+          [[0.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    # the bounds are inclusive: [0.5, 2] keeps every token; low = 0 has no lower bound
+    close(masked_importance_keep(IS_TRAINER, IS_SAMPLER, IS_MASK, 0.5, 2.0, "token"), torch.ones(2, 3))
+    close(masked_importance_keep(IS_TRAINER, IS_SAMPLER, IS_MASK, 0.0, 1.8, "token"),
+          [[0.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    with pytest.raises(ValueError, match="low"):
+        masked_importance_keep(IS_TRAINER, IS_SAMPLER, IS_MASK, 1.2, 1.8)

@@ -29,7 +29,7 @@ def test_tis_weights_hand_values():
         truncated_importance_weights(trainer, sampler, mask, cap=0.0)
 
 
-def _one_update(tiny_random_dir, *, sampler_shift: float, tis_cap: float) -> dict:
+def _one_update(tiny_random_dir, *, sampler_shift: float, tis_cap: float, **algo) -> dict:
     """One on-policy GRPO update where the sampler's log-probs are the trainer's minus `sampler_shift`."""
     from grpo.backends.torch_backend import TorchBackend
 
@@ -38,7 +38,7 @@ def _one_update(tiny_random_dir, *, sampler_shift: float, tis_cap: float) -> dic
     batch.advantages = torch.tensor([1.0, -0.5])
     trainer = score_logprobs(model, batch, temperature=1.0, micro_batch_tokens=1000)  # [2, T-1]
     batch.sampler_logprobs = (trainer - sampler_shift) * batch.completion_mask  # 0 on padding, as the layout has it
-    return update_policy(TorchBackend(model, lr=1e-3), batch, AlgorithmConfig(group_size=2, tis_cap=tis_cap),
+    return update_policy(TorchBackend(model, lr=1e-3), batch, AlgorithmConfig(group_size=2, tis_cap=tis_cap, **algo),
                          temperature=1.0, micro_batch_tokens=1000, max_new_tokens=8)
 
 
@@ -57,6 +57,24 @@ def test_tis_scales_the_on_policy_loss_by_the_capped_ratio(tiny_random_dir, shif
     assert out["rollout/logprob_abs_diff"] == pytest.approx(LN2, abs=1e-6)
     d = shift
     assert out["rollout/sampler_kl"] == pytest.approx(math.exp(d) - d - 1, abs=1e-6)
+
+
+@pytest.mark.parametrize("shift, algo, loss, weight_mean, masked_frac", [
+    # sequence TIS, cap 10: trainer/sampler = 2 per token; sequence 0 (3 tokens, A=1) weight 2^3 = 8, sequence 1
+    # (2 tokens, A=-0.5) weight 2^2 = 4: loss (3 * -1 * 8 + 2 * 0.5 * 4) / 5 = -4, mean weight (3*8 + 2*4) / 5 = 6.4
+    (LN2, dict(tis_cap=10.0, tis_level="sequence"), -4.0, 6.4, 0.0),
+    # token MIS [0, 1.5]: every ratio is 2: every token dropped, loss 0
+    (LN2, dict(mis_high=1.5), 0.0, 0.0, 1.0),
+    # token MIS [0.4, 1.5]: ratio 0.5 kept: the on-policy loss -0.4, weight 1
+    (-LN2, dict(mis_low=0.4, mis_high=1.5), -0.4, 1.0, 0.0),
+    # sequence MIS [0.2, 3]: sequence 0's 0.5^3 = 0.125 dropped, sequence 1's 0.25 kept: (2 * 0.5) / 5 = 0.2
+    (-LN2, dict(mis_low=0.2, mis_high=3.0, tis_level="sequence"), 0.2, 0.4, 0.6),
+])
+def test_sequence_tis_and_mis_through_the_update(tiny_random_dir, shift, algo, loss, weight_mean, masked_frac):
+    out = _one_update(tiny_random_dir, sampler_shift=shift, tis_cap=algo.pop("tis_cap", 0.0), **algo)
+    assert out["train/loss"] == pytest.approx(loss, abs=1e-5)
+    assert out["rollout/is_weight_mean"] == pytest.approx(weight_mean, abs=1e-5)
+    assert out["rollout/mis_masked_frac"] == pytest.approx(masked_frac, abs=1e-6)
 
 
 def test_tis_needs_the_samplers_logprobs(tiny_random_dir):

@@ -7,9 +7,14 @@ without inheriting). Engines are named by string and imported only when chosen, 
 
 from __future__ import annotations
 
+import copy
 import importlib
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
+
+import torch
 
 
 @dataclass
@@ -96,3 +101,30 @@ class WithFullWeights:
     def sync_weights(self, model) -> float:
         with self.context():
             return self.engine.sync_weights(model)
+
+
+class OnOwnCopy:
+    """A rollout engine that samples from its own copy of the policy module, for asynchronous rollout
+    (`rollout.max_staleness`): the trainer updates the policy while the engine samples from the copy, and
+    `sync_weights` copies the trainer's weights into it (inside `gather()`, e.g. ZeRO's full-weight context).
+    Engines that hold their own weights (vLLM) need no copy. The copy costs one more policy's memory."""
+
+    holds_own_weights = True
+
+    def __init__(self, build_engine, model: torch.nn.Module, gather=nullcontext):
+        self.copy = copy.deepcopy(model).eval().requires_grad_(False)
+        self.engine, self.gather = build_engine(self.copy), gather
+
+    def generate(self, prompts: list[str], n: int, *, greedy: bool = False) -> Completions:
+        return self.engine.generate(prompts, n, greedy=greedy)
+
+    def generate_from_ids(self, prompt_ids: list[list[int]], n: int, *, greedy: bool = False,
+                          max_new_tokens: int | None = None) -> Completions:
+        return self.engine.generate_from_ids(prompt_ids, n, greedy=greedy, max_new_tokens=max_new_tokens)
+
+    @torch.no_grad()
+    def sync_weights(self, model) -> float:
+        start = time.perf_counter()
+        with self.gather():
+            self.copy.load_state_dict(model.state_dict())
+        return time.perf_counter() - start
