@@ -606,6 +606,9 @@ def validate_staleness(cfg: Config) -> None:
     if a.dynamic_sampling:
         raise ConfigError("rollout.max_staleness: dynamic sampling draws a varying number of prompts per step; "
                           "set algorithm.dynamic_sampling=false")
+    if cfg.rollout.engine == "vllm" and cfg.rollout.enable_sleep_mode:
+        raise ConfigError("rollout.enable_sleep_mode: asynchronous rollout samples while the policy updates, so the "
+                          "engine cannot sleep then; set rollout.enable_sleep_mode=false")
     if cfg.backend.name == "deepspeed_zero3" and cfg.rollout.engine == "hf":
         raise ConfigError("rollout.max_staleness: the hf engine's own copy of the policy needs full weights; "
                           "ZeRO-3 shards them (use rollout=vllm, or deepspeed_zero1/2)")

@@ -47,7 +47,13 @@ def test_async_needs_a_correction_and_fixed_prompt_counts():
         compose(["rollout.max_staleness=1", "algorithm.tis_cap=2", "algorithm.dynamic_sampling=true"])
     with pytest.raises(ConfigError, match="rollout.max_staleness"):
         compose(["rollout.max_staleness=-1"])
+    with pytest.raises(ConfigError, match="rollout.enable_sleep_mode"):  # vLLM would sleep through the update
+        compose(["rollout=vllm", "rollout.max_staleness=1", "algorithm.tis_cap=2"])
     assert compose(["rollout.max_staleness=1", "algorithm.mis_high=2"]).rollout.max_staleness == 1
+    with pytest.raises(ConfigError, match="algorithm.mis_low, algorithm.mis_high"):
+        compose(["algorithm.mis_low=0.5", "algorithm.mis_high=0.9"])
+    with pytest.raises(ConfigError, match="algorithm.tis_level"):
+        compose(["algorithm.tis_level=group"])
 
 
 @pytest.mark.slow
