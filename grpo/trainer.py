@@ -81,10 +81,10 @@ def train_step(run: Run, step: int, pipeline: RolloutPipeline | None = None) -> 
     batch, valid = advantage_batch(run, groups, everyone, offset)
     if float(dist.all_reduce_sum(batch.completion_mask.sum())) == 0:  # on every rank: a no-op, not a fault
         return StepResult(metrics, everyone, ALL_MASKED)
+    start = time.perf_counter()  # the training phase: what asynchronous rollout overlaps with generation
     add_old_and_reference_logprobs(run, batch)
     # 4. clipped surrogate loss, backward, optimiser steps (gradients summed over ranks; a step whose
     #    loss or gradient is not finite is skipped)
-    start = time.perf_counter()
     metrics |= update_policy(run.backend, batch, algo, temperature=cfg.rollout.temperature,
                              micro_batch_tokens=cfg.backend.micro_batch_tokens,
                              max_new_tokens=completion_budget(cfg))
