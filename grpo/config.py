@@ -17,6 +17,7 @@ from omegaconf import MISSING, OmegaConf
 
 from grpo.advantages import ADVANTAGE_ESTIMATORS
 from grpo.losses import AGGREGATION_MODES, DPO_LOSSES, IS_LEVELS, KL_ESTIMATORS, RATIO_LEVELS
+from grpo.packing import PACKINGS
 
 LOOPS = ("grpo", "ppo", "dpo", "online_dpo", "rft", "sft")
 BACKEND_NAMES = ("torch", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
@@ -282,6 +283,8 @@ class EnvConfig:
 class BackendConfig:
     name: str = field(default="torch", metadata={"help": "torch, ddp or deepspeed_zero{1,2,3}"})
     micro_batch_tokens: int = field(default=16384, metadata={"help": "token budget of one forward/backward"})
+    packing: str = field(default="padded", metadata={
+        "help": "log-prob forward layout: padded, sequences (padding-free) or groups (one prompt forward each)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     offload_optimizer: bool = field(default=False, metadata={"help": "deepspeed: optimiser states and step on the CPU"})
     offload_params: bool = field(default=False, metadata={"help": "deepspeed_zero3: parameters live on the CPU"})
@@ -295,6 +298,7 @@ class BackendConfig:
         """A known backend; offloading only where that backend offers it."""
         _choice("backend.name", self.name, BACKEND_NAMES)
         _positive("backend.micro_batch_tokens", self.micro_batch_tokens)
+        _choice("backend.packing", self.packing, PACKINGS)
         _positive("backend.timeout_s", self.timeout_s)
         _positive("backend.check_replicas_every", self.check_replicas_every, zero_ok=True)
         _positive("backend.gpu_memory_gb", self.gpu_memory_gb, zero_ok=True)

@@ -24,12 +24,17 @@ Conventions, shared by both functions here:
   each new token gets the previous position + 1), so the trainer scores a completion at the
   positions the sampler produced it at. The two differ only at padding that follows real tokens
   (0 there, the last position here), which is masked out and cannot affect earlier tokens.
+- `packing="sequences"` or `"groups"` (`backend.packing`, `grpo.packing`) forwards a padding-free
+  layout of the same rows and scatters its log-probs back into these columns; only columns that
+  score a real token after column `logits_to_keep_from` are computed, the rest are zeros.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from grpo.packing import MASK_ATTENTION, pack
 
 # Logits elements per chunk: 64 MiB in float32. Above 32 MiB on purpose: glibc's malloc serves
 # blocks over 32 MiB (its largest mmap threshold) by mmap and returns them to the system on free,
@@ -68,6 +73,7 @@ def sequence_logprobs(
     chunk_size: int | None = None,
     with_entropy: bool = False,
     logits_to_keep_from: int = 0,
+    packing: str = "padded",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and optionally entropy) of `input_ids[:, 1:]`, chunked over positions.
 
@@ -78,17 +84,26 @@ def sequence_logprobs(
     checkpointed, so backward also holds one chunk's logits at a time.
 
     Returns `(logprobs [B, T-1], entropy [B, T-1] or None)`, float32, zeros before column
-    `logits_to_keep_from`. See the module docstring for the conventions.
+    `logits_to_keep_from`. See the module docstring for the conventions. With `packing` other than
+    `padded`, the rows are forwarded in that padding-free layout (`grpo.packing`; positions are its own).
     """
     _check_args(input_ids, attention_mask, temperature, logits_to_keep_from)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     _check_plain_head(model)
+    backbone = _backbone(model)
+    head = model.get_output_embeddings()
+    if chunk_size is None:
+        chunk_size = max(1, LOGITS_CHUNK_ELEMENTS // head.weight.shape[0])
+    if packing != "padded":
+        if position_ids is not None:
+            raise ValueError(f"packing={packing!r} lays out its own position ids: pass position_ids=None")
+        return _packed_logprobs(model, backbone, head, input_ids, attention_mask, packing, temperature=temperature,
+                                chunk_size=chunk_size, with_entropy=with_entropy,
+                                logits_to_keep_from=logits_to_keep_from)
     if position_ids is None:
         position_ids = _position_ids(attention_mask)
 
-    backbone = _backbone(model)
-    head = model.get_output_embeddings()
     hidden = backbone(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state  # [B, T, H]
@@ -97,13 +112,49 @@ def sequence_logprobs(
     k = logits_to_keep_from
     rows = hidden[:, k : T - 1].reshape(-1, hidden.shape[-1])  # [B*L, H], L = T-1-k
     targets = input_ids[:, k + 1 :].reshape(-1)  # [B*L]
-
-    if chunk_size is None:
-        chunk_size = max(1, LOGITS_CHUNK_ELEMENTS // head.weight.shape[0])
     lp_chunks, ent_chunks = _score_in_chunks(head, rows, targets, temperature, with_entropy, chunk_size)
     logprobs = _left_zeros(_cat_rows(lp_chunks, rows).view(B, T - 1 - k), k)  # [B, T-1]
     entropy = _left_zeros(_cat_rows(ent_chunks, rows).view(B, T - 1 - k), k) if with_entropy else None
     return logprobs, entropy
+
+
+def _packed_logprobs(model, backbone, head, input_ids, attention_mask, packing: str, *, temperature: float,
+                     chunk_size: int, with_entropy: bool, logits_to_keep_from: int):
+    """`sequence_logprobs` through a packed layout: one backbone forward over the packed rows, the head
+    on the scored positions only, the results scattered into the padded `[B, T-1]` columns."""
+    impl = _attention_implementation(model, packing)
+    packed = pack(input_ids, attention_mask, logits_to_keep_from + 1, packing, one_row="flash" in impl)
+    mask = packed.attention_mask  # [R, 1, W, W] bool (groups) or None: boundaries from the position ids
+    if mask is not None and impl == "eager":  # eager adds the mask to its scores
+        dtype = head.weight.dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    hidden = backbone(
+        input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, use_cache=False
+    ).last_hidden_state  # [R, W, H]
+    rows = hidden.reshape(-1, hidden.shape[-1])[packed.source]  # [M, H]
+    lp_chunks, ent_chunks = _score_in_chunks(head, rows, packed.targets, temperature, with_entropy, chunk_size)
+    B, T = input_ids.shape
+
+    def scatter(values):  # [M] -> [B, T-1], zeros where nothing was scored
+        return values.new_zeros(B * (T - 1)).index_copy(0, packed.dest, values).view(B, T - 1)
+
+    return scatter(_cat_rows(lp_chunks, rows)), scatter(_cat_rows(ent_chunks, rows)) if with_entropy else None
+
+
+def _attention_implementation(model: nn.Module, packing: str) -> str:
+    """The model's attention implementation, refused where `packing` cannot isolate its sequences."""
+    config = model.config
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or ())
+    if packing == "groups" and (impl not in MASK_ATTENTION or sliding):
+        raise ValueError(
+            f"backend.packing=groups needs a custom 4D attention mask, which attention implementation {impl!r} "
+            f"(or sliding-window layers) cannot take; use backend.packing=sequences or padded"
+        )
+    if packing == "sequences" and impl not in (*MASK_ATTENTION, "flex_attention") and "flash" not in impl:
+        raise ValueError(f"backend.packing=sequences: attention implementation {impl!r} is not known to separate "
+                         f"packed sequences by their position ids; use backend.packing=padded")
+    return impl
 
 
 def naive_sequence_logprobs(

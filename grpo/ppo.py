@@ -38,6 +38,7 @@ Where this departs from PPO-RLHF as published (Ouyang et al. 2022; Stiennon et a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import torch
@@ -122,8 +123,10 @@ class PPO:
         T, mbt = cfg.rollout.temperature, cfg.backend.micro_batch_tokens
         mask = batch.completion_mask  # [N, T-1]
         # 3. per-token rewards: the score at the end, the KL to the reference on every token
-        batch.old_logprobs = score_logprobs(run.backend.model, batch, temperature=T, micro_batch_tokens=mbt)
-        ref = score_logprobs(run.ref_model, batch, temperature=T, micro_batch_tokens=mbt) if algo.beta > 0 else None
+        score = functools.partial(score_logprobs, batch=batch, temperature=T, micro_batch_tokens=mbt,
+                                  packing=cfg.backend.packing)
+        batch.old_logprobs = score(run.backend.model)
+        ref = score(run.ref_model) if algo.beta > 0 else None
         rewards = token_rewards(scores, mask, batch.old_logprobs, ref, algo.beta)  # [N, T-1]
         # 4. critic values and GAE
         values = self.values(batch, mbt)  # [N, T-1]
@@ -132,7 +135,8 @@ class PPO:
         # 5. policy step on the clipped surrogate (the KL is in the reward, not the loss), critic step on
         #    the clipped value loss
         metrics = update_policy(run.backend, batch, dataclasses.replace(algo, beta=0.0), temperature=T,
-                                micro_batch_tokens=mbt, max_new_tokens=cfg.rollout.max_new_tokens)
+                                micro_batch_tokens=mbt, max_new_tokens=cfg.rollout.max_new_tokens,
+                                packing=cfg.backend.packing)
         metrics |= update_critic(self.critic_backend, batch, values, returns, epochs=algo.epochs,
                                  mini_batches=algo.mini_batches, clip=algo.ppo.value_clip, micro_batch_tokens=mbt)
         sums = [mask.sum(), (values * mask).sum()]

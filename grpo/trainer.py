@@ -87,7 +87,7 @@ def train_step(run: Run, step: int, pipeline: RolloutPipeline | None = None) -> 
     #    loss or gradient is not finite is skipped)
     metrics |= update_policy(run.backend, batch, algo, temperature=cfg.rollout.temperature,
                              micro_batch_tokens=cfg.backend.micro_batch_tokens,
-                             max_new_tokens=completion_budget(cfg))
+                             max_new_tokens=completion_budget(cfg), packing=cfg.backend.packing)
     metrics["time/update_s"] = time.perf_counter() - start
     crash_point("mid_step", step)
     # 5. the rollout engine samples from the new weights next step (asynchronous: the batches queued after it)
@@ -125,6 +125,8 @@ def add_old_and_reference_logprobs(run: Run, batch: RolloutBatch) -> None:
     cfg, algo = run.cfg, run.cfg.algorithm
     T, budget = cfg.rollout.temperature, cfg.backend.micro_batch_tokens
     if algo.epochs * algo.mini_batches > 1:
-        batch.old_logprobs = score_logprobs(run.backend.model, batch, temperature=T, micro_batch_tokens=budget)
+        batch.old_logprobs = score_logprobs(run.backend.model, batch, temperature=T, micro_batch_tokens=budget,
+                                            packing=cfg.backend.packing)
     if algo.beta > 0:
-        batch.ref_logprobs = score_logprobs(run.ref_model, batch, temperature=T, micro_batch_tokens=budget)
+        batch.ref_logprobs = score_logprobs(run.ref_model, batch, temperature=T, micro_batch_tokens=budget,
+                                            packing=cfg.backend.packing)

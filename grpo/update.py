@@ -1,9 +1,11 @@
 """The policy update: `epochs` passes over a rollout batch, `mini_batches` optimiser steps each.
 
 Each optimiser step accumulates the gradient of its mini-batch over micro-batches that fit a token
-budget (`backend.micro_batch_tokens`). Every micro-batch's loss is normalised by its mini-batch's
-total token and sequence counts, summed over all ranks, so the accumulated gradient, summed over
-ranks, equals that of the whole mini-batch in one piece on one rank.
+budget (`backend.micro_batch_tokens`), forwarded in the layout `backend.packing` names (`grpo.packing`:
+padded rows, packed sequences, or one row per prompt group; log-probs come back in the padded layout).
+Every micro-batch's loss is normalised by its mini-batch's total token and sequence counts, summed
+over all ranks, so the accumulated gradient, summed over ranks, equals that of the whole mini-batch
+in one piece on one rank.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from grpo.losses import (
     masked_importance_keep,
     truncated_importance_weights,
 )
+from grpo.packing import plan_micro_batches
 
 # What one optimiser step adds up over its micro-batches (summed over ranks before use).
 STEP_SUMS = ("loss", "entropy", "kl", "clipped_tokens", "sampler_abs_diff", "sampler_tokens", "sampler_kl",
@@ -29,9 +32,10 @@ STEP_SUMS = ("loss", "entropy", "kl", "clipped_tokens", "sampler_abs_diff", "sam
 
 
 def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temperature: float,
-                  micro_batch_tokens: int, max_new_tokens: int) -> dict:
+                  micro_batch_tokens: int, max_new_tokens: int, packing: str = "padded") -> dict:
     """`algo.epochs` passes over the batch, `algo.mini_batches` optimiser steps each; returns metrics
-    (`train/*` averaged over the optimiser steps taken, `optim/*`, `rollout/*` sampler vs trainer)."""
+    (`train/*` averaged over the optimiser steps taken, `optim/*`, `rollout/*` sampler vs trainer).
+    `packing`: the log-prob forward's layout (`backend.packing`)."""
     if algo.corrects_sampler() and batch.sampler_logprobs is None:
         raise ValueError("algorithm.tis_cap, algorithm.mis_high: the rollout engine returned no sampler log-probs "
                          "to correct by")
@@ -39,14 +43,16 @@ def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temper
     for epoch in range(algo.epochs):
         for rows in mini_batch_rows(len(batch), algo.mini_batches):
             step = optimiser_step(backend, batch, rows, algo, temperature=temperature, first_epoch=epoch == 0,
-                                  micro_batch_tokens=micro_batch_tokens, max_new_tokens=max_new_tokens)
+                                  micro_batch_tokens=micro_batch_tokens, max_new_tokens=max_new_tokens,
+                                  packing=packing)
             if step is not None:
                 steps.append(step)
     return update_metrics(steps, algo, backend)
 
 
 def optimiser_step(backend, batch: RolloutBatch, rows: list[int], algo: AlgorithmConfig, *, temperature: float,
-                   first_epoch: bool, micro_batch_tokens: int, max_new_tokens: int) -> dict | None:
+                   first_epoch: bool, micro_batch_tokens: int, max_new_tokens: int,
+                   packing: str = "padded") -> dict | None:
     """One optimiser step on the mini-batch `rows` (this rank's; may be empty); None when every token of
     the mini-batch is masked on every rank (nothing to learn: no step)."""
     mini = batch.select(rows) if rows else None
@@ -54,15 +60,14 @@ def optimiser_step(backend, batch: RolloutBatch, rows: list[int], algo: Algorith
     num_tokens, num_seqs = dist.all_reduce_sum(torch.tensor([local_tokens, len(rows)], dtype=torch.float32))
     if num_tokens == 0:
         return None
-    lengths = mini.attention_mask.sum(1).tolist() if mini is not None else []
     sums = dict.fromkeys(STEP_SUMS, 0.0)
     finite, device = True, next(backend.model.parameters()).device
-    for micro_rows in equal_count_micro_batches(lengths, micro_batch_tokens):
+    for micro_rows in same_count_on_every_rank(micro_batches(mini, micro_batch_tokens, packing)):
         # an empty micro-batch (ZeRO-3 needs as many on every rank): a forward/backward that adds nothing
         micro = (mini.select(micro_rows) if micro_rows else batch.select([0])).to(device)
         loss, micro_sums = micro_batch_loss(backend.model, micro, algo, weight=1.0 if micro_rows else 0.0,
                                             temperature=temperature, num_tokens=num_tokens, num_seqs=num_seqs,
-                                            max_new_tokens=max_new_tokens, first_epoch=first_epoch)
+                                            max_new_tokens=max_new_tokens, first_epoch=first_epoch, packing=packing)
         if not torch.isfinite(loss):  # a NaN/inf loss never reaches the weights: the update is skipped
             finite = False
             if dist.world_size() == 1:
@@ -78,10 +83,12 @@ def optimiser_step(backend, batch: RolloutBatch, rows: list[int], algo: Algorith
 
 
 def micro_batch_loss(model, micro: RolloutBatch, algo: AlgorithmConfig, *, weight: float, temperature: float,
-                     num_tokens, num_seqs, max_new_tokens: int, first_epoch: bool) -> tuple[torch.Tensor, dict]:
+                     num_tokens, num_seqs, max_new_tokens: int, first_epoch: bool,
+                     packing: str = "padded") -> tuple[torch.Tensor, dict]:
     """The micro-batch's share of its mini-batch's loss, and its token sums (`STEP_SUMS`)."""
     logp, entropy = forward_logprobs(model, micro.input_ids, micro.attention_mask, temperature=temperature,
-                                     with_entropy=True, logits_to_keep_from=micro.prompt_width - 1)  # [n, T-1] each
+                                     with_entropy=True, logits_to_keep_from=micro.prompt_width - 1,
+                                     packing=packing)  # [n, T-1] each
     mask = micro.completion_mask * weight  # [n, T-1]
     old = micro.old_logprobs if micro.old_logprobs is not None else logp.detach()  # [n, T-1]
     per_token = clipped_surrogate(logp, old, micro.advantages, mask, algo.clip_low, algo.clip_high, algo.ratio_level,
@@ -168,13 +175,27 @@ def forward_logprobs(model, input_ids, attention_mask, **kwargs):
 
 
 def equal_count_micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Micro-batches within the token budget, as many on every rank (the largest count).
+    """Micro-batches within the padded-token budget, as many on every rank (`same_count_on_every_rank`)."""
+    return same_count_on_every_rank(token_budget_batches(lengths, max_tokens))
+
+
+def micro_batches(batch: RolloutBatch | None, max_tokens: int, packing: str) -> list[list[int]]:
+    """This rank's micro-batches of `batch` (None: no rows) within the budget, costed in the layout
+    `packing` forwards: padded rows, or the packed layout's tokens (`grpo.packing.plan_micro_batches`)."""
+    if batch is None:
+        return []
+    if packing == "padded":
+        return token_budget_batches(batch.attention_mask.sum(1).tolist(), max_tokens)
+    return plan_micro_batches(batch.input_ids, batch.attention_mask, batch.prompt_width, max_tokens, packing)
+
+
+def same_count_on_every_rank(micro: list[list[int]]) -> list[list[int]]:
+    """`micro`, split until every rank has as many micro-batches (the largest count).
 
     Under ZeRO-3 every forward and backward is collective, so all ranks must run the same number;
     a rank with fewer splits its largest micro-batches, and pads with empty ones if it runs out
     of rows (an empty micro-batch runs a zero-weighted forward/backward).
     """
-    micro = token_budget_batches(lengths, max_tokens)
     target = int(dist.all_reduce_max(len(micro)))
     while len(micro) < target:
         largest = max(range(len(micro)), key=lambda i: len(micro[i]))
@@ -187,15 +208,16 @@ def equal_count_micro_batches(lengths: list[int], max_tokens: int) -> list[list[
 
 
 @torch.no_grad()
-def score_logprobs(model, batch: RolloutBatch, *, temperature: float, micro_batch_tokens: int) -> torch.Tensor:
-    """Log-probs [N, T-1] of the batch's tokens under `model`, without gradients."""
+def score_logprobs(model, batch: RolloutBatch, *, temperature: float, micro_batch_tokens: int,
+                   packing: str = "padded") -> torch.Tensor:
+    """Log-probs [N, T-1] of the batch's tokens under `model`, without gradients, forwarded in the
+    layout `packing` names (the policy update's, so old and new log-probs are computed alike)."""
     out = torch.zeros(batch.completion_mask.shape)
-    lengths = batch.attention_mask.sum(1).tolist()
     device = next(model.parameters()).device
-    for rows in equal_count_micro_batches(lengths, micro_batch_tokens):
+    for rows in same_count_on_every_rank(micro_batches(batch, micro_batch_tokens, packing)):
         ids, mask = batch.input_ids[rows or [0]].to(device), batch.attention_mask[rows or [0]].to(device)
         logp, _ = forward_logprobs(model, ids, mask, temperature=temperature,
-                                   logits_to_keep_from=batch.prompt_width - 1)
+                                   logits_to_keep_from=batch.prompt_width - 1, packing=packing)
         if rows:  # an empty micro-batch only keeps ZeRO-3's collective forwards in step
             out[rows] = logp.float().cpu()
     return out
