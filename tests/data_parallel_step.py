@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--loss-agg", default="token_mean")
     parser.add_argument("--poison-rank", type=int, default=-1, help="this rank's loss is made infinite")
     parser.add_argument("--lora-r", type=int, default=0, help="train LoRA adapters of this rank; 0 = every weight")
+    parser.add_argument("--packing", default="padded", help="backend.packing of the log-prob forward")
     args = parser.parse_args(drop_launcher_args(__import__("sys").argv[1:]))
     torch.set_num_threads(1)
     dist.init_distributed(deepspeed=args.backend.startswith("deepspeed"), timeout_s=120)
@@ -82,7 +83,7 @@ def main() -> None:
     backend = build_backend(args.backend, policy=model, lr=1.0, eps=1.0, betas=(0.9, 0.99), max_grad_norm=0.0)
     algo = AlgorithmConfig(group_size=G, loss_agg=args.loss_agg)
     metrics = update_policy(backend, batch, algo, temperature=1.0, micro_batch_tokens=args.micro_batch_tokens,
-                            max_new_tokens=8)
+                            max_new_tokens=8, packing=args.packing)
     with backend.gathered_for_rollout():  # ZeRO-3: the full weights
         trained = [(n, p) for n, p in model.named_parameters() if n in before]
         grads = {n: gradient_from_adam_step(before[n], p.detach().float()) for n, p in trained}

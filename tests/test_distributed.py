@@ -2,6 +2,7 @@
 
 - one update on 2 ranks x B groups gives the gradient of 1 rank x 2B groups (DeepSpeed ZeRO-2,
   ZeRO-3 and DDP), within float32 rounding;
+- so does `backend.packing=groups` on 2 ZeRO-3 ranks against the padded layout on one;
 - `grpo.train` trains a few steps of the built-in task on 2 ranks, the ranks hold identical
   weights after every step, and the checkpoint resumes (DeepSpeed format) and loads in transformers;
 - a rank that dies ends the job quickly, and the launcher's error names the rank.
@@ -78,8 +79,9 @@ def launch(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     return out
 
 
-def one_update(backend: str, ranks: int, out: Path, loss_agg: str) -> dict:
-    launch([*launcher(backend, ranks), str(DRIVER), "--backend", backend, "--out", str(out), "--loss-agg", loss_agg])
+def one_update(backend: str, ranks: int, out: Path, loss_agg: str, *extra: str) -> dict:
+    launch([*launcher(backend, ranks), str(DRIVER), "--backend", backend, "--out", str(out), "--loss-agg", loss_agg,
+            *extra])
     return torch.load(out, weights_only=True)
 
 
@@ -101,6 +103,17 @@ def test_two_ranks_with_b_groups_equal_one_rank_with_2b(tmp_path, backend, loss_
         torch.testing.assert_close(two["grads"][name], g, atol=2e-6, rtol=0, msg=name)
         moved += int(g.abs().sum() > 0)
     assert moved > len(one["grads"]) // 2  # a real gradient reached most tensors
+
+
+@DEEPSPEED
+def test_groups_packed_on_two_zero3_ranks_equal_padded_on_one(tmp_path):
+    """The packed forward inside the DeepSpeed engine's LogProbModel, as many micro-batches on each rank
+    (ZeRO-3's collectives), gives one rank's padded gradient."""
+    one = one_update("deepspeed_zero3", 1, tmp_path / "one.pt", "token_mean")
+    two = one_update("deepspeed_zero3", 2, tmp_path / "two.pt", "token_mean", "--packing", "groups")
+    assert two["world_size"] == 2 and abs(one["loss"] - two["loss"]) < 1e-6
+    for name, g in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], g, atol=2e-6, rtol=0, msg=name)
 
 
 def train(backend: str, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
