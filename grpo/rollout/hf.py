@@ -8,8 +8,11 @@ own loop over the model's forward:
 - each prompt is prefilled once, then its KV cache is repeated for its n samples;
 - each step is one forward of the last sampled tokens, then temperature, the EOS/pad
   suppressions, top-k, top-p and a multinomial draw, all batched over the rows;
-- rows that finish (EOS, or a stop string found by transformers' `StopStringCriteria`) are
-  fed padding until every row has finished or `max_new_tokens` is reached.
+- rows that finish (EOS, or a stop string found by transformers' `StopStringCriteria`) leave the
+  forward: their rows of the KV cache are dropped (`Cache.batch_select_indices`), so each step runs
+  only the unfinished rows (`generate` feeds finished rows padding until all finish). The draw still
+  runs over all rows, finished ones on placeholder logits whose token is discarded, so the random
+  stream is consumed as before and the loop samples exactly the tokens `generate` samples.
 
 Sampling follows transformers' conventions (temperature, then top-k, then top-p; top-p keeps the
 smallest set of tokens whose probability reaches `top_p`), and positions follow its left-padding
@@ -100,6 +103,7 @@ class HFRolloutEngine:
         tokens, logps = [], []
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         length = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
+        active = torch.arange(rows, device=device)  # [A] the rows still in the forward (and the cache)
         for step in range(max_new_tokens):
             bias = suppress_eos if step < self.min_new_tokens and not greedy else suppress
             token, logp = self._sample(logits, bias, greedy)  # [R], [R]
@@ -113,10 +117,17 @@ class HFRolloutEngine:
             finished |= done
             if step + 1 == max_new_tokens or bool(finished.all()):
                 break
-            attn = torch.cat([attn, attn.new_ones(rows, 1)], dim=1)
-            position = position + 1
-            logits = model(input_ids=token[:, None], attention_mask=attn, position_ids=position,
-                           past_key_values=cache, use_cache=True).logits[:, -1].float()  # [R, V]
+            keep = (~finished[active]).nonzero().squeeze(1)  # [A'] positions in the active rows
+            if len(keep) < len(active):  # rows finished: drop them from the cache and the forward
+                cache.batch_select_indices(keep)
+                active, attn, position = active[keep], attn[keep], position[keep]
+            attn = torch.cat([attn, attn.new_ones(len(active), 1)], dim=1)  # [A, W + step + 1]
+            position = position + 1  # [A, 1]
+            step_logits = model(input_ids=token[active, None], attention_mask=attn, position_ids=position,
+                                past_key_values=cache, use_cache=True).logits[:, -1].float()  # [A, V]
+            # finished rows draw on placeholder logits (their token is replaced by padding): the draw
+            # consumes the random stream as `generate`'s does
+            logits = step_logits.new_zeros(rows, step_logits.shape[-1]).index_copy_(0, active, step_logits)  # [R, V]
 
         new = torch.stack(tokens, dim=1).cpu()  # [R, steps]
         token_logp = torch.stack(logps, dim=1).cpu()  # [R, steps]
