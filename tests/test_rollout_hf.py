@@ -99,3 +99,34 @@ def test_a_stop_string_ends_its_row_only(model_and_tokenizer):
             assert not truncated and tok.decode(ids).endswith(stop) and text == full[: full.index(stop)]
         else:
             assert truncated and len(ids) == 12 and text == full
+
+
+def test_finished_rows_leave_the_forward_and_the_draws_stay_generates(model_and_tokenizer):
+    # EOS made likely (a logit bias while sampling), so rows finish at different steps: the loop then runs
+    # only the unfinished rows, yet samples the tokens `generate` samples, which feeds every row to the end.
+    model, tok = model_and_tokenizer
+    rows_per_forward = []
+
+    def eos_bias(module, args, output):
+        if not torch.is_grad_enabled():
+            output.logits[:, -1, tok.eos_token_id] += 4.0
+            rows_per_forward.append(output.logits.shape[0])
+
+    handle = model.register_forward_hook(eos_bias)
+    try:
+        settings = dict(temperature=1.0, top_k=0, max_new_tokens=12)  # generate: no top-k either
+        torch.manual_seed(5)
+        out = HFRolloutEngine(model, tok, **settings).generate(PROMPTS, n=4)
+        ours_rows = list(rows_per_forward)
+        torch.manual_seed(5)
+        ref = reference_generate(model, tok, PROMPTS, 4, do_sample=True, **settings)
+    finally:
+        handle.remove()
+    assert out.completion_ids == ref
+    lengths = sorted(map(len, ref))
+    assert lengths[0] < lengths[-1] and lengths[-1] > 2  # rows finished at different steps
+    # prefill (4 prompts), then one forward per step after the first of the rows not yet finished
+    expected = [len(PROMPTS)] + [sum(n > step for n in lengths) for step in range(1, lengths[-1])]
+    assert ours_rows == expected
+    # and the sampler's log-probs are those of the biased distribution, as before
+    assert all(len(lp) == len(c) for lp, c in zip(out.logprobs, out.completion_ids))
