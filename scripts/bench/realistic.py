@@ -351,7 +351,7 @@ def memory_in_fresh_process(side: str, args) -> float:
 # ---------------------------------------------------------------- generation phase
 
 def generation_phase(args, model_path: str, workload: Workload, hazard: EosHazard) -> dict:
-    """Tokens per second of our engine and of `generate`, alternated, `--gen-rounds` rounds after one warm-up."""
+    """Tokens per second of our engine and of `generate`, alternated, `--gen-rounds` rounds after `--warmup`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = getattr(torch, args.dtype)
@@ -375,13 +375,13 @@ def generation_phase(args, model_path: str, workload: Workload, hazard: EosHazar
     records = {"ours": [], "generate": []}
     torch.manual_seed(args.seed)
     with hazard:
-        for rnd in range(1 + args.gen_rounds):
+        for rnd in range(args.warmup + args.gen_rounds):
             for name, fn in (("ours", ours), ("generate", reference)):
                 start = time.perf_counter()
                 lengths = fn()
                 if args.device == "cuda":
                     torch.cuda.synchronize()
-                if rnd:
+                if rnd >= args.warmup:
                     records[name].append((time.perf_counter() - start, lengths))
     out = {}
     for name, recs in records.items():
@@ -395,7 +395,7 @@ def generation_phase(args, model_path: str, workload: Workload, hazard: EosHazar
 
 def step_phase(args, cfg, model_path: str, rows: list[dict], hazard: EosHazard) -> dict:
     """`grpo.trainer.train_step` against `GRPOTrainer.train()`, alternated (`common.run_alternating`)."""
-    run_args = types.SimpleNamespace(warmup=1, steps=args.step_reps, device=args.device, only=None)
+    run_args = types.SimpleNamespace(warmup=args.warmup, steps=args.step_reps, device=args.device, only=None)
     with hazard:
         result = run_alternating(run_args, cfg, model_path, rows)
     return {"ours": summarise(result["records"]["ours"]), "trl": summarise(result["records"]["trl"])}
@@ -411,9 +411,8 @@ def report(results: dict) -> None:
     """The table: per phase ours, TRL, and the ratio the issue reads."""
     print(f"\n{'':34s}{'ours':>12s}{'TRL':>12s}{'TRL/ours':>10s}")
 
-    def row(label, a, b, fmt="{:.3f}", r=None):
-        r = ratio(b, a) if r is None else r
-        print(f"{label:34s}{fmt.format(a):>12s}{fmt.format(b):>12s}{r:10.2f}")
+    def row(label, a, b, fmt="{:.3f}"):
+        print(f"{label:34s}{fmt.format(a):>12s}{fmt.format(b):>12s}{ratio(b, a):10.2f}")
 
     t = results.get("training")
     if t:
@@ -429,8 +428,7 @@ def report(results: dict) -> None:
     g = results.get("generation")
     if g:
         o, x = g["ours"], g["generate"]
-        row("generation, generate (tokens/s)", o["tokens_per_s"], x["tokens_per_s"], "{:.0f}",
-            ratio(o["tokens_per_s"], x["tokens_per_s"]))
+        row("generation, generate (tokens/s)", o["tokens_per_s"], x["tokens_per_s"], "{:.0f}")
         row("  seconds per round", o["seconds_per_round"], x["seconds_per_round"])
     s = results.get("step")
     if s:
@@ -438,8 +436,10 @@ def report(results: dict) -> None:
         row("whole step (s, median)", o["step_s"], x["step_s"])
         for phase in ("generation", "scoring", "logprobs", "update", "weight_sync", "other"):
             row(f"  {phase} (s)", o[phase], x[phase])
-        row("  generated tokens / step", o["tokens"], x["tokens"], "{:.0f}", ratio(o["tokens"], x["tokens"]))
-    print("(generation row: ours/generate tokens/s; other rows: TRL/ours)")
+        row("  generated tokens / step", o["tokens"], x["tokens"], "{:.0f}")
+    if g:
+        print(f"generation speed-up (ours / generate tokens per second): "
+              f"{ratio(g['ours']['tokens_per_s'], g['generate']['tokens_per_s']):.2f}x")
     for key, value in results["ratios"].items():
         target = TARGETS[key]
         sign = "<=" if key.endswith("memory_ratio") else ">="
@@ -476,7 +476,7 @@ def parse_args(argv=None):
                    help="our backend.packing (where the config has it)")
     p.add_argument("--phases", default="training,generation,step", help="comma-separated subset")
     p.add_argument("--reps", type=int, default=3, help="timed training steps per side")
-    p.add_argument("--warmup", type=int, default=1, help="untimed training steps per side first")
+    p.add_argument("--warmup", type=int, default=1, help="untimed training steps, generation rounds, whole steps first")
     p.add_argument("--gen-rounds", type=int, default=2, help="timed generation rounds per side")
     p.add_argument("--step-reps", type=int, default=2, help="timed whole steps per side")
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
@@ -511,24 +511,35 @@ def setup(args) -> tuple:
     return model_path, cfg, workload, rows
 
 
-def run_phases(args, cfg, model_path, workload, rows) -> dict:
+def run_phases(args, cfg, model_path, workload, rows, results: dict) -> dict:
+    """The chosen phases into `results`, written to `--out` after each (a run cut short keeps what it measured)."""
     phases = args.phases.split(",")
     hazard = EosHazard(eos=1, pad=0, hazard=eos_hazard(args.median, args.sigma, args.max_new_tokens))
-    results = {}
     if "training" in phases:
         results["training"] = training_phase(args, cfg, model_path, workload, rows)
+        save(args, results)
         if not args.no_memory:
             for side in ("ours", "trl"):
                 results["training"][side]["peak_mb"] = memory_in_fresh_process(side, args)
+            save(args, results)
     if "generation" in phases:
         results["generation"] = generation_phase(args, model_path, workload, hazard)
+        save(args, results)
     if "step" in phases:
         results["step"] = step_phase(args, cfg, model_path, rows, hazard)
     if args.device == "cuda" and "training" in results:
         flops = 6 * count_parameters(model_path) * results["training"]["real_tokens"]
         for side in ("ours", "trl"):
             results["training"][side]["mfu"] = mfu(flops, results["training"][side]["step_s"])
+    results["ratios"] = ratios(results)
+    save(args, results)
     return results
+
+
+def save(args, results: dict) -> None:
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 def main(argv=None) -> dict:
@@ -546,8 +557,7 @@ def main(argv=None) -> dict:
           f"completion lengths {fmt_percentiles(percentiles(lengths))}")
     results = {"args": vars(args), "parameters": params, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                "workload_lengths": percentiles(lengths)}
-    results |= run_phases(args, cfg, model_path, workload, rows)
-    results["ratios"] = ratios(results)
+    run_phases(args, cfg, model_path, workload, rows, results)
     report(results)
     if "generation" in results:
         print(f"sampled lengths: ours {fmt_percentiles(results['generation']['ours']['lengths'])}; "
@@ -555,9 +565,6 @@ def main(argv=None) -> dict:
     if args.device == "cuda" and "training" in results:
         for side in ("ours", "trl"):
             print(f"{side}: training step MFU {results['training'][side]['mfu']}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
     return results
 
 
