@@ -75,13 +75,7 @@ class HFRolloutEngine:
                         max_new_tokens: int) -> None:
         tok, model, device = self.tokenizer, self.model, next(self.model.parameters()).device
         eos, pad = tok.eos_token_id, tok.pad_token_id
-        width = max(map(len, prompt_ids))
-        ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, p in enumerate(prompt_ids):  # left padding: the completion starts at the same column for all
-            ids[i, width - len(p):] = torch.tensor(p)
-            attn[i, width - len(p):] = 1
-        ids, attn = ids.to(device), attn.to(device)
+        ids, attn = left_padded(prompt_ids, pad, device)  # [B, W] each
         position = (attn.cumsum(-1) - 1).clamp(min=0)  # [B, W]
 
         # Prefill each prompt once, then give each of its n samples a copy of its cache.
@@ -129,14 +123,17 @@ class HFRolloutEngine:
             # consumes the random stream as `generate`'s does
             logits = step_logits.new_zeros(rows, step_logits.shape[-1]).index_copy_(0, active, step_logits)  # [R, V]
 
-        new = torch.stack(tokens, dim=1).cpu()  # [R, steps]
-        token_logp = torch.stack(logps, dim=1).cpu()  # [R, steps]
-        length, finished = length.tolist(), finished.tolist()
-        for r in range(rows):
+        self._append(out, torch.stack(tokens, dim=1).cpu(), torch.stack(logps, dim=1).cpu(), length.tolist(),
+                     finished.tolist())  # [R, steps] tokens and log-probs
+
+    def _append(self, out: Completions, new: torch.Tensor, token_logp: torch.Tensor, length: list[int],
+                finished: list[bool]) -> None:
+        """Each row's completion (its first `length` tokens), text, truncation and log-probs, added to `out`."""
+        for r in range(new.shape[0]):
             seq = new[r, : length[r]].tolist()
             out.completion_ids.append(seq)
             out.truncated.append(not finished[r])
-            out.texts.append(decode_completion(tok, seq, self.stop))
+            out.texts.append(decode_completion(self.tokenizer, seq, self.stop))
             if out.logprobs is not None:
                 out.logprobs.append(token_logp[r, : length[r]].tolist())
 
@@ -149,6 +146,18 @@ class HFRolloutEngine:
         filtered = top_k_top_p(scaled + bias, self.top_k, self.top_p)
         token = torch.multinomial(filtered.softmax(-1), 1).squeeze(1)  # [R]
         return token, logp.gather(-1, token[:, None]).squeeze(1)
+
+
+def left_padded(prompt_ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and attention mask [B, W] of the prompts left-padded to the longest: every completion starts at
+    the same column."""
+    width = max(map(len, prompt_ids))
+    ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p):] = torch.tensor(p)
+        attn[i, width - len(p):] = 1
+    return ids.to(device), attn.to(device)
 
 
 def top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
