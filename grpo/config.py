@@ -23,6 +23,8 @@ LOOPS = ("grpo", "ppo", "dpo", "online_dpo", "rft", "sft")
 BACKEND_NAMES = ("torch", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
 ROLLOUT_ENGINES = ("hf", "vllm")
 ROLLOUT_MODES = ("colocate", "server")
+LORA_SYNCS = ("adapter", "merged")
+MAX_VLLM_LORA_RANK = 512  # the largest of vLLM's max_lora_rank choices
 DTYPES = ("float32", "bfloat16")
 BUILTIN_TASKS = ("arithmetic", "reasoning_gym")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -213,6 +215,9 @@ class RolloutConfig:
         "help": "vllm: MiB of weights copied (ZeRO-3: gathered) at a time"})
     block_size: int = field(default=0, metadata={
         "help": "vllm: tokens per KV-cache block, the prefix cache's unit; 0 = vLLM's (GPU 16, CPU 128; CPU: k*32)"})
+    lora_sync: str = field(default="adapter", metadata={
+        "help": "vllm with model.lora: adapter (send only the adapters, served as a LoRA request) or merged "
+                "(send the base weights with the adapters merged in, like a full model)"})
     mode: str = field(default="colocate", metadata={
         "help": "vllm: colocate (an engine in each training process) or server (grpo-vllm-serve engines elsewhere)"})
     server_urls: list[str] = field(default_factory=list, metadata={
@@ -253,6 +258,7 @@ class RolloutConfig:
         _positive("rollout.max_staleness", self.max_staleness, zero_ok=True)
         _positive("rollout.max_episode_tokens", self.max_episode_tokens)
         _choice("rollout.mode", self.mode, ROLLOUT_MODES)
+        _choice("rollout.lora_sync", self.lora_sync, LORA_SYNCS)
         _positive("rollout.timeout_s", self.timeout_s)
         if self.mode == "server":
             if self.engine != "vllm":
@@ -651,6 +657,14 @@ def validate_lora_against_run(cfg: Config) -> None:
         if cfg.checkpoint.merge_lora:
             raise ConfigError("checkpoint.merge_lora: there are no adapters to merge; set model.lora.r > 0")
         return
-    if cfg.rollout.engine != "hf":
-        raise ConfigError(f"model.lora.r: rollout.engine={cfg.rollout.engine} does not receive adapters yet "
-                          f"(its weight sync copies full parameters); use rollout=hf")
+    r = cfg.rollout
+    if r.engine == "vllm" and r.mode == "server":
+        raise ConfigError("model.lora.r: rollout.mode=server does not receive adapters yet (its weight push sends "
+                          "the policy's own parameter names); use rollout.mode=colocate or rollout=hf")
+    if r.engine == "vllm" and r.lora_sync == "adapter":
+        if cfg.model.lora.modules_to_save:
+            raise ConfigError("rollout.lora_sync: adapter sync serves the LoRA adapters alone and vLLM does not "
+                              "take model.lora.modules_to_save; set rollout.lora_sync=merged")
+        if cfg.model.lora.r > MAX_VLLM_LORA_RANK:
+            raise ConfigError(f"rollout.lora_sync: vLLM serves adapters of rank <= {MAX_VLLM_LORA_RANK}, "
+                              f"model.lora.r={cfg.model.lora.r}; set rollout.lora_sync=merged")

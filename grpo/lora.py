@@ -12,23 +12,30 @@ Where the trainer departs from keeping a second model:
 2. Checkpoints hold the adapters in peft's own format (`adapter/`, loadable with
    `PeftModel.from_pretrained` over the base); `policy/` holds the merged model only when
    `checkpoint.merge_lora=true`. A run resumes by loading the base again and the adapters over it.
-3. The hf rollout engine samples from the peft model itself, adapters in place; engines that copy
-   weights (vLLM) do not take adapters yet (refused by `grpo.config.validate_lora_against_run`).
+3. The hf rollout engine samples from the peft model itself, adapters in place. The colocated vLLM
+   engine either receives the adapters alone (`rollout.lora_sync=adapter`: saved in peft's format and
+   served as a vLLM LoRA request) or whole weights with the adapters merged in (`merged`), which
+   `engine_weights` computes as W + (alpha / r) B A beside the policy, never merging into it; vLLM's
+   server mode does not take adapters yet (refused by `grpo.config.validate_lora_against_run`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 
 from grpo.config import ConfigError, LoraOptions
 from grpo.update import forward_logprobs
 
 ADAPTER_CONFIG = "adapter_config.json"  # what marks a peft adapter directory
+PEFT_PREFIX = "base_model.model."  # what peft puts before the wrapped model's parameter names
 
 
 def add_adapters(model: torch.nn.Module, options: LoraOptions, seed: int = 0) -> PeftModel:
@@ -98,6 +105,56 @@ def merged_copy(policy: PeftModel) -> torch.nn.Module:
     Merged in a copy: merging in place and unmerging would round the base weights, and a resumed run
     would no longer continue exactly."""
     return copy.deepcopy(policy).merge_and_unload()
+
+
+@dataclass
+class EngineWeight:
+    """One parameter of the base model as an engine holding whole weights takes it: `name` is the base
+    model's (Hugging Face) name, `weight` the policy's parameter; with `layer`, the LoRA layer whose
+    update is added, the value is W + (alpha / r) B A (peft's `get_delta_weight`, so fan-in/fan-out
+    layouts and per-layer scales are peft's own)."""
+
+    name: str
+    weight: torch.nn.Parameter
+    layer: LoraLayer | None = None
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The policy parameters `value` reads (ZeRO-3 gathers these)."""
+        if self.layer is None:
+            return [self.weight]
+        adapters = [a for a in self.layer.active_adapters if a in self.layer.lora_A]
+        return [self.weight, *(p for a in adapters
+                               for p in (self.layer.lora_A[a].weight, self.layer.lora_B[a].weight))]
+
+    @torch.no_grad()
+    def value(self) -> torch.Tensor:
+        """The weight to load; a new tensor when merged, the policy's own (detached) otherwise."""
+        if self.layer is None:
+            return self.weight.detach()
+        merged = self.weight.detach().clone()  # [out, in]
+        for adapter in self.layer.active_adapters:
+            if adapter in self.layer.lora_A:
+                merged += self.layer.get_delta_weight(adapter)  # [out, in] = scale * B @ A
+        return merged
+
+
+def engine_weights(policy: PeftModel, merge: bool) -> list[EngineWeight]:
+    """The base model's parameters of the LoRA `policy` under their base names (peft's `base_model.model.`,
+    `.base_layer` and `.modules_to_save.<adapter>` taken out; adapters and the frozen copies of
+    `modules_to_save` left out), with the adapters merged in when `merge`, else the base weights alone."""
+    layers = {name: m for name, m in policy.named_modules() if isinstance(m, LoraLayer)}
+    weights = []
+    for name, p in policy.named_parameters():
+        if ".lora_" in name or ".original_module." in name:
+            continue
+        module, _, leaf = name.rpartition(".")
+        layer = None
+        if module.endswith(".base_layer"):
+            module = module.removesuffix(".base_layer")
+            layer = layers.get(module) if merge and leaf == "weight" else None
+        module = re.sub(r"\.modules_to_save\.[^.]+$", "", module)
+        weights.append(EngineWeight(f"{module}.{leaf}".removeprefix(PEFT_PREFIX), p, layer))
+    return weights
 
 
 class AdapterDisabled(torch.nn.Module):

@@ -274,7 +274,8 @@ def engine_options(cfg: Config) -> dict:
                         gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb,
                         max_model_len=r.max_model_len, enforce_eager=r.enforce_eager,
                         tensor_parallel_size=r.tensor_parallel_size, enable_sleep_mode=r.enable_sleep_mode,
-                        sync_bucket_mb=r.sync_bucket_mb, block_size=r.block_size)
+                        sync_bucket_mb=r.sync_bucket_mb, block_size=r.block_size, lora_rank=cfg.model.lora.r,
+                        lora_sync=r.lora_sync)
     return options
 
 

@@ -7,7 +7,8 @@
   is the merged model when asked, with the peft model's logits;
 - a LoRA run stopped and resumed ends with the adapters of an uninterrupted one; grpo-eval reads an adapter;
 - data parallel: 2 ranks x B groups give the gradient of 1 rank x 2B, and replicas stay identical;
-- the combinations not built yet (vLLM, DeepSpeed, QLoRA on CPU) are refused naming the field.
+- the combinations not built yet (vLLM server mode, adapter sync with modules_to_save, QLoRA on CPU) are refused
+  naming the field.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from grpo.backends import build_backend
 from grpo.checkpoint import save_best, save_checkpoint
 from grpo.config import ConfigError, LoraOptions
 from grpo.logprobs import sequence_logprobs
-from grpo.lora import AdapterDisabled, add_adapters, is_adapter_dir, merged_copy
+from grpo.lora import AdapterDisabled, add_adapters, engine_weights, is_adapter_dir, merged_copy
 from grpo.run import evaluate_from_config, train_from_config
 from grpo.tiny import build_char_tokenizer
 from tests.conftest import compose
@@ -280,6 +281,29 @@ def test_lora_trains_on_two_ranks_with_identical_replicas(tmp_path, warm_tiny_di
         assert rows[-1]["dist/replica_weight_diff"] == 0.0
 
 
+# --- what a weight-holding engine (vLLM) receives ---
+
+
+def test_engine_weights_are_the_merged_copys_under_base_names_and_leave_the_policy_untouched(tiny_random_dir):
+    base = AutoModelForCausalLM.from_pretrained(tiny_random_dir, dtype=torch.float32)
+    base_state = {n: p.detach().clone() for n, p in base.named_parameters()}
+    policy = add_adapters(base, LoraOptions(r=4, alpha=8))
+    with torch.no_grad():  # B = 0 at the start would make merged == base; give the adapters a real update
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    merged = {w.name: w.value() for w in engine_weights(policy, merge=True)}
+    expected = merged_copy(policy).state_dict()
+    assert set(merged) == set(base_state)  # the base model's names: no lora_A/B, no base_layer, no prefix
+    for name, value in merged.items():  # peft's own merge, the same arithmetic: equal bit for bit
+        assert torch.equal(value, expected[name]), name
+    moved = [n for n in merged if not torch.equal(merged[n], base_state[n])]
+    assert moved and all(n.split(".")[-2] in PROJECTIONS for n in moved)  # only the adapted projections
+    assert all(torch.equal(w.value(), base_state[w.name]) for w in engine_weights(policy, merge=False))
+    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())  # the policy is not merged into
+
+
 # --- what is refused ------------------------------------------------------------------------------------
 
 
@@ -289,11 +313,22 @@ def test_lora_trains_on_two_ranks_with_identical_replicas(tmp_path, warm_tiny_di
     (["model.lora.r=8", "model.lora.dropout=0.1"], "model.lora.dropout"),  # model.dropout=false
     (["model.lora.qlora=true"], "model.lora.qlora"),  # r = 0
     (["checkpoint.merge_lora=true"], "checkpoint.merge_lora"),  # no adapters
-    (["model.lora.r=8", "rollout=vllm"], "model.lora.r"),
+    (["model.lora.r=8", "rollout=vllm", "rollout.mode=server", "rollout.server_urls=[http://h:1]"], "model.lora.r"),
+    (["model.lora.r=8", "rollout=vllm", "model.lora.modules_to_save=[lm_head]"], "rollout.lora_sync"),
+    (["model.lora.r=1024", "rollout=vllm"], "rollout.lora_sync"),  # vLLM's largest max_lora_rank is 512
+    (["rollout.lora_sync=both"], "rollout.lora_sync"),
 ])
 def test_invalid_lora_settings_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         compose(overrides)
+
+
+def test_lora_with_colocated_vllm_is_accepted_in_both_sync_modes():
+    for mode in ("adapter", "merged"):
+        assert compose(["model.lora.r=8", "rollout=vllm", f"rollout.lora_sync={mode}"]).rollout.lora_sync == mode
+    merged = compose(["model.lora.r=8", "rollout=vllm", "rollout.lora_sync=merged",
+                      "model.lora.modules_to_save=[lm_head]"])
+    assert merged.model.lora.modules_to_save == ["lm_head"]
 
 
 def test_lora_dropout_is_allowed_with_model_dropout():

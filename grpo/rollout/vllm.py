@@ -41,6 +41,15 @@ Choices, and where they depart from a plain `vllm.LLM(...)`:
    vLLM cannot run past `max_model_len` (the hf engine runs past the model's positions), so a context
    must leave room for a token, and an episode's opening plus its token budget must fit (checked by
    `run_episodes`).
+9. A LoRA policy (`model.lora.r > 0`) is synced in one of two ways (`rollout.lora_sync`):
+   `adapter`: the engine is built with `enable_lora` (`max_loras=1`, `max_lora_rank` the smallest of
+   vLLM's choices >= r) and holds the frozen base (pushed once, at build); each sync saves the
+   adapters in peft's format to a fresh directory under a temporary one and loads them as a
+   `LoRARequest` with a new id (vLLM keeps adapters by id, so reusing one would serve the old
+   weights), removing the previous one; every generate passes that request. vLLM 0.32 loads adapters
+   from a path only (`LoRARequest` has no tensor field), hence the files. `merged`: each sync pushes
+   the base weights with the adapters merged, W + (alpha / r) B A (`grpo.lora.engine_weights`,
+   computed beside the policy, which is left untouched), through the full-weight path above.
 """
 
 from __future__ import annotations
@@ -48,23 +57,30 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 
 import torch
 
+from grpo.lora import EngineWeight, engine_weights, is_adapted, save_adapters
 from grpo.rollout import Completions, decode_completion, encode_prompts
 
 log = logging.getLogger(__name__)
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's choices of max_lora_rank (config/lora.py)
 
 
 class RolloutEngineError(RuntimeError):
     """The vLLM rollout engine failed or was shut down; the message says which and why."""
 
 
-def parameter_buckets(named: Iterable[tuple[str, torch.nn.Parameter]], bucket_bytes: int
-                      ) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
-    """Consecutive (name, parameter) lists of about `bucket_bytes` each (one oversized parameter alone).
+def parameter_buckets(named: Iterable[tuple[object, torch.nn.Parameter]], bucket_bytes: int
+                      ) -> Iterator[list[tuple[object, torch.nn.Parameter]]]:
+    """Consecutive (key, parameter) lists of about `bucket_bytes` each (one oversized parameter alone); the key
+    (a name, or a `grpo.lora.EngineWeight`) is passed through, sizes are the parameters'.
 
     Under ZeRO-3 a parameter's local size is its shard's, so sizes are taken from `ds_numel` there.
     """
@@ -98,7 +114,7 @@ class VLLMRolloutEngine:
                  max_new_tokens=8, min_new_tokens=0, stop=(), batch_size=512, dtype="float32", seed=0,
                  gpu_memory_utilization=0.3, kv_cache_gb=0.0, max_model_len=0, enforce_eager=True,
                  tensor_parallel_size=1, enable_sleep_mode=True, sync_bucket_mb=256, enable_prefix_caching=True,
-                 block_size=0):
+                 block_size=0, lora_rank=0, lora_sync="adapter"):
         self.tokenizer = tokenizer
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.max_new_tokens, self.min_new_tokens, self.stop = max_new_tokens, min_new_tokens, list(stop)
@@ -109,17 +125,24 @@ class VLLMRolloutEngine:
         if enable_sleep_mode and not self.on_gpu:
             log.info("vllm: sleep mode is a GPU feature; on CPU the engine stays awake")
         self.asleep = False
+        # adapter sync (module docstring, point 9): the LoRA request every generate passes, and where its files go
+        self.adapter_sync = lora_rank > 0 and lora_sync == "adapter"
+        self.lora_request = None
+        self.lora_dir = tempfile.mkdtemp(prefix="grpo-vllm-lora-") if self.adapter_sync else None
         self.llm = self._build(model_path, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                                kv_cache_gb=kv_cache_gb, max_model_len=max_model_len, enforce_eager=enforce_eager,
                                tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=enable_prefix_caching,
-                               block_size=block_size)
+                               block_size=block_size, lora_rank=lora_rank if self.adapter_sync else 0)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len  # context + continuation, at most
         if model is not None:  # e.g. resuming: the policy came from a checkpoint, not from model_path
+            if self.adapter_sync and is_adapted(model):  # the frozen base, once; the adapters then go alone
+                self._push(engine_weights(model, merge=False))
+                self.finish_weight_update()
             self.sync_weights(model)
 
     # --- building ------------------------------------------------------------------------------
     def _build(self, model_path, *, dtype, seed, gpu_memory_utilization, kv_cache_gb, max_model_len,
-               enforce_eager, tensor_parallel_size, enable_prefix_caching, block_size):
+               enforce_eager, tensor_parallel_size, enable_prefix_caching, block_size, lora_rank):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core runs in this process
         if tensor_parallel_size > 1:  # the sync sends each bucket to the TP workers by vLLM's RPC
             os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
@@ -135,6 +158,9 @@ class VLLMRolloutEngine:
                       enable_prefix_caching=enable_prefix_caching)
         if block_size:
             kwargs["block_size"] = block_size
+        if lora_rank:
+            rank = min(k for k in VLLM_LORA_RANKS if k >= lora_rank)
+            kwargs |= dict(enable_lora=True, max_loras=1, max_lora_rank=rank)
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         if kv_cache_gb:
@@ -174,7 +200,8 @@ class VLLMRolloutEngine:
         start = time.perf_counter()
         self._wake()
         try:
-            outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+            outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False,
+                                   lora_request=self.lora_request)
         except Exception as e:  # noqa: BLE001 - whatever broke inside the engine, say where it came from
             self._broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             raise RolloutEngineError(f"vLLM rollout engine failed in generate: {self._broken}") from e
@@ -206,18 +233,53 @@ class VLLMRolloutEngine:
 
     @torch.no_grad()
     def sync_weights(self, model) -> float:
-        """Copy `model`'s parameters into the engine, bucket by bucket; returns the seconds it took.
+        """Bring the engine to `model`'s weights; returns the seconds it took.
 
-        Under ZeRO-3 each bucket is gathered, loaded and released before the next, so at most one
-        bucket's full weights exist beside the shards.
+        A plain model: its parameters, bucket by bucket. A LoRA policy: its adapters alone (adapter
+        sync) or its base weights with the adapters merged in (module docstring, point 9). Under ZeRO-3
+        each bucket is gathered, loaded and released before the next, so at most one bucket's full
+        weights exist beside the shards.
         """
         self._alive()
         start = time.perf_counter()
-        for bucket in parameter_buckets(model.named_parameters(), self.sync_bucket_bytes):
-            with gathered([p for _, p in bucket]):
-                self.load_weights([(name, p.detach()) for name, p in bucket])
+        if self.adapter_sync and is_adapted(model):
+            self._load_adapters(model)
+            self.llm.reset_prefix_cache()  # (a new LoRA id already keys its own blocks; cheap insurance)
+            return time.perf_counter() - start
+        if is_adapted(model):
+            self._push(engine_weights(model, merge=True))
+        else:
+            self._push([EngineWeight(name, p) for name, p in model.named_parameters()])
         self.finish_weight_update()
         return time.perf_counter() - start
+
+    def _push(self, weights: list[EngineWeight]) -> None:
+        """Load the weights into the engine a bucket at a time (each bucket gathered under ZeRO-3)."""
+        for bucket in parameter_buckets(((w, w.weight) for w in weights), self.sync_bucket_bytes):
+            chunk = [w for w, _ in bucket]
+            with gathered([p for w in chunk for p in w.parameters()]):
+                self.load_weights([(w.name, w.value()) for w in chunk])
+
+    def _load_adapters(self, policy) -> None:
+        """Save the policy's adapters to a fresh directory and serve them under a new LoRA id (the old one removed)."""
+        from vllm.lora.request import LoRARequest
+
+        llm = self._alive()
+        self._wake()
+        version = self.lora_request.lora_int_id + 1 if self.lora_request else 1
+        path = os.path.join(self.lora_dir, f"v{version}")
+        with gathered([p for p in policy.parameters() if p.requires_grad]):
+            save_adapters(policy, path)
+        request = LoRARequest(lora_name=f"policy-v{version}", lora_int_id=version, lora_path=path)
+        old, self.lora_request = self.lora_request, request
+        try:
+            if old is not None:  # max_loras=1: make room first
+                llm.llm_engine.remove_lora(old.lora_int_id)
+                shutil.rmtree(old.lora_path, ignore_errors=True)
+            llm.llm_engine.add_lora(request)  # loaded now, so its cost is the sync's
+        except Exception as e:  # noqa: BLE001
+            self._broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            raise RolloutEngineError(f"vLLM rollout engine failed loading the LoRA adapters: {self._broken}") from e
 
     def load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
         """Load one bucket of (Hugging Face name, full tensor) into the engine's model (the server's entry too)."""
@@ -244,6 +306,8 @@ class VLLMRolloutEngine:
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
             del llm
+        if self.lora_dir:
+            shutil.rmtree(self.lora_dir, ignore_errors=True)
 
     # --- helpers -------------------------------------------------------------------------------
     _broken: str | None = None
