@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from grpo.data import PromptSampler
+from grpo.packing import pack
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: the memory runs relaunch a module from it
 
@@ -37,7 +38,7 @@ class Timers:
         self.device = device
         self.acc = defaultdict(float)
         self.tokens = 0  # generated
-        self.scored = 0  # positions through the training forward (padded), for the update's FLOPs
+        self.scored = 0  # positions through the training forward (padded or packed), for the update's FLOPs
 
     def wrap(self, phase: str, fn):
         def timed(*args, **kwargs):
@@ -59,7 +60,7 @@ class Timers:
     def count_scored(self, fn):
         def counted(model, input_ids, *args, **kwargs):
             if torch_grad_enabled():
-                self.scored += input_ids.numel()
+                self.scored += forward_positions(input_ids, *args, **kwargs)
             return fn(model, input_ids, *args, **kwargs)
         return counted
 
@@ -69,6 +70,14 @@ class Timers:
         self.acc.clear()
         self.tokens = self.scored = 0
         return out, tokens
+
+
+def forward_positions(input_ids, attention_mask=None, *args, packing: str = "padded", logits_to_keep_from: int = 0,
+                      **kwargs) -> int:
+    """Positions the training forward runs: the padded micro-batch's, or its packed layout's (`backend.packing`)."""
+    if packing in (None, "padded"):
+        return input_ids.numel()
+    return pack(input_ids, attention_mask, logits_to_keep_from + 1, packing).input_ids.numel()
 
 
 def torch_grad_enabled() -> bool:

@@ -317,7 +317,7 @@ def training_phase(args, cfg, model_path, workload, rows) -> dict:
     for name, recs in records.items():
         out[name] = {k: statistics.median(r.get(k, 0.0) for r in recs) for k in ("step_s", *TRAIN_PHASES)}
         out[name]["steps"] = [r["step_s"] for r in recs]
-        out[name]["positions"] = statistics.median(r.get("scored_tokens", 0) for r in recs)  # padded, forward
+        out[name]["positions"] = statistics.median(r.get("scored_tokens", 0) for r in recs)  # forward, padded or packed
         out[name]["tokens_per_s"] = real / out[name]["step_s"]
     out["real_tokens"] = real
     return out
@@ -421,7 +421,7 @@ def report(results: dict) -> None:
         for phase, label in zip(TRAIN_PHASES, ("  forward, log-probs (s)", "  backward (s)", "  optimiser step (s)",
                                                "  other: loss, batching (s)")):
             row(label, o[phase], x[phase])
-        row("  forward positions (padded)", o["positions"], x["positions"], "{:.0f}")
+        row("  forward positions", o["positions"], x["positions"], "{:.0f}")
         row("  tokens / s (real tokens)", o["tokens_per_s"], x["tokens_per_s"], "{:.0f}")
         if "peak_mb" in o:
             row("  peak memory (MiB)", o["peak_mb"], x["peak_mb"], "{:.0f}")
