@@ -119,6 +119,24 @@ def test_pushed_weights_keep_the_sampler_on_the_policy_and_unpushed_ones_do_not(
     assert all(m["time/weight_sync_s"] > 0 for m in pushed)
 
 
+def test_asynchronous_rollout_on_the_servers_trains_one_version_behind(servers, tmp_path):
+    """`rollout.max_staleness=1` over server mode: the rollout thread asks the servers for the next batch while
+    the trainer updates; each batch after the first is one policy version old, corrected by TIS."""
+    import json
+
+    from grpo.run import train_from_config
+
+    cfg = compose([*TRAIN, f"rollout.server_urls=[{','.join(servers)}]", f"model.path={_warm_dir()}",
+                   "rollout.max_staleness=1", "algorithm.tis_cap=2", "rollout.enable_sleep_mode=false",
+                   "train.max_steps=3", "train.eval_every=0", "train.eval_before=false", f"run_dir={tmp_path}"])
+    train_from_config(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if x["step"] > 0]
+    assert [x["rollout/staleness"] for x in steps] == [0, 1, 1]
+    assert all(0 < x["rollout/is_weight_mean"] <= 2 for x in steps)
+    assert all(x["time/weight_sync_s"] > 0 for x in steps)
+
+
 def test_grpo_train_in_server_mode_fails_naming_the_server_when_it_is_killed_mid_run(tmp_path, capsys):
     proc, (url,) = _start_server(tmp_path / "server.log")
     run_dir = tmp_path / "run"
