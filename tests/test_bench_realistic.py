@@ -82,3 +82,17 @@ def test_the_smallest_configuration_runs_every_phase(tmp_path):
     assert train["ours"]["peak_mb"] >= 0 and train["trl"]["peak_mb"] >= 0
     assert results["generation"]["ours"]["tokens_per_s"] > 0 and results["generation"]["generate"]["tokens_per_s"] > 0
     assert results["step"]["ours"]["tokens"] > 0 and results["step"]["trl"]["tokens"] > 0
+
+
+def test_the_benchmark_leaves_the_process_logging_and_threads_as_they_were():
+    """`main` quiets logging and sets torch's threads while it runs; the tests after it still see their logs."""
+    import logging
+
+    import torch
+
+    from scripts.bench.realistic import quiet_process
+
+    threads = torch.get_num_threads()
+    with quiet_process(parse_args(["--threads", "1"])):
+        assert torch.get_num_threads() == 1 and logging.root.manager.disable == logging.WARNING
+    assert torch.get_num_threads() == threads and logging.root.manager.disable == logging.NOTSET

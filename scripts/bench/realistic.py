@@ -55,6 +55,7 @@ has that field, and passes it to `update_policy` if that takes it; without the f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -493,15 +494,31 @@ def parse_args(argv=None):
     return args
 
 
-def setup(args) -> tuple:
-    """Quiet logs, threads; the model directory, config, workload and dataset rows."""
+@contextlib.contextmanager
+def quiet_process(args):
+    """Quiet logs and the benchmark's torch threads while it runs; the process's settings restored after (a test
+    that calls `main` leaves the logging and threads of the tests after it as they were)."""
     import transformers
 
+    threads, verbosity = torch.get_num_threads(), transformers.logging.get_verbosity()
+    wandb_mode = os.environ.get("WANDB_MODE")
+    os.environ.setdefault("WANDB_MODE", "disabled")
     logging.disable(logging.WARNING)
     transformers.logging.set_verbosity_error()
-    os.environ.setdefault("WANDB_MODE", "disabled")
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+        transformers.logging.set_verbosity(verbosity)
+        torch.set_num_threads(threads)
+        if wandb_mode is None:
+            os.environ.pop("WANDB_MODE", None)
+
+
+def setup(args) -> tuple:
+    """The model directory, config, workload and dataset rows."""
     model_path = random_model_dir(f"realistic-{args.model}", args.dtype, MODELS[args.model])
     cfg = bench_config(args, model_path, tempfile.mkdtemp(prefix="grpo-bench-"))
     vocab = MODELS[args.model]["vocab_size"]
@@ -544,6 +561,12 @@ def save(args, results: dict) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    with quiet_process(args):
+        return measure(args)
+
+
+def measure(args) -> dict:
+    """The benchmark `args` asks for: printed, and returned as `--out` writes it."""
     model_path, cfg, workload, rows = setup(args)
     if args.only_train:
         print(json.dumps(training_memory(args.only_train, args, cfg, model_path, workload, rows)))
