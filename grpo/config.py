@@ -151,7 +151,8 @@ class LoraOptions:
         "help": "module names that get adapters; empty = every attention and MLP projection (peft's all-linear)"})
     modules_to_save: list[str] = field(default_factory=list, metadata={
         "help": "modules trained in full beside the adapters and saved with them (e.g. embed_tokens, lm_head)"})
-    qlora: bool = field(default=False, metadata={"help": "QLoRA: the frozen base in 4-bit (bitsandbytes, GPU only)"})
+    qlora: bool = field(default=False, metadata={
+        "help": "QLoRA: the frozen base in 4-bit NF4 (bitsandbytes: CUDA kernels on GPU, pure torch on CPU)"})
 
     def validate(self, model_dropout: bool) -> None:
         """A rank >= 0, a positive alpha, a dropout in [0, 1) that model.dropout allows, and QLoRA only with r."""
@@ -657,6 +658,8 @@ def validate_lora_against_run(cfg: Config) -> None:
         if cfg.checkpoint.merge_lora:
             raise ConfigError("checkpoint.merge_lora: there are no adapters to merge; set model.lora.r > 0")
         return
+    if cfg.model.lora.qlora:
+        validate_qlora_against_run(cfg)
     r = cfg.rollout
     if r.engine == "vllm" and r.mode == "server":
         raise ConfigError("model.lora.r: rollout.mode=server does not receive adapters yet (its weight push sends "
@@ -668,3 +671,15 @@ def validate_lora_against_run(cfg: Config) -> None:
         if cfg.model.lora.r > MAX_VLLM_LORA_RANK:
             raise ConfigError(f"rollout.lora_sync: vLLM serves adapters of rank <= {MAX_VLLM_LORA_RANK}, "
                               f"model.lora.r={cfg.model.lora.r}; set rollout.lora_sync=merged")
+
+
+def validate_qlora_against_run(cfg: Config) -> None:
+    """What a 4-bit base (model.lora.qlora) rules out: whatever needs the base's float weights."""
+    if cfg.rollout.engine == "vllm":
+        raise ConfigError("rollout.engine: model.lora.qlora=true keeps the base in 4-bit inside the policy, and the "
+                          "vLLM engine would need those weights (bitsandbytes' packed uint8 and scales) pushed to it, "
+                          "which is not built; use rollout=hf (it samples from the 4-bit policy)")
+    if cfg.checkpoint.merge_lora:
+        raise ConfigError("checkpoint.merge_lora: with model.lora.qlora=true the base is 4-bit, and merging the "
+                          "adapters into it rounds the update to NF4 (lossy); checkpoints keep adapter/ alone, "
+                          "which PeftModel.from_pretrained loads over the 4-bit base")

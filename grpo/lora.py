@@ -17,6 +17,18 @@ Where the trainer departs from keeping a second model:
    served as a vLLM LoRA request) or whole weights with the adapters merged in (`merged`), which
    `engine_weights` computes as W + (alpha / r) B A beside the policy, never merging into it; vLLM's
    server mode does not take adapters yet (refused by `grpo.config.validate_lora_against_run`).
+
+QLoRA (`model.lora.qlora=true`, Dettmers et al., 2023): the frozen base is loaded in 4-bit NF4 by
+bitsandbytes (`quantization_config`: blocks of 64 weights, their absmax scales quantised again to 8 bits,
+"double quantisation"; matmuls in `model.dtype`), then prepared by peft (`prepare_quantized`) and
+adapted as above, the adapters in full precision. The reference is the 4-bit base with the adapters off,
+so the KL is measured against the quantised starting policy, not the float one. On CPU bitsandbytes
+runs its pure-torch path, on a GPU its CUDA kernels. Departures from the paper: no paged optimiser (the
+optimiser is the backend's AdamW); and what needs the float base is refused by
+`grpo.config.validate_qlora_against_run`: the vLLM engine (it would need the 4-bit base) and
+`checkpoint.merge_lora` (a merge into a 4-bit base rounds the update to NF4). Every train backend takes the
+4-bit base: DeepSpeed partitions the packed uint8 weights under ZeRO-3 like any frozen parameter, their
+quantisation state staying whole on every rank.
 """
 
 from __future__ import annotations
@@ -28,8 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.lora import LoraLayer
+from transformers import BitsAndBytesConfig
 
 from grpo.config import ConfigError, LoraOptions
 from grpo.update import forward_logprobs
@@ -42,7 +55,6 @@ def add_adapters(model: torch.nn.Module, options: LoraOptions, seed: int = 0) ->
     """`model` with fresh LoRA adapters (B = 0: it computes what `model` did), only they trainable.
     A is drawn from `seed` alone, not the caller's random streams: under data parallel each rank's
     streams differ, and every rank must start from the same adapters."""
-    check_quantization(options)
     config = LoraConfig(
         r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
         target_modules=list(options.target_modules) or "all-linear",  # all-linear: the output head excluded
@@ -56,14 +68,29 @@ def add_adapters(model: torch.nn.Module, options: LoraOptions, seed: int = 0) ->
         raise ConfigError(f"model.lora.target_modules: {str(e).splitlines()[0]}") from None
 
 
-def check_quantization(options: LoraOptions) -> None:
-    """Refuse QLoRA where it cannot run: its 4-bit kernels (bitsandbytes) need a CUDA GPU."""
-    if not options.qlora:
-        return
-    if not torch.cuda.is_available():
-        raise ConfigError("model.lora.qlora: the 4-bit base needs bitsandbytes' CUDA kernels and this machine has "
-                          "no CUDA GPU; train plain LoRA (model.lora.qlora=false) on CPU")
-    raise ConfigError("model.lora.qlora: the 4-bit base is not built yet; train plain LoRA (model.lora.qlora=false)")
+def quantization_config(dtype: torch.dtype) -> BitsAndBytesConfig:
+    """QLoRA's 4-bit base for `from_pretrained`: NF4 weights in blocks of 64, their absmax scales
+    quantised again (double quantisation), matmuls in `dtype` (the run's `model.dtype`)."""
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def prepare_quantized(model: torch.nn.Module, gradient_checkpointing: bool) -> torch.nn.Module:
+    """A 4-bit `model` made ready for adapters (peft's `prepare_model_for_kbit_training`): every weight
+    frozen, the 16-bit ones that stay unquantised (embeddings, norms, output head) cast to float32 for
+    stable sums, and with `gradient_checkpointing` the input embeddings' output made to require grad so that
+    the recomputed layers see a graph.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight in place for a faster kernel
+    the first time the layer runs in eval mode without grad (the sampler's forward), and keeps that
+    layout: the layer's later training forward then fails (`result += bias` on a graph tensor), and the
+    sampler would compute with other kernels than the trainer. The repacking is switched off here, so
+    sampling and training run the same arithmetic."""
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def load_adapters(model: torch.nn.Module, adapter_dir: str | Path) -> PeftModel:

@@ -32,9 +32,17 @@ optimised like the policy, so it adds its weights, gradients and optimiser state
 parameter (its activations come and go with its own micro-batches, after the policy's: not added). It is
 trained in full even when the policy has LoRA adapters.
 
-LoRA (`model.lora.r > 0`): the weights are all Psi parameters, but gradients and optimiser states
-only the T trainable ones (r x (in + out) per adapted linear layer, plus `modules_to_save`), at the
-bytes per parameter above; the reference is the policy with its adapters off, so it adds nothing.
+LoRA (`model.lora.r > 0`): the weights are all Psi parameters plus the T trainable ones (r x (in + out)
+per adapted linear layer, plus the trained copy of each of `modules_to_save`), gradients and optimiser
+states only the T, at the bytes per parameter above; the reference is the policy with its adapters off,
+so it adds nothing.
+
+QLoRA (`model.lora.qlora`): the Q weights of the linear layers (all but the output head) are stored in 4-bit
+NF4 by bitsandbytes: 4 bits per weight, plus one absmax scale per block of 64 weights, itself quantised to 8
+bits (double quantisation), plus one float32 scale per 256 of those: 4 + 8/64 + 32/(64 x 256) = 4.127 bits,
+0.5159 bytes per weight. The Psi - Q others (embeddings, norms, biases, output head) stay unquantised and peft's
+`prepare_model_for_kbit_training` casts them to float32: 4 bytes each, whatever `model.dtype`. ZeRO-3
+partitions both like any weight.
 
     python -m grpo.memory --gpus 8 --gpu-memory-gb 80 experiment=qwen2.5-7b_gsm8k_8gpu
 """
@@ -55,6 +63,8 @@ from grpo.model_facts import facts_for, transformers_config
 GiB = 2**30
 ASSUMED_PROMPT_TOKENS = 512  # prompts are not measured before launch; the KV cache assumes this length
 LOGIT_CHUNK = 1024  # grpo.logprobs.sequence_logprobs' default chunk_size
+NF4_BLOCK, NF4_SCALE_BLOCK = 64, 256  # bitsandbytes: weights per absmax scale; scales per float32 scale (double quant)
+NF4_BYTES = 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_SCALE_BLOCK)  # 0.5159 bytes per 4-bit weight (4.127 bits)
 
 
 @dataclass
@@ -81,6 +91,7 @@ class MemoryEstimate:
     stage: str = ""
     world_size: int = 1
     trainable: int = 0  # parameters the optimiser holds, when fewer than all (LoRA); 0 = all
+    quantized: int = 0  # base parameters held in 4-bit NF4 (QLoRA); 0 = none
 
     @property
     def total(self) -> float:
@@ -94,6 +105,8 @@ class MemoryEstimate:
         rows += [("critic (PPO)", self.critic)] if self.critic else []
         rows += [("total", self.total)]
         lora = f", LoRA: {self.trainable:,} parameters trained" if self.trainable else ""
+        if self.quantized:
+            lora = f", QLoRA: {self.trainable:,} parameters trained over {self.quantized:,} in 4-bit"
         head = (f"estimated memory per GPU ({self.stage}, {self.world_size} rank{'s' if self.world_size > 1 else ''}"
                 f"{lora}):")
         return "\n".join([head, *(f"  {name:<18}{value / GiB:8.2f} GiB" for name, value in rows)])
@@ -134,30 +147,42 @@ def estimate(shape: ModelShape, *, stage: int, world_size: int, mixed_precision:
              gradient_checkpointing: bool, rollout_engine: str, rollout_sequences: int, max_new_tokens: int,
              gpu_memory_gb: float = 80.0, vllm_fraction: float = 0.3, with_reference: bool = False,
              offload_optimizer: bool = False, offload_params: bool = False, stage_name: str = "",
-             trainable_params: int = 0, critic_params: int = 0) -> MemoryEstimate:
-    """The plan; `trainable_params` > 0 (LoRA) are the parameters with gradients and optimiser states;
-    `critic_params` > 0, PPO's value model, trained in full beside the policy."""
+             trainable_params: int = 0, critic_params: int = 0, quantized_params: int = 0) -> MemoryEstimate:
+    """The plan; `trainable_params` > 0 (LoRA) are the parameters with gradients and optimiser states, held
+    beside the base's; `quantized_params` > 0 (QLoRA), the base's weights held in 4-bit NF4 (the others in
+    float32); `critic_params` > 0, PPO's value model, trained in full beside the policy."""
     w, g, o = training_bytes_per_param(stage, world_size, mixed_precision=mixed_precision,
                                        offload_optimizer=offload_optimizer, offload_params=offload_params)
     P = shape.num_params
     T = trainable_params or P
     value_bytes = 2 if mixed_precision else 4
+    base = base_weight_bytes(P, quantized_params, value_bytes)  # the whole base, unsharded
+    adapters = w * trainable_params  # LoRA's trained parameters, beside the base's (0 without LoRA)
     if rollout_engine == "server":  # rollout.mode=server: the engines have devices of their own
         rollout = 0.0
     elif rollout_engine == "vllm":
         rollout = vllm_fraction * gpu_memory_gb * GiB
     else:  # the hf engine samples from the policy: full weights when they are sharded, plus the KV cache
-        gathered = P * value_bytes if stage >= 3 or offload_params else 0.0
+        gathered = base if stage >= 3 or offload_params else 0.0
         rollout = gathered + kv_cache_bytes(shape, rollout_sequences, ASSUMED_PROMPT_TOKENS + max_new_tokens,
                                             value_bytes)
     return MemoryEstimate(
-        weights=w * P, gradients=g * T, optimizer=o * T,
+        weights=base * w / value_bytes + adapters, gradients=g * T, optimizer=o * T,  # w / value_bytes: 1/N, ZeRO-3
         activations=activation_bytes(shape, micro_batch_tokens, gradient_checkpointing=gradient_checkpointing,
                                      bytes_per_value=value_bytes),
         logits=3 * LOGIT_CHUNK * shape.vocab_size * 4,
         rollout=rollout, reference=P * value_bytes if with_reference else 0.0,
         critic=(w + g + o) * critic_params, stage=stage_name, world_size=world_size, trainable=trainable_params,
+        quantized=quantized_params,
     )
+
+
+def base_weight_bytes(num_params: int, quantized_params: int, value_bytes: int) -> float:
+    """Bytes of the base model's whole weights: `value_bytes` each, or with `quantized_params` > 0 (QLoRA)
+    those in NF4 (0.5159 bytes) and the others in float32 (peft's prepare_model_for_kbit_training casts them)."""
+    if not quantized_params:
+        return float(num_params * value_bytes)
+    return quantized_params * NF4_BYTES + (num_params - quantized_params) * 4.0
 
 
 def model_shape(config) -> ModelShape:
@@ -201,6 +226,15 @@ def lora_trainable_params(config, target_modules: list[str], modules_to_save: li
     return count
 
 
+def quantized_params(config) -> int:
+    """Weights QLoRA stores in 4-bit on a transformers config (built on the meta device): those of every linear
+    layer but the output head (transformers keeps the head unquantised); their biases stay unquantised."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+
+
 def estimate_from_config(cfg, world_size: int, gpu_memory_gb: float = 80.0) -> MemoryEstimate:
     """The plan of a run config (model facts from `grpo.model_facts` when known, else its config.json)."""
     facts = facts_for(cfg.model.path)
@@ -222,6 +256,7 @@ def estimate_from_config(cfg, world_size: int, gpu_memory_gb: float = 80.0) -> M
         with_reference=cfg.algorithm.uses_reference() and not lora.r,  # LoRA: the base, adapters off
         offload_optimizer=b.offload_optimizer, offload_params=b.offload_params, stage_name=b.name,
         trainable_params=trainable, critic_params=critic_params(config) if cfg.algorithm.loop == "ppo" else 0,
+        quantized_params=quantized_params(config) if lora.qlora else 0,
     )
 
 

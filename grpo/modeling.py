@@ -10,6 +10,9 @@ are noised too. TRL and verl turn it off for the same reason.
 With `model.lora.r > 0` the trained policy is the model wrapped in LoRA adapters (`grpo.lora`):
 `load_train_policy` adds fresh adapters, or loads a checkpoint's `adapter/` over the base model.
 `load_policy` of an adapter directory (for `grpo-eval`) loads its base and merges the adapters in.
+With `model.lora.qlora=true` the base is loaded in 4-bit (`grpo.lora.quantization_config`) and prepared for
+adapters, fresh or resumed alike; `grpo-eval` of a QLoRA adapter merges it into the float base, which
+computes close to, not exactly, what was trained (the 4-bit rounding of the base is not in it).
 """
 
 from __future__ import annotations
@@ -23,7 +26,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo.checkpoint import CheckpointError
 from grpo.config import Config, ConfigError
-from grpo.lora import adapter_base, add_adapters, is_adapter_dir, load_adapters, trainable_parameters
+from grpo.lora import (
+    adapter_base,
+    add_adapters,
+    is_adapter_dir,
+    load_adapters,
+    prepare_quantized,
+    quantization_config,
+    trainable_parameters,
+)
 from grpo.warmstart import WarmStart, warm_start_report, warm_started_tiny
 
 log = logging.getLogger("grpo")
@@ -78,7 +89,9 @@ def load_train_policy(cfg: Config, checkpoint: Path | None):
     if not cfg.model.lora.r:
         path = str(checkpoint / "policy") if checkpoint is not None else cfg.model.path
         return load_policy(path, cfg, checkpoint=checkpoint is not None)
-    model, tokenizer = load_policy(cfg.model.path, cfg)
+    model, tokenizer = load_policy(cfg.model.path, cfg, quantize=cfg.model.lora.qlora)
+    if cfg.model.lora.qlora:
+        model = prepare_quantized(model, cfg.backend.gradient_checkpointing)
     if checkpoint is None:
         policy = add_adapters(model, cfg.model.lora, seed=cfg.seed)  # the same on every rank
     else:
@@ -88,24 +101,27 @@ def load_train_policy(cfg: Config, checkpoint: Path | None):
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointError(f"checkpoint {checkpoint / 'adapter'} is unreadable: {first}") from None
     trainable, total = trainable_parameters(policy)
-    log.info("LoRA r=%d: %d trainable parameters of %d (%.2f%%)", cfg.model.lora.r, trainable, total,
-             100 * trainable / total)
+    log.info("%s r=%d: %d trainable parameters of %d (%.2f%%)", "QLoRA" if cfg.model.lora.qlora else "LoRA",
+             cfg.model.lora.r, trainable, total, 100 * trainable / total)
     return policy, tokenizer
 
 
-def load_policy(path: str, cfg: Config, *, checkpoint: bool = False):
+def load_policy(path: str, cfg: Config, *, checkpoint: bool = False, quantize: bool = False):
     """The model and tokenizer at `path`. Code shipped with a model runs only with
     `model.trust_remote_code=true`; a checkpoint's weights are read from safetensors only.
-    An adapter directory (a LoRA checkpoint's `adapter/`) gives its base model with the adapters merged."""
+    An adapter directory (a LoRA checkpoint's `adapter/`) gives its base model with the adapters merged.
+    With `quantize` the linear layers are loaded in 4-bit NF4 (QLoRA's base), computing in `model.dtype`."""
     if is_adapter_dir(path):
         base, tokenizer = load_policy(adapter_base(path), cfg)
         return load_adapters(base, path).merge_and_unload(), tokenizer
     dtype = getattr(torch, cfg.model.dtype)
     trust = cfg.model.trust_remote_code
+    quantized = quantization_config(dtype) if quantize else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust,
-                                                     use_safetensors=True if checkpoint else None)
+                                                     use_safetensors=True if checkpoint else None,
+                                                     quantization_config=quantized)
     except Exception as e:  # noqa: BLE001 - OSError, a refused remote-code prompt, a corrupt safetensors header...
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         if checkpoint:

@@ -9,22 +9,25 @@ test can check that 2 ranks x B groups give what 1 rank x 2B groups gives.
     torchrun --nproc_per_node 2 tests/data_parallel_step.py --backend ddp --out out.pt
 
 With `--lora-r R` the model trains LoRA adapters of rank R (tests/test_lora.py); their B matrices are
-drawn at random rather than zero, so that A gets a gradient in this one step too.
+drawn at random rather than zero, so that A gets a gradient in this one step too; with `--qlora` as well,
+the base under them is loaded in 4-bit NF4 (grpo.lora.quantization_config), the same on every rank.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from grpo import distributed as dist
 from grpo.backends import build_backend
 from grpo.batch import layout_batch
 from grpo.cli import drop_launcher_args
 from grpo.config import AlgorithmConfig, LoraOptions
-from grpo.lora import add_adapters
-from grpo.tiny import build_char_tokenizer, build_tiny_model
+from grpo.lora import add_adapters, prepare_quantized, quantization_config
+from grpo.tiny import build_char_tokenizer, build_tiny_model, save_tiny
 from grpo.update import update_policy
 
 
@@ -59,6 +62,7 @@ def main() -> None:
     parser.add_argument("--loss-agg", default="token_mean")
     parser.add_argument("--poison-rank", type=int, default=-1, help="this rank's loss is made infinite")
     parser.add_argument("--lora-r", type=int, default=0, help="train LoRA adapters of this rank; 0 = every weight")
+    parser.add_argument("--qlora", action="store_true", help="with --lora-r: the base in 4-bit NF4")
     parser.add_argument("--packing", default="padded", help="backend.packing of the log-prob forward")
     args = parser.parse_args(drop_launcher_args(__import__("sys").argv[1:]))
     torch.set_num_threads(1)
@@ -66,6 +70,8 @@ def main() -> None:
 
     tok = build_char_tokenizer()
     model = build_tiny_model(len(tok), seed=0)  # the same initial weights on every rank
+    if args.qlora:  # the same model, its linear layers in 4-bit
+        model = quantized_tiny_model(Path(args.out).with_suffix(".model"))
     if args.lora_r:
         model = with_random_adapters(model, args.lora_r)
     prompts, completions, advantages = fixed_batch(args.groups, args.group_size)
@@ -88,8 +94,8 @@ def main() -> None:
         trained = [(n, p) for n, p in model.named_parameters() if n in before]
         grads = {n: gradient_from_adam_step(before[n], p.detach().float()) for n, p in trained}
         moved = max(float((p.detach() - before[n]).abs().max()) for n, p in trained)
-        frozen_moved = max((float((p.detach() - frozen[n]).abs().max()) for n, p in model.named_parameters()
-                            if n in frozen), default=0.0)
+        frozen_moved = max((float((p.detach().float() - frozen[n].float()).abs().max())  # 4-bit: uint8
+                            for n, p in model.named_parameters() if n in frozen), default=0.0)
     if dist.is_main():
         torch.save({"loss": metrics["train/loss"], "grad_norm": metrics["optim/grad_norm"],
                     "entropy": metrics["train/entropy"], "grads": grads, "world_size": dist.world_size(),
@@ -97,6 +103,16 @@ def main() -> None:
                     "moved": moved, "frozen_moved": frozen_moved},
                    args.out)
     dist.barrier()
+
+
+def quantized_tiny_model(directory: Path) -> torch.nn.Module:
+    """The tiny model of seed 0 with its linear layers in 4-bit NF4, prepared for adapters: saved to `directory`
+    by rank 0 (under torch.distributed transformers writes on rank 0 alone), then read by every rank."""
+    if dist.is_main():
+        save_tiny(directory, seed=0)
+    dist.barrier()
+    model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization_config(torch.float32))
+    return prepare_quantized(model, gradient_checkpointing=False)
 
 
 def with_random_adapters(model: torch.nn.Module, r: int) -> torch.nn.Module:

@@ -70,7 +70,8 @@ def launcher(backend: str, ranks: int) -> list[str]:
 
 
 def env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # the caller's entries after ROOT
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 
 
 def launch(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:

@@ -109,8 +109,8 @@ def test_lora_plan_counts_gradients_and_optimiser_of_the_adapters_only_and_no_re
                   rollout_engine="hf", rollout_sequences=3, max_new_tokens=5)
     full = estimate(shape, **common, with_reference=True)
     lora = estimate(shape, **common, trainable_params=10_000_000)
-    # weights 2 bytes x 1e9 either way; gradients 2 and Adam 12 bytes x 1e7 trained parameters only
-    assert (lora.weights, lora.gradients, lora.optimizer) == (2e9, 2e7, 1.2e8)
+    # weights 2 bytes x 1e9 either way, plus the 1e7 adapters' 2e7; gradients 2 and Adam 12 bytes x 1e7 trained only
+    assert (lora.weights, lora.gradients, lora.optimizer) == (2e9 + 2e7, 2e7, 1.2e8)
     assert (full.gradients, full.optimizer, full.reference) == (2e9, 1.2e10, 2e9)
     assert "LoRA: 10,000,000 parameters trained" in lora.table()
 
