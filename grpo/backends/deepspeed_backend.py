@@ -151,6 +151,10 @@ class DeepSpeedBackend:
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
 
     def load_sharded(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+        """DeepSpeed's own checkpoint. A 4-bit base (QLoRA) saves its quantisation state (absmax, quant_map...)
+        beside each packed weight, which the layers do not take back (the state is rebuilt when the base is
+        loaded from model.path): those keys, and only under a 4-bit base, are not required to match."""
+        strict = not getattr(self.policy, "is_loaded_in_4bit", False)
+        path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_module_strict=strict)
         if path is None:
             raise RuntimeError(f"checkpoint {directory}: DeepSpeed found nothing to load")
