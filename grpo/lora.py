@@ -34,6 +34,7 @@ quantisation state staying whole on every rank.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import re
 from dataclasses import dataclass
@@ -71,6 +72,9 @@ def add_adapters(model: torch.nn.Module, options: LoraOptions, seed: int = 0) ->
 def quantization_config(dtype: torch.dtype) -> BitsAndBytesConfig:
     """QLoRA's 4-bit base for `from_pretrained`: NF4 weights in blocks of 64, their absmax scales
     quantised again (double quantisation), matmuls in `dtype` (the run's `model.dtype`)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("model.lora.qlora: the 4-bit base needs bitsandbytes, which is not installed "
+                          "(pip install 'bitsandbytes>=0.50'; scripts/install.sh installs it)")
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype)
 

@@ -16,6 +16,7 @@ the refusals (vLLM, checkpoint.merge_lora) in its refusal table.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -24,7 +25,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from grpo.backends import build_backend
-from grpo.config import LoraOptions
+from grpo.config import ConfigError, LoraOptions
 from grpo.logprobs import sequence_logprobs
 from grpo.lora import AdapterDisabled, add_adapters, prepare_quantized, quantization_config, trainable_parameters
 from grpo.memory import NF4_BYTES, GiB, ModelShape, estimate, estimate_from_config, quantized_params
@@ -127,6 +128,14 @@ def test_a_qlora_grpo_run_trains_the_adapters_through_the_loop(tmp_path, warm_ti
     adapter = load_file(ckpt / "adapter" / "adapter_model.safetensors")
     assert all("lora_" in k for k in adapter) and not (ckpt / "policy").exists()  # the adapters alone
     assert max(float(t.abs().max()) for k, t in adapter.items() if "lora_B" in k) > 0  # B left zero: it trained
+
+
+def test_a_missing_bitsandbytes_is_named_before_any_loading(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"model\.lora\.qlora: .*bitsandbytes.*not installed"):
+        quantization_config(torch.float32)
 
 
 # --- the memory plan ---
