@@ -8,8 +8,8 @@
 - an optimiser step after a sampling forward moves every adapter and no 4-bit byte;
 - a short GRPO run through the real loop: finite loss and gradient, the sampler on the trainer's arithmetic,
   the adapters saved alone;
-- the memory plan: NF4's bytes per weight against bitsandbytes' own tensors, a hand-worked plan, and the
-  7B recipe's weights under QLoRA against LoRA's.
+- the memory plan: NF4's bytes per weight against bitsandbytes' own tensors, a hand-worked plan, the
+  7B recipe's weights under QLoRA against LoRA's, and scripts.bench.qlora_memory's measure against the plan.
 Resume exactness and the 2-rank invariance over a 4-bit base are in tests/test_lora.py (parametrised there);
 the refusals (vLLM, checkpoint.merge_lora) in its refusal table.
 """
@@ -30,6 +30,7 @@ from grpo.logprobs import sequence_logprobs
 from grpo.lora import AdapterDisabled, add_adapters, prepare_quantized, quantization_config, trainable_parameters
 from grpo.memory import NF4_BYTES, GiB, ModelShape, estimate, estimate_from_config, quantized_params
 from grpo.modeling import load_train_policy
+from scripts.bench.qlora_memory import main as bench_qlora_memory
 from tests.conftest import compose
 from tests.test_lora import HAS_BNB, NEEDS_BNB, PROJECTIONS, _train, perturb_adapters, random_batch
 
@@ -182,3 +183,14 @@ def test_qwen_7b_recipe_plans_less_under_qlora_than_lora():
     assert qlora.weights == expected and round(expected / GiB, 2) == 7.50
     assert round(lora.weights / GiB, 2) == 14.49
     assert qlora.total < lora.total and lora.total - qlora.total == lora.weights - qlora.weights
+
+
+@NEEDS_BNB
+def test_bench_measures_what_the_plan_says(capsys):
+    bench_qlora_memory(["--lora-r", "4"])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "LoRA" in line}
+    (lora_held, lora_plan, lora_trained, _), (q_held, q_plan, q_trained, _) = rows["LoRA"], rows["QLoRA"]
+    assert lora_held == lora_plan and lora_trained == q_trained  # float32: 4 bytes a weight, exactly
+    assert abs(float(q_held) - float(q_plan)) < 0.05  # MiB: NF4's code books (16 + 256 floats a layer) unplanned
+    assert float(q_held) < float(lora_held) / 5
