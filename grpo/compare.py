@@ -22,6 +22,12 @@ whether their intervals exclude zero, `runs.csv` (every run) and `compare.png` (
 against samples and against minutes, with the seeds' range). Minutes to the best are training time: the sum of
 the run's step times (sampling, updates, evaluation; DPO's includes building its pairs), which leaves out process
 start and model loading; the wall column has everything.
+
+A comparison that stops (a crash, a kill, a machine taken back) loses only the run it was in: each finished
+run leaves `compare_run.json` in its directory (its overrides, wall seconds, peak memory), and the same
+command again reuses those runs and launches the rest with `resume=auto`, so an interrupted run continues from
+its last checkpoint (its wall then counts its last launch only). A directory whose record names other
+overrides belongs to another comparison and is refused.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from grpo.config import CONFIG_DIR, ConfigError, register_configs, validate
 from grpo.run import train_from_config
 
 log = logging.getLogger("grpo.compare")
+RUN_RECORD = "compare_run.json"  # written in a run's directory once it finished: what a rerun reuses
 
 # What each name runs: grpo-train overrides. `{rm}` is the reward model directory.
 ALGORITHMS: dict[str, list[str]] = {
@@ -145,6 +152,33 @@ def launch(module: str, overrides: list[str], log_path: Path, in_process: bool) 
     return time.perf_counter() - start, usage.ru_maxrss / 1024
 
 
+def finished_run(directory: Path, overrides: list[str]) -> dict | None:
+    """The record of a run that finished in `directory` with these `overrides`, or None if it never finished.
+    Refuses a record with other overrides: the directory belongs to another comparison."""
+    path = directory / RUN_RECORD
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if record["overrides"] != overrides:
+        raise ConfigError(f"out_dir: {path} records a run with other overrides than this comparison's "
+                          f"({' '.join(record['overrides'])}); choose another out_dir")
+    return record
+
+
+def launch_once(module: str, overrides: list[str], directory: Path, log_path: Path, in_process: bool) -> dict:
+    """The record of `python -m module overrides` run into `directory`: reused if it finished before, else
+    launched (with `resume=auto` for training runs: an interrupted one continues) and recorded."""
+    record = finished_run(directory, overrides)
+    if record is not None:
+        log.info("%s: reused (finished earlier, %s)", directory, RUN_RECORD)
+        return {**record, "reused": True}
+    extra = ["resume=auto"] if module == "grpo.train" else []
+    wall, peak = launch(module, [*overrides, *extra], log_path, in_process)
+    record = {"overrides": overrides, "wall_s": wall, "peak_mib": peak}
+    (directory / RUN_RECORD).write_text(json.dumps(record, indent=1))
+    return {**record, "reused": False}
+
+
 def reward_model_for(cfg: CompareConfig) -> tuple[str | None, list[str]]:
     """The RM directory ppo_rlhf scores with (trained here, on the first seed, unless given) and notes."""
     if "ppo_rlhf" not in cfg.algorithms:
@@ -154,7 +188,8 @@ def reward_model_for(cfg: CompareConfig) -> tuple[str | None, list[str]]:
     rm_dir = Path(cfg.out_dir) / "reward_model_run"
     overrides = [f"run_dir={rm_dir}", f"seed={cfg.seeds[0]}", f"threads={cfg.threads}", "progress_bar=false",
                  *cfg.rm_overrides]
-    wall, _ = launch("reward_models.train", overrides, Path(cfg.out_dir) / "logs" / "reward_model.log", cfg.in_process)
+    wall = launch_once("reward_models.train", overrides, rm_dir, Path(cfg.out_dir) / "logs" / "reward_model.log",
+                       cfg.in_process)["wall_s"]
     rows = [json.loads(line) for line in (rm_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     acc = next((r["rm/eval_pair_accuracy"] for r in reversed(rows) if "rm/eval_pair_accuracy" in r), None)
     note = (f"PPO-RLHF reward model: trained by grpo-rm-train on the built-in preference set in {wall / 60:.1f} min "
@@ -182,11 +217,14 @@ def compare(cfg: CompareConfig) -> list[dict]:
     runs: dict[str, list[dict]] = {LABELS[name]: [] for name in cfg.algorithms}
     curves: dict[str, list[list[dict]]] = {LABELS[name]: [] for name in cfg.algorithms}
     outcomes: dict[str, list[dict]] = {LABELS[name]: [] for name in cfg.algorithms}  # per seed: final outcomes
+    reused = 0
     for seed in cfg.seeds:  # seed-major: a comparison stopped early has every arm on its first seeds
         for name in cfg.algorithms:
             overrides = run_overrides(cfg, name, rm_path, seed)
             log.info("%s, seed %d: grpo-train %s", name, seed, " ".join(overrides))
-            wall, peak = launch("grpo.train", overrides, out / "logs" / f"{name}_seed{seed}.log", cfg.in_process)
+            record = launch_once("grpo.train", overrides, run_dir(cfg, name, seed),
+                                 out / "logs" / f"{name}_seed{seed}.log", cfg.in_process)
+            wall, peak, reused = record["wall_s"], record["peak_mib"], reused + record["reused"]
             points = curve(run_dir(cfg, name, seed) / "metrics.jsonl", per_step, offline=name == "dpo")
             curves[LABELS[name]].append(points)
             outcomes[LABELS[name]].append(outcomes_at(run_dir(cfg, name, seed), points[-1]["step"]))
@@ -197,7 +235,9 @@ def compare(cfg: CompareConfig) -> list[dict]:
     diffs = differences(runs, outcomes)
     notes += [f"budget {cfg.budget_samples:,} generated samples per algorithm and seed; seeds {list(cfg.seeds)} "
               f"(each seeds its run and its warm start); whole comparison "
-              f"{(time.perf_counter() - start) / 60:.1f} min wall",
+              f"{(time.perf_counter() - start) / 60:.1f} min wall"
+              + (f" ({reused} of {len(cfg.seeds) * len(cfg.algorithms)} runs reused from an earlier invocation)"
+                 if reused else ""),
               "intervals: 95%, bootstrap over seeds and, within each seed, over the evaluation problems "
               "(10,000 replicates); differences paired by seed, and by problem where both runs logged which of "
               "the same problems they solved",

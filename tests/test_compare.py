@@ -43,3 +43,32 @@ def test_short_comparison_on_two_seeds_writes_every_arm_and_run(tmp_path, warm_t
     assert (tmp_path / "compare.png").stat().st_size > 10_000
     for name in cfg.algorithms:
         assert (tmp_path / name / "seed_1" / "metrics.jsonl").exists()
+
+
+def test_a_comparison_run_again_reuses_finished_runs_and_resumes_the_interrupted_one(tmp_path, warm_tiny_dir, caplog):
+    from grpo.compare import RUN_RECORD, CompareConfig, compare
+    from grpo.config import ConfigError
+
+    cfg = CompareConfig(out_dir=str(tmp_path), algorithms=["grpo", "sft"], budget_samples=64, prompts_per_step=8,
+                        group_size=8, eval_every_samples=32, threads=1, in_process=True, seeds=[0, 1],
+                        run_overrides=["task.arithmetic.num_eval=30", "task.arithmetic.num_ood=10",
+                                       "model.warm_start.seed=0"])
+    first = {r["algorithm"]: r["final_accuracy"].mean for r in compare(cfg)}
+    metrics = sorted(tmp_path.glob("*/seed_*/metrics.jsonl"))
+    assert len(metrics) == 4 and all((m.parent / RUN_RECORD).exists() for m in metrics)
+    written = {m: m.stat().st_mtime_ns for m in metrics}
+
+    # as if the comparison had been killed inside grpo/seed_1: no record there; the rest is reused as it is
+    (tmp_path / "grpo" / "seed_1" / RUN_RECORD).unlink()
+    with caplog.at_level("INFO"):
+        again = {r["algorithm"]: r["final_accuracy"].mean for r in compare(cfg)}
+    assert any(m.startswith("resuming from ") and "grpo/seed_1/checkpoints" in m for m in caplog.messages)
+    assert again == first
+    rerun = [m for m in metrics if m.stat().st_mtime_ns != written[m]]
+    assert rerun == [tmp_path / "grpo" / "seed_1" / "metrics.jsonl"]  # resumed from its checkpoint, nothing else
+    assert "3 of 4 runs reused from an earlier invocation" in (tmp_path / "compare.md").read_text()
+
+    # another comparison's runs in the same out_dir are refused, naming the field and the record
+    other = CompareConfig(**{**cfg.__dict__, "budget_samples": 128})
+    with pytest.raises(ConfigError, match=rf"out_dir: .*grpo/seed_0/{RUN_RECORD} records a run with other"):
+        compare(other)
