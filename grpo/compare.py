@@ -84,7 +84,7 @@ class CompareConfig:
     dpo_eval_every: int = field(default=10, metadata={"help": "DPO optimiser steps between evaluations"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={
         "help": "every algorithm runs once per seed (its run seed and warm-start seed); intervals need >= 2"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads per run; 0 = torch's default"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads per run; 0 = torch's default"})
     run_overrides: list[str] = field(default_factory=list, metadata={"help": "grpo-train overrides given to every run"})
     reward_model_path: str | None = field(default=None, metadata={"help": "ppo_rlhf's RM; null: train one first"})
     rm_overrides: list[str] = field(default_factory=list, metadata={"help": "grpo-rm-train overrides when training it"})
