@@ -185,10 +185,15 @@ def base_weight_bytes(num_params: int, quantized_params: int, value_bytes: int) 
     return quantized_params * NF4_BYTES + (num_params - quantized_params) * 4.0
 
 
+def meta_model(config) -> torch.nn.Module:
+    """The causal LM of a transformers config on the meta device: its modules and parameter shapes, no memory."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def model_shape(config) -> ModelShape:
     """The shape of a transformers config; parameters counted on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(config)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -199,8 +204,7 @@ def model_shape(config) -> ModelShape:
 def critic_params(config) -> int:
     """Parameters of PPO's value model on a transformers config: the causal LM's backbone (counted on the
     meta device) under a one-output head, `hidden + 1` (grpo.ppo.load_critic)."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(config)
     head = model.get_output_embeddings()
     backbone = sum(p.numel() for p in model.parameters())
     if not getattr(config, "tie_word_embeddings", False):
@@ -212,8 +216,7 @@ def lora_trainable_params(config, target_modules: list[str], modules_to_save: li
     """Parameters LoRA of rank r trains on a transformers config (built on the meta device): r x (in + out)
     per adapted linear layer (named in `target_modules`, or every linear layer but the output head, as
     peft's all-linear), and every parameter of `modules_to_save`."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(config)
     head = model.get_output_embeddings()
     count = 0
     for name, module in model.named_modules():
@@ -229,8 +232,7 @@ def lora_trainable_params(config, target_modules: list[str], modules_to_save: li
 def quantized_params(config) -> int:
     """Weights QLoRA stores in 4-bit on a transformers config (built on the meta device): those of every linear
     layer but the output head (transformers keeps the head unquantised); their biases stay unquantised."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(config)
     head = model.get_output_embeddings()
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
 
