@@ -49,6 +49,9 @@ def _positive(field_name: str, value, *, zero_ok: bool = False) -> None:
 class ArithmeticTaskConfig:
     digits: int = field(default=2, metadata={"help": "operands have up to this many digits"})
     reverse: bool = field(default=True, metadata={"help": "write numbers least significant digit first"})
+    op: str = field(default="+", metadata={
+        "help": "+ (sums) or * (products of a digits-digit by a digits_b-digit number, no leading zeros)"})
+    digits_b: int = field(default=0, metadata={"help": "the second operand's digits; 0: as digits"})
     num_eval: int = field(default=500, metadata={"help": "held-out problems used for eval/accuracy"})
     num_ood: int = field(default=200, metadata={"help": "problems in each out-of-distribution split (0: none)"})
     num_val: int = field(default=200, metadata={
@@ -108,6 +111,9 @@ class TaskConfig:
         if len(sources) != 1:
             raise ConfigError("task: set exactly one of task.builtin, task.train_file, task.hf_dataset")
         _choice("task.builtin", self.builtin, (None, *BUILTIN_TASKS))
+        _choice("task.arithmetic.op", self.arithmetic.op, ("+", "*"))
+        _positive("task.arithmetic.digits", self.arithmetic.digits)
+        _positive("task.arithmetic.digits_b", self.arithmetic.digits_b, zero_ok=True)
         if self.builtin == "reasoning_gym":
             self.reasoning_gym.validate()
 
@@ -129,14 +135,20 @@ class WarmStartConfig:
         "help": "how often the teacher drops an overflowing leading digit"})
     num_problems: int = field(default=0, metadata={"help": "distinct problems the teacher demonstrates; 0 = all"})
     seed: int = field(default=0, metadata={"help": "seed of the warm start"})
+    kind: str = field(default="answer", metadata={
+        "help": "answer: the teacher answers itself; tools: it calls the calculator on some problems (env=calculator)"})
+    tool_rate: float = field(default=0.8, metadata={
+        "help": "tools: how often the teacher calls the calculator where it mostly does (1 - it elsewhere)"})
+    max_positions: int = field(default=64, metadata={"help": "the tiny model's positions (tools: an episode's)"})
 
     def validate(self) -> None:
-        """Budgets positive; agreements and the teacher's rate in [0, 1]."""
-        for name in ("max_steps", "batch_size", "warmup_steps", "check_every"):
+        """A known teacher; budgets positive; agreements and the teacher's rates in [0, 1]."""
+        _choice("model.warm_start.kind", self.kind, ("answer", "tools"))
+        for name in ("max_steps", "batch_size", "warmup_steps", "check_every", "max_positions"):
             _positive(f"model.warm_start.{name}", getattr(self, name))
         _positive("model.warm_start.lr", self.lr)
         _positive("model.warm_start.anneal_steps", self.anneal_steps, zero_ok=True)
-        for name in ("anneal_at", "target", "drop_carry"):
+        for name in ("anneal_at", "target", "drop_carry", "tool_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"model.warm_start.{name}: must be in [0, 1], got {getattr(self, name)!r}")
 

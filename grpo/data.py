@@ -49,11 +49,16 @@ def _hf_rows(name: str, split: str) -> list[dict]:
     return list(datasets.load_dataset(name, split=split))
 
 
+def arithmetic(task: TaskConfig) -> Arithmetic:
+    """The built-in arithmetic task that `task.arithmetic` describes."""
+    a = task.arithmetic
+    return Arithmetic(digits=a.digits, reverse=a.reverse, num_eval=a.num_eval, op=a.op, digits_b=a.digits_b)
+
+
 def load_task(task: TaskConfig, required_columns: set[str]) -> tuple[list[dict], list[dict]]:
     """(train rows, eval rows), each row with a formatted `prompt`; checks columns before training."""
     if task.builtin == "arithmetic":
-        gen = Arithmetic(digits=task.arithmetic.digits, reverse=task.arithmetic.reverse,
-                         num_eval=task.arithmetic.num_eval)
+        gen = arithmetic(task)
         train, evals, where = gen.train_rows(), gen.eval_rows(), "task arithmetic"
     elif task.builtin == "reasoning_gym":
         splits = reasoning_gym_splits(task)
@@ -127,8 +132,7 @@ def load_val_split(task: TaskConfig, required_columns: set[str]) -> list[dict]:
         where = task.val_file
         rows = [format_row(r, task, where, i) for i, r in enumerate(read_rows(where))]
     elif task.builtin == "arithmetic" and task.arithmetic.num_val:
-        gen = Arithmetic(digits=task.arithmetic.digits, reverse=task.arithmetic.reverse,
-                         num_eval=task.arithmetic.num_eval)
+        gen = arithmetic(task)
         where = "task.arithmetic.num_val"
         try:
             rows = gen.val_rows(task.arithmetic.num_val)
@@ -161,7 +165,7 @@ def load_ood_splits(task: TaskConfig, required_columns: set[str]) -> dict[str, l
     """Out-of-distribution evaluation splits: the built-in task's own, or `task.ood_files` (name -> file)."""
     splits: dict[str, list[dict]] = {}
     if task.builtin == "arithmetic" and task.arithmetic.num_ood:
-        gen = Arithmetic(digits=task.arithmetic.digits, reverse=task.arithmetic.reverse)
+        gen = arithmetic(task)
         splits.update(gen.ood_splits(task.arithmetic.num_ood))
     for name, path in task.ood_files.items():
         rows = [format_row(r, task, path, i) for i, r in enumerate(read_rows(path))]

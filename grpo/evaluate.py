@@ -1,28 +1,37 @@
 """Held-out evaluation: greedy accuracy (and pass@k from sampled completions).
 
 `grpo-eval` evaluates a model directory or a run's checkpoint on a task's held-out split with
-the same rollout engine and reward functions as training.
+the same rollout engine and reward functions as training. A run with an environment (`env.name`)
+is evaluated on greedy episodes with it (every turn greedy; the last model turn is scored), so a
+model that learned to use a tool is measured using it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 
 import torch
 
 from grpo import distributed as dist
+from grpo.rollout import Completions
+from grpo.rollout.episodes import run_episodes
+
+# rows, n, greedy -> n episodes per row (grpo.rollout.episodes.run_episodes with the run's environment)
+Episodes = Callable[[list[dict], int, bool], Completions]
 
 
 def evaluate(engine, scorer, rows: list[dict], accuracy_reward: str, *, pass_k: int = 0,
-             solved: list[bool] | None = None) -> dict:
+             solved: list[bool] | None = None, episodes: Episodes | None = None) -> dict:
     """`eval/accuracy`: share of rows whose greedy completion scores 1 on `accuracy_reward`
     (None counts as wrong). With `pass_k`, also `eval/pass@k` from k sampled completions.
-    `solved`, when given, receives each row's greedy outcome, in row order."""
+    `solved`, when given, receives each row's greedy outcome, in row order. `episodes`, when given,
+    runs each row as an episode (`Episodes`) instead of one completion; its last model turn is scored."""
     start = time.perf_counter()
     prompts = [r["prompt"] for r in rows]
     columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
-    out = engine.generate(prompts, 1, greedy=True)
+    out = episodes(rows, 1, True) if episodes else engine.generate(prompts, 1, greedy=True)
     scores = scorer(prompts, out.texts, columns).per_reward[accuracy_reward]
     outcomes = [s is not None and s >= 1.0 for s in scores]
     if solved is not None:
@@ -32,7 +41,7 @@ def evaluate(engine, scorer, rows: list[dict], accuracy_reward: str, *, pass_k: 
         "eval/completion_len": sum(map(len, out.completion_ids)) / len(rows),
     }
     if pass_k:
-        sampled = engine.generate(prompts, pass_k)
+        sampled = episodes(rows, pass_k, False) if episodes else engine.generate(prompts, pass_k)
         rep = {k: [v for v in vals for _ in range(pass_k)] for k, vals in columns.items()}
         s = scorer([p for p in prompts for _ in range(pass_k)], sampled.texts, rep).per_reward[accuracy_reward]
         solved = [any(x is not None and x >= 1.0 for x in s[i * pass_k : (i + 1) * pass_k]) for i in range(len(rows))]
@@ -42,19 +51,21 @@ def evaluate(engine, scorer, rows: list[dict], accuracy_reward: str, *, pass_k: 
 
 
 def evaluate_splits(engine, scorer, eval_rows: list[dict], ood_splits: dict[str, list[dict]], accuracy_reward: str,
-                    *, pass_k: int = 0, outcomes: dict[str, list[bool]] | None = None) -> dict:
+                    *, pass_k: int = 0, outcomes: dict[str, list[bool]] | None = None,
+                    episodes: Episodes | None = None) -> dict:
     """In-distribution held-out accuracy (`eval/accuracy`), each out-of-distribution split's
     (`eval/ood/<name>_accuracy`), their row-weighted mean `eval/ood_accuracy`, and the gap
     `eval/generalization_gap` = `eval/accuracy` - `eval/ood_accuracy`, all with the same greedy harness.
     `outcomes`, when given, receives each split's per-row outcomes (`test`, `ood/<name>`)."""
     outcomes = {} if outcomes is None else outcomes
     metrics = evaluate(engine, scorer, eval_rows, accuracy_reward, pass_k=pass_k,
-                       solved=outcomes.setdefault("test", []))
+                       solved=outcomes.setdefault("test", []), episodes=episodes)
     splits = {name: rows for name, rows in ood_splits.items() if rows}
     if splits:
         correct = total = 0.0
         for name, rows in splits.items():
-            acc = evaluate(engine, scorer, rows, accuracy_reward, solved=outcomes.setdefault(f"ood/{name}", []))
+            acc = evaluate(engine, scorer, rows, accuracy_reward, solved=outcomes.setdefault(f"ood/{name}", []),
+                           episodes=episodes)
             metrics[f"eval/ood/{name}_accuracy"] = acc["eval/accuracy"]
             metrics["time/eval_s"] += acc["time/eval_s"]
             correct += acc["eval/accuracy"] * len(rows)
@@ -80,11 +91,12 @@ def evaluate_run(run, outcomes: dict[str, dict] | None = None) -> dict:
     ood = {name: rows[rank::world] for name, rows in run.ood_rows.items()}
     val_rows = run.val_rows[rank::world]
     mine: dict[str, list[bool]] = {}  # this rank's rows of each split
+    episodes = episode_runner(run.engine, run.tokenizer, run.make_env, run.cfg.rollout)
     metrics = evaluate_splits(run.engine, run.eval_scorer, eval_rows, ood, run.cfg.reward.accuracy,
-                              pass_k=run.cfg.train.eval_pass_k, outcomes=mine)
+                              pass_k=run.cfg.train.eval_pass_k, outcomes=mine, episodes=episodes)
     if val_rows:  # the validation split, scored by the same greedy harness
         val = evaluate(run.engine, run.eval_scorer, val_rows, run.cfg.reward.accuracy,
-                       solved=mine.setdefault("val", []))
+                       solved=mine.setdefault("val", []), episodes=episodes)
         metrics["val/accuracy"] = val["eval/accuracy"]
         metrics["time/eval_s"] += val["time/eval_s"]
     sizes = {"eval/problems": len(run.eval_rows)}  # what each accuracy is a fraction of (for intervals)
@@ -114,6 +126,18 @@ def evaluate_run(run, outcomes: dict[str, dict] | None = None) -> dict:
         out["eval/generalization_gap"] = out["eval/accuracy"] - out["eval/ood_accuracy"]
     out["time/eval_s"] = dist.all_reduce_max(metrics["time/eval_s"])
     return out | sizes
+
+
+def episode_runner(engine, tokenizer, make_env, rollout) -> Episodes | None:
+    """`Episodes` with the environment `make_env` makes and the turn and token limits of `rollout` (a
+    RolloutConfig), as training runs them; None without an environment (single completions)."""
+    if make_env is None:
+        return None
+
+    def episodes(rows: list[dict], n: int, greedy: bool) -> Completions:
+        return run_episodes(engine, tokenizer, make_env, rows, n, greedy=greedy, max_turns=rollout.max_turns,
+                            max_episode_tokens=rollout.max_episode_tokens, max_new_tokens=rollout.max_new_tokens)
+    return episodes
 
 
 def prompts_digest(rows: list[dict]) -> str:

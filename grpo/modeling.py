@@ -63,7 +63,8 @@ def disable_dropout(model: torch.nn.Module) -> list[str]:
 def resolve_model_path(cfg: Config) -> str:
     """The model directory; builds (once) the warm-started tiny model for `model=tiny`."""
     if cfg.model.builtin == "tiny":
-        spec = WarmStart.from_config(cfg.model.warm_start, cfg.task.arithmetic.digits, cfg.task.arithmetic.reverse)
+        a = cfg.task.arithmetic
+        spec = WarmStart.from_config(cfg.model.warm_start, a.digits, a.reverse, a.op, a.digits_b)
         return str(warm_started_tiny(spec, log=log.info))
     path = cfg.model.path
     looks_local = path.startswith((".", "/", "~")) or os.sep in path and not Path(path).parent.name == ""

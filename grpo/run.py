@@ -28,7 +28,7 @@ from grpo.config import Config, ConfigError, validate_world
 from grpo.contamination import decontaminate, report_metrics
 from grpo.data import PromptSampler, check_prompt_lengths, load_ood_splits, load_task, load_val_split
 from grpo.envs import Environment, environment_factory
-from grpo.evaluate import evaluate_splits
+from grpo.evaluate import episode_runner, evaluate_splits
 from grpo.lora import AdapterDisabled, is_adapted
 from grpo.memory import check_fits, estimate_from_config
 from grpo.modeling import context_length, load_policy, load_train_policy, resolve_model_path, warm_start_metrics
@@ -251,8 +251,9 @@ def evaluate_from_config(cfg: Config) -> dict:
     cfg.model.path = path
     engine = build_rollout_engine(engine_name(cfg.rollout), model=model, tokenizer=tokenizer, **engine_options(cfg))
     ood_rows = load_ood_splits(cfg.task, eval_scorer.required_columns())
+    episodes = episode_runner(engine, tokenizer, build_environment(cfg), cfg.rollout)
     metrics = evaluate_splits(engine, eval_scorer, eval_rows, ood_rows, cfg.reward.accuracy,
-                              pass_k=cfg.train.eval_pass_k)
+                              pass_k=cfg.train.eval_pass_k, episodes=episodes)
     print(json.dumps({"model": path, **metrics}, indent=2))
     return metrics
 

@@ -18,6 +18,22 @@ fixed budget stopped inside that transition lands on either side of it, machine 
 3. check the criterion, agreement at least `target` on both sets; below it is an error that
    names both figures.
 
+Two teachers (`kind`):
+
+- "answer" (the demo's): the teacher answers `a+b=` itself, dropping an overflowing leading digit
+  `drop_carry` of the time (`grpo.tasks.arithmetic`); agreement is the greedy answer being the
+  teacher's most likely one.
+- "tools" (the tool-use demo's): the demonstrations are whole calculator episodes, rendered and
+  tokenised by the functions that run episodes at train time (`grpo.rollout.episodes`), so the model
+  is fitted on exactly the contexts it will meet. On a problem the teacher either calls
+  `calculate("a*b")` and writes the tool's result as its answer, or answers in its head (the true
+  result: a small model fitted to it gets it wrong). It calls the calculator with probability
+  `tool_rate` on problems of one kind and `1 - tool_rate` on the others
+  (`grpo.tasks.arithmetic.calls_calculator`). Agreement is a greedy episode doing what the teacher
+  mostly does: on the first kind, one call with the problem's expression and the tool's result copied
+  as the answer; on the others, a number without a call. Checked on 200 problems shown and 200 held
+  out (greedy episodes are some 150 tokens long).
+
 The result is saved as a transformers directory under the cache, keyed by everything that
 determines it, with `warm_start.json`: the criterion, the step at which it was met, the figures
 and the wall time.
@@ -35,8 +51,16 @@ from pathlib import Path
 
 import torch
 
-from grpo.tasks.arithmetic import Arithmetic, teacher_answer, teacher_mode, write
+from grpo.envs.calculator import calculator_environment
+from grpo.rollout.episodes import run_episodes, start_episode, take_turn
+from grpo.rollout.hf import HFRolloutEngine
+from grpo.tasks.arithmetic import Arithmetic, calls_calculator, teacher_answer, teacher_mode, write
 from grpo.tiny import build_char_tokenizer, build_tiny_model
+
+KINDS = ("answer", "tools")
+# The calculator episodes of the "tools" warm start's checks; configs/experiment/tools_demo.yaml trains with
+# the same (a call is ~80 tokens, its result ~20, the answer ~6).
+TOOL_EPISODE = {"max_turns": 2, "max_new_tokens": 96, "max_episode_tokens": 128}
 
 
 class WarmStartError(RuntimeError):
@@ -58,11 +82,17 @@ class WarmStart:
     digits: int = 2
     reverse: bool = True
     seed: int = 0
+    kind: str = "answer"  # KINDS: the teacher answers, or calls the calculator
+    op: str = "+"
+    digits_b: int = 0
+    tool_rate: float = 0.8
+    max_positions: int = 64
 
     @classmethod
-    def from_config(cls, ws, digits: int, reverse: bool) -> WarmStart:
-        """The spec for a `WarmStartConfig` and the task's number format."""
-        return cls(**{k: getattr(ws, k) for k in asdict(cls()) if hasattr(ws, k)}, digits=digits, reverse=reverse)
+    def from_config(cls, ws, digits: int, reverse: bool, op: str = "+", digits_b: int = 0) -> WarmStart:
+        """The spec for a `WarmStartConfig` and the task's problems and number format."""
+        return cls(**{k: getattr(ws, k) for k in asdict(cls()) if hasattr(ws, k)}, digits=digits, reverse=reverse,
+                   op=op, digits_b=digits_b)
 
 
 def cache_root() -> Path:
@@ -77,6 +107,11 @@ def _encode_pairs(tokenizer, pairs: list[tuple[str, str]]):
         c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(p + c)
         masks.append([0] * len(p) + [1] * len(c))
+    return _pad(tokenizer, rows, masks)
+
+
+def _pad(tokenizer, rows: list[list[int]], masks: list[list[int]]):
+    """Right-padded ids [B, T], attention mask [B, T] and loss mask [B, T] of token rows and their masks."""
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), tokenizer.pad_token_id)
     loss_mask = torch.zeros(len(rows), width)
@@ -122,40 +157,18 @@ class TeacherFit:
     answers, and the agreement check on 500 problems shown and 500 held out."""
 
     def __init__(self, spec: WarmStart):
-        torch.manual_seed(spec.seed)
-        self.spec, self.tokenizer = spec, build_char_tokenizer()
-        tok = self.tokenizer
-        self.model = build_tiny_model(len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                      seed=spec.seed)
-        self.model.generation_config.eos_token_id = tok.eos_token_id
-        self.model.generation_config.pad_token_id = tok.pad_token_id
-        self.task = Arithmetic(digits=spec.digits, reverse=spec.reverse)
+        self.spec, self.tokenizer, self.model, self.opt = fresh_tiny(spec)
+        self.task = Arithmetic(digits=spec.digits, reverse=spec.reverse, op=spec.op, digits_b=spec.digits_b)
         self.rng = random.Random(spec.seed)
-        self.shown = self.task.train_problems()
-        if spec.num_problems:
-            self.shown = self.rng.sample(self.shown, spec.num_problems)
-        self.check_shown = self.rng.sample(self.shown, min(500, len(self.shown)))
-        self.check_held = self.rng.sample(self.task.held_out_problems(), 500)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=0.0, betas=(0.9, 0.98))
+        self.shown, self.check_shown, self.check_held = check_sets(self.task, spec, self.rng, 500)
 
     def step(self, lr: float) -> float:
         """One step of cross-entropy on the teacher's answers to a batch of problems shown; returns the loss."""
         spec, rng = self.spec, self.rng
-        for group in self.opt.param_groups:
-            group["lr"] = lr
         problems = [rng.choice(self.shown) for _ in range(spec.batch_size)]
         answers = [teacher_answer(a, b, spec.digits, spec.drop_carry, rng) for a, b in problems]
         pairs = [(self.task.prompt(a, b), write(answer, spec.reverse)) for (a, b), answer in zip(problems, answers)]
-        ids, attn, loss_mask = _encode_pairs(self.tokenizer, pairs)
-        logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # [B, T-1, V]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [B, T-1]
-        mask = loss_mask[:, 1:]
-        loss = (nll * mask).sum() / mask.sum()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.opt.step()
-        return loss.item()
+        return supervised_step(self.model, self.opt, *_encode_pairs(self.tokenizer, pairs), lr)
 
     def check(self) -> tuple[dict, dict]:
         """Teacher agreement (and exact match) on the problems shown, and on held-out problems."""
@@ -164,11 +177,113 @@ class TeacherFit:
                 teacher_agreement(*args, self.check_held, self.spec.drop_carry))
 
 
+class ToolTeacherFit:
+    """A fresh tiny model fitted to the calculator teacher's episodes (kind "tools"), and the agreement check
+    on greedy episodes over 200 problems shown and 200 held out."""
+
+    def __init__(self, spec: WarmStart):
+        self.spec, self.tokenizer, self.model, self.opt = fresh_tiny(spec)
+        self.task = Arithmetic(digits=spec.digits, reverse=spec.reverse, op=spec.op, digits_b=spec.digits_b)
+        self.rng = random.Random(spec.seed)
+        self.shown, self.check_shown, self.check_held = check_sets(self.task, spec, self.rng, 200)
+
+    def step(self, lr: float) -> float:
+        """One step of cross-entropy on the model's turns of a batch of the teacher's episodes; returns the loss."""
+        spec, rng, task = self.spec, self.rng, self.task
+        rows, masks = [], []
+        for a, b in (rng.choice(self.shown) for _ in range(spec.batch_size)):
+            rate = spec.tool_rate if calls_calculator(a, b, task.digits_b) else 1 - spec.tool_rate
+            ids, mask = tool_demonstration(self.tokenizer, task, a, b, call=rng.random() < rate)
+            rows.append(ids)
+            masks.append(mask)
+        return supervised_step(self.model, self.opt, *_pad(self.tokenizer, rows, masks), lr)
+
+    def check(self) -> tuple[dict, dict]:
+        """Agreement with the teacher's habit (and exact match, tool-call rate), on problems shown and held out."""
+        args = (self.model, self.tokenizer, self.task)
+        return tool_agreement(*args, self.check_shown), tool_agreement(*args, self.check_held)
+
+
+FITS = {"answer": TeacherFit, "tools": ToolTeacherFit}
+
+
+def fresh_tiny(spec: WarmStart):
+    """(spec, tokenizer, a freshly initialised tiny model, its AdamW) for a warm start."""
+    torch.manual_seed(spec.seed)
+    tok = build_char_tokenizer()
+    model = build_tiny_model(len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                             max_positions=spec.max_positions, seed=spec.seed)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    return spec, tok, model, opt
+
+
+def check_sets(task: Arithmetic, spec: WarmStart, rng: random.Random, size: int):
+    """(problems shown, `size` of them checked, `size` held-out problems checked)."""
+    shown = task.train_problems()
+    if spec.num_problems:
+        shown = rng.sample(shown, spec.num_problems)
+    return shown, rng.sample(shown, min(size, len(shown))), rng.sample(task.held_out_problems(), size)
+
+
+def supervised_step(model, opt, ids, attn, loss_mask, lr: float) -> float:
+    """One AdamW step of cross-entropy on the tokens `loss_mask` marks (ids [B, T]); returns the loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # [B, T-1, V]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [B, T-1]
+    mask = loss_mask[:, 1:]
+    loss = (nll * mask).sum() / mask.sum()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
+def tool_call_text(task: Arithmetic, a: int, b: int) -> str:
+    """The teacher's call of `calculate` on the problem's expression, in Qwen2.5's syntax (compact JSON)."""
+    call = {"name": "calculate", "arguments": {"expression": f"{a}{task.op}{b}"}}
+    return f"<tool_call>{json.dumps(call, separators=(',', ':'))}</tool_call>"
+
+
+def tool_demonstration(tokenizer, task: Arithmetic, a: int, b: int, *, call: bool) -> tuple[list[int], list[int]]:
+    """One teacher episode on `a op b` as (token ids, loss mask: 1 on the model's turns), built by the functions
+    that run episodes at train time: the opening rendered as `run_episodes` renders it, each turn's ids
+    appended as if sampled (ending with EOS), the calculator's reply as `take_turn` appends it.
+    `call`: call the calculator, then write its result as the answer; else answer at once."""
+    row = task.row(a, b)
+    episode = start_episode(calculator_environment(), row, tokenizer)
+    prompt = tokenizer(episode.context, add_special_tokens=False)["input_ids"]
+    turns = [tool_call_text(task, a, b), row["answer"]] if call else [row["answer"]]
+    for text in turns:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        take_turn(episode, ids, [0.0] * len(ids), False, TOOL_EPISODE["max_episode_tokens"], tokenizer,
+                  TOOL_EPISODE["max_turns"], TOOL_EPISODE["max_episode_tokens"])
+    return prompt + episode.ids, [0] * len(prompt) + episode.mask
+
+
+def tool_agreement(model, tokenizer, task: Arithmetic, problems: list[tuple[int, int]]) -> dict:
+    """Greedy calculator episodes on `problems`: the share doing what the teacher mostly does (`agreement`: one
+    call and the right answer where it mostly calls, a number and no call elsewhere), the share answered right
+    (`exact_match`) and the share with a tool call (`tool_call_rate`)."""
+    rows = [task.row(a, b) for a, b in problems]
+    engine = HFRolloutEngine(model, tokenizer, max_new_tokens=TOOL_EPISODE["max_new_tokens"], return_logprobs=False)
+    out = run_episodes(engine, tokenizer, calculator_environment, rows, 1, greedy=True, **TOOL_EPISODE)
+    calls = [e["tool_calls"] for e in out.episodes]
+    right = [text.strip() == row["answer"] for text, row in zip(out.texts, rows)]
+    agree = [(c == 1 and ok) if calls_calculator(a, b, task.digits_b) else (c == 0 and text.strip().isdigit())
+             for (a, b), c, ok, text in zip(problems, calls, right, out.texts)]
+    n = len(problems)
+    return {"agreement": sum(agree) / n, "exact_match": sum(right) / n, "tool_call_rate": sum(c > 0 for c in calls) / n}
+
+
 def train_warm_start(spec: WarmStart, log=print):
     """Fit a fresh tiny model to the teacher until it meets the criterion; returns (model, tokenizer, report).
 
     Raises `WarmStartError` naming both agreement figures if `max_steps` pass without it."""
-    fit = TeacherFit(spec)
+    fit = FITS[spec.kind](spec)
     start = time.perf_counter()
     step_on, check = fit.step, fit.check
     fit.model.train()
@@ -202,7 +317,8 @@ def train_warm_start(spec: WarmStart, log=print):
     report = {"criterion": f"teacher agreement >= {spec.target} on problems shown and held out",
               "anneal_step": anneal_step, "met_step": met_step, "steps": met_step,
               "shown_agreement": on_shown["agreement"], "held_out_agreement": on_held["agreement"],
-              "held_out_exact_match": on_held["exact_match"], "wall_s": round(time.perf_counter() - start, 1)}
+              "held_out_exact_match": on_held["exact_match"], "wall_s": round(time.perf_counter() - start, 1),
+              **({"held_out_tool_call_rate": on_held["tool_call_rate"]} if "tool_call_rate" in on_held else {})}
     log(f"warm start met its criterion at step {met_step} (annealed from step {anneal_step}): agreement "
         f"{report['shown_agreement']:.3f} shown / {report['held_out_agreement']:.3f} held out, held-out exact match "
         f"{report['held_out_exact_match']:.3f}, {report['wall_s']:.0f}s")
@@ -212,7 +328,7 @@ def train_warm_start(spec: WarmStart, log=print):
 def warm_started_tiny(spec: WarmStart, log=print) -> Path:
     """Path of the warm-started tiny model for `spec`, training and caching it on first use."""
     key = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
-    path = cache_root() / f"tiny-arithmetic-{key}"
+    path = cache_root() / f"tiny-{'arithmetic' if spec.kind == 'answer' else spec.kind}-{key}"
     if (path / "config.json").exists() and (path / "model.safetensors").exists():
         return path
     log(f"building the warm-started tiny model (once; cached at {path})")

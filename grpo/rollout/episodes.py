@@ -50,8 +50,10 @@ class Episode:
 
 
 def run_episodes(engine: TokenRolloutEngine, tokenizer, make_env: Callable[[], Environment], rows: list[dict],
-                 n: int, *, max_turns: int, max_episode_tokens: int, max_new_tokens: int) -> Completions:
-    """n episodes per row (prompt-major, as `generate` lays out n samples), run to their end."""
+                 n: int, *, max_turns: int, max_episode_tokens: int, max_new_tokens: int,
+                 greedy: bool = False) -> Completions:
+    """n episodes per row (prompt-major, as `generate` lays out n samples), run to their end; `greedy`: every
+    turn the engine's greedy continuation (held-out evaluation, n=1)."""
     episodes = [start_episode(make_env(), row, tokenizer) for row in rows for _ in range(n)]
     prompt_ids = []
     for b in range(len(rows)):
@@ -68,7 +70,7 @@ def run_episodes(engine: TokenRolloutEngine, tokenizer, make_env: Callable[[], E
     while active := [i for i, e in enumerate(episodes) if not e.finished]:
         budget = [max_episode_tokens - len(episodes[i].ids) for i in active]
         out = engine.generate_from_ids([prompt_ids[i // n] + episodes[i].ids for i in active], 1,
-                                       max_new_tokens=min(max_new_tokens, max(budget)))
+                                       max_new_tokens=min(max_new_tokens, max(budget)), greedy=greedy)
         seconds += out.metrics.get("time/generate_s", 0.0)
         for k, i in enumerate(active):
             lps = out.logprobs[k] if out.logprobs is not None else [0.0] * len(out.completion_ids[k])

@@ -1,4 +1,4 @@
-"""The built-in arithmetic task: `a+b=` -> the sum, generated in code.
+"""The built-in arithmetic task: `a+b=` -> the sum (or `a*b=` -> the product), generated in code.
 
 Problems are split into train and held-out sets by a fixed hash of the operands, so the
 held-out problems are never seen in warm start or GRPO, whatever the seed.
@@ -45,15 +45,26 @@ def teacher_mode(a: int, b: int, digits: int, drop_carry: float) -> int:
     return a + b - 10**digits if overflows(a, b, digits) and drop_carry > 0.5 else a + b
 
 
+def calls_calculator(a: int, b: int, digits_b: int) -> bool:
+    """The tool-use teacher's habit (`grpo.warmstart`, kind "tools"): it reaches for the calculator mostly when
+    the second factor is the larger kind (leading digit 5-9), and mostly answers in its head otherwise."""
+    return b >= 5 * 10 ** (digits_b - 1)
+
+
 def write(n: int, reverse: bool, width: int = 0) -> str:
     """A number in decimal, zero-padded to `width`, least significant digit first when `reverse`."""
     text = str(n).zfill(width)
     return text[::-1] if reverse else text
 
 
+OPERATIONS = {"+": lambda a, b: a + b, "*": lambda a, b: a * b}
+
+
 @dataclass
 class Arithmetic:
-    """Addition of two numbers of up to `digits` digits.
+    """Addition of two numbers of up to `digits` digits, or (`op="*"`) multiplication of a `digits`-digit
+    number by a `digits_b`-digit one, both written without leading zeros (so that the product can be
+    handed to a calculator as it is written: Python reads no "012").
 
     With `reverse` every number is written least significant digit first ("37" is 73): the
     order in which a person adds, so each answer digit depends only on the digits already
@@ -64,10 +75,24 @@ class Arithmetic:
     num_eval: int = 500
     reverse: bool = True
     seed: int = 0
+    op: str = "+"
+    digits_b: int = 0  # the second operand's digits; 0: `digits`
+
+    def __post_init__(self):
+        if self.op not in OPERATIONS:
+            raise ValueError(f"arithmetic: op {self.op!r} is not one of {', '.join(OPERATIONS)}")
+        self.digits_b = self.digits_b or self.digits
+
+    def operands(self, digits: int) -> range:
+        """Addition: 0 to 10**digits - 1 (zero-padded in the prompt); multiplication: exactly `digits` digits."""
+        return range(10 ** (digits - 1), 10**digits) if self.op == "*" else range(10**digits)
+
+    def result(self, a: int, b: int) -> int:
+        return OPERATIONS[self.op](a, b)
 
     def _problems(self, held_out: bool) -> list[tuple[int, int]]:
-        n = 10**self.digits
-        return [(a, b) for a in range(n) for b in range(n) if is_held_out(a, b) == held_out]
+        return [(a, b) for a in self.operands(self.digits) for b in self.operands(self.digits_b)
+                if is_held_out(a, b) == held_out]
 
     def train_problems(self) -> list[tuple[int, int]]:
         return self._problems(held_out=False)
@@ -77,11 +102,11 @@ class Arithmetic:
 
     def prompt(self, a: int, b: int) -> str:
         """Operands zero-padded to `digits`, so digit i of each always stands at the same place."""
-        return f"{write(a, self.reverse, self.digits)}+{write(b, self.reverse, self.digits)}="
+        return f"{write(a, self.reverse, self.digits)}{self.op}{write(b, self.reverse, self.digits_b)}="
 
     def row(self, a: int, b: int) -> dict:
-        return {"prompt": self.prompt(a, b), "answer": write(a + b, self.reverse),
-                "overflow": overflows(a, b, self.digits)}
+        return {"prompt": self.prompt(a, b), "answer": write(self.result(a, b), self.reverse),
+                "overflow": self.op == "+" and overflows(a, b, self.digits)}
 
     def train_rows(self) -> list[dict]:
         return [self.row(a, b) for a, b in self._problems(held_out=False)]
@@ -113,15 +138,17 @@ class Arithmetic:
         A char-level model trained only on "ab+cd=" meets new characters and new positions in each.
         """
         rng = random.Random(self.seed + 1)
-        longer = Arithmetic(digits=self.digits + 1, reverse=self.reverse)
-        lo, hi = 10**self.digits, 10 ** (self.digits + 1) - 1
-        problems = [(rng.randint(lo, hi), rng.randint(lo, hi)) for _ in range(num)]
+        d, db = self.digits, self.digits_b
+        longer = Arithmetic(digits=d + 1, reverse=self.reverse, op=self.op, digits_b=db + 1)
+        problems = [(rng.randint(10**d, 10 ** (d + 1) - 1), rng.randint(10**db, 10 ** (db + 1) - 1))
+                    for _ in range(num)]
         held = self._problems(held_out=True)
         rng.shuffle(held)
         held = held[-num:]  # held-out problems (some also in eval_rows): only the phrasing is new
-        w = lambda n: write(n, self.reverse, self.digits)  # noqa: E731
+        w = lambda n, width=d: write(n, self.reverse, width)  # noqa: E731
+        op = self.op
         return {
             "longer": [longer.row(a, b) for a, b in problems],
-            "spaced": [{**self.row(a, b), "prompt": f"{w(a)} + {w(b)} ="} for a, b in held],
-            "question": [{**self.row(a, b), "prompt": f"what is {w(a)}+{w(b)}?"} for a, b in held],
+            "spaced": [{**self.row(a, b), "prompt": f"{w(a)} {op} {w(b, db)} ="} for a, b in held],
+            "question": [{**self.row(a, b), "prompt": f"what is {w(a)}{op}{w(b, db)}?"} for a, b in held],
         }
