@@ -8,15 +8,19 @@ import json
 
 import pytest
 
+from grpo.data import load_task
 from grpo.envs.calculator import calculate, calculator_environment
-from grpo.envs.tools import parse_tool_calls
+from grpo.envs.chat import render
+from grpo.envs.tools import parse_tool_calls, tool_schema
 from grpo.evaluate import episode_runner, evaluate
 from grpo.rollout import Completions
 from grpo.rollout.episodes import run_episodes
+from grpo.run import train_from_config
 from grpo.tasks.arithmetic import Arithmetic, calls_calculator
 from grpo.tiny import build_char_tokenizer
 from grpo.warmstart import TOOL_EPISODE, WarmStart, tool_call_text, tool_demonstration
 from rewards import RewardScorer, RewardSpec
+from tests.conftest import compose
 
 TOK = build_char_tokenizer()
 TASK = Arithmetic(digits=3, digits_b=2, op="*", reverse=False)
@@ -81,3 +85,28 @@ def test_held_out_evaluation_runs_episodes_when_the_run_has_an_environment():
     assert metrics["eval/accuracy"] == 1.0 and engine.calls == 2  # the call, then the answer after the result
     assert episode_runner(engine, TOK, None, rollout) is None  # no environment: single completions, as before
     assert json.loads(json.dumps(metrics))  # plain numbers, as the tracker writes them
+
+
+def test_the_run_without_tools_sees_the_same_opening_as_the_run_with_them():
+    tools, no_tools = compose(["experiment=tools_demo"]), compose(["experiment=tools_demo_no_tools"])
+    assert tools.env.name == "calculator" and no_tools.env.name is None
+    assert tools.model.warm_start == no_tools.model.warm_start and tools.train == no_tools.train
+    [row], [plain] = load_task(tools.task, set())[1][:1], load_task(no_tools.task, set())[1][:1]
+    opening = render(TOK, calculator_environment().reset(row), [tool_schema(calculate)])
+    assert plain["prompt"] == opening == f"<tools>calculate</tools><user>{row['prompt']}<eos><assistant>"
+
+
+@pytest.mark.slow
+@pytest.mark.learning
+def test_the_tools_demo_learns_to_call_the_calculator(tmp_path):
+    # The demo's recipe at half its GRPO budget (its warm start, cached like the demo's). At step 0 the greedy
+    # episodes call the calculator on about the half of the problems where the teacher mostly did (second
+    # factor 50-99) and solve those; GRPO pays for calls on the rest.
+    cfg = compose(["experiment=tools_demo", "train.max_steps=15", "train.eval_every=15",
+                   "tracking.progress_bar=false", "threads=2"])
+    cfg.run_dir = str(tmp_path / "tools")
+    history = train_from_config(cfg)
+    evals = [h["eval/accuracy"] for h in history if "eval/accuracy" in h]
+    assert evals[-1] >= evals[0] + 0.15, evals  # 30 more of the 200 held-out problems solved greedily
+    calls = [h["env/tool_calls_mean"] for h in history if "env/tool_calls_mean" in h]
+    assert sum(calls[-5:]) / 5 > sum(calls[:5]) / 5, calls
