@@ -293,7 +293,8 @@ def train_warm_start(spec: WarmStart, log=print):
             on_shown, on_held = check()
             log(f"warm start step {step + 1}: loss {loss:.3f}, teacher agreement {on_shown['agreement']:.3f} shown "
                 f"/ {on_held['agreement']:.3f} held out (anneals from {spec.anneal_at}), "
-                f"{time.perf_counter() - start:.0f}s")
+                + "".join(f"held-out {k} {v:.3f}, " for k, v in on_held.items() if k == "tool_call_rate")
+                + f"{time.perf_counter() - start:.0f}s")
             if min(on_shown["agreement"], on_held["agreement"]) >= spec.anneal_at:
                 anneal_step = step + 1
                 break
