@@ -19,15 +19,19 @@ PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 CHARS = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"]
 
 
-def build_char_tokenizer():
-    """A `PreTrainedTokenizerFast` with one token per printable character."""
+def build_char_tokenizer(words: tuple[str, ...] = ()):
+    """A `PreTrainedTokenizerFast` with one token per printable character, and one per string of `words`
+    (ordinary tokens, matched whole before the characters and decoded as their text, as a real tokenizer has
+    `<tool_call>` as one token)."""
     vocab = {tok: i for i, tok in enumerate([PAD, EOS, UNK, *CHARS])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="left"
     )
+    tokenizer.add_tokens(list(words))
+    return tokenizer
 
 
 def build_tiny_model(
