@@ -18,11 +18,11 @@ from grpo.rollout.episodes import run_episodes
 from grpo.run import train_from_config
 from grpo.tasks.arithmetic import Arithmetic, calls_calculator
 from grpo.tiny import build_char_tokenizer
-from grpo.warmstart import TOOL_EPISODE, WarmStart, tool_call_text, tool_demonstration
+from grpo.warmstart import TOOL_EPISODE, TOOL_WORDS, tool_call_text, tool_demonstration
 from rewards import RewardScorer, RewardSpec
 from tests.conftest import compose
 
-TOK = build_char_tokenizer()
+TOK = build_char_tokenizer(TOOL_WORDS)  # the tools warm start's vocabulary
 TASK = Arithmetic(digits=3, digits_b=2, op="*", reverse=False)
 
 
@@ -67,8 +67,9 @@ def test_a_demonstration_is_exactly_the_episode_run_episodes_builds(call):
     opening = "<tools>calculate</tools><user>123*45=<eos><assistant>"  # the minimal chat template's
     if call:  # the call (with its EOS), the calculator's reply and the next header, then the answer
         assert TOK.decode(ids) == opening + texts[0] + "<eos><tool>5535<eos><assistant>5535<eos>"
-        assert sum(mask) == len(turns[0]) + len(turns[1]) == 80 + 5  # 79 characters and EOS; 4 digits and EOS
-        assert len(ids) <= WarmStart(kind="tools", max_positions=192).max_positions
+        # the call: <tool_call>, the fixed prefix, 6 characters, "}}, </tool_call> and EOS; the answer: 4 digits and EOS
+        assert sum(mask) == len(turns[0]) + len(turns[1]) == 11 + 5
+        assert len(ids) == 36  # the whole episode; 156 in characters
     else:
         assert TOK.decode(ids) == opening + "5535<eos>" and sum(mask) == 5
     assert out.episodes[0]["tool_calls"] == int(call) and out.texts == ["5535"]
