@@ -15,8 +15,10 @@ fixed budget stopped inside that transition lands on either side of it, machine 
 2. anneal the learning rate linearly to zero over `anneal_steps`: at a constant rate the
    agreement of a model that has learned still swings by 0.1-0.3 from check to check, and the
    decay settles it rather than stopping wherever the last noisy step left it;
-3. check the criterion, agreement at least `target` on both sets; below it is an error that
-   names both figures.
+3. check the criterion, agreement at least `target` on both sets. Annealing can, rarely, leave
+   the model worse than the check that started it (measured: the tools demo's seed 2 on the avx2
+   path went from 0.98 / 0.97 to 0.865 / 0.770); then the weights of that check are kept if they
+   meet the criterion. Below it on both is an error that names the figures.
 
 Two teachers (`kind`):
 
@@ -41,6 +43,7 @@ and the wall time.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -284,6 +287,15 @@ def tool_agreement(model, tokenizer, task: Arithmetic, problems: list[tuple[int,
     return {"agreement": sum(agree) / n, "exact_match": sum(right) / n, "tool_call_rate": sum(c > 0 for c in calls) / n}
 
 
+def kept_weights(at_anneal_start: tuple[dict, dict], annealed: tuple[dict, dict], target: float) -> str | None:
+    """Which weights a warm start keeps, from the (shown, held-out) checks at the start and the end of annealing:
+    "annealed" if they meet `target` on both sets, else "anneal_start" if those do, else None (no weights do)."""
+    for name, (shown, held) in (("annealed", annealed), ("anneal_start", at_anneal_start)):
+        if min(shown["agreement"], held["agreement"]) >= target:
+            return name
+    return None
+
+
 def train_warm_start(spec: WarmStart, log=print):
     """Fit a fresh tiny model to the teacher until it meets the criterion; returns (model, tokenizer, report).
 
@@ -309,19 +321,27 @@ def train_warm_start(spec: WarmStart, log=print):
             f"warm start: after {spec.max_steps} steps (model.warm_start.max_steps) the greedy answers agree with "
             f"the teacher on {on_shown['agreement']:.3f} of the problems shown and {on_held['agreement']:.3f} of "
             f"held-out problems; annealing starts at {spec.anneal_at} on both (model.warm_start.anneal_at)")
+    before = (on_shown, on_held, copy.deepcopy(fit.model.state_dict()))
     for i in range(spec.anneal_steps):
         step_on(spec.lr * (1 - (i + 1) / (spec.anneal_steps + 1)))
     on_shown, on_held = check()
-    if min(on_shown["agreement"], on_held["agreement"]) < spec.target:
-        raise WarmStartError(
-            f"warm start: after annealing (steps {anneal_step + 1}-{anneal_step + spec.anneal_steps}) the greedy "
-            f"answers agree with the teacher on {on_shown['agreement']:.3f} of the problems shown and "
-            f"{on_held['agreement']:.3f} of held-out problems; the criterion (model.warm_start.target) is "
-            f"{spec.target} on both")
-    fit.model.eval()
     met_step = anneal_step + spec.anneal_steps
+    kept = kept_weights(before[:2], (on_shown, on_held), spec.target)
+    if kept is None:
+        raise WarmStartError(
+            f"warm start: after annealing (steps {anneal_step + 1}-{met_step}) the greedy answers agree with the "
+            f"teacher on {on_shown['agreement']:.3f} of the problems shown and {on_held['agreement']:.3f} of "
+            f"held-out problems, and at its start on {before[0]['agreement']:.3f} and "
+            f"{before[1]['agreement']:.3f}; the criterion (model.warm_start.target) is {spec.target} on both")
+    if kept == "anneal_start":
+        log(f"warm start: annealing left agreement at {on_shown['agreement']:.3f} shown / {on_held['agreement']:.3f} "
+            f"held out, below {spec.target}; keeping the weights of step {anneal_step}")
+        fit.model.load_state_dict(before[2])
+        on_shown, on_held, met_step = *before[:2], anneal_step
+    fit.model.eval()
     report = {"criterion": f"teacher agreement >= {spec.target} on problems shown and held out",
-              "anneal_step": anneal_step, "met_step": met_step, "steps": met_step,
+              "anneal_step": anneal_step, "met_step": met_step, "steps": anneal_step + spec.anneal_steps,
+              "kept": kept,
               "shown_agreement": on_shown["agreement"], "held_out_agreement": on_held["agreement"],
               "held_out_exact_match": on_held["exact_match"], "wall_s": round(time.perf_counter() - start, 1),
               **({"held_out_tool_call_rate": on_held["tool_call_rate"]} if "tool_call_rate" in on_held else {})}
