@@ -171,9 +171,14 @@ def build_environment(cfg: Config) -> Callable[[], Environment] | None:
     if not cfg.env.name:
         return None
     try:
-        return environment_factory(cfg.env.name, dict(cfg.env.kwargs))
+        factory = environment_factory(cfg.env.name, dict(cfg.env.kwargs))
     except (ValueError, ImportError, AttributeError) as e:
         raise ConfigError(f"env.name: cannot load {cfg.env.name!r}: {e}") from e
+    try:
+        factory()  # one built now, so that a bad env.kwargs value fails before training, not at the first rollout
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"env.kwargs: {cfg.env.name!r} cannot be built with {dict(cfg.env.kwargs)}: {e}") from e
+    return factory
 
 
 def build_scorers(cfg: Config) -> tuple[RewardScorer, RewardScorer]:

@@ -3,6 +3,10 @@
 Not imported by the trainer: ``rewards.sandbox`` sends this file's text as the program and a JSON payload
 ``{"code", "tests", "entry_point", "nonce", "limits"}`` on stdin. Standard library only.
 
+With ``"mode": "run"`` (the ``python`` tool, ``grpo.envs.python``) there are no tests: steps 1-3 are the same, then
+the program runs with its stdout and stderr captured (the first ``max_output`` characters kept), and the report
+is what it printed and, if it raised, the exception's last line.
+
 Order matters:
 1. read the whole payload from stdin, then point stdin at /dev/null (``input()`` gets EOF, never blocks);
 2. set rlimits (CPU seconds, address space, file size, open files, processes, no core files) and a seccomp
@@ -31,6 +35,7 @@ import os
 import resource
 import struct
 import sys
+import traceback
 import types
 
 _write = os.write
@@ -135,6 +140,43 @@ def checked_items(iterator):
         yield item
 
 
+class CappedText:
+    """A text stream for ``print``: keeps the first ``limit`` characters written and counts the rest."""
+
+    def __init__(self, limit):
+        self.parts, self.kept, self.dropped, self.limit = [], 0, 0, limit
+
+    def write(self, text):
+        text = str(text)
+        room = max(0, self.limit - self.kept)
+        self.parts.append(text[:room])
+        self.kept += min(room, len(text))
+        self.dropped += max(0, len(text) - room)
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def text(self):
+        more = f"\n[... {self.dropped} more characters]" if self.dropped else ""
+        return "".join(self.parts) + more
+
+
+def run_program(code, max_output):
+    """(what ``code`` printed, its error's last line or None); ``exit()`` or ``exit(0)`` is no error."""
+    out = CappedText(max_output)
+    sys.stdout = sys.stderr = out
+    error = None
+    try:
+        exec(compile(code, "<program>", "exec"), {"__name__": "__main__", "__builtins__": builtins})
+    except SystemExit as e:
+        error = None if e.code in (None, 0) else f"SystemExit: {e.code}"
+    except BaseException as e:
+        error = traceback.format_exception(e, limit=-1)
+        error = "".join(error[1:]).strip()  # the program's line and the exception, without the header
+    return out.text(), error
+
+
 def main():
     payload = json.loads(sys.stdin.buffer.read().decode("utf-8"))
     result_fd = os.dup(1)
@@ -151,6 +193,11 @@ def main():
     set_limits(payload["limits"])
     if not forbid_new_processes():
         pass  # RLIMIT_NPROC and the deadline still apply
+    if payload.get("mode") == "run":
+        output, error = run_program(payload["code"], payload["max_output"])
+        line = _dumps({"output": output, "error": error, "nonce": nonce})
+        _write(result_fd, (line + "\n").encode("utf-8"))
+        _exit(0)
     clean_builtins = dict(vars(builtins))
     code, tests, entry_point = payload["code"], payload["tests"], payload.get("entry_point")
     del payload

@@ -77,6 +77,13 @@ class RunResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class CodeRun:
+    output: str  # what the program printed (stdout and stderr), capped
+    error: str | None  # the exception's last line, "timeout: ...", or None when it ran to its end
+    seconds: float
+
+
 def resolve_sandbox(kind: str = "auto") -> str:
     """The sandbox to use for ``kind``; raises ``SandboxUnavailable`` (with install advice) if it cannot run."""
     if kind not in SANDBOX_KINDS:
@@ -136,9 +143,38 @@ def run_tests(
     """
     limits = limits or Limits()
     nonce = secrets.token_hex(16)
-    payload = json.dumps(
-        {"code": code, "tests": tests, "entry_point": entry_point, "nonce": nonce, "limits": limits.for_runner()}
-    ).encode()
+    messages, timed_out, returncode, seconds = _run_runner(
+        {"code": code, "tests": tests, "entry_point": entry_point, "nonce": nonce}, kind, limits, site_packages)
+    if timed_out:
+        return RunResult(False, "timeout", seconds)
+    for message in messages:
+        if "passed" in message:
+            passed = message["passed"] is True and message.get("nonce") == nonce
+            return RunResult(passed, str(message.get("detail", "")), seconds)
+    return RunResult(False, f"no result (exit status {returncode})", seconds)
+
+
+def run_code(code: str, *, kind: str, limits: Limits | None = None, max_output: int = 4096,
+             site_packages: bool = False) -> CodeRun:
+    """Run the program ``code`` in sandbox ``kind`` and return what it printed (stdout and stderr, the first
+    ``max_output`` characters) and its error, as the ``python`` tool does (``grpo.envs.python``)."""
+    limits = limits or Limits()
+    nonce = secrets.token_hex(16)
+    messages, timed_out, returncode, seconds = _run_runner(
+        {"mode": "run", "code": code, "max_output": max_output, "nonce": nonce}, kind, limits, site_packages)
+    if timed_out:
+        return CodeRun("", f"timeout: the program ran past {limits.timeout_s:g} s", seconds)
+    for message in messages:
+        if message.get("nonce") == nonce and "output" in message:
+            return CodeRun(str(message["output"]), message["error"] and str(message["error"]), seconds)
+    return CodeRun("", f"the program ended without a result (exit status {returncode}; memory or CPU limit?)",
+                   seconds)
+
+
+def _run_runner(payload: dict, kind: str, limits: Limits, site_packages: bool):
+    """Run the runner in sandbox ``kind`` on ``payload`` (limits added); returns (the JSON objects it wrote, whether
+    the deadline passed, its exit status, seconds)."""
+    payload = json.dumps({**payload, "limits": limits.for_runner()}).encode()
     argv = _command(kind, limits, site_packages)
     start = time.monotonic()
     proc = subprocess.Popen(
@@ -154,18 +190,15 @@ def run_tests(
         output, timed_out = _communicate(proc, payload, start + limits.timeout_s)
     finally:
         _kill_group(proc)
-    seconds = time.monotonic() - start
-    if timed_out:
-        return RunResult(False, "timeout", seconds)
+    messages = []
     for line in output.splitlines():
         try:
             message = json.loads(line)
         except ValueError:
             continue
-        if isinstance(message, dict) and "passed" in message:
-            passed = message["passed"] is True and message.get("nonce") == nonce
-            return RunResult(passed, str(message.get("detail", "")), seconds)
-    return RunResult(False, f"no result (exit status {proc.returncode})", seconds)
+        if isinstance(message, dict):
+            messages.append(message)
+    return messages, timed_out, proc.returncode, time.monotonic() - start
 
 
 def _communicate(proc: subprocess.Popen, payload: bytes, deadline: float) -> tuple[bytes, bool]:

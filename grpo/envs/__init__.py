@@ -56,7 +56,7 @@ class Environment(Protocol):
         ...
 
 
-BUILTIN = {"calculator": "grpo.envs.calculator:calculator_environment"}
+BUILTIN = {"calculator": "grpo.envs.calculator:calculator_environment", "python": "grpo.envs.python:python_environment"}
 ENTRY_POINT_GROUP = "grpo.environments"
 
 

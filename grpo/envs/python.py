@@ -1,0 +1,46 @@
+"""A `python` tool: the model's code runs in the project's sandbox and the tool returns what it printed.
+
+`env=python` offers it over the task's prompts (any task: arithmetic, GSM8K, ...); the episode ends at the
+first turn without a tool call and the task's reward functions score that turn, as with the calculator.
+To give your own environment the tool, put `python_tool(...)` in its tools.
+
+Every call is one fresh sandbox (`rewards.sandbox.run_code`: bubblewrap or unshare namespaces, no network,
+read-only system files, rlimits, no new processes, a wall-clock deadline), so calls share no state: a
+program that needs a value from an earlier call recomputes it. What the model reads back is the program's
+stdout and stderr (the first `max_output` characters), then its exception's last frame if it raised, or
+the deadline it ran past. A program's own error is its result, not a failed tool call; calls that are not
+well-formed are counted as `ToolEnvironment` counts them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from grpo.envs.tools import ToolEnvironment
+from rewards.sandbox import Limits, resolve_sandbox, run_code
+
+
+def python_tool(sandbox: str = "auto", timeout_s: float = 5.0, memory_mb: int = 512,
+                max_output: int = 2048) -> Callable[[str], str]:
+    """The `python` tool function, running in `sandbox` (auto, bwrap, unshare or none: see rewards.sandbox)."""
+    kind = resolve_sandbox(sandbox)
+    limits = Limits(timeout_s=timeout_s, memory_mb=memory_mb)
+
+    def python(code: str) -> str:
+        """Run a Python program and return what it prints.
+
+        Args:
+            code: a complete program with the standard library; print the values you want to see
+        """
+        run = run_code(code, kind=kind, limits=limits, max_output=max_output)
+        text = run.output + (("\n" if run.output and not run.output.endswith("\n") else "") + run.error
+                             if run.error else "")
+        return text or "(the program printed nothing)"
+
+    return python
+
+
+def python_environment(system: str | None = None, **tool_options) -> ToolEnvironment:
+    """One episode's environment: the `python` tool (options: `python_tool`'s), the row's prompt as the user's
+    message."""
+    return ToolEnvironment([python_tool(**tool_options)], system=system)
