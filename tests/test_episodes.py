@@ -228,3 +228,23 @@ def test_env_settings_are_checked_naming_the_field():
         compose(["rollout=vllm", "rollout.block_size=-1", "model=hf", "model.path=/x"])
     with pytest.raises(ConfigError, match="algorithm.overlong_buffer"):
         compose(["env=calculator", "algorithm.overlong_buffer=2"])
+
+
+@pytest.mark.slow
+def test_a_multi_turn_run_resumed_mid_run_ends_with_the_uninterrupted_runs_weights(tmp_path, tiny_random_dir):
+    # episodes of up to three turns with tool calls (CallsOnce), checkpoints every 2 steps; one run straight to
+    # step 4, one stopped after step 2 (as if killed) and resumed from its checkpoint
+    common = ["env.name=tests.test_episodes:CallsOnce", "rollout.max_turns=3", "rollout.max_episode_tokens=120",
+              "reward.functions=[{name: 'tests.test_options:parity_reward'}]", "checkpoint.every_steps=2",
+              "checkpoint.keep_last=5", "train.max_steps=4"]
+    straight = train(tmp_path, tiny_random_dir, "straight", *common)
+    train(tmp_path, tiny_random_dir, "resumed", *common, "train.max_steps=2")
+    resumed = train(tmp_path, tiny_random_dir, "resumed", *common, "resume=auto")
+    assert [m["step"] for m in resumed] == [m["step"] for m in straight]  # continuous, nothing doubled
+    losses = [[m["train/loss"] for m in lines if "train/loss" in m] for lines in (straight, resumed)]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6) and len(losses[0]) == 4
+    assert [m["env/tool_calls_mean"] for m in resumed if "train/loss" in m] == [2, 2, 2, 2]
+    wa, wb = (AutoModelForCausalLM.from_pretrained(tmp_path / name / "checkpoints" / "step_4" / "policy")
+              for name in ("straight", "resumed"))
+    for (name, pa), pb in zip(wa.named_parameters(), wb.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0, msg=name)
