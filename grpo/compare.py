@@ -158,7 +158,11 @@ def finished_run(directory: Path, overrides: list[str]) -> dict | None:
     path = directory / RUN_RECORD
     if not path.exists():
         return None
-    record = json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:  # cut short by a crash of an older version, which wrote it in place: run it again
+        log.warning("%s is not readable JSON; the run is launched again (resume=auto continues it)", path)
+        return None
     if record["overrides"] != overrides:
         raise ConfigError(f"out_dir: {path} records a run with other overrides than this comparison's "
                           f"({' '.join(record['overrides'])}); choose another out_dir")
@@ -175,7 +179,9 @@ def launch_once(module: str, overrides: list[str], directory: Path, log_path: Pa
     extra = ["resume=auto"] if module == "grpo.train" else []
     wall, peak = launch(module, [*overrides, *extra], log_path, in_process)
     record = {"overrides": overrides, "wall_s": wall, "peak_mib": peak}
-    (directory / RUN_RECORD).write_text(json.dumps(record, indent=1))
+    tmp = directory / (RUN_RECORD + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, directory / RUN_RECORD)  # whole or absent: a crash here never leaves half a record
     return {**record, "reused": False}
 
 

@@ -4,6 +4,7 @@ every run, a CSV and a plot."""
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
@@ -58,15 +59,21 @@ def test_a_comparison_run_again_reuses_finished_runs_and_resumes_the_interrupted
     assert len(metrics) == 4 and all((m.parent / RUN_RECORD).exists() for m in metrics)
     written = {m: m.stat().st_mtime_ns for m in metrics}
 
-    # as if the comparison had been killed inside grpo/seed_1: no record there; the rest is reused as it is
+    # as if the comparison had been killed inside grpo/seed_1 (no record there), or an older version had been
+    # killed while writing the record in place (half of it): both runs again; the rest is reused as it is
     (tmp_path / "grpo" / "seed_1" / RUN_RECORD).unlink()
+    record = tmp_path / "sft" / "seed_0" / RUN_RECORD
+    record.write_text(record.read_text()[:20])
     with caplog.at_level("INFO"):
         again = {r["algorithm"]: r["final_accuracy"].mean for r in compare(cfg)}
     assert any(m.startswith("resuming from ") and "grpo/seed_1/checkpoints" in m for m in caplog.messages)
+    assert any(m.startswith(f"{record} is not readable JSON; the run is launched again") for m in caplog.messages)
     assert again == first
     rerun = [m for m in metrics if m.stat().st_mtime_ns != written[m]]
-    assert rerun == [tmp_path / "grpo" / "seed_1" / "metrics.jsonl"]  # resumed from its checkpoint, nothing else
-    assert "3 of 4 runs reused from an earlier invocation" in (tmp_path / "compare.md").read_text()
+    # each resumed from its latest checkpoint, nothing else ran
+    assert rerun == [tmp_path / "grpo" / "seed_1" / "metrics.jsonl", tmp_path / "sft" / "seed_0" / "metrics.jsonl"]
+    assert "2 of 4 runs reused from an earlier invocation" in (tmp_path / "compare.md").read_text()
+    assert json.loads(record.read_text())["overrides"] and not list(tmp_path.glob(f"*/*/{RUN_RECORD}.tmp"))
 
     # another comparison's runs in the same out_dir are refused, naming the field and the record
     other = CompareConfig(**{**cfg.__dict__, "budget_samples": 128})
