@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from grpo.packing import MASK_ATTENTION, pack
+from grpo.packing import MASK_ATTENTION, greedy_batches, pack
 
 # Logits elements per chunk: 64 MiB in float32. Above 32 MiB on purpose: glibc's malloc serves
 # blocks over 32 MiB (its largest mmap threshold) by mmap and returns them to the system on free,
@@ -197,22 +197,11 @@ def token_budget_batches(lengths: list[int], max_tokens: int) -> list[list[int]]
     Example: `token_budget_batches([3, 5, 2, 2, 8], 10) == [[0, 1], [2, 3], [4]]`
     (`[0, 1]` costs 5 * 2 = 10, `[0, 1, 2]` would cost 15; `[2, 3]` costs 4, `[2, 3, 4]` would cost 24).
     """
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i, n in enumerate(lengths):
-        if n < 0:
-            raise ValueError(f"lengths[{i}] is negative: {n}")
-        if current and max(longest, n) * (len(current) + 1) > max_tokens:
-            batches.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, n)
-    if current:
-        batches.append(current)
-    return batches
+    negative = next((i for i, n in enumerate(lengths) if n < 0), None)
+    if negative is not None:
+        raise ValueError(f"lengths[{negative}] is negative: {lengths[negative]}")
+    return greedy_batches(list(range(len(lengths))), lambda rows: max(lengths[i] for i in rows) * len(rows),
+                          max_tokens)
 
 
 def _score_logits(

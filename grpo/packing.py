@@ -24,6 +24,7 @@ no completion token come back as 0, where the padded forward computed a value ov
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,22 @@ def group_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_widt
     return (new.long().cumsum(0) - 1).tolist()
 
 
+def greedy_batches(items: list[int], cost: Callable[[list[int]], int], max_tokens: int) -> list[list[int]]:
+    """`items` in order, cut into consecutive batches: a batch is closed when adding the next item would make its
+    `cost` exceed `max_tokens`, so an item that costs more alone gets a batch of its own (never an empty one).
+    For a cost that never falls when an item is added, greedy gives the fewest batches among such cuts."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for item in items:
+        if current and cost(current + [item]) > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(item)
+    return batches + [current] if current else batches
+
+
 def plan_micro_batches(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, max_tokens: int,
                        packing: str) -> list[list[int]]:
     """Contiguous micro-batches of the rows whose packed layout fits `max_tokens` (a row alone may exceed it).
@@ -70,20 +87,10 @@ def plan_micro_batches(input_ids: torch.Tensor, attention_mask: torch.Tensor, pr
     Example, `groups`: prompts of 2 tokens, rows (group, completion) = (0, 3), (0, 3), (1, 1) and
     max_tokens 8: [0] costs 5, [0, 1] costs 8, [0, 1, 2] would cost 2 groups x 8 = 16: [[0, 1], [2]].
     """
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     prompt_lens, completion_lens = spans(attention_mask, prompt_width)
     groups = group_ids(input_ids, attention_mask, prompt_width) if packing == "groups" else None
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in range(len(prompt_lens)):
-        if current and _cost(current + [i], prompt_lens, completion_lens, groups) > max_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
+    return greedy_batches(list(range(len(prompt_lens))),
+                          lambda rows: _cost(rows, prompt_lens, completion_lens, groups), max_tokens)
 
 
 def _cost(rows: list[int], prompt_lens: list[int], completion_lens: list[int], groups: list[int] | None) -> int:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from grpo.packing import greedy_batches
 from rewards.registry import RewardConfigError, register_reward
 
 NORMALIZE_MODES = ("none", "batch")
@@ -115,16 +116,7 @@ def encode(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[li
 def token_budget_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     """Indices grouped so that rows x longest row <= `batch_tokens` (a longer row goes alone), shortest first."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        if current and (len(current) + 1) * lengths[i] > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
+    return greedy_batches(order, lambda rows: len(rows) * lengths[rows[-1]], batch_tokens)  # the last is the longest
 
 
 def right_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ from grpo.backends import LogProbModel
 from grpo.batch import layout_batch
 from grpo.config import AlgorithmConfig, ConfigError
 from grpo.logprobs import sequence_logprobs
-from grpo.packing import pack, plan_micro_batches
+from grpo.packing import greedy_batches, pack, plan_micro_batches
 from grpo.tiny import build_char_tokenizer, build_tiny_model
 from grpo.update import micro_batches, score_logprobs, update_policy
 from tests.conftest import compose
@@ -211,3 +211,14 @@ def test_each_packing_through_the_loop_gives_the_padded_step(tmp_path, tiny_rand
         assert out[packing].moved > 1e-4
         for key in ("train/loss", "train/kl", "train/entropy", "train/clip_frac"):
             assert abs(out[packing].metrics[key] - base.metrics[key]) < 1e-5, (packing, key)
+
+
+def test_greedy_batches_cuts_in_order_and_gives_an_oversized_item_a_batch_of_its_own():
+    sizes = {0: 3, 1: 4, 2: 9, 3: 1, 4: 2}
+    total = lambda rows: sum(sizes[i] for i in rows)  # noqa: E731
+    # 3+4 = 7 fits 8, +9 does not; 9 alone is over 8 and still goes; 1+2 = 3
+    assert greedy_batches([0, 1, 2, 3, 4], total, 8) == [[0, 1], [2], [3, 4]]
+    assert greedy_batches([4, 3, 0], total, 8) == [[4, 3, 0]]  # the order given is kept: 2+1+3 = 6
+    assert greedy_batches([], total, 8) == []
+    with pytest.raises(ValueError, match="max_tokens must be >= 1, got 0"):
+        greedy_batches([0], total, 0)
