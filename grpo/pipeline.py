@@ -36,7 +36,21 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 
 from grpo.run import Run
-from grpo.sampling import Groups, ScoringTally, draw_rows, group_counts, nonzero_std_groups, score_rows
+from grpo.sampling import Groups, ScoringTally, draw_rows, group_counts, nonzero_std_groups, sample_groups, score_rows
+
+
+class InlineRollout:
+    """Synchronous rollout, with `RolloutPipeline`'s two calls: `take` samples and scores this step's batch on
+    the training thread, from the current weights; `sync_weights` loads the new weights into the engine."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def take(self, step: int) -> tuple[Groups, dict]:
+        return sample_groups(self.run, self.run.cfg.train.prompts_per_step)
+
+    def sync_weights(self, model) -> dict:
+        return {"time/weight_sync_s": self.run.engine.sync_weights(model)}
 
 
 @dataclass

@@ -42,9 +42,9 @@ from grpo.batch import RolloutBatch, layout_batch
 from grpo.config import completion_budget
 from grpo.faults import crash_point
 from grpo.loop import StepResult, no_signal_reason, replica_check, run_loop
-from grpo.pipeline import RolloutPipeline
+from grpo.pipeline import InlineRollout, RolloutPipeline
 from grpo.run import Run
-from grpo.sampling import Groups, gather_groups, reward_stats, rollout_metrics, sample_groups
+from grpo.sampling import Groups, gather_groups, reward_stats, rollout_metrics
 from grpo.update import score_logprobs, update_policy
 
 ALL_MASKED = "every completion token is masked (truncated under algorithm.mask_truncated, or no reward)"
@@ -57,21 +57,19 @@ def train(run: Run) -> list[dict]:
         return run_loop(run, train_step)
     pipeline = RolloutPipeline(run)
     try:
-        return run_loop(run, partial(train_step, pipeline=pipeline))
+        return run_loop(run, partial(train_step, rollout=pipeline))
     finally:
         pipeline.close()
 
 
-def train_step(run: Run, step: int, pipeline: RolloutPipeline | None = None) -> StepResult:
-    """One GRPO step on a fresh rollout batch (or, with a `pipeline`, the batch sampled ahead for this
-    step): its metrics, the whole step's groups (every rank's) and, when it made no update, why.
+def train_step(run: Run, step: int, rollout: RolloutPipeline | InlineRollout | None = None) -> StepResult:
+    """One GRPO step on the batch `rollout` hands over (by default sampled now, from the current weights):
+    its metrics, the whole step's groups (every rank's) and, when it made no update, why.
     Evaluation, logging and checkpoints are the loop's."""
     cfg, algo = run.cfg, run.cfg.algorithm
+    rollout = rollout or InlineRollout(run)
     # 1-2. sample G completions per prompt and score them (each rank its share of the prompts)
-    if pipeline is None:
-        groups, metrics = sample_groups(run, cfg.train.prompts_per_step)
-    else:
-        groups, metrics = pipeline.take(step)
+    groups, metrics = rollout.take(step)
     everyone, offset = gather_groups(groups)
     metrics |= reward_stats(everyone)
     skipped = no_signal_reason(run, offset >= 0, metrics["train/reward_masked_frac"], step)
@@ -91,10 +89,7 @@ def train_step(run: Run, step: int, pipeline: RolloutPipeline | None = None) -> 
     metrics["time/update_s"] = time.perf_counter() - start
     crash_point("mid_step", step)
     # 5. the rollout engine samples from the new weights next step (asynchronous: the batches queued after it)
-    if pipeline is None:
-        metrics["time/weight_sync_s"] = run.engine.sync_weights(run.policy)
-    else:
-        metrics |= pipeline.sync_weights(run.policy)
+    metrics |= rollout.sync_weights(run.policy)
     metrics |= replica_check(run, step)
     metrics |= rollout_metrics(everyone, valid)
     return StepResult(metrics, everyone)
