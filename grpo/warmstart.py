@@ -34,7 +34,7 @@ Two teachers (`kind`):
   (`grpo.tasks.arithmetic.calls_calculator`). Agreement is a greedy episode doing what the teacher
   mostly does: on the first kind, one call with the problem's expression and the tool's result copied
   as the answer; on the others, a number without a call. Checked on 200 problems shown and 200 held
-  out (greedy episodes are some 150 tokens long).
+  out (each a greedy episode of up to two turns).
 
 The result is saved as a transformers directory under the cache, keyed by everything that
 determines it, with `warm_start.json`: the criterion, the step at which it was met, the figures
@@ -60,7 +60,6 @@ from grpo.rollout.hf import HFRolloutEngine
 from grpo.tasks.arithmetic import Arithmetic, calls_calculator, teacher_answer, teacher_mode, write
 from grpo.tiny import build_char_tokenizer, build_tiny_model
 
-KINDS = ("answer", "tools")
 # The tools warm start's vocabulary beyond characters: the chat markup and the calculator call's fixed parts as
 # whole tokens. In characters an episode is ~156 tokens and copying an operand spans ~60 of them; with these it
 # is ~45, which is what makes the copy learnable in minutes on a CPU.
@@ -90,7 +89,7 @@ class WarmStart:
     digits: int = 2
     reverse: bool = True
     seed: int = 0
-    kind: str = "answer"  # KINDS: the teacher answers, or calls the calculator
+    kind: str = "answer"  # a key of FITS: the teacher answers, or calls the calculator
     op: str = "+"
     digits_b: int = 0
     tool_rate: float = 0.8
@@ -160,15 +159,33 @@ def teacher_agreement(model, tokenizer, task: Arithmetic, problems: list[tuple[i
             "exact_match": sum(x == s for x, s in zip(answers, sums)) / n}
 
 
-class TeacherFit:
-    """A fresh tiny model, its optimiser and the teacher's problems: supervised steps on the teacher's
-    answers, and the agreement check on 500 problems shown and 500 held out."""
+class Fit:
+    """A fresh tiny model, its AdamW, the task's problems shown (all, or `num_problems` of them) and the
+    `CHECKED` problems shown and held out that each check measures; a teacher's fit adds `step` and `check`."""
+
+    CHECKED = 500
 
     def __init__(self, spec: WarmStart):
-        self.spec, self.tokenizer, self.model, self.opt = fresh_tiny(spec)
+        torch.manual_seed(spec.seed)
+        self.spec, self.tokenizer = spec, build_char_tokenizer(TOOL_WORDS if spec.kind == "tools" else ())
+        tok = self.tokenizer
+        self.model = build_tiny_model(len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                      max_positions=spec.max_positions, seed=spec.seed)
+        self.model.generation_config.eos_token_id = tok.eos_token_id
+        self.model.generation_config.pad_token_id = tok.pad_token_id
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=0.0, betas=(0.9, 0.98))
         self.task = Arithmetic(digits=spec.digits, reverse=spec.reverse, op=spec.op, digits_b=spec.digits_b)
         self.rng = random.Random(spec.seed)
-        self.shown, self.check_shown, self.check_held = check_sets(self.task, spec, self.rng, 500)
+        self.shown = self.task.train_problems()
+        if spec.num_problems:
+            self.shown = self.rng.sample(self.shown, spec.num_problems)
+        self.check_shown = self.rng.sample(self.shown, min(self.CHECKED, len(self.shown)))
+        self.check_held = self.rng.sample(self.task.held_out_problems(), self.CHECKED)
+
+
+class TeacherFit(Fit):
+    """Supervised steps on the answering teacher's answers, and the agreement check on 500 problems shown and
+    500 held out."""
 
     def step(self, lr: float) -> float:
         """One step of cross-entropy on the teacher's answers to a batch of problems shown; returns the loss."""
@@ -185,15 +202,11 @@ class TeacherFit:
                 teacher_agreement(*args, self.check_held, self.spec.drop_carry))
 
 
-class ToolTeacherFit:
-    """A fresh tiny model fitted to the calculator teacher's episodes (kind "tools"), and the agreement check
-    on greedy episodes over 200 problems shown and 200 held out."""
+class ToolTeacherFit(Fit):
+    """Supervised steps on the calculator teacher's episodes (kind "tools"), and the agreement check on greedy
+    episodes over 200 problems shown and 200 held out (an episode of up to two turns each)."""
 
-    def __init__(self, spec: WarmStart):
-        self.spec, self.tokenizer, self.model, self.opt = fresh_tiny(spec)
-        self.task = Arithmetic(digits=spec.digits, reverse=spec.reverse, op=spec.op, digits_b=spec.digits_b)
-        self.rng = random.Random(spec.seed)
-        self.shown, self.check_shown, self.check_held = check_sets(self.task, spec, self.rng, 200)
+    CHECKED = 200
 
     def step(self, lr: float) -> float:
         """One step of cross-entropy on the model's turns of a batch of the teacher's episodes; returns the loss."""
@@ -213,26 +226,6 @@ class ToolTeacherFit:
 
 
 FITS = {"answer": TeacherFit, "tools": ToolTeacherFit}
-
-
-def fresh_tiny(spec: WarmStart):
-    """(spec, tokenizer, a freshly initialised tiny model, its AdamW) for a warm start."""
-    torch.manual_seed(spec.seed)
-    tok = build_char_tokenizer(TOOL_WORDS if spec.kind == "tools" else ())
-    model = build_tiny_model(len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                             max_positions=spec.max_positions, seed=spec.seed)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0, betas=(0.9, 0.98))
-    return spec, tok, model, opt
-
-
-def check_sets(task: Arithmetic, spec: WarmStart, rng: random.Random, size: int):
-    """(problems shown, `size` of them checked, `size` held-out problems checked)."""
-    shown = task.train_problems()
-    if spec.num_problems:
-        shown = rng.sample(shown, spec.num_problems)
-    return shown, rng.sample(shown, min(size, len(shown))), rng.sample(task.held_out_problems(), size)
 
 
 def supervised_step(model, opt, ids, attn, loss_mask, lr: float) -> float:
@@ -310,7 +303,7 @@ def train_warm_start(spec: WarmStart, log=print):
             on_shown, on_held = check()
             log(f"warm start step {step + 1}: loss {loss:.3f}, teacher agreement {on_shown['agreement']:.3f} shown "
                 f"/ {on_held['agreement']:.3f} held out (anneals from {spec.anneal_at}), "
-                + "".join(f"held-out {k} {v:.3f}, " for k, v in on_held.items() if k == "tool_call_rate")
+                + (f"held-out tool_call_rate {on_held['tool_call_rate']:.3f}, " if "tool_call_rate" in on_held else "")
                 + f"{time.perf_counter() - start:.0f}s")
             if min(on_shown["agreement"], on_held["agreement"]) >= spec.anneal_at:
                 anneal_step = step + 1
@@ -321,23 +314,24 @@ def train_warm_start(spec: WarmStart, log=print):
             f"warm start: after {spec.max_steps} steps (model.warm_start.max_steps) the greedy answers agree with "
             f"the teacher on {on_shown['agreement']:.3f} of the problems shown and {on_held['agreement']:.3f} of "
             f"held-out problems; annealing starts at {spec.anneal_at} on both (model.warm_start.anneal_at)")
-    before = (on_shown, on_held, copy.deepcopy(fit.model.state_dict()))
+    started = (on_shown, on_held)  # the check that started annealing, and its weights
+    started_weights = copy.deepcopy(fit.model.state_dict())
     for i in range(spec.anneal_steps):
         step_on(spec.lr * (1 - (i + 1) / (spec.anneal_steps + 1)))
     on_shown, on_held = check()
     met_step = anneal_step + spec.anneal_steps
-    kept = kept_weights(before[:2], (on_shown, on_held), spec.target)
+    kept = kept_weights(started, (on_shown, on_held), spec.target)
     if kept is None:
         raise WarmStartError(
             f"warm start: after annealing (steps {anneal_step + 1}-{met_step}) the greedy answers agree with the "
             f"teacher on {on_shown['agreement']:.3f} of the problems shown and {on_held['agreement']:.3f} of "
-            f"held-out problems, and at its start on {before[0]['agreement']:.3f} and "
-            f"{before[1]['agreement']:.3f}; the criterion (model.warm_start.target) is {spec.target} on both")
+            f"held-out problems, and at its start on {started[0]['agreement']:.3f} and "
+            f"{started[1]['agreement']:.3f}; the criterion (model.warm_start.target) is {spec.target} on both")
     if kept == "anneal_start":
         log(f"warm start: annealing left agreement at {on_shown['agreement']:.3f} shown / {on_held['agreement']:.3f} "
             f"held out, below {spec.target}; keeping the weights of step {anneal_step}")
-        fit.model.load_state_dict(before[2])
-        on_shown, on_held, met_step = *before[:2], anneal_step
+        fit.model.load_state_dict(started_weights)
+        (on_shown, on_held), met_step = started, anneal_step
     fit.model.eval()
     report = {"criterion": f"teacher agreement >= {spec.target} on problems shown and held out",
               "anneal_step": anneal_step, "met_step": met_step, "steps": anneal_step + spec.anneal_steps,
