@@ -6,6 +6,7 @@ import os
 import resource
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,7 @@ def available_sandboxes() -> list[str]:
 
 
 SANDBOXES = available_sandboxes()
+REPO_FILE = str(Path(__file__).resolve().parents[1] / "pyproject.toml")  # the host's files, never the sandbox's
 needs_sandbox = requires(bool(SANDBOXES), "neither bubblewrap nor unprivileged user namespaces here")
 
 
@@ -102,8 +104,8 @@ def test_assert_and_check_styles_and_not_applicable():
 def test_sandbox_sees_nothing_of_the_host(kind, tmp_path):
     probe = (
         "import os, socket\n"
-        "home_visible = os.path.exists(os.path.expanduser('~/.bashrc')) or os.path.exists('/work') "
-        "or os.path.exists('/home')\n"
+        # folders above a bound virtual environment exist (a venv in ~/repo makes /home/you), their files do not
+        f"home_visible = os.path.exists(os.path.expanduser('~/.bashrc')) or os.path.exists({REPO_FILE!r})\n"
         f"host_tmp_visible = os.path.exists({str(tmp_path)!r})\n"
         "env = dict(os.environ)\n"
         "try:\n"
