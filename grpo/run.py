@@ -175,9 +175,11 @@ def build_environment(cfg: Config) -> Callable[[], Environment] | None:
     except (ValueError, ImportError, AttributeError) as e:
         raise ConfigError(f"env.name: cannot load {cfg.env.name!r}: {e}") from e
     try:
-        factory()  # one built now, so that a bad env.kwargs value fails before training, not at the first rollout
+        env = factory()  # one built now, so that a bad env.kwargs value fails before training, not at the first rollout
     except (TypeError, ValueError) as e:
         raise ConfigError(f"env.kwargs: {cfg.env.name!r} cannot be built with {dict(cfg.env.kwargs)}: {e}") from e
+    if callable(getattr(env, "close", None)):
+        env.close()
     return factory
 
 

@@ -7,8 +7,13 @@ With ``"mode": "run"`` (the ``python`` tool, ``grpo.envs.python``) there are no 
 the program runs with its stdout and stderr captured (the first ``max_output`` characters kept), and the report
 is what it printed and, if it raised, the exception's last line.
 
+With ``"mode": "session"`` (the persistent ``python`` tool, ``rewards.sandbox.PythonSession``) the runner keeps a
+private copy of its stdin too and, after steps 1-3, reads one request ``{"code", "nonce"}`` per line, runs each
+program as ``run`` does but in one namespace kept from program to program, and answers each with one line. It
+runs until its stdin closes or the host kills it; the CPU limit is then the whole session's.
+
 Order matters:
-1. read the whole payload from stdin, then point stdin at /dev/null (``input()`` gets EOF, never blocks);
+1. read the payload (one JSON line) from stdin, then point stdin at /dev/null (``input()`` gets EOF, never blocks);
 2. set rlimits (CPU seconds, address space, file size, open files, processes, no core files) and a seccomp
    filter that refuses to create processes (threads are allowed): RLIMIT_NPROC does not bind uid 0, and a
    root-run trainer would otherwise leave fork bombs to the wall-clock deadline alone;
@@ -162,13 +167,15 @@ class CappedText:
         return "".join(self.parts) + more
 
 
-def run_program(code, max_output):
-    """(what ``code`` printed, its error's last line or None); ``exit()`` or ``exit(0)`` is no error."""
+def run_program(code, max_output, scope=None):
+    """(what ``code`` printed, its error's last line or None), run in ``scope`` (a fresh namespace when None);
+    ``exit()`` or ``exit(0)`` is no error."""
     out = CappedText(max_output)
     sys.stdout = sys.stderr = out
     error = None
     try:
-        exec(compile(code, "<program>", "exec"), {"__name__": "__main__", "__builtins__": builtins})
+        exec(compile(code, "<program>", "exec"), {"__name__": "__main__", "__builtins__": builtins} if scope is None
+             else scope)
     except SystemExit as e:
         error = None if e.code in (None, 0) else f"SystemExit: {e.code}"
     except BaseException as e:
@@ -177,13 +184,24 @@ def run_program(code, max_output):
     return out.text(), error
 
 
+def run_session(requests, result_fd, max_output):
+    """Answer each request line with what its program printed, every program in the same namespace."""
+    scope = {"__name__": "__main__", "__builtins__": builtins}
+    for line in requests:
+        request = json.loads(line.decode("utf-8"))
+        output, error = run_program(request["code"], max_output, scope)
+        _write(result_fd, (_dumps({"output": output, "error": error, "nonce": request["nonce"]}) + "\n").encode())
+    _exit(0)
+
+
 def main():
-    payload = json.loads(sys.stdin.buffer.read().decode("utf-8"))
+    requests = open(os.dup(0), "rb")  # the first line is the payload; a session's requests follow it
+    payload = json.loads(requests.readline().decode("utf-8"))
     result_fd = os.dup(1)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    nonce = payload.pop("nonce")
+    nonce = payload.pop("nonce", None)
 
     def report(passed, detail):
         line = _dumps({"passed": passed, "detail": str(detail)[:300], "nonce": nonce if passed else ""})
@@ -193,6 +211,9 @@ def main():
     set_limits(payload["limits"])
     if not forbid_new_processes():
         pass  # RLIMIT_NPROC and the deadline still apply
+    if payload.get("mode") == "session":
+        run_session(requests, result_fd, payload["max_output"])
+    requests.close()
     if payload.get("mode") == "run":
         output, error = run_program(payload["code"], payload["max_output"])
         line = _dumps({"output": output, "error": error, "nonce": nonce})

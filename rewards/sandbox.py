@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import secrets
 import selectors
@@ -32,6 +33,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,6 +173,89 @@ def run_code(code: str, *, kind: str, limits: Limits | None = None, max_output: 
                    seconds)
 
 
+class PythonSession:
+    """One sandboxed interpreter that runs programs one after another in the same namespace, as a notebook does:
+    variables, functions and imports stay from one ``run`` to the next.
+
+    The interpreter starts at the first ``run`` (in sandbox ``kind``, with ``limits``' memory, files and processes
+    limits; the CPU limit, ``cpu_budget_s``, is the whole session's) and lives until ``close()``, or until the
+    object is collected. Each program has ``limits.timeout_s`` of wall clock; one that runs past it, or that kills
+    its interpreter (a memory or CPU limit, ``os._exit``), costs the session its state: the result says so, and
+    the next ``run`` starts a fresh interpreter. ``max_output``: characters of each program's output kept.
+    """
+
+    def __init__(self, *, kind: str, limits: Limits | None = None, max_output: int = 4096,
+                 site_packages: bool = False, cpu_budget_s: float = 60.0):
+        self.kind, self.limits, self.max_output = kind, limits or Limits(), max_output
+        self.site_packages, self.cpu_budget_s = site_packages, cpu_budget_s
+        self.proc: subprocess.Popen | None = None
+        self.pending = bytearray()  # what the interpreter wrote after the last line read
+        self.starts = 0  # interpreters started (1 + the restarts)
+
+    def run(self, code: str) -> CodeRun:
+        start = time.monotonic()
+        if self.proc is None:
+            self._start()
+        nonce = secrets.token_hex(16)
+        deadline = start + self.limits.timeout_s
+        try:
+            self.proc.stdin.write(json.dumps({"code": code, "nonce": nonce}).encode() + b"\n")
+            self.proc.stdin.flush()
+            while (line := self._read_line(deadline)) is not None:
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(message, dict) and message.get("nonce") == nonce and "output" in message:
+                    return CodeRun(str(message["output"]), message["error"] and str(message["error"]),
+                                   time.monotonic() - start)
+        except (BrokenPipeError, EOFError):
+            self.close()
+            return CodeRun("", "the interpreter stopped (a memory or CPU limit, or an exit of its own); it restarts "
+                               "at the next call, without the earlier calls' variables", time.monotonic() - start)
+        self.close()
+        return CodeRun("", f"timeout: the program ran past {self.limits.timeout_s:g} s; the interpreter restarts at "
+                           "the next call, without the earlier calls' variables", time.monotonic() - start)
+
+    def close(self) -> None:
+        """Stop the interpreter (and everything in its sandbox); a later ``run`` starts a fresh one."""
+        if self.proc is not None:
+            self._finalizer()
+            self.proc, self.pending = None, bytearray()
+
+    def _start(self) -> None:
+        runner_limits = {**self.limits.for_runner(), "cpu_s": max(1, math.ceil(self.cpu_budget_s))}
+        payload = {"mode": "session", "max_output": self.max_output, "limits": runner_limits}
+        self.proc = subprocess.Popen(
+            _command(self.kind, self.limits, self.site_packages),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_ENV, cwd="/",
+            start_new_session=True,
+        )
+        self._finalizer = weakref.finalize(self, _kill_group, self.proc)  # no interpreter outlives its session
+        self.starts += 1
+        self.proc.stdin.write(json.dumps(payload).encode() + b"\n")
+
+    def _read_line(self, deadline: float) -> bytes | None:
+        """The interpreter's next line; None at the deadline; EOFError when it closed its end, or wrote more than
+        _MAX_OUTPUT bytes without a newline."""
+        fd = self.proc.stdout.fileno()
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_READ)
+            while b"\n" not in self.pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                if not selector.select(remaining):
+                    continue
+                chunk = os.read(fd, 1 << 16)
+                if not chunk or len(self.pending) + len(chunk) > _MAX_OUTPUT:
+                    raise EOFError
+                self.pending += chunk
+        line, _, rest = bytes(self.pending).partition(b"\n")
+        self.pending = bytearray(rest)
+        return line
+
+
 def _run_runner(payload: dict, kind: str, limits: Limits, site_packages: bool):
     """Run the runner in sandbox ``kind`` on ``payload`` (limits added); returns (the JSON objects it wrote, whether
     the deadline passed, its exit status, seconds)."""
@@ -249,8 +334,12 @@ def _kill_group(proc: subprocess.Popen) -> None:
         except (ProcessLookupError, PermissionError):
             pass
     proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            try:
+                pipe.close()
+            except BrokenPipeError:  # a session's request still buffered for an interpreter now gone
+                pass
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline and any(_alive(pid) for pid in below):
         time.sleep(0.005)

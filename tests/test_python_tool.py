@@ -3,7 +3,9 @@ their errors are results, every call is a fresh sandbox, and `env=python` runs t
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from grpo.envs import Done, Observation
 from grpo.envs.python import python_environment, python_tool
 from grpo.envs.tools import ToolEnvironment, tool_schema
 from grpo.run import build_environment
-from rewards.sandbox import Limits, run_code
+from rewards.sandbox import CodeRun, Limits, PythonSession, run_code
 from tests.conftest import compose
 from tests.test_episodes import train
 from tests.test_rewards_code import SANDBOXES, needs_sandbox
@@ -108,3 +110,110 @@ def test_env_python_runs_through_the_real_loop_with_sandboxed_calls(tmp_path, ti
         assert m["env/turns_mean"] == 2 and m["env/tool_calls_mean"] == 1 and m["env/tool_error_frac"] == 0
         assert 0 < m["rollout/logprob_abs_diff"] < 2e-5  # the model's tokens, as sampled, around the tool's reply
     assert train(tmp_path, tiny_random_dir, "py2", "env=python", "train.max_steps=1")[-1]["step"] == 1
+
+
+def gone(pid: int) -> bool:
+    return not os.path.exists(f"/proc/{pid}")
+
+
+@pytest.mark.parametrize("kind", SANDBOXES)
+def test_a_session_keeps_its_namespace_until_a_program_runs_past_its_deadline_or_ends_the_interpreter(kind):
+    session = PythonSession(kind=kind, limits=Limits(timeout_s=2))
+    try:
+        run = session.run("import math\nx = 6 * 7")
+        assert isinstance(run, CodeRun) and (run.output, run.error) == ("", None)
+        assert session.run("def f(y):\n    return x + y").error is None
+        run = session.run("print(f(1), math.factorial(5))\n1 / 0")
+        assert run.output == "43 120\n" and run.error.endswith("ZeroDivisionError: division by zero")
+        assert session.run("print(x)").output == "42\n"  # a program's error keeps the namespace
+        assert session.run("import sys; sys.exit(3)").error == "SystemExit: 3"
+        assert session.run("print(x)").output == "42\n" and session.starts == 1
+        run = session.run("while True: pass")
+        assert run.error == ("timeout: the program ran past 2 s; the interpreter restarts at the next call, without "
+                             "the earlier calls' variables") and run.seconds < 5
+        assert session.run("print(x)").error.endswith("NameError: name 'x' is not defined") and session.starts == 2
+        assert session.run("import os; os._exit(0)").error.startswith("the interpreter stopped")
+        assert session.run("print('fresh')").output == "fresh\n" and session.starts == 3
+        # as out of reach as in a one-off run: the host's files, the network, new processes
+        seen = f"import os; print(os.path.exists({REPO + '/pyproject.toml'!r}), os.path.exists({__file__!r}))"
+        assert session.run(seen).output == "False False\n"
+        assert "OSError" in session.run("import socket; socket.create_connection(('1.1.1.1', 53), 1)").error
+        assert "PermissionError" in session.run("import os; os.fork()").error
+    finally:
+        session.close()
+
+
+def test_a_sessions_cpu_budget_spans_its_programs_and_no_interpreter_outlives_its_session():
+    session = PythonSession(kind=SANDBOXES[0], limits=Limits(timeout_s=30), cpu_budget_s=2)
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.8:\n    pass\nprint('ok')"
+    assert [session.run(burn).output for _ in range(2)] == ["ok\n", "ok\n"]  # 1.6 s of the 2
+    assert session.run(burn).error.startswith("the interpreter stopped")
+    assert session.run(burn).output == "ok\n" and session.starts == 2  # a fresh interpreter, a fresh budget
+    pid = session.proc.pid
+    session.close()
+    assert session.proc is None and gone(pid)
+    session.close()  # closing twice is harmless
+    unclosed = PythonSession(kind=SANDBOXES[0])
+    assert unclosed.run("print(1)").output == "1\n"
+    pid = unclosed.proc.pid
+    del unclosed
+    gc.collect()
+    assert gone(pid)
+
+
+def test_the_persistent_tool_keeps_state_within_an_episode_never_across_episodes():
+    env = python_environment(sandbox=SANDBOXES[0], persistent=True)
+    other = python_environment(sandbox=SANDBOXES[0], persistent=True)
+    assert "keeps its variables between calls" in tool_schema(env.tools[0])["function"]["description"]
+    assert "keeps" not in tool_schema(python_tool(sandbox=SANDBOXES[0]))["function"]["description"]
+    env.reset({"prompt": "123*45="})
+    other.reset({"prompt": "123*45="})
+    assert env.step(call("x = 123 * 45")).messages[0]["content"] == "(the program printed nothing)"
+    assert env.step(call("print(x)") + call("print(x + 1)")).messages[1]["content"] == "5536\n"
+    assert other.step(call("print(x)")).messages[0]["content"].endswith("NameError: name 'x' is not defined")
+    assert env.tools[0].session.proc is not None
+    env.close()
+    assert env.tools[0].session.proc is None
+    other.close()
+
+
+class PythonKeepsState:
+    """Whatever the model writes: `x = 6 * 7` in its first turn, `print(x)` in its second, and the third ends the
+    episode. Every tool reply and every interpreter the episodes started are recorded."""
+
+    replies: list[str] = []
+    sessions: list = []
+
+    def __init__(self):
+        self.toolbox = python_environment(sandbox=SANDBOXES[0], persistent=True)
+        self.tools, self.counts, self.turns = self.toolbox.tools, self.toolbox.counts, 0
+        self.sessions.append(self.tools[0].session)
+
+    def reset(self, row):
+        return self.toolbox.reset(row)
+
+    def step(self, text):
+        self.turns += 1
+        code = {1: "x = 6 * 7", 2: "print(x)"}.get(self.turns)
+        result = self.toolbox.step(text.replace("<tool_call>", "") + (call(code) if code else ""))
+        self.replies += [m["content"] for m in getattr(result, "messages", [])]
+        return result
+
+    def close(self):
+        self.toolbox.close()
+
+
+@pytest.mark.slow
+def test_a_persistent_python_tool_through_the_real_loop_keeps_each_episodes_state_and_stops_its_interpreter(
+        tmp_path, tiny_random_dir):
+    PythonKeepsState.replies.clear()
+    PythonKeepsState.sessions.clear()
+    lines = train(tmp_path, tiny_random_dir, "keeps", "env.name=tests.test_python_tool:PythonKeepsState",
+                  "train.max_steps=1", "rollout.max_turns=3", "rollout.max_episode_tokens=200")
+    step = next(m for m in lines if "train/loss" in m)
+    assert step["env/tool_calls_mean"] == 2 and step["env/tool_error_frac"] == 0
+    assert PythonKeepsState.replies.count("42\n") == PythonKeepsState.replies.count("(the program printed nothing)")
+    assert "42\n" in PythonKeepsState.replies and not any("Error" in r for r in PythonKeepsState.replies)
+    assert PythonKeepsState.sessions and all(s.proc is None for s in PythonKeepsState.sessions)
+    lines = train(tmp_path, tiny_random_dir, "py3", "env=python", "env.kwargs.persistent=true", "train.max_steps=1")
+    assert lines[-1]["step"] == 1

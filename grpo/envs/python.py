@@ -4,12 +4,18 @@
 first turn without a tool call and the task's reward functions score that turn, as with the calculator.
 To give your own environment the tool, put `python_tool(...)` in its tools.
 
-Every call is one fresh sandbox (`rewards.sandbox.run_code`: bubblewrap or unshare namespaces, no network,
-read-only system files, rlimits, no new processes, a wall-clock deadline), so calls share no state: a
-program that needs a value from an earlier call recomputes it. What the model reads back is the program's
-stdout and stderr (the first `max_output` characters), then its exception's last frame if it raised, or
-the deadline it ran past. A program's own error is its result, not a failed tool call; calls that are not
-well-formed are counted as `ToolEnvironment` counts them.
+By default every call is one fresh sandbox (`rewards.sandbox.run_code`: bubblewrap or unshare namespaces, no
+network, read-only system files, rlimits, no new processes, a wall-clock deadline), so calls share no state:
+a program that needs a value from an earlier call recomputes it. With `persistent=True` the episode's calls
+run one after another in one sandboxed interpreter (`rewards.sandbox.PythonSession`), as in a notebook:
+variables, functions and imports stay for the rest of the episode, and a call costs well under a millisecond
+once the interpreter is up instead of a fresh sandbox's tens. A call past its deadline, or one that brings
+the interpreter down (a memory limit, `os._exit`), costs the episode that state, and the reply says so. The
+interpreter starts at the episode's first call and is stopped when the episode ends (`close`).
+
+What the model reads back is the program's stdout and stderr (the first `max_output` characters), then its
+exception's last frame if it raised, or the deadline it ran past. A program's own error is its result, not a
+failed tool call; calls that are not well-formed are counted as `ToolEnvironment` counts them.
 """
 
 from __future__ import annotations
@@ -17,27 +23,48 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from grpo.envs.tools import ToolEnvironment
-from rewards.sandbox import Limits, resolve_sandbox, run_code
+from rewards.sandbox import CodeRun, Limits, PythonSession, resolve_sandbox, run_code
 
 
-def python_tool(sandbox: str = "auto", timeout_s: float = 5.0, memory_mb: int = 512,
-                max_output: int = 2048) -> Callable[[str], str]:
-    """The `python` tool function, running in `sandbox` (auto, bwrap, unshare or none: see rewards.sandbox)."""
+def python_tool(sandbox: str = "auto", timeout_s: float = 5.0, memory_mb: int = 512, max_output: int = 2048,
+                persistent: bool = False, cpu_budget_s: float = 60.0) -> Callable[[str], str]:
+    """The `python` tool function, running in `sandbox` (auto, bwrap, unshare or none: see rewards.sandbox).
+
+    `persistent`: the calls share one interpreter (build one tool per episode; its `close()` stops the
+    interpreter), whose CPU time all together is capped at `cpu_budget_s`; otherwise each call is a fresh one."""
     kind = resolve_sandbox(sandbox)
     limits = Limits(timeout_s=timeout_s, memory_mb=memory_mb)
+    if not persistent:
+
+        def python(code: str) -> str:
+            """Run a Python program and return what it prints.
+
+            Args:
+                code: a complete program with the standard library; print the values you want to see
+            """
+            return reply(run_code(code, kind=kind, limits=limits, max_output=max_output))
+
+        return python
+
+    session = PythonSession(kind=kind, limits=limits, max_output=max_output, cpu_budget_s=cpu_budget_s)
 
     def python(code: str) -> str:
-        """Run a Python program and return what it prints.
+        """Run Python code in an interpreter that keeps its variables between calls, and return what it prints.
 
         Args:
-            code: a complete program with the standard library; print the values you want to see
+            code: Python code with the standard library (what it defines stays); print what you want to see
         """
-        run = run_code(code, kind=kind, limits=limits, max_output=max_output)
-        text = run.output + (("\n" if run.output and not run.output.endswith("\n") else "") + run.error
-                             if run.error else "")
-        return text or "(the program printed nothing)"
+        return reply(session.run(code))
 
+    python.close, python.session = session.close, session
     return python
+
+
+def reply(run: CodeRun) -> str:
+    """The text the model reads: the output, then the error on a line of its own."""
+    text = run.output + (("\n" if run.output and not run.output.endswith("\n") else "") + run.error
+                         if run.error else "")
+    return text or "(the program printed nothing)"
 
 
 def python_environment(system: str | None = None, **tool_options) -> ToolEnvironment:

@@ -82,7 +82,7 @@ class ToolEnvironment:
     at the first turn with no `<tool_call>`, with `score(text, row)` as its reward, or None when no
     `score` is given (the task's reward functions then score the final turn). The opening messages are
     `system` (if given) and the row's prompt as the user's message. Use it as it is, or hold one in your
-    own environment and call its `reset`/`step`.
+    own environment and call its `reset`/`step` (and `close`, which closes the tools that have one).
     """
 
     def __init__(self, tools: list[Callable], *, system: str | None = None,
@@ -102,6 +102,12 @@ class ToolEnvironment:
         if not calls:
             return Done(self.score(text, self.row) if self.score else None)
         return Observation([self.run(call) for call in calls])
+
+    def close(self) -> None:
+        """Release what the tools hold (a tool with a `close`, such as a persistent `python` tool's interpreter)."""
+        for fn in self.tools:
+            if callable(getattr(fn, "close", None)):
+                fn.close()
 
     def run(self, call: ToolCall) -> dict:
         """The tool message answering one call: the tool's result, or what went wrong (counted)."""

@@ -14,6 +14,8 @@ The episode's completion is everything after the prompt. An episode ends
   not shown to the environment, and an observation that leaves no room for one more model token is not
   appended. A truncated episode has no environment reward (None); the task's reward functions score
   its last model turn, and `truncated` is set (`algorithm.mask_truncated` drops it from the loss).
+Its environment's `close()`, if it has one, is called as it ends (and for every episode still open when an
+error stops the rollout).
 
 Each turn re-prefills every context on the hf engine (no KV cache kept across turns); the vLLM engine
 takes the KV blocks of each context's earlier turns from its prefix cache. An engine with a
@@ -47,6 +49,7 @@ class Episode:
     reward: float | None = None
     finished: bool = False
     truncated: bool = False
+    closed: bool = False  # the environment's close() has been called
 
 
 def run_episodes(engine: TokenRolloutEngine, tokenizer, make_env: Callable[[], Environment], rows: list[dict],
@@ -54,9 +57,23 @@ def run_episodes(engine: TokenRolloutEngine, tokenizer, make_env: Callable[[], E
                  greedy: bool = False) -> Completions:
     """n episodes per row (prompt-major, as `generate` lays out n samples), run to their end; `greedy`: every
     turn the engine's greedy continuation (held-out evaluation, n=1)."""
-    episodes = [start_episode(make_env(), row, tokenizer) for row in rows for _ in range(n)]
+    episodes: list[Episode] = []
+    try:
+        for row in rows:
+            episodes += [start_episode(make_env(), row, tokenizer) for _ in range(n)]
+        return run_to_the_end(engine, tokenizer, episodes, n, max_turns=max_turns,
+                              max_episode_tokens=max_episode_tokens, max_new_tokens=max_new_tokens, greedy=greedy)
+    finally:  # also when an error stops the rollout, no environment's process outlives it
+        for e in episodes:
+            close_environment(e)
+
+
+def run_to_the_end(engine: TokenRolloutEngine, tokenizer, episodes: list[Episode], n: int, *, max_turns: int,
+                   max_episode_tokens: int, max_new_tokens: int, greedy: bool) -> Completions:
+    """Step the started episodes (n per row, prompt-major) in lockstep turns until each is finished."""
+    rows = len(episodes) // n
     prompt_ids = []
-    for b in range(len(rows)):
+    for b in range(rows):
         openings = {e.context for e in episodes[b * n : (b + 1) * n]}
         if len(openings) != 1:
             raise ValueError(f"environment: the {n} episodes of row {b} open differently; reset(row) must "
@@ -76,11 +93,20 @@ def run_episodes(engine: TokenRolloutEngine, tokenizer, make_env: Callable[[], E
             lps = out.logprobs[k] if out.logprobs is not None else [0.0] * len(out.completion_ids[k])
             take_turn(episodes[i], out.completion_ids[k], lps, out.truncated[k], budget[k], tokenizer, max_turns,
                       max_episode_tokens)
+            if episodes[i].finished:
+                close_environment(episodes[i])
     return Completions(
         prompt_ids=prompt_ids, completion_ids=[e.ids for e in episodes], texts=[e.text for e in episodes],
         truncated=[e.truncated for e in episodes], logprobs=[e.logprobs for e in episodes],
         metrics={"time/generate_s": seconds}, loss_masks=[e.mask for e in episodes],
         episodes=[episode_record(e) for e in episodes])
+
+
+def close_environment(e: Episode) -> None:
+    """Call the environment's `close()`, if it has one, once."""
+    if not e.closed and callable(getattr(e.env, "close", None)):
+        e.env.close()
+    e.closed = True
 
 
 def start_episode(env: Environment, row: dict, tokenizer) -> Episode:
