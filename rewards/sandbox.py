@@ -189,6 +189,7 @@ class PythonSession:
         self.kind, self.limits, self.max_output = kind, limits or Limits(), max_output
         self.site_packages, self.cpu_budget_s = site_packages, cpu_budget_s
         self.proc: subprocess.Popen | None = None
+        self._finalizer: weakref.finalize | None = None  # kills the interpreter's sandbox, once
         self.pending = bytearray()  # what the interpreter wrote after the last line read
         self.starts = 0  # interpreters started (1 + the restarts)
 

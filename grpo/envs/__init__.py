@@ -13,12 +13,12 @@ An episode starts from one dataset row and runs in turns:
 
 Any class with `reset` and `step` is an environment (a `typing.Protocol`: nothing to inherit). One instance
 runs one episode, so episodes never share state; if it has a `close()`, that is called once, when its episode
-is over, to stop what it started (a process, a sandbox). An environment
-that offers tools lists them in `tools`: plain Python functions, whose JSON schema (shown to the model through
-the chat template) is taken from their signature and docstring. `ToolEnvironment` (grpo.envs.tools) does the
-tool plumbing: parse the turn's tool calls, run them, and turn every failure into a message the model sees.
-Environments are chosen by `env.name`: a dotted path `package.module:Class` or a name registered in the
-`grpo.environments` entry-point group; `env.kwargs` are passed to the class.
+is over, to stop what it started (a process, a sandbox). An environment that offers tools lists them in
+`tools`: plain Python functions, whose JSON schema (shown to the model through the chat template) is taken
+from their signature and docstring. `ToolEnvironment` (grpo.envs.tools) does the tool plumbing: parse the
+turn's tool calls, run them, and turn every failure into a message the model sees. Environments are chosen by
+`env.name`: a dotted path `package.module:Class` or a name registered in the `grpo.environments` entry-point
+group; `env.kwargs` are passed to the class.
 """
 
 from __future__ import annotations
