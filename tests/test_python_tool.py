@@ -84,6 +84,27 @@ def test_a_bad_env_setting_fails_before_training_naming_it():
         build_environment(cfg)
 
 
+class Closes:
+    """An environment that counts the instances built and closed."""
+
+    built = closed = 0
+    tools: list = []
+
+    def __init__(self):
+        Closes.built += 1
+
+    def close(self):
+        Closes.closed += 1
+
+
+def test_the_environment_built_to_check_env_kwargs_is_closed():
+    Closes.built = Closes.closed = 0
+    factory = build_environment(compose(["env.name=tests.test_python_tool:Closes"]))
+    assert (Closes.built, Closes.closed) == (1, 1)
+    factory()
+    assert (Closes.built, Closes.closed) == (2, 1)
+
+
 class PythonCallsOnce:
     """On the model's first turn, whatever it wrote, one `python` call; its second turn ends the episode, which
     the task's rewards score."""
