@@ -84,6 +84,22 @@ def test_a_bad_env_setting_fails_before_training_naming_it():
         build_environment(cfg)
 
 
+@pytest.mark.parametrize("persistent", [False, True])
+def test_site_packages_lets_programs_import_what_is_installed_beside_the_trainer(persistent):
+    def tool(site_packages):
+        return python_tool(sandbox=SANDBOXES[0], persistent=persistent, site_packages=site_packages, timeout_s=30)
+
+    plain, with_packages = tool(False), tool(True)
+    try:
+        assert plain("import sympy").endswith("ModuleNotFoundError: No module named 'sympy'")
+        assert with_packages("import sympy\nprint(sympy.factorint(5535))") == "{3: 3, 5: 1, 41: 1}\n"
+        assert "the installed packages" in tool_schema(with_packages)["function"]["parameters"]["properties"]["code"][
+            "description"]
+    finally:
+        for t in (plain, with_packages):
+            getattr(t, "close", lambda: None)()
+
+
 class Closes:
     """An environment that counts the instances built and closed."""
 

@@ -27,37 +27,41 @@ from rewards.sandbox import CodeRun, Limits, PythonSession, resolve_sandbox, run
 
 
 def python_tool(sandbox: str = "auto", timeout_s: float = 5.0, memory_mb: int = 512, max_output: int = 2048,
-                persistent: bool = False, cpu_budget_s: float = 60.0) -> Callable[[str], str]:
+                persistent: bool = False, cpu_budget_s: float = 60.0,
+                site_packages: bool = False) -> Callable[[str], str]:
     """The `python` tool function, running in `sandbox` (auto, bwrap, unshare or none: see rewards.sandbox).
 
     `persistent`: the calls share one interpreter (build one tool per episode; its `close()` stops the
-    interpreter), whose CPU time all together is capped at `cpu_budget_s`; otherwise each call is a fresh one."""
+    interpreter), whose CPU time all together is capped at `cpu_budget_s`; otherwise each call is a fresh one.
+    `site_packages`: programs may import the packages installed beside the trainer (numpy, sympy, ...), read-only;
+    an interpreter then starts several times slower. The tool's description, which the model reads, says both."""
     kind = resolve_sandbox(sandbox)
     limits = Limits(timeout_s=timeout_s, memory_mb=memory_mb)
-    if not persistent:
+    if persistent:
+        session = PythonSession(kind=kind, limits=limits, max_output=max_output, site_packages=site_packages,
+                                cpu_budget_s=cpu_budget_s)
+        run = session.run
+    else:
 
-        def python(code: str) -> str:
-            """Run a Python program and return what it prints.
-
-            Args:
-                code: a complete program with the standard library; print the values you want to see
-            """
-            return reply(run_code(code, kind=kind, limits=limits, max_output=max_output))
-
-        return python
-
-    session = PythonSession(kind=kind, limits=limits, max_output=max_output, cpu_budget_s=cpu_budget_s)
+        def run(code: str) -> CodeRun:
+            return run_code(code, kind=kind, limits=limits, max_output=max_output, site_packages=site_packages)
 
     def python(code: str) -> str:
-        """Run Python code in an interpreter that keeps its variables between calls, and return what it prints.
+        return reply(run(code))
 
-        Args:
-            code: Python code with the standard library (what it defines stays); print what you want to see
-        """
-        return reply(session.run(code))
-
-    python.close, python.session = session.close, session
+    python.__doc__ = description(persistent, site_packages)
+    if persistent:
+        python.close, python.session = session.close, session
     return python
+
+
+def description(persistent: bool, site_packages: bool) -> str:
+    """The tool's docstring: its JSON schema's description and its argument's, which the model reads."""
+    what = ("Run Python code in an interpreter that keeps its variables between calls, and return what it prints."
+            if persistent else "Run a Python program and return what it prints.")
+    code = "Python code" if persistent else "a complete program"
+    library = "the standard library and the installed packages" if site_packages else "the standard library"
+    return f"{what}\n\nArgs:\n    code: {code} with {library}; print the values you want to see"
 
 
 def reply(run: CodeRun) -> str:

@@ -2,6 +2,7 @@
 
     python -m scripts.bench.python_tool
     python -m scripts.bench.python_tool --sandbox unshare --episodes 16 --calls 4
+    python -m scripts.bench.python_tool --site-packages --code 'import sympy; print(sympy.factorint(5535))'
 
 `--episodes` episodes, each making `--calls` calls of a short program (`--code`), run the way a step runs them:
 in lockstep turns, every episode's call of a turn before any of the next turn's. One-off calls
@@ -26,7 +27,8 @@ def seconds_per_call(persistent: bool, args) -> tuple[float, float]:
     """(seconds per call, MiB resident in the first episode's interpreter and its sandbox's processes before it
     is stopped: 0 for one-off calls)."""
     start = time.perf_counter()
-    tools = [python_tool(sandbox=args.sandbox, persistent=persistent) for _ in range(args.episodes)]
+    tools = [python_tool(sandbox=args.sandbox, persistent=persistent, site_packages=args.site_packages)
+             for _ in range(args.episodes)]
     for _ in range(args.calls):
         for tool in tools:
             tool(args.code)
@@ -54,6 +56,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=16)
     parser.add_argument("--calls", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--site-packages", action="store_true", help="the tool's site_packages option")
     parser.add_argument("--code", default="x = sum(i * i for i in range(1000))\nprint(x)")
     args = parser.parse_args()
     times: dict[bool, list[float]] = {False: [], True: []}
@@ -65,7 +68,8 @@ def main() -> None:
                 times[persistent].append(t)
                 resident += [mib] if persistent else []
     fresh, kept = (statistics.median(times[p]) * 1e3 for p in (False, True))
-    print(f"{args.episodes} episodes x {args.calls} calls, sandbox {args.sandbox}, median of {args.rounds} rounds")
+    print(f"{args.episodes} episodes x {args.calls} calls, sandbox {args.sandbox}, site_packages "
+          f"{args.site_packages}, median of {args.rounds} rounds")
     print(f"one-off sandbox per call:      {fresh:8.3f} ms per call")
     print(f"persistent interpreter:        {kept:8.3f} ms per call (its start and stop included)")
     print(f"one-off / persistent:          {fresh / kept:8.1f}x")
