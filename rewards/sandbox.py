@@ -179,9 +179,10 @@ class PythonSession:
 
     The interpreter starts at the first ``run`` (in sandbox ``kind``, with ``limits``' memory, files and processes
     limits; the CPU limit, ``cpu_budget_s``, is the whole session's) and lives until ``close()``, or until the
-    object is collected. Each program has ``limits.timeout_s`` of wall clock; one that runs past it, or that kills
-    its interpreter (a memory or CPU limit, ``os._exit``), costs the session its state: the result says so, and
-    the next ``run`` starts a fresh interpreter. ``max_output``: characters of each program's output kept.
+    object is collected. Each program has ``limits.timeout_s`` of wall clock; one that runs past it, that kills
+    its interpreter (a memory or CPU limit, ``os._exit``) or that leaves threads running (they would run on
+    between calls) costs the session its state: the result says so, and the next ``run`` starts a fresh
+    interpreter. ``max_output``: characters of each program's output kept.
     """
 
     def __init__(self, *, kind: str, limits: Limits | None = None, max_output: int = 4096,
@@ -208,8 +209,11 @@ class PythonSession:
                 except ValueError:
                     continue
                 if isinstance(message, dict) and message.get("nonce") == nonce and "output" in message:
-                    return CodeRun(str(message["output"]), message["error"] and str(message["error"]),
-                                   time.monotonic() - start)
+                    error = message["error"] and str(message["error"])
+                    if message.get("ended"):  # the program left threads running; the interpreter has exited
+                        self.close()
+                        error += "; it restarts at the next call, without the earlier calls' variables"
+                    return CodeRun(str(message["output"]), error, time.monotonic() - start)
         except (BrokenPipeError, EOFError):
             self.close()
             return CodeRun("", "the interpreter stopped (a memory or CPU limit, or an exit of its own); it restarts "

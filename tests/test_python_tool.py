@@ -180,6 +180,19 @@ def test_a_session_keeps_its_namespace_until_a_program_runs_past_its_deadline_or
         session.close()
 
 
+def test_a_program_that_leaves_a_thread_running_ends_its_session_and_one_that_joins_its_threads_does_not():
+    session = PythonSession(kind=SANDBOXES[0])
+    joined = "from concurrent.futures import ThreadPoolExecutor\nwith ThreadPoolExecutor(2) as pool:\n" \
+             "    x = sum(pool.map(abs, [-1, -2]))"
+    assert session.run(joined).error is None and session.run("print(x)").output == "3\n"
+    run = session.run("import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()\nprint(x)")
+    assert run.output == "3\n" and run.error == ("the program left threads running, so the interpreter was stopped; "
+                                                 "it restarts at the next call, without the earlier calls' variables")
+    assert session.proc is None  # the sleeping thread went with its interpreter, not 60 s later
+    assert session.run("print(x)").error.endswith("NameError: name 'x' is not defined") and session.starts == 2
+    session.close()
+
+
 def test_a_sessions_cpu_budget_spans_its_programs_and_no_interpreter_outlives_its_session():
     session = PythonSession(kind=SANDBOXES[0], limits=Limits(timeout_s=30), cpu_budget_s=2)
     burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.8:\n    pass\nprint('ok')"

@@ -9,8 +9,9 @@ network, read-only system files, rlimits, no new processes, a wall-clock deadlin
 a program that needs a value from an earlier call recomputes it. With `persistent=True` the episode's calls
 run one after another in one sandboxed interpreter (`rewards.sandbox.PythonSession`), as in a notebook:
 variables, functions and imports stay for the rest of the episode, and calls cost less than fresh sandboxes
-(`python -m scripts.bench.python_tool`). A call past its deadline, or one that brings the interpreter down
-(a memory limit, `os._exit`), costs the episode that state, and the reply says so. The interpreter starts at
+(`python -m scripts.bench.python_tool`). A call past its deadline, one that brings the interpreter down
+(a memory limit, `os._exit`) or one that leaves threads running costs the episode that state, and the reply
+says so. The interpreter starts at
 the episode's first call and is stopped when the episode ends (`close`).
 
 What the model reads back is the program's stdout and stderr (the first `max_output` characters), then its
