@@ -10,8 +10,8 @@ is what it printed and, if it raised, the exception's last line.
 With ``"mode": "session"`` (the persistent ``python`` tool, ``rewards.sandbox.PythonSession``) the runner keeps a
 private copy of its stdin too and, after steps 1-3, reads one request ``{"code", "nonce"}`` per line, runs each
 program as ``run`` does but in one namespace kept from program to program, and answers each with one line. It
-runs until its stdin closes, the host kills it, or a program leaves threads running; the CPU limit is then the
-whole session's.
+runs until its stdin closes or the host kills it; the CPU limit is then the whole session's. Between programs
+the host keeps it stopped (SIGSTOP), so nothing a program leaves behind (a thread, a timer) runs between calls.
 
 Order matters:
 1. read the payload (one JSON line) from stdin, then point stdin at /dev/null (``input()`` gets EOF, never blocks);
@@ -41,7 +41,6 @@ import os
 import resource
 import struct
 import sys
-import time
 import traceback
 import types
 
@@ -183,34 +182,18 @@ def run_program(code, max_output, scope=None):
     except BaseException as e:
         error = traceback.format_exception(e, limit=-1)
         error = "".join(error[1:]).strip()  # the program's line and the exception, without the header
+        if len(error) > max_output:
+            error = error[:max_output] + f"\n[... {len(error) - max_output} more characters]"
     return out.text(), error
 
 
-def threads_left(grace_s=0.2):
-    """Whether threads other than this one still run after ``grace_s`` (a joined thread takes a moment to go)."""
-    deadline = time.monotonic() + grace_s
-    while len(os.listdir("/proc/self/task")) > 1:
-        if time.monotonic() > deadline:
-            return True
-        time.sleep(0.002)
-    return False
-
-
 def run_session(requests, result_fd, max_output):
-    """Answer each request line with what its program printed, every program in the same namespace. A program
-    that leaves threads running (which would go on using CPU between calls, past every deadline) ends the
-    session: its answer says so (``"ended": true``) and the interpreter exits."""
+    """Answer each request line with what its program printed, every program in the same namespace."""
     scope = {"__name__": "__main__", "__builtins__": builtins}
     for line in requests:
         request = json.loads(line.decode("utf-8"))
         output, error = run_program(request["code"], max_output, scope)
-        ended = threads_left()
-        if ended:
-            error = (error + "\n" if error else "") + "the program left threads running, so the interpreter was stopped"
-        answer = {"output": output, "error": error, "nonce": request["nonce"], "ended": ended}
-        _write(result_fd, (_dumps(answer) + "\n").encode())
-        if ended:
-            _exit(0)
+        _write(result_fd, (_dumps({"output": output, "error": error, "nonce": request["nonce"]}) + "\n").encode())
     _exit(0)
 
 

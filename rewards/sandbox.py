@@ -179,41 +179,42 @@ class PythonSession:
 
     The interpreter starts at the first ``run`` (in sandbox ``kind``, with ``limits``' memory, files and processes
     limits; the CPU limit, ``cpu_budget_s``, is the whole session's) and lives until ``close()``, or until the
-    object is collected. Each program has ``limits.timeout_s`` of wall clock; one that runs past it, that kills
-    its interpreter (a memory or CPU limit, ``os._exit``) or that leaves threads running (they would run on
-    between calls) costs the session its state: the result says so, and the next ``run`` starts a fresh
-    interpreter. ``max_output``: characters of each program's output kept.
+    object is collected. Each program has ``limits.timeout_s`` of wall clock, writing its request and reading its
+    answer included; between programs the interpreter is stopped (SIGSTOP), so a thread or a timer a program
+    leaves behind runs only while a later program does, inside that one's deadline. A program that runs past its
+    deadline, or that kills its interpreter (a memory or CPU limit, ``os._exit``), costs the session its state:
+    the result says so, and the next ``run`` starts a fresh interpreter. ``max_output``: characters of each
+    program's output (and of its error) kept.
     """
 
     def __init__(self, *, kind: str, limits: Limits | None = None, max_output: int = 4096,
                  site_packages: bool = False, cpu_budget_s: float = 60.0):
         self.kind, self.limits, self.max_output = kind, limits or Limits(), max_output
         self.site_packages, self.cpu_budget_s = site_packages, cpu_budget_s
+        self.max_line = max(_MAX_OUTPUT, 24 * max_output + 4096)  # output and error, 12 bytes a character at worst
         self.proc: subprocess.Popen | None = None
         self._finalizer: weakref.finalize | None = None  # kills the interpreter's sandbox, once
         self.pending = bytearray()  # what the interpreter wrote after the last line read
+        self.pending_request = b""  # the session's payload, written with its first request
         self.starts = 0  # interpreters started (1 + the restarts)
 
     def run(self, code: str) -> CodeRun:
         start = time.monotonic()
+        deadline = start + self.limits.timeout_s
         if self.proc is None:
             self._start()
+        else:
+            self._signal(signal.SIGCONT)
         nonce = secrets.token_hex(16)
-        deadline = start + self.limits.timeout_s
         try:
-            self.proc.stdin.write(json.dumps({"code": code, "nonce": nonce}).encode() + b"\n")
-            self.proc.stdin.flush()
-            while (line := self._read_line(deadline)) is not None:
-                try:
-                    message = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(message, dict) and message.get("nonce") == nonce and "output" in message:
-                    error = message["error"] and str(message["error"])
-                    if message.get("ended"):  # the program left threads running; the interpreter has exited
-                        self.close()
-                        error += "; it restarts at the next call, without the earlier calls' variables"
-                    return CodeRun(str(message["output"]), error, time.monotonic() - start)
+            if self._write(json.dumps({"code": code, "nonce": nonce}).encode() + b"\n", deadline):
+                while (line := self._read_line(deadline)) is not None:
+                    answer = _json_object(line)
+                    if answer.get("nonce") == nonce and "output" in answer:
+                        self._signal(signal.SIGSTOP)
+                        error = answer.get("error")
+                        return CodeRun(str(answer["output"]), None if error is None else str(error),
+                                       time.monotonic() - start)
         except (BrokenPipeError, EOFError):
             self.close()
             return CodeRun("", "the interpreter stopped (a memory or CPU limit, or an exit of its own); it restarts "
@@ -238,11 +239,39 @@ class PythonSession:
         )
         self._finalizer = weakref.finalize(self, _kill_group, self.proc)  # no interpreter outlives its session
         self.starts += 1
-        self.proc.stdin.write(json.dumps(payload).encode() + b"\n")
+        os.set_blocking(self.proc.stdin.fileno(), False)
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self.pending_request = json.dumps(payload).encode() + b"\n"
+
+    def _signal(self, sig: int) -> None:
+        """Send ``sig`` to the interpreter and every process of its sandbox (bubblewrap's own session included)."""
+        for pid in [self.proc.pid, *_descendants(self.proc.pid)]:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _write(self, request: bytes, deadline: float) -> bool:
+        """Write the request (after the session's payload, at its start), unless the deadline passes first."""
+        data = memoryview(self.pending_request + request)
+        self.pending_request = b""
+        fd = self.proc.stdin.fileno()
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_WRITE)
+            while data:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                if selector.select(remaining):
+                    try:
+                        data = data[os.write(fd, data):]
+                    except BlockingIOError:
+                        pass
+        return True
 
     def _read_line(self, deadline: float) -> bytes | None:
         """The interpreter's next line; None at the deadline; EOFError when it closed its end, or wrote more than
-        _MAX_OUTPUT bytes without a newline."""
+        ``max_line`` bytes without a newline."""
         fd = self.proc.stdout.fileno()
         with selectors.DefaultSelector() as selector:
             selector.register(fd, selectors.EVENT_READ)
@@ -252,13 +281,25 @@ class PythonSession:
                     return None
                 if not selector.select(remaining):
                     continue
-                chunk = os.read(fd, 1 << 16)
-                if not chunk or len(self.pending) + len(chunk) > _MAX_OUTPUT:
+                try:
+                    chunk = os.read(fd, 1 << 16)
+                except BlockingIOError:
+                    continue
+                if not chunk or len(self.pending) + len(chunk) > self.max_line:
                     raise EOFError
                 self.pending += chunk
         line, _, rest = bytes(self.pending).partition(b"\n")
         self.pending = bytearray(rest)
         return line
+
+
+def _json_object(line: bytes) -> dict:
+    """The JSON object on ``line``, or {} for anything else."""
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _run_runner(payload: dict, kind: str, limits: Limits, site_packages: bool):

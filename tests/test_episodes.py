@@ -119,6 +119,65 @@ def test_an_episode_ends_at_done_max_turns_or_its_token_budget(turns, max_turns,
     assert out.episodes[0]["reward"] == (None if truncated else 1.0)  # a truncated episode: no env reward
 
 
+class Closing(Chatty):
+    """Chatty that counts its `close()` calls; `fail` names the method that raises ("reset", "step", "close")."""
+
+    def __init__(self, turns: int, fail: str | None = None):
+        super().__init__(turns)
+        self.fail, self.closes = fail, 0
+
+    def reset(self, row):
+        if self.fail == "reset":
+            raise RuntimeError("reset failed")
+        return super().reset(row)
+
+    def step(self, text):
+        if self.fail == "step":
+            raise RuntimeError("step failed")
+        return super().step(text)
+
+    def close(self):
+        self.closes += 1
+        if self.fail == "close":
+            raise OSError("close failed")
+
+
+def closing_episodes(*specs: tuple[int, str | None]):
+    """One row, an episode per (turns, fail); returns the environments and, per engine call, how many times each
+    had been closed by then."""
+    envs, seen = [], []
+    specs_left = iter(specs)
+
+    def make():
+        envs.append(Closing(*next(specs_left)))
+        return envs[-1]
+
+    class Watching(ScriptedEngine):
+        def generate_from_ids(self, prompt_ids, n, **kwargs):
+            seen.append([e.closes for e in envs])
+            return super().generate_from_ids(prompt_ids, n, **kwargs)
+
+    def run():
+        return run_episodes(Watching(TURN), TOK, make, [{"prompt": "1+2="}], len(specs), max_turns=5,
+                            max_episode_tokens=200, max_new_tokens=8)
+
+    return envs, seen, run
+
+
+def test_each_environment_is_closed_once_as_its_episode_ends_and_also_when_an_error_stops_the_rollout(caplog):
+    envs, seen, run = closing_episodes((1, None), (3, None))
+    run()
+    assert seen == [[0, 0], [1, 0], [1, 0]] and [e.closes for e in envs] == [1, 1]  # the first, after its 1 turn
+    for failing in ("reset", "step"):
+        envs, seen, run = closing_episodes((3, None), (3, failing), (3, None))
+        with pytest.raises(RuntimeError, match=f"{failing} failed"):
+            run()
+        assert [e.closes for e in envs] == ([1, 1] if failing == "reset" else [1, 1, 1])  # every one built
+    envs, seen, run = closing_episodes((1, "close"), (2, None))
+    assert run().episodes[1]["turns"] == 2  # a close() that raises is logged, and the rollout goes on
+    assert [e.closes for e in envs] == [1, 1] and "Closing.close() raised" in caplog.text
+
+
 def test_episode_metrics_and_the_env_reward_in_the_total():
     records = [{"turns": 3, "tool_calls": 4, "tool_errors": 1, "truncated": False, "reward": 1.0},
                {"turns": 1, "tool_calls": 0, "tool_errors": 0, "truncated": True, "reward": None}]

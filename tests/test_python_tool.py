@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from grpo.envs import Done, Observation
 from grpo.envs.python import python_environment, python_tool
 from grpo.envs.tools import ToolEnvironment, tool_schema
 from grpo.run import build_environment
-from rewards.sandbox import CodeRun, Limits, PythonSession, run_code
+from rewards.sandbox import CodeRun, Limits, PythonSession, _descendants, run_code
 from tests.conftest import compose
 from tests.test_episodes import train
 from tests.test_rewards_code import SANDBOXES, needs_sandbox
@@ -93,6 +94,9 @@ def test_site_packages_lets_programs_import_what_is_installed_beside_the_trainer
     try:
         assert plain("import sympy").endswith("ModuleNotFoundError: No module named 'sympy'")
         assert with_packages("import sympy\nprint(sympy.factorint(5535))") == "{3: 3, 5: 1, 41: 1}\n"
+        assert with_packages("import numpy\nprint(numpy.arange(4).sum())") == "6\n"
+        if persistent:  # the imports stay
+            assert with_packages("print(numpy.int64(6) * sympy.Integer(7))") == "42\n"
         assert "the installed packages" in tool_schema(with_packages)["function"]["parameters"]["properties"]["code"][
             "description"]
     finally:
@@ -180,17 +184,47 @@ def test_a_session_keeps_its_namespace_until_a_program_runs_past_its_deadline_or
         session.close()
 
 
-def test_a_program_that_leaves_a_thread_running_ends_its_session_and_one_that_joins_its_threads_does_not():
-    session = PythonSession(kind=SANDBOXES[0])
-    joined = "from concurrent.futures import ThreadPoolExecutor\nwith ThreadPoolExecutor(2) as pool:\n" \
-             "    x = sum(pool.map(abs, [-1, -2]))"
-    assert session.run(joined).error is None and session.run("print(x)").output == "3\n"
-    run = session.run("import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()\nprint(x)")
-    assert run.output == "3\n" and run.error == ("the program left threads running, so the interpreter was stopped; "
-                                                 "it restarts at the next call, without the earlier calls' variables")
-    assert session.proc is None  # the sleeping thread went with its interpreter, not 60 s later
-    assert session.run("print(x)").error.endswith("NameError: name 'x' is not defined") and session.starts == 2
-    session.close()
+def states(session: PythonSession) -> set[str]:
+    """The scheduler states (R, S, T, ...) of every thread of every process in the session's sandbox."""
+    found = set()
+    for pid in [session.proc.pid, *_descendants(session.proc.pid)]:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                found.add(f.read().rpartition(")")[2].split()[0])
+    return found
+
+
+def test_between_calls_a_session_is_stopped_so_what_a_program_leaves_running_waits_for_the_next_call():
+    session = PythonSession(kind=SANDBOXES[0], limits=Limits(timeout_s=3))
+    try:
+        spin = "import threading\nn = [0]\ndef spin():\n    while True:\n        n[0] += 1\n" \
+               "threading.Thread(target=spin, daemon=True).start()"
+        assert session.run(spin).error is None
+        deadline = time.monotonic() + 5
+        while states(session) != {"T"} and time.monotonic() < deadline:  # a signal takes a moment to land
+            time.sleep(0.01)
+        assert states(session) == {"T"}  # every thread of every process stopped, the spinning one included
+        assert int(session.run("print(n[0])").output) > 0 and session.starts == 1  # it ran during that call
+        # a timer whose handler never returns blocks the interpreter at its next call: that call's deadline,
+        # its request (bigger than a pipe's buffer, so writing it waits on the interpreter) included, still holds
+        session.run("import signal, time\nsignal.signal(signal.SIGALRM, lambda *a: time.sleep(1e6))\nsignal.alarm(1)")
+        time.sleep(1.5)
+        run = session.run("x = 1\n" + "#" * 200_000)
+        assert run.error.startswith("timeout: the program ran past 3 s") and run.seconds < 6
+        assert session.proc is None
+    finally:
+        session.close()
+
+
+def test_a_sessions_answers_are_capped_and_keep_its_state():
+    session = PythonSession(kind=SANDBOXES[0], max_output=100)
+    try:
+        session.run("x = 1")
+        assert session.run("raise ValueError('v' * 70_000)").error.endswith("v\n[... 69950 more characters]")
+        assert session.run("print('\\U0001F600' * 5000)").output == "\U0001F600" * 100 + "\n[... 4901 more characters]"
+        assert session.run("print(x)").output == "1\n" and session.starts == 1
+    finally:
+        session.close()
 
 
 def test_a_sessions_cpu_budget_spans_its_programs_and_no_interpreter_outlives_its_session():
@@ -233,6 +267,7 @@ class PythonKeepsState:
 
     replies: list[str] = []
     sessions: list = []
+    closes = 0
 
     def __init__(self):
         self.toolbox = python_environment(sandbox=SANDBOXES[0], persistent=True)
@@ -250,6 +285,7 @@ class PythonKeepsState:
         return result
 
     def close(self):
+        PythonKeepsState.closes += 1
         self.toolbox.close()
 
 
@@ -258,12 +294,15 @@ def test_a_persistent_python_tool_through_the_real_loop_keeps_each_episodes_stat
         tmp_path, tiny_random_dir):
     PythonKeepsState.replies.clear()
     PythonKeepsState.sessions.clear()
+    PythonKeepsState.closes = 0
     lines = train(tmp_path, tiny_random_dir, "keeps", "env.name=tests.test_python_tool:PythonKeepsState",
                   "train.max_steps=1", "rollout.max_turns=3", "rollout.max_episode_tokens=200")
     step = next(m for m in lines if "train/loss" in m)
     assert step["env/tool_calls_mean"] == 2 and step["env/tool_error_frac"] == 0
     assert PythonKeepsState.replies.count("42\n") == PythonKeepsState.replies.count("(the program printed nothing)")
     assert "42\n" in PythonKeepsState.replies and not any("Error" in r for r in PythonKeepsState.replies)
-    assert PythonKeepsState.sessions and all(s.proc is None for s in PythonKeepsState.sessions)
+    # every environment built was closed once (the one built to check env.kwargs too), and its interpreter is gone
+    assert PythonKeepsState.closes == len(PythonKeepsState.sessions) > 1
+    assert all(s.proc is None for s in PythonKeepsState.sessions)
     lines = train(tmp_path, tiny_random_dir, "py3", "env=python", "env.kwargs.persistent=true", "train.max_steps=1")
     assert lines[-1]["step"] == 1

@@ -5,14 +5,14 @@ first turn without a tool call and the task's reward functions score that turn, 
 To give your own environment the tool, put `python_tool(...)` in its tools.
 
 By default every call is one fresh sandbox (`rewards.sandbox.run_code`: bubblewrap or unshare namespaces, no
-network, read-only system files, rlimits, no new processes, a wall-clock deadline), so calls share no state:
-a program that needs a value from an earlier call recomputes it. With `persistent=True` the episode's calls
-run one after another in one sandboxed interpreter (`rewards.sandbox.PythonSession`), as in a notebook:
-variables, functions and imports stay for the rest of the episode, and calls cost less than fresh sandboxes
-(`python -m scripts.bench.python_tool`). A call past its deadline, one that brings the interpreter down
-(a memory limit, `os._exit`) or one that leaves threads running costs the episode that state, and the reply
-says so. The interpreter starts at
-the episode's first call and is stopped when the episode ends (`close`).
+network, read-only system files, rlimits, no new processes, a wall-clock deadline), so calls share no state: a
+program that needs a value from an earlier call recomputes it. With `persistent=True` the episode's calls run
+one after another in one sandboxed interpreter (`rewards.sandbox.PythonSession`), as in a notebook: variables,
+functions and imports stay for the rest of the episode, and calls cost less than fresh sandboxes (`python -m
+scripts.bench.python_tool`). Between calls the interpreter is stopped, so nothing a program leaves running (a
+thread, a timer) runs outside a call's deadline. A call past its deadline, or one that brings the interpreter
+down (a memory limit, `os._exit`), costs the episode that state, and the reply says so. The interpreter starts
+at the episode's first call and is stopped when the episode ends (`close`).
 
 What the model reads back is the program's stdout and stderr (the first `max_output` characters), then its
 exception's last frame if it raised, or the deadline it ran past. A program's own error is its result, not a

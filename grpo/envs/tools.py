@@ -104,10 +104,17 @@ class ToolEnvironment:
         return Observation([self.run(call) for call in calls])
 
     def close(self) -> None:
-        """Release what the tools hold (a tool with a `close`, such as a persistent `python` tool's interpreter)."""
+        """Release what the tools hold (a tool with a `close`, such as a persistent `python` tool's interpreter);
+        every tool is closed, then the first error raised is raised again."""
+        errors = []
         for fn in self.tools:
             if callable(getattr(fn, "close", None)):
-                fn.close()
+                try:
+                    fn.close()
+                except Exception as e:
+                    errors.append(e)
+        if errors:
+            raise errors[0]
 
     def run(self, call: ToolCall) -> dict:
         """The tool message answering one call: the tool's result, or what went wrong (counted)."""

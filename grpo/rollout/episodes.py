@@ -24,6 +24,7 @@ takes the KV blocks of each context's earlier turns from its prefix cache. An en
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,6 +32,8 @@ from grpo.envs import Done, Environment
 from grpo.envs.chat import environment_text, render
 from grpo.envs.tools import FAILURES, tool_schema
 from grpo.rollout import Completions, TokenRolloutEngine
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,12 +61,18 @@ def run_episodes(engine: TokenRolloutEngine, tokenizer, make_env: Callable[[], E
     """n episodes per row (prompt-major, as `generate` lays out n samples), run to their end; `greedy`: every
     turn the engine's greedy continuation (held-out evaluation, n=1)."""
     episodes: list[Episode] = []
+    env = None  # one built whose episode has not started yet
     try:
         for row in rows:
-            episodes += [start_episode(make_env(), row, tokenizer) for _ in range(n)]
+            for _ in range(n):
+                env = make_env()
+                episodes.append(start_episode(env, row, tokenizer))
+                env = None
         return run_to_the_end(engine, tokenizer, episodes, n, max_turns=max_turns,
                               max_episode_tokens=max_episode_tokens, max_new_tokens=max_new_tokens, greedy=greedy)
     finally:  # also when an error stops the rollout, no environment's process outlives it
+        if env is not None:
+            close_quietly(env)
         for e in episodes:
             close_environment(e)
 
@@ -103,10 +112,19 @@ def run_to_the_end(engine: TokenRolloutEngine, tokenizer, episodes: list[Episode
 
 
 def close_environment(e: Episode) -> None:
-    """Call the environment's `close()`, if it has one, once."""
-    if not e.closed and callable(getattr(e.env, "close", None)):
-        e.env.close()
-    e.closed = True
+    """Close the episode's environment, once."""
+    if not e.closed:
+        e.closed = True
+        close_quietly(e.env)
+
+
+def close_quietly(env: Environment) -> None:
+    """Call the environment's `close()`, if it has one; an error there is logged, and the rollout goes on."""
+    if callable(getattr(env, "close", None)):
+        try:
+            env.close()
+        except Exception:
+            logger.exception("environment: %s.close() raised; the rollout goes on", type(env).__name__)
 
 
 def start_episode(env: Environment, row: dict, tokenizer) -> Episode:
