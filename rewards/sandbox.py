@@ -321,14 +321,7 @@ def _run_runner(payload: dict, kind: str, limits: Limits, site_packages: bool):
         output, timed_out = _communicate(proc, payload, start + limits.timeout_s)
     finally:
         _kill_group(proc)
-    messages = []
-    for line in output.splitlines():
-        try:
-            message = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(message, dict):
-            messages.append(message)
+    messages = [message for message in map(_json_object, output.splitlines()) if message]
     return messages, timed_out, proc.returncode, time.monotonic() - start
 
 
@@ -384,7 +377,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
         if pipe is not None:
             try:
                 pipe.close()
-            except BrokenPipeError:  # a session's request still buffered for an interpreter now gone
+            except BrokenPipeError:  # flushing into a pipe whose reader is gone
                 pass
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline and any(_alive(pid) for pid in below):
