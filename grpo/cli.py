@@ -1,4 +1,5 @@
-"""The command lines: `grpo-train` (`python -m grpo.train`) and `grpo-eval`.
+"""The command lines: `grpo-train` (`python -m grpo.train`) and `grpo-eval`, and the one Hydra wrapper every
+console script runs its job through (`run_cli`).
 
 Both are Hydra applications over `configs/`: every option is an override (`algorithm=dr_grpo`,
 `rollout.max_new_tokens=16`). A bad config, checkpoint or reward setting ends with one line naming
@@ -8,14 +9,52 @@ the field or file, and exit status 2.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import hydra
+import torch
 
-from grpo.checkpoint import CheckpointError
-from grpo.config import CONFIG_DIR, ConfigError, register_configs, to_config
-from grpo.loop import MaskedRewardsError
-from grpo.run import evaluate_from_config, train_from_config
+from grpo import distributed as dist
+from grpo.algorithms import dpo, online_dpo, ppo, supervised
+from grpo.algorithms import grpo as grpo_algorithm
+from grpo.config import CONFIG_DIR, Config, register_configs, to_config
+from grpo.errors import CheckpointError, ConfigError, MaskedRewardsError
+from grpo.training.run import build_run, evaluate_from_config
+
+log = logging.getLogger("grpo")
+
+# What each `algorithm.loop` runs: a function that trains a built run and returns its logged metrics.
+LOOPS = {"grpo": grpo_algorithm.train, "ppo": ppo.train, "dpo": dpo.train, "online_dpo": online_dpo.train,
+         "rft": supervised.train_rft, "sft": supervised.train_sft}
+
+
+def train_from_config(cfg: Config) -> list[dict]:
+    """Build the run and train it with the loop `algorithm.loop` names; returns the logged metrics."""
+    train = LOOPS[cfg.algorithm.loop]
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dist.init_distributed(deepspeed=cfg.backend.name.startswith("deepspeed"), timeout_s=cfg.backend.timeout_s)
+    run = build_run(cfg)
+    try:
+        history = train(run)
+    except Exception as e:  # a peer rank died or timed out: say which rank saw it, and exit at once
+        if dist.world_size() > 1 and dist.is_collective_failure(e):
+            print(f"error: rank {dist.rank()}: a collective with the other ranks failed (a rank died or hung; "
+                  f"the launcher's log names it): {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+            os._exit(1)  # the process group is broken: skip the exit handlers that would wait on it
+        raise
+    finally:
+        run.tracker.close(plot=cfg.tracking.plot)
+    final = [h for h in history if "eval/accuracy" in h]
+    if final:
+        log.info("held-out accuracy: %.3f at step %d -> %.3f at step %d", final[0]["eval/accuracy"],
+                 final[0]["step"], final[-1]["eval/accuracy"], final[-1]["step"])
+    log.info("run directory: %s", cfg.run_dir)
+    return history
+
 
 
 def drop_launcher_args(argv: list[str]) -> list[str]:
@@ -34,16 +73,19 @@ def drop_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
-def run_cli(job) -> None:
-    """Compose the config from the command line's overrides, validate it, and run `job(cfg)`."""
-    register_configs()
+def run_cli(job: Callable[[Any], Any], *, config_name: str = "config",
+            register: Callable[[], None] = register_configs, load: Callable[[Any], Any] = to_config) -> None:
+    """The one Hydra entry of every console script: compose `configs/<config_name>.yaml` with the command
+    line's overrides (its schema registered by `register`), turn it into the validated typed config (`load`),
+    and run `job(cfg)`. A ConfigError, CheckpointError or MaskedRewardsError ends with one line and status 2."""
+    register()
     sys.argv = drop_launcher_args(sys.argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
     def _main(dict_cfg) -> None:
         try:
-            job(to_config(dict_cfg))
+            job(load(dict_cfg))
         except (ConfigError, CheckpointError, MaskedRewardsError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -15,9 +15,10 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from grpo.advantages import ADVANTAGE_ESTIMATORS
-from grpo.losses import AGGREGATION_MODES, DPO_LOSSES, IS_LEVELS, KL_ESTIMATORS, RATIO_LEVELS
-from grpo.packing import PACKINGS
+from grpo.core.advantages import ADVANTAGE_ESTIMATORS
+from grpo.core.losses import AGGREGATION_MODES, DPO_LOSSES, IS_LEVELS, KL_ESTIMATORS, RATIO_LEVELS
+from grpo.core.packing import PACKINGS
+from grpo.errors import ConfigError
 
 LOOPS = ("grpo", "ppo", "dpo", "online_dpo", "rft", "sft")
 BACKEND_NAMES = ("torch", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
@@ -31,16 +32,15 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 RESUME_MODES = ("never", "auto")
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field."""
 
-
-def _choice(field_name: str, value, allowed) -> None:
+def choice(field_name: str, value, allowed) -> None:
+    """Refuse a value outside `allowed`, naming the field and the allowed values (for a config of your own)."""
     if value not in allowed:
         raise ConfigError(f"{field_name}: {value!r} is not one of {', '.join(map(str, allowed))}")
 
 
-def _positive(field_name: str, value, *, zero_ok: bool = False) -> None:
+def positive(field_name: str, value, *, zero_ok: bool = False) -> None:
+    """Refuse a negative value (or zero, unless `zero_ok`), naming the field."""
     if value < 0 or (value == 0 and not zero_ok):
         raise ConfigError(f"{field_name}: must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
 
@@ -73,9 +73,9 @@ class ReasoningGymTaskConfig:
         """Names given, sizes that make rows, options only for named datasets."""
         if not self.names:
             raise ConfigError("task.reasoning_gym.names: name at least one reasoning_gym dataset")
-        _positive("task.reasoning_gym.size", self.size)
-        _positive("task.reasoning_gym.num_eval", self.num_eval)
-        _positive("task.reasoning_gym.num_val", self.num_val, zero_ok=True)
+        positive("task.reasoning_gym.size", self.size)
+        positive("task.reasoning_gym.num_eval", self.num_eval)
+        positive("task.reasoning_gym.num_val", self.num_val, zero_ok=True)
         extra = set(self.options) - set(self.names)
         if extra:
             raise ConfigError(f"task.reasoning_gym.options: {', '.join(sorted(extra))} not in task.reasoning_gym.names")
@@ -110,10 +110,10 @@ class TaskConfig:
         sources = [s for s in (self.builtin, self.train_file, self.hf_dataset) if s]
         if len(sources) != 1:
             raise ConfigError("task: set exactly one of task.builtin, task.train_file, task.hf_dataset")
-        _choice("task.builtin", self.builtin, (None, *BUILTIN_TASKS))
-        _choice("task.arithmetic.op", self.arithmetic.op, ("+", "*"))
-        _positive("task.arithmetic.digits", self.arithmetic.digits)
-        _positive("task.arithmetic.digits_b", self.arithmetic.digits_b, zero_ok=True)
+        choice("task.builtin", self.builtin, (None, *BUILTIN_TASKS))
+        choice("task.arithmetic.op", self.arithmetic.op, ("+", "*"))
+        positive("task.arithmetic.digits", self.arithmetic.digits)
+        positive("task.arithmetic.digits_b", self.arithmetic.digits_b, zero_ok=True)
         if self.builtin == "reasoning_gym":
             self.reasoning_gym.validate()
 
@@ -143,11 +143,11 @@ class WarmStartConfig:
 
     def validate(self) -> None:
         """A known teacher; budgets positive; agreements and the teacher's rates in [0, 1]."""
-        _choice("model.warm_start.kind", self.kind, ("answer", "tools"))
+        choice("model.warm_start.kind", self.kind, ("answer", "tools"))
         for name in ("max_steps", "batch_size", "warmup_steps", "check_every", "max_positions"):
-            _positive(f"model.warm_start.{name}", getattr(self, name))
-        _positive("model.warm_start.lr", self.lr)
-        _positive("model.warm_start.anneal_steps", self.anneal_steps, zero_ok=True)
+            positive(f"model.warm_start.{name}", getattr(self, name))
+        positive("model.warm_start.lr", self.lr)
+        positive("model.warm_start.anneal_steps", self.anneal_steps, zero_ok=True)
         for name in ("anneal_at", "target", "drop_carry", "tool_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"model.warm_start.{name}: must be in [0, 1], got {getattr(self, name)!r}")
@@ -168,8 +168,8 @@ class LoraOptions:
 
     def validate(self, model_dropout: bool) -> None:
         """A rank >= 0, a positive alpha, a dropout in [0, 1) that model.dropout allows, and QLoRA only with r."""
-        _positive("model.lora.r", self.r, zero_ok=True)
-        _positive("model.lora.alpha", self.alpha)
+        positive("model.lora.r", self.r, zero_ok=True)
+        positive("model.lora.alpha", self.alpha)
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.lora.dropout: must be in [0, 1), got {self.dropout}")
         if self.dropout > 0 and not model_dropout:
@@ -193,7 +193,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         """A dtype we train in, and either a model directory or the built-in model (then its warm start)."""
-        _choice("model.dtype", self.dtype, DTYPES)
+        choice("model.dtype", self.dtype, DTYPES)
         self.lora.validate(self.dropout)
         if self.builtin is None and not self.path:
             raise ConfigError("model.path: give a model directory or hub id (or model=tiny for the built-in model)")
@@ -248,31 +248,31 @@ class RolloutConfig:
 
     def validate(self) -> None:
         """A known engine; sampling and memory settings in range."""
-        _choice("rollout.engine", self.engine, ROLLOUT_ENGINES)
-        _positive("rollout.temperature", self.temperature)
+        choice("rollout.engine", self.engine, ROLLOUT_ENGINES)
+        positive("rollout.temperature", self.temperature)
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"rollout.top_p: must be in (0, 1], got {self.top_p}")
-        _positive("rollout.top_k", self.top_k, zero_ok=True)
-        _positive("rollout.max_new_tokens", self.max_new_tokens)
+        positive("rollout.top_k", self.top_k, zero_ok=True)
+        positive("rollout.max_new_tokens", self.max_new_tokens)
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ConfigError(
                 f"rollout.min_new_tokens: must be in [0, rollout.max_new_tokens={self.max_new_tokens}], "
                 f"got {self.min_new_tokens}"
             )
-        _positive("rollout.batch_size", self.batch_size)
+        positive("rollout.batch_size", self.batch_size)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"rollout.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
-        _positive("rollout.kv_cache_gb", self.kv_cache_gb, zero_ok=True)
-        _positive("rollout.max_model_len", self.max_model_len, zero_ok=True)
-        _positive("rollout.tensor_parallel_size", self.tensor_parallel_size)
-        _positive("rollout.sync_bucket_mb", self.sync_bucket_mb)
-        _positive("rollout.block_size", self.block_size, zero_ok=True)
-        _positive("rollout.max_turns", self.max_turns)
-        _positive("rollout.max_staleness", self.max_staleness, zero_ok=True)
-        _positive("rollout.max_episode_tokens", self.max_episode_tokens)
-        _choice("rollout.mode", self.mode, ROLLOUT_MODES)
-        _choice("rollout.lora_sync", self.lora_sync, LORA_SYNCS)
-        _positive("rollout.timeout_s", self.timeout_s)
+        positive("rollout.kv_cache_gb", self.kv_cache_gb, zero_ok=True)
+        positive("rollout.max_model_len", self.max_model_len, zero_ok=True)
+        positive("rollout.tensor_parallel_size", self.tensor_parallel_size)
+        positive("rollout.sync_bucket_mb", self.sync_bucket_mb)
+        positive("rollout.block_size", self.block_size, zero_ok=True)
+        positive("rollout.max_turns", self.max_turns)
+        positive("rollout.max_staleness", self.max_staleness, zero_ok=True)
+        positive("rollout.max_episode_tokens", self.max_episode_tokens)
+        choice("rollout.mode", self.mode, ROLLOUT_MODES)
+        choice("rollout.lora_sync", self.lora_sync, LORA_SYNCS)
+        positive("rollout.timeout_s", self.timeout_s)
         if self.mode == "server":
             if self.engine != "vllm":
                 raise ConfigError(f"rollout.mode: server runs vLLM engines (grpo-vllm-serve); set rollout=vllm, "
@@ -315,12 +315,12 @@ class BackendConfig:
 
     def validate(self) -> None:
         """A known backend; offloading only where that backend offers it."""
-        _choice("backend.name", self.name, BACKEND_NAMES)
-        _positive("backend.micro_batch_tokens", self.micro_batch_tokens)
-        _choice("backend.packing", self.packing, PACKINGS)
-        _positive("backend.timeout_s", self.timeout_s)
-        _positive("backend.check_replicas_every", self.check_replicas_every, zero_ok=True)
-        _positive("backend.gpu_memory_gb", self.gpu_memory_gb, zero_ok=True)
+        choice("backend.name", self.name, BACKEND_NAMES)
+        positive("backend.micro_batch_tokens", self.micro_batch_tokens)
+        choice("backend.packing", self.packing, PACKINGS)
+        positive("backend.timeout_s", self.timeout_s)
+        positive("backend.check_replicas_every", self.check_replicas_every, zero_ok=True)
+        positive("backend.gpu_memory_gb", self.gpu_memory_gb, zero_ok=True)
         if self.offload_params and self.name != "deepspeed_zero3":
             raise ConfigError(f"backend.offload_params: needs backend=deepspeed_zero3, got {self.name}")
         if self.offload_optimizer and not self.name.startswith("deepspeed"):
@@ -339,10 +339,10 @@ class OptimConfig:
 
     def validate(self) -> None:
         """A positive learning rate, a known schedule, two betas."""
-        _positive("optim.lr", self.lr)
-        _choice("optim.schedule", self.schedule, LR_SCHEDULES)
-        _positive("optim.warmup_steps", self.warmup_steps, zero_ok=True)
-        _positive("optim.max_grad_norm", self.max_grad_norm, zero_ok=True)
+        positive("optim.lr", self.lr)
+        choice("optim.schedule", self.schedule, LR_SCHEDULES)
+        positive("optim.warmup_steps", self.warmup_steps, zero_ok=True)
+        positive("optim.max_grad_norm", self.max_grad_norm, zero_ok=True)
         if len(self.betas) != 2:
             raise ConfigError(f"optim.betas: needs two values, got {list(self.betas)}")
 
@@ -361,15 +361,15 @@ class PPOOptions:
         """Discount and GAE lambda in range; a positive critic clip and learning rate."""
         if not 0 < self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ConfigError(f"algorithm.ppo: need 0 < gamma <= 1 and 0 <= lam <= 1, got {self.gamma}, {self.lam}")
-        _positive("algorithm.ppo.value_clip", self.value_clip)
-        _positive("algorithm.ppo.value_lr", self.value_lr)
+        positive("algorithm.ppo.value_clip", self.value_clip)
+        positive("algorithm.ppo.value_lr", self.value_lr)
 
 
 @dataclass
 class DPOOptions:
     beta: float = field(default=0.1, metadata={"help": "DPO: strength of the implicit KL to the reference"})
     loss_type: str = field(default="sigmoid", metadata={
-        "help": "DPO: sigmoid (the DPO paper), ipo or hinge (grpo.losses.DPO_LOSSES)"})
+        "help": "DPO: sigmoid (the DPO paper), ipo or hinge (grpo.core.losses.DPO_LOSSES)"})
     batch_size: int = field(default=32, metadata={
         "help": "offline DPO: preference pairs per optimiser step, all ranks together"})
     epochs: float = field(default=1.0, metadata={
@@ -382,11 +382,11 @@ class DPOOptions:
 
     def validate(self) -> None:
         """Positive strength, batch, passes and samples (where the pairs come from: `validate(cfg)`)."""
-        _positive("algorithm.dpo.beta", self.beta)
-        _choice("algorithm.dpo.loss_type", self.loss_type, sorted(DPO_LOSSES))
-        _positive("algorithm.dpo.batch_size", self.batch_size)
-        _positive("algorithm.dpo.epochs", self.epochs)
-        _positive("algorithm.dpo.samples_per_prompt", self.samples_per_prompt)
+        positive("algorithm.dpo.beta", self.beta)
+        choice("algorithm.dpo.loss_type", self.loss_type, sorted(DPO_LOSSES))
+        positive("algorithm.dpo.batch_size", self.batch_size)
+        positive("algorithm.dpo.epochs", self.epochs)
+        positive("algorithm.dpo.samples_per_prompt", self.samples_per_prompt)
 
 
 @dataclass
@@ -401,7 +401,7 @@ class AlgorithmConfig:
     name: str = field(default="grpo", metadata={"help": "the recipe's label in logs and comparisons (grpo, dapo, ...)"})
     loop: str = field(default="grpo", metadata={
         "help": "the training loop: grpo (every GRPO variant), ppo, dpo, online_dpo, rft or sft"})
-    advantage: str = field(default="grpo", metadata={"help": "advantage estimator (grpo.advantages)"})
+    advantage: str = field(default="grpo", metadata={"help": "advantage estimator (grpo.core.advantages)"})
     group_size: int = field(default=8, metadata={"help": "completions sampled per prompt (G)"})
     negative_weight: float = field(default=1.0, metadata={
         "help": "scale of negative advantages (0: learn from successes only)"})
@@ -436,30 +436,30 @@ class AlgorithmConfig:
     def validate(self) -> None:
         """Known names (the estimator, aggregation, ratio and KL registries) and ranges; PPO's and DPO's
         own options when chosen."""
-        _choice("algorithm.loop", self.loop, LOOPS)
+        choice("algorithm.loop", self.loop, LOOPS)
         if self.loop == "ppo":
             self.ppo.validate()
         if self.loop in ("dpo", "online_dpo"):
             self.dpo.validate()
-        _choice("algorithm.advantage", self.advantage, sorted(ADVANTAGE_ESTIMATORS))
-        _choice("algorithm.loss_agg", self.loss_agg, AGGREGATION_MODES)
-        _choice("algorithm.ratio_level", self.ratio_level, RATIO_LEVELS)
-        _choice("algorithm.kl_estimator", self.kl_estimator, sorted(KL_ESTIMATORS))
-        _positive("algorithm.group_size", self.group_size)
+        choice("algorithm.advantage", self.advantage, sorted(ADVANTAGE_ESTIMATORS))
+        choice("algorithm.loss_agg", self.loss_agg, AGGREGATION_MODES)
+        choice("algorithm.ratio_level", self.ratio_level, RATIO_LEVELS)
+        choice("algorithm.kl_estimator", self.kl_estimator, sorted(KL_ESTIMATORS))
+        positive("algorithm.group_size", self.group_size)
         if self.group_size < 2:
             raise ConfigError("algorithm.group_size: a group baseline needs at least 2 completions per prompt")
         if not 0 <= self.clip_low < 1:
             raise ConfigError(f"algorithm.clip_low: must be in [0, 1), got {self.clip_low}")
-        _positive("algorithm.clip_high", self.clip_high, zero_ok=True)
+        positive("algorithm.clip_high", self.clip_high, zero_ok=True)
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ConfigError(f"algorithm.dual_clip: must be > 1 (or null), got {self.dual_clip}")
         for name in ("beta", "negative_weight", "overlong_penalty"):
-            _positive(f"algorithm.{name}", getattr(self, name), zero_ok=True)
-        _positive("algorithm.epochs", self.epochs)
-        _positive("algorithm.mini_batches", self.mini_batches)
+            positive(f"algorithm.{name}", getattr(self, name), zero_ok=True)
+        positive("algorithm.epochs", self.epochs)
+        positive("algorithm.mini_batches", self.mini_batches)
         for name in ("max_resample", "tis_cap"):
-            _positive(f"algorithm.{name}", getattr(self, name), zero_ok=True)
-        _choice("algorithm.tis_level", self.tis_level, IS_LEVELS)
+            positive(f"algorithm.{name}", getattr(self, name), zero_ok=True)
+        choice("algorithm.tis_level", self.tis_level, IS_LEVELS)
         if self.mis_high and not 0 <= self.mis_low < 1 < self.mis_high:
             raise ConfigError(f"algorithm.mis_low, algorithm.mis_high: need 0 <= mis_low < 1 < mis_high, "
                               f"got {self.mis_low}, {self.mis_high}")
@@ -512,10 +512,10 @@ class TrainLoopConfig:
 
     def validate(self) -> None:
         """Positive run length and batch; intervals >= 0 (0: off, or only at the end)."""
-        _positive("train.max_steps", self.max_steps)
-        _positive("train.prompts_per_step", self.prompts_per_step)
+        positive("train.max_steps", self.max_steps)
+        positive("train.prompts_per_step", self.prompts_per_step)
         for name in ("eval_every", "samples_every", "max_masked_steps", "early_stop"):
-            _positive(f"train.{name}", getattr(self, name), zero_ok=True)
+            positive(f"train.{name}", getattr(self, name), zero_ok=True)
 
 
 @dataclass
@@ -529,8 +529,8 @@ class CheckpointConfig:
 
     def validate(self) -> None:
         """An interval >= 0 and at least one checkpoint kept."""
-        _positive("checkpoint.every_steps", self.every_steps, zero_ok=True)
-        _positive("checkpoint.keep_last", self.keep_last)
+        positive("checkpoint.every_steps", self.every_steps, zero_ok=True)
+        positive("checkpoint.keep_last", self.keep_last)
 
 
 @dataclass
@@ -543,7 +543,7 @@ class TrackingConfig:
 
     def validate(self) -> None:
         """A wandb mode wandb knows."""
-        _choice("tracking.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
+        choice("tracking.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
 
 
 @dataclass
@@ -582,7 +582,7 @@ def validate(cfg: Config) -> Config:
     validate_algorithm_against_run(cfg)
     for group in (cfg.rollout, cfg.backend, cfg.model, cfg.optim, cfg.train, cfg.checkpoint):
         group.validate()
-    _choice("resume", cfg.resume, RESUME_MODES)
+    choice("resume", cfg.resume, RESUME_MODES)
     for group in (cfg.tracking, cfg.task, cfg.reward):
         group.validate()
     validate_lora_against_run(cfg)

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from grpo.config import ConfigError, ModelConfig, _choice, _positive
+from grpo.config import ModelConfig, choice, positive
+from grpo.errors import ConfigError
 
 
 @dataclass
@@ -94,25 +95,25 @@ def validate_rm(cfg: RMConfig) -> RMConfig:
     if not 0 <= d.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
     a = d.arithmetic
-    _positive("data.arithmetic.num_prompts", a.num_prompts, zero_ok=True)
-    _positive("data.arithmetic.samples_per_prompt", a.samples_per_prompt)
+    positive("data.arithmetic.num_prompts", a.num_prompts, zero_ok=True)
+    positive("data.arithmetic.samples_per_prompt", a.samples_per_prompt)
     if a.samples_per_prompt < 2:
         raise ConfigError("data.arithmetic.samples_per_prompt: a pair needs at least 2 samples per prompt")
-    _positive("data.arithmetic.pairs_per_prompt", a.pairs_per_prompt)
-    _positive("data.arithmetic.temperature", a.temperature)
+    positive("data.arithmetic.pairs_per_prompt", a.pairs_per_prompt)
+    positive("data.arithmetic.temperature", a.temperature)
     t = cfg.train
     for name in ("max_steps", "batch_size", "max_length", "log_every", "eval_every", "eval_batch_tokens"):
-        _positive(f"train.{name}", getattr(t, name))
-    _positive("train.lr", t.lr)
-    _choice("train.head", t.head, ("classifier", "likelihood"))
-    _positive("train.sft_steps", t.sft_steps, zero_ok=True)
-    _positive("train.sft_batch_size", t.sft_batch_size)
-    _positive("train.sft_lr", t.sft_lr)
-    _positive("train.weight_decay", t.weight_decay, zero_ok=True)
-    _positive("train.warmup_steps", t.warmup_steps, zero_ok=True)
+        positive(f"train.{name}", getattr(t, name))
+    positive("train.lr", t.lr)
+    choice("train.head", t.head, ("classifier", "likelihood"))
+    positive("train.sft_steps", t.sft_steps, zero_ok=True)
+    positive("train.sft_batch_size", t.sft_batch_size)
+    positive("train.sft_lr", t.sft_lr)
+    positive("train.weight_decay", t.weight_decay, zero_ok=True)
+    positive("train.warmup_steps", t.warmup_steps, zero_ok=True)
     if t.center_rewards is not None:
-        _positive("train.center_rewards", t.center_rewards, zero_ok=True)
-    _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
+        positive("train.center_rewards", t.center_rewards, zero_ok=True)
+    choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
     if cfg.model.builtin is None and not cfg.model.path:
         raise ConfigError("model.path: give a causal LM directory (or model=tiny for the built-in model)")
     if cfg.model.builtin not in (None, "tiny"):

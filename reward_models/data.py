@@ -2,7 +2,7 @@
 
 Every row is checked before training: a missing column, a value that is not text, or an empty `chosen` /
 `rejected` is an error naming the source and the row (0-based, blank JSONL lines not counted, as in
-`grpo.data`). An empty prompt is allowed (some sets put everything in the responses). Conversational rows
+`grpo.data.loading`). An empty prompt is allowed (some sets put everything in the responses). Conversational rows
 (lists of messages) are not supported: flatten them to text first.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import datasets
 
-from grpo.config import ConfigError
-from grpo.data import read_rows
+from grpo.data.loading import read_rows
+from grpo.errors import ConfigError
 
 FIELDS = ("prompt", "chosen", "rejected")
 

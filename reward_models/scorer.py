@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from grpo.packing import greedy_batches
-from rewards.registry import RewardConfigError, register_reward
+from grpo.core.packing import greedy_batches
+from rewards.registry import Reward, RewardConfigError
 
 NORMALIZE_MODES = ("none", "batch")
 
@@ -208,7 +208,6 @@ def check_options(*, path: str | None = None, batch_tokens: int = 8192, max_leng
         raise RewardConfigError(f"reward_model: path {path} does not exist (train one with grpo-rm-train)")
 
 
-@register_reward("reward_model")
 def reward_model(prompts: list[str], completions: list[str], *, path: str | None = None, batch_tokens: int = 8192,
                  max_length: int = 512, normalize: str = "none", device: str | None = None) -> list[float | None]:
     """Score each completion with the trained reward model at `path`.
@@ -234,5 +233,5 @@ def pop_metrics() -> dict[str, float]:
     return out
 
 
-reward_model.check_options = check_options  # type: ignore[attr-defined]
-reward_model.pop_metrics = pop_metrics  # type: ignore[attr-defined]
+# The `reward_model` reward, registered through the `grpo.rewards` entry point (pyproject.toml).
+REWARD_MODEL = Reward(reward_model, check_options=check_options, metrics=pop_metrics)

@@ -28,25 +28,23 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
-import hydra
 import torch
 from datasets import Dataset
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
-from grpo.config import ConfigError
-from grpo.tasks.arithmetic_preferences import ArithmeticPreferences, arithmetic_preferences
-from grpo.warmstart import WarmStart, warm_started_tiny
+from grpo.builtin.arithmetic_preferences import ArithmeticPreferences, arithmetic_preferences
+from grpo.builtin.warmstart import WarmStart, warm_started_tiny
+from grpo.cli import run_cli
+from grpo.errors import ConfigError
 from reward_models.config import RMConfig, register_rm_configs, validate_rm
 from reward_models.data import check_preferences, read_preference_file, read_preference_hf, split_by_prompt
 from reward_models.scorer import LikelihoodRewardModel, completion_logprobs, read_reward_model, score_texts
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 log = logging.getLogger("grpo.rm")
 
 # TRL's log keys -> ours.
@@ -322,18 +320,9 @@ def likelihood_reward_model(cfg: RMConfig, base: str, tokenizer, train_pairs: li
 
 
 def main() -> None:
-    register_rm_configs()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="rm/config")
-    def _main(dict_cfg) -> None:
-        try:
-            train_reward_model(validate_rm(OmegaConf.to_object(dict_cfg)))
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    _main()
+    """`grpo-rm-train`: train a reward model with the composed `configs/rm/config.yaml`."""
+    run_cli(train_reward_model, config_name="rm/config", register=register_rm_configs,
+            load=lambda dict_cfg: validate_rm(OmegaConf.to_object(dict_cfg)))
 
 
 if __name__ == "__main__":

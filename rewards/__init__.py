@@ -6,10 +6,14 @@ Built-in rewards: ``math_accuracy`` (column ``answer``), ``code_tests`` (column 
 sandbox load when those rewards are first used.
 """
 
-from rewards.registry import RewardConfigError, get_reward, known_rewards, per_sample, register_reward
+from rewards.catalog import REWARDS, get_reward, known_rewards, register_reward
+from rewards.registry import Registry, Reward, RewardConfigError, per_sample
 from rewards.scorer import RewardScorer, RewardSpec, ScoredBatch
 
 __all__ = [
+    "REWARDS",
+    "Registry",
+    "Reward",
     "RewardConfigError",
     "RewardScorer",
     "RewardSpec",

@@ -20,7 +20,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from rewards.registry import RewardConfigError, register_reward
+from rewards.registry import Reward, RewardConfigError
 from rewards.sandbox import Limits, resolve_sandbox, run_tests
 
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
@@ -28,7 +28,6 @@ _counts: Counter[str] = Counter()
 _counts_lock = threading.Lock()
 
 
-@register_reward("code_tests")
 def code_tests(
     prompts: list[str],
     completions: list[str],
@@ -103,5 +102,4 @@ def _pop_metrics() -> dict[str, float]:
     return out
 
 
-code_tests.pop_metrics = _pop_metrics  # type: ignore[attr-defined]
-code_tests.check_options = check_options  # type: ignore[attr-defined]
+CODE_TESTS = Reward(code_tests, check_options=check_options, metrics=_pop_metrics)  # rewards.catalog: code_tests

@@ -8,7 +8,7 @@ Two paths:
   expressions, with a hard per-check deadline. A check that runs past it has its worker killed and scores 0.0.
 
 None (skipped, counted) when the gold answer is missing or does not parse: an unparseable gold is never
-rewarded. Counters since the last call are reported through ``pop_metrics`` (``reward/math_accuracy_<key>``).
+rewarded. Counters since the last call are reported through ``MATH_ACCURACY.metrics`` (``reward/math_accuracy_<key>``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections import Counter
 from typing import Any
 
 from rewards.answers import extract_answer, hedges_inside, normalize, quick_verdict
-from rewards.registry import RewardConfigError, register_reward
+from rewards.registry import Reward, RewardConfigError
 from rewards.workers import OK, TIMEOUT, DeadlinePool
 
 _pool: DeadlinePool | None = None
@@ -50,7 +50,6 @@ def _first_pass(completion: str, gold_value, answer_pattern: str | None, strict:
     return (None, (text, gold)) if verdict is None else (verdict, None)
 
 
-@register_reward("math_accuracy")
 def math_accuracy(
     prompts: list[str],
     completions: list[str],
@@ -123,8 +122,8 @@ def _pop_metrics() -> dict[str, float]:
     return out
 
 
-math_accuracy.pop_metrics = _pop_metrics  # type: ignore[attr-defined]
-math_accuracy.check_options = check_options  # type: ignore[attr-defined]
+# What rewards.catalog registers as `math_accuracy`.
+MATH_ACCURACY = Reward(math_accuracy, check_options=check_options, metrics=_pop_metrics)
 
 
 def _checker_pool(size: int, memory_mb: int) -> DeadlinePool:

@@ -1,6 +1,6 @@
 """``reasoning_gym``: each row of a reasoning-gym task scored by its own dataset's ``score_answer``.
 
-The row carries what the scorer needs (grpo/tasks/procedural.py): the dataset's name (``rg_dataset``), the
+The row carries what the scorer needs (grpo/data/reasoning_gym.py): the dataset's name (``rg_dataset``), the
 generated entry (``rg_entry``, written by ``dump_entry``) and the dataset's config (``rg_options``). The
 scorer is the dataset built with that config, so a dataset whose check depends on its settings scores
 as it would in reasoning-gym. Scores are the dataset's: 1.0 right, 0.0 wrong, and some datasets give
@@ -24,7 +24,7 @@ from typing import Any
 import reasoning_gym
 from reasoning_gym.utils import extract_answer
 
-from rewards.registry import RewardConfigError, register_reward
+from rewards.registry import Reward, RewardConfigError
 
 TUPLE, ITEMS = "__tuple__", "__items__"  # tags of a tuple, and of a dict whose keys are not all text
 
@@ -65,7 +65,6 @@ def scorer(name: str, options: str):
     return reasoning_gym.create_dataset(name, size=1, seed=0, **json.loads(options)).score_answer
 
 
-@register_reward("reasoning_gym")
 def reasoning_gym_reward(prompts: list[str], completions: list[str], rg_dataset: list[str], rg_entry: list[str],
                          rg_options: list[str] | None = None, answer_tag: str | None = "answer") -> list[float | None]:
     """The dataset's score of each completion's answer; None for a row that is not a reasoning-gym row."""
@@ -86,4 +85,4 @@ def _check_options(answer_tag: str | None = "answer") -> None:
                                 f"got {answer_tag!r}")
 
 
-reasoning_gym_reward.check_options = _check_options  # type: ignore[attr-defined]
+REASONING_GYM = Reward(reasoning_gym_reward, check_options=_check_options)  # rewards.catalog: reasoning_gym

@@ -1,18 +1,17 @@
-"""Where reward functions come from: the registry, dotted paths and entry points.
+"""The one name -> entry registry type of the project, and what a reward registers.
+
+``Registry`` holds one kind of named thing: reward functions (``rewards.catalog.REWARDS``), advantage
+estimators and policy losses (``grpo.core``), environments (``grpo.envs``). Every entry of a registry has the
+same signature, so a caller looks a name up instead of branching on it. It lives here, in the package that
+imports nothing of the others, so that each of them can use it.
 
 A reward function has one signature::
 
     fn(prompts: list[str], completions: list[str], **columns) -> list[float | None]
 
 ``columns`` are the dataset's extra columns (``answer=[...]``, ``tests=[...]``), each a list aligned with
-``completions``. ``None`` means "not applicable to this sample": it is masked, never read as 0.
-
-``get_reward(name)`` resolves, in order:
-
-1. a name registered with ``@register_reward(name)`` (the built-ins are registered as module paths and
-   imported on first use, so ``import rewards`` stays cheap);
-2. a dotted path ``package.module:function``;
-3. an entry point in the group ``grpo.rewards`` declared by an installed package.
+``completions``. ``None`` means "not applicable to this sample": it is masked, never read as 0. A reward is
+registered as a ``Reward``: the function, and optionally how it refuses a configuration and what it counts.
 """
 
 from __future__ import annotations
@@ -20,87 +19,125 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 RewardFn = Callable[..., Any]
-
-ENTRY_POINT_GROUP = "grpo.rewards"
-
-# Built-in rewards, named as "module:attribute" so that their modules (and what those import) load only
-# when the reward is chosen.
-_BUILTINS: dict[str, str] = {
-    "math_accuracy": "rewards.math_accuracy:math_accuracy",
-    "code_tests": "rewards.code_tests:code_tests",
-    "format": "rewards.shaping:format_reward",
-    "length": "rewards.shaping:length_reward",
-    "reward_model": "reward_models.scorer:reward_model",
-    "reasoning_gym": "rewards.reasoning_tasks:reasoning_gym_reward",
-}
-
-_REGISTRY: dict[str, RewardFn] = {}
+T = TypeVar("T")
 
 
 class RewardConfigError(ValueError):
     """A reward cannot run as configured (a bad option, no sandbox). Raised to the caller, never masked as None."""
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator: make ``fn`` available to configs as ``name``.
+class Registry(Mapping[str, T], Generic[T]):
+    """Names -> entries of one kind.
 
-    Registering a name twice with different functions is an error (a silent override would make a config
-    mean different things depending on import order).
+    An entry is registered (``@registry.register(name)``), or named by a path imported on first use
+    (``lazy={"name": "package.module:attr"}``, so that built-ins load only when chosen). ``resolve`` also takes,
+    where the registry allows them, a dotted path ``package.module:attr`` (``paths=True``) and the name of an
+    entry point that an installed package declares in the group ``entry_points``. ``convert`` turns what a
+    path or entry point loads into an entry (and refuses what cannot be one).
     """
 
-    def decorator(fn: RewardFn) -> RewardFn:
-        if not callable(fn):
-            raise TypeError(f"register_reward({name!r}) needs a callable, got {type(fn).__name__}")
-        existing = _REGISTRY.get(name)
-        if existing is not None and existing is not fn:
-            raise ValueError(f"reward {name!r} is already registered to {_describe(existing)}")
-        _REGISTRY[name] = fn
-        return fn
+    def __init__(self, kind: str, *, lazy: dict[str, str] | None = None, entry_points: str | None = None,
+                 paths: bool = False, convert: Callable[[Any], T] | None = None):
+        self.kind = kind  # what an entry is, in messages: "reward", "advantage estimator"
+        self.entry_point_group = entry_points
+        self._entries: dict[str, T] = {}
+        self._lazy = dict(lazy or {})
+        self._paths = paths
+        self._convert = convert or (lambda obj: obj)
 
-    return decorator
+    def register(self, name: str, entry: T | None = None) -> Any:
+        """Add ``entry`` as ``name``; without ``entry``, a decorator that adds what it decorates.
+
+        The same name twice is an error unless the entry is equal (a silent override would make a config
+        mean different things depending on import order).
+        """
+        def add(obj: T) -> T:
+            existing = self._entries.get(name)
+            if existing is not None and existing != obj:
+                raise ValueError(f"{self.kind} {name!r} is already registered to {_describe(existing)}")
+            self._entries[name] = obj
+            return obj
+
+        return add if entry is None else add(entry)
+
+    def __getitem__(self, name: str) -> T:
+        """A registered or lazily named entry (importing its module on first use); KeyError otherwise."""
+        if name not in self._entries and name in self._lazy:
+            entry = self._convert(load_path(self._lazy[name], what=f"built-in {self.kind} {name!r}"))
+            self._entries.setdefault(name, entry)  # its module may have registered it while importing
+        return self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(set(self._entries) | set(self._lazy)))
+
+    def __len__(self) -> int:
+        return len(set(self._entries) | set(self._lazy))
+
+    def known(self) -> list[str]:
+        """Every name ``resolve`` takes besides dotted paths: registered, built-in and entry-point names."""
+        return sorted(set(self) | {ep.name for ep in self._entry_points()})
+
+    def resolve(self, name: str) -> T:
+        """The entry for a registered or built-in name, a dotted path or an entry point's name; a ValueError
+        that lists the known names otherwise."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a {self.kind} name must be a non-empty string, got {name!r}")
+        if name in self:
+            return self[name]
+        if self._paths and ":" in name:
+            return self._convert(load_path(name, what=f"{self.kind} {name!r}"))
+        for ep in self._entry_points():
+            if ep.name == name:
+                return self._convert(ep.load())
+        hint = f" A {self.kind} of your own can also be given as 'package.module:attr'." if self._paths else ""
+        raise ValueError(f"unknown {self.kind} {name!r}. Known: {', '.join(self.known())}.{hint}")
+
+    def _entry_points(self) -> list[importlib.metadata.EntryPoint]:
+        if self.entry_point_group is None:
+            return []
+        try:
+            return list(importlib.metadata.entry_points(group=self.entry_point_group))
+        except Exception:  # a broken installed distribution must not break every lookup
+            return []
 
 
-def known_rewards() -> list[str]:
-    """Every name ``get_reward`` accepts besides dotted paths: registered, built-in and entry-point names."""
-    names = set(_REGISTRY) | set(_BUILTINS) | {ep.name for ep in _entry_points()}
-    return sorted(names)
+@dataclass(frozen=True)
+class Reward:
+    """A reward function as registered: the function, and two optional parts of its contract.
 
-
-def get_reward(name: str) -> RewardFn:
-    """The reward callable for a registered name, a ``module:function`` path or a ``grpo.rewards`` entry point.
-
-    Raises ``ValueError`` naming the known rewards when ``name`` is none of these.
+    ``check_options(**kwargs)`` is called with the config's options before training (raise
+    ``RewardConfigError`` to refuse them); ``metrics()`` returns what the reward counted since the last call
+    (e.g. timeouts), logged as ``reward/<name>_<key>``.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a reward name must be a non-empty string, got {name!r}")
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    if name in _BUILTINS:
-        fn = _load_path(_BUILTINS[name], what=f"built-in reward {name!r}")
-        # Importing the module ran its @register_reward; fall back to the attribute if it did not.
-        return _REGISTRY.setdefault(name, fn)
-    if ":" in name:
-        return _load_path(name, what=f"reward {name!r}")
-    for ep in _entry_points():
-        if ep.name == name:
-            fn = ep.load()
-            if not callable(fn):
-                raise ValueError(f"entry point {name!r} ({ep.value}) is not callable")
-            return fn
-    raise ValueError(
-        f"unknown reward {name!r}. Known rewards: {', '.join(known_rewards())}. "
-        "A reward of your own can also be given as 'package.module:function'."
-    )
+
+    fn: RewardFn
+    check_options: Callable[..., None] | None = None
+    metrics: Callable[[], dict[str, float]] | None = None
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            raise TypeError(f"a reward needs a callable, got {type(self.fn).__name__}")
 
 
-def _load_path(path: str, what: str) -> RewardFn:
+def as_reward(obj: Any) -> Reward:
+    """``obj`` as a registry entry: a ``Reward`` as it is, a bare function with no options check or counters."""
+    if isinstance(obj, Reward):
+        return obj
+    if not callable(obj):
+        raise ValueError(f"{_describe(obj)} is not callable, so it cannot be a reward")
+    return Reward(obj)
+
+
+def load_path(path: str, what: str) -> Any:
+    """The object at ``package.module:attr`` (``attr`` may be dotted); a ValueError naming ``what`` otherwise."""
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"{what}: a dotted path must look like 'package.module:function'")
+        raise ValueError(f"{what}: a dotted path must look like 'package.module:attr'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -111,20 +148,13 @@ def _load_path(path: str, what: str) -> RewardFn:
             obj = getattr(obj, part)
         except AttributeError:
             raise ValueError(f"{what}: module {module_name!r} has no attribute {attr!r}") from None
-    if not callable(obj):
-        raise ValueError(f"{what}: {path!r} is not callable")
     return obj
 
 
-def _entry_points() -> list[importlib.metadata.EntryPoint]:
-    try:
-        return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
-    except Exception:  # a broken installed distribution must not break every lookup
-        return []
-
-
-def _describe(fn: RewardFn) -> str:
-    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+def _describe(obj: Any) -> str:
+    if isinstance(obj, Reward):
+        obj = obj.fn
+    return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', repr(obj))}"
 
 
 def per_sample(fn: Callable[..., float | None]) -> RewardFn:

@@ -245,7 +245,7 @@ class PythonSession:
 
     def _signal(self, sig: int) -> None:
         """Send ``sig`` to the interpreter and every process of its sandbox (bubblewrap's own session included)."""
-        for pid in [self.proc.pid, *_descendants(self.proc.pid)]:
+        for pid in [self.proc.pid, *descendants(self.proc.pid)]:
             try:
                 os.kill(pid, sig)
             except (ProcessLookupError, PermissionError):
@@ -362,7 +362,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
     leave their teardown to happen asynchronously; killing the namespace's init directly makes the kernel
     reap the whole namespace before the init's exit is reported.
     """
-    below = _descendants(proc.pid)
+    below = descendants(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -384,7 +384,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
         time.sleep(0.005)
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (Linux /proc), deepest last."""
     out: list[int] = []
     frontier = [pid]

@@ -24,7 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rewards.registry import RewardConfigError, get_reward
+from rewards.catalog import REWARDS
+from rewards.registry import Reward, RewardConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class ScoredBatch:
 class _BoundReward:
     spec: RewardSpec
     fn: Callable[..., Any]
+    metrics: Callable[[], dict[str, float]] | None  # the reward's counters (rewards.registry.Reward)
     takes_all_columns: bool  # the function has **kwargs
     column_params: frozenset[str]  # named parameters that a column may fill
     required: frozenset[str]  # named parameters without a default, not given by spec.kwargs
@@ -86,9 +88,9 @@ class RewardScorer:
     Every function is resolved here, so an unknown name or an option the function does not take fails
     before training starts. ``required_columns()`` lists the dataset columns the rewards need.
 
-    Optional hooks on a reward function: ``check_options(**kwargs)``, called here with the spec's kwargs
-    (raise ``RewardConfigError`` to refuse a configuration), and ``pop_metrics() -> dict[str, float]``
-    (counters since the last call, e.g. timeouts), reported as ``reward/<name>_<key>``. A
+    A reward's registration (``rewards.registry.Reward``) may add ``check_options(**kwargs)``, called here with
+    the spec's kwargs (raise ``RewardConfigError`` to refuse a configuration), and ``metrics() -> dict[str,
+    float]`` (counters since the last call, e.g. timeouts), reported as ``reward/<name>_<key>``. A
     ``RewardConfigError`` raised during scoring propagates; any other exception is masked as described above.
     """
 
@@ -110,10 +112,10 @@ class RewardScorer:
             timeout = spec.timeout_s
             if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
                 raise ValueError(f"reward {spec.name!r}: timeout_s must be a positive number or None, got {timeout!r}")
-            bound = _bind(RewardSpec(spec.name, weight, dict(spec.kwargs or {}), timeout), get_reward(spec.name))
-            check = getattr(bound.fn, "check_options", None)
-            if callable(check):  # e.g. code_tests: is the sandbox usable here?
-                check(**bound.spec.kwargs)
+            reward = REWARDS.resolve(spec.name)
+            bound = _bind(RewardSpec(spec.name, weight, dict(spec.kwargs or {}), timeout), reward)
+            if reward.check_options is not None:  # e.g. code_tests: is the sandbox usable here?
+                reward.check_options(**bound.spec.kwargs)
             self._rewards.append(bound)
         self._logged_failure: set[str] = set()
 
@@ -174,9 +176,8 @@ class RewardScorer:
             per_reward[name], errors[name] = values, bad
             if reward.spec.timeout_s is not None:
                 reward_metrics[f"reward/{name}_deadline_misses"] = deadline_misses.get(name, 0.0)
-            pop = getattr(reward.fn, "pop_metrics", None)
-            if callable(pop):
-                for key, value in pop().items():
+            if reward.metrics is not None:
+                for key, value in reward.metrics().items():
                     reward_metrics[f"reward/{name}_{key}"] = float(value)
 
         total: list[float | None] = []
@@ -278,12 +279,13 @@ async def _bounded(name: str, awaitable: Any, timeout: float) -> Any:
         raise RewardDeadlineError(f"reward {name!r} did not return within timeout_s={timeout}") from None
 
 
-def _bind(spec: RewardSpec, fn: Callable[..., Any]) -> _BoundReward:
+def _bind(spec: RewardSpec, reward: Reward) -> _BoundReward:
     """Check ``spec.kwargs`` against the function's signature and work out which columns it takes."""
+    fn = reward.fn
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):  # some builtins and C callables have no signature: pass everything
-        return _BoundReward(spec, fn, True, frozenset(), frozenset())
+        return _BoundReward(spec, fn, reward.metrics, True, frozenset(), frozenset())
     params = list(sig.parameters.values())
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     has_var_positional = any(p.kind is p.VAR_POSITIONAL for p in params)
@@ -301,7 +303,7 @@ def _bind(spec: RewardSpec, fn: Callable[..., Any]) -> _BoundReward:
             f"reward {spec.name!r} takes no option {sorted(unknown)}; its signature is {sig}"
         )
     required = {p.name for p in named if p.default is p.empty} - set(spec.kwargs)
-    return _BoundReward(spec, fn, takes_all, frozenset(names), frozenset(required))
+    return _BoundReward(spec, fn, reward.metrics, takes_all, frozenset(names), frozenset(required))
 
 
 def _await_all(pending: dict[str, Any]) -> dict[str, Any]:

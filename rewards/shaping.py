@@ -15,10 +15,9 @@ import re
 from typing import Any
 
 from rewards.answers import boxed_contents
-from rewards.registry import RewardConfigError, register_reward
+from rewards.registry import Reward, RewardConfigError
 
 
-@register_reward("format")
 def format_reward(
     prompts: list[str],
     completions: list[str],
@@ -69,7 +68,6 @@ def overlong_penalty(lengths: list[int], max_length: int, buffer: int) -> list[f
     return [0.0 if n <= soft_start else (soft_start - n) / buffer if n <= max_length else -1.0 for n in lengths]
 
 
-@register_reward("length")
 def length_reward(
     prompts: list[str],
     completions: list[str],
@@ -104,8 +102,7 @@ def length_reward(
     return overlong_penalty(lengths, max_length, buffer)
 
 
-# Options are checked when the scorer is built: an empty batch runs every validation above.
-format_reward.check_options = lambda **options: format_reward([], [], **options)  # type: ignore[attr-defined]
-length_reward.check_options = lambda **options: length_reward(  # type: ignore[attr-defined]
-    [], [], **{"completion_length": [], **options}
-)
+# What rewards.catalog registers as `format` and `length`. Options are checked when the scorer is built: an
+# empty batch runs every validation above.
+FORMAT = Reward(format_reward, check_options=lambda **options: format_reward([], [], **options))
+LENGTH = Reward(length_reward, check_options=lambda **options: length_reward([], [], completion_length=[], **options))

@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from grpo.config import CONFIG_DIR as CONFIGS
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 @pytest.fixture(scope="session")
 def tiny_random_dir(tmp_path_factory) -> Path:
     """A randomly initialised tiny model directory (no warm start)."""
-    from grpo.tiny import save_tiny
+    from grpo.builtin.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny_random"), seed=0)
 
@@ -38,17 +39,10 @@ def pytest_runtest_setup(item):
         pytest.fail(f"CI lacks what this test needs: {mark.kwargs['reason']}")
 
 
-def pytest_collection_modifyitems(items):
-    """Every test that stands on the warm-started model is a `learning` test."""
-    for item in items:
-        if "warm_tiny_dir" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.learning)
-
-
 @pytest.fixture(scope="session")
 def warm_tiny_dir() -> Path:
     """The demo's warm-started tiny model, from the cache (built on first use, 1-2 min on 2 cores)."""
-    from grpo.modeling import resolve_model_path
+    from grpo.training.run import resolve_model_path
 
     cfg = compose([])
     return Path(resolve_model_path(cfg))

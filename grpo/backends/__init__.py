@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from grpo.logprobs import sequence_logprobs
+from grpo.core.logprobs import sequence_logprobs
 
 
 @runtime_checkable
@@ -48,7 +48,7 @@ class LogProbModel(torch.nn.Module):
 
     Wrappers that hook a module's forward (DeepSpeed ZeRO-3 fetches parameters when the
     top-level forward starts) must see the log-prob computation as one forward call;
-    `grpo.update.forward_logprobs` calls it through `computes_logprobs`.
+    `grpo.training.update.forward_logprobs` calls it through `computes_logprobs`.
     """
 
     computes_logprobs = True

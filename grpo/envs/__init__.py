@@ -23,11 +23,11 @@ group; `env.kwargs` are passed to the class.
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from rewards.registry import Registry
 
 
 @dataclass
@@ -57,22 +57,21 @@ class Environment(Protocol):
         ...
 
 
-BUILTIN = {"calculator": "grpo.envs.calculator:calculator_environment", "python": "grpo.envs.python:python_environment"}
 ENTRY_POINT_GROUP = "grpo.environments"
+# Environment classes (or functions that build one) by name: the built-ins, imported when chosen; any other
+# `package.module:Class` path; a name an installed package declares in the `grpo.environments` entry points.
+ENVIRONMENTS: Registry[Callable[..., Environment]] = Registry(
+    "environment", lazy={"calculator": "grpo.envs.calculator:calculator_environment",
+                         "python": "grpo.envs.python:python_environment"},
+    entry_points=ENTRY_POINT_GROUP, paths=True)
 
 
 def environment_factory(name: str, kwargs: dict | None = None) -> Callable[[], Environment]:
     """A function that makes a fresh environment per call (one per episode), for a built-in name, a
     `package.module:Class` path or a `grpo.environments` entry point; ValueError lists the known names."""
-    path = BUILTIN.get(name, name)
-    if ":" in path:
-        module, attr = path.split(":", 1)
-        cls = getattr(importlib.import_module(module), attr)
-    else:
-        found = [ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
-        if not found:
-            known = sorted({*BUILTIN, *(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))})
-            raise ValueError(f"env.name: {name!r} is not a 'package.module:Class' path nor one of {', '.join(known)}")
-        cls = found[0].load()
+    try:
+        cls = ENVIRONMENTS.resolve(name)
+    except ValueError as e:
+        raise ValueError(f"env.name: {e}") from None
     options = dict(kwargs or {})
     return lambda: cls(**options)

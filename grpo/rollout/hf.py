@@ -16,7 +16,7 @@ own loop over the model's forward:
 
 Sampling follows transformers' conventions (temperature, then top-k, then top-p; top-p keeps the
 smallest set of tokens whose probability reaches `top_p`), and positions follow its left-padding
-convention (`attention_mask.cumsum(-1) - 1`), which `grpo.logprobs` uses too. The sampler's
+convention (`attention_mask.cumsum(-1) - 1`), which `grpo.core.logprobs` uses too. The sampler's
 log-probs are those of the temperature-scaled distribution before any filtering, the distribution
 the trainer's log-probs are computed under. `python -m scripts.bench.rollout_throughput` measures the
 loop against `generate`.

@@ -48,7 +48,7 @@ Choices, and where they depart from a plain `vllm.LLM(...)`:
    `LoRARequest` with a new id (vLLM keeps adapters by id, so reusing one would serve the old
    weights), removing the previous one; every generate passes that request. vLLM 0.32 loads adapters
    from a path only (`LoRARequest` has no tensor field), hence the files. `merged`: each sync pushes
-   the base weights with the adapters merged, W + (alpha / r) B A (`grpo.lora.engine_weights`,
+   the base weights with the adapters merged, W + (alpha / r) B A (`grpo.model.lora.engine_weights`,
    computed beside the policy, which is left untouched), through the full-weight path above.
 """
 
@@ -64,7 +64,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from grpo.lora import EngineWeight, engine_weights, is_adapted, save_adapters
+from grpo.model.lora import EngineWeight, engine_weights, is_adapted, save_adapters
 from grpo.rollout import Completions, decode_completion, encode_prompts
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class RolloutEngineError(RuntimeError):
 def parameter_buckets(named: Iterable[tuple[object, torch.nn.Parameter]], bucket_bytes: int
                       ) -> Iterator[list[tuple[object, torch.nn.Parameter]]]:
     """Consecutive (key, parameter) lists of about `bucket_bytes` each (one oversized parameter alone); the key
-    (a name, or a `grpo.lora.EngineWeight`) is passed through, sizes are the parameters'.
+    (a name, or a `grpo.model.lora.EngineWeight`) is passed through, sizes are the parameters'.
 
     Under ZeRO-3 a parameter's local size is its shard's, so sizes are taken from `ds_numel` there.
     """

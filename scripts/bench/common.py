@@ -1,5 +1,5 @@
 """What the benchmarks against TRL share: phase timers, random-weight models, the two sides' GRPO steps
-(ours: `grpo.trainer.train_step`; TRL's `GRPOTrainer`, same settings), their alternation, peak memory and
+(ours: `grpo.algorithms.grpo.train_step`; TRL's `GRPOTrainer`, same settings), their alternation, peak memory and
 model-FLOPs utilisation. `scripts.bench.step_vs_trl` and `scripts.bench.realistic` use them; see their
 docstrings for what is compared and how.
 """
@@ -13,8 +13,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from grpo.data import PromptSampler
-from grpo.packing import pack
+from grpo.core.packing import pack
+from grpo.data.loading import PromptSampler
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: the memory runs relaunch a module from it
 
@@ -99,7 +99,7 @@ def random_model_dir(name: str, dtype: str, shape: dict | None = None) -> str:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    from grpo.tiny import CHARS, EOS, PAD, UNK
+    from grpo.builtin.tiny import CHARS, EOS, PAD, UNK
 
     shape = shape or MODEL_SHAPES[name]
     path = Path(tempfile.gettempdir()) / f"grpo-bench-{name}-{dtype}"
@@ -125,11 +125,11 @@ def random_model_dir(name: str, dtype: str, shape: dict | None = None) -> str:
 # ---------------------------------------------------------------- the two sides
 
 def build_ours(cfg, device: str, timers: Timers, rows: list[dict] | None = None):
-    """Our run (grpo.run.build_run), its phases wrapped in timers; returns a zero-argument step.
+    """Our run (grpo.training.run.build_run), its phases wrapped in timers; returns a zero-argument step.
     `rows` (dataset rows with a "prompt"), when given, replace the task's training prompts."""
-    import grpo.trainer as trainer
-    import grpo.update as update
-    from grpo.run import build_run
+    import grpo.algorithms.grpo as trainer
+    import grpo.training.update as update
+    from grpo.training.run import build_run
 
     run = build_run(cfg)
     if rows is not None:
@@ -172,8 +172,8 @@ def build_trl(cfg, model_path: str, device: str, max_steps: int, timers: Timers,
     from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
-    from grpo.data import load_task
-    from grpo.modeling import load_policy
+    from grpo.data.loading import load_task
+    from grpo.model.loading import load_policy
 
     r, a, o = cfg.rollout, cfg.algorithm, cfg.optim
     model, tokenizer = load_policy(model_path, cfg)

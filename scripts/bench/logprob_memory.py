@@ -2,15 +2,15 @@
 
     python -m scripts.bench.logprob_memory                              # 64 sequences x 256 tokens, micro-batches of 8
     python -m scripts.bench.logprob_memory --hidden-size 896 --layers 4
-    python -m scripts.bench.logprob_memory --methods ours --chunk-size 55  # 31.9 MiB chunks (see grpo/logprobs.py)
+    python -m scripts.bench.logprob_memory --methods ours --chunk-size 55  # 31.9 MiB chunks (see grpo/core/logprobs.py)
 
 One pass = what an optimiser step needs from the model: per-token log-probs (and entropy) of the
 completion tokens under a random-weight Qwen2 model, the GRPO loss (token mean of -ratio * advantage,
 ratio = exp(logp - logp.detach())), backward, gradients accumulated over the micro-batches of
 `--micro-batch` sequences (TRL's default `per_device_train_batch_size` is 8). Methods:
 
-- ours:   `grpo.logprobs.sequence_logprobs` (backbone once, output embedding over chunks of positions);
-- naive:  `grpo.logprobs.naive_sequence_logprobs` (the model's full `[B, T, V]` logits, then log-softmax);
+- ours:   `grpo.core.logprobs.sequence_logprobs` (backbone once, output embedding over chunks of positions);
+- naive:  `grpo.core.logprobs.naive_sequence_logprobs` (the model's full `[B, T, V]` logits, then log-softmax);
 - trl:    TRL's `GRPOTrainer._get_per_token_logps_and_entropies`, called as its `_compute_loss` calls it
           (`compute_entropy=True`), on a model patched by TRL's `add_fused_lm_head` as its trainer patches it;
 - trl_selective: the model's logits, then TRL's `selective_log_softmax` (TRL's earlier path, still exported).
@@ -87,7 +87,7 @@ def run_pass(method: str, args) -> dict:
             add_fused_lm_head(model, temperature=1.0, outputs=("log_probs", "entropy"))  # as GRPOTrainer.__init__
             trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(autocast=contextlib.nullcontext,
                                                                             is_main_process=True))
-    from grpo.logprobs import naive_sequence_logprobs, sequence_logprobs
+    from grpo.core.logprobs import naive_sequence_logprobs, sequence_logprobs
 
     def logprobs(mids, mmask):  # [n, C] log-probs of the completion tokens
         if method == "ours":

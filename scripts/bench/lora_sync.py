@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo.config import LoraOptions
-from grpo.lora import add_adapters
+from grpo.model.lora import add_adapters
 from grpo.rollout.vllm import VLLMRolloutEngine
 from scripts.bench.rollout_throughput import SIZES, model_dir
 

@@ -55,7 +55,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from grpo.modeling import resolve_model_path
+    from grpo.training.run import resolve_model_path
     from tests.conftest import compose
 
     torch.set_num_threads(args.threads)

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from grpo.builtin.tiny import save_tiny
 from grpo.envs import Done, Observation
 from grpo.rollout.episodes import run_episodes
-from grpo.tiny import save_tiny
 
 
 class Replies:

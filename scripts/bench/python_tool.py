@@ -20,7 +20,7 @@ import statistics
 import time
 
 from grpo.envs.python import python_tool
-from rewards.sandbox import _descendants
+from rewards.sandbox import descendants
 
 
 def seconds_per_call(persistent: bool, args) -> tuple[float, float]:
@@ -44,7 +44,7 @@ def seconds_per_call(persistent: bool, args) -> tuple[float, float]:
 def resident_mib(pid: int) -> float:
     """VmRSS of `pid` and every process below it, in MiB (Linux /proc)."""
     total_kb = 0
-    for p in [pid, *_descendants(pid)]:
+    for p in [pid, *descendants(pid)]:
         with open(f"/proc/{p}/status") as f:
             total_kb += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
     return total_kb / 1024

@@ -6,10 +6,10 @@
 Builds the random Qwen2-architecture model that `scripts.bench.zero_memory` uses (hidden 512, 4 layers,
 intermediate 2048, a 100-token vocabulary), saves it, and loads it twice as `grpo-train` would with
 `model.lora.r=R`: over the float32 base, and with `model.lora.qlora=true` over the 4-bit NF4 base
-(`grpo.lora.quantization_config`, then `prepare_quantized`). It counts the bytes of every tensor the
+(`grpo.model.lora.quantization_config`, then `prepare_quantized`). It counts the bytes of every tensor the
 policy holds (parameters, buffers, and the 4-bit layers' quantisation state: block absmax, its float32
 scales, the code books), the trained parameters, and prints the memory plan's figure beside the measure
-(`grpo.memory.base_weight_bytes` plus the adapters). CPU only; a few seconds.
+(`grpo.model.memory.base_weight_bytes` plus the adapters). CPU only; a few seconds.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import tempfile
 import torch
 from transformers import AutoModelForCausalLM
 
+from grpo.builtin.tiny import build_tiny_model
 from grpo.config import LoraOptions
-from grpo.lora import add_adapters, prepare_quantized, quantization_config, trainable_parameters
-from grpo.memory import base_weight_bytes, quantized_params
-from grpo.tiny import build_tiny_model
+from grpo.model.lora import add_adapters, prepare_quantized, quantization_config, trainable_parameters
+from grpo.model.memory import base_weight_bytes, quantized_params
 
 MiB = 2**20
 

@@ -25,18 +25,18 @@ import types
 from pathlib import Path
 
 SIZES = {  # Qwen2-architecture models with the character-level tokenizer; head_dim 64 (vLLM's CPU attention)
-    "tiny": None,  # the demo's warm-started model (grpo.warmstart), 0.8M parameters
+    "tiny": None,  # the demo's warm-started model (grpo.builtin.warmstart), 0.8M parameters
     "small": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=2048, max_positions=256),  # 34M
 }
 
 
 def model_dir(size: str, workdir: Path) -> str:
     if SIZES[size] is None:
-        from grpo.modeling import resolve_model_path
+        from grpo.training.run import resolve_model_path
         from tests.conftest import compose
 
         return resolve_model_path(compose([]))
-    from grpo.tiny import save_tiny
+    from grpo.builtin.tiny import save_tiny
 
     return str(save_tiny(workdir / size, seed=0, **SIZES[size]))
 
@@ -80,8 +80,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from grpo.builtin.arithmetic import Arithmetic
     from grpo.rollout.hf import HFRolloutEngine
-    from grpo.tasks.arithmetic import Arithmetic
 
     torch.set_num_threads(args.threads)  # before vLLM binds its threads (it refuses changes afterwards)
     workdir = Path(tempfile.mkdtemp(prefix="bench_rollout_"))

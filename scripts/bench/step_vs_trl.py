@@ -20,7 +20,7 @@ exactly `max_new_tokens` tokens (`min_new_tokens` on both sides) unless `--natur
 The machine may be shared: one side's step runs, then the other's, alternately, so that load from
 elsewhere hits both alike; compare the ratios from one run, not absolute times across runs.
 A TRL step is timed from the end of our previous step to TRL's `on_step_end` callback, so it includes
-its loop's own overhead (data loading, bookkeeping); ours is `grpo.trainer.train_step`.
+its loop's own overhead (data loading, bookkeeping); ours is `grpo.algorithms.grpo.train_step`.
 
 Phases (seconds per step, medians): generation (the rollout engine / `_generate_single_turn`), scoring
 (reward functions), log-probs (the forward passes that compute per-token log-probs), update (backward
@@ -111,7 +111,7 @@ def main() -> None:
     run_dir = tempfile.mkdtemp(prefix="grpo-bench-")
     cfg = standard_config(args, run_dir)
     torch.set_num_threads(args.threads or cfg.threads or torch.get_num_threads())
-    from grpo.modeling import resolve_model_path
+    from grpo.training.run import resolve_model_path
 
     if args.model != "tiny":
         cfg.model.builtin, cfg.model.path = None, random_model_dir(args.model, args.dtype)

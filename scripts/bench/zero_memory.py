@@ -8,7 +8,7 @@ Each rank builds the same random Qwen2-architecture model (about 17M parameters)
 DeepSpeed backend, takes one optimiser step on a fixed batch (Adam allocates its states lazily), then
 counts the bytes of the tensors that are optimiser state on this rank: Adam's two moments, and the
 fp32 master copy of the weights that ZeRO keeps for its partition (stage 1-3). Counting tensors is
-exact and works on CPU and GPU alike; the planner's prediction (grpo/memory.py, per trained parameter)
+exact and works on CPU and GPU alike; the planner's prediction (grpo/model/memory.py, per trained parameter)
 is printed beside it.
 """
 
@@ -52,11 +52,11 @@ def rank_main(stage: int, dtype: str, lora_r: int) -> None:
 
     from grpo import distributed as dist
     from grpo.backends.deepspeed_backend import DeepSpeedBackend
-    from grpo.batch import layout_batch
+    from grpo.builtin.tiny import build_tiny_model
     from grpo.config import AlgorithmConfig, LoraOptions
-    from grpo.lora import add_adapters
-    from grpo.tiny import build_tiny_model
-    from grpo.update import update_policy
+    from grpo.core.batch import layout_batch
+    from grpo.model.lora import add_adapters
+    from grpo.training.update import update_policy
 
     torch.set_num_threads(1)
     dist.init_distributed(deepspeed=True, timeout_s=300)
@@ -82,7 +82,7 @@ def rank_main(stage: int, dtype: str, lora_r: int) -> None:
 
 
 def launch_all(dtype: str, lora_r: int) -> None:
-    from grpo.memory import training_bytes_per_param
+    from grpo.model.memory import training_bytes_per_param
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     results = []

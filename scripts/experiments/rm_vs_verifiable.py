@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from grpo.tracking import read_metrics
+from grpo.training.tracking import read_metrics
 
 
 def run(args: list[str], threads: int) -> None:

@@ -1,0 +1,3 @@
+"""`grpo-compare`: the same task and budget under several algorithms, and a report whose intervals say which
+differences are real.
+"""

@@ -1,0 +1,271 @@
+"""Per-token log-probs and entropy of given tokens under a causal LM, chunked over rows.
+
+The full logits of a batch are `[B, T, V]`; with a 150k vocabulary and float32 that is the
+largest tensor of a training step by far. `sequence_logprobs` runs the model's backbone once,
+then applies the output embedding to at most `chunk_size` positions at a time, so only one
+chunk's `[chunk_size, V]` float32 logits exist at any moment, in the forward pass and in the
+backward pass alike (each chunk is recomputed in backward under activation checkpointing).
+By default a chunk holds `LOGITS_CHUNK_ELEMENTS // V` positions (64 MiB of float32 logits:
+~110 positions of a 151,936-token vocabulary, the whole batch of a 100-token one). When the
+whole batch fits in one chunk nothing is checkpointed: recomputing it would save no memory.
+
+Conventions, shared by both functions here:
+
+- `logprobs[:, t] = log p(input_ids[:, t+1] | input_ids[:, :t+1])`, shape `[B, T-1]`.
+- The distribution is the tempered one, `softmax(logits / temperature)`, computed in float32;
+  `entropy[:, t] = -sum_v p_v log p_v` of that distribution, a metric returned without a graph.
+- Columns before `logits_to_keep_from` are skipped and returned as zeros (not dropped), so the
+  outputs stay aligned with `input_ids[:, 1:]` and with any mask built over it. For a prompt block
+  of width P followed by completions, pass `logits_to_keep_from=P - 1`: column P-1 scores the
+  first completion token.
+- Position ids default to `attention_mask.cumsum(-1) - 1` clamped at 0, and are always passed to
+  the backbone explicitly. This is what transformers' `generate` uses under left padding
+  (`GenerationMixin._prepare_position_ids_for_generation`: `cumsum(-1) - 1`, then padding set to 0;
+  each new token gets the previous position + 1), so the trainer scores a completion at the
+  positions the sampler produced it at. The two differ only at padding that follows real tokens
+  (0 there, the last position here), which is masked out and cannot affect earlier tokens.
+- `packing="sequences"` or `"groups"` (`backend.packing`, `grpo.core.packing`) forwards a padding-free
+  layout of the same rows and scatters its log-probs back into these columns; only columns that
+  score a real token after column `logits_to_keep_from` are computed, the rest are zeros.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from grpo.core.packing import MASK_ATTENTION, pack
+
+# Logits elements per chunk: 64 MiB in float32. Above 32 MiB on purpose: glibc's malloc serves
+# blocks over 32 MiB (its largest mmap threshold) by mmap and returns them to the system on free,
+# while smaller blocks stay in its heap. `python -m scripts.bench.logprob_memory --methods ours --chunk-size N`:
+# peak RSS growth 3866 MiB at 55 positions (31.9 MiB), 834 MiB at 56 (32.4 MiB), 770 MiB at the default.
+LOGITS_CHUNK_ELEMENTS = 2**24
+
+
+def _score_in_chunks(head, rows, targets, temperature: float, with_entropy: bool, chunk_size: int):
+    """Log-prob (and entropy) chunks of `rows` [R, H] under the output embedding `head`, `chunk_size` rows at
+    a time; each chunk checkpointed when gradients are on and there is more than one."""
+    in_backward = False  # set once every chunk has been scored: later calls are recomputations
+
+    def score(h, y):
+        # The entropy is a detached metric: recomputing it in backward would be wasted work.
+        return _score_logits(head(h), y, temperature, with_entropy and not in_backward)
+
+    recompute = torch.is_grad_enabled() and rows.shape[0] > chunk_size
+    lp_chunks, ent_chunks = [], []
+    for start in range(0, rows.shape[0], chunk_size):
+        h, y = rows[start : start + chunk_size], targets[start : start + chunk_size]
+        lp, ent = checkpoint(score, h, y, use_reentrant=False) if recompute else score(h, y)
+        lp_chunks.append(lp)
+        ent_chunks.append(ent)
+    in_backward = True
+    return lp_chunks, ent_chunks
+
+
+def sequence_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    with_entropy: bool = False,
+    logits_to_keep_from: int = 0,
+    packing: str = "padded",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and optionally entropy) of `input_ids[:, 1:]`, chunked over positions.
+
+    Runs the backbone of `model` (a transformers `*ForCausalLM`, not wrapped in DDP) to get the last
+    hidden states, then the output embedding on `chunk_size` rows of the flattened
+    `[B * (T-1-logits_to_keep_from), H]` hidden states at a time (default: `LOGITS_CHUNK_ELEMENTS // V`).
+    Differentiable; when gradients are enabled and there is more than one chunk, each chunk is
+    checkpointed, so backward also holds one chunk's logits at a time.
+
+    Returns `(logprobs [B, T-1], entropy [B, T-1] or None)`, float32, zeros before column
+    `logits_to_keep_from`. See the module docstring for the conventions. With `packing` other than
+    `padded`, the rows are forwarded in that padding-free layout (`grpo.core.packing`; positions are its own).
+    """
+    _check_args(input_ids, attention_mask, temperature, logits_to_keep_from)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_plain_head(model)
+    backbone = _backbone(model)
+    head = model.get_output_embeddings()
+    if chunk_size is None:
+        chunk_size = max(1, LOGITS_CHUNK_ELEMENTS // head.weight.shape[0])
+    if packing != "padded":
+        if position_ids is not None:
+            raise ValueError(f"packing={packing!r} lays out its own position ids: pass position_ids=None")
+        return _packed_logprobs(model, backbone, head, input_ids, attention_mask, packing, temperature=temperature,
+                                chunk_size=chunk_size, with_entropy=with_entropy,
+                                logits_to_keep_from=logits_to_keep_from)
+    if position_ids is None:
+        position_ids = _position_ids(attention_mask)
+
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # [B, T, H]
+
+    B, T = input_ids.shape
+    k = logits_to_keep_from
+    rows = hidden[:, k : T - 1].reshape(-1, hidden.shape[-1])  # [B*L, H], L = T-1-k
+    targets = input_ids[:, k + 1 :].reshape(-1)  # [B*L]
+    lp_chunks, ent_chunks = _score_in_chunks(head, rows, targets, temperature, with_entropy, chunk_size)
+    logprobs = _left_zeros(_cat_rows(lp_chunks, rows).view(B, T - 1 - k), k)  # [B, T-1]
+    entropy = _left_zeros(_cat_rows(ent_chunks, rows).view(B, T - 1 - k), k) if with_entropy else None
+    return logprobs, entropy
+
+
+def _packed_logprobs(model, backbone, head, input_ids, attention_mask, packing: str, *, temperature: float,
+                     chunk_size: int, with_entropy: bool, logits_to_keep_from: int):
+    """`sequence_logprobs` through a packed layout: one backbone forward over the packed rows, the head
+    on the scored positions only, the results scattered into the padded `[B, T-1]` columns."""
+    impl = _attention_implementation(model, packing)
+    packed = pack(input_ids, attention_mask, logits_to_keep_from + 1, packing, one_row="flash" in impl)
+    mask = packed.attention_mask  # [R, 1, W, W] bool (groups) or None: boundaries from the position ids
+    if mask is not None and impl == "eager":  # eager adds the mask to its scores
+        dtype = head.weight.dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    hidden = backbone(
+        input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, use_cache=False
+    ).last_hidden_state  # [R, W, H]
+    rows = hidden.reshape(-1, hidden.shape[-1])[packed.source]  # [M, H]
+    lp_chunks, ent_chunks = _score_in_chunks(head, rows, packed.targets, temperature, with_entropy, chunk_size)
+    B, T = input_ids.shape
+
+    def scatter(values):  # [M] -> [B, T-1], zeros where nothing was scored
+        return values.new_zeros(B * (T - 1)).index_copy(0, packed.dest, values).view(B, T - 1)
+
+    return scatter(_cat_rows(lp_chunks, rows)), scatter(_cat_rows(ent_chunks, rows)) if with_entropy else None
+
+
+def _attention_implementation(model: nn.Module, packing: str) -> str:
+    """The model's attention implementation, refused where `packing` cannot isolate its sequences."""
+    config = model.config
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or ())
+    if packing == "groups" and (impl not in MASK_ATTENTION or sliding):
+        raise ValueError(
+            f"backend.packing=groups needs a custom 4D attention mask, which attention implementation {impl!r} "
+            f"(or sliding-window layers) cannot take; use backend.packing=sequences or padded"
+        )
+    if packing == "sequences" and impl not in (*MASK_ATTENTION, "flex_attention") and "flash" not in impl:
+        raise ValueError(f"backend.packing=sequences: attention implementation {impl!r} is not known to separate "
+                         f"packed sequences by their position ids; use backend.packing=padded")
+    return impl
+
+
+def forward_logprobs(model, input_ids, attention_mask, **kwargs):
+    """`(logprobs, entropy)` of a micro-batch: through `model`'s own forward when it computes
+    log-probs (`backends.LogProbModel`, alone or inside a DeepSpeed engine), else chunked over
+    a bare causal LM."""
+    if getattr(model, "computes_logprobs", False):
+        return model(input_ids, attention_mask, **kwargs)
+    return sequence_logprobs(model, input_ids, attention_mask, **kwargs)
+
+
+def naive_sequence_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    logits_to_keep_from: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reference for `sequence_logprobs`: one full forward, all `[B, T, V]` logits at once.
+
+    Same conventions and outputs as `sequence_logprobs` (columns before `logits_to_keep_from` are
+    computed, then zeroed). It calls `model(...)` itself, so it is exact for any head, softcapped or
+    scaled ones included, and is the one to use when memory is not a concern.
+    """
+    _check_args(input_ids, attention_mask, temperature, logits_to_keep_from)
+    if position_ids is None:
+        position_ids = _position_ids(attention_mask)
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).logits  # [B, T, V]
+    lp, ent = _score_logits(logits[:, :-1], input_ids[:, 1:], temperature, with_entropy)  # [B, T-1]
+    k = logits_to_keep_from
+    return _left_zeros(lp[:, k:], k), (_left_zeros(ent[:, k:], k) if with_entropy else None)
+
+
+def _score_logits(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of `targets` and entropy under `softmax(logits / temperature)`, in float32.
+
+    The entropy is computed without a graph. Were it differentiable but left out of the loss (it is
+    a metric here), its saved `[..., V]` tensors would live until the graph is freed, and under
+    activation checkpointing the recomputed ones would too: about two logits-sized tensors per chunk.
+    """
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)  # [..., V]
+    lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [...]
+    ent = None
+    if with_entropy:
+        with torch.no_grad():
+            ent = -(logp.exp() * logp).sum(-1)  # [...]
+    return lp, ent
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, as transformers' generate does under left padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    """The module of a `*ForCausalLM` that returns `last_hidden_state`."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise TypeError(
+            "pass the unwrapped model: calling its submodules bypasses DDP's forward and its gradient sync; "
+            "wrap a module whose forward calls sequence_logprobs in DDP instead"
+        )
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if backbone is None or backbone is model:
+        backbone = getattr(model, "model", None) or getattr(model, "base_model", None)
+    if backbone is None or backbone is model:
+        raise TypeError(f"cannot find the backbone of {type(model).__name__}")
+    return backbone
+
+
+def _check_plain_head(model: nn.Module) -> None:
+    """Refuse heads that transform the logits after the output embedding (the chunked path skips that)."""
+    config = getattr(model, "config", None)
+    transforms = {
+        "final_logit_softcapping": getattr(config, "final_logit_softcapping", None),  # Gemma 2/3
+        "logit_scale": getattr(config, "logit_scale", 1),  # Cohere: logits * scale
+        "logits_scaling": getattr(config, "logits_scaling", 1),  # Granite: logits / scale
+    }
+    for name, value in transforms.items():
+        if value is not None and (name == "final_logit_softcapping" or value != 1):
+            raise NotImplementedError(
+                f"model.config.{name}={value!r}: the chunked head applies the bare output embedding; "
+                "use naive_sequence_logprobs for this model"
+            )
+
+
+def _check_args(input_ids, attention_mask, temperature, logits_to_keep_from) -> None:
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids and attention_mask must both be [B, T], got {tuple(input_ids.shape)} "
+            f"and {tuple(attention_mask.shape)}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 <= logits_to_keep_from <= input_ids.shape[1] - 1:
+        raise ValueError(
+            f"logits_to_keep_from must be in [0, T-1={input_ids.shape[1] - 1}], got {logits_to_keep_from}"
+        )
+
+
+def _left_zeros(tail: torch.Tensor, k: int) -> torch.Tensor:
+    """`[B, L]` -> `[B, k + L]`, the k skipped columns as zeros (kept out of the graph)."""
+    return torch.cat([tail.new_zeros(tail.shape[0], k), tail], dim=1)
+
+
+def _cat_rows(chunks: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """Concatenate per-chunk results; with no rows at all, an empty tensor still in the graph."""
+    return torch.cat(chunks) if chunks else rows[:, 0].float()  # [N]

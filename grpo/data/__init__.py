@@ -1,0 +1,1 @@
+"""Prompts and their columns: reading datasets, reasoning-gym tasks, and decontamination against held-out splits."""

@@ -1,0 +1,16 @@
+"""The errors that several layers raise and the command lines turn into one line and exit status 2.
+
+Each message names what to fix: the config field, the checkpoint file, the reward that masks everything.
+"""
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the file."""
+
+
+class MaskedRewardsError(RuntimeError):
+    """Too many steps in a row on which every sample's reward was masked (the rewards are broken)."""

@@ -1,0 +1,82 @@
+"""grpo-compare: a short comparison on two seeds writes the arms' table with intervals, the differences,
+every run, a CSV and a plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.learning
+def test_short_comparison_on_two_seeds_writes_every_arm_and_run(tmp_path, warm_tiny_dir):
+    from grpo.compare.command import LABELS, CompareConfig, compare
+
+    # model.warm_start.seed=0: both seeds start from the cached warm model (the default builds one per seed)
+    cfg = CompareConfig(out_dir=str(tmp_path), budget_samples=64, prompts_per_step=8, group_size=8,
+                        eval_every_samples=64, dpo_eval_every=1, threads=1, in_process=True, seeds=[0, 1],
+                        run_overrides=["task.arithmetic.num_eval=30", "task.arithmetic.num_ood=10",
+                                       "model.warm_start.seed=0"],
+                        rm_overrides=["train.max_steps=2", "data.arithmetic.num_prompts=40", "train.eval_every=2"])
+    arms = compare(cfg)
+    names = [LABELS[a] for a in cfg.algorithms]
+    assert [r["algorithm"] for r in arms] == names and all(r["seeds"] == 2 for r in arms)
+    for r in arms:
+        final = r["final_accuracy"]
+        assert final.low <= final.mean <= final.high and final.high - final.low > 0  # 30 problems: never a point
+    table = (tmp_path / "compare.md").read_text()
+    for name in names:
+        assert f"| {name} | 2 |" in table
+    assert table.count(" - GRPO, final held-out accuracy: ") == len(names) - 1
+    # every online arm logged which of the same problems it solved, so its difference is paired by problem
+    online = [LABELS[a] for a in cfg.algorithms if a != "dpo"]
+    assert sum(f"{name} - GRPO, final held-out accuracy" in line and line.endswith("paired by seed and problem")
+               for line in table.splitlines() for name in online[1:]) == len(online) - 1
+    assert "best acc: test accuracy at the evaluation with the best val/accuracy" in table
+    with (tmp_path / "runs.csv").open() as f:
+        runs = list(csv.DictReader(f))
+    assert sorted((r["algorithm"], r["seed"]) for r in runs) == sorted((n, s) for n in names for s in ("0", "1"))
+    assert all(r["problems"] == "30" and r["ood_problems"] and r["best_chosen_on"] == "val" for r in runs)
+    with (tmp_path / "compare.csv").open() as f:
+        assert [r["algorithm"] for r in csv.DictReader(f)] == names
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
+    for name in cfg.algorithms:
+        assert (tmp_path / name / "seed_1" / "metrics.jsonl").exists()
+
+
+def test_a_comparison_run_again_reuses_finished_runs_and_resumes_the_interrupted_one(tmp_path, warm_tiny_dir, caplog):
+    from grpo.compare.command import RUN_RECORD, CompareConfig, compare
+    from grpo.errors import ConfigError
+
+    cfg = CompareConfig(out_dir=str(tmp_path), algorithms=["grpo", "sft"], budget_samples=64, prompts_per_step=8,
+                        group_size=8, eval_every_samples=32, threads=1, in_process=True, seeds=[0, 1],
+                        run_overrides=["task.arithmetic.num_eval=30", "task.arithmetic.num_ood=10",
+                                       "model.warm_start.seed=0"])
+    first = {r["algorithm"]: r["final_accuracy"].mean for r in compare(cfg)}
+    metrics = sorted(tmp_path.glob("*/seed_*/metrics.jsonl"))
+    assert len(metrics) == 4 and all((m.parent / RUN_RECORD).exists() for m in metrics)
+    written = {m: m.stat().st_mtime_ns for m in metrics}
+
+    # as if the comparison had been killed inside grpo/seed_1 (no record there), or an older version had been
+    # killed while writing the record in place (half of it): both runs again; the rest is reused as it is
+    (tmp_path / "grpo" / "seed_1" / RUN_RECORD).unlink()
+    record = tmp_path / "sft" / "seed_0" / RUN_RECORD
+    record.write_text(record.read_text()[:20])
+    with caplog.at_level("INFO"):
+        again = {r["algorithm"]: r["final_accuracy"].mean for r in compare(cfg)}
+    assert any(m.startswith("resuming from ") and "grpo/seed_1/checkpoints" in m for m in caplog.messages)
+    assert any(m.startswith(f"{record} is not readable JSON; the run is launched again") for m in caplog.messages)
+    assert again == first
+    rerun = [m for m in metrics if m.stat().st_mtime_ns != written[m]]
+    # each resumed from its latest checkpoint, nothing else ran
+    assert rerun == [tmp_path / "grpo" / "seed_1" / "metrics.jsonl", tmp_path / "sft" / "seed_0" / "metrics.jsonl"]
+    assert "2 of 4 runs reused from an earlier invocation" in (tmp_path / "compare.md").read_text()
+    assert json.loads(record.read_text())["overrides"] and not list(tmp_path.glob(f"*/*/{RUN_RECORD}.tmp"))
+
+    # another comparison's runs in the same out_dir are refused, naming the field and the record
+    other = CompareConfig(**{**cfg.__dict__, "budget_samples": 128})
+    with pytest.raises(ConfigError, match=rf"out_dir: .*grpo/seed_0/{RUN_RECORD} records a run with other"):
+        compare(other)

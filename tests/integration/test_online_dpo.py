@@ -1,0 +1,75 @@
+"""Online DPO: pairs from each group, the loss by hand, exact micro-batching, and real steps that learn."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from grpo.algorithms.online_dpo import best_and_worst
+from grpo.algorithms.preference import dpo_update
+from grpo.core.batch import layout_batch
+from grpo.core.losses import dpo_loss
+from tests.conftest import compose
+from tests.integration.test_trainer import RecordingBackend, load
+
+
+def test_each_group_pairs_its_best_against_its_worst():
+    rewards = [1.0, 0.0, None, 1.0,      # best 1.0 first at row 0, worst 0.0 at row 1
+               0.5, 0.5, 0.5, 0.5,       # equal: no pair
+               None, None, None, 1.0,    # one scored completion: no pair
+               0.2, 0.9, 0.1, 0.9]       # best 0.9 first at row 13, worst 0.1 at row 14
+    assert best_and_worst(rewards, 4) == [(0, 1), (13, 14)]
+
+
+def test_dpo_loss_by_hand():
+    # log-ratios to the reference: chosen +1, rejected -1; beta 0.5: margin 0.5 x (1 - (-1)) = 1,
+    # loss -log sigmoid(1) = log(1 + e^-1) = 0.31326
+    policy, ref = torch.tensor([-2.0, -6.0]), torch.tensor([-3.0, -5.0])
+    loss, margin = dpo_loss(policy, ref, beta=0.5)
+    assert margin.tolist() == [1.0]
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-6)
+
+
+def test_the_update_is_the_mean_over_pairs_whatever_the_micro_batches(tiny_random_dir):
+    model, tok = load(tiny_random_dir)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 60, (int(k),), generator=g).tolist() for k in (3, 5, 2)]
+    completions = [torch.randint(3, 60, (int(k),), generator=g).tolist() for k in (4, 2, 6, 1, 3, 5)]
+    batch = layout_batch(prompts, completions, 2, tok.pad_token_id)
+    batch.ref_logprobs = torch.randn(batch.completion_mask.shape, generator=g) * batch.completion_mask - 3.0
+    width = batch.input_ids.shape[1]
+    grads = []
+    for pairs_per_micro in (3, 1):
+        cfg = compose(["algorithm=online_dpo", f"backend.micro_batch_tokens={pairs_per_micro * 2 * width}",
+                       "rollout.temperature=1.0"])
+        backend = RecordingBackend(model)
+        run = SimpleNamespace(cfg=cfg, backend=backend)
+        metrics = dpo_update(run, batch, total_pairs=3)
+        grads.append(backend.grads[0])
+        assert 0.0 <= metrics["train/dpo_pair_accuracy"] <= 1.0 and metrics["train/loss"] > 0
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=0, msg=name)
+
+
+def distinct_reward(prompts, completions, **_):
+    """Rewards that differ within every group (so every group gives a pair): 1 on even rows, plus a length term."""
+    return [float(i % 2 == 0) + 0.01 * len(c) for i, c in enumerate(completions)]
+
+
+def test_online_dpo_steps_start_at_log_2_and_move_the_margin(tmp_path, tiny_random_dir):
+    from grpo.cli import train_from_config
+
+    cfg = compose(["algorithm=online_dpo", "model=hf", f"model.path={tiny_random_dir}", "model.dtype=float32",
+                   "train.max_steps=3", "train.eval_every=0", "train.eval_before=false", "train.prompts_per_step=4",
+                   "algorithm.group_size=4", "rollout.max_new_tokens=6", "optim.lr=1e-3", "optim.warmup_steps=0",
+                   "tracking.progress_bar=false", "tracking.plot=false", "task.arithmetic.num_eval=8",
+                   "reward.functions=[{name: 'tests.integration.test_online_dpo:distinct_reward'}]"])
+    cfg.run_dir = str(tmp_path / "run")
+    history = [h for h in train_from_config(cfg) if h["step"] > 0]
+    assert [h["step"] for h in history] == [1, 2, 3] and all(h["train/dpo_pairs"] == 4 for h in history)
+    # step 1: the policy is the reference, so every margin is 0 and the loss is log 2
+    assert history[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6) and history[0]["train/dpo_margin"] == 0
+    assert history[-1]["train/dpo_margin"] != 0 and history[-1]["optim/grad_norm"] > 0

@@ -1,0 +1,103 @@
+"""The warm start's criterion: met, recorded, re-measured on the saved model, and a clear error when missed."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from grpo.builtin.arithmetic import Arithmetic, overflows, teacher_mode, write
+from grpo.builtin.warmstart import (
+    WarmStart,
+    WarmStartError,
+    kept_weights,
+    teacher_agreement,
+    train_warm_start,
+    warm_start_report,
+)
+
+
+def test_teacher_mode_drops_the_overflowing_digit_only_when_the_teacher_mostly_does():
+    # 57+68=125 overflows 2 digits; 12+30=42 does not
+    assert teacher_mode(57, 68, 2, drop_carry=0.7) == 25
+    assert teacher_mode(57, 68, 2, drop_carry=0.3) == 125
+    assert teacher_mode(12, 30, 2, drop_carry=0.7) == 42
+
+
+@pytest.mark.learning
+def test_the_cached_warm_start_met_its_criterion_and_the_saved_model_still_does(warm_tiny_dir):
+    report = warm_start_report(warm_tiny_dir)
+    spec = WarmStart(**report["spec"])
+    assert report["anneal_step"] <= spec.max_steps and report["anneal_step"] % spec.check_every == 0
+    assert report["steps"] == report["anneal_step"] + spec.anneal_steps
+    assert report["met_step"] == (report["steps"] if report["kept"] == "annealed" else report["anneal_step"])
+    assert min(report["shown_agreement"], report["held_out_agreement"]) >= spec.target
+    assert report["wall_s"] > 0 and report["kernels"]
+
+    # Re-measured on the model as saved, on held-out problems the criterion did not check (the last 300)
+    model = AutoModelForCausalLM.from_pretrained(warm_tiny_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(warm_tiny_dir)
+    task = Arithmetic(digits=spec.digits, reverse=spec.reverse)
+    held = task.held_out_problems()[-300:]
+    figures = teacher_agreement(model, tokenizer, task, held, spec.drop_carry)
+    assert figures["agreement"] >= spec.target, figures
+    # The teacher drops the overflowing digit 70% of the time, so greedy answers are right on the sums that
+    # do not overflow (about half) and wrong on the others: the room GRPO has to climb.
+    no_overflow = sum(not overflows(a, b, spec.digits) for a, b in held) / len(held)
+    assert abs(figures["exact_match"] - no_overflow) <= 1 - spec.target, (figures, no_overflow)
+
+    # ... while the right answer to an overflowing sum is still sampled: its probability is near 1 - 0.7.
+    over = [(a, b) for a, b in held if overflows(a, b, spec.digits)][:100]
+    texts = [task.prompt(a, b) + write(a + b, spec.reverse) for a, b in over]
+    ids = torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts])
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # [N, T-1]
+    prompt_len = len(task.prompt(0, 0))
+    p_right = logp[:, prompt_len - 1:].sum(-1).exp()  # [N] probability of the whole right answer and its end
+    assert 0.15 < p_right.mean().item() < 0.45, p_right.mean().item()
+
+
+def test_a_warm_start_that_misses_its_criterion_names_both_figures():
+    # 100 steps is inside the plateau before the model learns to add: agreement is near 0 on both sets
+    spec = WarmStart(max_steps=100, check_every=50, warmup_steps=10, anneal_steps=10)
+    with pytest.raises(WarmStartError) as err:
+        train_warm_start(spec, log=lambda _: None)
+    message = str(err.value)
+    assert "after 100 steps (model.warm_start.max_steps)" in message
+    shown, held = re.search(r"on ([0-9.]+) of the problems shown and ([0-9.]+) of held-out", message).groups()
+    assert float(shown) < spec.anneal_at and float(held) < spec.anneal_at
+    assert "annealing starts at 0.8 on both (model.warm_start.anneal_at)" in message
+
+
+def test_a_warm_start_that_anneals_short_of_its_target_names_both_figures():
+    # a target of 1.01 cannot be met: the check after annealing fails and says so
+    spec = WarmStart(max_steps=100, check_every=50, warmup_steps=10, anneal_at=0.0, anneal_steps=5, target=1.01)
+    with pytest.raises(WarmStartError, match=r"after annealing \(steps 51-55\) the greedy answers agree with the "
+                                             r"teacher on [0-9.]+ of the problems shown and [0-9.]+ of held-out "
+                                             r"problems, and at its start on [0-9.]+ and [0-9.]+; the criterion "
+                                             r"\(model.warm_start.target\) is 1.01 on both"):
+        train_warm_start(spec, log=lambda _: None)
+
+
+def test_annealing_keeps_its_own_weights_when_they_meet_the_target_and_else_those_it_started_from():
+    def checks(shown, held):
+        return {"agreement": shown}, {"agreement": held}
+    assert kept_weights(checks(0.98, 0.97), checks(0.90, 0.85), 0.8) == "annealed"  # met: annealing's, even if worse
+    assert kept_weights(checks(0.98, 0.97), checks(0.865, 0.77), 0.8) == "anneal_start"  # the avx2 seed-2 case
+    assert kept_weights(checks(0.85, 0.79), checks(0.865, 0.77), 0.8) is None  # neither meets it on both sets
+    assert kept_weights(checks(0.80, 0.80), checks(0.0, 0.0), 0.8) == "anneal_start"  # the target is inclusive
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.warm_start.target=1.5", "model.warm_start.target: must be in [0, 1], got 1.5"),
+    ("model.warm_start.max_steps=0", "model.warm_start.max_steps: must be > 0, got 0"),
+    ("model.warm_start.drop_carry=-0.1", "model.warm_start.drop_carry: must be in [0, 1], got -0.1"),
+])
+def test_a_bad_warm_start_setting_is_refused_with_its_name(override, message):
+    from grpo.errors import ConfigError
+    from tests.conftest import compose
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose([override])

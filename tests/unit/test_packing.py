@@ -1,0 +1,225 @@
+"""`backend.packing`: padding-free layouts of the log-prob forward (grpo/core/packing.py).
+
+- the layouts, worked by hand: rows, positions, the groups mask, the micro-batch plan;
+- packed log-probs, entropy and the update's parameter gradients equal the padded ones (float32
+  rounding), on a ragged batch with left padding, multi-turn environment tokens and several
+  micro-batches, under sdpa and eager attention, on a plain and on a LoRA policy;
+- no leak: changing one packed sequence's tokens moves no other sequence's log-probs;
+- each value through the real loop (`train_step`), a bad value and flash attention refused by name.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from grpo.algorithms import grpo as trainer
+from grpo.backends import LogProbModel
+from grpo.builtin.tiny import build_char_tokenizer, build_tiny_model
+from grpo.config import AlgorithmConfig
+from grpo.core.batch import layout_batch
+from grpo.core.logprobs import sequence_logprobs
+from grpo.core.packing import greedy_batches, micro_batches, pack, plan_micro_batches
+from grpo.errors import ConfigError
+from grpo.training.update import score_logprobs, update_policy
+from tests.conftest import compose
+from tests.distributed.data_parallel_step import with_random_adapters
+
+PACKED = ("sequences", "groups")
+
+
+class RecordingBackend:
+    """A fake TrainBackend: keeps each optimiser step's accumulated gradients instead of stepping."""
+
+    def __init__(self, model, forward=None):
+        self.policy = model
+        self.model = forward or model
+        self.grads = []
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self, skip: bool = False):
+        self.grads.append({n: p.grad.clone() for n, p in self.policy.named_parameters() if p.grad is not None})
+        self.policy.zero_grad(set_to_none=True)
+        return {"grad_norm": 0.0, "lr": 0.0, "skipped": False}
+
+
+def ragged_batch(group_size=4, groups=3, seed=0):
+    """Prompts of 2..12 tokens (left padding), completions of 0..30 with a long tail, some with
+    environment tokens (loss mask 0) inside them, random advantages."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 60, (int(k),), generator=g).tolist()
+               for k in torch.randint(2, 13, (groups,), generator=g)]
+    lengths = [int(k) for k in (torch.rand(groups * group_size, generator=g) ** 3 * 31).long()]
+    lengths[0], lengths[1], lengths[5] = 12, 0, 30  # an empty completion, one at the cap
+    completions = [torch.randint(3, 60, (k,), generator=g).tolist() for k in lengths]
+    loss_masks = [[int(not (i % 2 == 0 and 2 <= t < 5)) for t in range(k)] for i, k in enumerate(lengths)]
+    batch = layout_batch(prompts, completions, group_size, pad_id=0, loss_masks=loss_masks)
+    batch.advantages = torch.randn(len(completions), generator=g)
+    return batch
+
+
+def tiny(attention="sdpa", lora=False):
+    model = build_tiny_model(len(build_char_tokenizer()), seed=0).float()
+    model.set_attn_implementation(attention)
+    return with_random_adapters(model, 4) if lora else model  # B random: A gets a gradient too
+
+
+def test_layouts_by_hand():
+    batch = layout_batch([[5, 6], [7]], [[1, 2, 3], [4], [8, 9], []], group_size=2, pad_id=0)
+    # ids [[5 6 1 2 3] [5 6 4 . .] [. 7 8 9 .] [. 7 . . .]], P = 2; sequence lengths 5, 3, 3, 1
+    seq = pack(batch.input_ids, batch.attention_mask, batch.prompt_width, "sequences")
+    # first fit by decreasing length into width 5: [s0], [s1 s3 .], [s2 . .]
+    assert seq.input_ids.tolist() == [[5, 6, 1, 2, 3], [5, 6, 4, 7, 0], [7, 8, 9, 0, 0]]
+    assert seq.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 0], [0, 1, 2, 0, 1]]
+    assert seq.attention_mask is None
+    # scored: s0 at packed 1, 2, 3 -> its tokens 1, 2, 3; s1 at 6 -> 4; s2 at 10, 11 -> 8, 9 (s3 has no completion)
+    assert seq.source.tolist() == [1, 2, 3, 6, 10, 11] and seq.targets.tolist() == [1, 2, 3, 4, 8, 9]
+    # into the padded [4, 4] log-prob columns: row 0 columns 1..3, row 1 column 1, row 2 columns 1, 2
+    assert seq.dest.tolist() == [1, 2, 3, 5, 9, 10]
+
+    grp = pack(batch.input_ids, batch.attention_mask, batch.prompt_width, "groups")
+    assert grp.input_ids.tolist() == [[5, 6, 1, 2, 3, 4], [7, 8, 9, 0, 0, 0]]
+    assert grp.position_ids.tolist() == [[0, 1, 2, 3, 4, 2], [0, 1, 2, 0, 1, 2]]
+    # the first token of both completions of group 0 is scored from the prompt's last position (1);
+    # group 1's prompt is one token, at flat index 6
+    assert grp.source.tolist() == [1, 2, 3, 1, 6, 7] and grp.targets.tolist() == [1, 2, 3, 4, 8, 9]
+    assert grp.dest.tolist() == [1, 2, 3, 5, 9, 10]
+    m = grp.attention_mask[0, 0].int()  # [6, 6] row 0: the second completion (column 5) sees the prompt and itself
+    assert m[5].tolist() == [1, 1, 0, 0, 0, 1] and m[4].tolist() == [1, 1, 1, 1, 1, 0]
+    assert grp.attention_mask[1, 0, 4].int().tolist() == [1, 0, 0, 1, 1, 0]  # padding sees the prompt and padding
+
+
+def test_micro_batch_plans_cost_the_packed_layout():
+    batch = layout_batch([[5, 6], [7, 8]], [[1, 2, 3], [4, 5, 6], [9]], group_size=2, pad_id=0)
+    ids, mask = batch.input_ids, batch.attention_mask
+    # groups: [0, 1] is one row of 2 + 3 + 3 = 8 tokens; adding row 2 makes two rows of 8: 16 > 8
+    assert plan_micro_batches(ids, mask, 2, 8, "groups") == [[0, 1], [2]]
+    # sequences: real tokens 5, 5, 3: [0] 5, [0, 1] would be 10 > 9; [1, 2] is 8
+    assert plan_micro_batches(ids, mask, 2, 9, "sequences") == [[0], [1, 2]]
+    assert micro_batches(batch, 10, "padded") == [[0, 1], [2]]  # padded: 5 columns per row
+
+
+@pytest.mark.parametrize("attention,lora", [("sdpa", False), ("eager", False), ("sdpa", True)],
+                         ids=["sdpa", "eager", "sdpa-lora"])
+def test_packed_logprobs_and_gradients_equal_padded(attention, lora):
+    batch = ragged_batch()
+    assert batch.completion_mask.sum() < batch.attention_mask[:, batch.prompt_width:].sum()  # env tokens inside
+    budget = 60
+    model = tiny(attention, lora)
+    mask = batch.completion_mask.bool()
+    padded = score_logprobs(model, batch, temperature=0.7, micro_batch_tokens=budget)  # [N, T-1]
+    ref_lp, ref_ent = sequence_logprobs(model, batch.input_ids, batch.attention_mask, temperature=0.7,
+                                        with_entropy=True, logits_to_keep_from=batch.prompt_width - 1)
+    algo = AlgorithmConfig(group_size=4, loss_agg="seq_mean_token_mean")
+    backends = {}
+    for packing in ("padded", *PACKED):
+        assert len(micro_batches(batch, budget, packing)) >= 3
+        if packing != "padded":
+            lp = score_logprobs(model, batch, temperature=0.7, micro_batch_tokens=budget, packing=packing)
+            torch.testing.assert_close(lp[mask], padded[mask], atol=2e-6, rtol=0)
+            lp, ent = sequence_logprobs(model, batch.input_ids, batch.attention_mask, temperature=0.7,
+                                        with_entropy=True, logits_to_keep_from=batch.prompt_width - 1,
+                                        packing=packing)
+            torch.testing.assert_close(lp[mask], ref_lp[mask], atol=2e-6, rtol=0)
+            torch.testing.assert_close(ent[mask], ref_ent[mask], atol=5e-6, rtol=0)
+        backends[packing] = RecordingBackend(model, LogProbModel(model))  # through the DeepSpeed/ddp forward
+        update_policy(backends[packing], batch, algo, temperature=0.7, micro_batch_tokens=budget, max_new_tokens=30,
+                      packing=packing)
+    expected = backends["padded"].grads[0]
+    assert len(expected) > 0 and all(".lora_" in n for n in expected) == lora
+    assert sum(int(g.abs().sum() > 0) for g in expected.values()) > len(expected) // 2
+    for packing in PACKED:
+        got = backends[packing].grads[0]
+        assert set(got) == set(expected)
+        for name, g in expected.items():
+            torch.testing.assert_close(got[name], g, atol=2e-6, rtol=0, msg=f"{packing}: {name}")
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("packing", PACKED)
+def test_no_attention_crosses_a_packed_sequence(packing, attention):
+    """For each sequence: change every other sequence's completion; its own log-probs stay put."""
+    batch = ragged_batch()
+    model = tiny(attention)
+    P, n = batch.prompt_width, len(batch)
+    assert pack(batch.input_ids, batch.attention_mask, P, packing).input_ids.shape[0] < n  # sequences share rows
+    mask = batch.completion_mask.bool()  # [n, T-1]
+    kwargs = dict(logits_to_keep_from=P - 1, packing=packing)
+    with torch.no_grad():
+        before, _ = sequence_logprobs(model, batch.input_ids, batch.attention_mask, **kwargs)
+        for target in range(n):
+            others = torch.ones(n, dtype=torch.bool)
+            others[target] = False
+            changed = batch.input_ids.clone()
+            completions = changed[:, P:]  # [n, C] a view
+            completions[others] = torch.where(batch.attention_mask[others, P:].bool(),
+                                              (completions[others] + 7) % 60 + 3, completions[others])
+            after, _ = sequence_logprobs(model, changed, batch.attention_mask, **kwargs)
+            assert (after - before)[others][mask[others]].abs().max() > 0.1  # the others did change
+            torch.testing.assert_close(after[target][mask[target]], before[target][mask[target]], atol=1e-6, rtol=0,
+                                       msg=f"sequence {target}")
+
+
+def test_groups_refuse_an_attention_without_custom_masks():
+    model = tiny()
+    model.config._attn_implementation = "flash_attention_2"  # the check comes before any kernel is needed
+    batch = ragged_batch()
+    with pytest.raises(ValueError, match="backend.packing=groups.*flash_attention_2"):
+        sequence_logprobs(model, batch.input_ids, batch.attention_mask, logits_to_keep_from=batch.prompt_width - 1,
+                          packing="groups")
+
+
+def test_a_bad_packing_names_the_field():
+    with pytest.raises(ConfigError, match="backend.packing"):
+        compose(["backend.packing=rows"])
+
+
+def parity_reward(prompts, completions, **_):
+    """1 for an even-length completion, else 0: a reward with a signal on a random model."""
+    return [float(len(c) % 2 == 0) for c in completions]
+
+
+LOOP = ["model=hf", "model.dtype=float32", "train.max_steps=1", "train.eval_before=false", "train.eval_every=0",
+        "tracking.progress_bar=false", "train.prompts_per_step=4", "algorithm.group_size=4",
+        "rollout.max_new_tokens=6", "optim.lr=1e-3", "optim.warmup_steps=0", "algorithm.beta=0.04",
+        "algorithm.mini_batches=2", "backend.micro_batch_tokens=40",
+        "reward.functions=[{name: 'tests.unit.test_packing:parity_reward'}]"]
+
+
+def test_each_packing_through_the_loop_gives_the_padded_step(tmp_path, tiny_random_dir):
+    """One real step per value from the same seed: the same rollout, old and reference log-probs, and
+    the same loss, KL and entropy; the weights moved."""
+    from grpo.training.run import build_run
+
+    out = {}
+    for packing in ("padded", *PACKED):
+        cfg = compose([*LOOP, f"model.path={tiny_random_dir}", f"backend.packing={packing}"])
+        cfg.run_dir = str(tmp_path / packing)
+        run = build_run(cfg)
+        before = {n: p.detach().clone() for n, p in run.policy.named_parameters()}
+        result = trainer.train_step(run, 1)
+        assert result.skipped is None, result.skipped
+        run.tracker.close(plot=False)
+        moved = max(float((p.detach() - before[n]).abs().max()) for n, p in run.policy.named_parameters())
+        out[packing] = SimpleNamespace(metrics=result.metrics, texts=result.groups.texts, moved=moved)
+    base = out["padded"]
+    for packing in PACKED:
+        assert out[packing].texts == base.texts
+        assert out[packing].moved > 1e-4
+        for key in ("train/loss", "train/kl", "train/entropy", "train/clip_frac"):
+            assert abs(out[packing].metrics[key] - base.metrics[key]) < 1e-5, (packing, key)
+
+
+def test_greedy_batches_cuts_in_order_and_gives_an_oversized_item_a_batch_of_its_own():
+    sizes = {0: 3, 1: 4, 2: 9, 3: 1, 4: 2}
+    total = lambda rows: sum(sizes[i] for i in rows)  # noqa: E731
+    # 3+4 = 7 fits 8, +9 does not; 9 alone is over 8 and still goes; 1+2 = 3
+    assert greedy_batches([0, 1, 2, 3, 4], total, 8) == [[0, 1], [2], [3, 4]]
+    assert greedy_batches([4, 3, 0], total, 8) == [[4, 3, 0]]  # the order given is kept: 2+1+3 = 6
+    assert greedy_batches([], total, 8) == []
+    with pytest.raises(ValueError, match="max_tokens must be >= 1, got 0"):
+        greedy_batches([0], total, 0)
