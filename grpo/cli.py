@@ -56,7 +56,6 @@ def train_from_config(cfg: Config) -> list[dict]:
     return history
 
 
-
 def drop_launcher_args(argv: list[str]) -> list[str]:
     """Remove `--local_rank=N` that the deepspeed launcher appends (Hydra would reject it);
     the rank is read from the LOCAL_RANK environment variable instead."""

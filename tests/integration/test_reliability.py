@@ -92,7 +92,7 @@ def test_reward_that_raises_or_misses_its_deadline_is_masked_and_counted():
     def fine(prompts, completions, **_):
         return [0.5] * len(completions)
 
-    from rewards.registry import register_reward
+    from rewards import register_reward
 
     for name, fn in (("test_slow", slow), ("test_broken", broken), ("test_fine", fine)):
         register_reward(name)(fn)
