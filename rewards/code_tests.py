@@ -8,7 +8,10 @@ The program is the last fenced code block of the completion (```` ```python ... 
 completion when it has none. With an ``entry_point`` that the program does not define, the prompt is put in
 front of it (HumanEval completions continue the prompt's function signature).
 
-Completions run in parallel, each in its own sandbox (``rewards.sandbox``), ``num_workers`` at a time.
+Completions run in parallel, each in its own sandbox (``rewards.sandbox``), ``num_workers`` at a time. In the
+sandbox, the program runs in one process and the tests in another that calls the program's functions with plain
+data and compares what comes back; the verdict is that process's (``rewards/code_runner.py`` says what this
+costs). With an ``entry_point``, the helpers the prompt defines (HumanEval's ``poly``) are the prompt's own.
 """
 
 from __future__ import annotations
@@ -53,19 +56,20 @@ def code_tests(
     kind = resolve_sandbox(sandbox)
     limits = Limits(timeout_s=timeout_s, memory_mb=memory_mb)
     entry_points = entry_point if entry_point is not None else [None] * len(completions)
-    jobs: list[tuple[int, str, str, str | None]] = []
+    jobs: list[tuple[int, str, str, str | None, str]] = []
     scores: list[float | None] = [None] * len(completions)
     for i, (prompt, completion, test, entry) in enumerate(zip(prompts, completions, tests, entry_points)):
         test_code = "\n".join(test) if isinstance(test, (list, tuple)) else (test or "")
         if not test_code.strip():
             continue
-        jobs.append((i, program_from(completion, prompt, entry), test_code, entry or None))
+        jobs.append((i, program_from(completion, prompt, entry), test_code, entry or None, prompt))
     if not jobs:
         return scores
 
-    def run(job: tuple[int, str, str, str | None]) -> tuple[int, bool, str]:
-        i, program, test_code, entry = job
-        result = run_tests(program, test_code, entry, kind=kind, limits=limits, site_packages=site_packages)
+    def run(job: tuple[int, str, str, str | None, str]) -> tuple[int, bool, str]:
+        i, program, test_code, entry, prompt = job
+        result = run_tests(program, test_code, entry, kind=kind, limits=limits, site_packages=site_packages,
+                           prompt=prompt if entry else None)
         return i, result.passed, result.detail
 
     workers = max(1, min(num_workers or 2 * (os.cpu_count() or 1), len(jobs)))

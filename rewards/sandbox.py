@@ -137,16 +137,19 @@ def run_tests(
     kind: str,
     limits: Limits | None = None,
     site_packages: bool = False,
+    prompt: str | None = None,
 ) -> RunResult:
-    """Run ``code`` then ``tests`` (asserts, or a ``check(candidate)`` with ``entry_point``) in sandbox ``kind``.
+    """Run ``code`` in sandbox ``kind`` and ``tests`` (asserts, or a ``check(candidate)`` with ``entry_point``)
+    against it, in a process of their own (``rewards/code_runner.py``).
 
     ``site_packages``: let the program import installed packages (numpy, ...); off, it has the standard library
-    only and starts about twice as fast.
+    only and starts about twice as fast. ``prompt``: with an ``entry_point``, the problem's own code; the helpers
+    it defines are the ones the tests use.
     """
     limits = limits or Limits()
     nonce = secrets.token_hex(16)
-    messages, timed_out, returncode, seconds = _run_runner(
-        {"code": code, "tests": tests, "entry_point": entry_point, "nonce": nonce}, kind, limits, site_packages)
+    payload = {"code": code, "tests": tests, "entry_point": entry_point, "prompt": prompt, "nonce": nonce}
+    messages, timed_out, returncode, seconds = _run_runner(payload, kind, limits, site_packages, "tests")
     if timed_out:
         return RunResult(False, "timeout", seconds)
     for message in messages:
@@ -163,7 +166,7 @@ def run_code(code: str, *, kind: str, limits: Limits | None = None, max_output: 
     limits = limits or Limits()
     nonce = secrets.token_hex(16)
     messages, timed_out, returncode, seconds = _run_runner(
-        {"mode": "run", "code": code, "max_output": max_output, "nonce": nonce}, kind, limits, site_packages)
+        {"code": code, "max_output": max_output, "nonce": nonce}, kind, limits, site_packages, "run")
     if timed_out:
         return CodeRun("", f"timeout: the program ran past {limits.timeout_s:g} s", seconds)
     for message in messages:
@@ -231,9 +234,9 @@ class PythonSession:
 
     def _start(self) -> None:
         runner_limits = {**self.limits.for_runner(), "cpu_s": max(1, math.ceil(self.cpu_budget_s))}
-        payload = {"mode": "session", "max_output": self.max_output, "limits": runner_limits}
+        payload = {"max_output": self.max_output, "limits": runner_limits}
         self.proc = subprocess.Popen(
-            _command(self.kind, self.limits, self.site_packages),
+            _command(self.kind, self.limits, self.site_packages, "session"),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_ENV, cwd="/",
             start_new_session=True,
         )
@@ -302,11 +305,11 @@ def _json_object(line: bytes) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _run_runner(payload: dict, kind: str, limits: Limits, site_packages: bool):
-    """Run the runner in sandbox ``kind`` on ``payload`` (limits added); returns (the JSON objects it wrote, whether
-    the deadline passed, its exit status, seconds)."""
+def _run_runner(payload: dict, kind: str, limits: Limits, site_packages: bool, mode: str):
+    """Run the runner in sandbox ``kind`` and ``mode`` on ``payload`` (limits added); returns (the JSON objects it
+    wrote, whether the deadline passed, its exit status, seconds)."""
     payload = json.dumps({**payload, "limits": limits.for_runner()}).encode()
-    argv = _command(kind, limits, site_packages)
+    argv = _command(kind, limits, site_packages, mode)
     start = time.monotonic()
     proc = subprocess.Popen(
         argv,
@@ -421,13 +424,18 @@ def _python_dirs() -> list[str]:
     return sorted(d for d in dirs if not d.startswith("/usr/") and d != "/usr")
 
 
-def _command(kind: str, limits: Limits, site_packages: bool) -> list[str]:
+def _command(kind: str, limits: Limits, site_packages: bool, mode: str) -> list[str]:
     python = os.path.realpath(sys.executable)
-    runner = [python, "-I", *([] if site_packages else ["-S"]), "-c", _RUNNER.read_text()]
+    runner = [python, "-I", *([] if site_packages else ["-S"]), "-c", _RUNNER.read_text(), mode,
+              json.dumps(limits.for_runner())]
     if kind == "none":
-        return runner
+        return [*_die_with_trainer(), *runner]
     if kind == "bwrap":
-        argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv"]
+        # --cap-drop ALL: bubblewrap run by root keeps every capability inside by default; --disable-userns: no
+        # nested user namespace (which would hand them back); the root and /dev read-only, so their tmpfs (half
+        # the host's memory by default) holds nothing; the runner drops capabilities and filters syscalls again.
+        argv = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL",
+                "--die-with-parent", "--new-session", "--clearenv"]
         argv += ["--ro-bind", "/usr", "/usr"]
         for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
             if os.path.islink(top):
@@ -436,15 +444,23 @@ def _command(kind: str, limits: Limits, site_packages: bool) -> list[str]:
                 argv += ["--ro-bind", top, top]
         for d in _python_dirs():
             argv += ["--ro-bind", d, d]
-        argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(limits.tmp_mb << 20), "--tmpfs", "/tmp"]
+        argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"]
+        argv += ["--size", str(limits.tmp_mb << 20), "--tmpfs", "/tmp", "--remount-ro", "/"]
         argv += ["--chdir", "/tmp", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8"]
         return argv + ["--"] + runner
     if kind == "unshare":
         spec = json.dumps({"binds": ["/usr", *_python_dirs()], "tmp_mb": limits.tmp_mb, "argv": runner})
         init = [python, "-I", "-S", "-c", _UNSHARE_INIT, spec]
         flags = ["--user", "--map-root-user", "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child"]
-        return ["unshare", *flags, "--", *init]
+        return [*_die_with_trainer(), "unshare", *flags, "--", *init]
     raise RewardConfigError(f"unknown sandbox {kind!r}")
+
+
+@functools.cache
+def _die_with_trainer() -> list[str]:
+    """A prefix that SIGKILLs the launched process when the trainer dies (``setpriv --pdeathsig``, util-linux);
+    unshare's ``--kill-child`` then takes the namespace with it. bubblewrap has ``--die-with-parent``."""
+    return ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
 
 
 # Runs as root of a fresh user namespace (pid 1 of a fresh pid namespace), before the runner: builds a root

@@ -16,7 +16,8 @@ from rewards.code_tests import code_tests, program_from
 from rewards.sandbox import Limits, SandboxUnavailable, resolve_sandbox, run_tests
 from tests.conftest import requires
 
-_RUNNER_MARK = "Runs one candidate program against its tests"
+# This checkout's runner, whole: other checkouts' sandboxes on a shared machine carry other texts.
+_RUNNER_MARK = (Path(sandbox_module.__file__).with_name("code_runner.py")).read_text()
 
 
 def available_sandboxes() -> list[str]:
@@ -36,7 +37,8 @@ needs_sandbox = requires(bool(SANDBOXES), "neither bubblewrap nor unprivileged u
 
 
 def runner_processes() -> list[int]:
-    """Host pids of every sandboxed runner still alive (their command line carries the runner's source)."""
+    """Host pids of every sandboxed runner of this checkout still alive (their command line carries the runner's
+    source)."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
