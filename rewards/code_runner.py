@@ -379,7 +379,7 @@ def global_names(code):
     return names
 
 
-def test_scope(channel, first, tests_code, entry_point, prompt):
+def scope_for_tests(channel, first, tests_code, entry_point, prompt):
     """The tests' globals: the candidate's functions as proxies and its plain-data globals as copies, then the
     prompt's helpers, then standard modules (module docstring). No candidate name shadows a builtin."""
     scope = {"__name__": "__tests__", "__builtins__": builtins}
@@ -434,7 +434,7 @@ def judge_main(channel):
     if entry_point and (type(first["defined"]) is not list or entry_point not in first["defined"]):
         report(False, f"the solution defines no function {entry_point!r}")
     try:
-        scope = test_scope(channel, first, tests_code, entry_point, payload.get("prompt"))
+        scope = scope_for_tests(channel, first, tests_code, entry_point, payload.get("prompt"))
         exec(tests_code, scope)
         if entry_point:
             scope["check"](Remote(channel, entry_point))

@@ -4,8 +4,9 @@ Sandboxes, chosen by ``kind``:
 
 - ``bwrap`` (bubblewrap, Debian/Ubuntu package ``bubblewrap``): new user, pid, net, ipc, uts, cgroup and mount
   namespaces; the filesystem is ``/usr`` and the Python installation read-only, a fresh ``/proc``, a minimal
-  ``/dev`` and a private size-capped ``/tmp``; nothing else of the host (home directories, the repository,
-  credentials) exists inside.
+  ``/dev`` and a private size-capped ``/tmp`` (the root and ``/dev`` read-only); no capability
+  (``--cap-drop ALL``) and no nested user namespace (``--disable-userns``); nothing else of the host (home
+  directories, the repository, credentials) exists inside.
 - ``unshare`` (util-linux), when bwrap is missing: the same namespaces via ``unshare``, and a small init
   (``_UNSHARE_INIT``) that builds the same read-only root with ``mount`` and ``pivot_root`` before running the
   program.
@@ -14,9 +15,17 @@ Sandboxes, chosen by ``kind``:
 - ``auto``: the first of bwrap, unshare that works here; if neither does, ``SandboxUnavailable`` says how to
   install one.
 
-Every run: an empty environment, rlimits and the no-new-processes seccomp filter (``rewards/code_runner.py``),
-a wall-clock deadline after which the whole process group is SIGKILLed (killing the namespace's init kills
-everything in it), and at most ``_MAX_OUTPUT`` bytes read back.
+Every run: an empty environment; rlimits, no capability and a seccomp filter (no new processes, namespaces or
+mounts; ``rewards/code_runner.py``) on every process that runs untrusted code; a wall-clock deadline after which
+the whole process group is SIGKILLed (killing the namespace's init kills everything in it); at most
+``_MAX_OUTPUT`` bytes read back; and no sandbox outlives the trainer (bubblewrap's ``--die-with-parent``,
+``setpriv --pdeathsig`` for unshare and none). For ``run_tests`` the program and the tests run in two processes
+and only the tests' one can report (``rewards/code_runner.py`` says why, and what it costs).
+
+Memory: no cgroup is used (the machines this was written on have cgroup v1, not delegated). What bounds a
+sandbox is ``RLIMIT_AS`` on each process that runs code (``memory_mb``; two of them for ``run_tests``), the
+size-capped ``/tmp`` (``tmp_mb``) as the only writable filesystem, ``RLIMIT_FSIZE`` and ``RLIMIT_NOFILE``, and
+the filter's refusal of the memory no rlimit counts (memfd, SysV shared memory, io_uring, a tmpfs of its own).
 """
 
 from __future__ import annotations

@@ -181,6 +181,10 @@ CASES: dict[str, tuple[str, str, str | None]] = {
         "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nfor _ in range(1000):\n"
         "    if libc.syscall(56, 17, 0, 0, 0, 0) == 0:\n        os._exit(0)\n    os.fork()\n"
         "def f(x):\n    return 0\n", TESTS, None),
+    "thread bomb": (
+        "import threading\nthreading.stack_size(32768)\n_stop = threading.Event()\ntry:\n    while True:\n"
+        "        threading.Thread(target=_stop.wait, daemon=True).start()\nexcept RuntimeError:\n    pass\n"
+        "def f(x):\n    return 0\n", TESTS, None),
     "remount /usr read-write and tmpfs, then lie": (
         "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
         "ok = libc.mount(None, b'/usr', None, 32 | 4096, None) == 0 or "
