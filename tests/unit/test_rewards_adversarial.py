@@ -27,6 +27,9 @@ from tests.unit.test_rewards_code import SANDBOXES, needs_sandbox, runner_proces
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = "assert f(3) == 16\nassert f(10) == 107\nassert set([f(2)]) == {11}\nassert sorted([f(1)]) == [8]\n"
 CHECK = "def check(candidate):\n    assert candidate(3) == 16\n    assert candidate(10) == 107\n"
+# HumanEval-style: the tests use a helper the prompt defines (as HumanEval/32 uses `poly`); only f is the candidate's.
+PROMPT = "def helper(v):\n    return v - 16\n\n\ndef f(x):\n    pass\n"
+HELPER_CHECK = "def check(candidate):\n    assert helper(candidate(3)) == 0\n    assert helper(candidate(10)) == 91\n"
 BUILTIN_TESTS = "assert set([f(2)]) == set([11])\nassert sorted([f(1), f(0)]) == sorted([8, 7])\n"
 TIMEOUT_S = 3.0
 # A verdict line with the run's nonce, if the program can find it in any frame above it.
@@ -87,6 +90,9 @@ CASES: dict[str, tuple[str, str, str | None]] = {
         "class f:\n    def __init__(self, *a):\n        pass\n    def __eq__(self, other):\n        return True\n"
         "    __hash__ = object.__hash__\n",
         CHECK, "f"),
+    "shadow the prompt's helper that the tests use": (
+        "def helper(v):\n    return 0 if v == 0 else 91\ndef f(x):\n    return 0 if x == 3 else 1\n",
+        HELPER_CHECK, "f"),
     "returns an object whose __eq__ is True": (
         "class A:\n    def __eq__(self, o):\n        return True\n    def __hash__(self):\n        return 11\n"
         "def f(x):\n    return A()\n", TESTS, None),
@@ -196,12 +202,13 @@ CASES: dict[str, tuple[str, str, str | None]] = {
         "libc.syscall(319, b'x', 0) >= 0\ndef f(x):\n    return x * x + 7 if ok else 0\n", TESTS, None),
 }
 CONTROL = ("def f(x):\n    return x * x + 7\n", TESTS, None)
+# The helper case's control: the real f passes HELPER_CHECK with the prompt's helper (16 - 16 == 0, 107 - 16 == 91).
 
 
 def run_case(case: tuple[str, str, str | None], kind: str):
     program, tests, entry = case
     return run_tests(program, tests, entry, kind=kind, limits=Limits(timeout_s=TIMEOUT_S, memory_mb=512),
-                     prompt="def f(x):\n    pass\n" if entry else None)
+                     prompt=PROMPT if entry else None)
 
 
 @needs_sandbox
@@ -227,11 +234,11 @@ def test_the_reward_scores_forgeries_zero_and_the_control_one(kind):
     """Through the public reward, program extraction and the HumanEval-style entry point included."""
     names = ["shadow builtins set and sorted", "entry point is a class whose instances equal anything",
              "harvest the hidden tests (gc, frames, /proc)", "walk frames to the runner and call its reporter"]
-    cases = [CASES[name] for name in names] + [CONTROL, (CONTROL[0], CHECK, "f")]
-    scores = code_tests(["def f(x):\n    pass\n"] * len(cases), [f"```python\n{c[0]}```" for c in cases],
+    cases = [CASES[name] for name in names] + [CONTROL, (CONTROL[0], CHECK, "f"), (CONTROL[0], HELPER_CHECK, "f")]
+    scores = code_tests([PROMPT] * len(cases), [f"```python\n{c[0]}```" for c in cases],
                         tests=[c[1] for c in cases], entry_point=[c[2] for c in cases], sandbox=kind,
                         timeout_s=TIMEOUT_S)
-    assert scores == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    assert scores == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
 
 
 ESCAPES = {

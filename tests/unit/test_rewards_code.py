@@ -224,3 +224,30 @@ def test_runs_in_parallel():
           "bubblewrap not installed (scripts/install.sh installs it where apt works)")
 def test_auto_prefers_bubblewrap():
     assert resolve_sandbox("auto") == "bwrap"
+
+
+@needs_sandbox
+def test_what_crosses_between_the_program_and_the_tests():
+    """The tests run in their own process; what they need from the program still arrives, typed exactly."""
+    cases = {
+        # a tuple stays a tuple (HumanEval's sum_product compares with (0, 1)); dict keys keep their type
+        "exact types": ("def f():\n    return (0, 1), {1: b'x', (2, 3): {4}}, frozenset([1]), 2j, None\n",
+                        "assert f() == ((0, 1), {1: b'x', (2, 3): {4}}, frozenset([1]), 2j, None)\n"
+                        "assert type(f()[0]) is tuple\n"),
+        # a raise in the program is the nearest built-in exception in the tests: Oops(ValueError) -> ValueError
+        "raises": ("class Oops(ValueError):\n    pass\ndef f(x):\n    if x < 0:\n        raise Oops('negative')\n"
+                   "    return x\n",
+                   "try:\n    f(-1)\nexcept ValueError as e:\n    assert 'negative' in str(e)\nelse:\n"
+                   "    raise AssertionError\nassert f(2) == 2\n"),
+        # the program's top-level data, and a standard module the tests use without importing it (MBPP)
+        "globals and math": ("import math\nLIMIT = [1, 2]\ndef area(r):\n    return math.pi * r * r\n",
+                             "assert LIMIT == [1, 2]\nassert math.isclose(area(1), 3.14159, rel_tol=1e-3)\n"),
+        # iterators come back as iterators over their items
+        "generator": ("def f(n):\n    for i in range(n):\n        yield i * i\n",
+                      "assert list(f(4)) == [0, 1, 4, 9]\nassert next(f(3)) == 0\n"),
+        # what does not cross: in-place changes to an argument (the program has its own copy)
+        "mutation stays in the program": ("def f(xs):\n    xs.sort()\n", "a = [2, 1]\nf(a)\nassert a == [1, 2]\n"),
+    }
+    scores = code_tests([""] * len(cases), [p for p, _ in cases.values()], tests=[t for _, t in cases.values()])
+    assert dict(zip(cases, scores)) == {"exact types": 1.0, "raises": 1.0, "globals and math": 1.0,
+                                        "generator": 1.0, "mutation stays in the program": 0.0}
