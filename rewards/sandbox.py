@@ -443,7 +443,7 @@ def _command(kind: str, limits: Limits, site_packages: bool, mode: str) -> list[
         # --cap-drop ALL: bubblewrap run by root keeps every capability inside by default; --disable-userns: no
         # nested user namespace (which would hand them back); the root and /dev read-only, so their tmpfs (half
         # the host's memory by default) holds nothing; the runner drops capabilities and filters syscalls again.
-        argv = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL",
+        argv = ["bwrap", "--unshare-all", "--unshare-user", *_bwrap_disable_userns(), "--cap-drop", "ALL",
                 "--die-with-parent", "--new-session", "--clearenv"]
         argv += ["--ro-bind", "/usr", "/usr"]
         for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
@@ -463,6 +463,17 @@ def _command(kind: str, limits: Limits, site_packages: bool, mode: str) -> list[
         flags = ["--user", "--map-root-user", "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child"]
         return [*_die_with_trainer(), "unshare", *flags, "--", *init]
     raise RewardConfigError(f"unknown sandbox {kind!r}")
+
+
+@functools.cache
+def _bwrap_disable_userns() -> list[str]:
+    """``--disable-userns`` where this bubblewrap has it (0.8.0 on); without it the runner's seccomp filter, which
+    refuses ``unshare`` and ``clone`` with namespace flags, is what stops a nested user namespace."""
+    try:
+        usage = subprocess.run(["bwrap", "--help"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return ["--disable-userns"] if "--disable-userns" in usage else []
 
 
 @functools.cache
