@@ -8,11 +8,16 @@ Two paths:
   expressions, with a hard per-check deadline. A check that runs past it has its worker killed and scores 0.0.
 
 None (skipped, counted) when the gold answer is missing or does not parse: an unparseable gold is never
-rewarded. Counters since the last call are reported through ``MATH_ACCURACY.metrics`` (``reward/math_accuracy_<key>``).
+rewarded. None, counted as ``infra_errors``, where the checker failed for reasons that are not the answer's:
+the checker processes cannot start, or the check raised something other than running out of memory, recursion
+or digits. A worker that dies mid-check is retried once on a fresh worker; only an answer that kills it twice
+scores 0.0 (``crashes``). Counters since the last call are reported through ``MATH_ACCURACY.metrics``
+(``reward/math_accuracy_<key>``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -21,11 +26,14 @@ from typing import Any
 
 from rewards.answers import extract_answer, hedges_inside, normalize, quick_verdict
 from rewards.registry import Reward, RewardConfigError
-from rewards.workers import OK, TIMEOUT, DeadlinePool
+from rewards.workers import CRASHED, FAILED, OK, TIMEOUT, DeadlinePool, Outcome
 
 _pool: DeadlinePool | None = None
 _pool_lock = threading.Lock()
 _counts: Counter[str] = Counter()
+# A check that raised one of these ran out of something because of its answer (a tower of powers): 0.0.
+ANSWER_ERRORS = ("MemoryError", "RecursionError", "OverflowError")
+logger = logging.getLogger(__name__)
 
 
 def _first_pass(completion: str, gold_value, answer_pattern: str | None, strict: bool, max_answer_chars: int
@@ -81,17 +89,42 @@ def math_accuracy(
             slow.append((i, *pending))
     if slow:
         _counts["symbolic_checks"] += len(slow)
-        pool = _checker_pool(num_workers or min(4, os.cpu_count() or 1), worker_memory_mb)
-        outcomes = pool.map([{"answer": a, "gold": g} for _, a, g in slow], timeout_s)
+        outcomes = _check_symbolically([{"answer": a, "gold": g} for _, a, g in slow], timeout_s,
+                                       num_workers or min(4, os.cpu_count() or 1), worker_memory_mb)
         for (i, _, _), outcome in zip(slow, outcomes):
-            if outcome.status == OK and outcome.value is None:
-                _counts["gold_unparsed"] += 1
-            elif outcome.status == OK:
-                scores[i] = 1.0 if outcome.value else 0.0
-            else:
-                _counts["timeouts" if outcome.status == TIMEOUT else "check_errors"] += 1
-                scores[i] = 0.0
+            scores[i] = _score_of(outcome)
     return scores
+
+
+def _check_symbolically(requests: list[dict], timeout_s: float, size: int, memory_mb: int) -> list[Outcome | None]:
+    """Each request's outcome; a crash retried once on a fresh worker; None for every request when the checker
+    processes cannot start."""
+    try:
+        pool = _checker_pool(size, memory_mb)
+        outcomes: list[Outcome | None] = list(pool.map(requests, timeout_s))
+        crashed = [k for k, o in enumerate(outcomes) if o.status == CRASHED]
+        if crashed:  # once may be the machine (the OOM killer, a signal); twice on the same answer is the answer
+            for k, outcome in zip(crashed, pool.map([requests[k] for k in crashed], timeout_s)):
+                outcomes[k] = outcome
+        return outcomes
+    except (RuntimeError, OSError) as e:
+        logger.error("math_accuracy: the checker processes cannot run (%s); %d samples are None, counted as "
+                     "reward/math_accuracy_infra_errors", e, len(requests))
+        return [None] * len(requests)
+
+
+def _score_of(outcome: Outcome | None) -> float | None:
+    """The sample's score for the checker's outcome, counted by what became of it."""
+    if outcome is None or (outcome.status == FAILED and str(outcome.value).split(":")[0] not in ANSWER_ERRORS):
+        _counts["infra_errors"] += 1
+        return None
+    if outcome.status == OK and outcome.value is None:
+        _counts["gold_unparsed"] += 1
+        return None
+    if outcome.status == OK:
+        return 1.0 if outcome.value else 0.0
+    _counts[{TIMEOUT: "timeouts", CRASHED: "crashes"}.get(outcome.status, "check_errors")] += 1
+    return 0.0
 
 
 def check_options(*, strict: bool = False, answer_pattern: str | None = None, timeout_s: float = 5.0, **_: Any) -> None:
@@ -119,6 +152,7 @@ def _braces_balance(text: str) -> bool:
 def _pop_metrics() -> dict[str, float]:
     out = {key: float(n) for key, n in _counts.items()}
     _counts.clear()
+    out.setdefault("infra_errors", 0.0)
     return out
 
 

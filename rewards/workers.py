@@ -7,7 +7,10 @@ passes is killed (SIGKILL to its whole process group) and replaced, and that req
 sympy) and only works on the main thread.
 
 Workers start with ``start_new_session`` (their own process group), die with the parent (``PR_SET_PDEATHSIG``)
-and cap their own address space, so a runaway check cannot take the trainer's memory with it.
+and cap their own address space, so a runaway check cannot take the trainer's memory with it. Linux sends that
+signal when the *thread* that started the worker exits, not the process: workers are therefore started by a
+thread the pool owns and keeps for its whole life, so a pool called from short-lived threads (the scorer runs a
+reward with ``timeout_s`` on a fresh thread each call) keeps its workers from one call to the next.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +116,10 @@ class DeadlinePool:
         self.startup_timeout_s = startup_timeout_s
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
-        self.restarts = 0
+        # The one thread that starts workers: they die when it does (PR_SET_PDEATHSIG), so it lives as the pool.
+        self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"start-{module}")
+        self.restarts = 0  # workers replaced after a timeout or a crash
+        self.starts = 0  # workers started, the first ones and the replacements
         atexit.register(self.close)
 
     def map(self, requests: list[Any], timeout_s: float) -> list[Outcome]:
@@ -121,7 +128,7 @@ class DeadlinePool:
             if not requests:
                 return []
             while len(self._workers) < self.size:
-                self._workers.append(_Worker(self.module, self.args))
+                self._workers.append(self._start_worker())
             return self._run(requests, timeout_s)
 
     def _run(self, requests: list[Any], timeout_s: float) -> list[Outcome]:
@@ -182,10 +189,14 @@ class DeadlinePool:
     def _replace(self, w: _Worker, selector: selectors.BaseSelector) -> None:
         selector.unregister(w.fd)
         w.kill()
-        fresh = _Worker(self.module, self.args)
+        fresh = self._start_worker()
         self._workers[self._workers.index(w)] = fresh
         selector.register(fresh.fd, selectors.EVENT_READ, fresh)
         self.restarts += 1
+
+    def _start_worker(self) -> _Worker:
+        self.starts += 1
+        return self._starter.submit(_Worker, self.module, self.args).result()
 
     def pids(self) -> list[int]:
         return [w.proc.pid for w in self._workers]

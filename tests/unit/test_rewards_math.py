@@ -238,7 +238,9 @@ def test_timed_out_worker_is_killed_and_replaced():
     pool = module._pool
     before = set(pool.pids())
     _pop_metrics()
-    assert score([r"\boxed{9^{9^{9}}}", r"\boxed{\frac{2}{4}}"], ["1", "0.5"], timeout_s=1.0) == [0.0, 1.0]
+    # 9^{9^{9}} alone is an exact number, settled at 30 digits in no time; with a variable it goes to sympy's
+    # symbolic comparison, which expands the tower and never returns.
+    assert score([r"\boxed{9^{9^{9}} + x}", r"\boxed{\frac{2}{4}}"], ["1", "0.5"], timeout_s=1.0) == [0.0, 1.0]
     assert _pop_metrics()["timeouts"] == 1.0
     after = set(pool.pids())
     gone = before - after
@@ -278,3 +280,64 @@ def test_shutdown_leaves_no_processes():
     module.shutdown()
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}"), f"checker {pid} survived shutdown"
+
+
+# --- claims, sets and tiny exact powers (math_check's own rules over math-verify) ---------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_false_equation_a_set_for_a_pair_and_powers_a_factor_of_two_apart_are_wrong():
+    cases = [
+        # "7 = 4" claims 7 equals 4: false, though its right side is the gold (math-verify compared 4 with 4)
+        (r"\boxed{7 = 4}", "4", 0.0),
+        (r"\boxed{4}", "4", 1.0),
+        (r"\boxed{x = 4}", "4", 1.0),  # a variable named on the left: the value is the right side
+        (r"\boxed{2 + 2 = 4}", "4", 1.0),  # a true claim about numbers
+        # (1,2) is ordered, {1,2} is not (math-verify read "(1,2)" as the interval and called them equal)
+        (r"\boxed{(1,2)}", r"\{1,2\}", 0.0),
+        (r"\boxed{\{1,2\}}", "(1,2)", 0.0),
+        (r"\boxed{(1,2)}", "(1,2)", 1.0),
+        # 2^-100 = 7.9e-31 and 2^-99 = 1.6e-30 differ by 7.9e-31, under math-verify's absolute tolerance;
+        # relative to their size the difference is 1/2, far above 1e-12
+        (r"\boxed{2^{-100}}", "2^{-99}", 0.0),
+        (r"\boxed{10^{-20}}", r"2 \cdot 10^{-20}", 0.0),
+        (r"\boxed{e^{-50}}", "2e^{-50}", 0.0),
+        (r"\boxed{2^{10}}", "1024", 1.0),  # the same number: 2^10 = 1024 exactly
+        (r"\boxed{2^{-100}}", r"\frac{1}{2^{100}}", 1.0),
+        (r"\boxed{\sqrt{8}}", r"2\sqrt{2}", 1.0),  # exact, unequal only in form: difference 0 at 30 digits
+    ]
+    completions, golds, expected = zip(*cases)
+    assert score(list(completions), list(golds)) == list(expected)
+
+
+@pytest.mark.timeout(120)
+def test_a_reward_with_timeout_s_keeps_its_workers_across_calls():
+    import rewards.math_accuracy as module
+
+    module.shutdown()
+    scorer = RewardScorer([RewardSpec("math_accuracy", timeout_s=60, kwargs={"num_workers": 1})])
+    pids = []
+    for _ in range(3):  # each call runs on a fresh thread of the scorer's, which then exits
+        batch = scorer(["", ""], [r"\boxed{\frac{1}{2}}", r"\boxed{x}"], {"answer": ["0.5", "1/2"]})
+        assert batch.total == [1.0, 0.0]
+        pids.append(module._pool.pids())
+    # One worker started, on the first call, and the same one answered all three: the workers died with the
+    # thread that started them before, and every call started (and warmed) a new one.
+    assert pids[0] == pids[1] == pids[2] and module._pool.starts == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_checker_that_cannot_start_is_an_infrastructure_failure(monkeypatch):
+    import sys
+
+    import rewards.math_accuracy as module
+
+    module.shutdown()
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")  # the workers' interpreter is gone
+    _pop_metrics()
+    # "7" against "7" is settled in-process (1.0); the two symbolic checks cannot run: None, not 0.0
+    assert score([r"\boxed{7}", r"\boxed{\frac{1}{2}}", r"\boxed{x}"], ["7", "0.5", "x"]) == [1.0, None, None]
+    assert _pop_metrics()["infra_errors"] == 2.0
+    monkeypatch.undo()
+    module.shutdown()
+    assert score([r"\boxed{\frac{1}{2}}"], ["0.5"]) == [1.0]
