@@ -21,7 +21,7 @@ from grpo import distributed as dist
 from grpo.algorithms import dpo, online_dpo, ppo, supervised
 from grpo.algorithms import grpo as grpo_algorithm
 from grpo.config import CONFIG_DIR, Config, register_configs, to_config
-from grpo.errors import CheckpointError, ConfigError, MaskedRewardsError
+from grpo.errors import CheckpointError, ConfigError, MaskedRewardsError, RewardInfraError
 from grpo.training.run import build_run, evaluate_from_config
 
 log = logging.getLogger("grpo")
@@ -76,7 +76,8 @@ def run_cli(job: Callable[[Any], Any], *, config_name: str = "config",
             register: Callable[[], None] = register_configs, load: Callable[[Any], Any] = to_config) -> None:
     """The one Hydra entry of every console script: compose `configs/<config_name>.yaml` with the command
     line's overrides (its schema registered by `register`), turn it into the validated typed config (`load`),
-    and run `job(cfg)`. A ConfigError, CheckpointError or MaskedRewardsError ends with one line and status 2."""
+    and run `job(cfg)`. A ConfigError, CheckpointError, MaskedRewardsError or RewardInfraError ends with one line and
+    status 2."""
     register()
     sys.argv = drop_launcher_args(sys.argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -85,7 +86,7 @@ def run_cli(job: Callable[[Any], Any], *, config_name: str = "config",
     def _main(dict_cfg) -> None:
         try:
             job(load(dict_cfg))
-        except (ConfigError, CheckpointError, MaskedRewardsError) as e:
+        except (ConfigError, CheckpointError, MaskedRewardsError, RewardInfraError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 

@@ -488,11 +488,17 @@ class RewardItem:
 class RewardConfig:
     functions: list[RewardItem] = field(default_factory=list, metadata={"help": "rewards and their weights"})
     accuracy: str = field(default="math_accuracy", metadata={"help": "reward whose 1.0 means correct: eval/accuracy"})
+    max_infra_error_frac: float = field(default=0.5, metadata={
+        "help": "stop the run when, on a step, one reward could not score more than this fraction of the samples "
+                "for reasons that are not the completions' (reward/<name>_infra_errors: a sandbox that does not "
+                "start, a checker that dies, a scorer that raises); 1.0 = never"})
 
     def validate(self) -> None:
-        """At least one reward function."""
+        """At least one reward function; a fraction in [0, 1]."""
         if not self.functions:
             raise ConfigError("reward.functions: no reward function configured")
+        if not 0.0 <= self.max_infra_error_frac <= 1.0:
+            raise ConfigError(f"reward.max_infra_error_frac: must be in [0, 1], got {self.max_infra_error_frac!r}")
 
 
 @dataclass

@@ -14,3 +14,8 @@ class CheckpointError(RuntimeError):
 
 class MaskedRewardsError(RuntimeError):
     """Too many steps in a row on which every sample's reward was masked (the rewards are broken)."""
+
+
+class RewardInfraError(RuntimeError):
+    """A step on which the rewards' infrastructure (a sandbox, checker processes, a scorer) failed on more samples
+    than `reward.max_infra_error_frac` allows: the rewards would read as wrong answers, so the run stops."""

@@ -11,6 +11,12 @@ cannot be killed, so a reward that can hang for good should enforce its own hard
 (as ``math_accuracy`` and ``code_tests`` do); ``timeout_s`` keeps the step moving meanwhile.
 A reward that returns the wrong number of values, or a value that is not a finite number or None, is treated
 the same way, sample by sample for bad values.
+
+Infrastructure failures are figures, not zeros: every reward reports ``reward/<name>_infra_errors``, the samples
+it could not score for reasons that are not the completion's (a sandbox that does not start, a checker process
+that dies, a scorer that raises). A reward counts its own (the ``infra_errors`` key of its ``metrics()``; those
+samples are None); a call that raises adds all its samples. The trainer stops a run whose share of them passes
+``reward.max_infra_error_frac`` (grpo/training/sampling.py).
 """
 
 from __future__ import annotations
@@ -132,19 +138,12 @@ class RewardScorer:
     ) -> ScoredBatch:
         columns = {k: list(v) for k, v in (columns or {}).items()}
         n = len(completions)
-        if len(prompts) != n:
-            raise ValueError(f"{len(prompts)} prompts for {n} completions: pass one prompt per completion")
-        for key, values in columns.items():
-            if len(values) != n:
-                raise ValueError(f"column {key!r} has {len(values)} values for {n} completions")
-        missing = self.required_columns() - columns.keys()
-        if missing:
-            raise ValueError(f"the rewards need columns {sorted(missing)}, the batch has {sorted(columns)}")
-
+        self._check_batch(len(prompts), n, columns)
         prompts, completions = list(prompts), list(completions)
         results: dict[str, Any] = {}
         pending: dict[str, Any] = {}  # name -> awaitable, for async rewards
         deadline_misses: dict[str, float] = {}
+        raised: set[str] = set()  # rewards whose call raised: every sample is an infrastructure failure
         for reward in self._rewards:
             arguments = self._arguments(reward, columns)  # a clash here is a config error, not a reward failure
             try:
@@ -157,6 +156,7 @@ class RewardScorer:
                 raise  # misconfiguration (no sandbox, contradictory options) must stop the run, not read as None
             except Exception as e:  # noqa: BLE001 - a broken reward must not stop training
                 results[reward.spec.name] = e
+                raised.add(reward.spec.name)
                 continue
             if inspect.isawaitable(out):
                 timeout = reward.spec.timeout_s
@@ -166,6 +166,7 @@ class RewardScorer:
         if pending:
             results.update(_await_all(pending))
             deadline_misses |= {k: 1.0 for k, v in results.items() if isinstance(v, RewardDeadlineError)}
+            raised |= {k for k in pending if isinstance(results[k], Exception) and k not in deadline_misses}
 
         per_reward: dict[str, list[float | None]] = {}
         errors: dict[str, list[bool]] = {}
@@ -176,9 +177,11 @@ class RewardScorer:
             per_reward[name], errors[name] = values, bad
             if reward.spec.timeout_s is not None:
                 reward_metrics[f"reward/{name}_deadline_misses"] = deadline_misses.get(name, 0.0)
+            reward_metrics[f"reward/{name}_infra_errors"] = float(n if name in raised else 0)
             if reward.metrics is not None:
                 for key, value in reward.metrics().items():
-                    reward_metrics[f"reward/{name}_{key}"] = float(value)
+                    key = f"reward/{name}_{key}"
+                    reward_metrics[key] = reward_metrics.get(key, 0.0) + float(value)
 
         total: list[float | None] = []
         for i in range(n):
@@ -186,6 +189,16 @@ class RewardScorer:
                      if per_reward[r.spec.name][i] is not None]
             total.append(math.fsum(terms) if terms else None)
         return ScoredBatch(total=total, per_reward=per_reward, errors=errors, reward_metrics=reward_metrics)
+
+    def _check_batch(self, num_prompts: int, n: int, columns: dict[str, list[Any]]) -> None:
+        if num_prompts != n:
+            raise ValueError(f"{num_prompts} prompts for {n} completions: pass one prompt per completion")
+        for key, values in columns.items():
+            if len(values) != n:
+                raise ValueError(f"column {key!r} has {len(values)} values for {n} completions")
+        missing = self.required_columns() - columns.keys()
+        if missing:
+            raise ValueError(f"the rewards need columns {sorted(missing)}, the batch has {sorted(columns)}")
 
     def _arguments(self, reward: _BoundReward, columns: dict[str, list[Any]]) -> dict[str, Any]:
         passed = columns if reward.takes_all_columns else {

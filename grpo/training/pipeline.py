@@ -39,6 +39,7 @@ from grpo.training.run import Run
 from grpo.training.sampling import (
     Groups,
     ScoringTally,
+    check_infra_errors,
     draw_rows,
     group_counts,
     nonzero_std_groups,
@@ -98,6 +99,7 @@ class RolloutPipeline:
         metrics = {"train/zero_std_frac": 1.0 - float(counts[0] / counts[1]), "time/generate_s": batch.generate_s,
                    **batch.tally.metrics(), "rollout/staleness": self.version - batch.version,
                    "time/rollout_wait_s": waited}
+        check_infra_errors(metrics, self.run.cfg.reward.max_infra_error_frac, step)
         return batch.groups, metrics
 
     def sync_weights(self, model) -> dict:

@@ -15,6 +15,7 @@ import torch
 from grpo import distributed as dist
 from grpo.config import AlgorithmConfig
 from grpo.core.advantages import group_stats
+from grpo.errors import RewardInfraError
 from grpo.rollout.episodes import episode_metrics, run_episodes
 from rewards.scorer import ScoredBatch
 from rewards.shaping import overlong_penalty
@@ -84,16 +85,35 @@ class ScoringTally:
             self.per_reward[key] = self.per_reward.get(key, 0.0) + float(value)
 
     def metrics(self) -> dict:
-        """Summed over ranks: `train/reward_{error,masked}_frac` and `reward/<name>_error_frac` and counters."""
+        """Summed over ranks: `train/reward_{error,masked}_frac` and `reward/<name>_error_frac` and counters;
+        `reward/<name>_infra_errors` stay counts, and `train/reward_infra_error_frac` is the largest share of the
+        samples that one reward could not score for infrastructure reasons."""
         scored, errors, masked = dist.all_reduce_sum(torch.tensor([self.scored, self.errors, self.masked])).tolist()
         out = {"train/reward_error_frac": errors / max(1, scored),  # raised or ran past its deadline: masked
-               "train/reward_masked_frac": masked / max(1, scored)}  # no reward at all
+               "train/reward_masked_frac": masked / max(1, scored),  # no reward at all
+               "train/reward_infra_error_frac": 0.0}
         for key, value in sum_over_ranks(self.per_reward).items():
-            if key.endswith("_errors"):
+            if key.endswith("_infra_errors"):
+                out[key] = value
+                out["train/reward_infra_error_frac"] = max(out["train/reward_infra_error_frac"], value / max(1, scored))
+            elif key.endswith("_errors"):
                 out[key.removesuffix("s") + "_frac"] = value / max(1, scored)
             else:
                 out[key] = value
         return out
+
+
+def check_infra_errors(metrics: dict, max_frac: float, step: int | None = None) -> None:
+    """Raise `RewardInfraError` when a reward could not score more than `max_frac` of the step's samples for
+    reasons that are not the completions' (the metrics are summed over ranks, so every rank raises alike)."""
+    frac = metrics.get("train/reward_infra_error_frac", 0.0)
+    if frac > max_frac:
+        counts = {k: v for k, v in metrics.items() if k.endswith("_infra_errors") and v}
+        where = "" if step is None else f"step {step}: "
+        raise RewardInfraError(
+            f"{where}the rewards' infrastructure failed on {frac:.0%} of the samples ({counts}), more than "
+            f"reward.max_infra_error_frac={max_frac}: these are failures to score (a sandbox that does not start, "
+            f"a checker that died, a scorer that raised), not wrong answers; see the log for the first error")
 
 
 def sample_groups(run, num_prompts: int) -> tuple[Groups, dict]:
@@ -127,6 +147,7 @@ def sample_groups(run, num_prompts: int) -> tuple[Groups, dict]:
         groups = groups.keep([True] * share + [False] * (len(groups.rows) - share), G)
     metrics = {"train/zero_std_frac": 1.0 - float(counts[0] / counts[1]), "time/generate_s": generate_s,
                **tally.metrics()}
+    check_infra_errors(metrics, run.cfg.reward.max_infra_error_frac)
     if algo.dynamic_sampling:
         metrics["train/resample_rounds"] = rounds
         metrics["train/kept_groups"] = int(dist.all_reduce_sum(torch.tensor([len(groups.rows)]))[0])

@@ -128,7 +128,8 @@ def test_too_many_masked_steps_in_a_row_stop_the_run(tmp_path, tiny_random_dir, 
                    "task.arithmetic.num_eval=2", "train.max_masked_steps=3",
                    f"algorithm.dynamic_sampling={dynamic_sampling}",  # masked groups look equal: still counted
                    "reward.functions=[{name: 'tests.integration.test_reliability:always_raises'}]",
-                   "reward.accuracy=math_accuracy"])
+                   # a reward that raises is also an infrastructure failure: off here, to reach the masked steps
+                   "reward.max_infra_error_frac=1.0", "reward.accuracy=math_accuracy"])
     cfg.run_dir = str(tmp_path / "run")
     with pytest.raises(MaskedRewardsError, match=r"step 3: every reward was masked .* 3 steps in a row"):
         train_from_config(cfg)

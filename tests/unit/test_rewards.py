@@ -278,3 +278,19 @@ def test_the_reward_model_comes_through_the_entry_point_its_package_declares():
 
     assert "reward_model" not in REWARDS._lazy and "reward_model" in known_rewards()
     assert REWARDS.resolve("reward_model") is REWARD_MODEL and REWARD_MODEL.metrics is not None
+
+
+def test_infra_errors_are_a_figure_per_reward_the_rewards_own_plus_a_call_that_raised():
+    def infra_counter():
+        return {"infra_errors": 1.0}  # the reward could not score one sample (its None below)
+
+    register_reward("test_rewards_one_unscored", metrics=infra_counter)(lambda p, c, **_: [None, 0.0, 1.0])
+    register_reward("test_rewards_raises_infra")(lambda p, c, **_: 1 / 0)
+    register_reward("test_rewards_wrong")(lambda p, c, **_: [0.0] * len(c))
+    scorer = RewardScorer([RewardSpec("test_rewards_one_unscored"), RewardSpec("test_rewards_raises_infra"),
+                           RewardSpec("test_rewards_wrong")])
+    m = scorer(["p"] * 3, ["a", "b", "c"], {}).metrics()
+    # its own count (1); a raising call counts its 3 samples; wrong answers (0.0) are no infrastructure failure
+    assert m["reward/test_rewards_one_unscored_infra_errors"] == 1.0
+    assert m["reward/test_rewards_raises_infra_infra_errors"] == 3.0
+    assert m["reward/test_rewards_wrong_infra_errors"] == 0.0
