@@ -124,3 +124,16 @@ def test_options_are_checked_before_training_with_the_field_named():
                            ({"sandbox": "docker"}, "sandbox"), ({"answer_tag": "no tag"}, "answer_tag")):
         with pytest.raises(RewardConfigError, match=field):
             REWARD.check_options(**options)
+
+
+@needs_sandbox
+@pytest.mark.slow
+def test_a_scorer_that_raises_masks_its_sample_only():
+    REWARD.metrics()
+    good, gold = row("countdown")
+    broken = {**good, "rg_dataset": "no_such_dataset"}  # reasoning_gym.create_dataset raises on it, in the sandbox
+    columns = {k: [good[k], broken[k], good[k]] for k in good}
+    scores = REWARD.fn([""] * 3, [f"<answer>{gold}</answer>"] * 3, **columns)
+    # the raising scorer's sample is None (not 0.0); its neighbours are scored as usual (the gold: 1.0)
+    assert scores == [1.0, None, 1.0]
+    assert REWARD.metrics()["infra_errors"] == 1
