@@ -20,8 +20,10 @@ cause scores 0.0, like a wrong answer: running past its deadline, printing into 
 recursion error, a score outside [0, 1], or killing the interpreter twice (it is restarted after each kill, so
 a kill that a retry does not repeat was not the answer's doing). What it cannot cause is an infrastructure
 failure: the interpreter not starting, or the dataset's scorer raising. That sample is None (masked), and
-counted in ``reward/reasoning_gym_infra_errors``. A fresh interpreter per call (about 2 s, docs/rewards.md)
-bounds what an answer that runs code inside it can change for the answers after it to its own batch.
+counted in ``reward/reasoning_gym_infra_errors``. An answer that could change the interpreter for the answers
+after it (it names ``setattr``, ``exec``, ``open``, a dunder, ...: ``CODE_LIKE``) is scored, then the
+interpreter is replaced; and each call of the reward starts a fresh one (about 2 s, docs/rewards.md), so
+what slips past that list stays within its batch.
 
 Entries are JSON with tuples kept as tuples (``{"__tuple__": [...]}``): some datasets compare the answer
 with tuples in the metadata (arc_agi's grids), which plain JSON would turn into lists that never match;
@@ -34,6 +36,7 @@ import inspect
 import json
 import logging
 import math
+import re
 import secrets
 import sysconfig
 import threading
@@ -50,6 +53,11 @@ STARTUP_TIMEOUT_S = 120.0  # importing reasoning-gym in the sandbox: about 2 s a
 # What an answer, not the scorer, causes: resources it ran out of, and exits that eval() let it raise.
 ANSWER_ERRORS = ("MemoryError", "RecursionError", "OverflowError", "SystemExit", "KeyboardInterrupt")
 
+# Names an answer needs to change the interpreter for the answers after it (an attribute set on a module, a
+# dunder walk to the scorer's globals, a file written): an answer that has one is scored, then the
+# interpreter is replaced. A cost for such answers only; the sandbox, not this list, keeps the host safe.
+CODE_LIKE = re.compile(r"__|\b(setattr|delattr|getattr|exec|eval|compile|globals|locals|vars|open|import|"
+                       r"breakpoint|input|memoryview|type|object|super)\b")
 logger = logging.getLogger(__name__)
 _counts: Counter[str] = Counter()
 _counts_lock = threading.Lock()
@@ -137,6 +145,9 @@ class _SandboxedScorer:
                 _count("infra_errors")
                 return None
             verdict, value = self._ask(name, options, answer, entry)
+            if answer is not None and CODE_LIKE.search(answer) and self.started:
+                _count("restarts_after_code")
+                self._restart()
             if verdict == "score":
                 return value
             if verdict == "infra":
@@ -173,11 +184,11 @@ class _SandboxedScorer:
         nonce = secrets.token_hex(16)
         run = self.session.run(f"_rg_reply({nonce!r}, {name!r}, {options!r}, {answer!r}, {entry!r})")
         head, _, body = run.output.partition(" ")
-        if run.error is None and head == nonce and body.endswith("\n") and "\n" not in body[:-1]:
-            reply = json.loads(body)
+        reply = _reply(body) if run.error is None and head == nonce and "\n" not in body[:-1] else {}
+        if reply:
             if "score" in reply and isinstance(reply["score"], (int, float)) and 0.0 <= reply["score"] <= 1.0:
                 return "score", float(reply["score"])
-            if reply.get("error", "").split(":")[0] in ANSWER_ERRORS:
+            if str(reply.get("error", "")).split(":")[0] in ANSWER_ERRORS:
                 self._restart()
                 return "answer_errors", 0.0
             if "error" in reply:
@@ -196,6 +207,15 @@ class _SandboxedScorer:
 
     def close(self) -> None:
         self.session.close()
+
+
+def _reply(line: str) -> dict:
+    """The interpreter's reply on `line`, or {} for anything else (an answer that printed into it)."""
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        return {}
+    return reply if isinstance(reply, dict) else {}
 
 
 def _setup_program() -> str:

@@ -137,3 +137,17 @@ def test_a_scorer_that_raises_masks_its_sample_only():
     # the raising scorer's sample is None (not 0.0); its neighbours are scored as usual (the gold: 1.0)
     assert scores == [1.0, None, 1.0]
     assert REWARD.metrics()["infra_errors"] == 1
+
+
+@needs_sandbox
+@pytest.mark.slow
+def test_an_answer_that_changes_the_scorer_does_not_reach_the_answers_after_it():
+    entry = reasoning_gym.create_dataset("countdown", size=1, seed=0)[0]
+    wrong_sum = " + ".join(map(str, entry["metadata"]["numbers"]))  # 66 + 34 + 98 + 54 + 6 = 258, target 164
+    # every value "close" to the target from now on (the lambda inside eval: parse_expr's rewriting breaks it)
+    tamper = "setattr(__import__('numpy'), 'isclose', eval('lambda *a, **k: True'))"
+    scores = score("countdown", [wrong_sum, tamper, wrong_sum])
+    # The wrong sum scores the dataset's 0.05 (its numbers, a wrong value) before the tampering answer and
+    # after it: in an interpreter that kept numpy's isclose patched, it would score 1.0.
+    assert scores[0] == scores[2] == 0.05
+    assert REWARD.metrics()["restarts_after_code"] == 1
