@@ -93,6 +93,10 @@ def _untag(d: dict) -> Any:
     return d
 
 
+# Read once, at import: inspect reads the file on disk, which may change under a running trainer (an update).
+_UNTAG_SOURCE = inspect.getsource(_untag)
+
+
 def reasoning_gym_reward(prompts: list[str], completions: list[str], rg_dataset: list[str], rg_entry: list[str],
                          rg_options: list[str] | None = None, answer_tag: str | None = "answer",
                          timeout_s: float = 5.0, memory_mb: int = 1024, max_answer_chars: int = 10_000,
@@ -230,7 +234,7 @@ for _site in {sites!r}:
     site.addsitedir(_site)  # a virtualenv's packages: the sandbox's interpreter is its base interpreter
 import reasoning_gym
 TUPLE, ITEMS = {TUPLE!r}, {ITEMS!r}
-{inspect.getsource(_untag)}
+{_UNTAG_SOURCE}
 _rg_scorers = {{}}
 def _rg_reply(nonce, name, options, answer, entry):
     try:
