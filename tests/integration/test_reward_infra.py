@@ -44,6 +44,11 @@ def test_infra_errors_are_logged_and_past_the_threshold_stop_the_run(tmp_path, t
     with pytest.raises(RewardInfraError, match=r"failed on 100% of the samples .* reward.max_infra_error_frac=0.5"):
         train(tmp_path, tiny_random_dir, "stopped", *BROKEN, "train.max_steps=2")
 
+    # With asynchronous rollout the batch is scored on the rollout thread; the trainer stops when it takes it.
+    with pytest.raises(RewardInfraError, match=r"step 1: the rewards' infrastructure failed on 100%"):
+        train(tmp_path, tiny_random_dir, "async", *BROKEN, "train.max_steps=2", "rollout.max_staleness=1",
+              "algorithm.tis_cap=2")
+
     # Through the command line: one line and exit status 2.
     from grpo.cli import train_main
 
