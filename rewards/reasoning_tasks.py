@@ -56,8 +56,9 @@ ANSWER_ERRORS = ("MemoryError", "RecursionError", "OverflowError", "SystemExit",
 # Names an answer needs to change the interpreter for the answers after it (an attribute set on a module, a
 # dunder walk to the scorer's globals, a file written): an answer that has one is scored, then the
 # interpreter is replaced. A cost for such answers only; the sandbox, not this list, keeps the host safe.
-CODE_LIKE = re.compile(r"__|\b(setattr|delattr|getattr|exec|eval|compile|globals|locals|vars|open|import|"
-                       r"breakpoint|input|memoryview|type|object|super)\b")
+# English words among them ("open") cost a word task's answer a restart now and then; "type" or "object" would
+# cost more, and need a dunder or one of these to change anything.
+CODE_LIKE = re.compile(r"__|\b(setattr|delattr|getattr|exec|eval|compile|globals|locals|vars|open|breakpoint)\b")
 logger = logging.getLogger(__name__)
 _counts: Counter[str] = Counter()
 _counts_lock = threading.Lock()
