@@ -341,3 +341,29 @@ def test_a_checker_that_cannot_start_is_an_infrastructure_failure(monkeypatch):
     monkeypatch.undo()
     module.shutdown()
     assert score([r"\boxed{\frac{1}{2}}"], ["0.5"]) == [1.0]
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_killed_from_outside_mid_check_is_retried_not_scored_zero():
+    import signal
+    import threading
+
+    import rewards.math_accuracy as module
+
+    module.shutdown()
+    assert score([r"\boxed{\frac{1}{2}}"], ["0.5"], num_workers=1) == [1.0]  # a warm worker
+    pool = module._pool
+    _pop_metrics()
+    out = []
+    # A check that never returns (sympy expands the tower), so the worker is surely busy when it is killed.
+    job = threading.Thread(target=lambda: out.append(
+        score([r"\boxed{9^{9^{9}} + x}"], ["1"], num_workers=1, timeout_s=3.0)))
+    job.start()
+    while not any(w.job is not None for w in pool._workers):
+        time.sleep(0.01)
+    os.kill(pool.pids()[0], signal.SIGKILL)  # the machine's doing (an OOM killer), not the answer's
+    job.join()
+    # The death is retried on a fresh worker, where the check runs to its deadline: a timeout, not a crash.
+    assert out == [[0.0]]
+    metrics = _pop_metrics()
+    assert metrics.get("timeouts") == 1.0 and "crashes" not in metrics
