@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import time
 
 import pytest
@@ -109,18 +108,6 @@ def test_fast_path_never_starts_workers(monkeypatch):
 
     monkeypatch.setattr(module, "_checker_pool", no_pool)
     assert score(["42", "41", "x"], [42, "42", "42"]) == [1.0, 0.0, 0.0]
-
-
-def test_fast_path_is_fast():
-    rng = random.Random(0)
-    golds = [str(rng.randint(0, 198)) for _ in range(256)]
-    completions = [g if rng.random() < 0.5 else rng.choice(["", "12a", "9 9", str(rng.randint(0, 198))]) for g in golds]
-    score(completions, golds)
-    start = time.perf_counter()
-    for _ in range(20):
-        score(completions, golds)
-    per_batch = (time.perf_counter() - start) / 20
-    assert per_batch < 0.010, f"{per_batch * 1e3:.2f} ms per batch of 256"
 
 
 def test_missing_gold_is_skipped_and_counted():
