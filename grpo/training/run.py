@@ -21,12 +21,13 @@ from omegaconf import OmegaConf
 
 from grpo import distributed as dist
 from grpo.backends import TrainBackend, build_backend
-from grpo.builtin.warmstart import WarmStart, warm_start_report, warm_started_tiny
+from grpo.builtin.warmstart import WarmStart, cache_root, warm_start_report, warm_started_tiny
 from grpo.config import Config, validate_world
 from grpo.data.contamination import decontaminate, report_metrics
 from grpo.data.loading import PromptSampler, check_prompt_lengths, load_ood_splits, load_task, load_val_split
 from grpo.envs import Environment, environment_factory
 from grpo.errors import ConfigError
+from grpo.model.gguf_checkpoint import converted_model_dir, gguf_path
 from grpo.model.loading import context_length, load_policy, load_train_policy
 from grpo.model.lora import AdapterDisabled, is_adapted
 from grpo.model.memory import check_fits, estimate_from_config
@@ -241,11 +242,15 @@ def evaluate_from_config(cfg: Config) -> dict:
 
 
 def resolve_model_path(cfg: Config) -> str:
-    """The model directory; builds (once) the warm-started tiny model for `model=tiny`."""
+    """The model directory; builds (once) the warm-started tiny model for `model=tiny`, and converts (once)
+    the GGUF checkpoint of `model.gguf_file` into the cache."""
     if cfg.model.builtin == "tiny":
         a = cfg.task.arithmetic
         spec = WarmStart.from_config(cfg.model.warm_start, a.digits, a.reverse, a.op, a.digits_b)
         return str(warm_started_tiny(spec, log=log.info))
+    if cfg.model.gguf_file:
+        return str(converted_model_dir(gguf_path(cfg.model.gguf_file, cfg.model.package), cache_root(),
+                                       log=log.info))
     path = cfg.model.path
     looks_local = path.startswith((".", "/", "~")) or os.sep in path and not Path(path).parent.name == ""
     if looks_local and not Path(path).expanduser().exists():
