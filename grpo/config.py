@@ -102,6 +102,8 @@ class TaskConfig:
     contamination_ngram: int = field(default=8, metadata={"help": "word n-gram length of the train/eval overlap check"})
     drop_contaminated: bool = field(default=True, metadata={
         "help": "drop evaluation prompts seen exactly in training (false: measure fit on training prompts)"})
+    min_eval_rows: int = field(default=10, metadata={
+        "help": "fewest rows (>= 1) decontamination may leave in a held-out split it dropped rows from"})
     arithmetic: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig)
     reasoning_gym: ReasoningGymTaskConfig = field(default_factory=ReasoningGymTaskConfig)
 
@@ -111,6 +113,7 @@ class TaskConfig:
         if len(sources) != 1:
             raise ConfigError("task: set exactly one of task.builtin, task.train_file, task.hf_dataset")
         choice("task.builtin", self.builtin, (None, *BUILTIN_TASKS))
+        positive("task.min_eval_rows", self.min_eval_rows)
         choice("task.arithmetic.op", self.arithmetic.op, ("+", "*"))
         positive("task.arithmetic.digits", self.arithmetic.digits)
         positive("task.arithmetic.digits_b", self.arithmetic.digits_b, zero_ok=True)

@@ -9,11 +9,15 @@ Two checks, reported for every evaluation split (`contamination.json` in the run
 Duplicates within a split are dropped, and so are evaluation prompts that occur exactly in training:
 an accuracy measured on them would be memorisation. N-gram overlap is reported, not removed: for short
 templated prompts (arithmetic) it says the template is shared, which is the point of an in-distribution set.
+A held-out split that dropping empties, or leaves under `task.min_eval_rows`, is an error (`check_held_out`):
+an accuracy over a handful of rows, or none, is not a measurement.
 """
 
 from __future__ import annotations
 
 import re
+
+from grpo.errors import ConfigError
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
@@ -81,3 +85,18 @@ def report_metrics(report: dict) -> dict[str, float]:
     """The report as flat `data/<split>/<stat>` metrics."""
     return {f"data/{split}/{k}": float(v) for split, stats in report.items() if isinstance(stats, dict)
             for k, v in stats.items()}
+
+
+def check_held_out(report: dict, minimum: int) -> None:
+    """Refuse a held-out split of the `decontaminate` report from which rows were dropped and fewer than
+    `minimum` (`task.min_eval_rows`) are left, naming the counts and the options that change it."""
+    for name, stats in report.items():
+        if name == "train" or not isinstance(stats, dict):
+            continue
+        dropped, kept = stats["duplicates_dropped"] + stats["exact_dropped"], stats["rows"]
+        if dropped and kept < minimum:
+            raise ConfigError(
+                f"task: decontamination left {kept} of {kept + dropped} rows in the held-out split {name!r} "
+                f"({stats['exact_dropped']} seen exactly in training, {stats['duplicates_dropped']} duplicates), "
+                f"under task.min_eval_rows={minimum}; hold out problems that training does not have, lower "
+                f"task.min_eval_rows, or set task.drop_contaminated=false to evaluate on training prompts")

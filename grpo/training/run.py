@@ -23,7 +23,7 @@ from grpo import distributed as dist
 from grpo.backends import TrainBackend, build_backend
 from grpo.builtin.warmstart import WarmStart, cache_root, warm_start_report, warm_started_tiny
 from grpo.config import Config, validate_world
-from grpo.data.contamination import decontaminate, report_metrics
+from grpo.data.contamination import check_held_out, decontaminate, report_metrics
 from grpo.data.loading import PromptSampler, check_prompt_lengths, load_ood_splits, load_task, load_val_split
 from grpo.envs import Environment, environment_factory
 from grpo.errors import ConfigError
@@ -172,7 +172,10 @@ def load_rows(cfg: Config, scorer: RewardScorer, eval_scorer: RewardScorer):
     train_rows, splits, contamination = decontaminate(
         train_rows, {"eval": eval_rows, **({"val": val_rows} if val_rows else {}), **ood_rows},
         cfg.task.contamination_ngram, cfg.task.drop_contaminated)
+    check_held_out(contamination, cfg.task.min_eval_rows)
     eval_rows, val_rows = splits.pop("eval"), splits.pop("val", [])
+    if not eval_rows:
+        log.warning("task: no held-out rows, so no eval/accuracy (task.eval_file, task.hf_eval_split)")
     return train_rows, eval_rows, val_rows, splits, contamination
 
 

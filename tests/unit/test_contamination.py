@@ -1,6 +1,13 @@
 """Train/eval overlap and deduplication, with counts worked out by hand."""
 
+import json
+
+import pytest
+
 from grpo.data.contamination import decontaminate, deduplicate, ngrams, overlap
+from grpo.errors import ConfigError
+from grpo.training.run import build_scorers, load_rows
+from tests.conftest import compose
 
 
 def rows(*prompts):
@@ -48,3 +55,26 @@ def test_builtin_task_splits_are_clean():
     for name in ("eval", "longer", "spaced", "question"):
         assert report[name]["exact_overlap"] == 0.0 and report[name]["duplicates_dropped"] == 0, name
     assert report["eval"]["rows"] == 500 and report["longer"]["rows"] == 200
+
+
+def test_a_held_out_split_emptied_or_left_too_small_by_decontamination_is_an_error(tmp_path):
+    def task(train, evals, *extra):
+        files = {}
+        for name, prompts in (("train", train), ("eval", evals)):
+            files[name] = tmp_path / f"{name}.jsonl"
+            files[name].write_text("".join(json.dumps({"prompt": p, "answer": "1"}) + "\n" for p in prompts))
+        cfg = compose(["model=hf", "model.path=unused", "task=jsonl", f"task.train_file={files['train']}",
+                       f"task.eval_file={files['eval']}", *extra])
+        return load_rows(cfg, *build_scorers(cfg))
+
+    problems = [f"what is {i} + 1?" for i in range(12)]
+    # every held-out problem is a training problem: all 3 dropped, none left
+    with pytest.raises(ConfigError, match=r"left 0 of 3 rows in the held-out split 'eval' \(3 seen exactly in "
+                                          r"training, 0 duplicates\), under task.min_eval_rows=10"):
+        task(problems, problems[:3])
+    # 12 held out, 4 of them seen in training (one twice): 8 left, under the default 10
+    with pytest.raises(ConfigError, match=r"left 8 of 13 rows .* \(4 seen exactly in training, 1 duplicates\)"):
+        task(problems[:4], [*problems, problems[5]])
+    assert len(task(problems[:4], problems, "task.min_eval_rows=8")[1]) == 8
+    assert len(task(problems[:4], problems, "task.drop_contaminated=false")[1]) == 12  # nothing dropped
+    assert len(task(problems[:4], problems[4:7])[1]) == 3  # a small split that nothing was dropped from is fine
