@@ -104,6 +104,11 @@ class TaskConfig:
         "help": "drop evaluation prompts seen exactly in training (false: measure fit on training prompts)"})
     min_eval_rows: int = field(default=10, metadata={
         "help": "fewest rows (>= 1) decontamination may leave in a held-out split it dropped rows from"})
+    chat: Optional[bool] = field(default=None, metadata={
+        "help": "render single-turn prompts (and rows' `messages`) through the tokenizer's chat template; "
+                "null: when the tokenizer has one"})
+    system_prompt: Optional[str] = field(default=None, metadata={
+        "help": "system message before each prompt in the chat template (null: none, or the template's own)"})
     arithmetic: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig)
     reasoning_gym: ReasoningGymTaskConfig = field(default_factory=ReasoningGymTaskConfig)
 
@@ -114,6 +119,9 @@ class TaskConfig:
             raise ConfigError("task: set exactly one of task.builtin, task.train_file, task.hf_dataset")
         choice("task.builtin", self.builtin, (None, *BUILTIN_TASKS))
         positive("task.min_eval_rows", self.min_eval_rows)
+        if self.system_prompt is not None and self.chat is False:
+            raise ConfigError("task.system_prompt: a system message needs the chat template; set task.chat=true "
+                              "(or null)")
         choice("task.arithmetic.op", self.arithmetic.op, ("+", "*"))
         positive("task.arithmetic.digits", self.arithmetic.digits)
         positive("task.arithmetic.digits_b", self.arithmetic.digits_b, zero_ok=True)
@@ -623,6 +631,9 @@ def validate_algorithm_against_run(cfg: Config) -> None:
         )
     if cfg.env.name and a.loop != "grpo":
         raise ConfigError(f"env.name: multi-turn episodes run in the grpo loop only, not algorithm.loop={a.loop}")
+    if cfg.env.name and (cfg.task.chat or cfg.task.system_prompt is not None):
+        raise ConfigError("task.chat, task.system_prompt: episodes (env.name) write their own chat messages; "
+                          "leave these at null")
     if cfg.env.name and a.overlong_buffer:
         raise ConfigError("algorithm.overlong_buffer: the overlong penalty is for single-turn completions; "
                           "set it to 0 with env.name")

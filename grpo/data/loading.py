@@ -179,6 +179,11 @@ def load_ood_splits(task: TaskConfig, required_columns: set[str]) -> dict[str, l
 
 
 def format_row(row: dict, task: TaskConfig, where: str, index: int) -> dict:
+    """The row with its `prompt`: `task.prompt_template` filled from its columns, or, for a row that carries
+    chat `messages` instead, the text of those messages (what decontamination compares; the chat template
+    renders the messages themselves, `chat_prompts`)."""
+    if "messages" in row:
+        return messages_row(row, task, where, index)
     if task.prompt_column not in row:
         raise ConfigError(f"{where}: row {index} has no column {task.prompt_column!r} (task.prompt_column)")
     if not isinstance(row[task.prompt_column], str):
@@ -190,6 +195,57 @@ def format_row(row: dict, task: TaskConfig, where: str, index: int) -> dict:
         raise ConfigError(f"{where}: row {index}: task.prompt_template {task.prompt_template!r} "
                           f"cannot be filled from it ({type(e).__name__}: {e})") from None
     return out
+
+
+def messages_row(row: dict, task: TaskConfig, where: str, index: int) -> dict:
+    """A row given as chat `messages` ([{"role", "content"}, ...]), its `prompt` the text of every message but
+    the system's (a system message that every row shares would make every row overlap every other)."""
+    messages = row["messages"]
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)):
+        raise ConfigError(f"{where}: row {index}, column 'messages': expected a list of "
+                          f"{{\"role\": ..., \"content\": text}} objects")
+    if task.prompt_column in row:
+        raise ConfigError(f"{where}: row {index} has both 'messages' and {task.prompt_column!r} "
+                          f"(task.prompt_column); give one")
+    if task.prompt_template != "{prompt}":
+        raise ConfigError(f"{where}: row {index} carries messages, which are used as written; "
+                          f"task.prompt_template applies to task.prompt_column rows: leave it at '{{prompt}}'")
+    return {**row, "prompt": "\n".join(m["content"] for m in messages if m["role"] != "system")}
+
+
+def chat_prompts(rows: list[dict], tokenizer, task: TaskConfig, where: str) -> list[dict]:
+    """The rows with `prompt` replaced by what the model is given: the chat template's rendering of the row's
+    messages (a row without them: one user message, its prompt), generation prompt added, when chat is on
+    (`task.chat`; by default when the tokenizer has a template). Every engine encodes a prompt text with no
+    special tokens added (`grpo.rollout.encode_prompts`), which is how `apply_chat_template` tokenises its own
+    rendering: the ids sampled after are the template's, token for token."""
+    if not chat_on(task, tokenizer):
+        carrying = next((i for i, r in enumerate(rows) if "messages" in r), None)
+        if carrying is not None:
+            raise ConfigError(f"{where}: row {carrying} carries messages, which need a chat template; the tokenizer "
+                              f"has none or task.chat=false")
+        return rows
+    return [{**r, "prompt": tokenizer.apply_chat_template(chat_messages(r, task), tokenize=False,
+                                                          add_generation_prompt=True)} for r in rows]
+
+
+def chat_on(task: TaskConfig, tokenizer) -> bool:
+    """Whether prompts go through the chat template: `task.chat`, or, when null, whether the tokenizer has one."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if task.chat and not has_template:
+        raise ConfigError("task.chat: the model's tokenizer has no chat template; set task.chat=false (or null)")
+    return has_template if task.chat is None else task.chat
+
+
+def chat_messages(row: dict, task: TaskConfig) -> list[dict]:
+    """The row's messages (or its prompt as one user message), after `task.system_prompt` unless the row
+    has a system message of its own."""
+    messages = list(row["messages"]) if "messages" in row else [{"role": "user", "content": row["prompt"]}]
+    if task.system_prompt is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": task.system_prompt})
+    return messages
 
 
 @dataclass

@@ -59,7 +59,8 @@ ENGINES = {"hf": "grpo.rollout.hf:HFRolloutEngine", "vllm": "grpo.rollout.vllm:V
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     """The token ids every engine samples after, one list per prompt text: the text as it is, with no
-    special tokens added (a template, where wanted, is already in the task's prompt text)."""
+    special tokens added. A chat template is already in the prompt text (`grpo.data.loading.chat_prompts`), and
+    this is how `apply_chat_template` tokenises its rendering: the ids are the template's."""
     return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
 
 

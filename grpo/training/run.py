@@ -24,7 +24,14 @@ from grpo.backends import TrainBackend, build_backend
 from grpo.builtin.warmstart import WarmStart, cache_root, warm_start_report, warm_started_tiny
 from grpo.config import Config, validate_world
 from grpo.data.contamination import check_held_out, decontaminate, report_metrics
-from grpo.data.loading import PromptSampler, check_prompt_lengths, load_ood_splits, load_task, load_val_split
+from grpo.data.loading import (
+    PromptSampler,
+    chat_prompts,
+    check_prompt_lengths,
+    load_ood_splits,
+    load_task,
+    load_val_split,
+)
 from grpo.envs import Environment, environment_factory
 from grpo.errors import ConfigError
 from grpo.model.gguf_checkpoint import converted_model_dir, gguf_path
@@ -87,6 +94,7 @@ def build_run(cfg: Config) -> Run:
     setup_metrics = report_metrics(contamination) | warm_start_metrics(cfg.model.path)
     plan_memory(cfg)
     policy, tokenizer = load_train_policy(cfg, checkpoint)
+    train_rows, eval_rows, val_rows, ood_rows = chat_splits(cfg, tokenizer, train_rows, eval_rows, val_rows, ood_rows)
     check_prompt_lengths(train_rows, eval_rows, tokenizer, context=context_length(policy),
                          max_new_tokens=cfg.rollout.max_new_tokens, where=cfg.task.train_file or cfg.task.name)
     backend = build_policy_backend(cfg, policy)
@@ -179,6 +187,22 @@ def load_rows(cfg: Config, scorer: RewardScorer, eval_scorer: RewardScorer):
     return train_rows, eval_rows, val_rows, splits, contamination
 
 
+def chat_splits(cfg: Config, tokenizer, train_rows: list[dict], eval_rows: list[dict], val_rows: list[dict],
+                ood_rows: dict[str, list[dict]]):
+    """Every split's prompts as the model is given them, through the chat template when chat is on
+    (`grpo.data.loading.chat_prompts`); after decontamination, which compares the task's text. Episodes
+    (`env.name`) write their own chat messages from the task's text, so their rows stay as they are."""
+    if cfg.env.name:
+        return train_rows, eval_rows, val_rows, ood_rows
+    where = cfg.task.train_file or f"task {cfg.task.name}"
+
+    def render(rows: list[dict], split: str) -> list[dict]:
+        return chat_prompts(rows, tokenizer, cfg.task, f"{where} ({split})")
+
+    return (render(train_rows, "train"), render(eval_rows, "eval"), render(val_rows, "val"),
+            {name: render(rows, name) for name, rows in ood_rows.items()})
+
+
 def build_policy_backend(cfg: Config, policy: torch.nn.Module) -> TrainBackend:
     """The policy's optimiser and data-parallel wrapper (`backend=torch|ddp|deepspeed_zero*`)."""
     return build_backend(
@@ -237,6 +261,7 @@ def evaluate_from_config(cfg: Config) -> dict:
     cfg.model.path = path
     engine = build_rollout_engine(engine_name(cfg.rollout), model=model, tokenizer=tokenizer, **engine_options(cfg))
     ood_rows = load_ood_splits(cfg.task, eval_scorer.required_columns())
+    _, eval_rows, _, ood_rows = chat_splits(cfg, tokenizer, [], eval_rows, [], ood_rows)
     episodes = episode_runner(engine, tokenizer, build_environment(cfg), cfg.rollout)
     metrics = evaluate_splits(engine, eval_scorer, eval_rows, ood_rows, cfg.reward.accuracy,
                               pass_k=cfg.train.eval_pass_k, episodes=episodes)
