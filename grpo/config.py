@@ -318,6 +318,18 @@ class EnvConfig:
     kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "keyword arguments of the environment"})
     reward_weight: float = field(default=1.0, metadata={
         "help": "weight of the environment's Done reward (reward/env) in the total"})
+    max_tool_calls_per_turn: int = field(default=8, metadata={
+        "help": "tool calls run per model turn at most; each one past it gets an error message instead"})
+    episode_timeout_s: float = field(default=300.0, metadata={
+        "help": "wall-clock seconds of one episode at most (its turns and tool calls); past it the episode ends "
+                "truncated; 0 = no limit"})
+    workers: int = field(default=8, metadata={"help": "environments stepped at once (threads)"})
+
+    def validate(self) -> None:
+        """Positive limits."""
+        positive("env.max_tool_calls_per_turn", self.max_tool_calls_per_turn)
+        positive("env.episode_timeout_s", self.episode_timeout_s, zero_ok=True)
+        positive("env.workers", self.workers)
 
 
 @dataclass
@@ -611,7 +623,7 @@ def validate(cfg: Config) -> Config:
     for group in (cfg.rollout, cfg.backend, cfg.model, cfg.optim, cfg.train, cfg.checkpoint):
         group.validate()
     choice("resume", cfg.resume, RESUME_MODES)
-    for group in (cfg.tracking, cfg.task, cfg.reward):
+    for group in (cfg.tracking, cfg.task, cfg.reward, cfg.env):
         group.validate()
     validate_lora_against_run(cfg)
     return cfg

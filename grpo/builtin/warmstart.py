@@ -255,7 +255,7 @@ def tool_demonstration(tokenizer, task: Arithmetic, a: int, b: int, *, call: boo
     appended as if sampled (ending with EOS), the calculator's reply as `take_turn` appends it.
     `call`: call the calculator, then write its result as the answer; else answer at once."""
     row = task.row(a, b)
-    episode = start_episode(calculator_environment(), row, tokenizer)
+    episode = start_episode(calculator_environment, row, tokenizer)
     prompt = tokenizer(episode.context, add_special_tokens=False)["input_ids"]
     turns = [tool_call_text(task, a, b), row["answer"]] if call else [row["answer"]]
     for text in turns:

@@ -3,9 +3,13 @@
 The model's turns are never re-tokenised: after each turn only the environment's new text is rendered
 and tokenised, as the difference between two renderings of the conversation (`environment_text`).
 A tokenizer without a chat template (the built-in tiny model's) gets `MINIMAL_TEMPLATE`.
+`check_chat_template` tries the template on a short conversation once, before a run starts, so a template
+that cannot run episodes is a config error, not every episode's.
 """
 
 from __future__ import annotations
+
+from grpo.errors import ConfigError
 
 # `<role>content<eos>` per message, the tools' names first; no newlines (the tiny model's character
 # vocabulary has none). The model's turn ends with EOS, as Qwen2.5's ends with <|im_end|>.
@@ -40,3 +44,21 @@ def environment_text(context: str, assistant_text: str, rendered: str, *, ended_
         raise ValueError(f"chat template: the model's turn {assistant_text[:40]!r} is not rendered verbatim")
     rest = rest[len(assistant_text):]
     return rest[len(ended_with):] if ended_with and rest.startswith(ended_with) else rest
+
+
+PROBE_TURN = "6 * 7 = 42, so the answer is 42."
+
+
+def check_chat_template(tokenizer, model: str) -> None:
+    """Render a user message, an assistant turn and a reply, as an episode does; ConfigError naming `model`
+    (and the template) if the turn is not rendered verbatim or the conversation's beginning changes."""
+    opening = [{"role": "user", "content": "1+1="}]
+    try:
+        context = render(tokenizer, opening)
+        rendered = render(tokenizer, [*opening, {"role": "assistant", "content": PROBE_TURN},
+                                      {"role": "user", "content": "go on"}])
+        environment_text(context, PROBE_TURN, rendered)
+    except Exception as e:  # a template error of any kind: the run cannot use it
+        which = "its chat template" if getattr(tokenizer, "chat_template", None) else "the built-in minimal template"
+        raise ConfigError(f"model.path: {model}: {which} cannot run multi-turn episodes (env.name): "
+                          f"{type(e).__name__}: {e}") from e

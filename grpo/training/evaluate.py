@@ -16,7 +16,7 @@ import torch
 
 from grpo import distributed as dist
 from grpo.rollout import Completions
-from grpo.rollout.episodes import run_episodes
+from grpo.rollout.episodes import episode_options, run_episodes
 
 # rows, n, greedy -> n episodes per row (grpo.rollout.episodes.run_episodes with the run's environment)
 Episodes = Callable[[list[dict], int, bool], Completions]
@@ -91,7 +91,7 @@ def evaluate_run(run, outcomes: dict[str, dict] | None = None) -> dict:
     ood = {name: rows[rank::world] for name, rows in run.ood_rows.items()}
     val_rows = run.val_rows[rank::world]
     mine: dict[str, list[bool]] = {}  # this rank's rows of each split
-    episodes = episode_runner(run.engine, run.tokenizer, run.make_env, run.cfg.rollout)
+    episodes = episode_runner(run.engine, run.tokenizer, run.make_env, run.cfg.rollout, run.cfg.env)
     metrics = evaluate_splits(run.engine, run.eval_scorer, eval_rows, ood, run.cfg.reward.accuracy,
                               pass_k=run.cfg.train.eval_pass_k, outcomes=mine, episodes=episodes)
     if val_rows:  # the validation split, scored by the same greedy harness
@@ -128,15 +128,15 @@ def evaluate_run(run, outcomes: dict[str, dict] | None = None) -> dict:
     return out | sizes
 
 
-def episode_runner(engine, tokenizer, make_env, rollout) -> Episodes | None:
-    """`Episodes` with the environment `make_env` makes and the turn and token limits of `rollout` (a
-    RolloutConfig), as training runs them; None without an environment (single completions)."""
+def episode_runner(engine, tokenizer, make_env, rollout, env=None) -> Episodes | None:
+    """`Episodes` with the environment `make_env` makes, the turn and token limits of `rollout` (a
+    RolloutConfig) and the time budget and workers of `env` (an EnvConfig), as training runs them; None
+    without an environment (single completions)."""
     if make_env is None:
         return None
 
     def episodes(rows: list[dict], n: int, greedy: bool) -> Completions:
-        return run_episodes(engine, tokenizer, make_env, rows, n, greedy=greedy, max_turns=rollout.max_turns,
-                            max_episode_tokens=rollout.max_episode_tokens, max_new_tokens=rollout.max_new_tokens)
+        return run_episodes(engine, tokenizer, make_env, rows, n, greedy=greedy, **episode_options(rollout, env))
     return episodes
 
 

@@ -33,6 +33,8 @@ from grpo.data.loading import (
     load_val_split,
 )
 from grpo.envs import Environment, environment_factory
+from grpo.envs.chat import check_chat_template
+from grpo.envs.tools import limit_tool_calls
 from grpo.errors import ConfigError
 from grpo.model.gguf_checkpoint import converted_model_dir, gguf_path
 from grpo.model.loading import context_length, load_policy, load_train_policy
@@ -95,6 +97,8 @@ def build_run(cfg: Config) -> Run:
     plan_memory(cfg)
     policy, tokenizer = load_train_policy(cfg, checkpoint)
     train_rows, eval_rows, val_rows, ood_rows = chat_splits(cfg, tokenizer, train_rows, eval_rows, val_rows, ood_rows)
+    if make_env is not None:
+        check_chat_template(tokenizer, cfg.model.path)
     check_prompt_lengths(train_rows, eval_rows, tokenizer, context=context_length(policy),
                          max_new_tokens=cfg.rollout.max_new_tokens, where=cfg.task.train_file or cfg.task.name)
     backend = build_policy_backend(cfg, policy)
@@ -158,7 +162,13 @@ def build_environment(cfg: Config) -> Callable[[], Environment] | None:
         raise ConfigError(f"env.kwargs: {cfg.env.name!r} cannot be built with {dict(cfg.env.kwargs)}: {e}") from e
     if callable(getattr(env, "close", None)):
         env.close()
-    return factory
+    limit = cfg.env.max_tool_calls_per_turn
+
+    def make_env() -> Environment:
+        env = factory()
+        limit_tool_calls(env, limit)
+        return env
+    return make_env
 
 
 def build_scorers(cfg: Config) -> tuple[RewardScorer, RewardScorer]:
@@ -259,10 +269,13 @@ def evaluate_from_config(cfg: Config) -> dict:
     path = resolve_model_path(cfg)
     model, tokenizer = load_policy(path, cfg)
     cfg.model.path = path
+    make_env = build_environment(cfg)
+    if make_env is not None:
+        check_chat_template(tokenizer, path)
     engine = build_rollout_engine(engine_name(cfg.rollout), model=model, tokenizer=tokenizer, **engine_options(cfg))
     ood_rows = load_ood_splits(cfg.task, eval_scorer.required_columns())
     _, eval_rows, _, ood_rows = chat_splits(cfg, tokenizer, [], eval_rows, [], ood_rows)
-    episodes = episode_runner(engine, tokenizer, build_environment(cfg), cfg.rollout)
+    episodes = episode_runner(engine, tokenizer, make_env, cfg.rollout, cfg.env)
     metrics = evaluate_splits(engine, eval_scorer, eval_rows, ood_rows, cfg.reward.accuracy,
                               pass_k=cfg.train.eval_pass_k, episodes=episodes)
     print(json.dumps({"model": path, **metrics}, indent=2))

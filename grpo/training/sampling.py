@@ -16,7 +16,7 @@ from grpo import distributed as dist
 from grpo.config import AlgorithmConfig
 from grpo.core.advantages import group_stats
 from grpo.errors import RewardInfraError
-from grpo.rollout.episodes import episode_metrics, run_episodes
+from grpo.rollout.episodes import episode_metrics, episode_options, failed, run_episodes
 from rewards.scorer import ScoredBatch
 from rewards.shaping import overlong_penalty
 
@@ -172,9 +172,8 @@ def score_rows(run, rows: list[dict], tally: ScoringTally) -> tuple[Groups, floa
     if run.make_env is None:
         out = run.engine.generate([r["prompt"] for r in rows], G)
     else:  # multi-turn episodes; the task's rewards score each episode's last model turn
-        r = run.cfg.rollout
-        out = run_episodes(run.engine, run.tokenizer, run.make_env, rows, G, max_turns=r.max_turns,
-                           max_episode_tokens=r.max_episode_tokens, max_new_tokens=r.max_new_tokens)
+        out = run_episodes(run.engine, run.tokenizer, run.make_env, rows, G,
+                           **episode_options(run.cfg.rollout, run.cfg.env))
     prompts = [r["prompt"] for r in rows for _ in range(G)]
     columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
     scored = run.scorer(prompts, out.texts, columns)
@@ -183,6 +182,7 @@ def score_rows(run, rows: list[dict], tally: ScoringTally) -> tuple[Groups, floa
     if out.episodes is not None:
         env_rewards = [e["reward"] for e in out.episodes]
         total = add_env_reward(total, env_rewards, run.cfg.env.reward_weight)
+        total = [None if failed(e) else t for t, e in zip(total, out.episodes)]  # the environment failed, not the model
         per_reward = {**per_reward, "env": env_rewards}
     rewards = add_overlong_penalty(total, [len(c) for c in out.completion_ids], run.cfg.algorithm,
                                    run.cfg.rollout.max_new_tokens)

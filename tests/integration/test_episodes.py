@@ -6,6 +6,8 @@ the real loop."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -104,7 +106,8 @@ def test_an_episode_is_the_models_tokens_as_sampled_and_only_the_new_environment
     assert out.loss_masks[0] == [1] * 3 + [0] * 20 + [1] * 3
     assert out.logprobs[0] == [-0.5] * 3 + [0.0] * 20 + [-0.5] * 3
     assert out.texts == ["ab"] and out.truncated == [False]
-    assert out.episodes == [{"turns": 2, "tool_calls": 0, "tool_errors": 0, "truncated": False, "reward": 1.0}]
+    assert out.episodes == [{"turns": 2, "tool_calls": 0, "tool_errors": 0, "truncated": False, "reward": 1.0,
+                             "ended": "done"}]
 
 
 @pytest.mark.parametrize("turns, max_turns, budget, length, steps, truncated", [
@@ -165,15 +168,22 @@ def closing_episodes(*specs: tuple[int, str | None]):
     return envs, seen, run
 
 
-def test_each_environment_is_closed_once_as_its_episode_ends_and_also_when_an_error_stops_the_rollout(caplog):
+def test_each_environment_is_closed_once_as_its_episode_ends_and_an_environment_error_ends_its_episode_alone(
+        caplog):
     envs, seen, run = closing_episodes((1, None), (3, None))
     run()
     assert seen == [[0, 0], [1, 0], [1, 0]] and [e.closes for e in envs] == [1, 1]  # the first, after its 1 turn
     for failing in ("reset", "step"):
         envs, seen, run = closing_episodes((3, None), (3, failing), (3, None))
-        with pytest.raises(RuntimeError, match=f"{failing} failed"):
-            run()
-        assert [e.closes for e in envs] == ([1, 1] if failing == "reset" else [1, 1, 1])  # every one built
+        out = run()
+        # the failing one ends at once (reset: no turn; step: after its first turn), with no reward; the
+        # others take their 3 turns and end with Done (reward 1: "ab" has even length)
+        assert [r["turns"] for r in out.episodes] == [3, 0 if failing == "reset" else 1, 3]
+        assert out.episodes[1]["ended"] == f"error: {failing} raised: RuntimeError: {failing} failed"
+        assert [r["reward"] for r in out.episodes] == [1.0, None, 1.0]
+        assert episode_metrics(out.episodes)["env/errors"] == 1
+        assert [e.closes for e in envs] == [1, 1, 1]  # every one built, once
+        assert f"an episode ends with no reward: {failing} raised" in caplog.text
     envs, seen, run = closing_episodes((1, "close"), (2, None))
     assert run().episodes[1]["turns"] == 2  # a close() that raises is logged, and the rollout goes on
     assert [e.closes for e in envs] == [1, 1] and "Closing.close() raised" in caplog.text
@@ -183,7 +193,8 @@ def test_episode_metrics_and_the_env_reward_in_the_total():
     records = [{"turns": 3, "tool_calls": 4, "tool_errors": 1, "truncated": False, "reward": 1.0},
                {"turns": 1, "tool_calls": 0, "tool_errors": 0, "truncated": True, "reward": None}]
     assert episode_metrics(records) == {"env/turns_mean": 2.0, "env/tool_calls_mean": 2.0,
-                                        "env/tool_error_frac": 0.25, "env/truncated_frac": 0.5}
+                                        "env/tool_error_frac": 0.25, "env/truncated_frac": 0.5,
+                                        "env/timeout_frac": 0.0, "env/errors": 0}
     # task total + 0.5 * env; a None on one side is left out, on both sides the total is None
     assert add_env_reward([1.0, None, 2.0, None], [1.0, 1.0, None, None], 0.5) == [1.5, 0.5, 2.0, None]
 
@@ -309,3 +320,57 @@ def test_a_multi_turn_run_resumed_mid_run_ends_with_the_uninterrupted_runs_weigh
               for name in ("straight", "resumed"))
     for (name, pa), pb in zip(wa.named_parameters(), wb.parameters()):
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0, msg=name)
+
+
+class Waits(Chatty):
+    """Chatty whose step first waits at `barrier` (None: not at all) and then for `release` (None: not at all)."""
+
+    def __init__(self, barrier=None, release=None, turns=2):
+        super().__init__(turns)
+        self.barrier, self.release, self.closes = barrier, release, 0
+
+    def step(self, text):
+        if self.barrier is not None:
+            self.barrier.wait(timeout=3)  # raises BrokenBarrierError unless both episodes step at once
+        if self.release is not None:
+            self.release.wait()
+        return super().step(text)
+
+    def close(self):
+        self.closes += 1
+
+
+def waiting_episodes(envs, **limits):
+    made = iter(envs)
+    return run_episodes(ScriptedEngine(TURN), TOK, lambda: next(made), [{"prompt": "1+2="}], len(envs), max_turns=5,
+                        max_episode_tokens=200, max_new_tokens=8, **limits)
+
+
+def test_environments_step_at_once_on_the_workers():
+    # two episodes whose steps each wait for the other at a barrier: they meet only if they run at once
+    barrier = threading.Barrier(2)
+    out = waiting_episodes([Waits(barrier), Waits(barrier)], workers=2)
+    assert [r["ended"] for r in out.episodes] == ["done", "done"]
+    barrier = threading.Barrier(2)
+    out = waiting_episodes([Waits(barrier), Waits(barrier)], workers=1, episode_timeout_s=60)
+    # one at a time: the first waits its 3 s and breaks the barrier; both steps raise, and only they end
+    assert [r["ended"].split(":")[0] for r in out.episodes] == ["error", "error"]
+
+
+def test_an_episode_past_its_wall_clock_budget_ends_truncated_and_its_environment_closes_when_its_step_returns():
+    release = threading.Event()
+    stuck, quick = Waits(release=release), Waits(turns=1)
+    start = time.monotonic()
+    out = waiting_episodes([stuck, quick], workers=2, episode_timeout_s=1.0)
+    assert time.monotonic() - start < 1.0 + 5  # the budget, plus slack for two scripted turns
+    # the stuck one: its first turn, then the budget ran out in its step; the quick one: Done after one turn
+    assert [(r["ended"], r["truncated"], r["turns"]) for r in out.episodes] == [("timeout", True, 1),
+                                                                                ("done", False, 1)]
+    assert episode_metrics(out.episodes)["env/timeout_frac"] == 0.5
+    assert stuck.closes == 0 and quick.closes == 1  # not closed under its running step
+    release.set()
+    for _ in range(100):
+        if stuck.closes:
+            break
+        time.sleep(0.05)
+    assert stuck.closes == 1

@@ -13,8 +13,17 @@ import pytest
 from grpo.builtin.tiny import build_char_tokenizer
 from grpo.envs import ENTRY_POINT_GROUP, Done, Environment, Observation, environment_factory
 from grpo.envs.calculator import calculate
-from grpo.envs.chat import environment_text, render
-from grpo.envs.tools import ToolCall, ToolEnvironment, parse_tool_calls, tool_schema
+from grpo.envs.chat import MINIMAL_TEMPLATE, check_chat_template, environment_text, render
+from grpo.envs.tools import (
+    MAX_CALL_CHARS,
+    MAX_CALL_DEPTH,
+    ToolCall,
+    ToolEnvironment,
+    limit_tool_calls,
+    parse_tool_calls,
+    tool_schema,
+)
+from grpo.errors import ConfigError
 
 
 def multiply(a: int, b: int) -> int:
@@ -69,6 +78,25 @@ def test_parse_malformed_calls_are_returned_with_their_error(body, error):
     assert call.error is not None and error in call.error
 
 
+def nested(depth: int) -> str:
+    """A call whose argument `x` is `depth - 1` lists deep: the JSON nests `depth` levels in all."""
+    return '{"name": "f", "arguments": {"x": ' + "[" * (depth - 2) + "]" * (depth - 2) + "}}"
+
+
+@pytest.mark.parametrize("body, error", [
+    (nested(1000), "nested too deeply"),  # json.loads raises RecursionError here: the parser's own limit
+    (nested(MAX_CALL_DEPTH + 1), "nested too deeply"),  # parsed, but past our limit
+    ('{"name": "f", "arguments": "' + "[" * 2000 + '"}', "arguments must be a JSON object"),  # deep in a string
+    ('{"name": "f", "arguments": {"x": ' + "9" * 5000 + "}}", "cannot be read"),  # int() refuses 5000 digits
+    ('{"name": "f", "arguments": {"x": "' + "a" * MAX_CALL_CHARS + '"}}', "characters long"),
+])
+def test_parse_hostile_calls_are_malformed_not_an_exception(body, error):
+    (call,) = parse_tool_calls(f"<tool_call>{body}</tool_call>")
+    assert call.name is None or error.startswith("arguments")
+    assert error in call.error
+    assert parse_tool_calls(f"<tool_call>{nested(MAX_CALL_DEPTH)}</tool_call>")[0].error is None  # at the limit
+
+
 def test_parse_a_partial_call_without_its_closing_tag():
     # the turn ran out (or the model stopped) inside the call: malformed, after the complete call before it
     text = '<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "argu'
@@ -120,6 +148,27 @@ def test_every_kind_of_failed_call_becomes_an_observation_and_is_counted():
     assert contents[4] == "error: divide raised ZeroDivisionError: division by zero"
     assert contents[5] == "0.25"
     assert dict(env.counts) == {"calls": 6, "malformed": 1, "unknown_tool": 1, "bad_arguments": 2, "raised": 1}
+
+
+def test_calls_past_the_turns_limit_are_refused_and_counted():
+    env = ToolEnvironment([multiply], max_calls_per_turn=2)
+    env.reset({"prompt": "?"})
+    obs = env.step("".join(call("multiply", a=k, b=10) for k in range(1, 5)))
+    # the first two run (10, 20); the other two are answered with an error, not run
+    assert [m["content"] for m in obs.messages] == ["10", "20"] + ["error: not run: at most 2 tool calls per turn"] * 2
+    assert dict(env.counts) == {"calls": 4, "refused": 2}
+    assert len(env.step(call("multiply", a=1, b=1) * 2).messages) == 2  # the limit is per turn
+
+
+def test_limit_tool_calls_reaches_a_tool_environment_and_one_held_inside_another():
+    class Holder:
+        def __init__(self):
+            self.toolbox = ToolEnvironment([multiply])
+
+    direct, holder = ToolEnvironment([multiply]), Holder()
+    for env in (direct, holder, object()):  # an environment with no tools is left as it is
+        limit_tool_calls(env, 3)
+    assert direct.max_calls_per_turn == 3 and holder.toolbox.max_calls_per_turn == 3
 
 
 # --- the calculator and the factory -------------------------------------------------------------------
@@ -184,6 +233,25 @@ def test_environment_text_refuses_a_template_that_rewrites_the_conversation():
         environment_text("<user>a<eos><assistant>", "x", "<user>A<eos><assistant>x<eos><assistant>")
     with pytest.raises(ValueError, match="not rendered verbatim"):
         environment_text("<user>a<eos><assistant>", "x y", "<user>a<eos><assistant>x<eos><assistant>")
+
+
+class TrimmingTokenizer:
+    """The char tokenizer under a template that strips each message's content, as some models' templates do."""
+
+    def __init__(self):
+        self.tok = build_char_tokenizer()
+        self.chat_template = MINIMAL_TEMPLATE.replace("{{ m.content }}", "{{ m.content | replace('.', '') }}")
+
+    def apply_chat_template(self, *args, **kwargs):
+        kwargs["chat_template"] = self.chat_template
+        return self.tok.apply_chat_template(*args, **kwargs)
+
+
+def test_check_chat_template_passes_the_minimal_template_and_names_the_model_of_one_that_alters_a_turn():
+    check_chat_template(build_char_tokenizer(), "tiny")  # renders every turn verbatim
+    with pytest.raises(ConfigError, match=r"model.path: /models/x: its chat template cannot run multi-turn "
+                                          r"episodes \(env.name\): ValueError: .*not rendered verbatim"):
+        check_chat_template(TrimmingTokenizer(), "/models/x")
 
 
 # --- the README's example -----------------------------------------------------------------------------
