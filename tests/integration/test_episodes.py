@@ -299,6 +299,11 @@ def test_env_settings_are_checked_naming_the_field():
         compose(["rollout=vllm", "rollout.block_size=-1", "model=hf", "model.path=/x"])
     with pytest.raises(ConfigError, match="algorithm.overlong_buffer"):
         compose(["env=calculator", "algorithm.overlong_buffer=2"])
+    for bad, field in [("env.max_tool_calls_per_turn=0", "env.max_tool_calls_per_turn: must be > 0"),
+                       ("env.episode_timeout_s=-1", "env.episode_timeout_s: must be >= 0"),
+                       ("env.workers=0", "env.workers: must be > 0")]:
+        with pytest.raises(ConfigError, match=field):
+            compose(["env=calculator", bad])
 
 
 @pytest.mark.slow
