@@ -15,12 +15,17 @@ trainer ranks wait at a barrier, so none samples before the push is complete.
 Failures are bounded: every HTTP request and every process-group operation waits at most
 `rollout.timeout_s`; servers are checked for liveness at start (an unreachable URL fails at once)
 and before each push; the error names the server's URL.
+
+Every request carries the shared secret of `GRPO_SERVER_TOKEN` from the trainer's environment (an environment
+variable, not a config field, so that it is not written to the run's config.yaml), as `Authorization: Bearer`;
+a server that refuses it (403) fails the run at start, naming the variable.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import time
 import urllib.error
@@ -35,6 +40,7 @@ from grpo.rollout import Completions, decode_completion, encode_prompts, weight_
 from grpo.rollout.vllm import RolloutEngineError, gathered, parameter_buckets
 
 log = logging.getLogger(__name__)
+TOKEN_ENV = "GRPO_SERVER_TOKEN"  # grpo.rollout.serve's: the shared secret, sent with every request
 HEALTH_TIMEOUT_S = 10.0  # a start-up or liveness check needs no more, whatever rollout.timeout_s is
 
 
@@ -45,9 +51,10 @@ class ServerRolloutEngine:
 
     def __init__(self, model, tokenizer, *, server_urls: list[str], timeout_s: float = 600.0, temperature=1.0,
                  top_p=1.0, top_k=0, max_new_tokens=8, min_new_tokens=0, stop=(), batch_size=512,
-                 sync_bucket_mb=256.0):
+                 sync_bucket_mb=256.0, token: str | None = None):
         del batch_size  # the servers schedule their own batches
         self.tokenizer = tokenizer
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV, "")
         self.urls = [u.rstrip("/") for u in server_urls]
         self.timeout_s = timeout_s
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
@@ -57,6 +64,7 @@ class ServerRolloutEngine:
         self.channel = None
         self.closed = False
         self.max_model_len = min(self._check_alive(HEALTH_TIMEOUT_S))
+        self._on_servers("/check", [{}] * len(self.urls))  # a wrong or missing token fails here, not mid-run
         if model is not None:  # the servers start from the model directory; the policy may be a checkpoint's
             self.sync_weights(model)
 
@@ -122,7 +130,7 @@ class ServerRolloutEngine:
             self.channel = None
             for url in self.urls:
                 try:
-                    _http(url, "/weights/close", {}, HEALTH_TIMEOUT_S)
+                    _http(url, "/weights/close", {}, HEALTH_TIMEOUT_S, token=self.token)
                 except RolloutEngineError as e:
                     log.warning("%s", e)
         self.pool.shutdown(wait=False)
@@ -134,12 +142,14 @@ class ServerRolloutEngine:
 
     def _check_alive(self, timeout_s: float) -> list[int]:
         """Each server's max_model_len, from its /health; an unreachable one raises, naming it."""
-        replies = [self.pool.submit(_http, url, "/health", None, timeout_s, "GET") for url in self.urls]
+        replies = [self.pool.submit(_http, url, "/health", None, timeout_s, "GET", token=self.token)
+                   for url in self.urls]
         return [f.result()["max_model_len"] for f in replies]
 
     def _on_servers(self, path: str, bodies: list[dict | None]) -> list[dict | None]:
         """POST bodies[i] to server i, all at once (None: nothing to that server); their replies in order."""
-        futures = [self.pool.submit(_http, url, path, body, self.timeout_s) if body is not None else None
+        futures = [self.pool.submit(_http, url, path, body, self.timeout_s, token=self.token) if body is not None
+                   else None
                    for url, body in zip(self.urls, bodies)]
         return [f.result() if f is not None else None for f in futures]
 
@@ -152,7 +162,7 @@ class ServerRolloutEngine:
         size = len(self.urls) + 1
         joins = [self.pool.submit(_http, url, "/weights/open", dict(host=host, port=port, rank=i + 1, world_size=size,
                                                                      backend=backend, timeout_s=self.timeout_s),
-                                  self.timeout_s) for i, url in enumerate(self.urls)]
+                                  self.timeout_s, token=self.token) for i, url in enumerate(self.urls)]
         try:
             self.channel = weight_channel.open_group(host, port, 0, size, backend=backend, timeout_s=self.timeout_s)
         except Exception as e:  # noqa: BLE001
@@ -167,7 +177,7 @@ class ServerRolloutEngine:
     def _push_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
         """Announce the bucket to every server, broadcast its bytes, wait for each to say it loaded them."""
         meta, flat = weight_channel.pack_bucket(bucket)
-        loads = [self.pool.submit(_http, url, "/weights/bucket", {"params": meta}, self.timeout_s)
+        loads = [self.pool.submit(_http, url, "/weights/bucket", {"params": meta}, self.timeout_s, token=self.token)
                  for url in self.urls]
         try:
             weight_channel.broadcast(self.channel, flat, timeout_s=self.timeout_s)
@@ -188,11 +198,13 @@ def split_evenly(items: list, parts: int) -> list[list]:
     return [items[bounds[i]:bounds[i + 1]] for i in range(parts)]
 
 
-def _http(url: str, path: str, body: dict | None, timeout_s: float, method: str = "POST") -> dict:
-    """One JSON request; any failure (refused, timed out, an error status) raises naming the server."""
+def _http(url: str, path: str, body: dict | None, timeout_s: float, method: str = "POST", *,
+          token: str = "") -> dict:
+    """One JSON request (with the shared secret `token`, if any); any failure (refused, timed out, an error
+    status) raises naming the server."""
     data = None if method == "GET" else json.dumps(body or {}).encode()
-    request = urllib.request.Request(url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(url + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return json.loads(response.read())
@@ -202,6 +214,10 @@ def _http(url: str, path: str, body: dict | None, timeout_s: float, method: str 
             detail = json.loads(detail)["error"]
         except (ValueError, KeyError, TypeError):
             pass
+        if e.code == 403:
+            sent = "a wrong one was sent" if token else "none was sent"
+            raise RolloutEngineError(f"rollout server {url} refused {path} (403): set {TOKEN_ENV} in the trainer's "
+                                     f"environment to the server's token ({sent})") from e
         raise RolloutEngineError(f"rollout server {url} failed {path}: {detail}") from e
     except TimeoutError as e:
         raise RolloutEngineError(f"rollout server {url}: no answer to {path} within "
@@ -217,7 +233,7 @@ def _http(url: str, path: str, body: dict | None, timeout_s: float, method: str 
 
 def _answers(url: str) -> bool:
     try:
-        _http(url, "/health", None, HEALTH_TIMEOUT_S, "GET")
+        _http(url, "/health", None, HEALTH_TIMEOUT_S, "GET")  # /health needs no token
         return True
     except RolloutEngineError:
         return False

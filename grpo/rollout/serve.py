@@ -8,7 +8,8 @@ engine i on port `--port + i` and on its own `--tensor-parallel-size` devices (a
 CUDA_VISIBLE_DEVICES); the trainer lists their URLs and splits its prompts across them.
 
 Endpoints (JSON bodies):
-  GET  /health          the engine is up: its model and max_model_len
+  GET  /health          the engine is up: its model and max_model_len (the one route open without the token)
+  POST /check           nothing: the request's token is accepted (the trainer asks at start)
   POST /generate        token-id prompts and sampling settings -> completion ids, truncation, log-probs
   POST /weights/open    join the trainer's weight channel (grpo.rollout.weight_channel) as rank `rank`
   POST /weights/bucket  receive one bucket by broadcast from the trainer and load it
@@ -22,12 +23,19 @@ Choices:
 2. Weights do not travel over HTTP: the request names the bucket's tensors, the bytes come over the
    process group (gloo on CPU, NCCL on GPU), and the reply says the bucket was loaded.
 3. Only token ids cross the wire; the trainer tokenises and decodes with its own tokenizer.
+4. It listens on 127.0.0.1 unless `--host` names another address. With a shared secret in the environment
+   variable `GRPO_SERVER_TOKEN` (required for any address but a loopback one), every request but
+   `GET /health` must carry it as `Authorization: Bearer <token>`; one without it is refused (403) and
+   logged with its sender. Whoever holds the token can generate and replace the weights: it is a password.
+   The token travels in clear HTTP: on a network you do not trust, put TLS in front (an SSH tunnel, a proxy).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -42,15 +50,19 @@ import torch
 from transformers import AutoTokenizer
 
 from grpo.rollout import weight_channel
+from grpo.rollout.remote import TOKEN_ENV
 from grpo.rollout.vllm import VLLMRolloutEngine
 
 log = logging.getLogger("grpo-vllm-serve")
+
+OPEN_ROUTES = {("GET", "/health")}  # what a request without the token may ask: liveness, the model's length
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="grpo-vllm-serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model directory (the policy's starting weights and tokenizer)")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--host", default="127.0.0.1",
+                   help=f"address to listen on; any but a loopback one needs a shared secret in ${TOKEN_ENV}")
     p.add_argument("--port", type=int, default=8000, help="port of engine 0; engine i listens on port + i")
     p.add_argument("--data-parallel-size", type=int, default=1, help="engines, each in its own process")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="devices one engine is split over")
@@ -71,10 +83,32 @@ def main(argv=None) -> None:
     for name in ("data_parallel_size", "tensor_parallel_size"):
         if getattr(args, name) < 1:
             sys.exit(f"grpo-vllm-serve: --{name.replace('_', '-')} must be >= 1")
+    problem = token_problem(args.host, os.environ.get(TOKEN_ENV, ""))
+    if problem:
+        sys.exit(f"grpo-vllm-serve: {problem}")
     if args.data_parallel_size == 1:
         serve(args)
     else:
         launch_engines(args)
+
+
+def token_problem(host: str, token: str) -> str | None:
+    """Why the server must not start on `host` with `token` (empty: none), or None."""
+    if token and len(token) < 16:
+        return f"${TOKEN_ENV} is {len(token)} characters long; use at least 16 (e.g. `openssl rand -hex 32`)"
+    if not token and not is_loopback(host):
+        return (f"--host {host} accepts connections from other machines: set a shared secret in ${TOKEN_ENV} "
+                f"(e.g. `export {TOKEN_ENV}=$(openssl rand -hex 32)`), and the same in the trainer's environment")
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
 
 
 def launch_engines(args) -> None:
@@ -141,6 +175,9 @@ class EngineHost:
     def health(self, _request) -> dict:
         return {"ok": True, "max_model_len": self.engine.max_model_len}
 
+    def check(self, _request) -> dict:
+        return {"ok": True}
+
     def generate(self, r: dict) -> dict:
         e = self.engine
         e.temperature, e.top_p, e.top_k = r["temperature"], r["top_p"], r["top_k"]
@@ -175,12 +212,15 @@ class EngineHost:
         return {"ok": True}
 
 
-ROUTES = {("GET", "/health"): "health", ("POST", "/generate"): "generate", ("POST", "/weights/open"): "open_weights",
-          ("POST", "/weights/bucket"): "load_bucket", ("POST", "/weights/done"): "finish_weights",
-          ("POST", "/weights/close"): "close_weights"}
+ROUTES = {("GET", "/health"): "health", ("POST", "/check"): "check", ("POST", "/generate"): "generate",
+          ("POST", "/weights/open"): "open_weights", ("POST", "/weights/bucket"): "load_bucket",
+          ("POST", "/weights/done"): "finish_weights", ("POST", "/weights/close"): "close_weights"}
 
 
-def make_handler(host: EngineHost):
+def make_handler(host: EngineHost, token: str | None = None):
+    """The HTTP handler over `host`; with a `token`, requests but OPEN_ROUTES must carry it (else 403)."""
+    expected = f"Bearer {token}".encode() if token else None
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -188,6 +228,13 @@ def make_handler(host: EngineHost):
             name = ROUTES.get((method, self.path))
             if name is None:
                 return self._reply(404, {"error": f"no route {method} {self.path}"})
+            if expected is not None and (method, self.path) not in OPEN_ROUTES and not hmac.compare_digest(
+                    self.headers.get("Authorization", "").encode(), expected):
+                log.warning("refused %s %s from %s: no valid token (Authorization: Bearer $%s)", method, self.path,
+                            self.client_address[0], TOKEN_ENV)
+                self.close_connection = True  # its body is left unread
+                return self._reply(403, {"error": f"refused: this server needs the token in ${TOKEN_ENV} "
+                                                  "(sent as Authorization: Bearer <token>)"})
             length = int(self.headers.get("Content-Length") or 0)
             request = json.loads(self.rfile.read(length)) if length else {}
             try:
@@ -220,9 +267,10 @@ def serve(args) -> None:
     """Build one engine and serve it until interrupted."""
     start = time.perf_counter()
     host = EngineHost(lambda: build_engine(args))
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(host))
-    log.info("engine on %s ready in %.0f s: serving http://%s:%d", args.model, time.perf_counter() - start,
-             args.host, args.port)
+    token = os.environ.get(TOKEN_ENV) or None
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(host, token))
+    log.info("engine on %s ready in %.0f s: serving http://%s:%d (%s)", args.model, time.perf_counter() - start,
+             args.host, args.port, f"token from ${TOKEN_ENV} required" if token else "no token: loopback only")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server.serve_forever()

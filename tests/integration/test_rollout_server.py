@@ -5,9 +5,13 @@ two of them as data-parallel servers. What vLLM itself does in server mode is in
 
 from __future__ import annotations
 
+import json
+import logging
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from http.server import ThreadingHTTPServer
 
 import pytest
@@ -16,7 +20,7 @@ import torch
 from grpo.errors import ConfigError
 from grpo.rollout import Completions
 from grpo.rollout.remote import ServerRolloutEngine, split_evenly
-from grpo.rollout.serve import EngineHost, make_handler
+from grpo.rollout.serve import EngineHost, make_handler, parse_args, token_problem
 from grpo.rollout.vllm import RolloutEngineError
 from grpo.training.run import engine_name, engine_options
 from tests.conftest import compose
@@ -54,8 +58,8 @@ class JoinTokenizer:
         return ",".join(map(str, ids))
 
 
-def serve_fake(engine) -> tuple[str, ThreadingHTTPServer]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(EngineHost(lambda: engine)))
+def serve_fake(engine, token: str | None = None) -> tuple[str, ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(EngineHost(lambda: engine), token))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{server.server_address[1]}", server
 
@@ -169,3 +173,55 @@ def test_server_mode_config_selects_the_client_and_names_bad_fields():
     ]:
         with pytest.raises(ConfigError, match=field):
             compose(overrides)
+
+
+TOKEN = "s3cret-token-0123456789"
+
+
+def post(url: str, path: str, body: dict, headers: dict | None = None) -> int:
+    """The status of one POST, sent as a stranger would (no client library)."""
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_a_server_with_a_token_refuses_every_call_without_it_and_serves_the_trainer_that_sends_it(caplog, monkeypatch):
+    fake = FakeEngine(0)
+    url, server = serve_fake(fake, TOKEN)
+    generate = {"prompt_ids": [[7]], "n": 1, "greedy": True, "max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0,
+                "top_k": 0, "min_new_tokens": 0, "stop": []}
+    caplog.set_level(logging.WARNING, logger="grpo-vllm-serve")
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):  # none, another, not Bearer
+        assert post(url, "/generate", generate, headers) == 403
+        assert post(url, "/weights/close", {}, headers) == 403  # a stranger cannot close the trainer's channel
+        assert post(url, "/weights/open", {"host": "127.0.0.1", "port": 1, "rank": 1, "world_size": 2,
+                                           "backend": "gloo", "timeout_s": 1}, headers) == 403
+        assert post(url, "/weights/bucket", {"params": [["w", "float32", [1]]]}, headers) == 403
+    assert fake.buckets == [] and "refused POST /generate from 127.0.0.1" in caplog.text
+    assert post(url, "/generate", generate, {"Authorization": f"Bearer {TOKEN}"}) == 200
+    # the trainer's client: without the token it fails at start, naming the variable; with it, it is served
+    monkeypatch.delenv("GRPO_SERVER_TOKEN", raising=False)
+    refused = rf"rollout server {url} refused /check \(403\): set GRPO_SERVER_TOKEN"
+    with pytest.raises(RolloutEngineError, match=refused):
+        ServerRolloutEngine(None, JoinTokenizer(), server_urls=[url], timeout_s=10)
+    monkeypatch.setenv("GRPO_SERVER_TOKEN", TOKEN)
+    model = torch.nn.Linear(2, 2)
+    engine = ServerRolloutEngine(model, JoinTokenizer(), server_urls=[url], timeout_s=10)
+    assert engine.generate_from_ids([[7, 7]], 1).completion_ids == [[0, 2, 0]]  # [tag, prompt length, sample]
+    assert fake.updates == 1 and torch.equal(fake.loaded["weight"], model.weight.detach())  # the channel, with it
+    engine.close()
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_server_listens_on_loopback_by_default_and_elsewhere_only_with_a_token():
+    assert parse_args(["--model", "m"]).host == "127.0.0.1"
+    assert token_problem("127.0.0.1", "") is None and token_problem("localhost", "") is None
+    assert "set a shared secret in $GRPO_SERVER_TOKEN" in token_problem("0.0.0.0", "")
+    assert "set a shared secret" in token_problem("node2", "")  # a name may resolve to any interface
+    assert token_problem("0.0.0.0", TOKEN) is None
+    assert "at least 16" in token_problem("0.0.0.0", "short")
