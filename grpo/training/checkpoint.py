@@ -109,9 +109,10 @@ def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, state:
     to `<name>_deepspeed/`, the others keep theirs in `state`. LoRA: `adapter/`, `policy/` only with `merge_lora`.
 
     Collective when several ranks run: every rank must call it. Non-finite weights are refused
-    (on every rank, so none waits for the others); a failed write (a full disk) removes the
-    temporary directory and raises `CheckpointError`, leaving every earlier checkpoint and the
-    `latest` pointer as they were.
+    (on every rank, so none waits for the others); a write that fails for any reason (a full disk) on
+    any rank removes the temporary directory and raises `CheckpointError` on every rank at the next
+    phase's collective (not after the collective timeout), naming the path and the cause, leaving every
+    earlier checkpoint and the `latest` pointer as they were.
     """
     bad = first_nonfinite_parameter(policy)  # ZeRO-3 holds a shard here: each rank checks its own
     if dist.all_reduce_max(float(bad is not None)):
@@ -120,45 +121,125 @@ def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, state:
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step}"
     tmp = root / f".tmp_step_{step}"
+    writing = Writing(tmp, step, run_dir)
     if dist.is_main():
+        writing.attempt(_make_empty, root, tmp)
+    writing.agree()  # in place of a barrier: every rank learns of any rank's failure, and fails with it
+    writing.attempt(_write_rank_files, tmp, step, policy=policy, tokenizer=tokenizer, backend=backend,
+                    extra_backends=extra_backends, merge_lora=merge_lora)
+    writing.agree()
+    if dist.is_main():
+        writing.attempt(_write_state_and_manifest, tmp, step, state)
+    writing.agree()
+    if dist.is_main():
+        writing.attempt(_publish, tmp, final, step, keep_last)
+    writing.agree()
+    return final
+
+
+def _make_empty(root: Path, tmp: Path) -> None:
+    with writing_to(tmp):
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    dist.barrier()
-    current = tmp / "policy"
-    try:
-        if hasattr(backend, "save_sharded"):  # DeepSpeed: every rank writes its shards
-            current = tmp / "deepspeed"
-            backend.save_sharded(current)
-        current = tmp
+
+
+def _write_rank_files(tmp: Path, step: int, *, policy, tokenizer, backend, extra_backends, merge_lora) -> None:
+    """What every rank writes: its DeepSpeed shards, its part in the policy's files, its RNG states."""
+    if hasattr(backend, "save_sharded"):  # DeepSpeed: every rank writes its shards
+        with writing_to(tmp / "deepspeed"):
+            backend.save_sharded(tmp / "deepspeed")
+    with writing_to(tmp / "policy"):
         save_policy_files(policy, tokenizer, policy_dir=tmp / "policy", adapter_dir=tmp / "adapter",
                           merge_lora=merge_lora, backend=backend)
-        for name, other in (extra_backends or {}).items():
-            if hasattr(other, "save_sharded"):
-                current = sharded_dir(tmp, name)
-                other.save_sharded(current)
-        crash_point("checkpoint_write", step)
-        current = tmp / f"rank_{dist.rank()}.pt"
-        torch.save({"rng": rng_state()}, current)
-        dist.barrier()
+    for name, other in (extra_backends or {}).items():
+        if hasattr(other, "save_sharded"):
+            with writing_to(sharded_dir(tmp, name)):
+                other.save_sharded(sharded_dir(tmp, name))
+    crash_point("checkpoint_write", step)
+    with writing_to(tmp / f"rank_{dist.rank()}.pt"):
+        torch.save({"rng": rng_state()}, tmp / f"rank_{dist.rank()}.pt")
+
+
+def _write_state_and_manifest(tmp: Path, step: int, state: dict) -> None:
+    with writing_to(tmp / "state.pt"):
+        torch.save({**state, "step": step, "world_size": dist.world_size()}, tmp / "state.pt")
+    with writing_to(tmp / COMPLETE):
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=1))
+        _fsync_tree(tmp)
+
+
+class WriteFailed(Exception):
+    """A checkpoint write's failure and the path it was writing."""
+
+    def __init__(self, path: Path, error: Exception):
+        super().__init__(str(error))
+        self.path, self.error = path, error
+
+
+@contextlib.contextmanager
+def writing_to(path: Path):
+    """Name `path` in any failure of the block (the innermost `writing_to` names the most precise path)."""
+    try:
+        yield
+    except WriteFailed:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.save and safetensors report a full disk as RuntimeError/SafetensorError
+        raise WriteFailed(path, e) from e
+
+
+class Writing:
+    """A checkpoint write shared by the ranks: this rank's first failure, with the path it was writing, and
+    `agree`, the collective after each phase that fails every rank with it."""
+
+    def __init__(self, tmp: Path, step: int, run_dir):
+        self.tmp, self.step, self.run_dir = tmp, step, run_dir
+        self.failure: tuple[str, str] | None = None  # (path, cause)
+
+    def attempt(self, write, *args, **kwargs) -> None:
+        """`write(*args, **kwargs)` unless this rank has failed already; any exception is kept, not raised."""
+        if self.failure is not None:
+            return
+        try:
+            write(*args, **kwargs)
+        except WriteFailed as e:
+            self.failure = (str(e.path), cause(e.error, e.path))
+        except Exception as e:  # noqa: BLE001 - any failure fails the checkpoint, on every rank
+            self.failure = (str(self.tmp), cause(e, self.tmp))
+
+    def agree(self) -> None:
+        """Collective: if any rank has failed, remove the temporary directory and raise CheckpointError on every
+        rank, naming the first failed rank's path and cause; earlier checkpoints and `latest` stay as they were."""
+        failures = [(rank, f) for rank, f in enumerate(dist.all_gather_objects(self.failure)) if f is not None]
+        if not failures:
+            return
         if dist.is_main():
-            current = tmp / "state.pt"
-            torch.save({**state, "step": step, "world_size": dist.world_size()}, current)
-            current = tmp / COMPLETE
-            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-            current.write_text(json.dumps({"step": step, "files": files}, indent=1))
-            _fsync_tree(tmp)
-    except OSError as e:
-        if dist.is_main():
-            shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(run_dir, warn=False)
-        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        rank, (path, reason) = failures[0]
+        previous = latest_checkpoint(self.run_dir, warn=False)
         kept = f"the last complete checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointError(f"checkpoint step {step}: writing {current} failed ({reason}); {kept}") from e
-    if dist.is_main():
-        _publish(tmp, final, step, keep_last)
-    dist.barrier()
-    return final
+        who = f" on rank {rank}" if dist.world_size() > 1 else ""
+        raise CheckpointError(f"checkpoint step {self.step}: writing {path}{who} failed ({reason}); {kept}")
+
+
+def cause(error: Exception, path: Path) -> str:
+    """What went wrong, in a few words: a full disk said so (and how much room is left), else the error's first line."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return f"the disk is full: {free_space(path)}"
+    first = (str(error).splitlines() or [""])[0][:200]
+    text = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    if "ENOSPC" in text or "No space left" in text or "write failed" in text or "file write" in text:
+        return f"{text}; {free_space(path)}"
+    return text
+
+
+def free_space(path: Path) -> str:
+    """`N bytes free on the disk of path`, from its nearest existing parent."""
+    for parent in (path, *path.parents):
+        if parent.exists():
+            return f"{shutil.disk_usage(parent).free} bytes free on the disk of {parent}"
+    return "free space unknown"
 
 
 def save_policy_files(policy, tokenizer, *, policy_dir: Path, adapter_dir: Path | None, merge_lora: bool,

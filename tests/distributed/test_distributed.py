@@ -317,3 +317,16 @@ def test_online_dpo_and_nll_updates_on_two_ranks_equal_one_rank_with_the_whole_b
         for name, g in one["grads"].items():
             torch.testing.assert_close(two["grads"][name], g, atol=2e-6, rtol=0, msg=f"{kind}: {name}")
         assert sum(int(g.abs().sum() > 0) for g in one["grads"].values()) > 10, kind
+
+
+def test_a_checkpoint_write_that_fails_on_one_rank_fails_every_rank_promptly_and_leaves_no_temp_dir(tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    launch([*launcher("ddp", 2), str(HERE / "checkpoint_failure_step.py"), "--run-dir", str(run_dir),
+            "--out", str(out), "--failing-rank", "1"])
+    results = [json.loads(Path(f"{out}.rank_{r}.json").read_text()) for r in (0, 1)]
+    for r in results:  # both ranks name rank 1's file and its cause
+        assert r["raised"] is not None and re.search(
+            r"checkpoint step 1: writing \S+/\.tmp_step_1/rank_1\.pt on rank 1 failed \(RuntimeError: .*file write "
+            r"failed; \d+ bytes free on the disk of .*\); no earlier checkpoint exists", r["raised"]), r["raised"]
+        assert r["seconds"] < 60  # not the collective timeout (120 s) of a rank left waiting for the other
+    assert not any((run_dir / "checkpoints").iterdir())  # the temporary directory is gone, nothing published

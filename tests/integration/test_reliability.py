@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +23,7 @@ from grpo.errors import CheckpointError, ConfigError
 from grpo.training.checkpoint import latest_checkpoint, load_rank_state, load_state, save_checkpoint, verify_checkpoint
 from grpo.training.update import update_policy
 from rewards import RewardScorer, RewardSpec
-from tests.conftest import compose
+from tests.conftest import compose, requires
 
 
 def load(path):
@@ -227,8 +232,9 @@ def test_full_disk_during_a_checkpoint_loses_nothing(tmp_path, tiny_random_dir, 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt.torch, "save", no_space)
-    with pytest.raises(CheckpointError, match=r"checkpoint step 2: writing .*\.tmp_step_2/rank_0\.pt failed "
-                                              r"\(the disk is full\); the last complete checkpoint .*step_1 is intact"):
+    full = (r"checkpoint step 2: writing .*\.tmp_step_2/rank_0\.pt failed \(the disk is full: \d+ bytes free on "
+            r"the disk of .*\); the last complete checkpoint .*step_1 is intact")
+    with pytest.raises(CheckpointError, match=full):
         save_checkpoint(tmp_path, 2, policy=model, tokenizer=tok, state={"x": torch.tensor([2])}, keep_last=1)
     monkeypatch.undo()
     root = tmp_path / "checkpoints"
@@ -236,6 +242,40 @@ def test_full_disk_during_a_checkpoint_loses_nothing(tmp_path, tiny_random_dir, 
     assert latest_checkpoint(tmp_path).name == "step_1"
     verify_checkpoint(root / "step_1")
     assert load_state(root / "step_1")["x"].item() == 1
+
+
+def private_tmpfs_works() -> bool:
+    """Can this user mount a tmpfs in a mount namespace of its own (unprivileged: in a user namespace)?"""
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                            'd=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs "$d"'], capture_output=True)
+    return probe.returncode == 0
+
+
+@requires(shutil.which("unshare") is not None and private_tmpfs_works(), "no unshare, or no unprivileged mounts")
+@pytest.mark.slow
+def test_a_run_on_a_full_disk_fails_at_its_first_checkpoint_naming_it_and_leaves_no_partial_checkpoint(
+        tmp_path, tiny_random_dir):
+    # A 1 MiB tmpfs (the tiny model's checkpoint is about 4 MiB), private to this process: the run's config and
+    # metrics fit, its first checkpoint does not. torch.save and safetensors report this as RuntimeError or
+    # SafetensorError, not OSError. The tmpfs lives only in the namespace, so what is left is listed there.
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    train = [sys.executable, "-m", "grpo.train", f"run_dir={disk / 'run'}", "model=hf", f"model.path={tiny_random_dir}",
+             "threads=1", "tracking.progress_bar=false", "train.eval_before=false", "train.eval_every=0",
+             "train.max_steps=3", "checkpoint.every_steps=1", "train.prompts_per_step=2", "algorithm.group_size=2",
+             "rollout.max_new_tokens=4", "task.arithmetic.num_eval=2", "task.arithmetic.num_ood=0"]
+    script = ('mount -t tmpfs -o size=1m tmpfs "$1" && shift && "$@"; echo "exit status $?"; '
+              'ls -A "$RUN/checkpoints" "$RUN"')
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", str(disk),
+                           *train], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(root), "RUN": str(disk / "run")})
+    assert "exit status 2" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert re.search(rf"error: checkpoint step 1: writing {disk}/run/checkpoints/\.tmp_step_1/policy\S* failed "
+                     r"\(\w+Error: .*\); no earlier checkpoint exists", proc.stderr), proc.stderr[-3000:]
+    listing = proc.stdout.split("exit status 2\n", 1)[1].split()
+    assert not any(name.startswith(".tmp_step") or name.startswith("step_") for name in listing), listing
+    assert "metrics.jsonl" in listing and "config.yaml" in listing  # the run itself was written there
 
 
 def test_killed_metrics_write_leaves_no_half_line(tmp_path):
