@@ -128,7 +128,7 @@ def build_ours(cfg, device: str, timers: Timers, rows: list[dict] | None = None)
     """Our run (grpo.training.run.build_run), its phases wrapped in timers; returns a zero-argument step.
     `rows` (dataset rows with a "prompt"), when given, replace the task's training prompts."""
     import grpo.algorithms.grpo as trainer
-    import grpo.training.update as update
+    import grpo.core.logprobs as logprobs
     from grpo.training.run import build_run
 
     run = build_run(cfg)
@@ -147,7 +147,8 @@ def build_ours(cfg, device: str, timers: Timers, rows: list[dict] | None = None)
     run.scorer = timers.wrap("scoring", run.scorer)
     run.backend.backward = timers.wrap("update", run.backend.backward)
     run.backend.step = timers.wrap("update", run.backend.step)
-    update.sequence_logprobs = timers.wrap("logprobs", timers.count_scored(update.sequence_logprobs))
+    # every forward of the step's log-probs goes through core.logprobs.forward_logprobs -> sequence_logprobs
+    logprobs.sequence_logprobs = timers.wrap("logprobs", timers.count_scored(logprobs.sequence_logprobs))
     return lambda: trainer.train_step(run, 1)
 
 

@@ -76,6 +76,7 @@ from unittest import mock
 import torch
 from hydra import compose, initialize_config_dir
 
+import grpo.core.logprobs as core_logprobs
 import grpo.training.update as update
 from grpo.builtin.tiny import CHARS
 from grpo.config import CONFIG_DIR, BackendConfig, register_configs, to_config
@@ -237,10 +238,10 @@ def our_training_step(cfg, model_path: str, batch: RolloutBatch, device: str, ti
                   max_new_tokens=cfg.rollout.max_new_tokens)
     if "packing" in inspect.signature(update.update_policy).parameters:
         kwargs["packing"] = cfg.backend.packing
-    logprobs = timers.wrap("logprobs", timers.count_scored(update.sequence_logprobs))
+    logprobs = timers.wrap("logprobs", timers.count_scored(core_logprobs.sequence_logprobs))
 
-    def step():
-        with mock.patch.object(update, "sequence_logprobs", logprobs):
+    def step():  # the update's forwards go through core.logprobs.forward_logprobs -> sequence_logprobs
+        with mock.patch.object(core_logprobs, "sequence_logprobs", logprobs):
             return update.update_policy(backend, batch, cfg.algorithm, **kwargs)
     return step
 
