@@ -14,8 +14,9 @@ Conventions, shared by both functions here:
 - `logprobs[:, t] = log p(input_ids[:, t+1] | input_ids[:, :t+1])`, shape `[B, T-1]`.
 - The distribution is the tempered one, `softmax(logits / temperature)`, computed in float32;
   `entropy[:, t] = -sum_v p_v log p_v` of that distribution, a metric returned without a graph.
-- Columns before `logits_to_keep_from` are skipped and returned as zeros (not dropped), so the
-  outputs stay aligned with `input_ids[:, 1:]` and with any mask built over it. For a prompt block
+- Columns before `logits_to_keep_from`, and columns whose target token is padding, are skipped and
+  returned as zeros (not dropped), so the outputs stay aligned with `input_ids[:, 1:]` and with any mask
+  built over it; the output embedding runs on the scored positions only, in every layout. For a prompt block
   of width P followed by completions, pass `logits_to_keep_from=P - 1`: column P-1 scores the
   first completion token.
 - Position ids default to `attention_mask.cumsum(-1) - 1` clamped at 0, and are always passed to
@@ -25,8 +26,7 @@ Conventions, shared by both functions here:
   positions the sampler produced it at. The two differ only at padding that follows real tokens
   (0 there, the last position here), which is masked out and cannot affect earlier tokens.
 - `packing="sequences"` or `"groups"` (`backend.packing`, `grpo.core.packing`) forwards a padding-free
-  layout of the same rows and scatters its log-probs back into these columns; only columns that
-  score a real token after column `logits_to_keep_from` are computed, the rest are zeros.
+  layout of the same rows and scatters its log-probs back into these columns.
 """
 
 import torch
@@ -78,13 +78,13 @@ def sequence_logprobs(
     """Log-probs (and optionally entropy) of `input_ids[:, 1:]`, chunked over positions.
 
     Runs the backbone of `model` (a transformers `*ForCausalLM`, not wrapped in DDP) to get the last
-    hidden states, then the output embedding on `chunk_size` rows of the flattened
-    `[B * (T-1-logits_to_keep_from), H]` hidden states at a time (default: `LOGITS_CHUNK_ELEMENTS // V`).
+    hidden states, then the output embedding on `chunk_size` of the scored positions at a time (those from
+    column `logits_to_keep_from` on whose target is a real token; default `LOGITS_CHUNK_ELEMENTS // V`).
     Differentiable; when gradients are enabled and there is more than one chunk, each chunk is
     checkpointed, so backward also holds one chunk's logits at a time.
 
     Returns `(logprobs [B, T-1], entropy [B, T-1] or None)`, float32, zeros before column
-    `logits_to_keep_from`. See the module docstring for the conventions. With `packing` other than
+    `logits_to_keep_from` and where the target is padding. See the module docstring for the conventions. With `packing` other than
     `padded`, the rows are forwarded in that padding-free layout (`grpo.core.packing`; positions are its own).
     """
     _check_args(input_ids, attention_mask, temperature, logits_to_keep_from)
@@ -110,12 +110,17 @@ def sequence_logprobs(
 
     B, T = input_ids.shape
     k = logits_to_keep_from
-    rows = hidden[:, k : T - 1].reshape(-1, hidden.shape[-1])  # [B*L, H], L = T-1-k
-    targets = input_ids[:, k + 1 :].reshape(-1)  # [B*L]
+    # The head sees only positions whose next token is real: padding inside the completion block never
+    # reaches the vocabulary projection (the largest matmul of a small model's step).
+    scored = attention_mask[:, k + 1 :].reshape(-1).nonzero().squeeze(-1)  # [M] of B*L, L = T-1-k
+    rows = hidden[:, k : T - 1].reshape(-1, hidden.shape[-1])[scored]  # [M, H]
+    targets = input_ids[:, k + 1 :].reshape(-1)[scored]  # [M]
     lp_chunks, ent_chunks = _score_in_chunks(head, rows, targets, temperature, with_entropy, chunk_size)
-    logprobs = _left_zeros(_cat_rows(lp_chunks, rows).view(B, T - 1 - k), k)  # [B, T-1]
-    entropy = _left_zeros(_cat_rows(ent_chunks, rows).view(B, T - 1 - k), k) if with_entropy else None
-    return logprobs, entropy
+
+    def scatter(values):  # [M] -> [B, T-1]: zeros before column k and where the target is padding
+        return _left_zeros(values.new_zeros(B * (T - 1 - k)).index_copy(0, scored, values).view(B, T - 1 - k), k)
+
+    return scatter(_cat_rows(lp_chunks, rows)), scatter(_cat_rows(ent_chunks, rows)) if with_entropy else None
 
 
 def _packed_logprobs(model, backbone, head, input_ids, attention_mask, packing: str, *, temperature: float,
@@ -178,8 +183,8 @@ def naive_sequence_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The reference for `sequence_logprobs`: one full forward, all `[B, T, V]` logits at once.
 
-    Same conventions and outputs as `sequence_logprobs` (columns before `logits_to_keep_from` are
-    computed, then zeroed). It calls `model(...)` itself, so it is exact for any head, softcapped or
+    Same conventions and outputs as `sequence_logprobs` (columns before `logits_to_keep_from`, and those
+    whose target is padding, are computed, then zeroed). It calls `model(...)` itself, so it is exact for any head, softcapped or
     scaled ones included, and is the one to use when memory is not a concern.
     """
     _check_args(input_ids, attention_mask, temperature, logits_to_keep_from)
@@ -189,6 +194,8 @@ def naive_sequence_logprobs(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).logits  # [B, T, V]
     lp, ent = _score_logits(logits[:, :-1], input_ids[:, 1:], temperature, with_entropy)  # [B, T-1]
+    padding = attention_mask[:, 1:] == 0  # targets that are padding: zeros, as in sequence_logprobs
+    lp, ent = lp.masked_fill(padding, 0.0), (ent.masked_fill(padding, 0.0) if with_entropy else None)
     k = logits_to_keep_from
     return _left_zeros(lp[:, k:], k), (_left_zeros(ent[:, k:], k) if with_entropy else None)
 

@@ -56,8 +56,10 @@ def test_chunked_matches_naive(model, batch, chunk_size, temperature):
     assert lp.shape == ent.shape == (4, 11) and lp.dtype == torch.float32
     torch.testing.assert_close(lp, ref_lp, atol=ATOL, rtol=0)
     torch.testing.assert_close(ent, ref_ent, atol=ATOL, rtol=0)
-    # Entropy of a distribution over 50 tokens lies in (0, log 50].
-    assert (ent > 0).all() and (ent <= torch.log(torch.tensor(50.0)) + ATOL).all()
+    # Entropy of a distribution over 50 tokens lies in (0, log 50] where the target is real; 0 where it is padding.
+    real = mask[:, 1:].bool()
+    assert (ent[real] > 0).all() and (ent[real] <= torch.log(torch.tensor(50.0)) + ATOL).all()
+    assert (ent[~real] == 0).all() and (lp[~real] == 0).all() and (lp[real] < 0).all()
 
 
 def test_naive_is_log_softmax_of_model_logits(model, batch):
@@ -82,6 +84,40 @@ def test_logits_to_keep_from_zeros_the_skipped_columns(model, batch):
     # The reference follows the same contract.
     naive_lp, _ = naive_sequence_logprobs(model, ids, mask, logits_to_keep_from=6)
     torch.testing.assert_close(naive_lp, lp, atol=ATOL, rtol=0)
+
+
+def right_padded_completions(prompts: list[list[int]], completions: list[list[int]]):
+    """`[left-padded prompts | right-padded completions]` as the update lays a batch out; returns the ids,
+    the mask and the prompt width P (column P-1 scores the first completion token)."""
+    ids, mask = left_padded(prompts)
+    C = max(len(c) for c in completions)
+    tail = torch.tensor([c + [0] * (C - len(c)) for c in completions])
+    tail_mask = torch.tensor([[1] * len(c) + [0] * (C - len(c)) for c in completions])
+    return torch.cat([ids, tail], 1), torch.cat([mask, tail_mask], 1), ids.shape[1]
+
+
+def test_the_head_sees_only_positions_that_score_a_real_completion_token(model):
+    # prompts of 3 and 5 tokens (width 5), completions of 6 and 2 tokens (width 6): 2 x 6 = 12 completion
+    # columns, of which 6 + 2 = 8 score a real token; the other 4 are padding and must never reach the head.
+    g = torch.Generator().manual_seed(2)
+    draw = lambda n: torch.randint(1, VOCAB, (n,), generator=g).tolist()  # noqa: E731
+    ids, mask, P = right_padded_completions([draw(3), draw(5)], [draw(6), draw(2)])
+    rows = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    try:
+        lp, ent = sequence_logprobs(model, ids, mask, with_entropy=True, logits_to_keep_from=P - 1)
+    finally:
+        hook.remove()
+    assert sum(rows) == 8
+    ref_lp, ref_ent = naive_sequence_logprobs(model, ids, mask, with_entropy=True, logits_to_keep_from=P - 1)
+    torch.testing.assert_close(lp, ref_lp, atol=ATOL, rtol=0)
+    torch.testing.assert_close(ent, ref_ent, atol=ATOL, rtol=0)
+    assert (lp[1, P + 1 :] == 0).all() and (lp[1, P - 1 : P + 1] != 0).all()  # 2 real tokens, then padding: 0
+    ref = _grads(model, naive_sequence_logprobs, ids, mask, logits_to_keep_from=P - 1)
+    got = _grads(model, sequence_logprobs, ids, mask, logits_to_keep_from=P - 1, chunk_size=3)
+    model.zero_grad(set_to_none=True)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=ATOL, rtol=0, msg=name)
 
 
 def test_without_entropy_returns_none(model, batch):
