@@ -105,6 +105,25 @@ def test_the_problem_part_is_one_draw_of_problems_shared_by_every_seed():
     assert per_seed.var() * 4 / 3 == pytest.approx(1 / 36, rel=0.03)  # 1/48 x 4/3: what the old method used
 
 
+def test_seed_and_problem_parts_by_hand():
+    # seeds "1100", "1000", "1110": seed means 0.5, 0.25, 0.75, sample variance 0.0625, seed part 0.0625 / 3 = 3/144.
+    # Problem means 1, 2/3, 1/3, 0: sample variance 0.18519, over 4 = 0.046296. Residuals x - seed mean -
+    # problem mean + 0.5: (0, 1/3, -1/3, 0), (0.25, -5/12, -1/12, 0.25), (-0.25, 1/12, 5/12, -0.25), squares
+    # summing to 5/6, MS_e = (5/6) / (2 x 3) = 5/36, over S n = 12: 0.011574; problem part 0.046296 - 0.011574 =
+    # 5/144. (A percentile bootstrap's variance over 3 seeds, ddof 0, would give 2/144; no residual, 6.67/144.)
+    mean, ((seed, _), (problem, _)) = variance_parts(outcome_grid(["1100", "1000", "1110"]))
+    assert float(mean) == 0.5
+    assert float(seed) == pytest.approx(3 / 144, abs=1e-12) and float(problem) == pytest.approx(5 / 144, abs=1e-12)
+
+
+def test_a_gap_between_splits_of_different_problems_adds_both_problem_parts():
+    # 3 identical seeds: 50 of 100 in-distribution problems solved, 50 of 100 other problems: no seed part, each
+    # problem part 0.25 x 100 / 99 / 100 = 0.0025253 at 99 df (t 1.9842): half width 1.9842 x sqrt(2 x 0.0025253)
+    # = 0.14101 (0.0997 with one problem part only)
+    interval = difference_interval(["10" * 50] * 3, ["1100" * 25] * 3, same_problems=False)
+    assert interval.mean == 0.0 and interval.high == pytest.approx(0.14101, abs=1e-4)
+
+
 def test_three_seeds_take_students_quantile_at_two_degrees_of_freedom():
     # seed part 1/9 (sd 1/3) at 2 degrees of freedom: t = 4.3027, half width 1.4342; a problem part 0.0004 at
     # 499 (t = 1.9647) adds in quadrature: sqrt(1.4342^2 + (1.9647 x 0.02)^2) = 1.4347
