@@ -237,10 +237,10 @@ def compare(cfg: CompareConfig) -> list[dict]:
             wall, peak, reused = record["wall_s"], record["peak_mib"], reused + record["reused"]
             points = curve(run_dir(cfg, name, seed) / "metrics.jsonl", per_step, offline=name == "dpo")
             curves[LABELS[name]].append(points)
-            summary = summarise_run(LABELS[name], seed, points, wall, peak,
-                                    outcomes_at(run_dir(cfg, name, seed), points[-1]["step"]), paraphrases)
-            outcomes[LABELS[name]].append({"final": outcomes_at(run_dir(cfg, name, seed), summary["final_step"]),
-                                           "best": outcomes_at(run_dir(cfg, name, seed), summary["best_step"])})
+            final = outcomes_at(run_dir(cfg, name, seed), points[-1]["step"])
+            summary = summarise_run(LABELS[name], seed, points, wall, peak, final, paraphrases)
+            best = outcomes_at(run_dir(cfg, name, seed), summary["best_step"])
+            outcomes[LABELS[name]].append({"final": final, "best": best})
             runs[LABELS[name]].append(summary)
             log.info("%s, seed %d: final held-out accuracy %.3f, %.1f min", name, seed,
                      runs[LABELS[name]][-1]["final_accuracy"], wall / 60)
