@@ -16,9 +16,10 @@ model: `reward_model_path`, or one trained first by `grpo-rm-train` on the built
 reported beside the table, not in PPO's row).
 
 Outputs in `out_dir` (`grpo.compare.report`): `compare.md` and `compare.csv` (per arm, the mean over seeds with
-a 95% bootstrap interval of final and best held-out accuracy, final out-of-distribution accuracy and the gap;
-samples and minutes to the best, wall minutes, peak memory), the differences between arms paired by seed and
-whether their intervals exclude zero, `runs.csv` (every run) and `compare.png` (mean accuracy over seeds
+a 95% interval (`grpo.compare.intervals`: seeds and problems crossed) of final and best held-out accuracy, final
+out-of-distribution accuracy on new problems and the gap; samples and minutes to the best, wall minutes, peak
+memory), the paraphrase splits' accuracies apart, the differences between arms paired by seed and problem and
+which of them Holm's family-wise rule supports, `runs.csv` (every run) and `compare.png` (mean accuracy over seeds
 against samples and against minutes, with the seeds' range). Minutes to the best are training time: the sum of
 the run's step times (sampling, updates, evaluation; DPO's includes building its pairs), which leaves out process
 start and model loading; the wall column has everything.
@@ -88,6 +89,8 @@ class CompareConfig:
     run_overrides: list[str] = field(default_factory=list, metadata={"help": "grpo-train overrides given to every run"})
     reward_model_path: str | None = field(default=None, metadata={"help": "ppo_rlhf's RM; null: train one first"})
     rm_overrides: list[str] = field(default_factory=list, metadata={"help": "grpo-rm-train overrides when training it"})
+    paraphrase_splits: list[str] = field(default_factory=lambda: ["spaced", "question"], metadata={
+        "help": "OOD splits that rephrase held-out problems: reported apart, never pooled as new problems"})
     in_process: bool = field(default=False, metadata={"help": "run the training runs in this process (tests): faster, "
                                                               "shared peak memory; the reward model trains in its own"})
 
@@ -222,7 +225,8 @@ def compare(cfg: CompareConfig) -> list[dict]:
     per_step = cfg.prompts_per_step * cfg.group_size
     runs: dict[str, list[dict]] = {LABELS[name]: [] for name in cfg.algorithms}
     curves: dict[str, list[list[dict]]] = {LABELS[name]: [] for name in cfg.algorithms}
-    outcomes: dict[str, list[dict]] = {LABELS[name]: [] for name in cfg.algorithms}  # per seed: final outcomes
+    outcomes: dict[str, list[dict]] = {LABELS[name]: [] for name in cfg.algorithms}  # per seed: final, best
+    paraphrases = tuple(cfg.paraphrase_splits)
     reused = 0
     for seed in cfg.seeds:  # seed-major: a comparison stopped early has every arm on its first seeds
         for name in cfg.algorithms:
@@ -233,22 +237,27 @@ def compare(cfg: CompareConfig) -> list[dict]:
             wall, peak, reused = record["wall_s"], record["peak_mib"], reused + record["reused"]
             points = curve(run_dir(cfg, name, seed) / "metrics.jsonl", per_step, offline=name == "dpo")
             curves[LABELS[name]].append(points)
-            outcomes[LABELS[name]].append(outcomes_at(run_dir(cfg, name, seed), points[-1]["step"]))
-            runs[LABELS[name]].append(summarise_run(LABELS[name], seed, points, wall, peak))
+            final = outcomes_at(run_dir(cfg, name, seed), points[-1]["step"])
+            summary = summarise_run(LABELS[name], seed, points, wall, peak, final, paraphrases)
+            best = outcomes_at(run_dir(cfg, name, seed), summary["best_step"])
+            outcomes[LABELS[name]].append({"final": final, "best": best})
+            runs[LABELS[name]].append(summary)
             log.info("%s, seed %d: final held-out accuracy %.3f, %.1f min", name, seed,
                      runs[LABELS[name]][-1]["final_accuracy"], wall / 60)
-    arms = [summarise_arm(label, seed_runs) for label, seed_runs in runs.items()]
-    diffs = differences(runs, outcomes)
+    arms = [summarise_arm(label, seed_runs, outcomes[label], paraphrases) for label, seed_runs in runs.items()]
+    diffs = differences(runs, outcomes, paraphrases)
     notes += [f"budget {cfg.budget_samples:,} generated samples per algorithm and seed; seeds {list(cfg.seeds)} "
               f"(each seeds its run and its warm start); whole comparison "
               f"{(time.perf_counter() - start) / 60:.1f} min wall"
               + (f" ({reused} of {len(cfg.seeds) * len(cfg.algorithms)} runs reused from an earlier invocation)"
                  if reused else ""),
-              "intervals: 95%, bootstrap over seeds and, within each seed, over the evaluation problems "
-              "(10,000 replicates); differences paired by seed, and by problem where both runs logged which of "
-              "the same problems they solved",
+              "intervals: 95%, seeds and problems crossed (one draw of the problems shared by every seed and "
+              "arm; each variance part scaled by its own Student quantile; Wilson floor for accuracies); "
+              "differences paired by seed, and by problem where both runs logged which of the same problems "
+              "they solved (grpo/compare/intervals.py)",
               best_note(runs),
-              "OOD: longer operands, spaced and question phrasings (eval/ood_accuracy, pooled)"]
+              f"OOD: the splits of new problems, pooled; paraphrases of held-out problems "
+              f"({', '.join(paraphrases) or 'none'}) reported apart, not pooled"]
     if cfg.in_process:
         notes.append("in_process: peak memory is the comparison process's, not each run's")
     md = write_report(arms, [r for seed_runs in runs.values() for r in seed_runs], diffs, out, notes)
