@@ -4,7 +4,8 @@ training) and online DPO (`grpo.algorithms.online_dpo`, pairs from each step's s
 A batch holds P pairs as 2P rows, chosen, rejected, chosen, rejected, ..., each pair's two rows after the same
 prompt (`grpo.core.batch.layout_batch` with groups of 2), with the frozen reference's log-probs. One optimiser
 step takes the mean over every rank's pairs of the loss `algorithm.dpo.loss_type` (`grpo.core.losses.DPO_LOSSES`)
-of summed completion log-probs; micro-batches hold whole pairs, so accumulation is exact.
+of summed completion log-probs; micro-batches hold whole pairs, so accumulation is exact. Every forward, the
+reference's too, runs in the layout `backend.packing` names.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def pair_batch(run: Run, prompt_ids: list[list[int]], completion_ids: list[list[
     log-probs of every completion token."""
     batch = layout_batch(prompt_ids, completion_ids, 2, run.tokenizer.pad_token_id)
     batch.ref_logprobs = score_logprobs(run.ref_model, batch, temperature=run.cfg.rollout.temperature,
-                                        micro_batch_tokens=run.cfg.backend.micro_batch_tokens)  # [2P, T-1]
+                                        micro_batch_tokens=run.cfg.backend.micro_batch_tokens,
+                                        packing=run.cfg.backend.packing)  # [2P, T-1]
     return batch
 
 
@@ -44,7 +46,7 @@ def dpo_update(run: Run, batch: RolloutBatch, total_pairs: int, own_pairs: bool 
         rows = [r for p in micro_pairs for r in (2 * p, 2 * p + 1)]
         micro = batch.select(rows or [0, 1]).to(device)
         logp, _ = forward_logprobs(run.backend.model, micro.input_ids, micro.attention_mask,
-                                   temperature=cfg.rollout.temperature,
+                                   temperature=cfg.rollout.temperature, packing=cfg.backend.packing,
                                    logits_to_keep_from=micro.prompt_width - 1)  # [n, T-1]
         mask = micro.completion_mask
         loss, margin = dpo_loss((logp * mask).sum(1), (micro.ref_logprobs * mask).sum(1), opts.beta,

@@ -93,7 +93,8 @@ def nll_update(run: Run, batch: RolloutBatch, weight: float = 1.0) -> dict:
     for rows in equal_count_micro_batches(lengths, run.cfg.backend.micro_batch_tokens):
         micro = batch.select(rows or [0]).to(device)
         logp, _ = forward_logprobs(run.backend.model, micro.input_ids, micro.attention_mask, temperature=1.0,
-                                   logits_to_keep_from=micro.prompt_width - 1)  # [n, T-1]
+                                   logits_to_keep_from=micro.prompt_width - 1,
+                                   packing=run.cfg.backend.packing)  # [n, T-1]
         loss = -(logp * micro.completion_mask).sum() / tokens * (weight if rows else 0.0)
         run.backend.backward(loss)
         total += float(loss.detach())

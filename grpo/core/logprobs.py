@@ -84,8 +84,9 @@ def sequence_logprobs(
     checkpointed, so backward also holds one chunk's logits at a time.
 
     Returns `(logprobs [B, T-1], entropy [B, T-1] or None)`, float32, zeros before column
-    `logits_to_keep_from` and where the target is padding. See the module docstring for the conventions. With `packing` other than
-    `padded`, the rows are forwarded in that padding-free layout (`grpo.core.packing`; positions are its own).
+    `logits_to_keep_from` and where the target is padding. See the module docstring for the conventions.
+    With `packing` other than `padded`, the rows are forwarded in that padding-free layout (`grpo.core.packing`;
+    positions are its own).
     """
     _check_args(input_ids, attention_mask, temperature, logits_to_keep_from)
     if chunk_size is not None and chunk_size < 1:
@@ -127,7 +128,7 @@ def _packed_logprobs(model, backbone, head, input_ids, attention_mask, packing: 
                      chunk_size: int, with_entropy: bool, logits_to_keep_from: int):
     """`sequence_logprobs` through a packed layout: one backbone forward over the packed rows, the head
     on the scored positions only, the results scattered into the padded `[B, T-1]` columns."""
-    impl = _attention_implementation(model, packing)
+    impl = attention_implementation(model, packing)
     packed = pack(input_ids, attention_mask, logits_to_keep_from + 1, packing, one_row="flash" in impl)
     mask = packed.attention_mask  # [R, 1, W, W] bool (groups) or None: boundaries from the position ids
     if mask is not None and impl == "eager":  # eager adds the mask to its scores
@@ -146,7 +147,7 @@ def _packed_logprobs(model, backbone, head, input_ids, attention_mask, packing: 
     return scatter(_cat_rows(lp_chunks, rows)), scatter(_cat_rows(ent_chunks, rows)) if with_entropy else None
 
 
-def _attention_implementation(model: nn.Module, packing: str) -> str:
+def attention_implementation(model: nn.Module, packing: str) -> str:
     """The model's attention implementation, refused where `packing` cannot isolate its sequences."""
     config = model.config
     impl = getattr(config, "_attn_implementation", None) or "eager"
@@ -184,8 +185,8 @@ def naive_sequence_logprobs(
     """The reference for `sequence_logprobs`: one full forward, all `[B, T, V]` logits at once.
 
     Same conventions and outputs as `sequence_logprobs` (columns before `logits_to_keep_from`, and those
-    whose target is padding, are computed, then zeroed). It calls `model(...)` itself, so it is exact for any head, softcapped or
-    scaled ones included, and is the one to use when memory is not a concern.
+    whose target is padding, are computed, then zeroed). It calls `model(...)` itself, so it is exact for any
+    head, softcapped or scaled ones included, and is the one to use when memory is not a concern.
     """
     _check_args(input_ids, attention_mask, temperature, logits_to_keep_from)
     if position_ids is None:

@@ -23,6 +23,7 @@ from grpo import distributed as dist
 from grpo.backends import TrainBackend, build_backend
 from grpo.builtin.warmstart import WarmStart, cache_root, warm_start_report, warm_started_tiny
 from grpo.config import Config, validate_world
+from grpo.core.logprobs import attention_implementation
 from grpo.data.contamination import check_held_out, decontaminate, report_metrics
 from grpo.data.loading import (
     PromptSampler,
@@ -96,6 +97,7 @@ def build_run(cfg: Config) -> Run:
     setup_metrics = report_metrics(contamination) | warm_start_metrics(cfg.model.path)
     plan_memory(cfg)
     policy, tokenizer = load_train_policy(cfg, checkpoint)
+    check_packing(cfg, policy)
     train_rows, eval_rows, val_rows, ood_rows = chat_splits(cfg, tokenizer, train_rows, eval_rows, val_rows, ood_rows)
     if make_env is not None:
         check_chat_template(tokenizer, cfg.model.path)
@@ -211,6 +213,16 @@ def chat_splits(cfg: Config, tokenizer, train_rows: list[dict], eval_rows: list[
 
     return (render(train_rows, "train"), render(eval_rows, "eval"), render(val_rows, "val"),
             {name: render(rows, name) for name, rows in ood_rows.items()})
+
+
+def check_packing(cfg: Config, policy: torch.nn.Module) -> None:
+    """`backend.packing` against the model's attention implementation, when the run is built rather than at
+    its first forward."""
+    if cfg.backend.packing != "padded":
+        try:
+            attention_implementation(policy, cfg.backend.packing)
+        except ValueError as err:
+            raise ConfigError(f"{err} (model {cfg.model.path})") from None
 
 
 def build_policy_backend(cfg: Config, policy: torch.nn.Module) -> TrainBackend:

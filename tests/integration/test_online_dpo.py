@@ -13,6 +13,7 @@ from grpo.algorithms.preference import dpo_update
 from grpo.core.batch import layout_batch
 from grpo.core.losses import dpo_loss
 from tests.conftest import compose
+from tests.integration.test_supervised import spy_on_packing
 from tests.integration.test_trainer import RecordingBackend, load
 
 
@@ -33,8 +34,11 @@ def test_dpo_loss_by_hand():
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-6)
 
 
-def test_the_update_is_the_mean_over_pairs_whatever_the_micro_batches(tiny_random_dir):
+@pytest.mark.parametrize("packing", ["padded", "groups"])
+def test_the_update_is_the_mean_over_pairs_whatever_the_micro_batches_and_layout(tiny_random_dir, monkeypatch,
+                                                                                 packing):
     model, tok = load(tiny_random_dir)
+    layouts = spy_on_packing(monkeypatch)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 60, (int(k),), generator=g).tolist() for k in (3, 5, 2)]
     completions = [torch.randint(3, 60, (int(k),), generator=g).tolist() for k in (4, 2, 6, 1, 3, 5)]
@@ -42,9 +46,9 @@ def test_the_update_is_the_mean_over_pairs_whatever_the_micro_batches(tiny_rando
     batch.ref_logprobs = torch.randn(batch.completion_mask.shape, generator=g) * batch.completion_mask - 3.0
     width = batch.input_ids.shape[1]
     grads = []
-    for pairs_per_micro in (3, 1):
+    for pairs_per_micro, layout in ((3, "padded"), (1, packing)):
         cfg = compose(["algorithm=online_dpo", f"backend.micro_batch_tokens={pairs_per_micro * 2 * width}",
-                       "rollout.temperature=1.0"])
+                       "rollout.temperature=1.0", f"backend.packing={layout}"])
         backend = RecordingBackend(model)
         run = SimpleNamespace(cfg=cfg, backend=backend)
         metrics = dpo_update(run, batch, total_pairs=3)
@@ -52,6 +56,7 @@ def test_the_update_is_the_mean_over_pairs_whatever_the_micro_batches(tiny_rando
         assert 0.0 <= metrics["train/dpo_pair_accuracy"] <= 1.0 and metrics["train/loss"] > 0
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=0, msg=name)
+    assert layouts == ([] if packing == "padded" else [packing] * 3)  # the second update's 3 micro-batches
 
 
 def distinct_reward(prompts, completions, **_):

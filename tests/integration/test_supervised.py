@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from grpo.algorithms.supervised import nll_update
@@ -17,8 +18,10 @@ RUN = ["model.dtype=float32", "train.eval_every=0", "train.eval_before=false", "
        "tracking.plot=false", "task.arithmetic.num_eval=8", "task.arithmetic.num_val=0", "task.arithmetic.num_ood=0"]
 
 
-def test_the_nll_step_is_the_token_mean_whatever_the_micro_batches(tiny_random_dir):
+@pytest.mark.parametrize("packing", ["padded", "sequences", "groups"])
+def test_the_nll_step_is_the_token_mean_whatever_the_micro_batches_and_layout(tiny_random_dir, monkeypatch, packing):
     model, tok = load(tiny_random_dir)
+    layouts = spy_on_packing(monkeypatch)
     batch = layout_batch([[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14, 15]], 1, tok.pad_token_id)
     # the reference: -mean over the 6 completion tokens of log p at temperature 1, in one forward
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -31,11 +34,22 @@ def test_the_nll_step_is_the_token_mean_whatever_the_micro_batches(tiny_random_d
     width = batch.input_ids.shape[1]
     for rows_per_micro in (1, 2):
         backend = RecordingBackend(model)
-        run = SimpleNamespace(cfg=compose([f"backend.micro_batch_tokens={rows_per_micro * width}"]), backend=backend)
-        metrics = nll_update(run, batch)
+        cfg = compose([f"backend.micro_batch_tokens={rows_per_micro * width}", f"backend.packing={packing}"])
+        metrics = nll_update(SimpleNamespace(cfg=cfg, backend=backend), batch)
         assert metrics["train/sft_tokens"] == 6
         for name, g in expected.items():
             torch.testing.assert_close(backend.grads[0][name], g, atol=1e-6, rtol=1e-5, msg=name)
+    assert layouts == ([] if packing == "padded" else [packing] * 3)  # 1 + 2 micro-batches, in that layout
+
+
+def spy_on_packing(monkeypatch) -> list[str]:
+    """The layouts `grpo.core.logprobs` packs forwards in, as they happen (the real `pack` still runs)."""
+    from grpo.core import logprobs
+
+    seen, real = [], logprobs.pack
+    monkeypatch.setattr(logprobs, "pack", lambda ids, mask, start, packing, **kw: seen.append(packing) or
+                        real(ids, mask, start, packing, **kw))
+    return seen
 
 
 def test_rft_trains_on_exactly_the_samples_that_reach_the_bar(tmp_path, tiny_random_dir, monkeypatch):

@@ -23,6 +23,7 @@ from grpo.core.batch import layout_batch
 from grpo.core.logprobs import sequence_logprobs
 from grpo.core.packing import greedy_batches, micro_batches, pack, plan_micro_batches
 from grpo.errors import ConfigError
+from grpo.training.run import check_packing
 from grpo.training.update import score_logprobs, update_policy
 from tests.conftest import compose
 from tests.distributed.data_parallel_step import with_random_adapters
@@ -171,6 +172,15 @@ def test_groups_refuse_an_attention_without_custom_masks():
     with pytest.raises(ValueError, match="backend.packing=groups.*flash_attention_2"):
         sequence_logprobs(model, batch.input_ids, batch.attention_mask, logits_to_keep_from=batch.prompt_width - 1,
                           packing="groups")
+
+
+def test_the_run_refuses_a_packing_its_attention_cannot_take_before_any_forward():
+    model = tiny()
+    model.config._attn_implementation = "flash_attention_2"
+    cfg = compose(["backend.packing=groups"])
+    with pytest.raises(ConfigError, match="backend.packing=groups.*flash_attention_2"):
+        check_packing(cfg, model)
+    check_packing(compose(["backend.packing=sequences"]), model)  # flash separates sequences by position ids
 
 
 def test_a_bad_packing_names_the_field():
