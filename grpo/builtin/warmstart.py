@@ -44,6 +44,7 @@ and the wall time.
 from __future__ import annotations
 
 import copy
+import fcntl
 import hashlib
 import json
 import os
@@ -350,17 +351,28 @@ def warm_started_tiny(spec: WarmStart, log=print) -> Path:
     words = {"words": TOOL_WORDS} if spec.kind == "tools" else {}  # the vocabulary is part of what it is
     key = hashlib.sha256(json.dumps({**asdict(spec), **words}, sort_keys=True).encode()).hexdigest()[:12]
     path = cache_root() / f"tiny-{'arithmetic' if spec.kind == 'answer' else spec.kind}-{key}"
-    if (path / "config.json").exists() and (path / "model.safetensors").exists():
+    if is_saved_model(path):
         return path
-    log(f"building the warm-started tiny model (once; cached at {path})")
-    model, tokenizer, report = train_warm_start(spec, log=log)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "warm_start.json").write_text(json.dumps({"spec": asdict(spec), "kernels": kernel_path(),
-                                                     **report}, indent=2))
-    tmp.rename(path) if not path.exists() else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One builder per cache entry: a second process (another run, a parallel test worker) waits for the
+    # first one's model instead of spending minutes training the same one.
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_saved_model(path):  # built while this process waited
+            return path
+        log(f"building the warm-started tiny model (once; cached at {path})")
+        model, tokenizer, report = train_warm_start(spec, log=log)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "warm_start.json").write_text(json.dumps({"spec": asdict(spec), "kernels": kernel_path(),
+                                                         **report}, indent=2))
+        tmp.rename(path)
     return path
+
+
+def is_saved_model(path: Path) -> bool:
+    return (path / "config.json").exists() and (path / "model.safetensors").exists()
 
 
 def warm_start_report(model_path: str | Path) -> dict:

@@ -101,3 +101,33 @@ def test_a_bad_warm_start_setting_is_refused_with_its_name(override, message):
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         compose([override])
+
+
+def test_two_processes_asking_for_the_same_warm_start_train_it_once(tmp_path, monkeypatch):
+    # Two builders at once (two runs, two test workers): the second waits on the cache entry's lock and
+    # returns the first one's model. Without the lock both train (here: 2 calls) and one rename fails.
+    import threading
+    import time
+
+    from grpo.builtin import warmstart
+    from grpo.builtin.tiny import build_char_tokenizer, build_tiny_model
+
+    monkeypatch.setenv("GRPO_CACHE", str(tmp_path))
+    calls = []
+
+    def slow_training(spec, log=print):  # the real fit takes minutes; what it returns is a real tiny model
+        calls.append(spec)
+        time.sleep(1.0)  # long enough for the other thread to reach the lock
+        tok = build_char_tokenizer()
+        return build_tiny_model(len(tok), seed=0), tok, {"met": True}
+
+    monkeypatch.setattr(warmstart, "train_warm_start", slow_training)
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(warmstart.warm_started_tiny(WarmStart(), log=print)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(paths) == 2 and paths[0] == paths[1]
+    assert warmstart.is_saved_model(paths[0]) and not list(tmp_path.glob("*.tmp*"))
