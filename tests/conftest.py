@@ -5,12 +5,16 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from grpo.config import CONFIG_DIR as CONFIGS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -22,6 +26,29 @@ def tiny_random_dir(tmp_path_factory) -> Path:
     from grpo.builtin.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny_random"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def one_rank(tmp_path_factory):
+    """`one_rank(driver, *args)`: what a driver in tests/distributed writes for the whole batch in one process,
+    run by plain python with the torch backend, once per set of arguments in the session. Each backend's 2-rank
+    update is held to this single-process one, so its comparison costs one launch, not two (a 1-rank launch of
+    the backend itself would add no check: its code runs in the 2-rank launch)."""
+    done: dict[tuple, dict] = {}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+
+    def run(driver: str, *args: str) -> dict:
+        if (driver, *args) not in done:
+            out = tmp_path_factory.mktemp("one_rank") / "out.pt"
+            cmd = [sys.executable, str(ROOT / "tests" / "distributed" / driver), "--backend", "torch",
+                   "--out", str(out), *args]
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            done[(driver, *args)] = torch.load(out, weights_only=False)
+        return done[(driver, *args)]
+
+    return run
 
 
 IN_CI = os.environ.get("CI", "").lower() == "true"

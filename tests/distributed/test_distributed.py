@@ -3,6 +3,9 @@
 - one update on 2 ranks x B groups gives the gradient of 1 rank x 2B groups (DeepSpeed ZeRO-2,
   ZeRO-3 and DDP), within float32 rounding;
 - so does `backend.packing=groups` on 2 ZeRO-3 ranks against the padded layout on one;
+- the one-rank side of each comparison is the driver run once per session by plain python under the torch
+  backend (`one_rank` in tests/conftest.py): each backend costs one two-rank launch, and every backend is
+  held to the same single-process reference;
 - `grpo.train` trains a few steps of the built-in task on 2 ranks, the ranks hold identical
   weights after every step, and the checkpoint resumes (DeepSpeed format) and loads in transformers;
 - a rank that dies ends the job quickly, and the launcher's error names the rank.
@@ -92,8 +95,8 @@ def one_update(backend: str, ranks: int, out: Path, loss_agg: str, *extra: str) 
     [pytest.param("deepspeed_zero2", "token_mean", marks=DEEPSPEED),
      pytest.param("deepspeed_zero3", "seq_mean_token_mean", marks=DEEPSPEED), ("ddp", "token_mean")],
 )
-def test_two_ranks_with_b_groups_equal_one_rank_with_2b(tmp_path, backend, loss_agg):
-    one = one_update(backend, 1, tmp_path / "one.pt", loss_agg)
+def test_two_ranks_with_b_groups_equal_one_rank_with_2b(tmp_path, one_rank, backend, loss_agg):
+    one = one_rank(DRIVER.name, "--loss-agg", loss_agg)
     two = one_update(backend, 2, tmp_path / "two.pt", loss_agg)
     assert (one["world_size"], two["world_size"]) == (1, 2)
     # The loss is normalised by the global counts, so the ranks' losses sum to the whole batch's.
@@ -108,10 +111,10 @@ def test_two_ranks_with_b_groups_equal_one_rank_with_2b(tmp_path, backend, loss_
 
 
 @DEEPSPEED
-def test_groups_packed_on_two_zero3_ranks_equal_padded_on_one(tmp_path):
+def test_groups_packed_on_two_zero3_ranks_equal_padded_on_one(tmp_path, one_rank):
     """The packed forward inside the DeepSpeed engine's LogProbModel, as many micro-batches on each rank
     (ZeRO-3's collectives), gives one rank's padded gradient."""
-    one = one_update("deepspeed_zero3", 1, tmp_path / "one.pt", "token_mean")
+    one = one_rank(DRIVER.name, "--loss-agg", "token_mean")
     two = one_update("deepspeed_zero3", 2, tmp_path / "two.pt", "token_mean", "--packing", "groups")
     assert two["world_size"] == 2 and abs(one["loss"] - two["loss"]) < 1e-6
     for name, g in one["grads"].items():
@@ -272,18 +275,15 @@ def test_server_mode_on_two_zero3_ranks_pushes_the_gathered_policy_once_per_sync
             assert fake.loaded[name].shape == p.shape and torch.equal(fake.loaded[name], p), name
 
 
-def on_one_and_two_ranks(driver: str, tmp_path: Path, model_dir: Path) -> tuple[dict, dict]:
-    """What a driver in tests/ writes when torchrun runs it on 1 rank and on 2 (backend ddp)."""
-    out = []
-    for ranks in (1, 2):
-        result = tmp_path / f"{ranks}.pt"
-        launch([*launcher("ddp", ranks), str(HERE / driver), "--model", str(model_dir), "--out", str(result)])
-        out.append(torch.load(result, weights_only=False))
-    return out[0], out[1]
+def on_two_ranks(driver: str, backend: str, out: Path, *args: str) -> dict:
+    """What a driver in tests/distributed writes when the backend's launcher runs it on 2 ranks."""
+    launch([*launcher(backend, 2), str(HERE / driver), "--backend", backend, "--out", str(out), *args])
+    return torch.load(out, weights_only=False)
 
 
-def test_ppo_on_two_ranks_with_b_groups_equals_one_rank_with_2b(tmp_path, tiny_random_dir):
-    one, two = on_one_and_two_ranks("ppo_data_parallel_step.py", tmp_path, tiny_random_dir)
+def test_ppo_on_two_ranks_with_b_groups_equals_one_rank_with_2b(tmp_path, one_rank, tiny_random_dir):
+    one = one_rank("ppo_data_parallel_step.py", "--model", str(tiny_random_dir))
+    two = on_two_ranks("ppo_data_parallel_step.py", "ddp", tmp_path / "two.pt", "--model", str(tiny_random_dir))
     assert (one["world_size"], two["world_size"]) == (1, 2)
     # GAE's whitening, the value mean and the KL are over every rank's tokens; both losses are normalised by
     # the whole batch's counts, so the summed gradients are the one-rank ones (float32 summation order apart)
@@ -308,8 +308,11 @@ def test_ppo_trains_on_two_ranks_with_identical_policy_and_critic_replicas(tmp_p
     assert "critic" in state and state["world_size"] == 2
 
 
-def test_online_dpo_and_nll_updates_on_two_ranks_equal_one_rank_with_the_whole_batch(tmp_path, tiny_random_dir):
-    out = dict(zip((1, 2), on_one_and_two_ranks("pairs_data_parallel_step.py", tmp_path, tiny_random_dir)))
+def test_online_dpo_and_nll_updates_on_two_ranks_equal_one_rank_with_the_whole_batch(tmp_path, one_rank,
+                                                                                     tiny_random_dir):
+    args = ("--model", str(tiny_random_dir), "--kinds", "dpo,offline_dpo,nll")
+    out = {1: one_rank("pairs_data_parallel_step.py", *args),
+           2: on_two_ranks("pairs_data_parallel_step.py", "ddp", tmp_path / "two.pt", *args)}
     assert (out[1]["world_size"], out[2]["world_size"]) == (1, 2)
     for kind in ("dpo", "nll"):  # normalised by every rank's pairs / tokens: the summed gradient is the mean's
         one, two = out[1][kind], out[2][kind]

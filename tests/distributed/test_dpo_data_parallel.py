@@ -15,28 +15,22 @@ import torch
 
 from tests.distributed.test_distributed import (
     DEEPSPEED,
-    HERE,
     _release_deepspeed_shared_memory,  # noqa: F401 (autouse, this module's too)
     backends,
-    launch,
-    launcher,
     metrics,
+    on_two_ranks,
     train,
 )
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def dpo_update(backend: str, ranks: int, out, model_dir) -> dict:
-    launch([*launcher(backend, ranks), str(HERE / "pairs_data_parallel_step.py"), "--backend", backend,
-            "--model", str(model_dir), "--out", str(out), "--kinds", "dpo,offline_dpo,nll"])
-    return torch.load(out, weights_only=False)
-
-
 @pytest.mark.parametrize("backend", backends("ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3"))
-def test_dpo_and_nll_updates_on_two_ranks_equal_one_rank_with_every_pair_or_row(tmp_path, tiny_random_dir, backend):
-    one = dpo_update(backend, 1, tmp_path / "one.pt", tiny_random_dir)
-    two = dpo_update(backend, 2, tmp_path / "two.pt", tiny_random_dir)
+def test_dpo_and_nll_updates_on_two_ranks_equal_one_rank_with_every_pair_or_row(tmp_path, one_rank, tiny_random_dir,
+                                                                                 backend):
+    args = ("--model", str(tiny_random_dir), "--kinds", "dpo,offline_dpo,nll")
+    one = one_rank("pairs_data_parallel_step.py", *args)
+    two = on_two_ranks("pairs_data_parallel_step.py", backend, tmp_path / "two.pt", *args)
     assert (one["world_size"], two["world_size"]) == (1, 2)
     # the offline step starts at the reference: every margin 0 (to float32 rounding: the reference is scored
     # in other micro-batches), the loss log 2, yet a gradient (-beta/2 x dh)

@@ -19,29 +19,21 @@ from safetensors.torch import load_file
 
 from tests.distributed.test_distributed import (  # noqa: F401 - the fixture frees DeepSpeed's /dev/shm buffers here too
     DEEPSPEED,
-    HERE,
     ROOT,
     _release_deepspeed_shared_memory,
-    launch,
-    launcher,
     metrics,
+    on_two_ranks,
     train,
 )
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, DEEPSPEED]
 
 
-def one_ppo_update(backend: str, ranks: int, model_dir: Path, out: Path) -> dict:
-    """What tests/distributed/ppo_data_parallel_step.py writes for one update on `ranks` ranks under `backend`."""
-    launch([*launcher(backend, ranks), str(HERE / "ppo_data_parallel_step.py"), "--backend", backend,
-            "--model", str(model_dir), "--out", str(out)])
-    return torch.load(out, weights_only=True)
-
-
 @pytest.mark.parametrize("backend", ["deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3"])
-def test_ppo_under_zero_on_two_ranks_with_b_groups_equals_one_rank_with_2b(tmp_path, tiny_random_dir, backend):
-    one = one_ppo_update(backend, 1, tiny_random_dir, tmp_path / "one.pt")
-    two = one_ppo_update(backend, 2, tiny_random_dir, tmp_path / "two.pt")
+def test_ppo_under_zero_on_two_ranks_with_b_groups_equals_one_rank_with_2b(tmp_path, one_rank, tiny_random_dir,
+                                                                           backend):
+    one = one_rank("ppo_data_parallel_step.py", "--model", str(tiny_random_dir))
+    two = on_two_ranks("ppo_data_parallel_step.py", backend, tmp_path / "two.pt", "--model", str(tiny_random_dir))
     assert (one["world_size"], two["world_size"]) == (1, 2)
     # Whitening, the value mean and the KL are over every rank's tokens; both losses are normalised by the
     # whole batch's counts and ZeRO's average over ranks is scaled back to a sum, so the critic engine's and

@@ -40,6 +40,7 @@ from tests.distributed.test_distributed import (  # noqa: F401 - the fixture fre
     launch,
     launcher,
     metrics,
+    on_two_ranks,
 )
 
 try:
@@ -261,14 +262,10 @@ def on_base(base: str, *names: str) -> list:
     *on_base("float", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3"),
     *on_base("4bit", "ddp", "deepspeed_zero3"),
 ])
-def test_lora_on_two_ranks_with_b_groups_equals_one_rank_with_2b(tmp_path, backend, base):
-    out = {}
-    for ranks in (1, 2):
-        path = tmp_path / f"{ranks}.pt"
-        launch([*launcher(backend, ranks), "tests/distributed/data_parallel_step.py", "--backend", backend,
-                "--lora-r", "4", "--out", str(path), *(["--qlora"] if base == "4bit" else [])])
-        out[ranks] = torch.load(path, weights_only=True)
-    one, two = out[1], out[2]
+def test_lora_on_two_ranks_with_b_groups_equals_one_rank_with_2b(tmp_path, one_rank, backend, base):
+    args = ("--lora-r", "4", *(["--qlora"] if base == "4bit" else []))
+    one = one_rank("data_parallel_step.py", *args)
+    two = on_two_ranks("data_parallel_step.py", backend, tmp_path / "two.pt", *args)
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert abs(one["loss"] - two["loss"]) < 1e-6
     assert abs(one["grad_norm"] - two["grad_norm"]) < 1e-5 * one["grad_norm"]
