@@ -60,6 +60,8 @@ def write(n: int, reverse: bool, width: int = 0) -> str:
 OPERATIONS = {"+": lambda a, b: a + b, "*": lambda a, b: a * b}
 
 
+OOD_SPLITS = ("longer", "spaced", "question")  # the names `Arithmetic.ood_splits` returns
+
 @dataclass
 class Arithmetic:
     """Addition of two numbers of up to `digits` digits, or (`op="*"`) multiplication of a `digits`-digit

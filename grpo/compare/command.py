@@ -48,6 +48,7 @@ from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from grpo.builtin.arithmetic import OOD_SPLITS
 from grpo.cli import run_cli, train_from_config
 from grpo.compare.report import curve, differences, outcomes_at, plot, summarise_arm, summarise_run, write_report
 from grpo.config import CONFIG_DIR, register_configs, validate
@@ -104,6 +105,9 @@ def validate_compare(cfg: CompareConfig) -> CompareConfig:
         raise ConfigError(f"budget_samples: {cfg.budget_samples} is less than one step ({per_step} samples)")
     if cfg.eval_every_samples <= 0 or cfg.dpo_eval_every <= 0:
         raise ConfigError("eval_every_samples, dpo_eval_every: must be > 0")
+    stray = [name for name in cfg.paraphrase_splits if name not in OOD_SPLITS]
+    if stray:
+        raise ConfigError(f"paraphrase_splits: {stray} not among the task's OOD splits {', '.join(OOD_SPLITS)}")
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
         raise ConfigError(f"seeds: need at least one seed and no repeats, got {list(cfg.seeds)}")
     return cfg

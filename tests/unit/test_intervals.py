@@ -241,3 +241,12 @@ def test_paraphrases_are_reported_apart_not_pooled_as_new_problems():
     assert sorted(arm["paraphrases"]) == ["question", "spaced"] and arm["paraphrases"]["spaced"].mean == 1.0
     # 24 new problems if nothing is declared a paraphrase: what the table used to pool
     assert summarise_arm("A", [summary] * 3, [seen] * 3)["final_ood_accuracy"].mean == pytest.approx(16 / 24)
+
+
+def test_a_paraphrase_split_the_task_does_not_have_is_refused_by_name():
+    from grpo.compare.command import CompareConfig, validate_compare
+    from grpo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"paraphrase_splits: \['qestion'\] not among"):
+        validate_compare(CompareConfig(paraphrase_splits=["spaced", "qestion"]))
+    validate_compare(CompareConfig(paraphrase_splits=["spaced", "question"]))
