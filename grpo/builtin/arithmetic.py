@@ -62,6 +62,7 @@ OPERATIONS = {"+": lambda a, b: a + b, "*": lambda a, b: a * b}
 
 OOD_SPLITS = ("longer", "spaced", "question")  # the names `Arithmetic.ood_splits` returns
 
+
 @dataclass
 class Arithmetic:
     """Addition of two numbers of up to `digits` digits, or (`op="*"`) multiplication of a `digits`-digit
