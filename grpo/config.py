@@ -221,6 +221,10 @@ class ModelConfig:
             raise ConfigError(f"model.builtin: {self.builtin!r} is not one of tiny (or null)")
         if self.builtin and self.gguf_file:
             raise ConfigError("model.gguf_file: set it or model.builtin, not both")
+        if self.gguf_file and self.path:  # the run loads the conversion of gguf_file: a path beside it would be unused
+            raise ConfigError(f"model.path, model.gguf_file: give one, not both (model.path={self.path!r}, "
+                              f"model.gguf_file={self.gguf_file!r}); to load a directory such as a checkpoint's "
+                              f"policy/, set model.gguf_file=null and model.package=null")
         if self.builtin == "tiny":
             self.warm_start.validate()
 
