@@ -2,7 +2,7 @@
 
     python -m scripts.experiments.smollm2_vs_trl --out runs/trl_chain_sum --seed 0 --threads 1
     python -m scripts.experiments.smollm2_vs_trl --out runs/trl_chain_sum --eval-only   # evaluate its checkpoints
-    python -m scripts.experiments.smollm2_vs_trl --out runs/trl_chain_sum --ours runs/smollm2_chain_sum/seed0
+    python -m scripts.experiments.smollm2_vs_trl --out runs/trl --compare-only --ours runs/smollm2_chain_sum/seed0
 
 TRL trains on what `grpo-train experiment=smollm2_chain_sum` trains on (the experiment's Hydra config, read here):
 the converted model directory, the same training rows after the same decontamination, given as chat messages
@@ -168,6 +168,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--override", action="append", default=[], help="Hydra override of the experiment, repeatable")
     p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoints already in --out")
+    p.add_argument("--compare-only", action="store_true", help="compare --out's eval.jsonl with --ours, no evaluation")
     p.add_argument("--ours", help="our run directory of the same experiment and seed, to compare with")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -176,11 +177,14 @@ def main() -> None:
     os.environ.setdefault("WANDB_MODE", "disabled")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = experiment_config(a.experiment, a.seed, a.override)
-    model_path = resolve_model_path(cfg)
-    if not a.eval_only:
-        train_trl(cfg, model_path, out, cfg.train.eval_every)
-    trl = evaluate_checkpoints(a.experiment, a.seed, a.override, model_path, out)
+    if a.compare_only:
+        trl = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    else:
+        cfg = experiment_config(a.experiment, a.seed, a.override)
+        model_path = resolve_model_path(cfg)
+        if not a.eval_only:
+            train_trl(cfg, model_path, out, cfg.train.eval_every)
+        trl = evaluate_checkpoints(a.experiment, a.seed, a.override, model_path, out)
     if a.ours:
         compare(trl, ours_curve(Path(a.ours)))
     else:
