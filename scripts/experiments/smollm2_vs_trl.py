@@ -88,14 +88,17 @@ class WallClock(TrainerCallback):
             f.write(json.dumps({"step": state.global_step, "wall_s": time.perf_counter() - self.start}) + "\n")
 
 
-def train_trl(cfg, model_path: str, out: Path, save_every: int) -> None:
+def train_trl(cfg, model_path: str, out: Path, save_every: int, micro: int) -> None:
     """TRL's GRPOTrainer with the experiment's settings (module docstring); adapters saved every `save_every`."""
     r, a, o, lora = cfg.rollout, cfg.algorithm, cfg.optim, cfg.model.lora
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype))
     args = GRPOConfig(
         output_dir=str(out), max_steps=cfg.train.max_steps, seed=cfg.seed,
-        per_device_train_batch_size=cfg.train.prompts_per_step * a.group_size, gradient_accumulation_steps=1,
+        # B*G completions per optimiser step, in `micro` micro-batches: TRL holds the [rows, T, V] float32 logits of
+        # a micro-batch at once (12 GB at 64 rows here, which the OOM killer took); one generation batch per step
+        per_device_train_batch_size=cfg.train.prompts_per_step * a.group_size // micro,
+        gradient_accumulation_steps=micro,
         num_generations=a.group_size, num_iterations=a.epochs, beta=a.beta, loss_type="dapo",
         epsilon=a.clip_low, epsilon_high=a.clip_high, scale_rewards="group",
         max_completion_length=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
@@ -167,6 +170,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--override", action="append", default=[], help="Hydra override of the experiment, repeatable")
+    p.add_argument("--micro-batches", type=int, default=4, help="TRL's gradient accumulation per step (memory)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoints already in --out")
     p.add_argument("--compare-only", action="store_true", help="compare --out's eval.jsonl with --ours, no evaluation")
     p.add_argument("--ours", help="our run directory of the same experiment and seed, to compare with")
@@ -183,7 +187,7 @@ def main() -> None:
         cfg = experiment_config(a.experiment, a.seed, a.override)
         model_path = resolve_model_path(cfg)
         if not a.eval_only:
-            train_trl(cfg, model_path, out, cfg.train.eval_every)
+            train_trl(cfg, model_path, out, cfg.train.eval_every, a.micro_batches)
         trl = evaluate_checkpoints(a.experiment, a.seed, a.override, model_path, out)
     if a.ours:
         compare(trl, ours_curve(Path(a.ours)))
