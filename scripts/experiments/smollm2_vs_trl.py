@@ -151,15 +151,23 @@ def compare(trl: list[dict], ours: list[dict]) -> None:
     for t in trl:
         o = by_step.get(t["step"], {})
         print(f"{t['step']:4d}  {t['eval/accuracy']:.3f}    {t.get('eval/format', 0):.3f}    {t['wall_s']:6.0f}  | "
-              f"{o.get('eval/accuracy', float('nan')):.3f}     {o.get('eval/format') or float('nan'):.3f}     "
+              f"{o.get('eval/accuracy', float('nan')):.3f}     {nan_if_none(o.get('eval/format')):.3f}     "
               f"{o.get('train_s', float('nan')):8.0f}      {o.get('wall_s', float('nan')):8.0f}")
     target, trl_s = trl[-1]["eval/accuracy"], trl[-1]["wall_s"]
+    if target <= trl[0]["eval/accuracy"]:
+        print(f"TRL gained nothing by step {trl[-1]['step']} ({trl[0]['eval/accuracy']:.3f} -> {target:.3f}): "
+              f"no time to reach it to compare")
+        return
     reached = next((o for o in ours if o["eval/accuracy"] >= target), None)
     if reached is None:
         print(f"ours never reaches TRL's final {target:.3f} (TRL: {trl_s:.0f} s)")
     else:
         print(f"ours reaches TRL's final {target:.3f} at step {reached['step']}: {reached['train_s']:.0f} s of "
               f"training = {reached['train_s'] / trl_s:.2f}x TRL's {trl_s:.0f} s")
+
+
+def nan_if_none(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def main() -> None:
