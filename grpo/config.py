@@ -221,6 +221,10 @@ class ModelConfig:
             raise ConfigError(f"model.builtin: {self.builtin!r} is not one of tiny (or null)")
         if self.builtin and self.gguf_file:
             raise ConfigError("model.gguf_file: set it or model.builtin, not both")
+        if self.gguf_file and self.path:  # the run loads the conversion of gguf_file: a path beside it would be unused
+            raise ConfigError(f"model.path, model.gguf_file: give one, not both (model.path={self.path!r}, "
+                              f"model.gguf_file={self.gguf_file!r}); to load a directory such as a checkpoint's "
+                              f"policy/, set model.gguf_file=null and model.package=null")
         if self.builtin == "tiny":
             self.warm_start.validate()
 
@@ -522,6 +526,9 @@ class RewardItem:
 class RewardConfig:
     functions: list[RewardItem] = field(default_factory=list, metadata={"help": "rewards and their weights"})
     accuracy: str = field(default="math_accuracy", metadata={"help": "reward whose 1.0 means correct: eval/accuracy"})
+    format: Optional[str] = field(default=None, metadata={
+        "help": "reward whose 1.0 means laid out as asked, right or wrong: eval/format on the greedy held-out "
+                "completions, beside eval/accuracy (one of reward.functions, weight 0 to only measure it); null: none"})
     max_infra_error_frac: float = field(default=0.5, metadata={
         "help": "stop the run when, on a step, one reward could not score more than this fraction of the samples "
                 "for reasons that are not the completions' (reward/<name>_infra_errors: a sandbox that does not "
@@ -531,6 +538,9 @@ class RewardConfig:
         """At least one reward function; a fraction in [0, 1]."""
         if not self.functions:
             raise ConfigError("reward.functions: no reward function configured")
+        names = [f.name for f in self.functions]
+        if self.format is not None and self.format not in names:
+            raise ConfigError(f"reward.format: {self.format!r} is not one of reward.functions ({', '.join(names)})")
         if not 0.0 <= self.max_infra_error_frac <= 1.0:
             raise ConfigError(f"reward.max_infra_error_frac: must be in [0, 1], got {self.max_infra_error_frac!r}")
 

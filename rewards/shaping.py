@@ -24,6 +24,7 @@ def format_reward(
     *,
     tags: list[str] | None = None,
     boxed: bool | None = None,
+    pattern: str | None = None,
 ) -> list[float | None]:
     """1.0 when the completion has the required layout, else 0.0.
 
@@ -31,17 +32,20 @@ def format_reward(
         tags: e.g. ``["think", "answer"]``: the completion is exactly ``<think>...</think><answer>...</answer>``
             in that order, each once and non-empty, with only whitespace around them.
         boxed: exactly one final answer in ``\\boxed{}`` (repeats of the same box allowed). Defaults to True
-            when no tags are given, False otherwise.
+            when neither tags nor a pattern is given, False otherwise.
+        pattern: a regex the whole completion, stripped of surrounding whitespace, must match (e.g.
+            ``-?[0-9]+`` for a bare number, when the prompt asks for the answer alone).
     """
     if boxed is None:
-        boxed = not tags
-    if not tags and not boxed:
-        raise RewardConfigError("format reward: give tags, or boxed=True, or both")
+        boxed = not tags and pattern is None
+    if not tags and not boxed and pattern is None:
+        raise RewardConfigError("format reward: give tags, or boxed=True, or a pattern")
     layout = _tag_layout(tags) if tags else None
+    whole = _whole_pattern(pattern) if pattern is not None else None
     scores: list[float | None] = []
     for completion in completions:
-        ok = True
-        if layout is not None:
+        ok = whole is None or whole.fullmatch(completion.strip()) is not None
+        if ok and layout is not None:
             match = layout.fullmatch(completion)
             ok = match is not None and all(part.strip() for part in match.groups())
         if ok and boxed:
@@ -49,6 +53,13 @@ def format_reward(
             ok = len(boxes) == 1 and "" not in boxes
         scores.append(1.0 if ok else 0.0)
     return scores
+
+
+def _whole_pattern(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern, re.DOTALL)
+    except re.error as e:
+        raise RewardConfigError(f"format reward: pattern {pattern!r} is not a regex: {e}") from None
 
 
 def _tag_layout(tags: list[str]) -> re.Pattern[str]:

@@ -23,23 +23,28 @@ Episodes = Callable[[list[dict], int, bool], Completions]
 
 
 def evaluate(engine, scorer, rows: list[dict], accuracy_reward: str, *, pass_k: int = 0,
-             solved: list[bool] | None = None, episodes: Episodes | None = None) -> dict:
+             solved: list[bool] | None = None, episodes: Episodes | None = None,
+             format_reward: str | None = None) -> dict:
     """`eval/accuracy`: share of rows whose greedy completion scores 1 on `accuracy_reward`
-    (None counts as wrong). With `pass_k`, also `eval/pass@k` from k sampled completions.
+    (None counts as wrong). With `pass_k`, also `eval/pass@k` from k sampled completions. With `format_reward`
+    (a reward of `scorer`), also `eval/format`: share of greedy completions scoring 1 on it, right or wrong, so
+    that a gain in accuracy can be told apart from a change of layout alone.
     `solved`, when given, receives each row's greedy outcome, in row order. `episodes`, when given,
     runs each row as an episode (`Episodes`) instead of one completion; its last model turn is scored."""
     start = time.perf_counter()
     prompts = [r["prompt"] for r in rows]
     columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
     out = episodes(rows, 1, True) if episodes else engine.generate(prompts, 1, greedy=True)
-    scores = scorer(prompts, out.texts, columns).per_reward[accuracy_reward]
-    outcomes = [s is not None and s >= 1.0 for s in scores]
+    per_reward = scorer(prompts, out.texts, columns).per_reward
+    outcomes = [s is not None and s >= 1.0 for s in per_reward[accuracy_reward]]
     if solved is not None:
         solved.extend(outcomes)
     metrics = {
         "eval/accuracy": sum(outcomes) / len(rows),
         "eval/completion_len": sum(map(len, out.completion_ids)) / len(rows),
     }
+    if format_reward is not None:
+        metrics["eval/format"] = sum(s is not None and s >= 1.0 for s in per_reward[format_reward]) / len(rows)
     if pass_k:
         sampled = episodes(rows, pass_k, False) if episodes else engine.generate(prompts, pass_k)
         rep = {k: [v for v in vals for _ in range(pass_k)] for k, vals in columns.items()}
@@ -52,14 +57,15 @@ def evaluate(engine, scorer, rows: list[dict], accuracy_reward: str, *, pass_k: 
 
 def evaluate_splits(engine, scorer, eval_rows: list[dict], ood_splits: dict[str, list[dict]], accuracy_reward: str,
                     *, pass_k: int = 0, outcomes: dict[str, list[bool]] | None = None,
-                    episodes: Episodes | None = None) -> dict:
+                    episodes: Episodes | None = None, format_reward: str | None = None) -> dict:
     """In-distribution held-out accuracy (`eval/accuracy`), each out-of-distribution split's
     (`eval/ood/<name>_accuracy`), their row-weighted mean `eval/ood_accuracy`, and the gap
     `eval/generalization_gap` = `eval/accuracy` - `eval/ood_accuracy`, all with the same greedy harness.
-    `outcomes`, when given, receives each split's per-row outcomes (`test`, `ood/<name>`)."""
+    `outcomes`, when given, receives each split's per-row outcomes (`test`, `ood/<name>`). `eval/format` (with
+    `format_reward`) is the in-distribution split's."""
     outcomes = {} if outcomes is None else outcomes
     metrics = evaluate(engine, scorer, eval_rows, accuracy_reward, pass_k=pass_k,
-                       solved=outcomes.setdefault("test", []), episodes=episodes)
+                       solved=outcomes.setdefault("test", []), episodes=episodes, format_reward=format_reward)
     splits = {name: rows for name, rows in ood_splits.items() if rows}
     if splits:
         correct = total = 0.0
@@ -93,7 +99,8 @@ def evaluate_run(run, outcomes: dict[str, dict] | None = None) -> dict:
     mine: dict[str, list[bool]] = {}  # this rank's rows of each split
     episodes = episode_runner(run.engine, run.tokenizer, run.make_env, run.cfg.rollout, run.cfg.env)
     metrics = evaluate_splits(run.engine, run.eval_scorer, eval_rows, ood, run.cfg.reward.accuracy,
-                              pass_k=run.cfg.train.eval_pass_k, outcomes=mine, episodes=episodes)
+                              pass_k=run.cfg.train.eval_pass_k, outcomes=mine, episodes=episodes,
+                              format_reward=run.cfg.reward.format)
     if val_rows:  # the validation split, scored by the same greedy harness
         val = evaluate(run.engine, run.eval_scorer, val_rows, run.cfg.reward.accuracy,
                        solved=mine.setdefault("val", []), episodes=episodes)

@@ -174,10 +174,14 @@ def build_environment(cfg: Config) -> Callable[[], Environment] | None:
 
 
 def build_scorers(cfg: Config) -> tuple[RewardScorer, RewardScorer]:
-    """The training scorer (every reward function, weighted) and the evaluation scorer (the accuracy reward)."""
+    """The training scorer (every reward function, weighted) and the evaluation scorer (the accuracy reward,
+    and the format reward when `reward.format` names one)."""
     specs = [RewardSpec(f.name, f.weight, dict(f.kwargs), f.timeout_s) for f in cfg.reward.functions]
     accuracy_kwargs = next((s.kwargs for s in specs if s.name == cfg.reward.accuracy), {})
-    return RewardScorer(specs), RewardScorer([RewardSpec(cfg.reward.accuracy, 1.0, accuracy_kwargs)])
+    measured = [RewardSpec(cfg.reward.accuracy, 1.0, accuracy_kwargs)]
+    if cfg.reward.format is not None and cfg.reward.format != cfg.reward.accuracy:
+        measured += [RewardSpec(s.name, 1.0, s.kwargs) for s in specs if s.name == cfg.reward.format]
+    return RewardScorer(specs), RewardScorer(measured)
 
 
 def load_rows(cfg: Config, scorer: RewardScorer, eval_scorer: RewardScorer):
@@ -289,7 +293,7 @@ def evaluate_from_config(cfg: Config) -> dict:
     _, eval_rows, _, ood_rows = chat_splits(cfg, tokenizer, [], eval_rows, [], ood_rows)
     episodes = episode_runner(engine, tokenizer, make_env, cfg.rollout, cfg.env)
     metrics = evaluate_splits(engine, eval_scorer, eval_rows, ood_rows, cfg.reward.accuracy,
-                              pass_k=cfg.train.eval_pass_k, episodes=episodes)
+                              pass_k=cfg.train.eval_pass_k, episodes=episodes, format_reward=cfg.reward.format)
     print(json.dumps({"model": path, **metrics}, indent=2))
     return metrics
 

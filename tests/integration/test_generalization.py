@@ -38,6 +38,17 @@ def test_pooled_ood_accuracy_and_gap_by_hand():
     assert abs(m["eval/generalization_gap"] - (0.75 - 1 / 6)) < 1e-12
 
 
+def test_format_is_reported_beside_accuracy_right_or_wrong():
+    rows = [{"prompt": p, "answer": a} for p, a in (("e1", "1"), ("e2", "2"), ("e3", "3"), ("e4", "4"))]
+    # e1 bare and right, e2 right in a sentence, e3 bare and wrong, e4 neither
+    engine = AnswerBook({"e1": "1", "e2": "It is 2", "e3": "5", "e4": "I do not know"})
+    scorer = RewardScorer([RewardSpec("math_accuracy", 1.0, {"answer_pattern": "(-?[0-9]+)"}),
+                           RewardSpec("format", 1.0, {"pattern": "-?[0-9]+"})])
+    m = evaluate_splits(engine, scorer, rows, {}, "math_accuracy", format_reward="format")
+    assert (m["eval/accuracy"], m["eval/format"]) == (0.5, 0.5)  # right: e1, e2; bare numbers: e1, e3
+    assert "eval/format" not in evaluate_splits(engine, scorer, rows, {}, "math_accuracy")
+
+
 def test_arithmetic_ood_splits():
     task = Arithmetic(digits=2, reverse=True)
     splits = task.ood_splits(50)

@@ -233,3 +233,10 @@ def test_every_loop_the_config_accepts_is_one_the_command_line_runs():
     from grpo.config import LOOPS
 
     assert set(LOOPS) == set(RUNNABLE)
+
+
+def test_the_format_figure_names_one_of_the_rewards():
+    # reward=math has math_accuracy and format; reward=arithmetic has math_accuracy alone
+    assert compose(["reward=math", "reward.format=format"]).reward.format == "format"
+    with pytest.raises(ConfigError, match=r"^reward.format: 'format' is not one of reward.functions \(math_accuracy\)"):
+        compose(["reward=arithmetic", "reward.format=format"])

@@ -34,6 +34,17 @@ def test_the_packaged_model_composes_and_a_package_needs_a_file():
         compose(["model.gguf_file=x.gguf"])  # the default model is builtin tiny
 
 
+def test_a_model_path_beside_a_gguf_file_is_refused_not_ignored(tmp_path):
+    # grpo-eval model=smollm2-135m-instruct model.path=<a checkpoint's policy/> used to evaluate the packaged
+    # model and say nothing: the run loads the conversion of gguf_file, so path was never read.
+    policy = tmp_path / "policy"
+    with pytest.raises(ConfigError, match=r"^model.path, model.gguf_file: give one, not both \(model.path="
+                                          rf"'{policy}', model.gguf_file='SmolLM2-135M-Instruct.Q4_1.gguf'\)"):
+        compose(["model=smollm2-135m-instruct", f"model.path={policy}"])
+    cfg = compose(["model=smollm2-135m-instruct", f"model.path={policy}", "model.gguf_file=null", "model.package=null"])
+    assert (cfg.model.path, cfg.model.gguf_file) == (str(policy), None)
+
+
 def test_a_package_that_is_not_installed_names_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("GRPO_CACHE", str(tmp_path))
     cfg = compose(["model=smollm2-135m-instruct", "model.package=grpo-no-such-package"])

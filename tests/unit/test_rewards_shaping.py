@@ -35,11 +35,23 @@ def test_format_tags_and_boxed():
     assert format_reward([""] * 2, completions, tags=["answer"], boxed=True) == [1.0, 0.0]
 
 
+def test_format_pattern_matches_the_whole_completion():
+    # a bare number, as a prompt asking for the answer alone wants it: whitespace around it is fine; a number inside
+    # a sentence, or a boxed one, is not this layout (math_accuracy may still score it right)
+    completions = [" 84\n", "-3", "The answer is 84", r"\boxed{84}", "84.", ""]
+    assert format_reward([""] * 6, completions, pattern="-?[0-9]+") == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    # with tags as well, both must hold
+    assert format_reward([""] * 2, ["<answer>7</answer>", "7"], tags=["answer"], pattern="<answer>7</answer>") == \
+        [1.0, 0.0]
+
+
 def test_format_bad_options():
     with pytest.raises(ValueError):
         format_reward([""], ["x"], tags=[], boxed=False)
     with pytest.raises(ValueError, match="valid tag"):
         format_reward([""], ["x"], tags=["a>b"])
+    with pytest.raises(ValueError, match=r"format reward: pattern '\(' is not a regex"):
+        format_reward([""], ["x"], pattern="(")
 
 
 def test_length_soft_overlong_penalty():
