@@ -140,3 +140,15 @@ def test_epochs_and_mini_batches_set_the_optimiser_steps_and_the_old_policy(tmp_
         mask = step.batch.completion_mask.bool()
         sampler = step.batch.sampler_logprobs
         torch.testing.assert_close(step.batch.old_logprobs[mask], sampler[mask], atol=2e-5, rtol=0)
+
+
+def test_the_length_reward_in_tokens_reads_the_lengths_the_trainer_passes(tmp_path, tiny_random_dir, monkeypatch):
+    length = "{name: length, kwargs: {unit: tokens, max_length: 6, buffer: 3}}"
+    (step,), _ = steps(tmp_path, tiny_random_dir, monkeypatch,
+                       f"reward.functions=[{{name: 'tests.integration.test_options:parity_reward'}}, {length}]")
+    # max_length 6, buffer 3: tokens <= 3 get 0, then (3 - n) / 3: 4 -> -1/3, 5 -> -2/3, 6 -> -1
+    ramp = {n: 0.0 for n in range(4)} | {4: -1 / 3, 5: -2 / 3, 6: -1.0}
+    lengths = [len(c) for c in step.groups.completion_ids]
+    assert {n for n in lengths if n > 3} and {n for n in lengths if n <= 3}  # both sides of the ramp's start
+    assert step.groups.per_reward["length"] == pytest.approx([ramp[n] for n in lengths], abs=1e-9)
+    assert step.metrics["reward/length_error_frac"] == 0.0
