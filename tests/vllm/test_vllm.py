@@ -8,7 +8,6 @@ and runs `.venv-vllm/bin/python -m pytest -m vllm`); elsewhere they skip.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,12 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import compose
+from tests.conftest import HAS_VLLM, compose, requires
 
 pytestmark = [
     pytest.mark.vllm,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="vllm is not installed (bash scripts/install_vllm.sh makes .venv-vllm)"),
+    requires(HAS_VLLM, "vllm is not installed (bash scripts/install_vllm.sh makes .venv-vllm)"),
 ]
 ROOT = Path(__file__).resolve().parents[2]
 # A small KV cache (64 MiB) instead of a fraction of RAM: the tiny model needs a few thousand tokens.

@@ -10,7 +10,6 @@ The client side alone, with fake engines, is tested in test_rollout_server.py.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -23,12 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import compose
+from tests.conftest import HAS_VLLM, compose, requires
 
 pytestmark = [
     pytest.mark.vllm,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="vllm is not installed (bash scripts/install_vllm.sh makes .venv-vllm)"),
+    requires(HAS_VLLM, "vllm is not installed (bash scripts/install_vllm.sh makes .venv-vllm)"),
 ]
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
