@@ -162,7 +162,6 @@ def test_grpo_train_with_rollout_vllm_trains_end_to_end(tmp_path):
     for m in steps:
         # 8 prompts x 8 samples of a 0/1 reward: a count of 64ths, the one reward's own mean
         assert (m["train/reward_mean"] * 64) % 1 == 0 and m["train/reward_mean"] == m["reward/math_accuracy_mean"]
-        assert m["time/weight_sync_s"] > 0
         assert m["rollout/logprob_abs_diff"] < 1e-5, m  # every step samples from the synced policy
     assert "eval/accuracy" in lines[0] and "eval/accuracy" in steps[-1]
     assert (run_dir / "checkpoints" / "step_4" / "policy").is_dir()
