@@ -272,7 +272,7 @@ def test_grpo_train_env_calculator_runs_steps_with_env_metrics(tmp_path, tiny_ra
     steps = [m for m in lines if "train/loss" in m]
     assert [m["step"] for m in steps] == [1, 2]
     for m in steps:
-        assert m["env/turns_mean"] >= 1 and 0 <= m["env/truncated_frac"] <= 1
+        assert m["env/turns_mean"] >= 1
         assert {"env/tool_calls_mean", "env/tool_error_frac", "reward/math_accuracy_mean"} <= m.keys()
         assert m["reward/env_none_frac"] == 1.0  # the calculator leaves the reward to math_accuracy
 

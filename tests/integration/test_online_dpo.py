@@ -42,6 +42,11 @@ def test_the_update_is_the_mean_over_pairs_whatever_the_micro_batches(tiny_rando
     batch = layout_batch(prompts, completions, 2, tok.pad_token_id)
     batch.ref_logprobs = torch.randn(batch.completion_mask.shape, generator=g) * batch.completion_mask - 3.0
     width = batch.input_ids.shape[1]
+    with torch.no_grad():  # the loss and the share of pairs ranked right, from the whole batch at once
+        logp = score_logprobs(model, batch, temperature=1.0, micro_batch_tokens=100_000)  # [6, T-1]
+    mask = batch.completion_mask
+    loss, margin = dpo_loss((logp * mask).sum(1), (batch.ref_logprobs * mask).sum(1),
+                            beta=compose(["algorithm=online_dpo"]).algorithm.dpo.beta)  # [3] each
     grads = []
     for pairs_per_micro in (3, 1):
         cfg = compose(["algorithm=online_dpo", f"backend.micro_batch_tokens={pairs_per_micro * 2 * width}",
@@ -50,7 +55,8 @@ def test_the_update_is_the_mean_over_pairs_whatever_the_micro_batches(tiny_rando
         run = SimpleNamespace(cfg=cfg, backend=backend)
         metrics = dpo_update(run, batch, total_pairs=3)
         grads.append(backend.grads[0])
-        assert 0.0 <= metrics["train/dpo_pair_accuracy"] <= 1.0 and metrics["train/loss"] > 0
+        assert metrics["train/loss"] == pytest.approx(float(loss.mean()), abs=1e-5)
+        assert metrics["train/dpo_pair_accuracy"] == pytest.approx(float((margin > 0).double().mean()), abs=1e-9)
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=0, msg=name)
 
