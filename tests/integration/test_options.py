@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from grpo.algorithms import grpo as trainer
 from grpo.training.update import score_logprobs
 from tests.conftest import compose
+from tests.integration.test_trainer import pad_probability
 
 
 def parity_reward(prompts, completions, **_):
@@ -145,7 +146,10 @@ def test_epochs_and_mini_batches_set_the_optimiser_steps_and_the_old_policy(tmp_
     else:  # the sampling policy's log-probs, kept for every later update of the batch
         mask = step.batch.completion_mask.bool()
         sampler = step.batch.sampler_logprobs
-        torch.testing.assert_close(step.batch.old_logprobs[mask], sampler[mask], atol=2e-5, rtol=0)
+        start = AutoModelForCausalLM.from_pretrained(tiny_random_dir, dtype=torch.float32)
+        p_pad = pad_probability(start, step.batch, start.config.pad_token_id, temperature=1.0)  # never sampled
+        torch.testing.assert_close(step.batch.old_logprobs[mask] - torch.log1p(-p_pad[mask]), sampler[mask],
+                                   atol=2e-5, rtol=0)
 
 
 def test_the_length_reward_in_tokens_reads_the_lengths_the_trainer_passes(tmp_path, tiny_random_dir, monkeypatch):
