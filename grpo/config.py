@@ -455,6 +455,9 @@ class AlgorithmConfig:
     epochs: int = field(default=1, metadata={"help": "optimisation passes over each rollout batch"})
     mini_batches: int = field(default=1, metadata={"help": "optimiser steps per pass"})
     dynamic_sampling: bool = field(default=False, metadata={"help": "DAPO: drop groups with equal rewards, refill"})
+    dynamic_sampling_on: Optional[str] = field(default=None, metadata={
+        "help": "dynamic sampling: the reward whose equal values drop a group, a name in reward.functions, or "
+                "'total' for the shaped reward the advantages use; null: reward.accuracy (DAPO, verl)"})
     max_resample: int = field(default=3, metadata={"help": "dynamic sampling: extra generate rounds at most"})
     overlong_buffer: int = field(default=0, metadata={"help": "DAPO soft overlong penalty ramp length; 0 = off"})
     overlong_penalty: float = field(default=1.0, metadata={"help": "penalty at max_new_tokens"})
@@ -660,11 +663,34 @@ def validate_algorithm_against_run(cfg: Config) -> None:
         raise ConfigError("algorithm.overlong_buffer: the overlong penalty is for single-turn completions; "
                           "set it to 0 with env.name")
     validate_staleness(cfg)
+    validate_dynamic_sampling(cfg)
     if cfg.train.prompts_per_step % a.mini_batches:
         raise ConfigError(
             f"algorithm.mini_batches: {a.mini_batches} does not divide "
             f"train.prompts_per_step={cfg.train.prompts_per_step}"
         )
+
+
+def dynamic_sampling_reward(cfg: Config) -> str:
+    """The reward whose equal values within a group drop it under dynamic sampling: `algorithm.dynamic_sampling_on`,
+    by default `reward.accuracy`; 'total' is the weighted total with the overlong penalty."""
+    return cfg.algorithm.dynamic_sampling_on or cfg.reward.accuracy
+
+
+def validate_dynamic_sampling(cfg: Config) -> None:
+    """Dynamic sampling filters on a reward the run computes: one of reward.functions, or 'total'."""
+    if not cfg.algorithm.dynamic_sampling:
+        return
+    name, weights = dynamic_sampling_reward(cfg), {f.name: f.weight for f in cfg.reward.functions}
+    field_name = "algorithm.dynamic_sampling_on" if cfg.algorithm.dynamic_sampling_on else "reward.accuracy"
+    if name != "total" and name not in weights:
+        raise ConfigError(
+            f"{field_name}: dynamic sampling filters groups on the reward {name!r}, which is not in reward.functions "
+            f"{list(weights)}; set algorithm.dynamic_sampling_on to one of them, or to 'total' (the shaped reward)")
+    if not cfg.algorithm.dynamic_sampling_on and weights[name] == 0:  # e.g. reward=rm's ground truth, logged only
+        raise ConfigError(
+            f"reward.accuracy: {name!r} has weight 0 (logged, not trained on), and dynamic sampling would let it "
+            f"choose the batch; set algorithm.dynamic_sampling_on to a trained reward or 'total', or to {name!r}")
 
 
 def validate_staleness(cfg: Config) -> None:

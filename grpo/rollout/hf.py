@@ -17,9 +17,12 @@ own loop over the model's forward:
 Sampling follows transformers' conventions (temperature, then top-k, then top-p; top-p keeps the
 smallest set of tokens whose probability reaches `top_p`), and positions follow its left-padding
 convention (`attention_mask.cumsum(-1) - 1`), which `grpo.core.logprobs` uses too. The sampler's
-log-probs are those of the temperature-scaled distribution before any filtering, the distribution
-the trainer's log-probs are computed under. `python -m scripts.bench.rollout_throughput` measures the
-loop against `generate`.
+log-probs are the behaviour policy's, those of the distribution each token was drawn from: after
+temperature, the pad (and early EOS) suppression, top-k and top-p, renormalised, as vLLM's
+`processed_logprobs` are. The trainer's log-probs are the unfiltered policy's, so importance
+corrections (TIS, MIS) see the filters' mass on both engines alike, and `rollout/logprob_abs_diff`
+includes it (and the pad token's probability, which a trained model keeps near 0).
+`python -m scripts.bench.rollout_throughput` measures the loop against `generate`.
 """
 
 from __future__ import annotations
@@ -138,14 +141,18 @@ class HFRolloutEngine:
                 out.logprobs.append(token_logp[r, : length[r]].tolist())
 
     def _sample(self, logits: torch.Tensor, bias: torch.Tensor, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next token of every row, and its log-prob under `softmax(logits / temperature)`."""
         if greedy:
             return (logits + bias).argmax(-1), torch.zeros(logits.shape[0], device=logits.device)
-        scaled = logits / self.temperature  # [R, V]
-        logp = scaled.log_softmax(-1)  # the sampler's distribution, before any filtering
-        filtered = top_k_top_p(scaled + bias, self.top_k, self.top_p)
-        token = torch.multinomial(filtered.softmax(-1), 1).squeeze(1)  # [R]
-        return token, logp.gather(-1, token[:, None]).squeeze(1)
+        return sample_tokens(logits, bias, self.temperature, self.top_k, self.top_p)
+
+
+def sample_tokens(logits: torch.Tensor, bias: torch.Tensor, temperature: float, top_k: int,
+                  top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of every row [R], drawn from `softmax(top_k_top_p(logits / temperature + bias))`, and its
+    log-prob under that same distribution (the behaviour policy's: filtered and renormalised)."""
+    filtered = top_k_top_p(logits / temperature + bias, top_k, top_p)  # [R, V] -inf outside what may be drawn
+    token = torch.multinomial(filtered.softmax(-1), 1).squeeze(1)  # [R]
+    return token, filtered.log_softmax(-1).gather(-1, token[:, None]).squeeze(1)
 
 
 def left_padded(prompt_ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,8 +14,8 @@ Choices, and where they depart from a plain `vllm.LLM(...)`:
    every prompt the same random stream.
 3. `logprobs_mode="processed_logprobs"`: the returned log-prob of each sampled token is taken after
    temperature scaling, like the trainer's. With top-k/top-p on, it is the log-prob under the
-   filtered, renormalised distribution the token was drawn from (the hf engine reports it before
-   filtering), so `rollout/logprob_abs_diff` then includes the filter's mass.
+   filtered, renormalised distribution the token was drawn from (the behaviour policy's, as the hf
+   engine reports it too), so `rollout/logprob_abs_diff` then includes the filter's mass.
 4. Prompts go in as token ids from our tokenizer, and completions are decoded by it, so ids and texts
    are those the hf engine would give. The pad token is not suppressed (the hf engine does so only
    because it cannot tell a sampled pad from padding; here every sampled id is known).

@@ -1,8 +1,9 @@
 """Sampling and scoring groups: B prompts, G completions each, scored by the reward functions.
 
 Every rank draws the same prompt indices (one shared, seeded order) and keeps its contiguous share,
-so a group never straddles ranks. With DAPO's dynamic sampling, groups whose rewards are all equal
-are dropped and more prompts are sampled. The scored groups of all ranks are then gathered, so that
+so a group never straddles ranks. With DAPO's dynamic sampling, groups whose accuracy rewards are all
+equal (by default; `algorithm.dynamic_sampling_on` picks another reward, or the shaped total) are dropped
+and more prompts are sampled. The scored groups of all ranks are then gathered, so that
 advantages, metrics and samples are computed on the whole step's batch.
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from grpo import distributed as dist
-from grpo.config import AlgorithmConfig
+from grpo.config import AlgorithmConfig, dynamic_sampling_reward
 from grpo.core.advantages import group_stats
 from grpo.errors import RewardInfraError
 from grpo.rollout.episodes import episode_metrics, episode_options, failed, run_episodes
@@ -119,7 +120,8 @@ def check_infra_errors(metrics: dict, max_frac: float, step: int | None = None) 
 def sample_groups(run, num_prompts: int) -> tuple[Groups, dict]:
     """Sample and score G completions for this rank's share of `num_prompts` prompts.
 
-    With dynamic sampling, groups whose rewards are all equal carry no gradient: they are dropped
+    With dynamic sampling, groups whose rewards are all equal carry no signal: they are dropped (equal on
+    the reward `dynamic_sampling_reward` names, by default the accuracy one)
     and more prompts are sampled, at most `max_resample` extra rounds, while any rank is short
     (every rank generates in every round: under ZeRO-3 generation gathers the weights, a
     collective); if still short, the step trains on the groups it has.
@@ -130,11 +132,11 @@ def sample_groups(run, num_prompts: int) -> tuple[Groups, dict]:
     while True:
         fresh, seconds = sample_and_score(run, num_prompts, tally)
         generate_s += seconds
-        informative = nonzero_std_groups(fresh.rewards, G)
-        if counts is None:  # [informative groups, groups] of the first round, summed over ranks
-            counts = group_counts(informative)
+        if counts is None:  # [groups whose advantages are not all 0, groups] of the first round, over ranks
+            counts = group_counts(nonzero_std_groups(fresh.rewards, G))
         if algo.dynamic_sampling:
-            fresh = fresh.keep(informative, G)
+            fresh = fresh.keep(nonzero_std_groups(dynamic_sampling_values(fresh, dynamic_sampling_reward(run.cfg)),
+                                                  G), G)
         if groups is None:
             groups = fresh
         elif len(groups.rows) < share:
@@ -152,6 +154,13 @@ def sample_groups(run, num_prompts: int) -> tuple[Groups, dict]:
         metrics["train/resample_rounds"] = rounds
         metrics["train/kept_groups"] = int(dist.all_reduce_sum(torch.tensor([len(groups.rows)]))[0])
     return groups, metrics
+
+
+def dynamic_sampling_values(groups: Groups, reward: str) -> list[float | None]:
+    """What dynamic sampling compares within a group: one reward's values, or 'total', the shaped reward.
+    DAPO and verl filter on accuracy, so an all-correct group of varied lengths is dropped rather than
+    trained on its overlong penalty alone."""
+    return groups.rewards if reward == "total" else groups.per_reward[reward]
 
 
 def sample_and_score(run, num_prompts: int, tally: ScoringTally) -> tuple[Groups, float]:
@@ -176,6 +185,7 @@ def score_rows(run, rows: list[dict], tally: ScoringTally) -> tuple[Groups, floa
                            **episode_options(run.cfg.rollout, run.cfg.env))
     prompts = [r["prompt"] for r in rows for _ in range(G)]
     columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+    columns["completion_length"] = [len(c) for c in out.completion_ids]  # tokens: the `length` reward's unit=tokens
     scored = run.scorer(prompts, out.texts, columns)
     tally.add(scored)
     total, per_reward = scored.total, scored.per_reward

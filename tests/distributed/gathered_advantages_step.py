@@ -41,7 +41,8 @@ def main() -> None:
     dist.init_distributed(deepspeed=False, timeout_s=120)
     cfg = compose(["model=hf", f"model.path={args.model}", "model.dtype=float32", "backend=ddp",
                    "train.prompts_per_step=6", f"algorithm.group_size={G}", "algorithm.advantage=reinforce_pp",
-                   "algorithm.dynamic_sampling=true", "algorithm.max_resample=0", "rollout.max_new_tokens=6",
+                   "algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling_on=total", "algorithm.max_resample=0",
+                   "rollout.max_new_tokens=6",
                    "tracking.progress_bar=false", "task.arithmetic.num_eval=8",
                    "reward.functions=[{name: 'tests.distributed.gathered_advantages_step:rank_reward'}]"])
     cfg.run_dir = str(Path(args.out).parent / "run")

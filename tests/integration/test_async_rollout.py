@@ -26,6 +26,9 @@ COMMON = ["tracking.progress_bar=false", "tracking.plot=false", "threads=1", "se
           "checkpoint.every_steps=2", "checkpoint.keep_last=5", "optim.lr=1e-4", "algorithm.tis_cap=2"]
 
 
+STALE_GAP = 1e-3  # mean |sampler - trainer| log-prob: below on a step sampled by its own weights, above on a stale one
+
+
 def _run(tmp_path: Path, name: str, overrides: list[str]) -> list[dict]:
     cfg = compose([*COMMON, "model=hf", *overrides])
     cfg.run_dir = str(tmp_path / name)
@@ -65,9 +68,12 @@ def test_staleness_is_bounded_every_step_and_the_run_trains(tmp_path, warm_tiny_
     assert [h["step"] for h in steps] == [1, 2, 3, 4, 5]
     # the batch of step s is sampled by version max(0, s - 1 - n) and trained on by version s - 1
     assert [h["rollout/staleness"] for h in steps] == [min(s - 1, n) for s in range(1, 6)]
-    for h in steps:
-        assert 0 < h["rollout/is_weight_mean"] <= 2.0 and h["rollout/mis_masked_frac"] == 0.0
-    assert steps[0]["rollout/logprob_abs_diff"] < 1e-4  # step 1 is on policy: the copy samples the trainer's weights
+    # Step 1 is on policy: the copy samples the trainer's weights (measured 2e-7). Every later step was sampled by
+    # weights one or more updates old, so the trainer's log-probs of its tokens moved (measured 5e-3 to 2.4e-2 at
+    # lr 1e-4); a pipeline that sampled them from the current weights would show the fresh step's gap.
+    assert steps[0]["rollout/logprob_abs_diff"] < STALE_GAP
+    assert all(h["rollout/logprob_abs_diff"] > STALE_GAP for h in steps[1:]), [h["rollout/logprob_abs_diff"]
+                                                                               for h in steps]
     w0 = load_file(warm_tiny_dir / "model.safetensors")
     w5 = load_file(tmp_path / f"n{n}" / "checkpoints" / "step_4" / "policy" / "model.safetensors")
     assert any(not torch.equal(w5[k], w0[k]) for k in w0)  # the run trained
@@ -95,3 +101,41 @@ def test_resume_regenerates_the_batches_in_flight(tmp_path, warm_tiny_dir):
     assert len(again) == 5 and again == straight  # nothing lost, nothing doubled, the same order
     steps = [json.loads(line)["step"] for line in (crashed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_the_correction_changes_the_gradient_of_a_stale_step_only(tmp_path, warm_tiny_dir, monkeypatch):
+    from dataclasses import replace
+
+    from grpo.algorithms import grpo as trainer
+    from grpo.training.pipeline import RolloutPipeline
+    from grpo.training.run import build_run
+    from tests.integration.test_trainer import RecordingBackend
+
+    cfg = compose([*COMMON, "model=hf", f"model.path={warm_tiny_dir}", "rollout.max_staleness=1",
+                   "train.max_steps=2", "train.samples_every=0"])
+    cfg.run_dir = str(tmp_path / "run")
+    run = build_run(cfg)
+    real_update, gaps = trainer.update_policy, []
+
+    def spy(backend, batch, algo, **kwargs):  # this step's gradient with the correction on and off, then the step
+        grads = []
+        for cap in (algo.tis_cap, 0.0):
+            recorder = RecordingBackend(backend.model)
+            real_update(recorder, batch, replace(algo, tis_cap=cap), **kwargs)
+            grads.append(recorder.grads[0])
+        gaps.append(max(float((grads[0][n] - g).abs().max() / g.abs().max()) for n, g in grads[1].items()))
+        return real_update(backend, batch, algo, **kwargs)
+
+    monkeypatch.setattr(trainer, "update_policy", spy)
+    pipeline = RolloutPipeline(run)
+    try:
+        for step in (1, 2):
+            assert trainer.train_step(run, step, rollout=pipeline).skipped is None
+    finally:
+        pipeline.close()
+        run.tracker.close(plot=False)
+    print(gaps)
+    # step 1: sampler and trainer agree (ratio 1 to 2e-7), so TIS leaves the gradient as it was; step 2's batch
+    # was sampled before the first update: min(ratio, 2) reweights its tokens and the gradient moves
+    assert gaps[0] < 1e-4 and gaps[1] > 1e-3, gaps

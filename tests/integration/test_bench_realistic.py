@@ -79,7 +79,6 @@ def test_the_smallest_configuration_runs_every_phase(tmp_path):
     assert train["real_tokens"] > 0
     # ours trims each micro-batch's padding; TRL forwards the whole padded batch
     assert 0 < train["ours"]["positions"] <= train["trl"]["positions"]
-    assert train["ours"]["peak_mb"] >= 0 and train["trl"]["peak_mb"] >= 0
     assert results["generation"]["ours"]["tokens_per_s"] > 0 and results["generation"]["generate"]["tokens_per_s"] > 0
     assert results["step"]["ours"]["tokens"] > 0 and results["step"]["trl"]["tokens"] > 0
 

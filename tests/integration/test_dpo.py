@@ -164,3 +164,31 @@ def test_a_resumed_dpo_run_equals_the_uninterrupted_one(tmp_path, warm_tiny_dir)
               for d in (straight, resumed))
     for (name, pa), pb in zip(wa.named_parameters(), wb.parameters()):
         torch.testing.assert_close(pb, pa, atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_dpo_step_raises_the_chosen_completions_margin_over_the_rejected(tmp_path, tiny_random_dir):
+    from grpo.algorithms import dpo
+    from grpo.training.run import build_run
+    from tests.integration.test_online_dpo import preference_margins
+
+    pairs = [{"prompt": f"{a}+{b}=", "chosen": str(a + b)[::-1], "rejected": str(a + b + 1)[::-1]}
+             for a, b in [(12, 34), (5, 9), (40, 2), (7, 71)]]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    cfg = compose(["algorithm=dpo", f"algorithm.dpo.pairs_file={tmp_path / 'pairs.jsonl'}",
+                   "algorithm.dpo.batch_size=4", "model=hf", f"model.path={tiny_random_dir}", "model.dtype=float32",
+                   "optim.lr=1e-3", "optim.warmup_steps=0", "tracking.progress_bar=false", "task.arithmetic.num_eval=8",
+                   f"run_dir={tmp_path / 'run'}"])
+    run = build_run(cfg)
+    tokenised = dpo.prepare_pairs(run)
+    dpo.train_step(run, 1, tokenised)  # batch_size 4: every pair, once
+    run.tracker.close(plot=False)
+    tok = run.tokenizer  # the file's texts tokenised here, apart from the run's own pairs
+
+    def ids(col):
+        return [tok(p[col], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for p in pairs]
+
+    args = (tokenised.prompt_ids, ids("chosen"), ids("rejected"), cfg.rollout.temperature)
+    before, after = preference_margins(run.ref_model, *args), preference_margins(run.policy, *args)
+    # step 1 starts at the reference: the loss's gradient is -beta/(2P) times that of the summed margins of the
+    # file's chosen over its rejected, so the step raises them (and lowers them with the two swapped)
+    assert float((after - before).mean()) > 1e-3, (after - before).tolist()

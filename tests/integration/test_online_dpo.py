@@ -12,6 +12,7 @@ from grpo.algorithms.online_dpo import best_and_worst
 from grpo.algorithms.preference import dpo_update
 from grpo.core.batch import layout_batch
 from grpo.core.losses import dpo_loss
+from grpo.training.update import score_logprobs
 from tests.conftest import compose
 from tests.integration.test_supervised import spy_on_packing
 from tests.integration.test_trainer import RecordingBackend, load
@@ -45,6 +46,11 @@ def test_the_update_is_the_mean_over_pairs_whatever_the_micro_batches_and_layout
     batch = layout_batch(prompts, completions, 2, tok.pad_token_id)
     batch.ref_logprobs = torch.randn(batch.completion_mask.shape, generator=g) * batch.completion_mask - 3.0
     width = batch.input_ids.shape[1]
+    with torch.no_grad():  # the loss and the share of pairs ranked right, from the whole batch at once
+        logp = score_logprobs(model, batch, temperature=1.0, micro_batch_tokens=100_000)  # [6, T-1]
+    mask = batch.completion_mask
+    loss, margin = dpo_loss((logp * mask).sum(1), (batch.ref_logprobs * mask).sum(1),
+                            beta=compose(["algorithm=online_dpo"]).algorithm.dpo.beta)  # [3] each
     grads = []
     for pairs_per_micro, layout in ((3, "padded"), (1, packing)):
         cfg = compose(["algorithm=online_dpo", f"backend.micro_batch_tokens={pairs_per_micro * 2 * width}",
@@ -53,7 +59,8 @@ def test_the_update_is_the_mean_over_pairs_whatever_the_micro_batches_and_layout
         run = SimpleNamespace(cfg=cfg, backend=backend)
         metrics = dpo_update(run, batch, total_pairs=3)
         grads.append(backend.grads[0])
-        assert 0.0 <= metrics["train/dpo_pair_accuracy"] <= 1.0 and metrics["train/loss"] > 0
+        assert metrics["train/loss"] == pytest.approx(float(loss.mean()), abs=1e-5)
+        assert metrics["train/dpo_pair_accuracy"] == pytest.approx(float((margin > 0).double().mean()), abs=1e-9)
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=0, msg=name)
     assert layouts == ([] if packing == "padded" else [packing] * 3)  # the second update's 3 micro-batches
@@ -78,3 +85,40 @@ def test_online_dpo_steps_start_at_log_2_and_move_the_margin(tmp_path, tiny_rand
     # step 1: the policy is the reference, so every margin is 0 and the loss is log 2
     assert history[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6) and history[0]["train/dpo_margin"] == 0
     assert history[-1]["train/dpo_margin"] != 0 and history[-1]["optim/grad_norm"] > 0
+
+
+def preference_margins(model, prompt_ids, chosen_ids, rejected_ids, temperature: float) -> torch.Tensor:
+    """[P] log pi(chosen | prompt) - log pi(rejected | prompt), summed over each completion's tokens."""
+    rows = [ids for pair in zip(chosen_ids, rejected_ids) for ids in pair]
+    batch = layout_batch(prompt_ids, rows, 2, 0)
+    with torch.no_grad():
+        logp = score_logprobs(model, batch, temperature=temperature, micro_batch_tokens=100_000)  # [2P, T-1]
+    seq = (logp * batch.completion_mask).sum(1)  # [2P]
+    return seq[0::2] - seq[1::2]
+
+
+def test_an_online_dpo_step_raises_the_preferred_completions_margin(tmp_path, tiny_random_dir):
+    from grpo.algorithms import online_dpo
+    from grpo.training.run import build_run
+
+    cfg = compose(["algorithm=online_dpo", "model=hf", f"model.path={tiny_random_dir}", "model.dtype=float32",
+                   "train.prompts_per_step=4", "algorithm.group_size=4", "rollout.max_new_tokens=6", "optim.lr=1e-3",
+                   "optim.warmup_steps=0", "tracking.progress_bar=false", "task.arithmetic.num_eval=8",
+                   "reward.functions=[{name: 'tests.integration.test_online_dpo:distinct_reward'}]"])
+    cfg.run_dir = str(tmp_path / "run")
+    run = build_run(cfg)
+    result = online_dpo.train_step(run, 1)
+    run.tracker.close(plot=False)
+    groups, G = result.groups, cfg.algorithm.group_size
+    # the reward's own preference, worked out here and not read from the batch the update built: in each group
+    # the completion with the highest reward against the one with the lowest
+    best = [max(range(g, g + G), key=lambda i: groups.rewards[i]) for g in range(0, len(groups.rewards), G)]
+    worst = [min(range(g, g + G), key=lambda i: groups.rewards[i]) for g in range(0, len(groups.rewards), G)]
+    chosen, rejected = [groups.completion_ids[i] for i in best], [groups.completion_ids[i] for i in worst]
+    before = preference_margins(run.ref_model, groups.prompt_ids, chosen, rejected, cfg.rollout.temperature)
+    after = preference_margins(run.policy, groups.prompt_ids, chosen, rejected, cfg.rollout.temperature)
+    # At step 1 the policy is the reference, every h is 0 and each pair's loss -log sigmoid(beta h) has slope
+    # -beta/2 in h: the step's gradient is -beta/(2P) times that of the summed margins, so a descent step raises
+    # them. With chosen and rejected swapped it lowers them by as much.
+    assert result.metrics["train/dpo_pairs"] == 4
+    assert float((after - before).mean()) > 1e-3, (after - before).tolist()

@@ -12,9 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from grpo.algorithms import grpo as trainer
+from grpo.training.update import score_logprobs
 from tests.conftest import compose
+from tests.integration.test_trainer import pad_probability
 
 
 def parity_reward(prompts, completions, **_):
@@ -123,7 +126,11 @@ def test_the_kl_term_acts_once_the_policy_has_left_the_reference(tmp_path, tiny_
     assert kl[0].metrics["train/loss"] == pytest.approx(base[0].metrics["train/loss"], abs=1e-6)
     # step 2: the policy has moved, the KL is positive and pulls the update away from beta = 0's
     assert kl[1].metrics["train/kl"] > 1e-4
-    assert torch.equal(kl[1].batch.ref_logprobs, kl[0].batch.ref_logprobs) is False
+    # the reference stays the starting weights: step 2's reference log-probs are the untrained model's, recomputed
+    start = AutoModelForCausalLM.from_pretrained(tiny_random_dir, dtype=torch.float32)
+    again = score_logprobs(start, kl[1].batch, temperature=1.0, micro_batch_tokens=100_000)
+    mask = kl[1].batch.completion_mask.bool()
+    torch.testing.assert_close(kl[1].batch.ref_logprobs[mask], again[mask], atol=1e-5, rtol=0)
     assert weights_differ(w_base, w_kl) > 1e-5
 
 
@@ -139,4 +146,44 @@ def test_epochs_and_mini_batches_set_the_optimiser_steps_and_the_old_policy(tmp_
     else:  # the sampling policy's log-probs, kept for every later update of the batch
         mask = step.batch.completion_mask.bool()
         sampler = step.batch.sampler_logprobs
-        torch.testing.assert_close(step.batch.old_logprobs[mask], sampler[mask], atol=2e-5, rtol=0)
+        start = AutoModelForCausalLM.from_pretrained(tiny_random_dir, dtype=torch.float32)
+        p_pad = pad_probability(start, step.batch, start.config.pad_token_id, temperature=1.0)  # never sampled
+        torch.testing.assert_close(step.batch.old_logprobs[mask] - torch.log1p(-p_pad[mask]), sampler[mask],
+                                   atol=2e-5, rtol=0)
+
+
+def test_the_length_reward_in_tokens_reads_the_lengths_the_trainer_passes(tmp_path, tiny_random_dir, monkeypatch):
+    length = "{name: length, kwargs: {unit: tokens, max_length: 6, buffer: 3}}"
+    (step,), _ = steps(tmp_path, tiny_random_dir, monkeypatch,
+                       f"reward.functions=[{{name: 'tests.integration.test_options:parity_reward'}}, {length}]")
+    # max_length 6, buffer 3: tokens <= 3 get 0, then (3 - n) / 3: 4 -> -1/3, 5 -> -2/3, 6 -> -1
+    ramp = {n: 0.0 for n in range(4)} | {4: -1 / 3, 5: -2 / 3, 6: -1.0}
+    lengths = [len(c) for c in step.groups.completion_ids]
+    assert {n for n in lengths if n > 3} and {n for n in lengths if n <= 3}  # both sides of the ramp's start
+    assert step.groups.per_reward["length"] == pytest.approx([ramp[n] for n in lengths], abs=1e-9)
+    assert step.metrics["reward/length_error_frac"] == 0.0
+
+
+def test_dr_grpo_drops_only_the_groups_std_from_the_advantages(tmp_path, tiny_random_dir, monkeypatch):
+    (base,), _ = steps(tmp_path, tiny_random_dir, monkeypatch)
+    (dr,), _ = steps(tmp_path, tiny_random_dir, monkeypatch, "algorithm.advantage=dr_grpo")
+    same_rollout(base, dr)
+    # grpo: (r - mean) / (std + 1e-6), std unbiased over the group; dr_grpo: r - mean
+    rewards = torch.tensor(base.groups.rewards).view(-1, 4)  # [B, G]
+    assert (rewards.std(1) > 0).any()  # some group has a signal
+    scale = (rewards.std(1) + 1e-6).repeat_interleave(4)  # [B*G]
+    torch.testing.assert_close(dr.batch.advantages, base.batch.advantages * scale, atol=1e-6, rtol=0)
+    assert torch.equal(base.batch.completion_mask, dr.batch.completion_mask)
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_each_loss_aggregation_reaches_the_step(tmp_path, tiny_random_dir, monkeypatch, mode):
+    (step,), _ = steps(tmp_path, tiny_random_dir, monkeypatch, f"algorithm.loss_agg={mode}")
+    # one update on policy: the ratio is 1 and each token's loss is -A; n_i tokens in completion i, N completions,
+    # max_new_tokens 6: token_mean -sum(A n) / sum(n); seq_mean_token_mean -mean(A);
+    # seq_mean_token_sum_norm -sum(A n / 6) / N
+    A, n = step.batch.advantages.double(), step.batch.completion_mask.sum(1).double()  # [N] each
+    expected = {"token_mean": -(A * n).sum() / n.sum(), "seq_mean_token_mean": -A.mean(),
+                "seq_mean_token_sum_norm": -(A * n / 6).sum() / len(A)}[mode]
+    assert A.abs().sum() > 0 and n.min() != n.max()  # the three modes differ on this batch
+    assert step.metrics["train/loss"] == pytest.approx(float(expected), abs=1e-6)

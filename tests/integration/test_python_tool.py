@@ -149,7 +149,9 @@ def test_env_python_runs_through_the_real_loop_with_sandboxed_calls(tmp_path, ti
     assert [m["step"] for m in steps] == [1, 2]
     for m in steps:
         assert m["env/turns_mean"] == 2 and m["env/tool_calls_mean"] == 1 and m["env/tool_error_frac"] == 0
-        assert 0 < m["rollout/logprob_abs_diff"] < 2e-5  # the model's tokens, as sampled, around the tool's reply
+        # the model's tokens, as sampled, around the tool's reply: the gap is the sampler's renormalisation without
+        # pad alone (-log(1 - p(pad)), about 0.01 on this random model)
+        assert 0 < m["rollout/logprob_abs_diff"] < 0.02
     assert train(tmp_path, tiny_random_dir, "py2", "env=python", "train.max_steps=1")[-1]["step"] == 1
 
 

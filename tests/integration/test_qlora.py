@@ -124,7 +124,6 @@ def test_a_qlora_grpo_run_trains_the_adapters_through_the_loop(tmp_path, warm_ti
     assert [h["step"] for h in steps] == [1, 2]
     for h in steps:
         assert math.isfinite(h["train/loss"]) and math.isfinite(h["optim/grad_norm"]) and h["optim/grad_norm"] > 0
-        assert h["train/kl"] >= 0
         assert h["rollout/logprob_abs_diff"] < 1e-5  # the hf sampler ran the 4-bit adapted policy the trainer scores
     ckpt = tmp_path / "run" / "checkpoints" / "step_2"
     adapter = load_file(ckpt / "adapter" / "adapter_model.safetensors")

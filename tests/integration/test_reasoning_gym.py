@@ -157,7 +157,9 @@ def test_grpo_train_task_reasoning_gym_runs_steps_and_evaluates(tmp_path, tiny_r
                   "rollout.max_new_tokens=4", "train.max_steps=2", "train.eval_every=2")
     steps = [m for m in lines if "train/loss" in m]
     assert [m["step"] for m in steps] == [1, 2]
-    assert all(0 <= m["reward/reasoning_gym_mean"] <= 1 for m in steps)
+    # every sample scored (the rows' own dataset columns reached the reward), and it is the whole reward
+    assert all(m["reward/reasoning_gym_none_frac"] == 0 for m in steps)
+    assert all(m["reward/reasoning_gym_mean"] == pytest.approx(m["train/reward_mean"], abs=1e-9) for m in steps)
     evals = [m for m in lines if "eval/accuracy" in m]
     assert evals and evals[-1]["eval/problems"] == 6 and "val/accuracy" in evals[-1]
     report = json.loads((tmp_path / "rg" / "contamination.json").read_text())

@@ -132,6 +132,7 @@ def test_too_many_masked_steps_in_a_row_stop_the_run(tmp_path, tiny_random_dir, 
                    "train.prompts_per_step=2", "algorithm.group_size=2", "train.eval_before=false",
                    "task.arithmetic.num_eval=2", "train.max_masked_steps=3",
                    f"algorithm.dynamic_sampling={dynamic_sampling}",  # masked groups look equal: still counted
+                   "algorithm.dynamic_sampling_on=total",  # reward.accuracy is not among the functions
                    "reward.functions=[{name: 'tests.integration.test_reliability:always_raises'}]",
                    # a reward that raises is also an infrastructure failure: off here, to reach the masked steps
                    "reward.max_infra_error_frac=1.0", "reward.accuracy=math_accuracy"])

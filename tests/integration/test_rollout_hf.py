@@ -74,10 +74,12 @@ def test_min_new_tokens_holds_eos_back_and_logprobs_are_the_samplers(model_and_t
     out = engine.generate(PROMPTS, n=2)
     assert all(len(c) == 6 and tok.eos_token_id not in c for c in out.completion_ids)
     assert out.truncated == [True] * 8
-    # Each log-prob is that of the sampled token under softmax(logits / T), recomputed by a plain forward.
+    # Each log-prob is that of the sampled token under the distribution it was drawn from: softmax(logits / T)
+    # with EOS (held back) and pad (never sampled) removed and the rest renormalised, by a plain forward.
     for i, (comp, lps) in enumerate(zip(out.completion_ids, out.logprobs)):
         prompt = out.prompt_ids[i // 2]
         logits = model(torch.tensor([prompt + comp])).logits[0, len(prompt) - 1 : -1]  # [C, V]
+        logits[:, [tok.eos_token_id, tok.pad_token_id]] = float("-inf")
         expected = (logits / 1.3).log_softmax(-1).gather(-1, torch.tensor(comp)[:, None]).squeeze(1)
         torch.testing.assert_close(torch.tensor(lps), expected, atol=1e-5, rtol=0)
 

@@ -3,6 +3,7 @@ exact gradient accumulation, None rewards, dynamic sampling."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -26,7 +27,7 @@ def test_layout_puts_completions_at_one_column():
     assert batch.completion_mask.tolist() == [[0, 1, 1, 1], [0, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0]]
 
 
-def test_trainer_logprobs_equal_sampler_logprobs_under_left_padding(tiny_random_dir):
+def test_trainer_logprobs_are_the_samplers_before_its_pad_suppression_under_left_padding(tiny_random_dir):
     model, tok = load(tiny_random_dir)
     engine = HFRolloutEngine(model, tok, temperature=0.7, max_new_tokens=6)
     prompts = ["1+1=", "12+345=", "9=", "abc def+1="]  # different lengths: left padding differs per row
@@ -35,7 +36,18 @@ def test_trainer_logprobs_equal_sampler_logprobs_under_left_padding(tiny_random_
     trainer = score_logprobs(model, batch, temperature=0.7, micro_batch_tokens=10_000)  # [N, T-1]
     mask = batch.completion_mask.bool()
     assert mask.sum() > len(out.completion_ids)  # several tokens per completion
-    torch.testing.assert_close(trainer[mask], batch.sampler_logprobs[mask], atol=2e-5, rtol=0)
+    p_pad = pad_probability(model, batch, tok.pad_token_id, temperature=0.7)  # [N, T-1]
+    assert p_pad[mask].min() > 1e-3  # a random model gives pad real mass: the renormalisation is seen
+    torch.testing.assert_close(trainer[mask] - torch.log1p(-p_pad[mask]), batch.sampler_logprobs[mask],
+                               atol=2e-5, rtol=0)
+
+
+def pad_probability(model, batch, pad_id: int, temperature: float) -> torch.Tensor:
+    """[N, T-1] the policy's probability of pad where column t scores token t+1, by a plain forward. The hf
+    sampler never draws pad, so its log-prob of a token is the trainer's minus log(1 - this)."""
+    position = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position).logits
+    return (logits[:, :-1] / temperature).softmax(-1)[..., pad_id]
 
 
 class RecordingBackend:
@@ -126,23 +138,25 @@ def test_one_step_moves_the_parameters_towards_positive_samples(tiny_random_dir)
 
 
 class ScriptedEngine:
-    """A fake RolloutEngine: completion j of prompt "p" is str(answers[p][j]) (ten lines, no inheritance)."""
+    """A fake RolloutEngine: completion j of prompt "p" is str(answers[p][j]), lengths[p][j] tokens long
+    (2 when not given) (ten lines, no inheritance)."""
 
-    def __init__(self, answers):
-        self.answers, self.calls = answers, 0
+    def __init__(self, answers, lengths=None):
+        self.answers, self.lengths, self.calls = answers, lengths or {}, 0
 
     def generate(self, prompts, n, *, greedy=False):
         from grpo.rollout import Completions
 
         self.calls += 1
         texts = [self.answers[p][j] for p in prompts for j in range(n)]
-        return Completions([[1] for _ in prompts], [[2, 3] for _ in texts], texts, [False] * len(texts))
+        ids = [[2] * self.lengths.get(p, [2] * n)[j] for p in prompts for j in range(n)]
+        return Completions([[1] for _ in prompts], ids, texts, [False] * len(texts))
 
     def sync_weights(self, model):
         return 0.0
 
 
-def _fake_run(algo_overrides, answers, rows):
+def _fake_run(algo_overrides, answers, rows, *overrides, lengths=None):
     from types import SimpleNamespace
 
     from grpo.data.loading import PromptSampler
@@ -150,11 +164,11 @@ def _fake_run(algo_overrides, answers, rows):
     from rewards import RewardScorer, RewardSpec
     from tests.conftest import compose
 
-    cfg = compose([f"algorithm.{k}={v}" for k, v in algo_overrides.items()] + ["algorithm.group_size=2"])
+    cfg = compose([f"algorithm.{k}={v}" for k, v in algo_overrides.items()] + ["algorithm.group_size=2", *overrides])
     return Run(cfg=cfg, tokenizer=SimpleNamespace(pad_token_id=0), policy=None, ref_model=None,
-               engine=ScriptedEngine(answers), backend=None, scorer=RewardScorer([RewardSpec("math_accuracy")]),
-               eval_scorer=None, train_rows=rows, eval_rows=[], sampler=PromptSampler(len(rows), seed=0),
-               tracker=None)
+               engine=ScriptedEngine(answers, lengths), backend=None,
+               scorer=RewardScorer([RewardSpec("math_accuracy")]), eval_scorer=None, train_rows=rows, eval_rows=[],
+               sampler=PromptSampler(len(rows), seed=0), tracker=None)
 
 
 def test_dynamic_sampling_drops_equal_reward_groups_and_refills():
@@ -173,6 +187,43 @@ def test_dynamic_sampling_drops_equal_reward_groups_and_refills():
     run = _fake_run({"dynamic_sampling": "true", "max_resample": 3}, answers, rows[:2])
     groups, metrics = sample_groups(run, 2)
     assert run.engine.calls == 4 and groups.rows == [] and metrics["train/zero_std_frac"] == 1.0
+
+
+def test_dynamic_sampling_filters_on_accuracy_not_on_the_overlong_penalty():
+    from grpo.training.sampling import sample_groups
+
+    # max_new_tokens 4, overlong_buffer 2, penalty 1: 1 token -> +0, 4 tokens -> -1.
+    # a: both right, 1 and 4 tokens: accuracy [1, 1] (no signal), shaped total [1, 0] (a signal from length alone)
+    # c: one right, one wrong, 1 token each: accuracy and total [1, 0]
+    rows = [{"prompt": p, "answer": "1"} for p in "ac"]
+    answers, lengths = {"a": ["1", "1"], "c": ["1", "0"]}, {"a": [1, 4], "c": [1, 1]}
+    dapo = {"dynamic_sampling": "true", "max_resample": 1, "overlong_buffer": 2}
+    run = _fake_run(dapo, answers, rows, "rollout.max_new_tokens=4", lengths=lengths)
+    groups, metrics = sample_groups(run, 2)
+    assert [r["prompt"] for r in groups.rows] == ["c", "c"]  # a dropped twice, c kept from both rounds
+    assert groups.rewards == [1.0, 0.0, 1.0, 0.0] and metrics["train/resample_rounds"] == 1
+    assert metrics["train/zero_std_frac"] == 0.0  # the shaped rewards the advantages see differ in both groups
+
+    run = _fake_run({**dapo, "dynamic_sampling_on": "total"}, answers, rows, "rollout.max_new_tokens=4",
+                    lengths=lengths)
+    groups, metrics = sample_groups(run, 2)
+    assert [r["prompt"] for r in groups.rows] == ["a", "c"] and groups.rewards == [1.0, 0.0, 1.0, 0.0]
+    assert metrics["train/resample_rounds"] == 0
+
+
+def test_dynamic_sampling_on_names_a_reward_of_the_run():
+    from grpo.errors import ConfigError
+    from tests.conftest import compose
+
+    with pytest.raises(ConfigError, match=r"algorithm.dynamic_sampling_on: .*'format'.*\['math_accuracy'\]"):
+        compose(["algorithm=dapo", "algorithm.dynamic_sampling_on=format"])
+    with pytest.raises(ConfigError, match=r"reward.accuracy: .*'code_tests'"):
+        compose(["algorithm=dapo", "reward.accuracy=code_tests"])
+    with pytest.raises(ConfigError, match=r"reward.accuracy: 'math_accuracy' has weight 0"):  # reward=rm's ground truth
+        compose(["algorithm=dapo", "reward=rm"])
+    compose(["algorithm=dapo", "reward=rm", "algorithm.dynamic_sampling_on=reward_model"])
+    compose(["algorithm=dapo", "algorithm.dynamic_sampling_on=total"])
+    compose(["algorithm.dynamic_sampling_on=format"])  # dynamic sampling off: nothing filters on it
 
 
 def test_without_dynamic_sampling_every_group_is_kept():

@@ -8,7 +8,6 @@ They need the `vllm` package (`bash scripts/install_vllm.sh` makes .venv-vllm); 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,12 +22,12 @@ from grpo.builtin.tiny import save_tiny
 from grpo.core.batch import layout_batch
 from grpo.rollout.episodes import run_episodes
 from grpo.training.update import score_logprobs
+from tests.conftest import HAS_VLLM, requires
 from tests.integration.test_episodes import Chatty
 
 pytestmark = [
     pytest.mark.vllm,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="vllm is not installed (bash scripts/install_vllm.sh makes .venv-vllm)"),
+    requires(HAS_VLLM, "vllm is not installed (bash scripts/install_vllm.sh makes .venv-vllm)"),
 ]
 ROOT = Path(__file__).resolve().parents[2]
 # openings of 34, 36 and 32 tokens ("<user>" + prompt + "<eos>" + "<assistant>", a token per character)
@@ -131,4 +130,3 @@ def test_grpo_train_rollout_vllm_env_calculator_logs_env_metrics(tmp_path, long_
         assert {"env/tool_calls_mean", "env/tool_error_frac", "reward/math_accuracy_mean"} <= m.keys()
         assert m["reward/env_none_frac"] == 1.0  # the calculator leaves the reward to math_accuracy
         assert m["rollout/logprob_abs_diff"] < 1e-5, m  # the trainer's log-probs are the sampler's, every turn
-        assert m["time/weight_sync_s"] > 0

@@ -8,7 +8,6 @@ and runs `.venv-vllm/bin/python -m pytest -m vllm`); elsewhere they skip.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,12 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import compose
+from tests.conftest import HAS_VLLM, compose, requires
 
 pytestmark = [
     pytest.mark.vllm,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="vllm is not installed (bash scripts/install_vllm.sh makes .venv-vllm)"),
+    requires(HAS_VLLM, "vllm is not installed (bash scripts/install_vllm.sh makes .venv-vllm)"),
 ]
 ROOT = Path(__file__).resolve().parents[2]
 # A small KV cache (64 MiB) instead of a fraction of RAM: the tiny model needs a few thousand tokens.
@@ -164,7 +162,6 @@ def test_grpo_train_with_rollout_vllm_trains_end_to_end(tmp_path):
     for m in steps:
         # 8 prompts x 8 samples of a 0/1 reward: a count of 64ths, the one reward's own mean
         assert (m["train/reward_mean"] * 64) % 1 == 0 and m["train/reward_mean"] == m["reward/math_accuracy_mean"]
-        assert m["time/weight_sync_s"] > 0
         assert m["rollout/logprob_abs_diff"] < 1e-5, m  # every step samples from the synced policy
     assert "eval/accuracy" in lines[0] and "eval/accuracy" in steps[-1]
     assert (run_dir / "checkpoints" / "step_4" / "policy").is_dir()

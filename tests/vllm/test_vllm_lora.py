@@ -10,17 +10,14 @@ Run in the vLLM venv like tests/vllm/test_vllm.py (`.venv-vllm/bin/python -m pyt
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from tests.conftest import compose
+from tests.conftest import HAS_VLLM, compose, requires
 from tests.vllm.test_vllm import ENGINE, _warm_dir
 
 pytestmark = [
     pytest.mark.vllm,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="vllm is not installed (bash scripts/install_vllm.sh makes .venv-vllm)"),
+    requires(HAS_VLLM, "vllm is not installed (bash scripts/install_vllm.sh makes .venv-vllm)"),
 ]
 
 

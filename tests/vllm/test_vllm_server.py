@@ -10,7 +10,6 @@ The client side alone, with fake engines, is tested in test_rollout_server.py.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -23,12 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import compose
+from tests.conftest import HAS_VLLM, compose, requires
 
 pytestmark = [
     pytest.mark.vllm,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="vllm is not installed (bash scripts/install_vllm.sh makes .venv-vllm)"),
+    requires(HAS_VLLM, "vllm is not installed (bash scripts/install_vllm.sh makes .venv-vllm)"),
 ]
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -116,7 +114,6 @@ def test_pushed_weights_keep_the_sampler_on_the_policy_and_unpushed_ones_do_not(
               f"push s {[round(m['time/weight_sync_s'], 3) for m in pushed]}")
     assert max(with_push) < 1e-5, with_push  # the colocated engine's threshold (test_vllm.py)
     assert min(without) > 1e-2 and min(without) > 100 * max(with_push), (with_push, without)
-    assert all(m["time/weight_sync_s"] > 0 for m in pushed)
 
 
 def test_asynchronous_rollout_on_the_servers_trains_one_version_behind(servers, tmp_path):
@@ -133,8 +130,10 @@ def test_asynchronous_rollout_on_the_servers_trains_one_version_behind(servers, 
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if x["step"] > 0]
     assert [x["rollout/staleness"] for x in steps] == [0, 1, 1]
-    assert all(0 < x["rollout/is_weight_mean"] <= 2 for x in steps)
-    assert all(x["time/weight_sync_s"] > 0 for x in steps)
+    # step 1 samples the trainer's own weights (the colocated threshold); steps 2-3 were sampled one update back,
+    # so the trainer's log-probs of their tokens moved (a server that sampled current weights would show step 1's)
+    gaps = [x["rollout/logprob_abs_diff"] for x in steps]
+    assert gaps[0] < 1e-5 and min(gaps[1:]) > 1e-4, gaps
 
 
 def test_grpo_train_in_server_mode_fails_naming_the_server_when_it_is_killed_mid_run(tmp_path, capsys):

@@ -1,0 +1,44 @@
+"""The hf engine's log-prob of a sampled token is the behaviour policy's: that of the distribution the token was
+drawn from, after the pad suppression, top-k and top-p, renormalised (as vLLM's `processed_logprobs`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from grpo.rollout.hf import sample_tokens
+
+# probabilities 0.4, 0.3, 0.2, 0.1 over a vocabulary of 4
+LOGITS = torch.tensor([[math.log(0.4), math.log(0.3), math.log(0.2), math.log(0.1)]]).repeat(400, 1)  # [R, V]
+NO_BIAS = torch.zeros(4)
+
+
+def draw(bias=NO_BIAS, temperature=1.0, top_k=0, top_p=1.0) -> dict[int, set[float]]:
+    """Each token drawn, with the log-probs reported for it (400 draws)."""
+    torch.manual_seed(0)
+    token, logp = sample_tokens(LOGITS, bias, temperature, top_k, top_p)
+    seen: dict[int, set[float]] = {}
+    for t, lp in zip(token.tolist(), logp.tolist()):
+        seen.setdefault(t, set()).add(round(lp, 6))
+    return seen
+
+
+def test_top_k_reports_the_renormalised_truncated_distribution():
+    # top-k 2 keeps 0.4 and 0.3: renormalised 4/7 and 3/7 (the unfiltered log(0.4) = -0.916 would be wrong)
+    seen = draw(top_k=2)
+    assert seen == {0: {round(math.log(4 / 7), 6)}, 1: {round(math.log(3 / 7), 6)}}
+
+
+def test_top_p_and_a_suppressed_token_report_what_is_left():
+    # top-p 0.5: token 1 stays (0.4 before it < 0.5), token 2 goes (0.7 before it): again 4/7 and 3/7
+    assert draw(top_p=0.5) == {0: {round(math.log(4 / 7), 6)}, 1: {round(math.log(3 / 7), 6)}}
+    # the pad token (here 0) suppressed: 0.3, 0.2, 0.1 renormalised over 0.6 -> 1/2, 1/3, 1/6
+    pad = torch.tensor([float("-inf"), 0.0, 0.0, 0.0])
+    assert draw(bias=pad) == {1: {round(math.log(1 / 2), 6)}, 2: {round(math.log(1 / 3), 6)},
+                              3: {round(math.log(1 / 6), 6)}}
+
+
+def test_temperature_scales_before_the_filter():
+    # T = 0.5 squares the probabilities: 0.16, 0.09, 0.04, 0.01 (sum 0.30); top-k 2 -> 16/25 and 9/25
+    assert draw(temperature=0.5, top_k=2) == {0: {round(math.log(16 / 25), 6)}, 1: {round(math.log(9 / 25), 6)}}
