@@ -86,6 +86,7 @@ class RunResult:
     passed: bool
     detail: str  # why it failed ("timeout", the exception the tests raised, ...), or "passed"
     seconds: float
+    infra: bool = False  # the harness failed (no verdict): not the program's doing, so not a wrong answer
 
 
 @dataclass(frozen=True)
@@ -158,14 +159,23 @@ def run_tests(
     limits = limits or Limits()
     nonce = secrets.token_hex(16)
     payload = {"code": code, "tests": tests, "entry_point": entry_point, "prompt": prompt, "nonce": nonce}
-    messages, timed_out, returncode, seconds = _run_runner(payload, kind, limits, site_packages, "tests")
-    if timed_out:
-        return RunResult(False, "timeout", seconds)
+    start = time.monotonic()
+    try:
+        messages, timed_out, returncode, seconds = _run_runner(payload, kind, limits, site_packages, "tests")
+    except OSError as e:  # the sandbox's launcher cannot be executed
+        return RunResult(False, f"the sandbox did not start: {e}", time.monotonic() - start, infra=True)
+    started = any(message.get("started") == nonce for message in messages)
+    if timed_out:  # the program's doing only once it was running
+        return (RunResult(False, "timeout", seconds) if started else
+                RunResult(False, f"the sandbox did not start within {limits.timeout_s:g} s", seconds, infra=True))
     for message in messages:
         if "passed" in message:
-            passed = message["passed"] is True and message.get("nonce") == nonce
-            return RunResult(passed, str(message.get("detail", "")), seconds)
-    return RunResult(False, f"no result (exit status {returncode})", seconds)
+            if message.get("infra") is True or not started or (message["passed"] is True) != (
+                    message.get("nonce") == nonce):  # only the judge writes here: a mismatch is its failure
+                return RunResult(False, f"the judge failed: {message.get('detail')!s:.300}", seconds, infra=True)
+            return RunResult(message["passed"] is True, str(message.get("detail", "")), seconds)
+    how = "the sandbox did not start" if not started else "the judge ended without a verdict"
+    return RunResult(False, f"{how} (exit status {returncode})", seconds, infra=True)
 
 
 def run_code(code: str, *, kind: str, limits: Limits | None = None, max_output: int = 4096,

@@ -166,6 +166,12 @@ CASES: dict[str, tuple[str, str, str | None]] = {
         "import os, signal\ndef f(x):\n    for sig in (signal.SIGSTOP, signal.SIGKILL):\n        for pid in "
         "(os.getppid(), 1, -1):\n            try:\n                os.kill(pid, sig)\n            except OSError:\n"
         "                pass\n    return 0\n", TESTS, None),
+    # Judged as a failure of the harness, a wrong answer would be masked, and enough of them stop the run.
+    "SIGKILL the judge through a pipe's SIGIO (F_SETOWN, F_SETSIG)": (
+        "import fcntl, os, signal\ndef f(x):\n    for fd in range(3, 16):\n        try:\n"
+        "            fcntl.fcntl(fd, fcntl.F_SETOWN, os.getppid())\n            fcntl.fcntl(fd, 10, signal.SIGKILL)\n"
+        "            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)\n"
+        "        except OSError:\n            pass\n    return 0\n", TESTS, None),
     "plant modules for the judge's imports in /tmp and the cwd": (
         "import os\nfor d in ('/tmp', os.getcwd()):\n    for name in ('re', 'math', 'json', 'sitecustomize'):\n"
         "        try:\n            open(os.path.join(d, name + '.py'), 'w').write('import os\\nos._exit(0)\\n')\n"
@@ -222,6 +228,10 @@ def test_forgeries_score_zero_within_their_deadline(kind, tmp_path):
         results = dict(zip(CASES, pool.map(lambda case: run_case(case, kind), CASES.values())))
     passed = {name: result.detail for name, result in results.items() if result.passed}
     assert passed == {}, f"forgeries that scored 1: {passed}"
+    # Each is a wrong answer (0.0), never a failure of the harness (None), which would mask it: no case may kill,
+    # stop or silence the judge.
+    unjudged = {name: result.detail for name, result in results.items() if result.infra}
+    assert unjudged == {}, f"forgeries the judge could not judge: {unjudged}"
     # Each run ends by its deadline (plus the time to kill and reap the sandbox and load on 2 shared cores).
     slow = {name: round(result.seconds, 1) for name, result in results.items() if result.seconds > TIMEOUT_S + 3}
     assert slow == {}
