@@ -41,6 +41,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -195,6 +196,27 @@ def run_code(code: str, *, kind: str, limits: Limits | None = None, max_output: 
                    seconds)
 
 
+class MemoryBudget:
+    """Megabytes that live sessions may hold together: each ``PythonSession`` given this budget reserves its
+    ``memory_mb`` (its address-space limit, which a stopped interpreter keeps) when its interpreter starts and
+    releases it when the interpreter ends. ``limit_mb`` None: no limit."""
+
+    def __init__(self, limit_mb: float | None = None):
+        self.limit_mb, self.held_mb = limit_mb, 0
+        self._lock = threading.Lock()
+
+    def reserve(self, mb: int) -> bool:
+        with self._lock:
+            if self.limit_mb is not None and self.held_mb + mb > self.limit_mb:
+                return False
+            self.held_mb += mb
+            return True
+
+    def release(self, mb: int) -> None:
+        with self._lock:
+            self.held_mb = max(0, self.held_mb - mb)
+
+
 class PythonSession:
     """One sandboxed interpreter that runs programs one after another in the same namespace, as a notebook does:
     variables, functions and imports stay from one ``run`` to the next.
@@ -206,13 +228,14 @@ class PythonSession:
     leaves behind runs only while a later program does, inside that one's deadline. A program that runs past its
     deadline, or that kills its interpreter (a memory or CPU limit, ``os._exit``), costs the session its state:
     the result says so, and the next ``run`` starts a fresh interpreter. ``max_output``: characters of each
-    program's output (and of its error) kept.
+    program's output (and of its error) kept. ``memory_budget``: a ``MemoryBudget`` shared with other sessions;
+    an interpreter that would take it past its limit is not started, and the ``run`` says so in its error.
     """
 
     def __init__(self, *, kind: str, limits: Limits | None = None, max_output: int = 4096,
-                 site_packages: bool = False, cpu_budget_s: float = 60.0):
+                 site_packages: bool = False, cpu_budget_s: float = 60.0, memory_budget: MemoryBudget | None = None):
         self.kind, self.limits, self.max_output = kind, limits or Limits(), max_output
-        self.site_packages, self.cpu_budget_s = site_packages, cpu_budget_s
+        self.site_packages, self.cpu_budget_s, self.memory_budget = site_packages, cpu_budget_s, memory_budget
         self.max_line = max(_MAX_OUTPUT, 24 * max_output + 4096)  # output and error, 12 bytes a character at worst
         self.proc: subprocess.Popen | None = None
         self._finalizer: weakref.finalize | None = None  # kills the interpreter's sandbox, once
@@ -224,7 +247,17 @@ class PythonSession:
         start = time.monotonic()
         deadline = start + self.limits.timeout_s
         if self.proc is None:
-            self._start()
+            if self.memory_budget is not None and not self.memory_budget.reserve(self.limits.memory_mb):
+                budget = self.memory_budget
+                return CodeRun("", f"refused: no memory left to start an interpreter (the running ones hold "
+                                   f"{budget.held_mb} MB of the {budget.limit_mb:g} MB they may hold together); "
+                                   "nothing ran", time.monotonic() - start)
+            try:
+                self._start()
+            except BaseException:
+                if self.memory_budget is not None:
+                    self.memory_budget.release(self.limits.memory_mb)
+                raise
         else:
             self._signal(signal.SIGCONT)
         nonce = secrets.token_hex(16)
@@ -259,7 +292,8 @@ class PythonSession:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_ENV, cwd="/",
             start_new_session=True,
         )
-        self._finalizer = weakref.finalize(self, _kill_group, self.proc)  # no interpreter outlives its session
+        # No interpreter outlives its session, nor its reservation its interpreter.
+        self._finalizer = weakref.finalize(self, _end_session, self.proc, self.memory_budget, self.limits.memory_mb)
         self.starts += 1
         os.set_blocking(self.proc.stdin.fileno(), False)
         os.set_blocking(self.proc.stdout.fileno(), False)
@@ -313,6 +347,14 @@ class PythonSession:
         line, _, rest = bytes(self.pending).partition(b"\n")
         self.pending = bytearray(rest)
         return line
+
+
+def _end_session(proc: subprocess.Popen, budget: MemoryBudget | None, memory_mb: int) -> None:
+    try:
+        _kill_group(proc)
+    finally:
+        if budget is not None:
+            budget.release(memory_mb)
 
 
 def _json_object(line: bytes) -> dict:
