@@ -26,6 +26,11 @@ Memory: no cgroup is used (the machines this was written on have cgroup v1, not 
 sandbox is ``RLIMIT_AS`` on each process that runs code (``memory_mb``; two of them for ``run_tests``), the
 size-capped ``/tmp`` (``tmp_mb``) as the only writable filesystem, ``RLIMIT_FSIZE`` and ``RLIMIT_NOFILE``, and
 the filter's refusal of the memory no rlimit counts (memfd, SysV shared memory, io_uring, a tmpfs of its own).
+
+Threads: ``RLIMIT_NPROC`` does not bind a uid that maps to the host's root, and a raw ``clone`` thread needs no
+real stack, so each sandbox runs in a pid namespace with its own ``pid_max`` (Linux 6.14 and later):
+300 + ``Limits.threads``, set by the unshare init, or for bubblewrap by an ``unshare`` wrapper whose pid namespace
+holds bubblewrap's (pids are allocated at every level). ``pid_max_settable`` says whether this machine allows it.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ class Limits:
     tmp_mb: int = 64  # size of the private /tmp (bwrap)
     open_files: int = 64
     processes: int = 16  # RLIMIT_NPROC (binds non-root users; the seccomp filter binds everyone)
+    threads: int = 256  # tasks (threads) the sandbox's pid namespace always has room for (module docstring)
 
     def for_runner(self) -> dict[str, int]:
         return {
@@ -508,13 +514,49 @@ def _command(kind: str, limits: Limits, site_packages: bool, mode: str) -> list[
         argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"]
         argv += ["--size", str(limits.tmp_mb << 20), "--tmpfs", "/tmp", "--remount-ro", "/"]
         argv += ["--chdir", "/tmp", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8"]
-        return argv + ["--"] + runner
+        return _in_bounded_pid_namespace(argv + ["--"] + runner, limits)
     if kind == "unshare":
-        spec = json.dumps({"binds": ["/usr", *_python_dirs()], "tmp_mb": limits.tmp_mb, "argv": runner})
+        spec = json.dumps({"binds": ["/usr", *_python_dirs()], "tmp_mb": limits.tmp_mb, "argv": runner,
+                           "pid_max": _pid_max(limits) if pid_max_settable() else None})
         init = [python, "-I", "-S", "-c", _UNSHARE_INIT, spec]
         flags = ["--user", "--map-root-user", "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child"]
         return [*_die_with_trainer(), "unshare", *flags, "--", *init]
     raise RewardConfigError(f"unknown sandbox {kind!r}")
+
+
+# The kernel hands out pids 1 .. pid_max - 1 in a pid namespace, then, once it has wrapped, only RESERVED_PIDS
+# (300) .. pid_max - 1: pid_max = 300 + threads leaves room for `threads` tasks at any time and at most
+# 299 + threads at once.
+_RESERVED_PIDS = 300
+
+
+def _pid_max(limits: Limits) -> int:
+    return _RESERVED_PIDS + limits.threads
+
+
+@functools.cache
+def pid_max_settable() -> bool:
+    """Whether a pid namespace of our own can be given its own pid_max here (Linux 6.14 and later, with user
+    namespaces): the bound on a sandbox's threads (module docstring)."""
+    if shutil.which("unshare") is None:
+        return False
+    try:
+        probe = subprocess.run(["unshare", "--user", "--map-root-user", "--pid", "--mount", "--fork", "--", "sh", "-c",
+                                "mount -t proc proc /proc && echo 301 > /proc/sys/kernel/pid_max"],
+                               capture_output=True, timeout=10, env=_ENV, cwd="/")
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+def _in_bounded_pid_namespace(argv: list[str], limits: Limits) -> list[str]:
+    """``argv`` (bubblewrap's) run inside a pid namespace whose pid_max bounds every task below it, bubblewrap's
+    own pid namespace included (a pid is allocated at every level); ``argv`` as it is where that cannot be set."""
+    if not pid_max_settable():
+        return argv
+    setup = 'mount -t proc proc /proc && echo "$0" > /proc/sys/kernel/pid_max && exec "$@"'
+    return [*_die_with_trainer(), "unshare", "--user", "--map-root-user", "--pid", "--mount", "--fork",
+            "--kill-child", "--", "sh", "-c", setup, str(_pid_max(limits)), *argv]
 
 
 @functools.cache
@@ -570,6 +612,9 @@ for dev in ("null", "zero", "full", "random", "urandom"):
     bind_ro("/dev/" + dev, root + "/dev/" + dev, is_file=True)
 os.makedirs(root + "/proc")
 mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+if spec["pid_max"] is not None:  # this pid namespace's own: bounds the threads of everything in it
+    with open(root + "/proc/sys/kernel/pid_max", "w") as f:
+        f.write(str(spec["pid_max"]))
 os.makedirs(root + "/tmp")
 mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=%dm" % spec["tmp_mb"])
 os.makedirs(root + "/.old")
