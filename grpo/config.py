@@ -328,12 +328,16 @@ class EnvConfig:
         "help": "wall-clock seconds of one episode at most (its turns and tool calls); past it the episode ends "
                 "truncated; 0 = no limit"})
     workers: int = field(default=8, metadata={"help": "environments stepped at once (threads)"})
+    sessions_memory_mb: int = field(default=0, metadata={
+        "help": "MB that persistent python interpreters may hold together (each its env.kwargs.memory_mb); one "
+                "past it is refused with an error reply; 0 = half the memory available at start"})
 
     def validate(self) -> None:
         """Positive limits."""
         positive("env.max_tool_calls_per_turn", self.max_tool_calls_per_turn)
         positive("env.episode_timeout_s", self.episode_timeout_s, zero_ok=True)
         positive("env.workers", self.workers)
+        positive("env.sessions_memory_mb", self.sessions_memory_mb, zero_ok=True)
 
 
 @dataclass

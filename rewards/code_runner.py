@@ -23,7 +23,11 @@ anything: the child becomes the candidate's process, the parent the judge.
   them (MBPP's ``math.isclose``). A proxy's call sends the arguments and returns what the judge decodes: built
   by the judge, of built-in types only. A raise in the candidate raises the nearest built-in exception in the
   judge; a candidate that exits, crashes or answers out of protocol ends the run as a failure.
-- Only the judge holds the pipe to the host. It writes ``{"passed", "detail", "nonce"}`` once and exits; the
+- Only the judge holds the pipe to the host. Once the candidate's process says it is up and confined, and
+  before the program reaches it, the judge writes ``{"started": nonce}``; at the end it writes ``{"passed",
+  "detail", "nonce", "infra"}`` once and exits (``infra``: the harness failed before the program ran). What
+  happens before ``started``, or a judge that ends without a verdict, is the harness's failure, not a wrong
+  answer; the candidate cannot cause one, since its signals reach only itself (``seccomp_filter``). The
   candidate's process never sees the nonce, the tests or that pipe, so what it prints, the frames it walks,
   the builtins or modules it replaces and the handlers it installs reach nothing that decides.
 
@@ -46,7 +50,7 @@ processes, no core files), drops every capability (bounding set, ambient, effect
 securebits locked so an exec as uid 0 regains none), and installs a seccomp filter (``seccomp_filter``) that
 refuses new processes (threads are allowed: RLIMIT_NPROC does not bind uid 0), new namespaces, mounts, and the
 calls that reach kernel memory or other processes (``ptrace``, ``io_uring``, ``bpf``, ``memfd_create``, SysV
-shared memory, keyrings, ...).
+shared memory, keyrings, signals to any process but itself, ...).
 """
 
 import builtins
@@ -131,6 +135,16 @@ _DENIED = {
                 262, 265, 161, 162),
 }
 _CLONE_NAMESPACES = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
+# Signals reach only the process itself: the candidate shares the judge's uid, so without this it could SIGKILL
+# or SIGSTOP the judge and turn a wrong answer into a failure of the harness. kill, tgkill, rt_sigqueueinfo and
+# rt_tgsigqueueinfo are allowed with the caller's own pid only; tkill, pidfd_send_signal and pidfd_getfd are
+# refused; so are fcntl F_SETOWN / F_SETOWN_EX and ioctl FIOSETOWN / SIOCSPGRP, through which a descriptor's
+# SIGIO (any signal, with F_SETSIG) is sent to a process of one's choice.
+_SIGNALS = {
+    "x86_64": {"own_pid": (62, 234, 129, 297), "denied": (200, 424, 438), "fcntl": 72, "ioctl": 16},
+    "aarch64": {"own_pid": (129, 131, 138, 240), "denied": (130, 424, 438), "fcntl": 25, "ioctl": 29},
+}
+_SET_OWNER = {"fcntl": (8, 15), "ioctl": (0x8901, 0x8902)}
 
 
 def seccomp_filter():
@@ -152,8 +166,14 @@ def seccomp_filter():
     prog = [(ld_w_abs, 0, 0, 4), (jeq_k, 1, 0, arch), (ret_k, 0, 0, kill), (ld_w_abs, 0, 0, 0)]
     if machine == "x86_64":
         prog += [(jge_k, 0, 1, 0x40000000), (ret_k, 0, 0, kill)]  # the x32 ABI would bypass the numbers below
-    for nr in (*nr_forks, *_DENIED[machine]):
+    for nr in (*nr_forks, *_DENIED[machine], *_SIGNALS[machine]["denied"]):
         prog += [(jeq_k, 0, 1, nr), (ret_k, 0, 0, eperm)]
+    for nr in _SIGNALS[machine]["own_pid"]:  # the target pid is the first argument's low word
+        prog += [(jeq_k, 0, 4, nr), (ld_w_abs, 0, 0, 16), (jeq_k, 0, 1, os.getpid()), (ret_k, 0, 0, allow),
+                 (ret_k, 0, 0, eperm)]
+    for call, (first, second) in _SET_OWNER.items():  # the command is the second argument's low word
+        prog += [(jeq_k, 0, 5, _SIGNALS[machine][call]), (ld_w_abs, 0, 0, 24), (jeq_k, 2, 0, first),
+                 (jeq_k, 1, 0, second), (ret_k, 0, 0, allow), (ret_k, 0, 0, eperm)]
     prog += [(jeq_k, 0, 1, nr_clone3), (ret_k, 0, 0, enosys)]
     prog += [(jeq_k, 1, 0, nr_clone), (ret_k, 0, 0, allow)]
     prog += [(ld_w_abs, 0, 0, 16), (jset_k, 2, 0, _CLONE_NAMESPACES), (jset_k, 0, 1, clone_thread),
@@ -286,6 +306,7 @@ def candidate_main(channel, limits, judge):
     if os.getppid() != judge:  # the judge died before the death signal was armed
         _exit(1)
     confine(limits)
+    channel.send({"ready": True})  # up and confined: from here on, what goes wrong is the program's doing
     code = channel.receive()["code"]
     scope = {"__name__": "__candidate__", "__builtins__": builtins}
     try:
@@ -414,8 +435,9 @@ def judge_main(channel):
     quiet_std_fds()
     nonce = payload.pop("nonce", None)
 
-    def report(passed, detail):
-        line = _dumps({"passed": passed, "detail": str(detail)[:300], "nonce": nonce if passed else ""})
+    def report(passed, detail, infra=False):
+        line = _dumps({"passed": passed, "detail": str(detail)[:300], "nonce": nonce if passed else "",
+                       "infra": infra})
         _write(result_fd, (line + "\n").encode("utf-8"))
         _exit(0)
 
@@ -423,12 +445,17 @@ def judge_main(channel):
     entry_point = payload.get("entry_point")
     try:
         tests_code = compile(payload["tests"], "<tests>", "exec")
+        channel.receive()  # the candidate's process is up and confined
+        _write(result_fd, (_dumps({"started": nonce}) + "\n").encode("utf-8"))
         channel.send({"code": payload["code"]})
-        first = channel.receive()
-    except (EOFError, OSError) as e:
-        report(False, f"the candidate's process ended before its program ran: {e}")
+    except (EOFError, OSError) as e:  # before the program reached its process: the harness failed, not it
+        report(False, f"the candidate's process failed before its program ran: {e}", infra=True)
     except SyntaxError as e:
         report(False, f"the tests do not compile: {e}")
+    try:
+        first = channel.receive()
+    except (EOFError, OSError) as e:
+        report(False, f"the candidate's process ended while its program ran: {e}")
     if "defined" not in first:
         report(False, f"candidate raised {raised_in_candidate(first)!r}")
     if entry_point and (type(first["defined"]) is not list or entry_point not in first["defined"]):

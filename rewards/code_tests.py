@@ -12,10 +12,17 @@ Completions run in parallel, each in its own sandbox (``rewards.sandbox``), ``nu
 sandbox, the program runs in one process and the tests in another that calls the program's functions with plain
 data and compares what comes back; the verdict is that process's (``rewards/code_runner.py`` says what this
 costs). With an ``entry_point``, the helpers the prompt defines (HumanEval's ``poly``) are the prompt's own.
+
+A sample the harness could not judge is None, counted in ``reward/code_tests_infra_errors``, never 0.0: a sandbox
+that does not start (its launcher missing or failing, or not up by the deadline), a judge that dies or reports
+out of protocol, tests that do not compile. A program that runs past its deadline, crashes or exits is a wrong
+answer (0.0; timeouts counted in ``reward/code_tests_timeouts``); it cannot signal the judge to pass its own
+failure off as the harness's (``rewards/code_runner.py``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -24,8 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from rewards.registry import Reward, RewardConfigError
-from rewards.sandbox import Limits, resolve_sandbox, run_tests
+from rewards.sandbox import Limits, RunResult, resolve_sandbox, run_tests
 
+logger = logging.getLogger(__name__)
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _counts: Counter[str] = Counter()
 _counts_lock = threading.Lock()
@@ -66,19 +74,25 @@ def code_tests(
     if not jobs:
         return scores
 
-    def run(job: tuple[int, str, str, str | None, str]) -> tuple[int, bool, str]:
+    def run(job: tuple[int, str, str, str | None, str]) -> tuple[int, RunResult]:
         i, program, test_code, entry, prompt = job
-        result = run_tests(program, test_code, entry, kind=kind, limits=limits, site_packages=site_packages,
-                           prompt=prompt if entry else None)
-        return i, result.passed, result.detail
+        return i, run_tests(program, test_code, entry, kind=kind, limits=limits, site_packages=site_packages,
+                            prompt=prompt if entry else None)
 
     workers = max(1, min(num_workers or 2 * (os.cpu_count() or 1), len(jobs)))
+    unjudged: list[str] = []
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="code_tests") as pool:
-        for i, passed, detail in pool.map(run, jobs):
-            scores[i] = 1.0 if passed else 0.0
-            if detail == "timeout":
+        for i, result in pool.map(run, jobs):
+            scores[i] = None if result.infra else 1.0 if result.passed else 0.0
+            key = "infra_errors" if result.infra else "timeouts" if result.detail == "timeout" else None
+            if key is not None:
                 with _counts_lock:
-                    _counts["timeouts"] += 1
+                    _counts[key] += 1
+            if result.infra:
+                unjudged.append(result.detail)
+    if unjudged:
+        logger.warning("code_tests: %d of %d samples not judged (first: %s); they are None, counted as "
+                       "reward/code_tests_infra_errors", len(unjudged), len(jobs), unjudged[0])
     return scores
 
 
@@ -103,6 +117,7 @@ def _pop_metrics() -> dict[str, float]:
     with _counts_lock:
         out = {key: float(n) for key, n in _counts.items()}
         _counts.clear()
+    out.setdefault("infra_errors", 0.0)
     return out
 
 

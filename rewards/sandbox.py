@@ -26,6 +26,11 @@ Memory: no cgroup is used (the machines this was written on have cgroup v1, not 
 sandbox is ``RLIMIT_AS`` on each process that runs code (``memory_mb``; two of them for ``run_tests``), the
 size-capped ``/tmp`` (``tmp_mb``) as the only writable filesystem, ``RLIMIT_FSIZE`` and ``RLIMIT_NOFILE``, and
 the filter's refusal of the memory no rlimit counts (memfd, SysV shared memory, io_uring, a tmpfs of its own).
+
+Threads: ``RLIMIT_NPROC`` does not bind a uid that maps to the host's root, and a raw ``clone`` thread needs no
+real stack, so each sandbox runs in a pid namespace with its own ``pid_max`` (Linux 6.14 and later):
+300 + ``Limits.threads``, set by the unshare init, or for bubblewrap by an ``unshare`` wrapper whose pid namespace
+holds bubblewrap's (pids are allocated at every level). ``pid_max_settable`` says whether this machine allows it.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -70,6 +76,7 @@ class Limits:
     tmp_mb: int = 64  # size of the private /tmp (bwrap)
     open_files: int = 64
     processes: int = 16  # RLIMIT_NPROC (binds non-root users; the seccomp filter binds everyone)
+    threads: int = 256  # tasks (threads) the sandbox's pid namespace always has room for (module docstring)
 
     def for_runner(self) -> dict[str, int]:
         return {
@@ -86,6 +93,7 @@ class RunResult:
     passed: bool
     detail: str  # why it failed ("timeout", the exception the tests raised, ...), or "passed"
     seconds: float
+    infra: bool = False  # the harness failed (no verdict): not the program's doing, so not a wrong answer
 
 
 @dataclass(frozen=True)
@@ -158,14 +166,23 @@ def run_tests(
     limits = limits or Limits()
     nonce = secrets.token_hex(16)
     payload = {"code": code, "tests": tests, "entry_point": entry_point, "prompt": prompt, "nonce": nonce}
-    messages, timed_out, returncode, seconds = _run_runner(payload, kind, limits, site_packages, "tests")
-    if timed_out:
-        return RunResult(False, "timeout", seconds)
+    start = time.monotonic()
+    try:
+        messages, timed_out, returncode, seconds = _run_runner(payload, kind, limits, site_packages, "tests")
+    except OSError as e:  # the sandbox's launcher cannot be executed
+        return RunResult(False, f"the sandbox did not start: {e}", time.monotonic() - start, infra=True)
+    started = any(message.get("started") == nonce for message in messages)
+    if timed_out:  # the program's doing only once it was running
+        return (RunResult(False, "timeout", seconds) if started else
+                RunResult(False, f"the sandbox did not start within {limits.timeout_s:g} s", seconds, infra=True))
     for message in messages:
         if "passed" in message:
-            passed = message["passed"] is True and message.get("nonce") == nonce
-            return RunResult(passed, str(message.get("detail", "")), seconds)
-    return RunResult(False, f"no result (exit status {returncode})", seconds)
+            if message.get("infra") is True or not started or (message["passed"] is True) != (
+                    message.get("nonce") == nonce):  # only the judge writes here: a mismatch is its failure
+                return RunResult(False, f"the judge failed: {message.get('detail')!s:.300}", seconds, infra=True)
+            return RunResult(message["passed"] is True, str(message.get("detail", "")), seconds)
+    how = "the sandbox did not start" if not started else "the judge ended without a verdict"
+    return RunResult(False, f"{how} (exit status {returncode})", seconds, infra=True)
 
 
 def run_code(code: str, *, kind: str, limits: Limits | None = None, max_output: int = 4096,
@@ -185,6 +202,27 @@ def run_code(code: str, *, kind: str, limits: Limits | None = None, max_output: 
                    seconds)
 
 
+class MemoryBudget:
+    """Megabytes that live sessions may hold together: each ``PythonSession`` given this budget reserves its
+    ``memory_mb`` (its address-space limit, which a stopped interpreter keeps) when its interpreter starts and
+    releases it when the interpreter ends. ``limit_mb`` None: no limit."""
+
+    def __init__(self, limit_mb: float | None = None):
+        self.limit_mb, self.held_mb = limit_mb, 0
+        self._lock = threading.Lock()
+
+    def reserve(self, mb: int) -> bool:
+        with self._lock:
+            if self.limit_mb is not None and self.held_mb + mb > self.limit_mb:
+                return False
+            self.held_mb += mb
+            return True
+
+    def release(self, mb: int) -> None:
+        with self._lock:
+            self.held_mb = max(0, self.held_mb - mb)
+
+
 class PythonSession:
     """One sandboxed interpreter that runs programs one after another in the same namespace, as a notebook does:
     variables, functions and imports stay from one ``run`` to the next.
@@ -196,13 +234,14 @@ class PythonSession:
     leaves behind runs only while a later program does, inside that one's deadline. A program that runs past its
     deadline, or that kills its interpreter (a memory or CPU limit, ``os._exit``), costs the session its state:
     the result says so, and the next ``run`` starts a fresh interpreter. ``max_output``: characters of each
-    program's output (and of its error) kept.
+    program's output (and of its error) kept. ``memory_budget``: a ``MemoryBudget`` shared with other sessions;
+    an interpreter that would take it past its limit is not started, and the ``run`` says so in its error.
     """
 
     def __init__(self, *, kind: str, limits: Limits | None = None, max_output: int = 4096,
-                 site_packages: bool = False, cpu_budget_s: float = 60.0):
+                 site_packages: bool = False, cpu_budget_s: float = 60.0, memory_budget: MemoryBudget | None = None):
         self.kind, self.limits, self.max_output = kind, limits or Limits(), max_output
-        self.site_packages, self.cpu_budget_s = site_packages, cpu_budget_s
+        self.site_packages, self.cpu_budget_s, self.memory_budget = site_packages, cpu_budget_s, memory_budget
         self.max_line = max(_MAX_OUTPUT, 24 * max_output + 4096)  # output and error, 12 bytes a character at worst
         self.proc: subprocess.Popen | None = None
         self._finalizer: weakref.finalize | None = None  # kills the interpreter's sandbox, once
@@ -214,7 +253,17 @@ class PythonSession:
         start = time.monotonic()
         deadline = start + self.limits.timeout_s
         if self.proc is None:
-            self._start()
+            if self.memory_budget is not None and not self.memory_budget.reserve(self.limits.memory_mb):
+                budget = self.memory_budget
+                return CodeRun("", f"refused: no memory left to start an interpreter (the running ones hold "
+                                   f"{budget.held_mb} MB of the {budget.limit_mb:g} MB they may hold together); "
+                                   "nothing ran", time.monotonic() - start)
+            try:
+                self._start()
+            except BaseException:
+                if self.memory_budget is not None:
+                    self.memory_budget.release(self.limits.memory_mb)
+                raise
         else:
             self._signal(signal.SIGCONT)
         nonce = secrets.token_hex(16)
@@ -249,7 +298,8 @@ class PythonSession:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_ENV, cwd="/",
             start_new_session=True,
         )
-        self._finalizer = weakref.finalize(self, _kill_group, self.proc)  # no interpreter outlives its session
+        # No interpreter outlives its session, nor its reservation its interpreter.
+        self._finalizer = weakref.finalize(self, _end_session, self.proc, self.memory_budget, self.limits.memory_mb)
         self.starts += 1
         os.set_blocking(self.proc.stdin.fileno(), False)
         os.set_blocking(self.proc.stdout.fileno(), False)
@@ -303,6 +353,14 @@ class PythonSession:
         line, _, rest = bytes(self.pending).partition(b"\n")
         self.pending = bytearray(rest)
         return line
+
+
+def _end_session(proc: subprocess.Popen, budget: MemoryBudget | None, memory_mb: int) -> None:
+    try:
+        _kill_group(proc)
+    finally:
+        if budget is not None:
+            budget.release(memory_mb)
 
 
 def _json_object(line: bytes) -> dict:
@@ -456,13 +514,49 @@ def _command(kind: str, limits: Limits, site_packages: bool, mode: str) -> list[
         argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"]
         argv += ["--size", str(limits.tmp_mb << 20), "--tmpfs", "/tmp", "--remount-ro", "/"]
         argv += ["--chdir", "/tmp", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8"]
-        return argv + ["--"] + runner
+        return _in_bounded_pid_namespace(argv + ["--"] + runner, limits)
     if kind == "unshare":
-        spec = json.dumps({"binds": ["/usr", *_python_dirs()], "tmp_mb": limits.tmp_mb, "argv": runner})
+        spec = json.dumps({"binds": ["/usr", *_python_dirs()], "tmp_mb": limits.tmp_mb, "argv": runner,
+                           "pid_max": _pid_max(limits) if pid_max_settable() else None})
         init = [python, "-I", "-S", "-c", _UNSHARE_INIT, spec]
         flags = ["--user", "--map-root-user", "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child"]
         return [*_die_with_trainer(), "unshare", *flags, "--", *init]
     raise RewardConfigError(f"unknown sandbox {kind!r}")
+
+
+# The kernel hands out pids 1 .. pid_max - 1 in a pid namespace, then, once it has wrapped, only RESERVED_PIDS
+# (300) .. pid_max - 1: pid_max = 300 + threads leaves room for `threads` tasks at any time and at most
+# 299 + threads at once.
+_RESERVED_PIDS = 300
+
+
+def _pid_max(limits: Limits) -> int:
+    return _RESERVED_PIDS + limits.threads
+
+
+@functools.cache
+def pid_max_settable() -> bool:
+    """Whether a pid namespace of our own can be given its own pid_max here (Linux 6.14 and later, with user
+    namespaces): the bound on a sandbox's threads (module docstring)."""
+    if shutil.which("unshare") is None:
+        return False
+    try:
+        probe = subprocess.run(["unshare", "--user", "--map-root-user", "--pid", "--mount", "--fork", "--", "sh", "-c",
+                                "mount -t proc proc /proc && echo 301 > /proc/sys/kernel/pid_max"],
+                               capture_output=True, timeout=10, env=_ENV, cwd="/")
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+def _in_bounded_pid_namespace(argv: list[str], limits: Limits) -> list[str]:
+    """``argv`` (bubblewrap's) run inside a pid namespace whose pid_max bounds every task below it, bubblewrap's
+    own pid namespace included (a pid is allocated at every level); ``argv`` as it is where that cannot be set."""
+    if not pid_max_settable():
+        return argv
+    setup = 'mount -t proc proc /proc && echo "$0" > /proc/sys/kernel/pid_max && exec "$@"'
+    return [*_die_with_trainer(), "unshare", "--user", "--map-root-user", "--pid", "--mount", "--fork",
+            "--kill-child", "--", "sh", "-c", setup, str(_pid_max(limits)), *argv]
 
 
 @functools.cache
@@ -518,6 +612,9 @@ for dev in ("null", "zero", "full", "random", "urandom"):
     bind_ro("/dev/" + dev, root + "/dev/" + dev, is_file=True)
 os.makedirs(root + "/proc")
 mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+if spec["pid_max"] is not None:  # this pid namespace's own: bounds the threads of everything in it
+    with open(root + "/proc/sys/kernel/pid_max", "w") as f:
+        f.write(str(spec["pid_max"]))
 os.makedirs(root + "/tmp")
 mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=%dm" % spec["tmp_mb"])
 os.makedirs(root + "/.old")

@@ -14,6 +14,12 @@ thread, a timer) runs outside a call's deadline. A call past its deadline, or on
 down (a memory limit, `os._exit`), costs the episode that state, and the reply says so. The interpreter starts
 at the episode's first call and is stopped when the episode ends (`close`).
 
+Persistent interpreters share one memory budget in the trainer's process (`SESSIONS_MEMORY`): each holds its
+`memory_mb` from its start to its episode's end, and one that would take the total past the budget is not
+started; its call's reply says so. The trainer sets the budget from `env.sessions_memory_mb` (default: half the
+memory available at start, `/proc/meminfo`'s MemAvailable) and refuses before training a run whose step's
+episodes could not all hold theirs at once (`grpo.training.run.check_sessions_memory`).
+
 What the model reads back is the program's stdout and stderr (the first `max_output` characters), then its
 exception's last frame if it raised, or the deadline it ran past. A program's own error is its result, not a
 failed tool call; calls that are not well-formed are counted as `ToolEnvironment` counts them.
@@ -24,10 +30,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from grpo.envs.tools import ToolEnvironment
-from rewards.sandbox import CodeRun, Limits, PythonSession, resolve_sandbox, run_code
+from rewards.sandbox import CodeRun, Limits, MemoryBudget, PythonSession, resolve_sandbox, run_code
+
+SESSIONS_MEMORY = MemoryBudget()  # what this process's persistent interpreters may hold together; set at start
+TOOL_MEMORY_MB = 512  # an interpreter's address space, by default
 
 
-def python_tool(sandbox: str = "auto", timeout_s: float = 5.0, memory_mb: int = 512, max_output: int = 2048,
+def python_tool(sandbox: str = "auto", timeout_s: float = 5.0, memory_mb: int = TOOL_MEMORY_MB, max_output: int = 2048,
                 persistent: bool = False, cpu_budget_s: float = 60.0,
                 site_packages: bool = False) -> Callable[[str], str]:
     """The `python` tool function, running in `sandbox` (auto, bwrap, unshare or none: see rewards.sandbox).
@@ -40,7 +49,7 @@ def python_tool(sandbox: str = "auto", timeout_s: float = 5.0, memory_mb: int = 
     limits = Limits(timeout_s=timeout_s, memory_mb=memory_mb)
     if persistent:
         session = PythonSession(kind=kind, limits=limits, max_output=max_output, site_packages=site_packages,
-                                cpu_budget_s=cpu_budget_s)
+                                cpu_budget_s=cpu_budget_s, memory_budget=SESSIONS_MEMORY)
         run = session.run
     else:
 
@@ -76,3 +85,13 @@ def python_environment(system: str | None = None, **tool_options) -> ToolEnviron
     """One episode's environment: the `python` tool (options: `python_tool`'s), the row's prompt as the user's
     message."""
     return ToolEnvironment([python_tool(**tool_options)], system=system)
+
+
+def available_memory_mb(meminfo: str = "/proc/meminfo") -> int:
+    """The machine's MemAvailable, in MB: what it can still hand out without swapping."""
+    with open(meminfo) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key == "MemAvailable":
+                return int(value.split()[0]) // 1024  # kB
+    raise OSError(f"{meminfo} has no MemAvailable line")

@@ -35,6 +35,7 @@ from grpo.data.loading import (
 )
 from grpo.envs import Environment, environment_factory
 from grpo.envs.chat import check_chat_template
+from grpo.envs.python import SESSIONS_MEMORY, TOOL_MEMORY_MB, available_memory_mb
 from grpo.envs.tools import limit_tool_calls
 from grpo.errors import ConfigError
 from grpo.model.gguf_checkpoint import converted_model_dir, gguf_path
@@ -82,6 +83,7 @@ def build_run(cfg: Config) -> Run:
     scorer, eval_scorer = build_scorers(cfg)
     train_rows, eval_rows, val_rows, ood_rows, contamination = load_rows(cfg, scorer, eval_scorer)
     validate_world(cfg, dist.world_size(), len(eval_rows))
+    check_sessions_memory(cfg, dist.world_size(), len(eval_rows))
     if checkpoint is not None:
         saved_world = int(load_state(checkpoint).get("world_size", 1))
         if saved_world != dist.world_size():
@@ -171,6 +173,29 @@ def build_environment(cfg: Config) -> Callable[[], Environment] | None:
         limit_tool_calls(env, limit)
         return env
     return make_env
+
+
+def check_sessions_memory(cfg: Config, world_size: int, num_eval_rows: int) -> None:
+    """Set the budget of persistent python interpreters (`env.sessions_memory_mb`, default half of MemAvailable),
+    and refuse a run of `env=python` with `persistent` whose episodes in flight at once on a rank (a step's, an
+    evaluation's, both with asynchronous rollout) could hold more than it: each holds `env.kwargs.memory_mb`."""
+    budget = cfg.env.sessions_memory_mb or available_memory_mb() // 2
+    SESSIONS_MEMORY.limit_mb = budget
+    if cfg.env.name != "python" or not cfg.env.kwargs.get("persistent", False):
+        return  # another environment's sessions are refused at run time, past the same budget
+    memory_mb = int(cfg.env.kwargs.get("memory_mb", TOOL_MEMORY_MB))
+    step = cfg.train.prompts_per_step // world_size * cfg.algorithm.group_size
+    evaluation = -(-num_eval_rows // world_size) * max(1, cfg.train.eval_pass_k)
+    sessions = step + evaluation if cfg.rollout.max_staleness > 0 else max(step, evaluation)
+    if sessions * memory_mb > budget:
+        source = "env.sessions_memory_mb" if cfg.env.sessions_memory_mb else "env.sessions_memory_mb=0: half of it"
+        raise ConfigError(
+            f"env.kwargs.memory_mb: {sessions} persistent python interpreters may run at once on a rank (a step: "
+            f"train.prompts_per_step={cfg.train.prompts_per_step} / {world_size} ranks x algorithm.group_size="
+            f"{cfg.algorithm.group_size} = {step}; an evaluation: {num_eval_rows} held-out rows / {world_size} ranks"
+            f" x max(1, train.eval_pass_k={cfg.train.eval_pass_k}) = {evaluation}), each holding env.kwargs.memory_mb="
+            f"{memory_mb} MB: {sessions * memory_mb} MB, more than the {budget} MB budget ({source}). Lower "
+            "env.kwargs.memory_mb or the episodes per step, or raise env.sessions_memory_mb")
 
 
 def build_scorers(cfg: Config) -> tuple[RewardScorer, RewardScorer]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from rewards.code_tests import code_tests
-from rewards.sandbox import Limits, PythonSession, run_code, run_tests
+from rewards.sandbox import Limits, PythonSession, pid_max_settable, run_code, run_tests
 from tests.unit.test_rewards_code import SANDBOXES, needs_sandbox, runner_processes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -166,6 +166,12 @@ CASES: dict[str, tuple[str, str, str | None]] = {
         "import os, signal\ndef f(x):\n    for sig in (signal.SIGSTOP, signal.SIGKILL):\n        for pid in "
         "(os.getppid(), 1, -1):\n            try:\n                os.kill(pid, sig)\n            except OSError:\n"
         "                pass\n    return 0\n", TESTS, None),
+    # Judged as a failure of the harness, a wrong answer would be masked, and enough of them stop the run.
+    "SIGKILL the judge through a pipe's SIGIO (F_SETOWN, F_SETSIG)": (
+        "import fcntl, os, signal\ndef f(x):\n    for fd in range(3, 16):\n        try:\n"
+        "            fcntl.fcntl(fd, fcntl.F_SETOWN, os.getppid())\n            fcntl.fcntl(fd, 10, signal.SIGKILL)\n"
+        "            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)\n"
+        "        except OSError:\n            pass\n    return 0\n", TESTS, None),
     "plant modules for the judge's imports in /tmp and the cwd": (
         "import os\nfor d in ('/tmp', os.getcwd()):\n    for name in ('re', 'math', 'json', 'sitecustomize'):\n"
         "        try:\n            open(os.path.join(d, name + '.py'), 'w').write('import os\\nos._exit(0)\\n')\n"
@@ -222,6 +228,10 @@ def test_forgeries_score_zero_within_their_deadline(kind, tmp_path):
         results = dict(zip(CASES, pool.map(lambda case: run_case(case, kind), CASES.values())))
     passed = {name: result.detail for name, result in results.items() if result.passed}
     assert passed == {}, f"forgeries that scored 1: {passed}"
+    # Each is a wrong answer (0.0), never a failure of the harness (None), which would mask it: no case may kill,
+    # stop or silence the judge.
+    unjudged = {name: result.detail for name, result in results.items() if result.infra}
+    assert unjudged == {}, f"forgeries the judge could not judge: {unjudged}"
     # Each run ends by its deadline (plus the time to kill and reap the sandbox and load on 2 shared cores).
     slow = {name: round(result.seconds, 1) for name, result in results.items() if result.seconds > TIMEOUT_S + 3}
     assert slow == {}
@@ -337,4 +347,64 @@ def test_sandboxes_die_with_the_trainer(kind, tmp_path):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and runner_processes():
         time.sleep(0.05)
+    assert runner_processes() == []
+
+
+# Threads by raw clone, each on a 256-byte stack whose top holds pause()'s address: the child returns from the
+# syscall into pause() and sleeps there. No libc thread and 256 bytes of user memory each, so neither RLIMIT_AS
+# nor (for root) RLIMIT_NPROC stops them; only the sandbox's pid namespace can.
+RAW_CLONE_BOMB = '''
+import ctypes, time
+libc = ctypes.CDLL(None, use_errno=True)
+pause = ctypes.cast(libc.pause, ctypes.c_void_p).value
+CLONE = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000  # VM, FS, FILES, SIGHAND, THREAD, SYSVSEM
+stacks = ctypes.create_string_buffer(256 * 2001 + 16)
+base = (ctypes.addressof(stacks) + 15) & ~15
+made, err = 0, 0
+for i in range(2000):
+    sp = base + 256 * (i + 1) - 16
+    ctypes.c_void_p.from_address(sp).value = pause
+    if libc.syscall(56, CLONE, ctypes.c_void_p(sp), 0, 0, 0) < 0:
+        err = ctypes.get_errno()
+        break
+    made += 1
+time.sleep(2)  # the threads stay while the host looks
+print("threads", made, "errno", err)
+'''
+
+
+def sandbox_tasks() -> int:
+    """Tasks (threads) of every runner process alive now."""
+    total = 0
+    for pid in runner_processes():
+        try:
+            total += len(os.listdir(f"/proc/{pid}/task"))
+        except OSError:
+            pass
+    return total
+
+
+@needs_sandbox
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the raw clone below uses x86_64's syscall number")
+@pytest.mark.skipif(not pid_max_settable(), reason="this kernel has no per-namespace pid_max (Linux 6.14 and later)")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", SANDBOXES)
+def test_a_raw_clone_thread_bomb_is_bounded_per_sandbox(kind):
+    """The sandbox's pid namespace has pid_max = 300 + Limits.threads (556): the bomb's clones fail with EAGAIN
+    (11) before 556 tasks, short of its 2,000, the host still starts processes meanwhile, and the run ends by
+    its deadline with nothing left."""
+    limits = Limits(timeout_s=20, memory_mb=512)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(run_code, RAW_CLONE_BOMB, kind=kind, limits=limits)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not future.done() and sandbox_tasks() < 100:
+            time.sleep(0.02)
+        held = sandbox_tasks()
+        assert subprocess.run(["true"], timeout=10).returncode == 0  # the host can still start a process
+        run = future.result()
+    assert run.error is None and run.seconds < limits.timeout_s + 3, (run.error, run.seconds)
+    made, errno = int(run.output.split()[1]), int(run.output.split()[3])
+    # RLIMIT_NPROC (16) stops a non-root user's first; as root, pid_max does: pids 1..555, less the sandbox's own
+    assert errno == 11 and 0 < made < 556, run.output
+    assert held <= 560, held  # 555 in the namespace, plus the launchers outside it
     assert runner_processes() == []

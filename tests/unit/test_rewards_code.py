@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 import resource
 import shutil
+import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from rewards import RewardConfigError, RewardScorer, RewardSpec
 from rewards import sandbox as sandbox_module
-from rewards.code_tests import code_tests, program_from
+from rewards.code_tests import CODE_TESTS, code_tests, program_from
 from rewards.sandbox import Limits, SandboxUnavailable, resolve_sandbox, run_tests
 from tests.conftest import requires
 
@@ -251,3 +253,66 @@ def test_what_crosses_between_the_program_and_the_tests():
     scores = code_tests([""] * len(cases), [p for p, _ in cases.values()], tests=[t for _, t in cases.values()])
     assert dict(zip(cases, scores)) == {"exact types": 1.0, "raises": 1.0, "globals and math": 1.0,
                                         "generator": 1.0, "mutation stays in the program": 0.0}
+
+
+def judge_of_a_running_sandbox(timeout_s: float = 20.0) -> int:
+    """The host pid of the judge: the Python runner whose child is a Python runner (the candidate's process);
+    the launchers above them (bwrap, unshare) carry the runner's text in their command lines too."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        runners = set()
+        for pid in runner_processes():
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    if f.read().startswith("python"):
+                        runners.add(pid)
+            except OSError:
+                pass
+        for pid in runners:
+            try:
+                with open(f"/proc/{pid}/task/{pid}/children") as f:
+                    if runners & {int(c) for c in f.read().split()}:
+                        return pid
+            except OSError:
+                pass
+        time.sleep(0.02)
+    raise AssertionError("no sandbox with a judge and a candidate appeared")
+
+
+@needs_sandbox
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", SANDBOXES)
+def test_harness_failures_are_infra_errors_not_wrong_answers(kind, tmp_path, monkeypatch):
+    """A sandbox that cannot start, one not up by the deadline, and a judge killed from outside: None, counted in
+    reward/code_tests_infra_errors. The programs are right (each would score 1.0), so a 0.0 here is a harness
+    failure read as a wrong answer."""
+    right = "def f(x):\n    return x + 1\n"
+    scorer = RewardScorer([RewardSpec("code_tests", kwargs={"sandbox": kind, "timeout_s": 10.0})])
+    assert scorer([""], [right], {"tests": ["assert f(1) == 2"]}).total == [1.0]  # the control
+
+    # Deadline before the sandbox is up: 1 ms, less than any interpreter takes to start.
+    assert code_tests([""], [right], tests=["assert f(1) == 2"], sandbox=kind, timeout_s=0.001) == [None]
+    assert CODE_TESTS.metrics() == {"infra_errors": 1.0}
+    # The launcher missing from the sandbox's PATH, then one that exits at once writing nothing (a broken sandbox).
+    monkeypatch.setitem(sandbox_module._ENV, "PATH", str(tmp_path))
+    launcher = "bwrap" if kind == "bwrap" else "setpriv" if shutil.which("setpriv") else "unshare"
+    batch = scorer([""] * 2, [right] * 2, {"tests": ["assert f(1) == 2"] * 2})
+    assert batch.total == [None, None] and batch.reward_metrics["reward/code_tests_infra_errors"] == 2.0
+    (tmp_path / launcher).write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / launcher).chmod(0o755)
+    batch = scorer([""] * 3, [right] * 3, {"tests": ["assert f(1) == 2"] * 3})
+    assert batch.total == [None] * 3 and batch.reward_metrics["reward/code_tests_infra_errors"] == 3.0
+    monkeypatch.undo()
+
+    # The judge killed from outside while a (right, slow) program runs: no verdict.
+    slow = "import time\ndef f(x):\n    time.sleep(30)\n    return x + 1\n"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(code_tests, [""], [slow], tests=["assert f(1) == 2"], sandbox=kind, timeout_s=40.0)
+        os.kill(judge_of_a_running_sandbox(), signal.SIGKILL)
+        assert future.result() == [None]
+    assert CODE_TESTS.metrics() == {"infra_errors": 1.0}
+    # The program's own failures stay wrong answers: a timeout and a crash are 0.0, not infra errors.
+    scores = code_tests([""] * 2, ["def f(x):\n    while True:\n        pass\n", "import os\nos._exit(0)\n"],
+                        tests=["assert f(1) == 2"] * 2, sandbox=kind, timeout_s=2.0)
+    assert scores == [0.0, 0.0] and CODE_TESTS.metrics() == {"timeouts": 1.0, "infra_errors": 0.0}
+    assert runner_processes() == []
