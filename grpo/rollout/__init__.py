@@ -31,6 +31,11 @@ class Completions:
     loss_masks: list[list[int]] | None = None  # [B*n]
     episodes: list[dict] | None = None  # [B*n] per episode: turns, tool calls and failures, truncated, reward
 
+    @property
+    def completion_lengths(self) -> list[int]:
+        """[B*n] tokens of each completion: the column rewards read as `completion_length` (unit=tokens)."""
+        return [len(c) for c in self.completion_ids]
+
 
 @runtime_checkable
 class RolloutEngine(Protocol):

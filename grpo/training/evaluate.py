@@ -35,8 +35,7 @@ def evaluate(engine, scorer, rows: list[dict], accuracy_reward: str, *, pass_k: 
     prompts = [r["prompt"] for r in rows]
     columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
     out = episodes(rows, 1, True) if episodes else engine.generate(prompts, 1, greedy=True)
-    lengths = {"completion_length": [len(c) for c in out.completion_ids]}
-    per_reward = scorer(prompts, out.texts, {**columns, **lengths}).per_reward
+    per_reward = scorer(prompts, out.texts, {**columns, "completion_length": out.completion_lengths}).per_reward
     outcomes = [s is not None and s >= 1.0 for s in per_reward[accuracy_reward]]
     if solved is not None:
         solved.extend(outcomes)
@@ -49,7 +48,7 @@ def evaluate(engine, scorer, rows: list[dict], accuracy_reward: str, *, pass_k: 
     if pass_k:
         sampled = episodes(rows, pass_k, False) if episodes else engine.generate(prompts, pass_k)
         rep = {k: [v for v in vals for _ in range(pass_k)] for k, vals in columns.items()}
-        rep["completion_length"] = [len(c) for c in sampled.completion_ids]
+        rep["completion_length"] = sampled.completion_lengths
         s = scorer([p for p in prompts for _ in range(pass_k)], sampled.texts, rep).per_reward[accuracy_reward]
         solved = [any(x is not None and x >= 1.0 for x in s[i * pass_k : (i + 1) * pass_k]) for i in range(len(rows))]
         metrics[f"eval/pass@{pass_k}"] = sum(solved) / len(rows)

@@ -185,7 +185,7 @@ def score_rows(run, rows: list[dict], tally: ScoringTally) -> tuple[Groups, floa
                            **episode_options(run.cfg.rollout, run.cfg.env))
     prompts = [r["prompt"] for r in rows for _ in range(G)]
     columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
-    columns["completion_length"] = [len(c) for c in out.completion_ids]  # tokens: the `length` reward's unit=tokens
+    columns["completion_length"] = out.completion_lengths
     scored = run.scorer(prompts, out.texts, columns)
     tally.add(scored)
     total, per_reward = scored.total, scored.per_reward
