@@ -155,21 +155,24 @@ class ServerRolloutEngine:
 
     def _open_channel(self) -> None:
         host = _address_towards(self.urls[0])
-        with socket.socket() as s:  # a free port for the channel's store
-            s.bind((host, 0))
-            port = s.getsockname()[1]
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        size = len(self.urls) + 1
-        joins = [self.pool.submit(_http, url, "/weights/open", dict(host=host, port=port, rank=i + 1, world_size=size,
-                                                                     backend=backend, timeout_s=self.timeout_s),
-                                  self.timeout_s, token=self.token) for i, url in enumerate(self.urls)]
-        try:
-            self.channel = weight_channel.open_group(host, port, 0, size, backend=backend, timeout_s=self.timeout_s)
-        except Exception as e:  # noqa: BLE001
-            for f in joins:
-                f.result()  # a server's own error names it
-            raise RolloutEngineError(f"rollout servers {', '.join(self.urls)}: the weight channel at {host}:{port} "
-                                     f"did not form within rollout.timeout_s={self.timeout_s:g} s: {e}") from e
+        size, secret = len(self.urls) + 1, weight_channel.new_secret()
+        with weight_channel.listen(host) as listener:  # the store serves on host only, never on 0.0.0.0
+            port = listener.getsockname()[1]
+            joins = [self.pool.submit(_http, url, "/weights/open",
+                                      dict(host=host, port=port, rank=i + 1, world_size=size, backend=backend,
+                                           timeout_s=self.timeout_s, secret=secret),
+                                      self.timeout_s, token=self.token) for i, url in enumerate(self.urls)]
+            try:
+                self.channel = weight_channel.open_group(host, port, 0, size, secret=secret, backend=backend,
+                                                         timeout_s=self.timeout_s, listener=listener)
+            except weight_channel.ChannelAuthError as e:
+                raise RolloutEngineError(f"rollout servers {', '.join(self.urls)}: {e}") from e
+            except Exception as e:  # noqa: BLE001
+                for f in joins:
+                    f.result()  # a server's own error names it
+                raise RolloutEngineError(f"rollout servers {', '.join(self.urls)}: the weight channel at {host}:{port} "
+                                         f"did not form within rollout.timeout_s={self.timeout_s:g} s: {e}") from e
         for f in joins:
             f.result()
         log.info("weight channel to %s open (%s, %s:%d)", ", ".join(self.urls), backend, host, port)

@@ -11,7 +11,8 @@ Endpoints (JSON bodies):
   GET  /health          the engine is up: its model and max_model_len (the one route open without the token)
   POST /check           nothing: the request's token is accepted (the trainer asks at start)
   POST /generate        token-id prompts and sampling settings -> completion ids, truncation, log-probs
-  POST /weights/open    join the trainer's weight channel (grpo.rollout.weight_channel) as rank `rank`
+  POST /weights/open    join the trainer's weight channel (grpo.rollout.weight_channel) as rank `rank`,
+                        with the channel's one-time `secret` (a body without one is refused)
   POST /weights/bucket  receive one bucket by broadcast from the trainer and load it
   POST /weights/done    the update is complete: rebuild kernels, reset the prefix cache
   POST /weights/close   leave the channel (a new trainer may open another)
@@ -187,10 +188,14 @@ class EngineHost:
                 "metrics": out.metrics}
 
     def open_weights(self, r: dict) -> dict:
+        secret = r.get("secret")
+        if not isinstance(secret, str) or not secret:
+            raise ValueError("/weights/open: the body has no 'secret' (the channel's one-time secret, which "
+                             "grpo.rollout.remote sends); refusing to join a weight channel without one")
         self.close_weights({})
         if r["backend"] == "nccl":
             torch.cuda.set_device(0)
-        self.channel = weight_channel.open_group(r["host"], r["port"], r["rank"], r["world_size"],
+        self.channel = weight_channel.open_group(r["host"], r["port"], r["rank"], r["world_size"], secret=secret,
                                                  backend=r["backend"], timeout_s=r["timeout_s"])
         self.channel_timeout_s, self.channel_device = r["timeout_s"], "cuda" if r["backend"] == "nccl" else "cpu"
         return {"ok": True}
