@@ -22,13 +22,14 @@ interface whatever address it is given. So:
    took a rank's place cannot produce that rank's proof; the open fails naming the rank, before any weight
    is sent. A failed check is all the stranger can cause: it can make the opening fail, never receive or
    replace weights.
-What this does not protect against: a party that can read the `/weights/open` body (sent in clear HTTP;
-`grpo-vllm-serve` requires the token `GRPO_SERVER_TOKEN` for any `--host` but a loopback one, but the token
-only authenticates, it does not encrypt), or one that can inject into the TCP connections after the
-check; gloo's (or NCCL's) own pair sockets, which its ranks open to each other on addresses the library
-picks and which carry the weights unencrypted; and a server that the trainer itself was pointed at
-(`rollout.server_urls`). On a network you do not trust, run the servers and the trainer inside a private
-network or a VPN.
+What this does not protect against: a party that can read the `/weights/open` body, which travels in clear
+HTTP (`grpo-vllm-serve` refuses to start on any `--host` but `localhost` or a loopback IP address unless
+`GRPO_SERVER_TOKEN` holds a token of 16 characters or more, but the token authenticates requests, it does not
+encrypt them); one that can inject into the TCP connections after the check; gloo's (or NCCL's) own pair
+sockets, which the ranks open to each other on addresses and ports the library picks and which carry the
+weights unencrypted; a stranger that reaches the port making an opening fail (it can still connect to the
+store, read and overwrite keys); and a server the trainer itself was pointed at (`rollout.server_urls`).
+Across a network you do not trust, keep the trainer and the servers inside a private network or a VPN.
 
 Only torch and the standard library are imported here: the trainer may run where vLLM is not installed.
 """
