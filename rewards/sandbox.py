@@ -6,7 +6,8 @@ Sandboxes, chosen by ``kind``:
   namespaces; the filesystem is ``/usr`` and the Python installation read-only, a fresh ``/proc``, a minimal
   ``/dev`` and a private size-capped ``/tmp`` (the root and ``/dev`` read-only); no capability
   (``--cap-drop ALL``) and no nested user namespace (``--disable-userns``); nothing else of the host (home
-  directories, the repository, credentials) exists inside.
+  directories, the repository, credentials) exists inside. A Python installation under ``/tmp`` is bound,
+  read-only, inside the private ``/tmp`` (mounted first, so that it does not hide the installation).
 - ``unshare`` (util-linux), when bwrap is missing: the same namespaces via ``unshare``, and a small init
   (``_UNSHARE_INIT``) that builds the same read-only root with ``mount`` and ``pivot_root`` before running the
   program.
@@ -73,7 +74,7 @@ class Limits:
     timeout_s: float = 10.0  # wall clock, enforced from outside
     memory_mb: int = 1024  # address space
     file_mb: int = 16  # largest file the program may write
-    tmp_mb: int = 64  # size of the private /tmp (bwrap)
+    tmp_mb: int = 64  # size of the private /tmp
     open_files: int = 64
     processes: int = 16  # RLIMIT_NPROC (binds non-root users; the seccomp filter binds everyone)
     threads: int = 256  # tasks (threads) the sandbox's pid namespace always has room for (module docstring)
@@ -503,7 +504,9 @@ def _command(kind: str, limits: Limits, site_packages: bool, mode: str) -> list[
         # the host's memory by default) holds nothing; the runner drops capabilities and filters syscalls again.
         argv = ["bwrap", "--unshare-all", "--unshare-user", *_bwrap_disable_userns(), "--cap-drop", "ALL",
                 "--die-with-parent", "--new-session", "--clearenv"]
-        argv += ["--ro-bind", "/usr", "/usr"]
+        # the private /tmp first: a Python installation under /tmp is then bound inside it, read-only, where a
+        # tmpfs mounted after the binds would hide it
+        argv += ["--size", str(limits.tmp_mb << 20), "--tmpfs", "/tmp", "--ro-bind", "/usr", "/usr"]
         for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
             if os.path.islink(top):
                 argv += ["--symlink", os.readlink(top), top]
@@ -511,8 +514,7 @@ def _command(kind: str, limits: Limits, site_packages: bool, mode: str) -> list[
                 argv += ["--ro-bind", top, top]
         for d in _python_dirs():
             argv += ["--ro-bind", d, d]
-        argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"]
-        argv += ["--size", str(limits.tmp_mb << 20), "--tmpfs", "/tmp", "--remount-ro", "/"]
+        argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", "--remount-ro", "/"]
         argv += ["--chdir", "/tmp", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8"]
         return _in_bounded_pid_namespace(argv + ["--"] + runner, limits)
     if kind == "unshare":
@@ -578,7 +580,7 @@ def _die_with_trainer() -> list[str]:
 
 
 # Runs as root of a fresh user namespace (pid 1 of a fresh pid namespace), before the runner: builds a root
-# of read-only binds, a fresh /proc, a few device nodes and a tmpfs /tmp, pivots into it, then execs the runner.
+# of a tmpfs /tmp, read-only binds, a fresh /proc and a few device nodes, pivots into it, then execs the runner.
 _UNSHARE_INIT = r"""
 import ctypes, json, os, sys
 spec = json.loads(sys.argv[1])
@@ -600,6 +602,9 @@ mount(None, "/", None, MS_REC | MS_PRIVATE)
 root = "/tmp/.sandbox-root-%d" % os.getpid()
 os.makedirs(root, exist_ok=True)
 mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+# the private /tmp before the binds: a Python installation under /tmp lands inside it, read-only, not under it
+os.makedirs(root + "/tmp")
+mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=%dm" % spec["tmp_mb"])
 for d in spec["binds"]:
     bind_ro(d, root + d)
 for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
@@ -615,8 +620,6 @@ mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 if spec["pid_max"] is not None:  # this pid namespace's own: bounds the threads of everything in it
     with open(root + "/proc/sys/kernel/pid_max", "w") as f:
         f.write(str(spec["pid_max"]))
-os.makedirs(root + "/tmp")
-mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=%dm" % spec["tmp_mb"])
 os.makedirs(root + "/.old")
 if libc.syscall(155 if os.uname().machine == "x86_64" else 41, root.encode(), (root + "/.old").encode()) != 0:
     e = ctypes.get_errno(); raise OSError(e, "pivot_root: " + os.strerror(e))

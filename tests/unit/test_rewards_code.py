@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -316,3 +321,66 @@ def test_harness_failures_are_infra_errors_not_wrong_answers(kind, tmp_path, mon
                         tests=["assert f(1) == 2"] * 2, sandbox=kind, timeout_s=2.0)
     assert scores == [0.0, 0.0] and CODE_TESTS.metrics() == {"timeouts": 1.0, "infra_errors": 0.0}
     assert runner_processes() == []
+
+
+# Run inside the sandbox by an interpreter installed under /tmp: what it sees of its own installation and of /tmp.
+UNDER_TMP_PROGRAM = r'''
+import errno, json, os, sys
+home = os.path.dirname(sys.executable)
+seen = {"executable": sys.executable, "lists_its_home": os.path.basename(sys.executable) in os.listdir(home)}
+try:
+    open(os.path.join(home, "planted"), "w").close()
+    seen["home_write"] = "written"
+except OSError as e:
+    seen["home_write"] = errno.errorcode[e.errno]
+open("/tmp/{marker}", "w").close()
+seen["written_mb"], seen["fill_error"] = 0, None
+try:
+    for i in range(3 * {tmp_mb}):
+        with open("/tmp/fill%d" % i, "wb") as f:
+            f.write(b"0" * (1 << 20))
+        seen["written_mb"] += 1
+except OSError as e:
+    seen["fill_error"] = errno.errorcode[e.errno]
+print(json.dumps(seen))
+'''
+# The trainer's side, run by that interpreter: the sandbox runs the program with the trainer's own interpreter.
+UNDER_TMP_TRAINER = (
+    "import json, sys\nfrom rewards.sandbox import Limits, run_code\n"
+    "run = run_code(sys.argv[1], kind=sys.argv[2], limits=Limits(timeout_s=30, tmp_mb=int(sys.argv[3])))\n"
+    "print(json.dumps([run.output, run.error]))\n"
+)
+
+
+@pytest.fixture
+def python_under_tmp():
+    """A Python whose interpreter binary lives under /tmp (a venv of copies, as a user's /tmp/x/venv may be)."""
+    home = Path(tempfile.mkdtemp(prefix="sbx-python-", dir="/tmp"))
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--copies", "--without-pip", str(home / "venv")], check=True,
+                       timeout=120)
+        yield home / "venv" / "bin" / "python"
+    finally:
+        shutil.rmtree(home)
+
+
+@needs_sandbox
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", SANDBOXES)
+def test_an_interpreter_under_tmp_runs_with_its_installation_read_only_and_tmp_private(kind, python_under_tmp):
+    # before the private /tmp was mounted first, unshare failed on makedirs('<root>/tmp') (FileExistsError: the
+    # bind of the venv had made it) and bwrap mounted its /tmp over the bound venv (execvp: no such file)
+    tmp_mb, marker = 8, f"sandbox-marker-{uuid.uuid4().hex}"
+    program = UNDER_TMP_PROGRAM.replace("{marker}", marker).replace("{tmp_mb}", str(tmp_mb))
+    trainer = subprocess.run([str(python_under_tmp), "-c", UNDER_TMP_TRAINER, program, kind, str(tmp_mb)],
+                             capture_output=True, text=True, timeout=90, cwd="/",
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert trainer.returncode == 0, trainer.stderr
+    output, error = json.loads(trainer.stdout)
+    assert error is None, (error, output)
+    seen = json.loads(output)
+    assert seen["executable"] == str(python_under_tmp) and seen["lists_its_home"]  # the installation is there
+    assert seen["home_write"] == "EROFS"  # ... read-only, not hidden under the tmpfs nor writable
+    # 8 files of 1 MiB fill the 8 MiB tmpfs (its mount points for the binds take no pages); the 9th: ENOSPC
+    assert seen["fill_error"] == "ENOSPC" and seen["written_mb"] == tmp_mb, seen
+    assert not os.path.exists(f"/tmp/{marker}") and not (python_under_tmp.parent / "planted").exists()  # private
