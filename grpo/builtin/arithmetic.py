@@ -108,8 +108,10 @@ class Arithmetic:
         return f"{write(a, self.reverse, self.digits)}{self.op}{write(b, self.reverse, self.digits_b)}="
 
     def row(self, a: int, b: int) -> dict:
+        """The problem's row; `problem_key` names the problem by its operands in plain decimal ("37+50"), the same
+        in every phrasing of it (`ood_splits`' `spaced` and `question` rows keep it)."""
         return {"prompt": self.prompt(a, b), "answer": write(self.result(a, b), self.reverse),
-                "overflow": self.op == "+" and overflows(a, b, self.digits)}
+                "overflow": self.op == "+" and overflows(a, b, self.digits), "problem_key": f"{a}{self.op}{b}"}
 
     def train_rows(self) -> list[dict]:
         return [self.row(a, b) for a, b in self._problems(held_out=False)]

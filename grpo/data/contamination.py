@@ -15,6 +15,7 @@ an accuracy over a handful of rows, or none, is not a measurement.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from grpo.errors import ConfigError
@@ -29,6 +30,12 @@ def words(text: str) -> list[str]:
 
 def normalise(text: str) -> str:
     return " ".join(words(text))
+
+
+def text_digest(text: str) -> str:
+    """16 hex digits of the SHA-256 of `text` as normalised here: texts that count as the same prompt (case and
+    spacing aside) share it, on every machine and Python."""
+    return hashlib.sha256(normalise(text).encode()).hexdigest()[:16]
 
 
 def ngrams(text: str, n: int) -> set[tuple[str, ...]]:

@@ -2,6 +2,8 @@
 
 Every source becomes a list of rows (dicts). The prompt column is formatted into the prompt
 text; every other column travels with it to the reward functions (e.g. `answer`, `tests`).
+Every row has a `problem_key` (`problem_key`): the same problem keeps it in every split and phrasing, so
+evaluations of different splits can be paired by problem.
 `PromptSampler` walks the rows in a seeded shuffled order, epoch after epoch, and its position
 is part of every checkpoint.
 """
@@ -18,6 +20,7 @@ import pyarrow.parquet as pq
 
 from grpo.builtin.arithmetic import Arithmetic
 from grpo.config import TaskConfig
+from grpo.data.contamination import text_digest
 from grpo.data.reasoning_gym import ReasoningGym
 from grpo.errors import ConfigError
 
@@ -178,12 +181,26 @@ def load_ood_splits(task: TaskConfig, required_columns: set[str]) -> dict[str, l
     return splits
 
 
+def problem_key(row: dict) -> str:
+    """The row's `problem_key` column: the built-in task's operands ("37+50"), a reasoning-gym row's dataset and
+    question digest, or a data file's own column; a row without one is keyed by its prompt ("prompt:" and a digest
+    of its normalised text), so only identical prompts share a key."""
+    return row.get("problem_key") or f"prompt:{text_digest(row['prompt'])}"
+
+
 def format_row(row: dict, task: TaskConfig, where: str, index: int) -> dict:
     """The row with its `prompt`: `task.prompt_template` filled from its columns, or, for a row that carries
     chat `messages` instead, the text of those messages (what decontamination compares; the chat template
     renders the messages themselves, `chat_prompts`)."""
-    if "messages" in row:
-        return messages_row(row, task, where, index)
+    key = row.get("problem_key")
+    if key is not None and not (isinstance(key, str) and key):
+        raise ConfigError(f"{where}: row {index}, column 'problem_key': expected non-empty text, got {key!r:.60}")
+    out = messages_row(row, task, where, index) if "messages" in row else prompt_row(row, task, where, index)
+    return out | {"problem_key": problem_key(out)}
+
+
+def prompt_row(row: dict, task: TaskConfig, where: str, index: int) -> dict:
+    """A row given by its prompt column, `task.prompt_template` filled from its columns into `prompt`."""
     if task.prompt_column not in row:
         raise ConfigError(f"{where}: row {index} has no column {task.prompt_column!r} (task.prompt_column)")
     if not isinstance(row[task.prompt_column], str):

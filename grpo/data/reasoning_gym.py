@@ -3,9 +3,9 @@ single-turn rows, generated in code, each scored by its own dataset's verifier (
 reward, rewards/reasoning_tasks.py).
 
 A row is `{"prompt": question, "answer": gold or None, "rg_dataset": name, "rg_entry": JSON,
-"rg_options": JSON}`: `rg_entry` is the generated entry (question, answer, metadata; written by
-`rewards.reasoning_tasks.dump_entry`) and `rg_options` the dataset's config, so the reward rebuilds the
-scorer that made the row, and a row written to a JSONL file still scores the same.
+"rg_options": JSON, "problem_key": "name:digest of the question"}`: `rg_entry` is the generated entry (question,
+answer, metadata; written by `rewards.reasoning_tasks.dump_entry`) and `rg_options` the dataset's config, so the
+reward rebuilds the scorer that made the row, and a row written to a JSONL file still scores the same.
 
 Splits. reasoning_gym draws item i of a dataset from `Random(seed + i)`, so two splits with neighbouring
 seeds would share almost every item. Each split draws from its own range of seeds (`SPLIT_OFFSETS`, 2**40
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import reasoning_gym
 from reasoning_gym.factory import DATASETS
 
-from grpo.data.contamination import normalise
+from grpo.data.contamination import normalise, text_digest
 from rewards.reasoning_tasks import dump_entry
 
 SPLIT_OFFSETS = {"test": 2**40, "val": 2**41, "train": 0}  # seed ranges; generated in this order
@@ -49,7 +49,8 @@ def to_row(name: str, entry: dict, options: dict) -> dict:
         raise ValueError(f"{name}: its entries cannot be written as JSON ({e}); not supported") from None
     answer = entry["answer"]
     return {"prompt": entry["question"], "answer": None if answer is None else str(answer),
-            "rg_dataset": name, "rg_entry": text, "rg_options": json.dumps(options, sort_keys=True)}
+            "rg_dataset": name, "rg_entry": text, "rg_options": json.dumps(options, sort_keys=True),
+            "problem_key": f"{name}:{text_digest(entry['question'])}"}
 
 
 @dataclass

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from grpo import distributed as dist
+from grpo.data.loading import problem_key
 from grpo.rollout import Completions
 from grpo.rollout.episodes import episode_options, run_episodes
 
@@ -85,8 +86,9 @@ def evaluate_splits(engine, scorer, eval_rows: list[dict], ood_splits: dict[str,
 def evaluate_run(run, outcomes: dict[str, dict] | None = None) -> dict:
     """The evaluation every trainer (GRPO, PPO, DPO) logs: `evaluate_splits` on the run's held-out (test)
     and out-of-distribution splits, and `val/accuracy` on its validation split when it has one.
-    `outcomes`, when given, receives every split's per-problem outcomes over all ranks (`solved_bits`) and a
-    digest of its prompts, so that two runs' outcomes are paired by problem only when they saw the same ones.
+    `outcomes`, when given, receives every split's per-problem outcomes over all ranks (`solved_bits`), a
+    digest of its prompts, so that two runs' outcomes are paired by problem only when they saw the same ones, and
+    each row's `problem_key` in row order, so that splits phrasing the same problems differently pair by problem.
 
     With several ranks each evaluates every world_size-th row of each split, and the means are
     combined weighted by the rows each rank scored: the result is that of one rank on all rows.
@@ -114,7 +116,8 @@ def evaluate_run(run, outcomes: dict[str, dict] | None = None) -> dict:
         sizes["val/problems"] = len(run.val_rows)
     if outcomes is not None:
         splits = {"test": run.eval_rows, "val": run.val_rows} | {f"ood/{k}": v for k, v in run.ood_rows.items()}
-        outcomes |= {split: {"solved": bits, "digest": prompts_digest(splits[split])}
+        outcomes |= {split: {"solved": bits, "digest": prompts_digest(splits[split]),
+                             "keys": [problem_key(r) for r in splits[split]]}
                      for split, bits in solved_bits(mine).items()}
     if world == 1:
         return metrics | sizes

@@ -75,7 +75,7 @@ class Tracker:
 
     def log_outcomes(self, step: int, outcomes: dict[str, dict]) -> None:
         """One evaluation's per-problem outcomes: split -> {"solved": "0110..." (one character per problem, in
-        row order), "digest": the split's prompts' fingerprint}."""
+        row order), "digest": the split's prompts' fingerprint, "keys": each problem's `problem_key`, in row order}."""
         self._outcomes.write(json.dumps({"step": step, **outcomes}) + "\n")
         self._outcomes.flush()
 

@@ -55,7 +55,7 @@ def test_arithmetic_ood_splits():
     assert {k: len(v) for k, v in splits.items()} == {"longer": 50, "spaced": 50, "question": 50}
     # 3-digit operands at width 3, reversed: "123+456=" is written "321+654=", answer 579 -> "975"
     row = Arithmetic(digits=3, reverse=True).row(123, 456)
-    assert row == {"prompt": "321+654=", "answer": "975", "overflow": False}
+    assert row == {"prompt": "321+654=", "answer": "975", "overflow": False, "problem_key": "123+456"}
     assert all(len(r["prompt"]) == 8 for r in splits["longer"])
     assert all(r["prompt"].startswith("what is ") and r["prompt"].endswith("?") for r in splits["question"])
     trained = {r["prompt"] for r in task.train_rows()}

@@ -27,7 +27,8 @@ TASK = Arithmetic(digits=3, digits_b=2, op="*", reverse=False)
 
 
 def test_products_are_written_without_leading_zeros_and_split_like_sums():
-    assert TASK.row(123, 45) == {"prompt": "123*45=", "answer": "5535", "overflow": False}  # 123*45 = 5535
+    assert TASK.row(123, 45) == {"prompt": "123*45=", "answer": "5535", "overflow": False,  # 123*45 = 5535
+                                 "problem_key": "123*45"}
     train, held = TASK.train_problems(), TASK.held_out_problems()
     assert len(train) + len(held) == 900 * 90  # a in 100..999, b in 10..99
     assert min(a for a, _ in train + held) == 100 and min(b for _, b in train + held) == 10

@@ -8,14 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from grpo.data.loading import load_task, load_val_split
 from grpo.errors import ConfigError
 from grpo.training.loop import track_best
 from tests.conftest import compose
 
 
 def test_the_validation_split_shares_no_problem_with_the_test_split():
-    from grpo.data.loading import load_task, load_val_split
-
     cfg = compose(["task.arithmetic.num_eval=500", "task.arithmetic.num_val=300"])
     _, test = load_task(cfg.task, set())
     val = load_val_split(cfg.task, set())
@@ -60,6 +59,10 @@ def test_early_stop_ends_the_run_and_keep_best_keeps_the_best_policy(tmp_path, t
     assert [o["step"] for o in outcomes] == [0, 1, 2]
     assert all(o["test"]["solved"] == "0" * 20 and o["val"]["solved"] == "0" * 20 for o in outcomes)
     assert outcomes[0]["test"]["digest"] != outcomes[0]["val"]["digest"]  # different problems
+    # and each problem's key, in row order: the rows' own, "a+b" on the built-in task
+    assert outcomes[0]["test"]["keys"] == [r["problem_key"] for r in load_task(cfg.task, set())[1]]
+    assert outcomes[0]["val"]["keys"] == [r["problem_key"] for r in load_val_split(cfg.task, set())]
+    assert all("+" in key for o in outcomes for key in o["test"]["keys"] + o["val"]["keys"])
 
 
 def test_keep_best_without_a_validation_split_is_refused_before_training(tmp_path, tiny_random_dir):
