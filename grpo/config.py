@@ -52,6 +52,9 @@ class ArithmeticTaskConfig:
     op: str = field(default="+", metadata={
         "help": "+ (sums) or * (products of a digits-digit by a digits_b-digit number, no leading zeros)"})
     digits_b: int = field(default=0, metadata={"help": "the second operand's digits; 0: as digits"})
+    style: str = field(default="compact", metadata={
+        "help": "how a problem is written: compact ('37+08=', what the tiny model reads) or question "
+                "('What is 37 + 8?', for a pretrained chat model; needs reverse=false)"})
     num_eval: int = field(default=500, metadata={"help": "held-out problems used for eval/accuracy"})
     num_ood: int = field(default=200, metadata={"help": "problems in each out-of-distribution split (0: none)"})
     num_val: int = field(default=200, metadata={
@@ -123,6 +126,10 @@ class TaskConfig:
             raise ConfigError("task.system_prompt: a system message needs the chat template; set task.chat=true "
                               "(or null)")
         choice("task.arithmetic.op", self.arithmetic.op, ("+", "*"))
+        choice("task.arithmetic.style", self.arithmetic.style, ("compact", "question"))  # builtin.arithmetic.STYLES
+        if self.arithmetic.style == "question" and self.arithmetic.reverse:
+            raise ConfigError("task.arithmetic.style: 'question' writes numbers as people do; set "
+                              "task.arithmetic.reverse=false")
         positive("task.arithmetic.digits", self.arithmetic.digits)
         positive("task.arithmetic.digits_b", self.arithmetic.digits_b, zero_ok=True)
         if self.builtin == "reasoning_gym":

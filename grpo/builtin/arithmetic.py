@@ -61,6 +61,7 @@ OPERATIONS = {"+": lambda a, b: a + b, "*": lambda a, b: a * b}
 
 
 OOD_SPLITS = ("longer", "spaced", "question")  # the names `Arithmetic.ood_splits` returns
+STYLES = ("compact", "question")  # how a problem is written in its prompt (`Arithmetic.prompt`)
 
 
 @dataclass
@@ -80,10 +81,15 @@ class Arithmetic:
     seed: int = 0
     op: str = "+"
     digits_b: int = 0  # the second operand's digits; 0: `digits`
+    style: str = "compact"  # "compact": "37+08="; "question": "What is 37 + 8?" (for chat models)
 
     def __post_init__(self):
         if self.op not in OPERATIONS:
             raise ValueError(f"arithmetic: op {self.op!r} is not one of {', '.join(OPERATIONS)}")
+        if self.style not in STYLES:
+            raise ValueError(f"arithmetic: style {self.style!r} is not one of {', '.join(STYLES)}")
+        if self.style == "question" and self.reverse:
+            raise ValueError("arithmetic: style 'question' writes numbers as people do; it needs reverse=false")
         self.digits_b = self.digits_b or self.digits
 
     def operands(self, digits: int) -> range:
@@ -104,7 +110,10 @@ class Arithmetic:
         return self._problems(held_out=True)
 
     def prompt(self, a: int, b: int) -> str:
-        """Operands zero-padded to `digits`, so digit i of each always stands at the same place."""
+        """Compact: operands zero-padded to `digits`, so digit i of each always stands at the same place.
+        Question: the plain question a chat model is asked, no padding."""
+        if self.style == "question":
+            return f"What is {a} {self.op} {b}?"
         return f"{write(a, self.reverse, self.digits)}{self.op}{write(b, self.reverse, self.digits_b)}="
 
     def row(self, a: int, b: int) -> dict:
@@ -144,7 +153,7 @@ class Arithmetic:
         """
         rng = random.Random(self.seed + 1)
         d, db = self.digits, self.digits_b
-        longer = Arithmetic(digits=d + 1, reverse=self.reverse, op=self.op, digits_b=db + 1)
+        longer = Arithmetic(digits=d + 1, reverse=self.reverse, op=self.op, digits_b=db + 1, style=self.style)
         problems = [(rng.randint(10**d, 10 ** (d + 1) - 1), rng.randint(10**db, 10 ** (db + 1) - 1))
                     for _ in range(num)]
         held = self._problems(held_out=True)

@@ -56,7 +56,8 @@ def _hf_rows(name: str, split: str) -> list[dict]:
 def arithmetic(task: TaskConfig) -> Arithmetic:
     """The built-in arithmetic task that `task.arithmetic` describes."""
     a = task.arithmetic
-    return Arithmetic(digits=a.digits, reverse=a.reverse, num_eval=a.num_eval, op=a.op, digits_b=a.digits_b)
+    return Arithmetic(digits=a.digits, reverse=a.reverse, num_eval=a.num_eval, op=a.op, digits_b=a.digits_b,
+                      style=a.style)
 
 
 def load_task(task: TaskConfig, required_columns: set[str]) -> tuple[list[dict], list[dict]]:

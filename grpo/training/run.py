@@ -328,6 +328,9 @@ def resolve_model_path(cfg: Config) -> str:
     the GGUF checkpoint of `model.gguf_file` into the cache."""
     if cfg.model.builtin == "tiny":
         a = cfg.task.arithmetic
+        if a.style != "compact":
+            raise ConfigError(f"task.arithmetic.style={a.style}: the tiny model's warm start reads the compact "
+                              "style only; use a pretrained model (e.g. model=smollm2-135m-instruct)")
         spec = WarmStart.from_config(cfg.model.warm_start, a.digits, a.reverse, a.op, a.digits_b)
         return str(warm_started_tiny(spec, log=log.info))
     if cfg.model.gguf_file:

@@ -10,6 +10,7 @@ from grpo.builtin.arithmetic import Arithmetic
 from grpo.data.loading import format_row, load_ood_splits, load_task, load_val_split
 from grpo.data.reasoning_gym import ReasoningGym
 from grpo.errors import ConfigError
+from grpo.training.run import resolve_model_path
 from tests.conftest import compose
 
 
@@ -68,3 +69,19 @@ def test_a_data_files_row_keeps_its_own_key_or_is_keyed_by_its_prompt():
     assert fmt({"prompt": "two plus three", "problem_key": "2+3"})["problem_key"] == "2+3"
     with pytest.raises(ConfigError, match=r"data.jsonl: row 4, column 'problem_key': expected non-empty text"):
         fmt({"prompt": "2+3", "problem_key": 7}, 4)
+
+
+def test_the_question_style_writes_plain_numbers_and_keeps_the_key():
+    # "What is 7 + 5?": no zero padding, most significant digit first; the same problem as the compact "07+05="
+    q = Arithmetic(digits=2, reverse=False, style="question")
+    assert q.row(7, 5) == {"prompt": "What is 7 + 5?", "answer": "12", "overflow": False, "problem_key": "7+5"}
+    assert q.row(7, 5)["problem_key"] == Arithmetic(digits=2, reverse=False).row(7, 5)["problem_key"]
+    assert q.ood_splits(3)["longer"][0]["prompt"].startswith("What is ")  # the longer split asks the same way
+    with pytest.raises(ValueError, match="reverse=false"):
+        Arithmetic(style="question")  # reversed digits in a question a person reads: refused
+    with pytest.raises(ConfigError, match="task.arithmetic.reverse=false"):
+        compose(["task.arithmetic.style=question"]).validate()
+    with pytest.raises(ConfigError, match="task.arithmetic.style"):
+        compose(["task.arithmetic.style=prose", "task.arithmetic.reverse=false"]).validate()
+    with pytest.raises(ConfigError, match="warm start reads the compact style only"):  # before any training
+        resolve_model_path(compose(["task.arithmetic.style=question", "task.arithmetic.reverse=false"]))

