@@ -1,7 +1,7 @@
 """PPO-RLHF data parallel under DeepSpeed ZeRO: the critic is its own engine, sharded and synced like the policy.
 
 - one PPO update on 2 ranks x B groups equals 1 rank x 2B groups, for the policy and the critic, under
-  ZeRO-1, ZeRO-2 and ZeRO-3 (as `test_distributed.py` checks it under ddp);
+  ZeRO-2 and ZeRO-3 (as `test_distributed.py` checks it under ddp; the backend treats ZeRO-1 as ZeRO-2);
 - `grpo-train algorithm=ppo` on 2 ranks under ZeRO-2 keeps the policy and critic replicas identical after
   every step, its checkpoint holds the critic's own DeepSpeed shards, and a run stopped after step 2 and
   resumed ends where the uninterrupted run does (weights of both models, and the metrics of step 3, which
@@ -29,7 +29,7 @@ from tests.distributed.test_distributed import (  # noqa: F401 - the fixture fre
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, DEEPSPEED]
 
 
-@pytest.mark.parametrize("backend", ["deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3"])
+@pytest.mark.parametrize("backend", ["deepspeed_zero2", "deepspeed_zero3"])
 def test_ppo_under_zero_on_two_ranks_with_b_groups_equals_one_rank_with_2b(tmp_path, one_rank, tiny_random_dir,
                                                                            backend):
     one = one_rank("ppo_data_parallel_step.py", "--model", str(tiny_random_dir))

@@ -45,18 +45,32 @@ needs_sandbox = requires(bool(SANDBOXES), "neither bubblewrap nor unprivileged u
 
 def runner_processes() -> list[int]:
     """Host pids of every sandboxed runner of this checkout still alive (their command line carries the runner's
-    source)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    source), but for those a pytest-xdist worker beside this one started (their ancestry passes through it): a
+    runner that outlived its sandbox has lost that ancestry, so it is counted whoever leaked it."""
+    def ppid(pid: int) -> int:
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if _RUNNER_MARK.encode() in f.read():
-                    pids.append(int(entry))
+            with open(f"/proc/{pid}/stat") as f:
+                return int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    workers = ({p for p in pids if ppid(p) == os.getppid() and p != os.getpid()}
+               if os.environ.get("PYTEST_XDIST_WORKER") else set())  # the controller's other workers
+    runners = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if _RUNNER_MARK.encode() not in f.read():
+                    continue
         except OSError:
-            pass
-    return pids
+            continue
+        ancestor = pid
+        while ancestor > 1 and ancestor not in workers:
+            ancestor = ppid(ancestor)
+        if ancestor not in workers:
+            runners.append(pid)
+    return runners
 
 
 def test_program_extraction():
