@@ -16,7 +16,9 @@ The critic is a separate value model (the policy's architecture with a one-outpu
 initialised from the policy's weights; the head starts at zero), not a value head on the policy. So the
 policy stays an ordinary causal LM (its rollout engine, weight sync, DeepSpeed sharding and checkpoint
 format are GRPO's, untouched) and the value regression cannot pull the policy's features toward
-predicting rewards. It costs one more forward and backward pass of a model the policy's size.
+predicting rewards. It costs one more forward and backward pass of a model the policy's size, run in
+the layout `backend.packing` names, as the policy's (`critic_values`: the values come back in the padded
+columns, so GAE and the value loss see one layout).
 
 Data parallel: the critic runs on the policy's kind of backend (`critic_backend`). Under `ddp` its gradients
 are summed over ranks like the policy's; under `deepspeed_zero1|2|3` it is a DeepSpeed engine of its own over
@@ -48,13 +50,15 @@ from grpo import distributed as dist
 from grpo.backends import build_backend
 from grpo.core.advantages import compute_advantages
 from grpo.core.batch import RolloutBatch, layout_batch
+from grpo.core.logprobs import packed_forward
+from grpo.core.packing import micro_batches
 from grpo.faults import crash_point
 from grpo.model.loading import disable_dropout
 from grpo.training.checkpoint import latest_checkpoint, load_rank_state, load_state, set_rng_state, sharded_dir
 from grpo.training.loop import StepResult, no_signal_reason, replica_check, run_loop
-from grpo.training.run import Run
+from grpo.training.run import Run, check_packing
 from grpo.training.sampling import gather_groups, reward_stats, rollout_metrics, sample_groups
-from grpo.training.update import equal_count_micro_batches, mini_batch_rows, score_logprobs, update_policy
+from grpo.training.update import mini_batch_rows, same_count_on_every_rank, score_logprobs, update_policy
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +133,7 @@ class PPO:
         ref = score(run.ref_model) if algo.beta > 0 else None
         rewards = token_rewards(scores, mask, batch.old_logprobs, ref, algo.beta)  # [N, T-1]
         # 4. critic values and GAE
-        values = self.values(batch, mbt)  # [N, T-1]
+        values = self.values(batch, mbt, cfg.backend.packing)  # [N, T-1]
         advantages, returns = gae(rewards, values, mask, algo.ppo.gamma, algo.ppo.lam)  # [N, T-1] each
         batch.advantages = whiten(advantages, mask) if algo.ppo.whiten_advantages else advantages
         # 5. policy step on the clipped surrogate (the KL is in the reward, not the loss), critic step on
@@ -138,7 +142,8 @@ class PPO:
                                 micro_batch_tokens=mbt, max_new_tokens=cfg.rollout.max_new_tokens,
                                 packing=cfg.backend.packing)
         metrics |= update_critic(self.critic_backend, batch, values, returns, epochs=algo.epochs,
-                                 mini_batches=algo.mini_batches, clip=algo.ppo.value_clip, micro_batch_tokens=mbt)
+                                 mini_batches=algo.mini_batches, clip=algo.ppo.value_clip, micro_batch_tokens=mbt,
+                                 packing=cfg.backend.packing)
         sums = [mask.sum(), (values * mask).sum()]
         if ref is not None:
             sums.append(((batch.old_logprobs - ref) * mask).sum())
@@ -150,13 +155,14 @@ class PPO:
         return metrics
 
     @torch.no_grad()
-    def values(self, batch, micro_batch_tokens: int) -> torch.Tensor:
-        """The critic's values [N, T-1] of the batch's prefixes, through its backend's module (as many
-        micro-batches on every rank: under ZeRO-3 each forward is collective)."""
+    def values(self, batch, micro_batch_tokens: int, packing: str = "padded") -> torch.Tensor:
+        """The critic's values [N, T-1] of the batch's prefixes, through its backend's module in the layout
+        `packing` names (as many micro-batches on every rank: under ZeRO-3 each forward is collective)."""
         values = torch.zeros_like(batch.completion_mask)  # [N, T-1]
-        for rows in equal_count_micro_batches(batch.attention_mask.sum(1).tolist(), micro_batch_tokens):
+        for rows in critic_micro_batches(batch, list(range(len(batch))), micro_batch_tokens, packing):
             # an empty micro-batch runs row 0 and keeps nothing: it only keeps ZeRO-3's forwards in step
-            out = self.critic_backend.model(batch.input_ids[rows or [0]], batch.attention_mask[rows or [0]])
+            out = self.critic_backend.model(batch.input_ids[rows or [0]], batch.attention_mask[rows or [0]],
+                                            prompt_width=batch.prompt_width, packing=packing)
             if rows:
                 values[rows] = out.cpu()  # [n, T-1]
         return values
@@ -229,11 +235,24 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [n, T] left padding: the first real token is at 0
 
 
-def critic_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def critic_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, prompt_width: int | None = None,
+                  packing: str = "padded") -> torch.Tensor:
     """V [n, T-1]: column t is the value of the prefix ending at token t, before token t+1 is emitted
-    (the column layout of the trainer's log-probs)."""
-    out = critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask))
-    return out.logits[:, :-1, 0].float()  # [n, T-1]
+    (the column layout of the trainer's log-probs).
+
+    With `packing` `sequences` or `groups` (`backend.packing`; completions start at column `prompt_width`)
+    the critic runs on that padding-free layout, as the policy's log-prob forward does
+    (`grpo.core.logprobs.packed_forward`), and only the columns that score a completion token get a value;
+    the others are 0 (the padded forward's values there, over the prompt and padding, are masked out of GAE
+    and the value loss anyway)."""
+    if packing == "padded":
+        out = critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask))
+        return out.logits[:, :-1, 0].float()  # [n, T-1]
+    if prompt_width is None:
+        raise ValueError(f"critic_values: packing={packing!r} needs prompt_width (where the completions start)")
+    out, packed = packed_forward(critic, critic, input_ids, attention_mask, prompt_width, packing, critic.dtype)
+    values = out.logits.reshape(-1)[packed.source].float()  # [M]: logits [R, W, 1], one value per position
+    return packed.to_padded(values, input_ids.shape[0], input_ids.shape[1] - 1)  # [n, T-1]
 
 
 class ValueModel(torch.nn.Module):
@@ -246,16 +265,19 @@ class ValueModel(torch.nn.Module):
         self.critic = critic
         self.device = device  # where the critic runs; inputs go there, values come back
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, prompt_width: int | None = None,
+                packing: str = "padded") -> torch.Tensor:
         home = input_ids.device
         device = self.device or home
-        return critic_values(self.critic, input_ids.to(device), attention_mask.to(device)).to(home)  # [n, T-1]
+        return critic_values(self.critic, input_ids.to(device), attention_mask.to(device), prompt_width=prompt_width,
+                             packing=packing).to(home)  # [n, T-1]
 
 
 def build_critic(run: Run, path: str):
     """The value model and its backend (`critic_backend`): the policy's weights under a one-output token
     head that starts at zero."""
     critic = load_critic(run.cfg, path)
+    check_packing(run.cfg, critic)  # its attention against backend.packing, as the policy's
     return critic, critic_backend(run.cfg, critic)
 
 
@@ -285,12 +307,12 @@ def critic_backend(cfg, critic: torch.nn.Module):
 
 
 def update_critic(backend, batch, old_values: torch.Tensor, returns: torch.Tensor, *, epochs: int, mini_batches: int,
-                  clip: float, micro_batch_tokens: int) -> dict:
+                  clip: float, micro_batch_tokens: int, packing: str = "padded") -> dict:
     """`epochs` passes of `mini_batches` optimiser steps on the clipped value loss: the token mean over the
     mini-batch's tokens on every rank, so the gradients summed over ranks are the whole batch's. The critic
     runs through `backend.model` (its `ValueModel`, inside the DeepSpeed engine there), as many
     micro-batches on every rank (a rank short of rows runs zero-weighted stand-ins: ZeRO-3's forwards and
-    backwards are collective)."""
+    backwards are collective). `packing`: the layout of its forward (`backend.packing`)."""
     total, updates, skipped = 0.0, 0, 0
     for _ in range(epochs):
         for rows in mini_batch_rows(len(batch), mini_batches):
@@ -298,12 +320,12 @@ def update_critic(backend, batch, old_values: torch.Tensor, returns: torch.Tenso
             num_tokens = float(dist.all_reduce_sum(local.reshape(1).double())[0])
             if num_tokens == 0:
                 continue  # nothing to fit in this mini-batch on any rank: no step anywhere
-            lengths = batch.attention_mask[rows].sum(1).tolist() if rows else []
             finite = True
-            for micro in equal_count_micro_batches(lengths, micro_batch_tokens):
+            for micro in critic_micro_batches(batch, rows, micro_batch_tokens, packing):
                 idx = [rows[i] for i in micro] or [0]  # [0]: a stand-in row, weighted 0
                 weight = 1.0 if micro else 0.0
-                values = backend.model(batch.input_ids[idx], batch.attention_mask[idx])  # [n, T-1]
+                values = backend.model(batch.input_ids[idx], batch.attention_mask[idx],
+                                       prompt_width=batch.prompt_width, packing=packing)  # [n, T-1]
                 mask = batch.completion_mask[idx] * weight  # [n, T-1]
                 per_token = value_loss(values, old_values[idx], returns[idx], mask, clip)  # [n, T-1]
                 loss = per_token.sum() / num_tokens * weight
@@ -318,3 +340,10 @@ def update_critic(backend, batch, old_values: torch.Tensor, returns: torch.Tenso
             updates += 1
     total = float(dist.all_reduce_sum(torch.tensor([total]))[0])
     return {"train/value_loss": total / max(updates, 1), "optim/critic_skipped_steps": skipped}
+
+
+def critic_micro_batches(batch: RolloutBatch, rows: list[int], micro_batch_tokens: int, packing: str
+                        ) -> list[list[int]]:
+    """Micro-batches of `rows` (positions in `rows`) within the token budget, costed in the layout `packing`
+    forwards (as the policy's), as many on every rank (`same_count_on_every_rank`)."""
+    return same_count_on_every_rank(micro_batches(batch.select(rows) if rows else None, micro_batch_tokens, packing))

@@ -128,23 +128,31 @@ def _packed_logprobs(model, backbone, head, input_ids, attention_mask, packing: 
                      chunk_size: int, with_entropy: bool, logits_to_keep_from: int):
     """`sequence_logprobs` through a packed layout: one backbone forward over the packed rows, the head
     on the scored positions only, the results scattered into the padded `[B, T-1]` columns."""
-    impl = attention_implementation(model, packing)
-    packed = pack(input_ids, attention_mask, logits_to_keep_from + 1, packing, one_row="flash" in impl)
-    mask = packed.attention_mask  # [R, 1, W, W] bool (groups) or None: boundaries from the position ids
-    if mask is not None and impl == "eager":  # eager adds the mask to its scores
-        dtype = head.weight.dtype
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    hidden = backbone(
-        input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, use_cache=False
-    ).last_hidden_state  # [R, W, H]
+    out, packed = packed_forward(model, backbone, input_ids, attention_mask, logits_to_keep_from + 1, packing,
+                                 head.weight.dtype)
+    hidden = out.last_hidden_state  # [R, W, H]
     rows = hidden.reshape(-1, hidden.shape[-1])[packed.source]  # [M, H]
     lp_chunks, ent_chunks = _score_in_chunks(head, rows, packed.targets, temperature, with_entropy, chunk_size)
     B, T = input_ids.shape
+    lp = packed.to_padded(_cat_rows(lp_chunks, rows), B, T - 1)  # [B, T-1]
+    return lp, packed.to_padded(_cat_rows(ent_chunks, rows), B, T - 1) if with_entropy else None
 
-    def scatter(values):  # [M] -> [B, T-1], zeros where nothing was scored
-        return values.new_zeros(B * (T - 1)).index_copy(0, packed.dest, values).view(B, T - 1)
 
-    return scatter(_cat_rows(lp_chunks, rows)), scatter(_cat_rows(ent_chunks, rows)) if with_entropy else None
+def packed_forward(model: nn.Module, forward, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   prompt_width: int, packing: str, dtype: torch.dtype) -> tuple:
+    """`forward(input_ids=, attention_mask=, position_ids=, use_cache=False)` (`model` itself, or its backbone)
+    over the `packing` layout of the padded micro-batch `input_ids` [n, T] (completions from column
+    `prompt_width`), after `model`'s attention is checked against that layout. Returns `(forward's output,
+    PackedRows)`: the output's positions `source` are the padded layout's columns `dest` (`PackedRows.to_padded`).
+    `dtype`: the model's, for eager attention's additive mask. Shared by the policy's log-probs and the critic's
+    values (`grpo.algorithms.ppo.critic_values`)."""
+    impl = attention_implementation(model, packing)
+    packed = pack(input_ids, attention_mask, prompt_width, packing, one_row="flash" in impl)
+    mask = packed.attention_mask  # [R, 1, W, W] bool (groups) or None: boundaries from the position ids
+    if mask is not None and impl == "eager":  # eager adds the mask to its scores
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    out = forward(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, use_cache=False)
+    return out, packed
 
 
 def attention_implementation(model: nn.Module, packing: str) -> str:

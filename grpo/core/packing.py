@@ -1,4 +1,4 @@
-"""Padding-free layouts of a micro-batch for the log-prob forward (`backend.packing`).
+"""Padding-free layouts of a micro-batch for the log-prob and value forwards (`backend.packing`).
 
 A rollout micro-batch arrives padded (`grpo.core.batch`): row i holds its prompt left-padded to column P
 and its completion right-padded after it. With ~200-token prompts shared by G completions of
@@ -45,6 +45,11 @@ class PackedRows:
     source: torch.Tensor  # [M] flat index into [R*W]: the hidden state that scores a completion token
     targets: torch.Tensor  # [M] the token it scores
     dest: torch.Tensor  # [M] flat index into the padded [n, T-1] log-prob columns
+
+    def to_padded(self, values: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+        """Per-scored-position `values` [M] (in `source` order) -> the padded layout [rows, columns] (`n`, `T-1`),
+        zeros where nothing was scored; differentiable in `values`."""
+        return values.new_zeros(rows * columns).index_copy(0, self.dest, values).view(rows, columns)
 
 
 def spans(attention_mask: torch.Tensor, prompt_width: int) -> tuple[list[int], list[int]]:

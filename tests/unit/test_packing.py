@@ -5,7 +5,9 @@
   rounding), on a ragged batch with left padding, multi-turn environment tokens and several
   micro-batches, under sdpa and eager attention, on a plain and on a LoRA policy;
 - no leak: changing one packed sequence's tokens moves no other sequence's log-probs;
-- each value through the real loop (`train_step`), a bad value and flash attention refused by name.
+- each value through the real loop (`train_step`), a bad value and flash attention refused by name;
+- the PPO critic's values equal the padded ones, and one PPO update (policy and critic) gives the padded
+  update's gradients with the critic's forward seen running on the packed layout.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 from grpo.algorithms import grpo as trainer
+from grpo.algorithms.ppo import ValueModel, critic_values, load_critic
 from grpo.backends import LogProbModel
 from grpo.builtin.tiny import build_char_tokenizer, build_tiny_model
 from grpo.config import AlgorithmConfig
@@ -27,6 +30,7 @@ from grpo.training.run import check_packing
 from grpo.training.update import score_logprobs, update_policy
 from tests.conftest import compose
 from tests.distributed.data_parallel_step import with_random_adapters
+from tests.distributed.ppo_data_parallel_step import ppo_update
 
 PACKED = ("sequences", "groups")
 
@@ -222,6 +226,72 @@ def test_each_packing_through_the_loop_gives_the_padded_step(tmp_path, tiny_rand
         assert out[packing].moved > 1e-4
         for key in ("train/loss", "train/kl", "train/entropy", "train/clip_frac"):
             assert abs(out[packing].metrics[key] - base.metrics[key]) < 1e-5, (packing, key)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_critic_values_in_each_packing_equal_padded(attention, tiny_random_dir):
+    """Catches: the critic's packed values read from the wrong positions (`packed.source` off by one, or the
+    groups' completions not seeing their prompt), the groups mask dropped (completions see each other), and
+    a packing silently ignored (the padded values, nonzero over the prompt, would come back)."""
+    batch = ragged_batch()  # 3 groups x 4 sharing a prompt, prompts 2..12 tokens left-padded, an empty completion
+    N, T = batch.input_ids.shape
+    critic = load_critic(compose([]), str(tiny_random_dir)).float()
+    critic.set_attn_implementation(attention)
+    # a random head: the loaded one is zero, and all-zero values would agree in every layout
+    torch.nn.init.normal_(critic.score.weight, std=0.5, generator=torch.Generator().manual_seed(3))
+    # every column that scores a completion token (environment tokens too): from P-1 on, target real
+    scored = batch.attention_mask[:, 1:].bool()
+    scored[:, : batch.prompt_width - 1] = False  # [N, T-1]
+    assert scored.sum() > batch.completion_mask.sum() > 0  # environment tokens are scored, not in the loss
+    with torch.no_grad():
+        padded = critic_values(critic, batch.input_ids, batch.attention_mask)  # [N, T-1]
+        assert padded[~scored].abs().sum() > 0  # the padded forward has values over the prompt
+        for packing in PACKED:
+            values = ValueModel(critic)(batch.input_ids, batch.attention_mask, prompt_width=batch.prompt_width,
+                                        packing=packing)
+            assert values.shape == (N, T - 1) == batch.completion_mask.shape and values.dtype == torch.float32
+            torch.testing.assert_close(values[scored], padded[scored], atol=1e-5, rtol=0, msg=packing)
+            assert values[~scored].abs().sum() == 0, packing  # nothing but completion positions is valued
+
+
+class ForwardLog:
+    """Records what reaches a model's forward: one (tokens forwarded, attention mask's dims) per call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def attach(self, model):
+        model.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        self.calls.append((kwargs["input_ids"].numel(), None if mask is None else mask.dim()))
+
+
+def test_ppo_update_in_groups_gives_the_padded_gradients_and_the_critic_runs_packed(tiny_random_dir):
+    """One `PPO.update` (old values, GAE, the policy's and the critic's steps) on 4 groups x 4 (prompts of 2..8
+    tokens, left-padded; completions 1..8) in several 40-token micro-batches: the gradients that reach both
+    optimisers are the padded update's within float32 rounding, and every critic forward, the old values' and
+    the update's, ran on the groups layout (a 4D mask, fewer tokens than padded).
+    Catches: `backend.packing` not passed to the critic's old values or its update (the log shows 2D masks),
+    a packed value put in the wrong column or the groups mask dropped (GAE's returns and the value loss move,
+    so the critic's and the policy's gradients do)."""
+    grads, metrics, logs = {}, {}, {}
+    for packing in ("padded", "groups"):
+        logs[packing] = ForwardLog()
+        metrics[packing], grads[packing] = ppo_update(str(tiny_random_dir), "torch", 4, packing,
+                                                      critic_hook=logs[packing].attach)
+    padded, grouped = logs["padded"].calls, logs["groups"].calls
+    assert padded and all(dims == 2 for _, dims in padded)
+    assert grouped and all(dims == 4 for _, dims in grouped)  # old values and every update micro-batch
+    assert sum(n for n, _ in grouped) < sum(n for n, _ in padded)
+    for key in ("train/value_mean", "train/value_loss", "train/loss", "train/kl"):
+        assert abs(metrics["groups"][key] - metrics["padded"][key]) < 1e-5 * max(1.0, abs(metrics["padded"][key])), key
+    moved = {"policy": 0, "critic": 0}
+    for name, g in grads["padded"].items():
+        torch.testing.assert_close(grads["groups"][name], g, atol=2e-6, rtol=0, msg=name)
+        moved["critic" if name.startswith("critic") else "policy"] += int(g.abs().sum() > 0)
+    assert moved["policy"] > 10 and moved["critic"] > 10  # a real gradient reached both models
 
 
 def test_greedy_batches_cuts_in_order_and_gives_an_oversized_item_a_batch_of_its_own():
