@@ -273,9 +273,9 @@ def test_ppo_update_in_groups_gives_the_padded_gradients_and_the_critic_runs_pac
     tokens, left-padded; completions 1..8) in several 40-token micro-batches: the gradients that reach both
     optimisers are the padded update's within float32 rounding, and every critic forward, the old values' and
     the update's, ran on the groups layout (a 4D mask, fewer tokens than padded).
-    Catches: `backend.packing` not passed to the critic's old values or its update (the log shows 2D masks),
-    a packed value put in the wrong column or the groups mask dropped (GAE's returns and the value loss move,
-    so the critic's and the policy's gradients do)."""
+    Catches: `backend.packing` not passed to the critic's old values, or to its update (the log shows 2D
+    masks), or the groups mask dropped (no 4D mask); a packed value read from the wrong position (GAE's
+    advantages and returns and the value loss move, so both models' gradients do)."""
     grads, metrics, logs = {}, {}, {}
     for packing in ("padded", "groups"):
         logs[packing] = ForwardLog()
