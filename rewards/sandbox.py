@@ -493,7 +493,9 @@ def _python_dirs() -> list[str]:
 
 
 def _command(kind: str, limits: Limits, site_packages: bool, mode: str) -> list[str]:
-    python = os.path.realpath(sys.executable)
+    # the venv's own path, not the interpreter it links to: Python finds the venv (pyvenv.cfg beside bin/) from the
+    # path it was started by, so through the link target `site_packages` would see the base installation's packages
+    python = os.path.abspath(sys.executable)
     runner = [python, "-I", *([] if site_packages else ["-S"]), "-c", _RUNNER.read_text(), mode,
               json.dumps(limits.for_runner())]
     if kind == "none":

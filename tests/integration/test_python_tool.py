@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -95,6 +96,9 @@ def test_site_packages_lets_programs_import_what_is_installed_beside_the_trainer
         assert plain("import sympy").endswith("ModuleNotFoundError: No module named 'sympy'")
         assert with_packages("import sympy\nprint(sympy.factorint(5535))") == "{3: 3, 5: 1, 41: 1}\n"
         assert with_packages("import numpy\nprint(numpy.arange(4).sum())") == "6\n"
+        # the trainer's own environment (a venv whose python links to a base installation), not the base's: started
+        # through the link's target, Python would not find the venv and import the base's packages instead
+        assert with_packages("import sys\nprint(sys.prefix)") == sys.prefix + "\n"
         if persistent:  # the imports stay
             assert with_packages("print(numpy.int64(6) * sympy.Integer(7))") == "42\n"
         assert "the installed packages" in tool_schema(with_packages)["function"]["parameters"]["properties"]["code"][
