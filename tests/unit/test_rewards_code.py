@@ -45,32 +45,30 @@ needs_sandbox = requires(bool(SANDBOXES), "neither bubblewrap nor unprivileged u
 
 def runner_processes() -> list[int]:
     """Host pids of every sandboxed runner of this checkout still alive (their command line carries the runner's
-    source), but for those a pytest-xdist worker beside this one started (their ancestry passes through it): a
-    runner that outlived its sandbox has lost that ancestry, so it is counted whoever leaked it."""
-    def ppid(pid: int) -> int:
+    source), but for those another test session started and still holds (a pytest-xdist worker beside this one, a
+    second pytest): their ancestry passes through that session's pytest process, not this one. A runner that
+    outlived its sandbox has lost its ancestry (it hangs from init), so it is counted whoever leaked it."""
+    def parent_and_cmdline(pid: int) -> tuple[int, bytes]:
         try:
             with open(f"/proc/{pid}/stat") as f:
-                return int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            return 0
-
-    pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    workers = ({p for p in pids if ppid(p) == os.getppid() and p != os.getpid()}
-               if os.environ.get("PYTEST_XDIST_WORKER") else set())  # the controller's other workers
-    runners = []
-    for pid in pids:
-        try:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if _RUNNER_MARK.encode() not in f.read():
-                    continue
-        except OSError:
-            continue
-        ancestor = pid
-        while ancestor > 1 and ancestor not in workers:
-            ancestor = ppid(ancestor)
-        if ancestor not in workers:
-            runners.append(pid)
-    return runners
+                return ppid, f.read()
+        except (OSError, ValueError, IndexError):
+            return 0, b""
+
+    def held_by_another_session(pid: int) -> bool:
+        ancestor = parent_and_cmdline(pid)[0]
+        while ancestor > 1 and ancestor != os.getpid():
+            parent, cmdline = parent_and_cmdline(ancestor)
+            if b"pytest" in cmdline:
+                return True
+            ancestor = parent
+        return False
+
+    runners = [int(p) for p in os.listdir("/proc") if p.isdigit()
+               and _RUNNER_MARK.encode() in parent_and_cmdline(int(p))[1]]
+    return [pid for pid in runners if not held_by_another_session(pid)]
 
 
 def test_program_extraction():
