@@ -660,6 +660,9 @@ def validate_algorithm_against_run(cfg: Config) -> None:
         raise ConfigError(
             "algorithm.dpo.pairs_file: give preference pairs (the built-in set exists for task=arithmetic only)"
         )
+    if a.loop == "dpo" and a.dpo.pairs_file is None and cfg.task.arithmetic.style != "compact":
+        raise ConfigError(f"task.arithmetic.style={cfg.task.arithmetic.style}: the built-in preference pairs are "
+                          "written in the compact style; give algorithm.dpo.pairs_file or use style=compact")
     if not 0 <= a.overlong_buffer <= cfg.rollout.max_new_tokens:
         raise ConfigError(
             f"algorithm.overlong_buffer: must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}], "

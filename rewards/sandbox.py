@@ -485,17 +485,37 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _interpreter() -> str:
+    """The interpreter the sandbox starts: the path it was started by, its directories resolved (the sandbox binds
+    real directories) but not its own link. Python finds a venv (pyvenv.cfg beside bin/) from that path; through
+    the link's target it would import the base installation's packages instead of the venv's."""
+    return os.path.join(os.path.realpath(os.path.dirname(sys.executable)), os.path.basename(sys.executable))
+
+
+def _link_dirs(path: str) -> set[str]:
+    """The directories of each link `path` goes through (a venv's bin/python -> /opt/python/bin/python3.11 ->
+    ...), each resolved: bound in the sandbox, the chain resolves there as on the host."""
+    dirs = set()
+    for _ in range(40):  # the kernel's own bound on nested links
+        if not os.path.islink(path):
+            break
+        path = os.path.join(os.path.dirname(path), os.readlink(path))
+        path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+        dirs.add(os.path.dirname(path))
+    return dirs
+
+
 def _python_dirs() -> list[str]:
-    """Directories the interpreter needs: its installation (and a venv's base) if outside /usr."""
+    """Directories the interpreter needs: its installation (and a venv's base), and the directories of the links
+    that lead to it, where outside /usr."""
     dirs = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
     dirs.add(os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))))
-    return sorted(d for d in dirs if not d.startswith("/usr/") and d != "/usr")
+    dirs = {d for d in dirs | _link_dirs(_interpreter()) if not d.startswith("/usr/") and d != "/usr"}
+    return sorted(d for d in dirs if not any(d.startswith(other + "/") for other in dirs))  # nested: bound with its top
 
 
 def _command(kind: str, limits: Limits, site_packages: bool, mode: str) -> list[str]:
-    # the venv's own path, not the interpreter it links to: Python finds the venv (pyvenv.cfg beside bin/) from the
-    # path it was started by, so through the link target `site_packages` would see the base installation's packages
-    python = os.path.abspath(sys.executable)
+    python = _interpreter()
     runner = [python, "-I", *([] if site_packages else ["-S"]), "-c", _RUNNER.read_text(), mode,
               json.dumps(limits.for_runner())]
     if kind == "none":

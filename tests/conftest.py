@@ -62,24 +62,22 @@ def requires(available: bool, reason: str):
     return pytest.mark.missing_in_ci(reason=reason) if IN_CI else pytest.mark.skip(reason=reason)
 
 
-if importlib.util.find_spec("xdist") is not None:  # the hook below is pytest-xdist's; unknown to pytest without it
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: ignored where xdist is absent or disabled
+def pytest_xdist_make_scheduler(config, log):
+    """Under `-n N` (scripts/test.sh: `--dist loadfile`; plain `--dist load` too): each file runs whole on one worker
+    (its module fixtures built once), and all of tests/distributed as one unit, one launch after another: each launch
+    keeps both cores busy, and they share DeepSpeed's /dev/shm buffers (`_release_deepspeed_shared_memory`)."""
+    if config.getvalue("dist") not in ("load", "loadfile"):
+        return None
+    from xdist.scheduler import LoadFileScheduling
 
-    def pytest_xdist_make_scheduler(config, log):
-        """Under `--dist loadfile` (scripts/test.sh): each file runs whole on one worker (its module fixtures built
-        once), and all of tests/distributed as one unit, one launch after another: each launch keeps both cores
-        busy, and they share DeepSpeed's /dev/shm buffers."""
-        if config.getvalue("dist") != "loadfile":
-            return None
-        from xdist.scheduler import LoadFileScheduling
+    launches = Path(os.path.relpath(ROOT / "tests" / "distributed", config.rootpath)).as_posix()  # as nodeids write it
 
-        class LaunchesOneAtATime(LoadFileScheduling):
-            def _split_scope(self, nodeid: str) -> str:
-                return LAUNCHES if nodeid.startswith(LAUNCHES + "/") else super()._split_scope(nodeid)
+    class LaunchesOneAtATime(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return launches if nodeid.startswith(launches + "/") else super()._split_scope(nodeid)
 
-        return LaunchesOneAtATime(config, log)
-
-
-LAUNCHES = "tests/distributed"  # the folder of the tests that launch several processes
+    return LaunchesOneAtATime(config, log)
 
 
 def pytest_runtest_setup(item):

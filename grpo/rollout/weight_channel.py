@@ -20,8 +20,9 @@ interface whatever address it is given. So:
    the group has formed, every rank proves it holds the secret itself, which never enters the store: each
    contributes HMAC-SHA256(secret, its rank) to an all-gather and checks everyone else's. A stranger who
    took a rank's place cannot produce that rank's proof; the open fails naming the rank, before any weight
-   is sent. A failed check is all the stranger can cause: it can make the opening fail, never receive or
-   replace weights.
+   is sent. This stops a party that joins in a rank's place; it does not stop one that can rewrite the store's
+   rendezvous keys and relay the ranks' own traffic (proofs included) between them, which only an authenticated,
+   encrypted transport would.
 What this does not protect against: a party that can read the `/weights/open` body, which travels in clear
 HTTP (`grpo-vllm-serve` refuses to start on any `--host` but `localhost` or a loopback IP address unless
 `GRPO_SERVER_TOKEN` holds a token of 16 characters or more, but the token authenticates requests, it does not

@@ -83,5 +83,7 @@ def test_the_question_style_writes_plain_numbers_and_keeps_the_key():
         compose(["task.arithmetic.style=question"]).validate()
     with pytest.raises(ConfigError, match="task.arithmetic.style"):
         compose(["task.arithmetic.style=prose", "task.arithmetic.reverse=false"]).validate()
+    with pytest.raises(ConfigError, match="built-in preference pairs are written in the compact style"):
+        compose(["algorithm=dpo", "task.arithmetic.style=question", "task.arithmetic.reverse=false"])
     with pytest.raises(ConfigError, match="warm start reads the compact style only"):  # before any training
         resolve_model_path(compose(["task.arithmetic.style=question", "task.arithmetic.reverse=false"]))

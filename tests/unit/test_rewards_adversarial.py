@@ -235,7 +235,7 @@ def test_forgeries_score_zero_within_their_deadline(kind, tmp_path):
     # Each run ends by its deadline (plus the time to kill and reap the sandbox and load on 2 shared cores).
     slow = {name: round(result.seconds, 1) for name, result in results.items() if result.seconds > TIMEOUT_S + 3}
     assert slow == {}
-    assert runner_processes() == [], "sandboxed processes outlived their run"
+    assert runner_processes(settle_s=3) == [], "sandboxed processes outlived their run"
 
 
 @needs_sandbox
@@ -347,7 +347,7 @@ def test_sandboxes_die_with_the_trainer(kind, tmp_path):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and runner_processes():
         time.sleep(0.05)
-    assert runner_processes() == []
+    assert runner_processes(settle_s=3) == []
 
 
 # Threads by raw clone, each on a 256-byte stack whose top holds pause()'s address: the child returns from the
@@ -407,4 +407,4 @@ def test_a_raw_clone_thread_bomb_is_bounded_per_sandbox(kind):
     # RLIMIT_NPROC (16) stops a non-root user's first; as root, pid_max does: pids 1..555, less the sandbox's own
     assert errno == 11 and 0 < made < 556, run.output
     assert held <= 560, held  # 555 in the namespace, plus the launchers outside it
-    assert runner_processes() == []
+    assert runner_processes(settle_s=3) == []

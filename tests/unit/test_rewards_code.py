@@ -43,32 +43,46 @@ REPO_FILE = str(Path(__file__).resolve().parents[1] / "pyproject.toml")  # the h
 needs_sandbox = requires(bool(SANDBOXES), "neither bubblewrap nor unprivileged user namespaces here")
 
 
-def runner_processes() -> list[int]:
+def runner_processes(settle_s: float = 0.0) -> list[int]:
     """Host pids of every sandboxed runner of this checkout still alive (their command line carries the runner's
     source), but for those another test session started and still holds (a pytest-xdist worker beside this one, a
     second pytest): their ancestry passes through that session's pytest process, not this one. A runner that
-    outlived its sandbox has lost its ancestry (it hangs from init), so it is counted whoever leaked it."""
-    def parent_and_cmdline(pid: int) -> tuple[int, bytes]:
+    outlived its sandbox has lost its ancestry (it hangs from init), so it is counted whoever leaked it.
+    `settle_s`: only those still there after up to that long (a sandbox another session is tearing down hangs
+    from init for a moment)."""
+    def parent_and_argv(pid: int) -> tuple[int, list[bytes]]:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                return ppid, f.read()
+                return ppid, f.read().split(b"\0")
         except (OSError, ValueError, IndexError):
-            return 0, b""
+            return 0, []
+
+    def is_pytest(argv: list[bytes]) -> bool:  # `pytest ...`, `py.test ...` or `python -m pytest ...`
+        head = argv[:6]
+        return any(os.path.basename(a) in (b"pytest", b"py.test") for a in head) or any(
+            a == b"-m" and b == b"pytest" for a, b in zip(head, head[1:]))
 
     def held_by_another_session(pid: int) -> bool:
-        ancestor = parent_and_cmdline(pid)[0]
+        ancestor = parent_and_argv(pid)[0]
         while ancestor > 1 and ancestor != os.getpid():
-            parent, cmdline = parent_and_cmdline(ancestor)
-            if b"pytest" in cmdline:
+            parent, argv = parent_and_argv(ancestor)
+            if is_pytest(argv):  # the sandbox's own launchers carry the runner's source, never pytest's name
                 return True
             ancestor = parent
         return False
 
-    runners = [int(p) for p in os.listdir("/proc") if p.isdigit()
-               and _RUNNER_MARK.encode() in parent_and_cmdline(int(p))[1]]
-    return [pid for pid in runners if not held_by_another_session(pid)]
+    def snapshot() -> set[int]:
+        runners = [int(p) for p in os.listdir("/proc")
+                   if p.isdigit() and any(_RUNNER_MARK.encode() in a for a in parent_and_argv(int(p))[1])]
+        return {pid for pid in runners if not held_by_another_session(pid)}
+
+    found, deadline = snapshot(), time.monotonic() + settle_s
+    while found and time.monotonic() < deadline:
+        time.sleep(0.2)
+        found &= snapshot()
+    return sorted(found)
 
 
 def test_program_extraction():
@@ -206,7 +220,7 @@ def test_adversarial_programs_score_zero_and_leave_nothing(kind, tmp_path):
     elapsed = time.perf_counter() - start
     assert dict(zip(cases, scores)) == {name: 0.0 for name in cases}
     assert canary.read_text() == "still here"
-    assert runner_processes() == [], "sandboxed processes outlived their run"
+    assert runner_processes(settle_s=3) == [], "sandboxed processes outlived their run"
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_rss) / 1024
     assert grown_mb < 50, f"the trainer process grew by {grown_mb:.0f} MB"
     # 18 programs, a handful hitting the 3 s deadline, on the CPUs available: bounded well under a minute.
@@ -332,7 +346,7 @@ def test_harness_failures_are_infra_errors_not_wrong_answers(kind, tmp_path, mon
     scores = code_tests([""] * 2, ["def f(x):\n    while True:\n        pass\n", "import os\nos._exit(0)\n"],
                         tests=["assert f(1) == 2"] * 2, sandbox=kind, timeout_s=2.0)
     assert scores == [0.0, 0.0] and CODE_TESTS.metrics() == {"timeouts": 1.0, "infra_errors": 0.0}
-    assert runner_processes() == []
+    assert runner_processes(settle_s=3) == []
 
 
 # Run inside the sandbox by an interpreter installed under /tmp: what it sees of its own installation and of /tmp.
@@ -396,3 +410,18 @@ def test_an_interpreter_under_tmp_runs_with_its_installation_read_only_and_tmp_p
     # 8 files of 1 MiB fill the 8 MiB tmpfs (its mount points for the binds take no pages); the 9th: ENOSPC
     assert seen["fill_error"] == "ENOSPC" and seen["written_mb"] == tmp_mb, seen
     assert not os.path.exists(f"/tmp/{marker}") and not (python_under_tmp.parent / "planted").exists()  # private
+
+
+def test_the_sandbox_binds_every_directory_the_interpreters_links_pass_through(tmp_path, monkeypatch):
+    # venv/bin/python -> ../../alt/python3 -> <the real interpreter>: started as venv/bin/python (so Python finds the
+    # venv), the link chain must resolve inside the sandbox, so alt/ and the interpreter's own directory are bound
+    real = os.path.realpath(sys.executable)
+    (tmp_path / "alt").mkdir()
+    (tmp_path / "alt" / "python3").symlink_to(real)
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "python").symlink_to(Path("..") / ".." / "alt" / "python3")
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "venv" / "bin" / "python"))
+    assert sandbox_module._interpreter() == str(tmp_path / "venv" / "bin" / "python")  # its own link kept
+    assert sandbox_module._link_dirs(sys.executable) == {str(tmp_path / "alt"), os.path.dirname(real)}
+    bound = sandbox_module._python_dirs()
+    assert str(tmp_path / "alt") in bound and not any(d.startswith(b + "/") for d in bound for b in bound)

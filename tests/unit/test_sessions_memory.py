@@ -64,4 +64,4 @@ def test_an_interpreter_past_the_budget_is_refused_with_an_error_reply_not_start
     finally:
         for tool in tools:
             tool.close()
-    assert SESSIONS_MEMORY.held_mb == 0 and runner_processes() == []
+    assert SESSIONS_MEMORY.held_mb == 0 and runner_processes(settle_s=3) == []
