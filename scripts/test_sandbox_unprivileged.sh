@@ -13,7 +13,7 @@ if [ "$(id -u)" != 0 ] || ! command -v setpriv >/dev/null; then
 fi
 # nobody must read the environment and the checkout, and a sandbox must start for nobody (a bind of an installation
 # under a directory nobody cannot enter, e.g. /root, cannot)
-probe='from rewards.sandbox import run_code; import sys; sys.exit(run_code("print(6 * 7)", kind="auto").output != "42\n")'
+probe='from rewards.sandbox import resolve_sandbox, run_code; import sys; sys.exit(run_code("print(6 * 7)", kind=resolve_sandbox()).output != "42\n")'
 if ! "${as_nobody[@]}" "$python" -c "import grpo, torch, pytest; $probe" >/dev/null 2>&1; then
   echo "unprivileged sandbox tests: not run (as nobody, $python cannot import the project or start a sandbox here)"
   exit 0
