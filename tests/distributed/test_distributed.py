@@ -280,6 +280,21 @@ def on_two_ranks(driver: str, backend: str, out: Path, *args: str) -> dict:
     launch([*launcher(backend, 2), str(HERE / driver), "--backend", backend, "--out", str(out), *args])
     return torch.load(out, weights_only=False)
 
+PPO_METRICS = ("train/value_mean", "train/kl", "train/loss", "train/value_loss", "optim/grad_norm")
+
+
+def assert_same_ppo_update(ref_metrics: dict, ref_grads: dict, metrics: dict, grads: dict,
+                           keys: tuple[str, ...] = PPO_METRICS) -> None:
+    """Two PPO updates agree: the metrics `keys`, and every policy and critic gradient (float32 summation order
+    apart), with a real gradient reaching both models."""
+    for key in keys:
+        assert abs(ref_metrics[key] - metrics[key]) < 1e-5 * max(1.0, abs(ref_metrics[key])), key
+    moved = {"policy": 0, "critic": 0}
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=2e-6, rtol=0, msg=name)
+        moved["critic" if name.startswith("critic") else "policy"] += int(g.abs().sum() > 0)
+    assert moved["policy"] > 10 and moved["critic"] > 10  # a real gradient reached both models
+
 
 def test_ppo_on_two_ranks_with_b_groups_equals_one_rank_with_2b(tmp_path, one_rank, tiny_random_dir):
     one = one_rank("ppo_data_parallel_step.py", "--model", str(tiny_random_dir))
@@ -287,13 +302,7 @@ def test_ppo_on_two_ranks_with_b_groups_equals_one_rank_with_2b(tmp_path, one_ra
     assert (one["world_size"], two["world_size"]) == (1, 2)
     # GAE's whitening, the value mean and the KL are over every rank's tokens; both losses are normalised by
     # the whole batch's counts, so the summed gradients are the one-rank ones (float32 summation order apart)
-    for key in ("train/value_mean", "train/kl", "train/loss", "train/value_loss", "optim/grad_norm"):
-        assert abs(one["metrics"][key] - two["metrics"][key]) < 1e-5 * max(1.0, abs(one["metrics"][key])), key
-    moved = {"policy": 0, "critic": 0}
-    for name, g in one["grads"].items():
-        torch.testing.assert_close(two["grads"][name], g, atol=2e-6, rtol=0, msg=name)
-        moved["critic" if name.startswith("critic") else "policy"] += int(g.abs().sum() > 0)
-    assert moved["policy"] > 10 and moved["critic"] > 10  # a real gradient reached both models
+    assert_same_ppo_update(one["metrics"], one["grads"], two["metrics"], two["grads"])
 
 
 def test_ppo_trains_on_two_ranks_with_identical_policy_and_critic_replicas(tmp_path, warm_tiny_dir):
