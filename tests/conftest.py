@@ -19,6 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# Under pytest-xdist (scripts/test.sh) the workers share the machine's cores, one worker per core: torch runs one
+# thread in each, and so do the processes they start. Two workers at torch's default (a thread per core each)
+# oversubscribed two cores several-fold (the tools demo test 409 s against 80 s alone). In one process, two.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+TORCH_THREADS = 1 if WORKER else 2
+THREADS = f"threads={TORCH_THREADS}"  # the override for the runs a test starts
+if WORKER:
+    torch.set_num_threads(TORCH_THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(TORCH_THREADS)
+
 
 @pytest.fixture(scope="session")
 def tiny_random_dir(tmp_path_factory) -> Path:

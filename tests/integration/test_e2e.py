@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from grpo.cli import train_from_config
 from grpo.training.checkpoint import latest_checkpoint, load_state
-from tests.conftest import compose
+from tests.conftest import THREADS, compose
 
 pytestmark = pytest.mark.slow
-QUIET = ["tracking.progress_bar=false", "threads=2"]
+QUIET = ["tracking.progress_bar=false", THREADS]
 
 
 def _run(tmp_path, name, overrides):

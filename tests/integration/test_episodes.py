@@ -27,7 +27,7 @@ from grpo.rollout.episodes import episode_metrics, run_episodes
 from grpo.rollout.hf import HFRolloutEngine
 from grpo.training.sampling import add_env_reward
 from grpo.training.update import score_logprobs, update_policy
-from tests.conftest import compose
+from tests.conftest import THREADS, compose
 from tests.integration.test_trainer import pad_probability
 
 
@@ -253,7 +253,7 @@ def test_no_gradient_reaches_the_environment_tokens(tiny_random_dir):
     assert torch.all(norms[batch.completion_mask.bool()] > 0)
 
 
-QUIET = ["tracking.progress_bar=false", "threads=2", "model=hf", "model.dtype=float32", "train.eval_before=false",
+QUIET = ["tracking.progress_bar=false", THREADS, "model=hf", "model.dtype=float32", "train.eval_before=false",
          "train.eval_every=0", "task.arithmetic.num_eval=4", "task.arithmetic.num_ood=0", "task.arithmetic.num_val=0",
          "train.prompts_per_step=2", "algorithm.group_size=4", "rollout.max_new_tokens=4", "optim.lr=1e-3"]
 

@@ -31,7 +31,7 @@ from grpo.errors import ConfigError
 from grpo.model.lora import AdapterDisabled, add_adapters, engine_weights, is_adapter_dir, merged_copy
 from grpo.training.checkpoint import save_best, save_checkpoint
 from grpo.training.run import evaluate_from_config
-from tests.conftest import compose, requires
+from tests.conftest import THREADS, compose, requires
 
 try:
     import bitsandbytes  # noqa: F401 - model.lora.qlora's 4-bit base
@@ -193,7 +193,7 @@ def test_merging_for_a_checkpoint_leaves_the_trained_policy_untouched(tiny_rando
     assert not any(m.merged for m in policy.modules() if hasattr(m, "merged"))
 
 
-QUIET = ["tracking.progress_bar=false", "tracking.plot=false", "threads=2"]
+QUIET = ["tracking.progress_bar=false", "tracking.plot=false", THREADS]
 LORA_RUN = ["model.lora.r=8", "optim.lr=1e-3", "algorithm.beta=0.04", "train.prompts_per_step=8",
             "train.eval_every=0", "checkpoint.every_steps=2", "checkpoint.keep_last=5", "task.arithmetic.num_eval=40"]
 

@@ -16,6 +16,7 @@ from reward_models.data import check_preferences, read_preference_file, split_by
 from reward_models.scorer import encode, read_reward_model, score_texts, token_budget_batches
 from reward_models.train import bradley_terry_loss, pair_metrics
 from rewards import RewardConfigError, RewardScorer, RewardSpec, get_reward
+from tests.conftest import TORCH_THREADS
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +211,7 @@ def test_trained_reward_model_ranks_held_out_pairs(warm_tiny_dir, tmp_path):
     from reward_models.config import PreferenceDataConfig, RMConfig, RMTrainConfig, validate_rm
     from reward_models.train import train_reward_model
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(TORCH_THREADS)
     rows = build_arithmetic_preferences(warm_tiny_dir, ArithmeticPreferences(**TRAIN_SET), log=lambda *_: None)
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))

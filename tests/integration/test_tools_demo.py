@@ -20,7 +20,7 @@ from grpo.rollout import Completions
 from grpo.rollout.episodes import run_episodes
 from grpo.training.evaluate import episode_runner, evaluate
 from rewards import RewardScorer, RewardSpec
-from tests.conftest import compose
+from tests.conftest import THREADS, compose
 
 TOK = build_char_tokenizer(TOOL_WORDS)  # the tools warm start's vocabulary
 TASK = Arithmetic(digits=3, digits_b=2, op="*", reverse=False)
@@ -105,7 +105,7 @@ def test_the_tools_demo_learns_to_call_the_calculator(tmp_path):
     # episodes call the calculator on about the half of the problems where the teacher mostly did (second
     # factor 50-99) and solve those; GRPO pays for calls on the rest.
     cfg = compose(["experiment=tools_demo", "train.max_steps=15", "train.eval_every=15",
-                   "tracking.progress_bar=false", "threads=2"])
+                   "tracking.progress_bar=false", THREADS])
     cfg.run_dir = str(tmp_path / "tools")
     history = train_from_config(cfg)
     evals = [h["eval/accuracy"] for h in history if "eval/accuracy" in h]
