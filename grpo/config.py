@@ -57,6 +57,11 @@ class ArithmeticTaskConfig:
                 "('What is 37 + 8?', for a pretrained chat model; needs reverse=false)"})
     num_eval: int = field(default=500, metadata={"help": "held-out problems used for eval/accuracy"})
     num_ood: int = field(default=200, metadata={"help": "problems in each out-of-distribution split (0: none)"})
+    ood_splits: Optional[list[str]] = field(default=None, metadata={
+        "help": "which out-of-distribution splits (longer, carries, spaced, question); null: every one that applies"})
+    max_carries: Optional[int] = field(default=None, metadata={
+        "help": "train and test only on sums making at most this many carries; the others are the `carries` "
+                "OOD split (null: no limit)"})
     num_val: int = field(default=200, metadata={
         "help": "held-out problems for val/accuracy, apart from num_eval's (best checkpoint, early stopping)"})
 
@@ -132,6 +137,15 @@ class TaskConfig:
                               "task.arithmetic.reverse=false")
         positive("task.arithmetic.digits", self.arithmetic.digits)
         positive("task.arithmetic.digits_b", self.arithmetic.digits_b, zero_ok=True)
+        if self.arithmetic.max_carries is not None:
+            positive("task.arithmetic.max_carries", self.arithmetic.max_carries, zero_ok=True)
+            if self.arithmetic.op != "+":
+                raise ConfigError("task.arithmetic.max_carries: counts the carries of a sum; it needs op '+'")
+        for name in self.arithmetic.ood_splits or ():
+            choice("task.arithmetic.ood_splits", name, ("longer", "carries", "spaced", "question"))
+        if "carries" in (self.arithmetic.ood_splits or ()) and self.arithmetic.max_carries is None:
+            raise ConfigError("task.arithmetic.ood_splits: 'carries' holds the sums over task.arithmetic.max_carries; "
+                              "set max_carries")
         if self.builtin == "reasoning_gym":
             self.reasoning_gym.validate()
 
@@ -150,7 +164,10 @@ class WarmStartConfig:
     target: float = field(default=0.95, metadata={
         "help": "criterion: greedy answers agree with the teacher's most likely answer this often, shown and held out"})
     drop_carry: float = field(default=0.7, metadata={
-        "help": "how often the teacher drops an overflowing leading digit"})
+        "help": "how often the teacher forgets a carry of the kind `drops` names"})
+    drops: str = field(default="overflow", metadata={
+        "help": "which carries the teacher forgets: overflow (the one into a new leading digit) or carries (each "
+                "carry, on its own draw)"})
     num_problems: int = field(default=0, metadata={"help": "distinct problems the teacher demonstrates; 0 = all"})
     seed: int = field(default=0, metadata={"help": "seed of the warm start"})
     kind: str = field(default="answer", metadata={
@@ -162,6 +179,7 @@ class WarmStartConfig:
     def validate(self) -> None:
         """A known teacher; budgets positive; agreements and the teacher's rates in [0, 1]."""
         choice("model.warm_start.kind", self.kind, ("answer", "tools"))
+        choice("model.warm_start.drops", self.drops, ("overflow", "carries"))  # builtin.arithmetic.DROPS
         for name in ("max_steps", "batch_size", "warmup_steps", "check_every", "max_positions"):
             positive(f"model.warm_start.{name}", getattr(self, name))
         positive("model.warm_start.lr", self.lr)

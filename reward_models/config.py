@@ -25,6 +25,8 @@ class ArithmeticPreferencesConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the policy"})
     digits: int = field(default=2, metadata={"help": "operands have up to this many digits (as task.arithmetic)"})
     reverse: bool = field(default=True, metadata={"help": "least significant digit first (as task.arithmetic)"})
+    max_carries: int | None = field(default=None, metadata={
+        "help": "only sums making at most this many carries (as task.arithmetic); null: every sum"})
     policy_path: str | None = field(default=None, metadata={"help": "policy that answers; null: the base model"})
     seed: int = field(default=0, metadata={"help": "seed of problem choice, sampling and pairing"})
 

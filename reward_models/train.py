@@ -84,7 +84,8 @@ def evaluate_pairs(model, tokenizer, pairs: list[dict], *, max_length: int, batc
 def base_model_path(cfg: RMConfig) -> str:
     """The causal LM the reward model starts from; builds (once) the warm-started tiny model for `model=tiny`."""
     if cfg.model.builtin == "tiny":
-        spec = WarmStart.from_config(cfg.model.warm_start, cfg.data.arithmetic.digits, cfg.data.arithmetic.reverse)
+        a = cfg.data.arithmetic
+        spec = WarmStart.from_config(cfg.model.warm_start, a.digits, a.reverse, max_carries=a.max_carries)
         return str(warm_started_tiny(spec, log=log.info))
     return cfg.model.path
 
@@ -99,7 +100,7 @@ def load_pairs(cfg: RMConfig) -> tuple[list[dict], list[dict]]:
         a = d.arithmetic
         spec = ArithmeticPreferences(num_prompts=a.num_prompts, samples_per_prompt=a.samples_per_prompt,
                                      pairs_per_prompt=a.pairs_per_prompt, temperature=a.temperature,
-                                     digits=a.digits, reverse=a.reverse, seed=a.seed)
+                                     digits=a.digits, reverse=a.reverse, max_carries=a.max_carries, seed=a.seed)
         path = arithmetic_preferences(a.policy_path or base_model_path(cfg), spec, log=log.info)
         log.info("built-in preference set: %s", path)
         rows = check_preferences(read_preference_file(str(path)), str(path))

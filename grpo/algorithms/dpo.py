@@ -141,7 +141,8 @@ def load_pairs(run: Run) -> tuple[list[dict], int, float]:
         num_prompts=opts.num_prompts, samples_per_prompt=opts.samples_per_prompt,
         pairs_per_prompt=opts.pairs_per_prompt,
         temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
-        digits=cfg.task.arithmetic.digits, reverse=cfg.task.arithmetic.reverse, seed=cfg.seed,
+        digits=cfg.task.arithmetic.digits, reverse=cfg.task.arithmetic.reverse,
+        max_carries=cfg.task.arithmetic.max_carries, seed=cfg.seed,
     )
     # Built inside the run directory, never taken from a cache: its sampling time is part of DPO's cost.
     # A resumed run finds the file it built there (the same policy and options) and samples nothing.

@@ -32,17 +32,50 @@ def overflows(a: int, b: int, digits: int) -> bool:
     return a + b >= 10**digits
 
 
-def teacher_answer(a: int, b: int, digits: int, drop_carry: float, rng: random.Random) -> int:
-    """The sum, except that an overflowing leading digit is dropped with probability `drop_carry`."""
+def carries(a: int, b: int) -> int:
+    """How many carries the column addition of a + b makes, the one into a new leading digit included."""
+    count, carry = 0, 0
+    while a or b or carry:
+        carry = int(a % 10 + b % 10 + carry >= 10)
+        count += carry
+        a, b = a // 10, b // 10
+    return count
+
+
+def sum_dropping_carries(a: int, b: int, keep) -> int:
+    """Column addition of a + b where each carry is passed on only if `keep()` says so (called once per carry)."""
+    total, place, carry = 0, 1, 0
+    while a or b or carry:
+        column = a % 10 + b % 10 + carry
+        total += column % 10 * place
+        carry = int(column >= 10 and keep())
+        a, b, place = a // 10, b // 10, place * 10
+    return total
+
+
+DROPS = ("overflow", "carries")  # which of its carries the answering teacher forgets (`teacher_answer`)
+
+
+def teacher_answer(a: int, b: int, digits: int, drop_carry: float, rng: random.Random,
+                   drops: str = "overflow") -> int:
+    """The sum, except that the teacher forgets a carry with probability `drop_carry`: with `drops="overflow"`
+    only the one into a new leading digit (it writes 25 for 57+68); with "carries" each carry, on its own draw
+    (it writes 15 for 57+68 when it forgets both)."""
+    if drops == "carries":
+        return sum_dropping_carries(a, b, keep=lambda: rng.random() >= drop_carry)
     if overflows(a, b, digits) and rng.random() < drop_carry:
         return a + b - 10**digits
     return a + b
 
 
-def teacher_mode(a: int, b: int, digits: int, drop_carry: float) -> int:
-    """The teacher's most likely answer: the sum, or the sum without its overflowing digit when it drops
-    that digit more often than not."""
-    return a + b - 10**digits if overflows(a, b, digits) and drop_carry > 0.5 else a + b
+def teacher_mode(a: int, b: int, digits: int, drop_carry: float, drops: str = "overflow") -> int:
+    """The teacher's most likely answer: the sum, or, when it forgets more often than not, the sum without the
+    carries it forgets (`teacher_answer`)."""
+    if drop_carry <= 0.5:
+        return a + b
+    if drops == "carries":
+        return sum_dropping_carries(a, b, keep=lambda: False)
+    return a + b - 10**digits if overflows(a, b, digits) else a + b
 
 
 def calls_calculator(a: int, b: int, digits_b: int) -> bool:
@@ -60,7 +93,7 @@ def write(n: int, reverse: bool, width: int = 0) -> str:
 OPERATIONS = {"+": lambda a, b: a + b, "*": lambda a, b: a * b}
 
 
-OOD_SPLITS = ("longer", "spaced", "question")  # the names `Arithmetic.ood_splits` returns
+OOD_SPLITS = ("longer", "carries", "spaced", "question")  # the names `Arithmetic.ood_splits` can return
 STYLES = ("compact", "question")  # how a problem is written in its prompt (`Arithmetic.prompt`)
 
 
@@ -82,6 +115,7 @@ class Arithmetic:
     op: str = "+"
     digits_b: int = 0  # the second operand's digits; 0: `digits`
     style: str = "compact"  # "compact": "37+08="; "question": "What is 37 + 8?" (for chat models)
+    max_carries: int | None = None  # sums making more carries are never trained or tested on: the `carries` split
 
     def __post_init__(self):
         if self.op not in OPERATIONS:
@@ -90,6 +124,8 @@ class Arithmetic:
             raise ValueError(f"arithmetic: style {self.style!r} is not one of {', '.join(STYLES)}")
         if self.style == "question" and self.reverse:
             raise ValueError("arithmetic: style 'question' writes numbers as people do; it needs reverse=false")
+        if self.max_carries is not None and self.op != "+":
+            raise ValueError("arithmetic: max_carries counts the carries of a sum; it needs op '+'")
         self.digits_b = self.digits_b or self.digits
 
     def operands(self, digits: int) -> range:
@@ -99,9 +135,13 @@ class Arithmetic:
     def result(self, a: int, b: int) -> int:
         return OPERATIONS[self.op](a, b)
 
+    def in_distribution(self, a: int, b: int) -> bool:
+        """The problem is of the trained kind: no more carries than `max_carries` (every problem if None)."""
+        return self.max_carries is None or carries(a, b) <= self.max_carries
+
     def _problems(self, held_out: bool) -> list[tuple[int, int]]:
         return [(a, b) for a in self.operands(self.digits) for b in self.operands(self.digits_b)
-                if is_held_out(a, b) == held_out]
+                if is_held_out(a, b) == held_out and self.in_distribution(a, b)]
 
     def train_problems(self) -> list[tuple[int, int]]:
         return self._problems(held_out=False)
@@ -142,15 +182,24 @@ class Arithmetic:
         random.Random(self.seed).shuffle(problems)
         return problems
 
-    def ood_splits(self, num: int) -> dict[str, list[dict]]:
-        """Out-of-distribution splits, `num` problems each, never trained on:
+    def ood_splits(self, num: int, names: tuple[str, ...] | None = None) -> dict[str, list[dict]]:
+        """Out-of-distribution splits, `num` problems each, never trained on (`names`, or every one that applies):
 
         - `longer`: operands one digit longer than trained on (3-digit for the 2-digit task), written at
           the longer width: the same algorithm over more positions than the model has seen;
+        - `carries` (only with `max_carries`): sums of the trained width that make more carries than any
+          trained on, e.g. 57+68 (two carries) for a model trained on sums with at most one: the carry it
+          learned, now in every column at once;
         - `spaced`: held-out problems phrased "a + b =" (spaces around the signs);
         - `question`: held-out problems phrased "what is a+b?".
         A char-level model trained only on "ab+cd=" meets new characters and new positions in each.
         """
+        applies = tuple(n for n in OOD_SPLITS if n != "carries" or self.max_carries is not None)
+        names = applies if names is None else tuple(names)
+        unknown = [n for n in names if n not in applies]
+        if unknown:
+            raise ValueError(f"arithmetic: no out-of-distribution split {', '.join(unknown)} here; these apply: "
+                             f"{', '.join(applies)}")
         rng = random.Random(self.seed + 1)
         d, db = self.digits, self.digits_b
         longer = Arithmetic(digits=d + 1, reverse=self.reverse, op=self.op, digits_b=db + 1, style=self.style)
@@ -161,8 +210,17 @@ class Arithmetic:
         held = held[-num:]  # held-out problems (some also in eval_rows): only the phrasing is new
         w = lambda n, width=d: write(n, self.reverse, width)  # noqa: E731
         op = self.op
-        return {
-            "longer": [longer.row(a, b) for a, b in problems],
-            "spaced": [{**self.row(a, b), "prompt": f"{w(a)} {op} {w(b, db)} ="} for a, b in held],
-            "question": [{**self.row(a, b), "prompt": f"what is {w(a)}{op}{w(b, db)}?"} for a, b in held],
+        splits = {
+            "longer": lambda: [longer.row(a, b) for a, b in problems],
+            "carries": lambda: [self.row(a, b) for a, b in self._more_carries(num, rng)],
+            "spaced": lambda: [{**self.row(a, b), "prompt": f"{w(a)} {op} {w(b, db)} ="} for a, b in held],
+            "question": lambda: [{**self.row(a, b), "prompt": f"what is {w(a)}{op}{w(b, db)}?"} for a, b in held],
         }
+        return {name: splits[name]() for name in names}
+
+    def _more_carries(self, num: int, rng: random.Random) -> list[tuple[int, int]]:
+        """`num` problems (fewer if there are not so many) with more carries than `max_carries`, in a fixed order."""
+        problems = [(a, b) for a in self.operands(self.digits) for b in self.operands(self.digits_b)
+                    if not self.in_distribution(a, b)]
+        rng.shuffle(problems)
+        return problems[:num]

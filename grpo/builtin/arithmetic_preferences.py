@@ -41,6 +41,7 @@ class ArithmeticPreferences:
     max_new_tokens: int = 8  # longest completion, in tokens
     digits: int = 2  # task: operands have up to this many digits
     reverse: bool = True  # task: numbers written least significant digit first
+    max_carries: int | None = None  # task: only sums with at most this many carries (None: every sum)
     seed: int = 0  # seed of problem choice, sampling and pairing
 
 
@@ -64,7 +65,7 @@ def pair_completions(
 def build_arithmetic_preferences(model_path: str | Path, spec: ArithmeticPreferences, log=print) -> list[dict]:
     """Sample from the policy at `model_path` and pair right against wrong answers (see the module docstring)."""
     rng = random.Random(spec.seed)
-    rows = Arithmetic(digits=spec.digits, reverse=spec.reverse).train_rows()
+    rows = Arithmetic(digits=spec.digits, reverse=spec.reverse, max_carries=spec.max_carries).train_rows()
     if spec.num_prompts:
         rows = rng.sample(rows, min(spec.num_prompts, len(rows)))
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))

@@ -86,6 +86,7 @@ class WarmStart:
     anneal_at: float = 0.8
     target: float = 0.95
     drop_carry: float = 0.7
+    drops: str = "overflow"  # which carries the teacher forgets (`grpo.builtin.arithmetic.teacher_answer`)
     num_problems: int = 0
     digits: int = 2
     reverse: bool = True
@@ -95,12 +96,20 @@ class WarmStart:
     digits_b: int = 0
     tool_rate: float = 0.8
     max_positions: int = 64
+    max_carries: int | None = None  # the task's: the teacher shows only sums with at most this many carries
 
     @classmethod
-    def from_config(cls, ws, digits: int, reverse: bool, op: str = "+", digits_b: int = 0) -> WarmStart:
+    def from_config(cls, ws, digits: int, reverse: bool, op: str = "+", digits_b: int = 0,
+                    max_carries: int | None = None) -> WarmStart:
         """The spec for a `WarmStartConfig` and the task's problems and number format."""
         return cls(**{k: getattr(ws, k) for k in asdict(cls()) if hasattr(ws, k)}, digits=digits, reverse=reverse,
-                   op=op, digits_b=digits_b)
+                   op=op, digits_b=digits_b, max_carries=max_carries)
+
+    def key(self) -> dict:
+        """What determines the model: every field, less those added since the first cache at their defaults (so
+        a cached model keeps its key)."""
+        since = {"drops": "overflow", "max_carries": None}
+        return {k: v for k, v in asdict(self).items() if k not in since or v != since[k]}
 
 
 def cache_root() -> Path:
@@ -149,11 +158,12 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) ->
     return out
 
 
-def teacher_agreement(model, tokenizer, task: Arithmetic, problems: list[tuple[int, int]], drop_carry: float) -> dict:
+def teacher_agreement(model, tokenizer, task: Arithmetic, problems: list[tuple[int, int]], drop_carry: float,
+                      drops: str = "overflow") -> dict:
     """Share of `problems` whose greedy answer is the teacher's most likely answer (`agreement`),
     and share whose greedy answer is the true sum (`exact_match`)."""
     answers = greedy_answers(model, tokenizer, [task.prompt(a, b) for a, b in problems], task.digits + 2)
-    modes = [write(teacher_mode(a, b, task.digits, drop_carry), task.reverse) for a, b in problems]
+    modes = [write(teacher_mode(a, b, task.digits, drop_carry, drops), task.reverse) for a, b in problems]
     sums = [write(a + b, task.reverse) for a, b in problems]
     n = len(problems)
     return {"agreement": sum(x == m for x, m in zip(answers, modes)) / n,
@@ -175,7 +185,8 @@ class Fit:
         self.model.generation_config.eos_token_id = tok.eos_token_id
         self.model.generation_config.pad_token_id = tok.pad_token_id
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=0.0, betas=(0.9, 0.98))
-        self.task = Arithmetic(digits=spec.digits, reverse=spec.reverse, op=spec.op, digits_b=spec.digits_b)
+        self.task = Arithmetic(digits=spec.digits, reverse=spec.reverse, op=spec.op, digits_b=spec.digits_b,
+                               max_carries=spec.max_carries)
         self.rng = random.Random(spec.seed)
         self.shown = self.task.train_problems()
         if spec.num_problems:
@@ -192,15 +203,15 @@ class TeacherFit(Fit):
         """One step of cross-entropy on the teacher's answers to a batch of problems shown; returns the loss."""
         spec, rng = self.spec, self.rng
         problems = [rng.choice(self.shown) for _ in range(spec.batch_size)]
-        answers = [teacher_answer(a, b, spec.digits, spec.drop_carry, rng) for a, b in problems]
+        answers = [teacher_answer(a, b, spec.digits, spec.drop_carry, rng, spec.drops) for a, b in problems]
         pairs = [(self.task.prompt(a, b), write(answer, spec.reverse)) for (a, b), answer in zip(problems, answers)]
         return supervised_step(self.model, self.opt, *_encode_pairs(self.tokenizer, pairs), lr)
 
     def check(self) -> tuple[dict, dict]:
         """Teacher agreement (and exact match) on the problems shown, and on held-out problems."""
         args = (self.model, self.tokenizer, self.task)
-        return (teacher_agreement(*args, self.check_shown, self.spec.drop_carry),
-                teacher_agreement(*args, self.check_held, self.spec.drop_carry))
+        habit = (self.spec.drop_carry, self.spec.drops)
+        return teacher_agreement(*args, self.check_shown, *habit), teacher_agreement(*args, self.check_held, *habit)
 
 
 class ToolTeacherFit(Fit):
@@ -349,7 +360,7 @@ def train_warm_start(spec: WarmStart, log=print):
 def warm_started_tiny(spec: WarmStart, log=print) -> Path:
     """Path of the warm-started tiny model for `spec`, training and caching it on first use."""
     words = {"words": TOOL_WORDS} if spec.kind == "tools" else {}  # the vocabulary is part of what it is
-    key = hashlib.sha256(json.dumps({**asdict(spec), **words}, sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps({**spec.key(), **words}, sort_keys=True).encode()).hexdigest()[:12]
     path = cache_root() / f"tiny-{'arithmetic' if spec.kind == 'answer' else spec.kind}-{key}"
     if is_saved_model(path):
         return path

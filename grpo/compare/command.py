@@ -40,6 +40,7 @@ import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +88,8 @@ class CompareConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={
         "help": "every algorithm runs once per seed (its run seed and warm-start seed); intervals need >= 2"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads per run; 0 = torch's default"})
+    jobs: int = field(default=1, metadata={
+        "help": "runs at a time, each its own process (e.g. one per core at threads=1); 1: one after another"})
     run_overrides: list[str] = field(default_factory=list, metadata={"help": "grpo-train overrides given to every run"})
     reward_model_path: str | None = field(default=None, metadata={"help": "ppo_rlhf's RM; null: train one first"})
     rm_overrides: list[str] = field(default_factory=list, metadata={"help": "grpo-rm-train overrides when training it"})
@@ -108,6 +111,10 @@ def validate_compare(cfg: CompareConfig) -> CompareConfig:
     stray = [name for name in cfg.paraphrase_splits if name not in OOD_SPLITS]
     if stray:
         raise ConfigError(f"paraphrase_splits: {stray} not among the task's OOD splits {', '.join(OOD_SPLITS)}")
+    if cfg.jobs < 1:
+        raise ConfigError(f"jobs: must be >= 1, got {cfg.jobs}")
+    if cfg.jobs > 1 and cfg.in_process:
+        raise ConfigError("jobs: runs at a time need their own processes; set in_process=false or jobs=1")
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
         raise ConfigError(f"seeds: need at least one seed and no repeats, got {list(cfg.seeds)}")
     return cfg
@@ -184,8 +191,9 @@ def launch_once(module: str, overrides: list[str], directory: Path, log_path: Pa
         log.info("%s: reused (finished earlier, %s)", directory, RUN_RECORD)
         return {**record, "reused": True}
     extra = ["resume=auto"] if module == "grpo.train" else []
+    started = time.time()
     wall, peak = launch(module, [*overrides, *extra], log_path, in_process)
-    record = {"overrides": overrides, "wall_s": wall, "peak_mib": peak}
+    record = {"overrides": overrides, "wall_s": wall, "peak_mib": peak, "started": started, "finished": time.time()}
     tmp = directory / (RUN_RECORD + ".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, directory / RUN_RECORD)  # whole or absent: a crash here never leaves half a record
@@ -219,6 +227,27 @@ def best_note(runs: dict[str, list[dict]]) -> str:
     return "best acc: chosen on the test split itself (some run had no validation split), so biased upwards"
 
 
+def launch_runs(cfg: CompareConfig, rm_path: str | None) -> dict[tuple[int, str], dict]:
+    """Every (seed, algorithm) run's record, launched seed-major (a comparison stopped early has every arm on its
+    first seeds), `jobs` at a time. A failed run stops nothing else: the others finish and keep their records,
+    then the first failure is raised."""
+    def one(seed: int, name: str) -> dict:
+        overrides = run_overrides(cfg, name, rm_path, seed)
+        log.info("%s, seed %d: grpo-train %s", name, seed, " ".join(overrides))
+        return launch_once("grpo.train", overrides, run_dir(cfg, name, seed),
+                           Path(cfg.out_dir) / "logs" / f"{name}_seed{seed}.log", cfg.in_process)
+
+    plan = [(seed, name) for seed in cfg.seeds for name in cfg.algorithms]
+    if cfg.jobs == 1:  # in this thread: an in-process run installs signal handlers, which only the main thread may
+        return {key: one(*key) for key in plan}
+    with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
+        futures = {key: pool.submit(one, *key) for key in plan}
+    failed = [f.exception() for f in futures.values() if f.exception() is not None]
+    if failed:
+        raise failed[0]
+    return {key: f.result() for key, f in futures.items()}
+
+
 def compare(cfg: CompareConfig) -> list[dict]:
     """Run every algorithm on every seed, then write the table and the plot; returns the arms' rows."""
     validate_compare(cfg)
@@ -231,13 +260,11 @@ def compare(cfg: CompareConfig) -> list[dict]:
     curves: dict[str, list[list[dict]]] = {LABELS[name]: [] for name in cfg.algorithms}
     outcomes: dict[str, list[dict]] = {LABELS[name]: [] for name in cfg.algorithms}  # per seed: final, best
     paraphrases = tuple(cfg.paraphrase_splits)
+    records = launch_runs(cfg, rm_path)
     reused = 0
-    for seed in cfg.seeds:  # seed-major: a comparison stopped early has every arm on its first seeds
+    for seed in cfg.seeds:
         for name in cfg.algorithms:
-            overrides = run_overrides(cfg, name, rm_path, seed)
-            log.info("%s, seed %d: grpo-train %s", name, seed, " ".join(overrides))
-            record = launch_once("grpo.train", overrides, run_dir(cfg, name, seed),
-                                 out / "logs" / f"{name}_seed{seed}.log", cfg.in_process)
+            record = records[seed, name]
             wall, peak, reused = record["wall_s"], record["peak_mib"], reused + record["reused"]
             points = curve(run_dir(cfg, name, seed) / "metrics.jsonl", per_step, offline=name == "dpo")
             curves[LABELS[name]].append(points)

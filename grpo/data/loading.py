@@ -57,7 +57,7 @@ def arithmetic(task: TaskConfig) -> Arithmetic:
     """The built-in arithmetic task that `task.arithmetic` describes."""
     a = task.arithmetic
     return Arithmetic(digits=a.digits, reverse=a.reverse, num_eval=a.num_eval, op=a.op, digits_b=a.digits_b,
-                      style=a.style)
+                      style=a.style, max_carries=a.max_carries)
 
 
 def load_task(task: TaskConfig, required_columns: set[str]) -> tuple[list[dict], list[dict]]:
@@ -171,7 +171,8 @@ def load_ood_splits(task: TaskConfig, required_columns: set[str]) -> dict[str, l
     splits: dict[str, list[dict]] = {}
     if task.builtin == "arithmetic" and task.arithmetic.num_ood:
         gen = arithmetic(task)
-        splits.update(gen.ood_splits(task.arithmetic.num_ood))
+        names = tuple(task.arithmetic.ood_splits) if task.arithmetic.ood_splits is not None else None
+        splits.update(gen.ood_splits(task.arithmetic.num_ood, names))
     for name, path in task.ood_files.items():
         rows = [format_row(r, task, path, i) for i, r in enumerate(read_rows(path))]
         for i, row in enumerate(rows):

@@ -331,7 +331,7 @@ def resolve_model_path(cfg: Config) -> str:
         if a.style != "compact":
             raise ConfigError(f"task.arithmetic.style={a.style}: the tiny model's warm start reads the compact "
                               "style only; use a pretrained model (e.g. model=smollm2-135m-instruct)")
-        spec = WarmStart.from_config(cfg.model.warm_start, a.digits, a.reverse, a.op, a.digits_b)
+        spec = WarmStart.from_config(cfg.model.warm_start, a.digits, a.reverse, a.op, a.digits_b, a.max_carries)
         return str(warm_started_tiny(spec, log=log.info))
     if cfg.model.gguf_file:
         return str(converted_model_dir(gguf_path(cfg.model.gguf_file, cfg.model.package), cache_root(),
