@@ -17,7 +17,7 @@ from omegaconf import MISSING, OmegaConf
 
 from grpo.core.advantages import ADVANTAGE_ESTIMATORS
 from grpo.core.losses import AGGREGATION_MODES, DPO_LOSSES, IS_LEVELS, KL_ESTIMATORS, RATIO_LEVELS
-from grpo.core.packing import PACKINGS
+from grpo.core.packing import AUTO, PACKINGS
 from grpo.errors import ConfigError
 
 LOOPS = ("grpo", "ppo", "dpo", "online_dpo", "rft", "sft")
@@ -369,8 +369,9 @@ class EnvConfig:
 class BackendConfig:
     name: str = field(default="torch", metadata={"help": "torch, ddp or deepspeed_zero{1,2,3}"})
     micro_batch_tokens: int = field(default=16384, metadata={"help": "token budget of one forward/backward"})
-    packing: str = field(default="padded", metadata={
-        "help": "log-prob forward layout: padded, sequences (padding-free) or groups (one prompt forward each)"})
+    packing: str = field(default=AUTO, metadata={
+        "help": "log-prob forward layout: padded, sequences (padding-free), groups (one prompt forward each), or "
+                "auto: groups under sdpa/eager attention, sequences under flash, else padded (chosen at build)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     offload_optimizer: bool = field(default=False, metadata={"help": "deepspeed: optimiser states and step on the CPU"})
     offload_params: bool = field(default=False, metadata={"help": "deepspeed_zero3: parameters live on the CPU"})
@@ -384,7 +385,7 @@ class BackendConfig:
         """A known backend; offloading only where that backend offers it."""
         choice("backend.name", self.name, BACKEND_NAMES)
         positive("backend.micro_batch_tokens", self.micro_batch_tokens)
-        choice("backend.packing", self.packing, PACKINGS)
+        choice("backend.packing", self.packing, (AUTO, *PACKINGS))
         positive("backend.timeout_s", self.timeout_s)
         positive("backend.check_replicas_every", self.check_replicas_every, zero_ok=True)
         positive("backend.gpu_memory_gb", self.gpu_memory_gb, zero_ok=True)

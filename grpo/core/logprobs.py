@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from grpo.core.packing import MASK_ATTENTION, pack
+from grpo.core.packing import layout_refusal, pack
 
 # Logits elements per chunk: 64 MiB in float32. Above 32 MiB on purpose: glibc's malloc serves
 # blocks over 32 MiB (its largest mmap threshold) by mmap and returns them to the system on free,
@@ -157,18 +157,18 @@ def packed_forward(model: nn.Module, forward, input_ids: torch.Tensor, attention
 
 def attention_implementation(model: nn.Module, packing: str) -> str:
     """The model's attention implementation, refused where `packing` cannot isolate its sequences."""
+    impl, sliding = attention_of(model)
+    refusal = layout_refusal(impl, sliding, packing)
+    if refusal is not None:
+        raise ValueError(refusal)
+    return impl
+
+
+def attention_of(model: nn.Module) -> tuple[str, bool]:
+    """The model's attention implementation, and whether any of its layers attends in a sliding window."""
     config = model.config
     impl = getattr(config, "_attn_implementation", None) or "eager"
-    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or ())
-    if packing == "groups" and (impl not in MASK_ATTENTION or sliding):
-        raise ValueError(
-            f"backend.packing=groups needs a custom 4D attention mask, which attention implementation {impl!r} "
-            f"(or sliding-window layers) cannot take; use backend.packing=sequences or padded"
-        )
-    if packing == "sequences" and impl not in (*MASK_ATTENTION, "flex_attention") and "flash" not in impl:
-        raise ValueError(f"backend.packing=sequences: attention implementation {impl!r} is not known to separate "
-                         f"packed sequences by their position ids; use backend.packing=padded")
-    return impl
+    return impl, "sliding_attention" in (getattr(config, "layer_types", None) or ())
 
 
 def forward_logprobs(model, input_ids, attention_mask, **kwargs):

@@ -17,6 +17,10 @@ columns, so the loss code never sees the difference:
   once per group and micro-batch, and its last hidden state scores the first token of every
   completion. A custom 4D mask needs sdpa or eager attention.
 
+`auto` (the default) is not a layout: the run resolves it once, when it is built, to the layout the policy's
+attention can isolate sequences in (`auto_packing`): `groups` under sdpa or eager, `sequences` under flash
+attention (its varlen kernel) or flex attention, `padded` under any other.
+
 Scored positions are those that predict a completion token (every one, multi-turn environment
 tokens included: `completion_mask` decides later which count). Padded-layout columns that score
 no completion token come back as 0, where the padded forward computed a value over padding.
@@ -31,7 +35,8 @@ import torch
 
 from grpo.core.batch import RolloutBatch
 
-PACKINGS = ("padded", "sequences", "groups")
+PACKINGS = ("padded", "sequences", "groups")  # the layouts a forward runs
+AUTO = "auto"  # `backend.packing`'s default: one of PACKINGS, chosen when the run is built (`auto_packing`)
 MASK_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
 
 
@@ -50,6 +55,29 @@ class PackedRows:
         """Per-scored-position `values` [M] (in `source` order) -> the padded layout [rows, columns] (`n`, `T-1`),
         zeros where nothing was scored; differentiable in `values`."""
         return values.new_zeros(rows * columns).index_copy(0, self.dest, values).view(rows, columns)
+
+
+def layout_refusal(impl: str, sliding: bool, packing: str) -> str | None:
+    """Why attention implementation `impl` (with sliding-window layers, `sliding`) cannot keep the sequences of the
+    layout `packing` apart; None when it can."""
+    if packing == "groups" and (impl not in MASK_ATTENTION or sliding):
+        return (f"backend.packing=groups needs a custom 4D attention mask, which attention implementation {impl!r} "
+                f"(or sliding-window layers) cannot take; use backend.packing=sequences or padded")
+    if packing == "sequences" and impl not in (*MASK_ATTENTION, "flex_attention") and "flash" not in impl:
+        return (f"backend.packing=sequences: attention implementation {impl!r} is not known to separate "
+                f"packed sequences by their position ids; use backend.packing=padded")
+    return None
+
+
+def auto_packing(impl: str, sliding: bool = False) -> tuple[str, str]:
+    """The layout `backend.packing=auto` runs under attention implementation `impl`, and why: the first of
+    `groups` (each prompt forwarded once per group), `sequences` (no padding), `padded` that `impl` takes."""
+    for packing in ("groups", "sequences"):
+        if layout_refusal(impl, sliding, packing) is None:
+            takes = "a custom 4D mask" if packing == "groups" else "packed sequences by their position ids"
+            return packing, f"attention implementation {impl!r} takes {takes}"
+    layers = " with sliding-window layers" if sliding else ""
+    return "padded", f"attention implementation {impl!r}{layers} takes neither a 4D mask nor packed sequences"
 
 
 def spans(attention_mask: torch.Tensor, prompt_width: int) -> tuple[list[int], list[int]]:
@@ -154,7 +182,9 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: in
         rows, scored = _group_rows(ids, prompt_width, prompt_lens, completion_lens,
                                    group_ids(input_ids, attention_mask, prompt_width))
     else:
-        raise ValueError(f"backend.packing must be one of {PACKINGS[1:]} here, got {packing!r}")
+        raise ValueError(f"backend.packing must be one of {PACKINGS[1:]} here, got {packing!r}"
+                         + (" (auto is resolved to one of them when the run is built)"
+                            if packing == AUTO else ""))
     R, W = len(rows), max(len(tokens) for tokens, _, _ in rows)
     packed = torch.zeros((R, W), dtype=torch.long)
     positions = torch.zeros((R, W), dtype=torch.long)

@@ -23,7 +23,8 @@ from grpo import distributed as dist
 from grpo.backends import TrainBackend, build_backend
 from grpo.builtin.warmstart import WarmStart, cache_root, warm_start_report, warm_started_tiny
 from grpo.config import Config, validate_world
-from grpo.core.logprobs import attention_implementation
+from grpo.core.logprobs import attention_implementation, attention_of
+from grpo.core.packing import AUTO, auto_packing
 from grpo.data.contamination import check_held_out, decontaminate, report_metrics
 from grpo.data.loading import (
     PromptSampler,
@@ -246,7 +247,13 @@ def chat_splits(cfg: Config, tokenizer, train_rows: list[dict], eval_rows: list[
 
 def check_packing(cfg: Config, policy: torch.nn.Module) -> None:
     """`backend.packing` against the model's attention implementation, when the run is built rather than at
-    its first forward."""
+    its first forward. `auto` is resolved here, once, to the layout that attention takes (`auto_packing`), and
+    `cfg` holds that layout from then on: every forward, `config.yaml` and the tracker's run config see it."""
+    if cfg.backend.packing == AUTO:
+        impl, sliding = attention_of(policy)
+        cfg.backend.packing, why = auto_packing(impl, sliding)
+        if dist.is_main():
+            log.info("backend.packing=auto: %s (%s)", cfg.backend.packing, why)
     if cfg.backend.packing != "padded":
         try:
             attention_implementation(policy, cfg.backend.packing)
