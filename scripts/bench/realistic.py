@@ -49,8 +49,10 @@ per-row stopping length would need each loop to know which row is which, which `
 The hook costs one log-sum-exp over the vocabulary per step, on both sides alike. Training forwards run with
 gradients, so the hook leaves them alone.
 
-Packing: `--packing` sets our config's `backend.packing` (padded, sequences or groups) where `BackendConfig`
-has that field, and passes it to `update_policy` if that takes it; without the field only `padded` runs.
+Packing: `--packing` sets our config's `backend.packing` (padded, sequences, groups, or auto: the layout a run would
+choose for the model's attention, resolved once before anything is timed and reported as that layout) where
+`BackendConfig` has that field, and passes it to `update_policy` if that takes it; without the field only `padded`
+runs. Its default stays `padded`, the layout the figures in docs/benchmarks.md without `--packing` were measured in.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ from grpo.config import CONFIG_DIR, BackendConfig, register_configs, to_config
 from grpo.core.batch import RolloutBatch, layout_batch
 from grpo.model.loading import load_policy
 from grpo.rollout.hf import HFRolloutEngine
-from grpo.training.run import build_policy_backend
+from grpo.training.run import build_policy_backend, check_packing
 from scripts.bench.common import (
     MODEL_SHAPES,
     ROOT,
@@ -476,8 +478,8 @@ def parse_args(argv=None):
     p.add_argument("--median", type=float, default=60.0, help="median completion length")
     p.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of the completion lengths")
     p.add_argument("--max-new-tokens", type=int, default=512, help="completion cap")
-    p.add_argument("--packing", default="padded", choices=("padded", "sequences", "groups"),
-                   help="our backend.packing (where the config has it)")
+    p.add_argument("--packing", default="padded", choices=("padded", "sequences", "groups", "auto"),
+                   help="our backend.packing (where the config has it); auto: the layout a run would choose")
     p.add_argument("--phases", default="training,generation,step", help="comma-separated subset")
     p.add_argument("--reps", type=int, default=3, help="timed training steps per side")
     p.add_argument("--warmup", type=int, default=1, help="untimed training steps, generation rounds, whole steps first")
@@ -524,6 +526,9 @@ def setup(args) -> tuple:
     """The model directory, config, workload and dataset rows."""
     model_path = random_model_dir(f"realistic-{args.model}", args.dtype, MODELS[args.model])
     cfg = bench_config(args, model_path, tempfile.mkdtemp(prefix="grpo-bench-"))
+    if args.packing == "auto":  # resolved as a run resolves it, so the report and the memory runs name the layout
+        check_packing(cfg, load_policy(model_path, cfg)[0])
+        args.packing = cfg.backend.packing
     vocab = MODELS[args.model]["vocab_size"]
     workload = make_workload(args, vocab, eos=1)  # the benchmark tokenizer's EOS
     text = dict(enumerate(["<pad>", "<eos>", "<unk>", *CHARS]))
