@@ -6,6 +6,8 @@
   micro-batches, under sdpa and eager attention, on a plain and on a LoRA policy;
 - no leak: changing one packed sequence's tokens moves no other sequence's log-probs;
 - each value through the real loop (`train_step`), a bad value and flash attention refused by name;
+- `auto` (the default) resolved by attention implementation, once, when the run is built: the loop's forwards
+  and `config.yaml` see the concrete layout;
 - the PPO critic's values equal the padded ones, and one PPO update (policy and critic) gives the padded
   update's gradients with the critic's forward seen running on the packed layout.
 """
@@ -24,7 +26,7 @@ from grpo.builtin.tiny import build_char_tokenizer, build_tiny_model
 from grpo.config import AlgorithmConfig
 from grpo.core.batch import layout_batch
 from grpo.core.logprobs import sequence_logprobs
-from grpo.core.packing import greedy_batches, micro_batches, pack, plan_micro_batches
+from grpo.core.packing import auto_packing, greedy_batches, micro_batches, pack, plan_micro_batches
 from grpo.errors import ConfigError
 from grpo.training.run import check_packing
 from grpo.training.update import score_logprobs, update_policy
@@ -32,6 +34,7 @@ from tests.conftest import compose
 from tests.distributed.data_parallel_step import with_random_adapters
 from tests.distributed.ppo_data_parallel_step import ppo_update
 from tests.distributed.test_distributed import assert_same_ppo_update
+from tests.integration.test_supervised import spy_on_packing
 
 PACKED = ("sequences", "groups")
 
@@ -189,8 +192,49 @@ def test_the_run_refuses_a_packing_its_attention_cannot_take_before_any_forward(
 
 
 def test_a_bad_packing_names_the_field():
-    with pytest.raises(ConfigError, match="backend.packing"):
+    # Catches: the value check dropped from BackendConfig.validate (compose would accept "rows")
+    with pytest.raises(ConfigError, match="backend.packing: 'rows' is not one of auto, padded, sequences, groups"):
         compose(["backend.packing=rows"])
+
+
+def test_auto_is_the_default_and_a_value_of_its_own():
+    # Catches: the default left at padded; auto missing from the accepted values (compose refuses it)
+    assert compose([]).backend.packing == "auto"
+    assert compose(["backend.packing=auto"]).backend.packing == "auto"
+
+
+@pytest.mark.parametrize("impl,sliding,expected", [
+    ("sdpa", False, "groups"), ("eager", False, "groups"),  # a custom 4D mask: each prompt once per group
+    ("flash_attention_2", False, "sequences"), ("flash_attention_3", False, "sequences"),  # varlen, no 4D mask
+    ("flex_attention", False, "sequences"),
+    ("sdpa", True, "sequences"),  # sliding-window layers: a custom 4D mask would drop the window
+    ("paged|eager", False, "padded"),  # transformers' continuous-batching attention: neither
+])
+def test_auto_takes_the_first_layout_the_attention_can_isolate(impl, sliding, expected):
+    # Catches: sequences tried before groups (sdpa -> sequences), flash sent to padded or to groups, an attention
+    # that isolates nothing given a packed layout (paged|eager -> sequences would mix sequences), sliding ignored
+    layout, why = auto_packing(impl, sliding)
+    assert layout == expected and repr(impl) in why
+
+
+@pytest.mark.parametrize("impl,expected", [("sdpa", "groups"), ("eager", "groups"),
+                                           ("flash_attention_2", "sequences"), ("paged|eager", "padded")])
+def test_the_run_resolves_auto_from_the_policy_it_loaded(impl, expected, caplog):
+    """`check_packing`, where `build_run` calls it: `auto` becomes the layout, in `cfg`, with one log line.
+    Flash attention cannot load on CPU; the check reads the implementation's name before any kernel runs."""
+    # Catches: the implementation read from somewhere other than the loaded model (always sdpa), cfg left at auto
+    # (every forward would get "auto"), the choice not logged
+    model = tiny()
+    model.config._attn_implementation = impl
+    cfg = compose([])
+    with caplog.at_level("INFO", logger="grpo"):
+        check_packing(cfg, model)
+    assert cfg.backend.packing == expected
+    assert f"backend.packing=auto: {expected} (attention implementation {impl!r}" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="grpo"):
+        check_packing(cfg, model)  # the PPO critic's check comes after: it sees the layout, not auto
+    assert cfg.backend.packing == expected and "auto" not in caplog.text
 
 
 def parity_reward(prompts, completions, **_):
@@ -227,6 +271,26 @@ def test_each_packing_through_the_loop_gives_the_padded_step(tmp_path, tiny_rand
         assert out[packing].moved > 1e-4
         for key in ("train/loss", "train/kl", "train/entropy", "train/clip_frac"):
             assert abs(out[packing].metrics[key] - base.metrics[key]) < 1e-5, (packing, key)
+
+
+def test_a_default_run_forwards_in_the_layout_auto_chose_and_records_it(tmp_path, tiny_random_dir, monkeypatch):
+    """A run built from the default config (sdpa, the tiny model's attention on CPU) and one real step: every
+    log-prob forward (old, reference, update) is packed in groups, and config.yaml says groups.
+    Catches: auto not resolved when the run is built (pack would be handed "auto" and raise), resolved after
+    config.yaml is written (it would say auto), or the default left at padded (no forward packed)."""
+    from grpo.training.run import build_run
+
+    layouts = spy_on_packing(monkeypatch)
+    cfg = compose([*LOOP, f"model.path={tiny_random_dir}"])
+    cfg.run_dir = str(tmp_path / "run")
+    run = build_run(cfg)
+    assert run.cfg.backend.packing == "groups"
+    result = trainer.train_step(run, 1)
+    run.tracker.close(plot=False)
+    assert result.skipped is None, result.skipped
+    # 4 prompts x 4 in 40-token micro-batches: several forwards for old, reference and update log-probs
+    assert len(layouts) >= 3 and set(layouts) == {"groups"}
+    assert "packing: groups" in (tmp_path / "run" / "config.yaml").read_text()
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
