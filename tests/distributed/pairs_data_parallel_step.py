@@ -8,6 +8,9 @@ against 1 rank x 2B.
   stream, this rank's share, the reference's log-probs, the update), the reference a frozen copy of the policy;
 - `nll`: `grpo.algorithms.supervised.nll_update`.
 
+The forwards run in the layout a run of this config would (`backend.packing=auto`, resolved on the policy as
+`grpo.training.run.build_run` does: `groups` on the tiny model's sdpa).
+
     PYTHONPATH=. torchrun --nproc_per_node 2 tests/distributed/pairs_data_parallel_step.py --model DIR --out out.pt
     PYTHONPATH=. deepspeed --num_gpus 2 tests/distributed/pairs_data_parallel_step.py --backend deepspeed_zero2 \
         --model DIR ...
@@ -28,7 +31,7 @@ from grpo.algorithms.preference import dpo_update
 from grpo.algorithms.supervised import nll_update
 from grpo.cli import drop_launcher_args
 from grpo.core.batch import layout_batch
-from grpo.training.run import build_policy_backend
+from grpo.training.run import build_policy_backend, check_packing
 from tests.conftest import compose
 from tests.distributed.data_parallel_step import gradient_from_adam_step
 
@@ -52,6 +55,7 @@ def one_update(args, cfg, kind: str) -> dict:
     prompts, completions, ref = fixed_pairs()
     mine = dist.shard(list(range(PAIRS)))  # this rank's pairs (DPO) or prompts (NLL)
     policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    check_packing(cfg, policy)  # backend.packing=auto -> the layout, as building a run would resolve it
     backend = build_policy_backend(cfg, policy)
     run = SimpleNamespace(cfg=cfg, backend=backend)
     with backend.gathered_for_rollout():  # ZeRO-3: the full weights
