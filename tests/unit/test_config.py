@@ -92,6 +92,8 @@ def test_the_cpu_benchmark_is_its_own_group():
     cfg = compose(["bench=cpu"])
     assert (cfg.threads, cfg.model.builtin, cfg.train.prompts_per_step, cfg.algorithm.group_size) == (2, "tiny", 8, 8)
     assert cfg.rollout.min_new_tokens == cfg.rollout.max_new_tokens == 32
+    # its figures were measured padded: a run's default (auto) would time groups instead
+    assert cfg.backend.packing == "padded"
 
 
 @pytest.mark.parametrize("algo", ["grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"])
