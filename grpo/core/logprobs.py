@@ -144,14 +144,14 @@ def packed_forward(model: nn.Module, forward, input_ids: torch.Tensor, attention
     over the `packing` layout of the padded micro-batch `input_ids` [n, T] (completions from column
     `prompt_width`), after `model`'s attention is checked against that layout. Returns `(forward's output,
     PackedRows)`: the output's positions `source` are the padded layout's columns `dest` (`PackedRows.to_padded`).
-    `dtype`: the model's, for eager attention's additive mask. Shared by the policy's log-probs and the critic's
-    values (`grpo.algorithms.ppo.critic_values`)."""
+    `dtype`: the model's attention's, which the groups mask is built in (`grpo.core.packing.group_mask`). Shared
+    by the policy's log-probs and the critic's values (`grpo.algorithms.ppo.critic_values`)."""
     impl = attention_implementation(model, packing)
-    packed = pack(input_ids, attention_mask, prompt_width, packing, one_row="flash" in impl)
-    mask = packed.attention_mask  # [R, 1, W, W] bool (groups) or None: boundaries from the position ids
-    if mask is not None and impl == "eager":  # eager adds the mask to its scores
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    out = forward(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, use_cache=False)
+    # groups: one additive mask [R, 1, W, W] that every layer uses as it is; sequences: none, the boundaries
+    # come from the position ids
+    packed = pack(input_ids, attention_mask, prompt_width, packing, one_row="flash" in impl, mask_dtype=dtype)
+    out = forward(input_ids=packed.input_ids, attention_mask=packed.attention_mask, position_ids=packed.position_ids,
+                  use_cache=False)
     return out, packed
 
 

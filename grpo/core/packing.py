@@ -38,6 +38,7 @@ from grpo.core.batch import RolloutBatch
 PACKINGS = ("padded", "sequences", "groups")  # the layouts a forward runs
 AUTO = "auto"  # `backend.packing`'s default: one of PACKINGS, chosen when the run is built (`auto_packing`)
 MASK_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
+MASK_ALIGNMENT = 8  # elements: the groups mask's row stride is a multiple of it (`group_mask`)
 
 
 @dataclass
@@ -46,7 +47,7 @@ class PackedRows:
 
     input_ids: torch.Tensor  # [R, W]
     position_ids: torch.Tensor  # [R, W]
-    attention_mask: torch.Tensor | None  # [R, 1, W, W] (groups: True = may attend), or None (sequences)
+    attention_mask: torch.Tensor | None  # [R, 1, W, W] (groups, `group_mask`), or None (sequences)
     source: torch.Tensor  # [M] flat index into [R*W]: the hidden state that scores a completion token
     targets: torch.Tensor  # [M] the token it scores
     dest: torch.Tensor  # [M] flat index into the padded [n, T-1] log-prob columns
@@ -169,9 +170,10 @@ def _cost(rows: list[int], prompt_lens: list[int], completion_lens: list[int], g
 
 
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, packing: str, *,
-         one_row: bool = False) -> PackedRows:
+         one_row: bool = False, mask_dtype: torch.dtype = torch.bool) -> PackedRows:
     """The micro-batch `input_ids` [n, T] (padded layout, completions from column `prompt_width`) packed
-    as `packing` says; `one_row` (sequences under flash attention) puts every sequence in a single row."""
+    as `packing` says; `one_row` (sequences under flash attention) puts every sequence in a single row;
+    `mask_dtype`: the groups mask's (`group_mask`)."""
     prompt_lens, completion_lens = spans(attention_mask, prompt_width)
     if min(prompt_lens, default=1) < 1:
         raise ValueError("backend.packing: every sequence needs a prompt token to score its first completion token")
@@ -195,17 +197,34 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: in
         positions[r, :L] = torch.tensor(pos)
         positions[r, L:] = torch.arange(W - L)  # the tail padding is a sequence of its own
         segments[r, :L] = torch.tensor(seg)
-    mask = None
-    if packing == "groups":
-        causal = torch.ones(W, W, dtype=torch.bool).tril()  # [W, W] key <= query
-        same = segments[:, :, None] == segments[:, None, :]  # [R, W, W] the query's segment is the key's
-        mask = (causal & (same | (segments[:, None, :] == 0)))[:, None]  # [R, 1, W, W]; padding sees itself
+    device = input_ids.device
+    mask = group_mask(segments.to(device), mask_dtype) if packing == "groups" else None
     source = torch.tensor([r * W + at for r, at, _, _ in scored], dtype=torch.long)  # [M]
     dest = torch.tensor([d for _, _, d, _ in scored], dtype=torch.long)  # [M]
     targets = torch.tensor([t for _, _, _, t in scored], dtype=torch.long)  # [M]
-    device = input_ids.device
-    return PackedRows(packed.to(device), positions.to(device), None if mask is None else mask.to(device),
+    return PackedRows(packed.to(device), positions.to(device), mask,
                       source.to(device), targets.to(device), dest.to(device))
+
+
+def group_mask(segments: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """The groups layout's attention mask [R, 1, W, W] from its segments [R, W] (0 the prompt, j >= 1 completion
+    j, -1 padding): a query sees the keys up to itself in its own segment or in the prompt (so padding sees the
+    prompt and earlier padding, and no query sees none).
+
+    `torch.bool`: True where it may attend. A float dtype, the attention's: additive, 0 where it may attend and
+    the dtype's minimum elsewhere, which sdpa takes as it is and eager adds to its scores, so every layer uses
+    this one tensor (a bool mask sdpa converts to a float one in each layer, and each copy is saved for
+    backward). Its rows are a multiple of `MASK_ALIGNMENT` elements apart: CUDA's memory-efficient sdpa copies
+    a mask whose strides are not multiples of 8 into an aligned one, also in each layer."""
+    R, W = segments.shape
+    allowed = segments[:, :, None] == segments[:, None, :]  # [R, W, W] the key is in the query's segment
+    allowed |= segments[:, None, :] == 0  # or in the prompt
+    allowed &= torch.ones(W, W, dtype=torch.bool, device=segments.device).tril()  # and not after the query
+    if dtype == torch.bool:
+        return allowed[:, None]
+    stride = -(-W // MASK_ALIGNMENT) * MASK_ALIGNMENT
+    mask = torch.full((R, 1, W, stride), torch.finfo(dtype).min, dtype=dtype, device=segments.device)[..., :W]
+    return mask.masked_fill_(allowed[:, None], 0.0)
 
 
 def _sequence_rows(ids, P, prompt_lens, completion_lens, one_row):

@@ -5,6 +5,7 @@
   rounding), on a ragged batch with left padding, multi-turn environment tokens and several
   micro-batches, under sdpa and eager attention, on a plain and on a LoRA policy;
 - no leak: changing one packed sequence's tokens moves no other sequence's log-probs;
+- a groups forward saves its attention mask for backward once, not once per layer;
 - each value through the real loop (`train_step`), a bad value and flash attention refused by name;
 - `auto` (the default) resolved by attention implementation, once, when the run is built: the loop's forwards
   and `config.yaml` see the concrete layout;
@@ -171,6 +172,36 @@ def test_no_attention_crosses_a_packed_sequence(packing, attention):
             assert (after - before)[others][mask[others]].abs().max() > 0.1  # the others did change
             torch.testing.assert_close(after[target][mask[target]], before[target][mask[target]], atol=1e-6, rtol=0,
                                        msg=f"sequence {target}")
+
+
+def test_a_groups_forward_saves_one_mask_for_every_layer():
+    """One group under sdpa with gradients on: prompt 5 tokens, 4 completions of 8, so one row of W = 5 + 4 x 8 = 37
+    tokens and a [1, 1, 37, 37] mask. Every one of the tiny model's 4 layers saves that mask for backward, and it
+    must be one tensor: the model's float32, additive (0 where the bool layout mask allows, float32's minimum
+    elsewhere), its rows 40 elements apart (37 rounded up to a multiple of 8: CUDA's memory-efficient sdpa copies
+    a mask with other strides in each layer).
+    Catches: the bool mask passed to the model (sdpa makes a float copy in each layer and saves it: 4 storages of
+    4 x 37 x 37 bytes where one should be), a mask of another dtype than the attention's, the alignment dropped
+    (row stride 37)."""
+    P, W, layers = 5, 37, 4
+    batch = layout_batch([[3, 4, 5, 6, 7]], [[8 + i + j for j in range(8)] for i in range(4)], 4, pad_id=0)
+    model = tiny("sdpa")
+    assert model.config.num_hidden_layers == layers
+    saved = []
+
+    def keep(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        sequence_logprobs(model, batch.input_ids, batch.attention_mask, logits_to_keep_from=P - 1, packing="groups")
+    masks = [t for t in saved if t.shape == (1, 1, W, W)]
+    assert len(masks) == layers
+    assert len({t.untyped_storage().data_ptr() for t in masks}) == 1
+    mask = masks[0]
+    assert mask.dtype == torch.float32 and mask.stride(-2) == 40
+    allowed = pack(batch.input_ids, batch.attention_mask, P, "groups").attention_mask  # [1, 1, 37, 37] bool
+    assert torch.equal(mask, torch.zeros(()).masked_fill(~allowed, torch.finfo(torch.float32).min))
 
 
 def test_groups_refuse_an_attention_without_custom_masks():
