@@ -20,6 +20,11 @@ stores): about 34 * hidden bytes per token per layer in 16-bit for one micro-bat
 (the layer inputs) plus one layer's full activations while it is recomputed. The chunked log-prob
 head adds its float32 logits: 1024 positions x vocabulary, about 3 copies (logits, softmax, grad).
 
+The groups layout (`backend.packing=groups`, and `auto`, which the run resolves after this plan and which picks
+groups under sdpa, transformers' default attention) adds one additive attention mask per micro-batch, [R, 1, W, W]
+in the model's dtype, that every layer uses and backward keeps: R rows of W tokens cost R x W <= `micro_batch_tokens`,
+so at most `micro_batch_tokens`^2 values (one group filling the budget; 512 MiB at 16,384 tokens in 16-bit).
+
 Rollout: the hf engine (our sampling loop over the policy) needs the full 16-bit weights (under
 ZeRO-3 they are gathered for the call) and a KV cache of `rollout.batch_size` sequences of `ASSUMED_PROMPT_TOKENS +
 max_new_tokens` tokens: 2 (K, V) x layers x kv_heads x head_dim x 2 bytes per token. vLLM
@@ -54,6 +59,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from grpo.core.packing import AUTO
 from grpo.errors import ConfigError
 from grpo.model.facts import facts_for, transformers_config
 
@@ -85,6 +91,7 @@ class MemoryEstimate:
     rollout: float
     reference: float
     critic: float = 0.0  # PPO's value model: its weights, gradients and optimiser states
+    mask: float = 0.0  # the groups layout's attention mask of one micro-batch
     stage: str = ""
     world_size: int = 1
     trainable: int = 0  # parameters the optimiser holds, when fewer than all (LoRA); 0 = all
@@ -93,11 +100,12 @@ class MemoryEstimate:
     @property
     def total(self) -> float:
         return (self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.rollout
-                + self.reference + self.critic)
+                + self.reference + self.critic + self.mask)
 
     def table(self) -> str:
         rows = [("weights", self.weights), ("gradients", self.gradients), ("optimiser states", self.optimizer),
-                ("activations", self.activations), ("log-prob logits", self.logits),
+                ("activations", self.activations), *([("groups mask", self.mask)] if self.mask else []),
+                ("log-prob logits", self.logits),
                 ("rollout engine", self.rollout), ("reference model", self.reference)]
         rows += [("critic (PPO)", self.critic)] if self.critic else []
         rows += [("total", self.total)]
@@ -136,6 +144,12 @@ def activation_bytes(shape: ModelShape, tokens: int, *, gradient_checkpointing: 
     return shape.num_layers * per_layer
 
 
+def group_mask_bytes(micro_batch_tokens: int, bytes_per_value: int = 2) -> float:
+    """The groups layout's attention mask of one micro-batch at its largest: `micro_batch_tokens`^2 values (see the
+    module docstring; the rows' alignment to 8 values adds under 8 x W of them)."""
+    return float(micro_batch_tokens) ** 2 * bytes_per_value
+
+
 def kv_cache_bytes(shape: ModelShape, sequences: int, tokens_per_sequence: int, bytes_per_value: int = 2) -> float:
     return 2 * shape.num_layers * shape.kv_dim * bytes_per_value * sequences * tokens_per_sequence
 
@@ -144,10 +158,12 @@ def estimate(shape: ModelShape, *, stage: int, world_size: int, mixed_precision:
              gradient_checkpointing: bool, rollout_engine: str, rollout_sequences: int, max_new_tokens: int,
              gpu_memory_gb: float = 80.0, vllm_fraction: float = 0.3, with_reference: bool = False,
              offload_optimizer: bool = False, offload_params: bool = False, stage_name: str = "",
-             trainable_params: int = 0, critic_params: int = 0, quantized_params: int = 0) -> MemoryEstimate:
+             trainable_params: int = 0, critic_params: int = 0, quantized_params: int = 0,
+             packing: str = "padded") -> MemoryEstimate:
     """The plan; `trainable_params` > 0 (LoRA) are the parameters with gradients and optimiser states, held
     beside the base's; `quantized_params` > 0 (QLoRA), the base's weights held in 4-bit NF4 (the others in
-    float32); `critic_params` > 0, PPO's value model, trained in full beside the policy."""
+    float32); `critic_params` > 0, PPO's value model, trained in full beside the policy; `packing`,
+    `backend.packing` (groups or auto: its attention mask)."""
     w, g, o = training_bytes_per_param(stage, world_size, mixed_precision=mixed_precision,
                                        offload_optimizer=offload_optimizer, offload_params=offload_params)
     P = shape.num_params
@@ -167,6 +183,7 @@ def estimate(shape: ModelShape, *, stage: int, world_size: int, mixed_precision:
         weights=base * w / value_bytes + adapters, gradients=g * T, optimizer=o * T,  # w / value_bytes: 1/N, ZeRO-3
         activations=activation_bytes(shape, micro_batch_tokens, gradient_checkpointing=gradient_checkpointing,
                                      bytes_per_value=value_bytes),
+        mask=group_mask_bytes(micro_batch_tokens, value_bytes) if packing in ("groups", AUTO) else 0.0,
         logits=3 * LOGIT_CHUNK * shape.vocab_size * 4,
         rollout=rollout, reference=P * value_bytes if with_reference else 0.0,
         critic=(w + g + o) * critic_params, stage=stage_name, world_size=world_size, trainable=trainable_params,
@@ -255,7 +272,7 @@ def estimate_from_config(cfg, world_size: int, gpu_memory_gb: float = 80.0) -> M
         with_reference=cfg.algorithm.uses_reference() and not lora.r,  # LoRA: the base, adapters off
         offload_optimizer=b.offload_optimizer, offload_params=b.offload_params, stage_name=b.name,
         trainable_params=trainable, critic_params=critic_params(config) if cfg.algorithm.loop == "ppo" else 0,
-        quantized_params=quantized_params(config) if lora.qlora else 0,
+        quantized_params=quantized_params(config) if lora.qlora else 0, packing=b.packing,
     )
 
 

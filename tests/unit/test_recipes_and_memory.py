@@ -103,6 +103,27 @@ def test_estimate_adds_up_and_refuses_with_the_numbers():
         check_fits(plan, 4.0)
 
 
+def test_the_groups_layout_adds_one_attention_mask_per_micro_batch():
+    # Catches: the mask left out of the total or of the table, counted for padded/sequences or not for auto (the
+    # default, resolved after the plan), counted per layer (x 10), or in 16-bit under float32.
+    shape = ModelShape(num_params=1_000_000, hidden_size=1000, num_layers=10, vocab_size=1000, kv_dim=8)
+    common = dict(stage=0, world_size=1, micro_batch_tokens=100, gradient_checkpointing=False, rollout_engine="hf",
+                  rollout_sequences=3, max_new_tokens=5)
+    padded = estimate(shape, mixed_precision=True, **common)
+    assert padded.mask == 0 and "groups mask" not in padded.table()
+    for packing in ("groups", "auto"):
+        plan = estimate(shape, mixed_precision=True, packing=packing, **common)
+        # one group filling the 100-token budget: a [1, 1, 100, 100] mask, 2 bytes a value in 16-bit
+        assert plan.mask == 100 * 100 * 2 == 20_000 and plan.total == padded.total + 20_000
+        assert "groups mask" in plan.table()
+    assert estimate(shape, mixed_precision=True, packing="sequences", **common).mask == 0
+    assert estimate(shape, mixed_precision=False, packing="groups", **common).mask == 100 * 100 * 4
+    # the default config (auto) at its 16,384-token budget, in bfloat16: 16,384^2 x 2 bytes = 512 MiB
+    assert estimate_from_config(compose(["experiment=qwen2.5-0.5b_gsm8k_1gpu"]), 1, 80.0).mask == 512 * 2**20
+    assert estimate_from_config(compose(["experiment=qwen2.5-0.5b_gsm8k_1gpu", "backend.packing=padded"]), 1,
+                                80.0).mask == 0
+
+
 def test_lora_plan_counts_gradients_and_optimiser_of_the_adapters_only_and_no_reference():
     shape = ModelShape(num_params=1_000_000_000, hidden_size=1000, num_layers=10, vocab_size=1000, kv_dim=8)
     common = dict(stage=0, world_size=1, mixed_precision=True, micro_batch_tokens=100, gradient_checkpointing=False,
