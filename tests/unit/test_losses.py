@@ -415,8 +415,8 @@ def test_gmpo_refuses_per_token_advantages():
 
 
 def test_sapo_hand_values_and_gradient():
-    # Mutation caught: one temperature for both signs (row 1 would use 1.0), the 4/tau factor dropped, or the
-    # gate's gradient taken without r (w r grad log pi is the gradient of f(r)).
+    # Mutation caught: one temperature for both signs (row 1 would use 1.0), or the gate's gradient taken without
+    # r (w r grad log pi is the gradient of f(r)).
     logp, old = _logps(RATIOS)
     out = sapo(logp, old, ADV, MASK, tau_pos=1.0, tau_neg=1.05)
     # row 0, A = +1, tau 1: s = sigmoid(r - 1) = [0.622459, 0.377541, 0.5]; loss -4 s = [-2.489837, -1.510163, -2]
@@ -471,7 +471,8 @@ def _cov_batch():
 
 def test_clip_cov_detaches_exactly_the_candidates_it_draws():
     # Mutation caught: the selection ignoring the bounds, the wrong sign of the covariance (row 1 token 0 would
-    # qualify), the gradient not removed, or the value zeroed as well.
+    # qualify), the gradient not removed, the value zeroed as well, the masked log-prob (-100) counted in the mean,
+    # or mean A taken over sequences (0) not tokens (1/7): then both covariances are 2, neither inside (2, 5).
     logp, old = _cov_batch()
     # fraction 0.3: max(1, floor(2.1)) = 2 tokens, both candidates
     out = clip_cov(logp, old, COV_ADV, COV_MASK, fraction=0.3, cov_low=1.0, cov_high=5.0)
@@ -537,7 +538,7 @@ POLICY_LOSS_OPTIONS = {
 @pytest.mark.parametrize("name", sorted(POLICY_LOSS_OPTIONS))
 def test_every_policy_loss_is_zero_and_finite_on_masked_positions(name):
     # -inf and NaN log-probs on masked positions (padding): loss 0 and gradient 0 there, never NaN.
-    # Mutation caught: a loss that multiplies by the mask instead of selecting with where().
+    # Mutation caught: a loss whose masked positions are not set to 0 (sapo's -2A/tau, gmpo's -A S there).
     logp = torch.tensor([[-1.0, float("-inf")], [-0.5, float("nan")]], requires_grad=True)
     old = torch.tensor([[-1.1, float("-inf")], [-0.4, -3.0]])
     mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
