@@ -30,8 +30,9 @@ Where we differ from the papers:
 9. ``clip_cov`` and ``kl_cov`` centre the covariance and pick their tokens within one call, that is one
    micro-batch, as verl does: with several micro-batches per optimiser step the chosen tokens differ from
    a choice over the whole mini-batch, and gradient accumulation is not exact for these two losses.
-   ``clip_cov`` keeps a detached token's loss value (verl zeroes it; the gradient is the same), and
-   neither adds PPO's clip (verl's ``clip_cov`` does, with the range the paper's own scripts set to [0, 2]).
+   ``clip_cov`` keeps a detached token's loss value (verl zeroes it; the gradient is the same). Both use the
+   paper's unclipped surrogate -r A: the authors' code and verl's also apply PPO's clip in ``clip_cov`` (their
+   scripts: range [0, 2], dual clip 10) and leave the clipped tokens out of the draw.
 """
 
 import math
@@ -465,9 +466,11 @@ def kl_cov(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, 
         I      = the k = max(1, floor(fraction * n)) tokens of largest cov_t
         loss_t = -r_t A + [t in I] * coef * |log r_t|
 
-    |log r_t| is the per-token estimate of KL(pi_old || pi) that the authors' code (and verl) penalise. Its
-    gradient is 0 at r = 1: with one pass over each batch the penalty never acts. Paper defaults: coef 1,
-    fraction 2e-3 (its Qwen2.5-7B runs; 2e-4 for 32B, verl's default). clipped: the tokens of I.
+    |log r_t| is the per-token estimate of KL(pi_old || pi) that the authors' code (and verl) penalise: its
+    gradient is coef * sign(log r_t) * grad log pi, full size however small the gap, and 0 at r = 1 exactly.
+    With one optimiser step per batch (the authors' 7B script) old and new log-probs are equal here and the
+    penalty never acts; there it acts through the rounding gap between their two forward passes. Paper
+    defaults: coef 1, fraction 2e-3 (its Qwen2.5-7B runs; 2e-4 for 32B, verl's default). clipped: the tokens of I.
     """
     _check_shapes(logp, old_logp, advantages, mask)
     if not 0.0 < fraction <= 1.0 or coef < 0.0:
