@@ -8,7 +8,7 @@ is loaded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from grpo.core.advantages import ADVANTAGE_ESTIMATORS
-from grpo.core.losses import AGGREGATION_MODES, DPO_LOSSES, IS_LEVELS, KL_ESTIMATORS, RATIO_LEVELS
+from grpo.core.losses import AGGREGATION_MODES, DPO_LOSSES, IS_LEVELS, KL_ESTIMATORS, POLICY_LOSSES, RATIO_LEVELS
 from grpo.core.packing import AUTO, PACKINGS
 from grpo.errors import ConfigError
 
@@ -465,6 +465,78 @@ class SFTOptions:
 
 
 @dataclass
+class CISPOOptions:
+    eps_low: float = field(default=1.0, metadata={
+        "help": "cispo: the importance weight is clipped below at 1 - eps_low (1: no lower bound, as MiniMax-M1)"})
+    eps_high: float = field(default=4.0, metadata={
+        "help": "cispo: the importance weight is clipped above at 1 + eps_high (4: a cap of 5, ScaleRL's)"})
+
+    def validate(self) -> None:
+        """A lower bound in [0, 1] (1 - eps_low is a ratio >= 0) and an upper one >= 0."""
+        if not 0 <= self.eps_low <= 1:
+            raise ConfigError(f"algorithm.cispo.eps_low: must be in [0, 1], got {self.eps_low!r}")
+        positive("algorithm.cispo.eps_high", self.eps_high, zero_ok=True)
+
+
+@dataclass
+class GMPOOptions:
+    eps_low: float = field(default=0.4, metadata={
+        "help": "gmpo: a token's log-ratio is clipped below at -eps_low (ratio e^-0.4, the paper's)"})
+    eps_high: float = field(default=0.4, metadata={
+        "help": "gmpo: a token's log-ratio is clipped above at eps_high (ratio e^0.4, the paper's)"})
+
+    def validate(self) -> None:
+        """Both log-space bounds >= 0."""
+        positive("algorithm.gmpo.eps_low", self.eps_low, zero_ok=True)
+        positive("algorithm.gmpo.eps_high", self.eps_high, zero_ok=True)
+
+
+@dataclass
+class SAPOOptions:
+    tau_pos: float = field(default=1.0, metadata={
+        "help": "sapo: gate temperature of positive-advantage tokens (larger: gradient decays sooner off-policy)"})
+    tau_neg: float = field(default=1.05, metadata={"help": "sapo: gate temperature of the other tokens"})
+
+    def validate(self) -> None:
+        """Positive temperatures."""
+        positive("algorithm.sapo.tau_pos", self.tau_pos)
+        positive("algorithm.sapo.tau_neg", self.tau_neg)
+
+
+@dataclass
+class ClipCovOptions:
+    fraction: float = field(default=2e-4, metadata={
+        "help": "clip_cov: share of a micro-batch's tokens whose gradient is detached (at least 1 token)"})
+    cov_low: float = field(default=1.0, metadata={"help": "clip_cov: only tokens whose covariance exceeds this"})
+    cov_high: float = field(default=5.0, metadata={"help": "clip_cov: ... and is below this"})
+
+    def validate(self) -> None:
+        """A share in (0, 1] and an open covariance interval that is not empty."""
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"algorithm.clip_cov.fraction: must be in (0, 1], got {self.fraction!r}")
+        if not self.cov_low < self.cov_high:
+            raise ConfigError(f"algorithm.clip_cov.cov_high: must be > algorithm.clip_cov.cov_low={self.cov_low!r}, "
+                              f"got {self.cov_high!r}")
+
+
+@dataclass
+class KLCovOptions:
+    fraction: float = field(default=2e-3, metadata={
+        "help": "kl_cov: share of a micro-batch's tokens, those of largest covariance, that get the KL penalty"})
+    coef: float = field(default=1.0, metadata={"help": "kl_cov: weight of the penalty |log(pi / pi_old)|"})
+
+    def validate(self) -> None:
+        """A share in (0, 1] and a weight >= 0."""
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"algorithm.kl_cov.fraction: must be in (0, 1], got {self.fraction!r}")
+        positive("algorithm.kl_cov.coef", self.coef, zero_ok=True)
+
+
+# The policy losses whose options are a group of AlgorithmConfig named after them; ppo_clip's are its top-level fields.
+POLICY_LOSS_GROUPS = ("cispo", "gmpo", "sapo", "clip_cov", "kl_cov")
+
+
+@dataclass
 class AlgorithmConfig:
     name: str = field(default="grpo", metadata={"help": "the recipe's label in logs and comparisons (grpo, dapo, ...)"})
     loop: str = field(default="grpo", metadata={
@@ -475,10 +547,16 @@ class AlgorithmConfig:
         "help": "scale of negative advantages (0: learn from successes only)"})
     loss_agg: str = field(default="token_mean", metadata={
         "help": "token_mean, seq_mean_token_mean, seq_mean_token_sum_norm"})
-    ratio_level: str = field(default="token", metadata={"help": "importance ratio per token, or per sequence (GSPO)"})
-    clip_low: float = field(default=0.2, metadata={"help": "ratio clipped below at 1 - clip_low"})
-    clip_high: float = field(default=0.2, metadata={"help": "ratio clipped above at 1 + clip_high (DAPO: 0.28)"})
-    dual_clip: Optional[float] = field(default=None, metadata={"help": "cap the loss of negative advantages at c*|A|"})
+    policy_loss: str = field(default="ppo_clip", metadata={
+        "help": "per-token policy loss (grpo.core.losses.POLICY_LOSSES): ppo_clip, cispo, gmpo, sapo, clip_cov, "
+                "kl_cov; each but ppo_clip takes its options from the group of its name"})
+    ratio_level: str = field(default="token", metadata={
+        "help": "ppo_clip: importance ratio per token, or per sequence (GSPO)"})
+    clip_low: float = field(default=0.2, metadata={"help": "ppo_clip: ratio clipped below at 1 - clip_low"})
+    clip_high: float = field(default=0.2, metadata={
+        "help": "ppo_clip: ratio clipped above at 1 + clip_high (DAPO: 0.28)"})
+    dual_clip: Optional[float] = field(default=None, metadata={
+        "help": "ppo_clip: cap the loss of negative advantages at c*|A|"})
     beta: float = field(default=0.0, metadata={
         "help": "KL penalty weight (ppo: in the reward); 0 loads no reference model"})
     kl_estimator: str = field(default="k3", metadata={"help": "k1, k2 or k3"})
@@ -503,6 +581,11 @@ class AlgorithmConfig:
     ppo: PPOOptions = field(default_factory=PPOOptions)
     dpo: DPOOptions = field(default_factory=DPOOptions)
     sft: SFTOptions = field(default_factory=SFTOptions)
+    cispo: CISPOOptions = field(default_factory=CISPOOptions)
+    gmpo: GMPOOptions = field(default_factory=GMPOOptions)
+    sapo: SAPOOptions = field(default_factory=SAPOOptions)
+    clip_cov: ClipCovOptions = field(default_factory=ClipCovOptions)
+    kl_cov: KLCovOptions = field(default_factory=KLCovOptions)
 
     def validate(self) -> None:
         """Known names (the estimator, aggregation, ratio and KL registries) and ranges; PPO's and DPO's
@@ -514,6 +597,7 @@ class AlgorithmConfig:
             self.dpo.validate()
         choice("algorithm.advantage", self.advantage, sorted(ADVANTAGE_ESTIMATORS))
         choice("algorithm.loss_agg", self.loss_agg, AGGREGATION_MODES)
+        self.validate_policy_loss()
         choice("algorithm.ratio_level", self.ratio_level, RATIO_LEVELS)
         choice("algorithm.kl_estimator", self.kl_estimator, sorted(KL_ESTIMATORS))
         positive("algorithm.group_size", self.group_size)
@@ -536,6 +620,34 @@ class AlgorithmConfig:
                               f"got {self.mis_low}, {self.mis_high}")
         if self.mis_low and not self.mis_high:
             raise ConfigError("algorithm.mis_high: set it (> 1) to turn masked importance sampling on with mis_low")
+
+    def validate_policy_loss(self) -> None:
+        """A registered loss, every loss's own options, and the ppo_clip options left alone under another loss."""
+        choice("algorithm.policy_loss", self.policy_loss, sorted(POLICY_LOSSES))
+        for name in POLICY_LOSS_GROUPS:
+            getattr(self, name).validate()
+        if self.policy_loss == "ppo_clip":
+            return
+        if self.loop not in ("grpo", "ppo"):
+            raise ConfigError(f"algorithm.policy_loss: the {self.loop} loop has no policy-gradient loss; "
+                              f"leave it at ppo_clip, got {self.policy_loss}")
+        if self.ratio_level != "token":
+            raise ConfigError(f"algorithm.ratio_level: sequence ratios (GSPO) are ppo_clip's; "
+                              f"policy_loss={self.policy_loss} takes token ratios")
+        if self.dual_clip is not None:
+            raise ConfigError(f"algorithm.dual_clip: ppo_clip's; policy_loss={self.policy_loss} has no dual clip, "
+                              f"set it to null")
+        if self.policy_loss == "gmpo" and self.loop == "ppo":
+            raise ConfigError("algorithm.policy_loss: gmpo needs one advantage per sequence; the ppo loop's are "
+                              "per token (GAE)")
+
+    def policy_loss_options(self) -> dict[str, Any]:
+        """The chosen policy loss's keyword options: ppo_clip's are the top-level clip fields, another built-in
+        loss's the group of its name (none for a loss registered elsewhere)."""
+        if self.policy_loss == "ppo_clip":
+            return {"clip_low": self.clip_low, "clip_high": self.clip_high, "ratio_level": self.ratio_level,
+                    "dual_clip": self.dual_clip}
+        return asdict(getattr(self, self.policy_loss)) if self.policy_loss in POLICY_LOSS_GROUPS else {}
 
     def corrects_sampler(self) -> bool:
         """Whether the loss reweights (TIS) or masks (MIS) by the trainer/sampler ratio."""

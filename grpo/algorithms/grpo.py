@@ -81,7 +81,7 @@ def train_step(run: Run, step: int, rollout: RolloutPipeline | InlineRollout | N
         return StepResult(metrics, everyone, ALL_MASKED)
     start = time.perf_counter()  # the training phase: what asynchronous rollout overlaps with generation
     add_old_and_reference_logprobs(run, batch)
-    # 4. clipped surrogate loss, backward, optimiser steps (gradients summed over ranks; a step whose
+    # 4. the policy loss (algorithm.policy_loss), backward, optimiser steps (gradients summed over ranks; a step whose
     #    loss or gradient is not finite is skipped)
     metrics |= update_policy(run.backend, batch, algo, temperature=cfg.rollout.temperature,
                              micro_batch_tokens=cfg.backend.micro_batch_tokens,

@@ -21,10 +21,23 @@ Where we differ from the papers:
    infinite and skip the whole step. Beyond the bound the token's ratio is constant (no gradient).
 6. The preference losses (``dpo_loss``) take summed completion log-probs for every loss type, IPO's
    included, as the IPO paper writes it (TRL's ``ipo`` averages them over the completion's tokens).
+7. The policy losses (``POLICY_LOSSES``) all return a per-token loss before aggregation, so the
+   aggregation, the sampler corrections and the KL term apply to each alike. A sequence-level objective
+   (``gmpo``) is written per token the way GSPO-token is: its value on every token of a sequence, its
+   gradient per token; with ``seq_mean_token_mean`` it is the paper's objective exactly.
+8. ``cispo``: MiniMax-M1 publishes no value of its upper clip; the default cap 1 + 4 = 5 is ScaleRL's
+   (Khatri et al. 2025) as TRL records it. ``gmpo``: the geometric mean's log is bounded at 10, as GSPO's.
+9. ``clip_cov`` and ``kl_cov`` centre the covariance and pick their tokens within one call, that is one
+   micro-batch, as verl does: with several micro-batches per optimiser step the chosen tokens differ from
+   a choice over the whole mini-batch, and gradient accumulation is not exact for these two losses.
+   ``clip_cov`` keeps a detached token's loss value (verl zeroes it; the gradient is the same). Both use the
+   paper's unclipped surrogate -r A: the authors' code and verl's also apply PPO's clip in ``clip_cov`` (their
+   scripts: range [0, 2], dual clip 10) and leave the clipped tokens out of the draw.
 """
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -242,14 +255,235 @@ def clip_fraction(
     """
     _check_shapes(logp, old_logp, advantages, mask)
     ratio = _policy_ratio(logp, old_logp, mask, ratio_level)  # [N, T]
-    adv = _per_token(advantages)  # [N, 1] or [N, T]
-    high = (ratio > 1.0 + clip_high) & (adv > 0)  # [N, T]
-    low = (ratio < 1.0 - clip_low) & (adv < 0)  # [N, T]
     keep = mask.bool()  # [N, T]
     num_tokens = int(keep.sum().item())
     if num_tokens == 0:
         return 0.0
-    return ((high | low) & keep).sum().item() / num_tokens
+    return (_ppo_clipped(ratio, _per_token(advantages), clip_low, clip_high) & keep).sum().item() / num_tokens
+
+
+def _ppo_clipped(ratio: Tensor, adv: Tensor, clip_low: float, clip_high: float) -> Tensor:
+    """Where PPO's clipped branch removes the gradient [N, T] (bool): r > 1 + clip_high with A > 0, or
+    r < 1 - clip_low with A < 0."""
+    return ((ratio > 1.0 + clip_high) & (adv > 0)) | ((ratio < 1.0 - clip_low) & (adv < 0))  # [N, T]
+
+
+# ---------------------------------------------------------------- policy losses, by name
+
+
+class PolicyLossOutput(NamedTuple):
+    """What every policy loss returns, both [N, T]: the per-token loss to be minimised, before aggregation
+    (0 on masked positions), and where the loss's own restraint acted (bool; ``train/clip_frac``): each
+    loss's docstring says what that is for it."""
+
+    loss: Tensor
+    clipped: Tensor
+
+
+PolicyLoss = Callable[..., PolicyLossOutput]
+
+POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
+    """Register ``fn(logp, old_logp, advantages, mask, **options) -> PolicyLossOutput`` under ``name``.
+
+    ``logp`` [N, T] carries the gradient; ``old_logp`` [N, T] and ``advantages`` ([N], one per sequence, or
+    [N, T], one per token) are constants; ``mask`` [N, T] is > 0 on the tokens that count. ``options`` are the
+    loss's own keyword options (``grpo.config.AlgorithmConfig.policy_loss_options`` gives them from the config).
+    """
+    return POLICY_LOSSES.register(name)
+
+
+def _token_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """log(pi / pi_old) per token [N, T], bounded to +-LOG_RATIO_BOUND (no gradient beyond); 0 on masked positions."""
+    keep = mask.bool()  # [N, T]
+    # where(), not multiplication: 0 * -inf is NaN, and so is its gradient.
+    log_ratio = torch.where(keep, torch.where(keep, logp, 0.0) - old_logp.detach(), 0.0)  # [N, T]
+    return log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)  # [N, T]
+
+
+@register_policy_loss("ppo_clip")
+def ppo_clip(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float, clip_high: float,
+             ratio_level: str, dual_clip: float | None = None) -> PolicyLossOutput:
+    """PPO's clipped surrogate with clip-higher, GSPO's sequence ratio and the dual clip: ``clipped_surrogate``,
+    whose docstring has the formula. clipped: where the clipped branch removes the gradient (the dual clip not
+    counted), as ``clip_fraction`` counts."""
+    loss = clipped_surrogate(logp, old_logp, advantages, mask, clip_low, clip_high, ratio_level, dual_clip)  # [N, T]
+    with torch.no_grad():
+        ratio = _policy_ratio(logp, old_logp, mask, ratio_level)  # [N, T]
+    clipped = _ppo_clipped(ratio, _per_token(advantages), clip_low, clip_high) & mask.bool()  # [N, T]
+    return PolicyLossOutput(loss, clipped)
+
+
+@register_policy_loss("cispo")
+def cispo(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, eps_low: float,
+          eps_high: float) -> PolicyLossOutput:
+    """CISPO, from "MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention" (MiniMax, 2025).
+
+        w_t    = sg(clip(r_t, 1 - eps_low, 1 + eps_high)),   r_t = pi(y_t) / pi_old(y_t)
+        loss_t = -w_t * A * log pi(y_t)            gradient: -w_t * A * grad log pi(y_t)
+
+    REINFORCE with a clipped importance weight held constant. Where PPO's clip drops the gradient of a token
+    whose ratio left the range in the direction of the advantage, here every token keeps its gradient and only
+    the weight is capped. The paper sets no lower bound (eps_low large): eps_low = 1 is that (w >= 0). It does
+    not publish its eps_high; the default 4 caps w at 5, ScaleRL's (Khatri et al. 2025) cap as TRL records it.
+    The loss value holds log pi, so ``train/loss`` is not on the scale of the ratio losses.
+    clipped: tokens whose weight was clipped (r_t outside [1 - eps_low, 1 + eps_high]), whatever the sign of A.
+    """
+    _check_shapes(logp, old_logp, advantages, mask)
+    if not 0.0 <= eps_low <= 1.0 or eps_high < 0.0:
+        raise ValueError(f"cispo needs 0 <= eps_low <= 1 and eps_high >= 0, got {eps_low}, {eps_high}")
+    keep = mask.bool()  # [N, T]
+    ratio = _token_log_ratio(logp, old_logp, mask).detach().exp()  # [N, T]
+    weight = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)  # [N, T], a constant
+    loss = -weight * _per_token(advantages.detach()) * torch.where(keep, logp, 0.0)  # [N, T]
+    clipped = (weight != ratio) & keep  # [N, T]
+    return PolicyLossOutput(torch.where(keep, loss, 0.0), clipped)
+
+
+@register_policy_loss("gmpo")
+def gmpo(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, eps_low: float,
+         eps_high: float) -> PolicyLossOutput:
+    """GMPO, from "GMPO: Geometric-Mean Policy Optimization" (Zhao et al., 2025): the sequence's ratio is the
+    geometric mean of its token ratios, each clipped in log space on the side the advantage pushes it.
+
+        l_t  = log pi(y_t) - log pi_old(y_t)
+        c_t  = min(l_t, eps_high) if A_i > 0;  max(l_t, -eps_low) if A_i < 0;  0 if A_i = 0
+        S_i  = exp(1/|y_i| sum_t c_t)           objective: 1/G sum_i A_i S_i
+
+    The paper writes A_i S_i as sgn(A_i) (prod_t |min(r_t A_i, clip(r_t, e^-eps_low, e^eps_high) A_i)|)^(1/|y_i|),
+    with eps = 0.4 both sides. Per token, as GSPO-token: loss_t = -A_i sg(S_i) exp(c_t - sg(c_t)), whose value
+    is -A_i S_i on every token of sequence i and whose mean over the sequence has the gradient of -A_i S_i; so
+    ``seq_mean_token_mean`` is the paper's objective, ``token_mean`` weighs each sequence by its length. log S_i
+    is bounded at SEQ_LOG_RATIO_MAX, as GSPO's. Needs one advantage per sequence ([N]).
+    clipped: tokens whose log-ratio was clipped (l_t > eps_high with A > 0, l_t < -eps_low with A < 0).
+    """
+    _check_shapes(logp, old_logp, advantages, mask)
+    if advantages.ndim != 1:
+        raise ValueError(f"gmpo needs one advantage per sequence, shape [N], got {tuple(advantages.shape)}")
+    if eps_low < 0.0 or eps_high < 0.0:
+        raise ValueError(f"gmpo needs eps_low >= 0 and eps_high >= 0, got {eps_low}, {eps_high}")
+    keep = mask.bool()  # [N, T]
+    log_ratio = _token_log_ratio(logp, old_logp, mask)  # [N, T]
+    adv = advantages.detach()[:, None]  # [N, 1]
+    sign = adv.sign()  # [N, 1]
+    clipped_log = sign * torch.minimum(sign * log_ratio, sign * log_ratio.clamp(-eps_low, eps_high))  # [N, T]
+    lengths = keep.sum(dim=1).clamp(min=1)  # [N]
+    log_s = (torch.where(keep, clipped_log, 0.0).sum(dim=1) / lengths).clamp(max=SEQ_LOG_RATIO_MAX)  # [N]
+    loss = -adv * log_s.detach().exp()[:, None] * (clipped_log - clipped_log.detach()).exp()  # [N, T]
+    clipped = (((log_ratio > eps_high) & (adv > 0)) | ((log_ratio < -eps_low) & (adv < 0))) & keep  # [N, T]
+    return PolicyLossOutput(torch.where(keep, loss, 0.0), clipped)
+
+
+SAPO_HALF_WEIGHT = 2.0 * math.log(1.0 + math.sqrt(2.0))  # |tau (r - 1)| beyond which SAPO's gate weight is < 1/2
+
+
+@register_policy_loss("sapo")
+def sapo(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, tau_pos: float,
+         tau_neg: float) -> PolicyLossOutput:
+    """SAPO, from "Soft Adaptive Policy Optimization" (Gao et al., Qwen, 2025): a smooth gate in place of the clip.
+
+        tau    = tau_pos if A > 0 else tau_neg
+        loss_t = -A * (4 / tau) * sigmoid(tau (r_t - 1))
+        gradient: -A * w_t * r_t * grad log pi(y_t),   w_t = 4 s (1 - s),  s = sigmoid(tau (r_t - 1))
+
+    w = 1 at r = 1, so on-policy the gradient is the policy gradient, and w decays smoothly on both sides of 1,
+    the faster the larger tau; the paper's tau_neg = 1.05 > tau_pos = 1.0 damps negative-advantage tokens
+    sooner. Limits: as tau -> 0, w -> 1 for every r, the gradient of the unclipped -A r (``ppo_clip`` with a range
+    wider than every ratio); as tau -> inf, w -> 0 for every r != 1. PPO's hard clip is neither limit: it zeroes
+    the gradient on one side of the range only. The value is the paper's, offset by a constant (-2A/tau at r = 1)
+    from the ratio losses', as TRL's and verl's are.
+    clipped: tokens whose gate weight w_t < 1/2 (|tau (r_t - 1)| > 2 ln(1 + sqrt 2) = 1.763).
+    """
+    _check_shapes(logp, old_logp, advantages, mask)
+    if tau_pos <= 0.0 or tau_neg <= 0.0:
+        raise ValueError(f"sapo needs temperatures > 0, got tau_pos={tau_pos}, tau_neg={tau_neg}")
+    keep = mask.bool()  # [N, T]
+    ratio = _token_log_ratio(logp, old_logp, mask).exp()  # [N, T]
+    adv = _per_token(advantages.detach())  # [N, 1] or [N, T]
+    tau = torch.where(adv > 0, tau_pos, tau_neg)  # [N, 1] or [N, T]
+    loss = -adv * (4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0))  # [N, T]
+    clipped = ((tau * (ratio.detach() - 1.0)).abs() > SAPO_HALF_WEIGHT) & keep  # [N, T]
+    return PolicyLossOutput(torch.where(keep, loss, 0.0), clipped)
+
+
+def _token_covariance(logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
+    """(A_t - mean A)(log pi(y_t) - mean log pi) per token [N, T], both means over the masked tokens (A_t is
+    the sequence's advantage on each of its tokens); a constant; -inf on masked positions."""
+    keep = mask.bool()  # [N, T]
+    count = keep.sum().clamp(min=1)  # []
+    adv = torch.where(keep, _per_token(advantages.detach()), 0.0)  # [N, T]
+    lp = torch.where(keep, logp.detach(), 0.0)  # [N, T]
+    cov = (adv - adv.sum() / count) * (lp - lp.sum() / count)  # [N, T]
+    return torch.where(keep, cov, -math.inf)  # [N, T]
+
+
+def _cov_count(fraction: float, mask: Tensor) -> int:
+    """How many tokens the covariance losses pick: floor(fraction * n), at least 1, for n masked tokens (0 if none)."""
+    n = int(mask.bool().sum().item())
+    return max(1, int(fraction * n)) if n else 0
+
+
+@register_policy_loss("clip_cov")
+def clip_cov(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, fraction: float, cov_low: float,
+             cov_high: float, generator: torch.Generator | None = None) -> PolicyLossOutput:
+    """Clip-Cov, from "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models" (Cui et al.,
+    2025): entropy falls where a token's log-prob and its advantage covary, so a few such tokens lose their gradient.
+
+        cov_t  = (A_t - mean A)(log pi(y_t) - mean log pi)      (means over the call's n masked tokens)
+        I      = k tokens drawn uniformly, without replacement, from those with cov_low < cov_t < cov_high,
+                 k = min(their count, max(1, floor(fraction * n)))
+        loss_t = -r_t A  for t not in I;   sg(-r_t A)  for t in I (the value kept, no gradient)
+
+    Paper defaults: fraction 2e-4, bounds (1, 5). ``generator`` draws I (None: torch's global generator, which the
+    trainer seeds from the run's seed and saves in checkpoints). clipped: the tokens of I.
+    """
+    _check_shapes(logp, old_logp, advantages, mask)
+    if not 0.0 < fraction <= 1.0 or not cov_low < cov_high:
+        raise ValueError(f"clip_cov needs 0 < fraction <= 1 and cov_low < cov_high, got {fraction}, "
+                         f"{cov_low}, {cov_high}")
+    keep = mask.bool()  # [N, T]
+    loss = -_per_token(advantages.detach()) * _token_log_ratio(logp, old_logp, mask).exp()  # [N, T]
+    cov = _token_covariance(logp, advantages, mask)  # [N, T]
+    candidates = ((cov > cov_low) & (cov < cov_high) & keep).flatten().nonzero().squeeze(1)  # [C]
+    k = min(len(candidates), _cov_count(fraction, mask))
+    drawn = torch.randperm(len(candidates), generator=generator)[:k].to(candidates.device)  # [k]
+    chosen = torch.zeros(keep.numel(), dtype=torch.bool, device=keep.device)  # [N*T]
+    chosen[candidates[drawn]] = True
+    chosen = chosen.view_as(keep)  # [N, T]
+    loss = torch.where(chosen, loss.detach(), loss)  # [N, T]
+    return PolicyLossOutput(torch.where(keep, loss, 0.0), chosen)
+
+
+@register_policy_loss("kl_cov")
+def kl_cov(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, fraction: float,
+           coef: float) -> PolicyLossOutput:
+    """KL-Cov, from "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models" (Cui et al.,
+    2025): the tokens whose log-prob and advantage covary most are held near the old policy by a KL penalty.
+
+        cov_t  = (A_t - mean A)(log pi(y_t) - mean log pi)      (means over the call's n masked tokens)
+        I      = the k = max(1, floor(fraction * n)) tokens of largest cov_t
+        loss_t = -r_t A + [t in I] * coef * |log r_t|
+
+    |log r_t| is the per-token estimate of KL(pi_old || pi) that the authors' code (and verl) penalise: its
+    gradient is coef * sign(log r_t) * grad log pi, full size however small the gap, and 0 at r = 1 exactly.
+    With one optimiser step per batch (the authors' 7B script) old and new log-probs are equal here and the
+    penalty never acts; there it acts through the rounding gap between their two forward passes. Paper
+    defaults: coef 1, fraction 2e-3 (its Qwen2.5-7B runs; 2e-4 for 32B, verl's default). clipped: the tokens of I.
+    """
+    _check_shapes(logp, old_logp, advantages, mask)
+    if not 0.0 < fraction <= 1.0 or coef < 0.0:
+        raise ValueError(f"kl_cov needs 0 < fraction <= 1 and coef >= 0, got {fraction}, {coef}")
+    keep = mask.bool()  # [N, T]
+    log_ratio = _token_log_ratio(logp, old_logp, mask)  # [N, T]
+    loss = -_per_token(advantages.detach()) * log_ratio.exp()  # [N, T]
+    top = _token_covariance(logp, advantages, mask).flatten().topk(_cov_count(fraction, mask)).indices  # [k]
+    chosen = torch.zeros(keep.numel(), dtype=torch.bool, device=keep.device)  # [N*T]
+    chosen[top] = True
+    chosen = chosen.view_as(keep)  # [N, T]
+    loss = loss + torch.where(chosen, coef * log_ratio.abs(), 0.0)  # [N, T]
+    return PolicyLossOutput(torch.where(keep, loss, 0.0), chosen)
 
 
 def _token_mean(masked_loss: Tensor, mask: Tensor, num_tokens: Count, num_seqs: Count, max_len: Count) -> Tensor:

@@ -17,9 +17,8 @@ from grpo.config import AlgorithmConfig
 from grpo.core.batch import RolloutBatch
 from grpo.core.logprobs import forward_logprobs
 from grpo.core.losses import (
+    POLICY_LOSSES,
     aggregate,
-    clip_fraction,
-    clipped_surrogate,
     kl_divergence,
     masked_importance_keep,
     truncated_importance_weights,
@@ -91,9 +90,9 @@ def micro_batch_loss(model, micro: RolloutBatch, algo: AlgorithmConfig, *, weigh
                                      packing=packing)  # [n, T-1] each
     mask = micro.completion_mask * weight  # [n, T-1]
     old = micro.old_logprobs if micro.old_logprobs is not None else logp.detach()  # [n, T-1]
-    per_token = clipped_surrogate(logp, old, micro.advantages, mask, algo.clip_low, algo.clip_high, algo.ratio_level,
-                                  algo.dual_clip)  # [n, T-1]
-    sums = {"kl": 0.0}
+    per_token, clipped = POLICY_LOSSES[algo.policy_loss](logp, old, micro.advantages, mask,
+                                                         **algo.policy_loss_options())  # [n, T-1] each
+    sums = {"kl": 0.0, "clipped_tokens": float((clipped & mask.bool()).sum())}
     if algo.corrects_sampler():  # the sampler is not exactly the trainer's policy: reweight or mask by their ratio
         weights, keep = sampler_correction(old, micro.sampler_logprobs, mask, algo)  # [n, T-1] each
         per_token = per_token * weights * keep
@@ -107,8 +106,6 @@ def micro_batch_loss(model, micro: RolloutBatch, algo: AlgorithmConfig, *, weigh
                      max_len=max_new_tokens) * weight
     sums["loss"] = float(loss.detach())
     sums["entropy"] = float((entropy.detach() * mask).sum())
-    frac = clip_fraction(logp.detach(), old, micro.advantages, mask, algo.clip_low, algo.clip_high, algo.ratio_level)
-    sums["clipped_tokens"] = frac * float(mask.sum())
     if first_epoch and micro.sampler_logprobs is not None:  # sampler vs trainer, same weights
         sums["sampler_abs_diff"] = float(((old - micro.sampler_logprobs).abs() * mask).sum())
         sums["sampler_tokens"] = float(mask.sum())

@@ -6,11 +6,17 @@ import torch
 from grpo.core.losses import (
     AGGREGATION_MODES,
     KL_ESTIMATORS,
+    POLICY_LOSSES,
     aggregate,
+    cispo,
+    clip_cov,
     clip_fraction,
     clipped_surrogate,
+    gmpo,
+    kl_cov,
     kl_divergence,
     masked_importance_keep,
+    sapo,
     truncated_importance_weights,
 )
 
@@ -300,3 +306,243 @@ def test_mis_keeps_ratios_inside_the_range_by_hand():
           [[0.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
     with pytest.raises(ValueError, match="low"):
         masked_importance_keep(IS_TRAINER, IS_SAMPLER, IS_MASK, 1.2, 1.8)
+
+
+# ---------------------------------------------------------------- policy losses by name
+# The hand-built batch of the clipped surrogate tests above: row 0 (A = +1) ratios [1.5, 0.5, 1.0];
+# row 1 (A = -2) ratios [1.5, 0.5, 1.1], its last token masked. logp = old + log r:
+# row 0 [-1 + ln 1.5, -2 + ln 0.5, -0.5] = [-0.594535, -2.693147, -0.5]; row 1 [0.105465, -1.893147, .]
+# Each expected value below is its paper's formula written out again here, checked against hand values.
+
+
+def test_the_registry_holds_every_policy_loss_and_ppo_clip_is_the_clipped_surrogate():
+    # Mutation caught: a loss left unregistered, or ppo_clip no longer today's clipped surrogate / clip count.
+    assert set(POLICY_LOSSES) == {"ppo_clip", "cispo", "gmpo", "sapo", "clip_cov", "kl_cov"}
+    logp, old = _logps(RATIOS)
+    out = POLICY_LOSSES["ppo_clip"](logp, old, ADV, MASK, clip_low=0.2, clip_high=0.2, ratio_level="token")
+    close(out.loss, clipped_surrogate(logp, old, ADV, MASK, 0.2, 0.2, "token"))
+    # clipped branch active on row 0 token 0 (A > 0, r = 1.5 > 1.2) and row 1 token 1 (A < 0, r = 0.5 < 0.8)
+    assert out.clipped.tolist() == [[True, False, False], [False, True, False]]
+    with pytest.raises(ValueError, match="policy loss 'ppo'.*cispo, clip_cov, gmpo, kl_cov, ppo_clip, sapo"):
+        POLICY_LOSSES.resolve("ppo")
+
+
+def test_cispo_keeps_the_gradient_that_ppo_clip_drops():
+    # Mutation caught: the weight not detached (gradient -w A (1 + log pi) where r is inside the range), the clip
+    # applied to the loss as PPO does (gradient 0 on row 0 token 0), or the bounds swapped.
+    logp, old = _logps(RATIOS)
+    out = cispo(logp, old, ADV, MASK, eps_low=1.0, eps_high=0.2)
+    # w = clip(r, 0, 1.2): row 0 [1.2, 0.5, 1.0]; row 1 [1.2, 0.5, .]
+    # loss = -w A logp: row 0 [1.2 * 0.594535, 0.5 * 2.693147, 0.5] = [0.713442, 1.346574, 0.5]
+    #                   row 1 (A = -2): [2.4 * 0.105465, -1.0 * 1.893147, 0] = [0.253116, -1.893147, 0]
+    close(out.loss, [[0.713442, 1.346574, 0.5], [0.253116, -1.893147, 0.0]], atol=1e-5)
+    w = torch.exp(logp - old).detach().clamp(0.0, 1.2)
+    close(out.loss, torch.where(MASK.bool(), -w * ADV[:, None] * logp, 0.0).detach())
+    out.loss.sum().backward()
+    # gradient -w A: row 0 [-1.2, -0.5, -1.0]; row 1 [2.4, 1.0, 0 (masked)]. ppo_clip gives 0 on row 0 token 0
+    # (A > 0, r above the range) and on row 1 token 1 (A < 0, r below it): CISPO keeps both.
+    close(logp.grad, [[-1.2, -0.5, -1.0], [2.4, 1.0, 0.0]])
+    assert out.clipped.tolist() == [[True, False, False], [True, False, False]]  # r = 1.5 > 1.2 on both rows
+    logp2, old2 = _logps(RATIOS)
+    ppo = clipped_surrogate(logp2, old2, ADV, MASK, 0.2, 0.2, "token")
+    ppo.sum().backward()
+    assert logp2.grad[0, 0] == 0 and logp2.grad[1, 1] == 0
+
+
+def test_gmpo_hand_values_and_gradient():
+    # Mutation caught: clipping both sides of the log-ratio (row 0 token 1 would be clipped to -0.4 and lose its
+    # gradient), the arithmetic mean of the ratios, or S_i not detached in the per-token form (the gradient would
+    # count each token |y_i| times).
+    logp, old = _logps(RATIOS)
+    out = gmpo(logp, old, ADV, MASK, eps_low=0.4, eps_high=0.4)
+    # row 0, A > 0: log r = [0.405465, -0.693147, 0], clipped above at 0.4 -> [0.4, -0.693147, 0]
+    #   S_0 = exp((0.4 - 0.693147) / 3) = 0.906907; loss -S_0 on each token
+    # row 1, A < 0: log r = [0.405465, -0.693147], clipped below at -0.4 -> [0.405465, -0.4]
+    #   S_1 = exp((0.405465 - 0.4) / 2) = 1.002736; loss -A S_1 = 2.005473 on each token
+    close(out.loss, [[-0.906907] * 3, [2.005473, 2.005473, 0.0]], atol=1e-5)
+    assert out.clipped.tolist() == [[True, False, False], [False, True, False]]
+    out.loss.sum().backward()
+    # each token's gradient is -A_i S_i where its log-ratio is not clipped, 0 where it is
+    close(logp.grad, [[0.0, -0.906907, -0.906907], [2.005473, 0.0, 0.0]], atol=1e-5)
+
+
+def test_gmpo_with_seq_mean_is_the_papers_sequence_objective():
+    # Loop over sequences with the paper's objective, 1/G sum_i sgn(A_i) prod_t |min(r_t A_i, clip(r_t) A_i)|^(1/|y_i|)
+    # (gradient through the product itself), against the per-token form aggregated by seq_mean_token_mean.
+    # Mutation caught: any change of the per-token form's value or gradient (e.g. the mean over T, not |y_i|).
+    torch.manual_seed(5)
+    n, t = 4, 6
+    old = -torch.rand(n, t, dtype=torch.float64) * 3
+    logp = (old + 0.5 * torch.randn(n, t, dtype=torch.float64)).requires_grad_()
+    lengths = [6, 3, 1, 4]
+    mask = (torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]).double()
+    adv = torch.tensor([1.0, -0.5, 2.0, -1.5], dtype=torch.float64)
+    loss = aggregate(gmpo(logp, old, adv, mask, eps_low=0.4, eps_high=0.4).loss, mask, "seq_mean_token_mean")
+    (grad,) = torch.autograd.grad(loss, logp)
+    reference = 0.0
+    lo, hi = math.exp(-0.4), math.exp(0.4)
+    for i, length in enumerate(lengths):
+        r = (logp[i, :length] - old[i, :length]).exp()
+        terms = torch.minimum(r * adv[i], r.clamp(lo, hi) * adv[i]).abs()
+        reference = reference - adv[i].sign() * terms.prod() ** (1 / length) / n
+    (ref_grad,) = torch.autograd.grad(reference, logp)
+    close(loss, reference.detach(), atol=1e-12)
+    close(grad, ref_grad, atol=1e-12)
+
+
+def test_gmpo_and_the_arithmetic_mean_differ_on_unequal_ratios():
+    # One sequence, A = +1, ratios [2, 0.5], clip ranges wider than both. Geometric mean sqrt(2 * 0.5) = 1:
+    # GMPO's loss -1, gradient -S/|y| = -0.5 per token under seq_mean_token_mean. The arithmetic mean (ppo_clip,
+    # seq_mean_token_mean) is (2 + 0.5)/2 = 1.25: loss -1.25, gradient -r_t/|y| = [-1, -0.25].
+    # Mutation caught: a GMPO that averages the ratios rather than their logs.
+    old = torch.tensor([[-1.0, -1.0]])
+    mask, adv = torch.ones(1, 2), torch.tensor([1.0])
+    logp = (old + torch.tensor([[2.0, 0.5]]).log()).requires_grad_()
+    geo = aggregate(gmpo(logp, old, adv, mask, eps_low=5.0, eps_high=5.0).loss, mask, "seq_mean_token_mean")
+    close(geo, -1.0)
+    (geo_grad,) = torch.autograd.grad(geo, logp)
+    close(geo_grad, [[-0.5, -0.5]])
+    arith = aggregate(clipped_surrogate(logp, old, adv, mask, 0.99, 5.0, "token"), mask, "seq_mean_token_mean")
+    close(arith, -1.25)
+    (arith_grad,) = torch.autograd.grad(arith, logp)
+    close(arith_grad, [[-1.0, -0.25]])
+
+
+def test_gmpo_refuses_per_token_advantages():
+    logp, old = _logps(RATIOS)
+    with pytest.raises(ValueError, match=r"gmpo needs one advantage per sequence"):
+        gmpo(logp, old, torch.ones(2, 3), MASK, eps_low=0.4, eps_high=0.4)
+
+
+def test_sapo_hand_values_and_gradient():
+    # Mutation caught: one temperature for both signs (row 1 would use 1.0), or the gate's gradient taken without
+    # r (w r grad log pi is the gradient of f(r)).
+    logp, old = _logps(RATIOS)
+    out = sapo(logp, old, ADV, MASK, tau_pos=1.0, tau_neg=1.05)
+    # row 0, A = +1, tau 1: s = sigmoid(r - 1) = [0.622459, 0.377541, 0.5]; loss -4 s = [-2.489837, -1.510163, -2]
+    # row 1, A = -2, tau 1.05: s = sigmoid(1.05 (r - 1)) = [0.628316, 0.371684]; loss 8/1.05 s = [4.787171, 2.831877]
+    close(out.loss, [[-2.489837, -1.510163, -2.0], [4.787171, 2.831877, 0.0]], atol=1e-5)
+    r, a = torch.exp(logp - old).detach(), ADV[:, None]
+    tau = torch.where(a > 0, 1.0, 1.05)
+    close(out.loss, torch.where(MASK.bool(), -a * 4 / tau * torch.sigmoid(tau * (r - 1)), 0.0))
+    out.loss.sum().backward()
+    # gradient -A w r, w = 4 s (1 - s): row 0 w = [0.940030, 0.940030, 1] -> [-1.410045, -0.470015, -1]
+    # row 1 w = [0.934140, 0.934140] -> 2 w r = [2.802419, 0.934140]
+    close(logp.grad, [[-1.410022, -0.470007, -1.0], [2.802419, 0.934140, 0.0]], atol=1e-5)
+    s = torch.sigmoid(tau * (r - 1))
+    close(logp.grad, torch.where(MASK.bool(), -a * 4 * s * (1 - s) * r, 0.0))
+    assert not out.clipped.any()  # |tau (r - 1)| <= 0.525 < 1.763: every gate weight above 1/2
+
+
+def test_sapo_limits_in_the_temperature():
+    # tau -> 0: the gate weight -> 1 for every ratio, so the gradient is the unclipped surrogate's, -A r (ppo_clip with
+    # a range wider than every ratio). tau -> inf: the weight -> 0 off r = 1, only the on-policy token (row 0
+    # token 2, r = 1) keeps its gradient, -A. Neither limit is PPO's one-sided clip.
+    # Mutation caught: a gate whose weight is not 1 at r = 1 (e.g. sigmoid without the 4/tau factor: weight 1/4).
+    logp, old = _logps(RATIOS)
+    sapo(logp, old, ADV, MASK, tau_pos=1e-4, tau_neg=1e-4).loss.sum().backward()
+    small = logp.grad.clone()
+    logp.grad = None
+    clipped_surrogate(logp, old, ADV, MASK, 0.999, 1e6, "token").sum().backward()
+    close(small, logp.grad)  # [[-1.5, -0.5, -1], [3, 1, 0]]
+    logp.grad = None
+    out = sapo(logp, old, ADV, MASK, tau_pos=1e3, tau_neg=1e3)
+    out.loss.sum().backward()
+    close(logp.grad, [[0.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    assert out.clipped.tolist() == [[True, True, False], [True, True, False]]
+
+
+# Covariance losses: two sequences, 7 masked tokens. A = [+1, -1] per sequence, on 4 and 3 tokens: mean A = 1/7,
+# A - mean = +6/7 (row 0), -8/7 (row 1). logp chosen so its masked mean is -3: row 0 [-1, -2, -3, -6],
+# row 1 [-1, -5, -3, masked]; logp - mean = [2, 1, 0, -3] and [2, -2, 0].
+# cov = row 0: 6/7 [2, 1, 0, -3] = [1.714, 0.857, 0, -2.571]; row 1: -8/7 [2, -2, 0] = [-2.286, 2.286, 0].
+# Within Clip-Cov's (1, 5): row 0 token 0 and row 1 token 1. Largest two: the same two.
+COV_LOGP = torch.tensor([[-1.0, -2.0, -3.0, -6.0], [-1.0, -5.0, -3.0, -100.0]])
+COV_RATIOS = torch.tensor([[1.5, 0.5, 1.0, 1.2], [0.8, 1.1, 2.0, 1.0]])
+COV_ADV = torch.tensor([1.0, -1.0])
+COV_MASK = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
+SURROGATE = [[-1.5, -0.5, -1.0, -1.2], [0.8, 1.1, 2.0, 0.0]]  # -A r, the loss and gradient of an untouched token
+
+
+def _cov_batch():
+    logp = COV_LOGP.clone().requires_grad_()
+    return logp, (COV_LOGP - COV_RATIOS.log()).detach()
+
+
+def test_clip_cov_detaches_exactly_the_candidates_it_draws():
+    # Mutation caught: the selection ignoring the bounds, the wrong sign of the covariance (row 1 token 0 would
+    # qualify), the gradient not removed, the value zeroed as well, the masked log-prob (-100) counted in the mean,
+    # or mean A taken over sequences (0) not tokens (1/7): then both covariances are 2, neither inside (2, 5).
+    logp, old = _cov_batch()
+    # fraction 0.3: max(1, floor(2.1)) = 2 tokens, both candidates
+    out = clip_cov(logp, old, COV_ADV, COV_MASK, fraction=0.3, cov_low=1.0, cov_high=5.0)
+    assert out.clipped.tolist() == [[True, False, False, False], [False, True, False, False]]
+    close(out.loss, SURROGATE)  # the value is kept on the detached tokens
+    out.loss.sum().backward()
+    close(logp.grad, [[0.0, -0.5, -1.0, -1.2], [0.8, 0.0, 2.0, 0.0]])
+    # bounds (2, 5): row 1 token 1 (2.286) alone
+    logp, old = _cov_batch()
+    out = clip_cov(logp, old, COV_ADV, COV_MASK, fraction=0.3, cov_low=2.0, cov_high=5.0)
+    assert out.clipped.tolist() == [[False] * 4, [False, True, False, False]]
+
+
+def test_clip_cov_draws_its_tokens_at_random_from_a_seeded_generator():
+    # fraction 0.2: max(1, floor(1.4)) = 1 token of the 2 candidates. Mutation caught: always the first candidate
+    # (both seeds below would pick the same token), or the generator ignored (same seed, different picks).
+    picks = set()
+    for seed in range(8):
+        logp, old = _cov_batch()
+        runs = [clip_cov(logp, old, COV_ADV, COV_MASK, fraction=0.2, cov_low=1.0, cov_high=5.0,
+                         generator=torch.Generator().manual_seed(seed)) for _ in range(2)]
+        assert torch.equal(runs[0].clipped, runs[1].clipped)
+        chosen = runs[0].clipped.nonzero().tolist()
+        assert len(chosen) == 1 and chosen[0] in ([0, 0], [1, 1])
+        runs[0].loss.sum().backward()
+        expected = torch.tensor(SURROGATE)
+        expected[tuple(chosen[0])] = 0.0
+        close(logp.grad, expected)
+        picks.add(tuple(chosen[0]))
+    assert picks == {(0, 0), (1, 1)}
+
+
+def test_kl_cov_penalises_only_the_top_k_tokens():
+    # Mutation caught: the penalty on every token, on the smallest covariances, or without its coefficient.
+    logp, old = _cov_batch()
+    out = kl_cov(logp, old, COV_ADV, COV_MASK, fraction=0.3, coef=1.0)  # k = 2: row 0 token 0, row 1 token 1
+    assert out.clipped.tolist() == [[True, False, False, False], [False, True, False, False]]
+    # penalised: -A r + |log r|: row 0 token 0 -1.5 + ln 1.5 = -1.094535; row 1 token 1 1.1 + ln 1.1 = 1.195310
+    expected = torch.tensor(SURROGATE)
+    expected[0, 0], expected[1, 1] = -1.5 + math.log(1.5), 1.1 + math.log(1.1)
+    close(out.loss, expected)
+    out.loss.sum().backward()
+    # gradient -A r + coef sign(log r): row 0 token 0 -1.5 + 1 = -0.5; row 1 token 1 1.1 + 1 = 2.1
+    close(logp.grad, [[-0.5, -0.5, -1.0, -1.2], [0.8, 2.1, 2.0, 0.0]])
+    logp, old = _cov_batch()
+    half = kl_cov(logp, old, COV_ADV, COV_MASK, fraction=0.3, coef=0.5).loss
+    close(half[0, 0], -1.5 + 0.5 * math.log(1.5))
+    logp, old = _cov_batch()
+    only_one = kl_cov(logp, old, COV_ADV, COV_MASK, fraction=1e-4, coef=1.0)  # max(1, floor(7e-4)) = 1: the largest
+    assert only_one.clipped.nonzero().tolist() == [[1, 1]]
+
+
+POLICY_LOSS_OPTIONS = {
+    "ppo_clip": {"clip_low": 0.2, "clip_high": 0.28, "ratio_level": "token"},
+    "cispo": {"eps_low": 1.0, "eps_high": 4.0},
+    "gmpo": {"eps_low": 0.4, "eps_high": 0.4},
+    "sapo": {"tau_pos": 1.0, "tau_neg": 1.05},
+    "clip_cov": {"fraction": 0.5, "cov_low": -10.0, "cov_high": 10.0},
+    "kl_cov": {"fraction": 0.5, "coef": 1.0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(POLICY_LOSS_OPTIONS))
+def test_every_policy_loss_is_zero_and_finite_on_masked_positions(name):
+    # -inf and NaN log-probs on masked positions (padding): loss 0 and gradient 0 there, never NaN.
+    # Mutation caught: a loss whose masked positions are not set to 0 (sapo's -2A/tau, gmpo's -A S there).
+    logp = torch.tensor([[-1.0, float("-inf")], [-0.5, float("nan")]], requires_grad=True)
+    old = torch.tensor([[-1.1, float("-inf")], [-0.4, -3.0]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    out = POLICY_LOSSES[name](logp, old, torch.tensor([1.0, -1.0]), mask, **POLICY_LOSS_OPTIONS[name])
+    assert out.loss[:, 1].eq(0).all() and out.loss.isfinite().all() and not out.clipped[:, 1].any()
+    out.loss.sum().backward()
+    assert logp.grad.isfinite().all() and logp.grad[:, 1].eq(0).all() and logp.grad[:, 0].ne(0).any()
