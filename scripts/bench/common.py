@@ -149,7 +149,11 @@ def build_ours(cfg, device: str, timers: Timers, rows: list[dict] | None = None)
     run.backend.step = timers.wrap("update", run.backend.step)
     # every forward of the step's log-probs goes through core.logprobs.forward_logprobs -> sequence_logprobs
     logprobs.sequence_logprobs = timers.wrap("logprobs", timers.count_scored(logprobs.sequence_logprobs))
-    return lambda: trainer.train_step(run, 1)
+    def step():
+        return trainer.train_step(run, 1)
+
+    step.run = run  # the run it steps (its policy, its engine)
+    return step
 
 
 def trl_reward(cfg):
@@ -166,26 +170,37 @@ def trl_reward(cfg):
 
 
 def build_trl(cfg, model_path: str, device: str, max_steps: int, timers: Timers, callbacks: list,
-              rows: list[dict] | None = None):
-    """TRL's GRPOTrainer with the same settings; `trainer.train()` runs it. `rows`: as `build_ours`."""
+              rows: list[dict] | None = None, *, model=None, micro_batch: int | None = None, accumulation: int = 1,
+              gradient_checkpointing: bool | None = None, continuous_batching: dict | None = None):
+    """TRL's GRPOTrainer with the same settings; `trainer.train()` runs it. `rows`: as `build_ours`.
+    `model`: the causal LM to train (default: loaded from `model_path`). `micro_batch` x `accumulation`: TRL's
+    per_device_train_batch_size x gradient_accumulation_steps (default: the whole batch x 1).
+    `gradient_checkpointing`: default `backend.gradient_checkpointing`. `continuous_batching`: generate with
+    transformers' continuous batching, these `ContinuousBatchingConfig` settings (default: `generate`)."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from grpo.data.loading import load_task
-    from grpo.model.loading import load_policy
 
     r, a, o = cfg.rollout, cfg.algorithm, cfg.optim
-    model, tokenizer = load_policy(model_path, cfg)
-    del model
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:  # as grpo.model.loading.load_policy
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype))
     if rows is None:
         rows, _ = load_task(cfg.task, {"answer"})
     batch = cfg.train.prompts_per_step * a.group_size
+    checkpointing = cfg.backend.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+    generation = {} if continuous_batching is None else dict(use_transformers_continuous_batching=True,
+                                                             transformers_continuous_batching_config=continuous_batching)
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-bench-"), max_steps=max_steps, seed=cfg.seed,
-        per_device_train_batch_size=batch, gradient_accumulation_steps=1, num_generations=a.group_size,
+        per_device_train_batch_size=micro_batch or batch, gradient_accumulation_steps=accumulation,
+        num_generations=a.group_size,
         num_iterations=a.epochs, beta=a.beta, loss_type="dapo", epsilon=a.clip_low, epsilon_high=a.clip_high,
         max_completion_length=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
         generation_kwargs={"min_new_tokens": r.min_new_tokens} if r.min_new_tokens else None,
@@ -193,7 +208,8 @@ def build_trl(cfg, model_path: str, device: str, max_steps: int, timers: Timers,
         weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, lr_scheduler_type="constant", warmup_steps=0,
         logging_steps=10**9, save_strategy="no", report_to="none", disable_tqdm=True,
         use_cpu=device == "cpu", bf16=cfg.model.dtype == "bfloat16", dataloader_num_workers=0,
-        gradient_checkpointing=cfg.backend.gradient_checkpointing,  # TRL's default is on; the same work on both sides
+        gradient_checkpointing=checkpointing,  # TRL's default is on; the same work on both sides unless asked
+        **generation,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=[trl_reward(cfg)], args=args,
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=callbacks)
