@@ -478,7 +478,10 @@ def generation_phase(args, model_path: str, workload: Workload, plan: LengthPlan
                 torch.cuda.synchronize()
             if rnd >= args.warmup:
                 records[name].append((time.perf_counter() - start, lengths))
-    return {name: generation_summary(recs, plan) for name, recs in records.items()}
+    out = {name: generation_summary(recs, plan) | {"side": "ours" if name == "ours" else "trl"}
+           for name, recs in records.items()}
+    add_ratios(out, "seconds_per_round", "vs_trl_best", faster=True)
+    return out
 
 
 def generation_summary(recs: list[tuple[float, list[int]]], plan: LengthPlan) -> dict:
@@ -603,6 +606,9 @@ def ratios(results: dict) -> dict:
         peaks = {n: a for n, a in ours.items() if a.get("memory_vs_trl_best")}
         if peaks:
             out["training_memory_ratio"] = min(a["memory_vs_trl_best"] for a in peaks.values())
+    g = results.get("generation")
+    if g and "vs_trl_best" in g["ours"]:
+        out["generation_speedup"] = g["ours"]["vs_trl_best"]
     s = results.get("step")
     if s and "vs_trl_best" in s["arms"].get("ours", {}):
         out["step_speedup"] = s["arms"]["ours"]["vs_trl_best"]
@@ -613,7 +619,8 @@ def report(results: dict) -> None:
     """One table per phase: every arm, its time, its ratio to TRL's best, what its forwards ran."""
     t = results.get("training")
     if t:
-        print(f"\ntraining phase (TRL's best: {next(n for n, a in t['arms'].items() if a.get('trl_best_step_s'))})")
+        best = next((n for n, a in t["arms"].items() if a.get("trl_best_step_s")), None)
+        print(f"\ntraining phase (TRL's best: {best})")
         print(f"{'arm':34s}{'step s':>9s}{'vs TRL best':>12s}{'fwd pos':>9s}{'head pos':>9s}{'GFLOP':>8s}"
               f"{'GFLOP/s':>9s}{'peak MiB':>10s}")
         for name, a in t["arms"].items():
@@ -625,7 +632,8 @@ def report(results: dict) -> None:
     if g:
         print(f"\ngeneration ({next(iter(g.values()))['tokens_per_round']} tokens a round on every sampler)")
         for name, a in g.items():
-            print(f"{name:34s}{a['tokens_per_s']:9.1f} tokens/s{a['ms_per_token']:9.2f} ms/token")
+            print(f"{name:34s}{a['tokens_per_s']:9.1f} tokens/s{a['ms_per_token']:9.2f} ms/token"
+                  f"{a.get('vs_trl_best', float('nan')):9.2f} vs TRL's best")
     s = results.get("step")
     if s:
         print(f"\nwhole step ({s['planned_tokens']} generated tokens a step on every arm)")
