@@ -247,7 +247,7 @@ class SteppedTrainer:
 
     def __init__(self, trainer, timers: Timers):
         self.resume, self.paused = threading.Semaphore(0), threading.Semaphore(0)
-        self.error, self.finished = None, False
+        self.error, self.finished, self.stopping = None, False, False
         trainer.add_callback(_Pause(self, timers))
         trainer.remove_callback(PrinterCallback)  # its summary of train() would land in the middle of the report
         self.thread = threading.Thread(target=self._train, args=(trainer, torch.get_num_threads()), daemon=True)
@@ -261,7 +261,8 @@ class SteppedTrainer:
         self._wait()
 
     def close(self) -> None:
-        """Let `train()` run to its end (its remaining steps, if any) and join its thread."""
+        """Let `train()` end (after at most one more step, if any remain) and join its thread."""
+        self.stopping = True
         while not self.finished:
             self.resume.release()
             self.paused.acquire()
@@ -289,8 +290,8 @@ class _Pause(TrainerCallback):
     def __init__(self, stepper: SteppedTrainer, timers: Timers):
         self.stepper, self.timers, self.start = stepper, timers, 0.0
 
-    def on_train_begin(self, *a, **k):
-        self._pause()
+    def on_train_begin(self, args, state, control, **k):
+        return self._pause(control)
 
     def on_pre_optimizer_step(self, *a, **k):
         self.timers.sync()
@@ -300,9 +301,12 @@ class _Pause(TrainerCallback):
         self.timers.sync()
         self.timers.acc["update"] += time.perf_counter() - self.start
 
-    def on_step_end(self, *a, **k):
-        self._pause()
+    def on_step_end(self, args, state, control, **k):
+        return self._pause(control)
 
-    def _pause(self):
+    def _pause(self, control):
         self.stepper.paused.release()
         self.stepper.resume.acquire()
+        if self.stepper.stopping:  # closed early (an error elsewhere): no more steps
+            control.should_training_stop = True
+        return control

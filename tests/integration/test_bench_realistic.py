@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.generation import ContinuousBatchingConfig
 
 from grpo.rollout.hf import HFRolloutEngine
-from scripts.bench.arms import accepts_auto
-from scripts.bench.common import random_model_dir
+from scripts.bench.arms import SteppedTrainer, accepts_auto
+from scripts.bench.common import Timers, build_trl, random_model_dir
 from scripts.bench.flops import Shapes, training_flops
 from scripts.bench.forced_lengths import ForcedLengths, LengthPlan, planned_request_lengths
 from scripts.bench.realistic import (
@@ -29,6 +29,7 @@ from scripts.bench.realistic import (
     measure,
     parse_args,
     quiet_process,
+    setup,
     timed,
     training_arms,
     workload_batch,
@@ -175,6 +176,23 @@ def test_every_arm_of_every_phase_runs_once(tmp_path):
     assert {"training_speedup", "generation_speedup", "step_speedup"} <= set(results["ratios"])
     env = results["environment"]
     assert env["cpu_capability"] and env["trl"] and len(env["load_average_end"]) == 3 and env["torch_threads"] == 1
+
+
+def test_a_stepped_trainer_runs_one_step_per_call_and_stops_when_closed():
+    """TRL's own `train()` paused between steps. Catches: a step call running on past its step (its time would hold
+    several), `close` running the remaining max_steps instead of stopping."""
+    args = parse_args(TINY)
+    with quiet_process(args):
+        model_path, cfg, _, rows, _, _ = setup(args)
+        timers = Timers("cpu")
+        trainer = build_trl(cfg, model_path, "cpu", 50, timers, [], rows)
+        stepped = SteppedTrainer(trainer, timers)
+        assert trainer.state.global_step == 0  # paused at the start: its setup is not in any step
+        for expected in (1, 2):
+            stepped.step()
+            assert trainer.state.global_step == expected and timers.tokens > 0
+        stepped.close()
+    assert trainer.state.global_step == 2 and not stepped.thread.is_alive()
 
 
 def test_a_memory_run_builds_its_arm_alone(capsys):
