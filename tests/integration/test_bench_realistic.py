@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.generation import ContinuousBatchingConfig
 
+from grpo.config import BackendConfig
 from grpo.rollout.hf import HFRolloutEngine
 from scripts.bench.arms import SteppedTrainer, accepts_auto
 from scripts.bench.common import Timers, build_trl, random_model_dir
@@ -114,7 +115,7 @@ def test_flops_of_a_small_case_by_hand():
 def one_group_arms(mini_path, tmp_path_factory):
     """Every training arm on one prompt of 3 tokens with G=2 completions of 2 and 1 tokens: padded 2 rows x 5
     columns; a near-zero learning rate, so every arm sees the same weights."""
-    args = parse_args([*TINY, "--prompts", "1"])
+    args = parse_args([*TINY, "--prompts", "1", "--packing", "sequences"])
     cfg = bench_config(args, mini_path, str(tmp_path_factory.mktemp("run")))
     cfg.optim.lr = 1e-30  # AdamW moves no float32 weight by lr * O(1)
     workload = Workload([[5, 6, 7]], ["abc"], [[8, 1], [1]], [1.0, -1.0], 2)
@@ -133,13 +134,15 @@ def test_the_arms_count_what_their_forwards_run(one_group_arms):
     assert counted["ours_padded"] == ([[2, 5]], 3)  # ours scores the 3 completion tokens
     assert counted["ours_sequences"] == ([[2, 5]], 3)  # 5 and 4 tokens, first-fit into rows of the longest (5)
     assert counted["ours_groups"] == ([[1, 6]], 3)  # the prompt once, then 2 + 1 completion tokens
-    assert counted["ours_padded_checkpointing"] == ([[2, 5]], 3)
+    assert counted["ours_sequences_checkpointing"] == ([[2, 5]], 3)  # --packing sequences
     assert counted["trl"] == ([[2, 5]], 8)  # on CPU every position but the last: 2 x 4
     assert counted["trl_accumulation_1x2"] == ([[1, 5], [1, 5]], 8)  # slices of the whole padded batch
     assert counted["trl_checkpointing"] == ([[2, 5]], 8)
     assert counted["trl_gpu_head"] == ([[2, 5]], 3)
     assert set(skipped) >= {"trl_accumulation_4"}  # 2 sequences do not split into 4
     assert ("ours_auto" in records) == accepts_auto()
+    if accepts_auto():  # sdpa attention: a run resolves auto to groups
+        assert counted["ours_auto"] == counted["ours_groups"]
 
 
 def test_every_training_arm_computes_the_same_gradient(one_group_arms):
@@ -160,7 +163,7 @@ def test_every_arm_of_every_phase_runs_once(tmp_path):
           "--out", str(out)])
     results = json.loads(out.read_text())
     train = results["training"]
-    ours = {"ours_padded", "ours_sequences", "ours_groups", "ours_padded_checkpointing"}
+    ours = {"ours_padded", "ours_sequences", "ours_groups", f"ours_{BackendConfig().packing}_checkpointing"}
     theirs = {"trl", "trl_accumulation_1x4", "trl_accumulation_2x2", "trl_checkpointing", "trl_gpu_head"}
     assert set(train["arms"]) == ours | theirs | ({"ours_auto"} if accepts_auto() else set())
     for arm in train["arms"].values():
