@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from grpo.algorithms import grpo as trainer
-from grpo.training import update
+from grpo.core import losses
 from grpo.training.update import score_logprobs
 from tests.conftest import compose
 from tests.integration.test_trainer import _dropout_model_dir, pad_probability
@@ -39,7 +39,7 @@ def pattern_reward(prompts, completions, **_):
 
 PATTERN_REWARD = "reward.functions=[{name: 'tests.integration.test_options:pattern_reward'}]"
 REAL_UPDATE = trainer.update_policy
-REAL_SURROGATE = update.clipped_surrogate
+REAL_SURROGATE = losses.clipped_surrogate  # what the ppo_clip policy loss calls
 BASE = ["model=hf", "model.dtype=float32", "train.max_steps=2", "train.eval_before=false", "train.eval_every=0",
         "tracking.progress_bar=false", "train.prompts_per_step=4", "algorithm.group_size=4",
         "rollout.max_new_tokens=6", "optim.lr=1e-3", "optim.warmup_steps=0",
@@ -100,7 +100,7 @@ def surrogate_calls(monkeypatch) -> list:
                                      mask=mask.bool(), loss=loss.detach(), grad=grad))
         return loss
 
-    monkeypatch.setattr(update, "clipped_surrogate", spy)
+    monkeypatch.setattr(losses, "clipped_surrogate", spy)
     return calls
 
 
