@@ -266,7 +266,8 @@ def compare(cfg: CompareConfig) -> list[dict]:
         for name in cfg.algorithms:
             record = records[seed, name]
             wall, peak, reused = record["wall_s"], record["peak_mib"], reused + record["reused"]
-            points = curve(run_dir(cfg, name, seed) / "metrics.jsonl", per_step, offline=name == "dpo")
+            points = curve(run_dir(cfg, name, seed) / "metrics.jsonl", per_step, offline=name == "dpo",
+                           paraphrases=paraphrases)
             curves[LABELS[name]].append(points)
             final = outcomes_at(run_dir(cfg, name, seed), points[-1]["step"])
             summary = summarise_run(LABELS[name], seed, points, wall, peak, final, paraphrases)

@@ -34,22 +34,37 @@ from grpo.compare.intervals import (
 FAMILY_LEVEL = 0.05  # Holm's family-wise error rate over a table's differences
 
 
-def curve(metrics_path: Path, samples_per_step: int, offline: bool) -> list[dict]:
+def curve(metrics_path: Path, samples_per_step: int, offline: bool, paraphrases: tuple[str, ...] = ()) -> list[dict]:
     """The evaluation points of one run: samples used, training minutes, accuracies and their problem counts.
-    An offline run (DPO) spends its samples before its first step."""
+    An offline run (DPO) spends its samples before its first step. The OOD accuracy is the table's: pooled over
+    the splits of new problems, the `paraphrases` left out (`new_problem_accuracy`)."""
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     generated = next((r["dpo/generated_samples"] for r in rows if "dpo/generated_samples" in r), None)
+    sizes = {key.split("/")[1]: value for r in rows for key, value in r.items()
+             if key.startswith("data/") and key.endswith("/rows")}  # each split's rows, logged at step 0
     points, seconds = [], 0.0
     for r in rows:
         seconds += r.get("time/step_s") or 0.0
         if r.get("eval/accuracy") is None:
             continue
         samples = generated if offline else r["step"] * samples_per_step
+        ood, ood_problems = new_problem_accuracy(r, sizes, paraphrases)
         points.append({"step": r["step"], "samples": samples, "minutes": seconds / 60,
-                       "accuracy": r["eval/accuracy"], "ood_accuracy": r.get("eval/ood_accuracy"),
-                       "val_accuracy": r.get("val/accuracy"),
-                       "problems": r.get("eval/problems"), "ood_problems": r.get("eval/ood_problems")})
+                       "accuracy": r["eval/accuracy"], "ood_accuracy": ood, "val_accuracy": r.get("val/accuracy"),
+                       "problems": r.get("eval/problems"), "ood_problems": ood_problems})
     return points
+
+
+def new_problem_accuracy(row: dict, sizes: dict[str, float], paraphrases: tuple[str, ...]) -> tuple:
+    """(accuracy, problems) of an evaluation's OOD splits of new problems, each weighted by its rows (`sizes`);
+    (None, None) when it has none. `eval/ood_accuracy` pools the paraphrases too, which the table leaves out."""
+    prefix, suffix = "eval/ood/", "_accuracy"
+    accuracy = {k[len(prefix):-len(suffix)]: v for k, v in row.items() if k.startswith(prefix) and k.endswith(suffix)}
+    new = {name: value for name, value in accuracy.items() if name not in paraphrases}
+    if not new:
+        return None, None
+    weight = {name: sizes.get(name, 1.0) for name in new}
+    return sum(value * weight[name] for name, value in new.items()) / sum(weight.values()), sum(weight.values())
 
 
 def outcomes_at(run_dir: Path, step: int) -> dict[str, tuple[str, str]]:
