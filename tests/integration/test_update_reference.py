@@ -83,6 +83,19 @@ CASES = list(itertools.product(
 ))
 
 
+def update_matches(model, batch, algo, expected: list[dict], micro_batch_tokens: int) -> dict:
+    """One real `update_policy` (2 epochs x 2 mini-batches) in micro-batches of `micro_batch_tokens`: each of its
+    4 optimiser steps' gradients equals `expected[step % 2]` (the reference's per mini-batch); returns its metrics."""
+    backend = RecordingBackend(model)
+    metrics = update_policy(backend, batch, algo, temperature=T, micro_batch_tokens=micro_batch_tokens,
+                            max_new_tokens=MAX_NEW)
+    assert len(backend.grads) == 4  # 2 epochs x 2 mini-batches
+    for step, grads in enumerate(backend.grads):
+        for name, g in expected[step % 2].items():
+            torch.testing.assert_close(grads[name], g, atol=2e-6, rtol=1e-4, msg=f"step {step}, {name}")
+    return metrics
+
+
 @pytest.mark.parametrize("agg, ratio_level, clip", CASES)
 def test_every_optimiser_step_has_the_papers_gradient(tiny_random_dir, agg, ratio_level, clip):
     model, tok = load(tiny_random_dir)
@@ -104,13 +117,7 @@ def test_every_optimiser_step_has_the_papers_gradient(tiny_random_dir, agg, rati
         expected.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     model.zero_grad(set_to_none=True)
     for rows_per_micro in (1, 3, 4):  # micro-batches of 1, 3 (uneven) and 4 rows
-        backend = RecordingBackend(model)
-        metrics = update_policy(backend, batch, algo, temperature=T, micro_batch_tokens=rows_per_micro * width,
-                                max_new_tokens=MAX_NEW)
-        assert len(backend.grads) == 4  # 2 epochs x 2 mini-batches
-        for step, grads in enumerate(backend.grads):
-            for name, g in expected[step % 2].items():
-                torch.testing.assert_close(grads[name], g, atol=2e-6, rtol=1e-4, msg=f"step {step}, {name}")
+        metrics = update_matches(model, batch, algo, expected, rows_per_micro * width)
         assert 0.0 < metrics["train/clip_frac"] < 1.0  # the clip acted on some tokens, not all
 
 
@@ -211,11 +218,5 @@ def test_every_policy_loss_step_has_its_papers_gradient(tiny_random_dir, name, a
     model.zero_grad(set_to_none=True)
     assert 0.0 < sum(fractions) / 2 < 1.0  # the restraint acted on some tokens, not all
     for rows_per_micro in micro_rows:
-        backend = RecordingBackend(model)
-        metrics = update_policy(backend, batch, algo, temperature=T, micro_batch_tokens=rows_per_micro * width,
-                                max_new_tokens=MAX_NEW)
-        assert len(backend.grads) == 4  # 2 epochs x 2 mini-batches
-        for step, grads in enumerate(backend.grads):
-            for n, g in expected[step % 2].items():
-                torch.testing.assert_close(grads[n], g, atol=2e-6, rtol=1e-4, msg=f"step {step}, {n}")
+        metrics = update_matches(model, batch, algo, expected, rows_per_micro * width)
         assert metrics["train/clip_frac"] == pytest.approx(sum(fractions) / 2, abs=1e-9)

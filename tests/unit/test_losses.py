@@ -141,17 +141,24 @@ def test_sequence_ratio_hand_values():
     assert clip_fraction(logp, old, adv, mask, 0.2, 0.2, "sequence") == pytest.approx(0.4, abs=1e-12)
 
 
+def ragged_batch(seed: int, spread: float):
+    """4 sequences of lengths 6, 3, 1, 4 in 6 columns, float64: (logp [4, 6] with grad, old, mask, adv [4],
+    lengths), the new log-probs `spread` away from the old at random."""
+    torch.manual_seed(seed)
+    n, t = 4, 6
+    old = -torch.rand(n, t, dtype=torch.float64) * 3
+    logp = (old + spread * torch.randn(n, t, dtype=torch.float64)).requires_grad_()
+    lengths = [6, 3, 1, 4]
+    mask = (torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]).double()
+    adv = torch.tensor([1.0, -0.5, 2.0, -1.5], dtype=torch.float64)
+    return logp, old, mask, adv, lengths
+
+
 def test_gspo_token_with_seq_mean_matches_sequence_level_gspo():
     # Loop over sequences with the plain GSPO objective of the paper (1/G sum_i min(s_i A_i, clip(s_i) A_i),
     # gradient through s_i itself) against the vectorised GSPO-token form aggregated by
     # seq_mean_token_mean: same value, same gradient.
-    torch.manual_seed(3)
-    n, t = 4, 6
-    old = -torch.rand(n, t, dtype=torch.float64) * 3
-    logp = (old + 0.3 * torch.randn(n, t, dtype=torch.float64)).requires_grad_()
-    lengths = [6, 3, 1, 4]
-    mask = (torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]).double()
-    adv = torch.tensor([1.0, -0.5, 2.0, -1.5], dtype=torch.float64)
+    logp, old, mask, adv, lengths = ragged_batch(seed=3, spread=0.3)
 
     loss = aggregate(clipped_surrogate(logp, old, adv, mask, 0.1, 0.1, "sequence"), mask, "seq_mean_token_mean")
     (grad,) = torch.autograd.grad(loss, logp)
@@ -159,7 +166,7 @@ def test_gspo_token_with_seq_mean_matches_sequence_level_gspo():
     reference = 0.0
     for i, length in enumerate(lengths):
         s = (logp[i, :length] - old[i, :length]).mean().exp()
-        reference = reference - torch.minimum(s * adv[i], s.clamp(0.9, 1.1) * adv[i]) / n
+        reference = reference - torch.minimum(s * adv[i], s.clamp(0.9, 1.1) * adv[i]) / len(lengths)
     (ref_grad,) = torch.autograd.grad(reference, logp)
     close(loss, reference.detach(), atol=1e-12)
     close(grad, ref_grad, atol=1e-12)
@@ -370,13 +377,7 @@ def test_gmpo_with_seq_mean_is_the_papers_sequence_objective():
     # Loop over sequences with the paper's objective, 1/G sum_i sgn(A_i) prod_t |min(r_t A_i, clip(r_t) A_i)|^(1/|y_i|)
     # (gradient through the product itself), against the per-token form aggregated by seq_mean_token_mean.
     # Mutation caught: any change of the per-token form's value or gradient (e.g. the mean over T, not |y_i|).
-    torch.manual_seed(5)
-    n, t = 4, 6
-    old = -torch.rand(n, t, dtype=torch.float64) * 3
-    logp = (old + 0.5 * torch.randn(n, t, dtype=torch.float64)).requires_grad_()
-    lengths = [6, 3, 1, 4]
-    mask = (torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]).double()
-    adv = torch.tensor([1.0, -0.5, 2.0, -1.5], dtype=torch.float64)
+    logp, old, mask, adv, lengths = ragged_batch(seed=5, spread=0.5)
     loss = aggregate(gmpo(logp, old, adv, mask, eps_low=0.4, eps_high=0.4).loss, mask, "seq_mean_token_mean")
     (grad,) = torch.autograd.grad(loss, logp)
     reference = 0.0
@@ -384,7 +385,7 @@ def test_gmpo_with_seq_mean_is_the_papers_sequence_objective():
     for i, length in enumerate(lengths):
         r = (logp[i, :length] - old[i, :length]).exp()
         terms = torch.minimum(r * adv[i], r.clamp(lo, hi) * adv[i]).abs()
-        reference = reference - adv[i].sign() * terms.prod() ** (1 / length) / n
+        reference = reference - adv[i].sign() * terms.prod() ** (1 / length) / len(lengths)
     (ref_grad,) = torch.autograd.grad(reference, logp)
     close(loss, reference.detach(), atol=1e-12)
     close(grad, ref_grad, atol=1e-12)
