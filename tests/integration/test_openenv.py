@@ -18,9 +18,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from grpo.cli import train_from_config
 from grpo.core.batch import layout_batch
 from grpo.envs import Done, Environment, Observation, end_run, environment_factory
 from grpo.envs.chat import render
+from grpo.errors import ConfigError
 from grpo.rollout.episodes import episode_metrics, run_episodes
 from grpo.rollout.hf import HFRolloutEngine
 from grpo.training.update import score_logprobs
@@ -29,6 +31,7 @@ from tests.integration.test_episodes import train
 from tests.integration.test_trainer import pad_probability
 
 HAS_OPENENV = importlib.util.find_spec("openenv") is not None
+openenv_adapter = importlib.import_module("grpo.envs.adapters.openenv") if HAS_OPENENV else None
 pytestmark = requires(HAS_OPENENV, "openenv-core is not installed (pip install -e '.[envs]')")
 
 OPENENV = "grpo.envs.adapters.openenv:OpenEnvEnvironment"
@@ -207,3 +210,17 @@ def test_grpo_train_env_openenv_over_http_runs_steps_with_its_reward_and_stops_i
     served = {int(p) for p in pids.read_text().split()}
     assert served and os.getpid() not in served  # the environments ran in the server process, not here
     assert not any(alive(p) for p in served), "an OpenEnv server outlived its run"
+
+
+def test_a_run_that_fails_while_it_is_built_stops_the_server_it_started(tmp_path, monkeypatch):
+    # the environment (and its server) is built first, the model after it: a model path that does not exist
+    # fails the run with the server already up (and no session opened on it yet)
+    started = []
+    real_start = openenv_adapter.start_server
+    monkeypatch.setattr(openenv_adapter, "start_server", lambda *a: started.append(real_start(*a)) or started[-1])
+    cfg = compose(["env=openenv", f"env.kwargs.environment={ENVS}:Echo", "model=hf",
+                   f"model.path={tmp_path / 'no_model'}", "tracking.progress_bar=false"])
+    cfg.run_dir = str(tmp_path / "run")
+    with pytest.raises(ConfigError, match="no_model does not exist"):
+        train_from_config(cfg)
+    assert len(started) == 1 and not alive(started[0].process.pid), "an OpenEnv server outlived its failed run"
