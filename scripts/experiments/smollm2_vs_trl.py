@@ -2,6 +2,7 @@
 
     python -m scripts.experiments.smollm2_vs_trl --out runs/trl_chain_sum --seed 0 --threads 1
     python -m scripts.experiments.smollm2_vs_trl --out runs/trl_chain_sum --eval-only   # evaluate its checkpoints
+    python -m scripts.experiments.smollm2_vs_trl --out runs/trl_chain_sum --eval-only --steps 30 40   # only these
     python -m scripts.experiments.smollm2_vs_trl --out runs/trl --compare-only --ours runs/smollm2_chain_sum/seed0 \
         --plot docs/trl.png   # held-out accuracy against step and against training seconds, both trainers
     python -m scripts.experiments.smollm2_vs_trl --out runs/trl_chain_sum --resume runs/trl_chain_sum/checkpoint-20
@@ -205,10 +206,18 @@ def train_trl(cfg, model_path: str, out: Path, save_every: int, micro: int, resu
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
 
 
-def evaluate_checkpoints(experiment: str, seed: int, overrides: list[str], model_path: str, out: Path) -> list[dict]:
-    """Our evaluator (greedy, the experiment's held-out split) on the base model and every saved checkpoint."""
-    walls = {line["step"]: line["wall_s"] for line in map(json.loads, (out / "wall.jsonl").read_text().splitlines())}
+def evaluate_checkpoints(experiment: str, seed: int, overrides: list[str], model_path: str, out: Path,
+                         steps: list[int] | None = None) -> list[dict]:
+    """Our evaluator (greedy, the experiment's held-out split) on the base model and every saved checkpoint.
+
+    `steps`: only these (0 is the base model), merged into `eval.jsonl`'s earlier rows (`merge_evals`).
+    """
+    walls = {line["step"]: line["wall_s"] for line in read_jsonl(out / "wall.jsonl")}
     points = [(0, model_path)] + sorted((int(d.name.split("-")[1]), str(d)) for d in out.glob("checkpoint-*"))
+    if steps is not None:
+        if unknown := set(steps) - {step for step, _ in points}:
+            raise ValueError(f"--steps {sorted(unknown)}: no such checkpoint in {out}")
+        points = [(step, path) for step, path in points if step in steps]
     results = []
     for step, path in points:
         cfg = experiment_config(experiment, seed, [*overrides, "model.gguf_file=null", "model.package=null",
@@ -216,8 +225,17 @@ def evaluate_checkpoints(experiment: str, seed: int, overrides: list[str], model
         metrics = evaluate_from_config(cfg)
         results.append({"step": step, "wall_s": walls.get(step, 0.0), **{
             k: metrics[k] for k in ("eval/accuracy", "eval/format", "eval/completion_len") if k in metrics}})
+    if steps is not None and (out / "eval.jsonl").is_file():
+        results = merge_evals(read_jsonl(out / "eval.jsonl"), results, walls)
     (out / "eval.jsonl").write_text("".join(json.dumps(x) + "\n" for x in results))
     return results
+
+
+def merge_evals(old: list[dict], new: list[dict], walls: dict[int, float]) -> list[dict]:
+    """Earlier evaluation rows with the new ones (a new row replaces its step's), in step order, each row's
+    wall time read again from `walls` (wall.jsonl now: a resumed run rewrites it)."""
+    rows = {row["step"]: row for row in old} | {row["step"]: row for row in new}
+    return [{**rows[step], "wall_s": walls.get(step, 0.0)} for step in sorted(rows)]
 
 
 def ours_curve(run_dir: Path) -> list[dict]:
@@ -314,6 +332,8 @@ def main() -> None:
     p.add_argument("--fresh-optimizer", action="store_true",
                    help="resume from a checkpoint without optimizer/scheduler/RNG state (AdamW's moments restart)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoints already in --out")
+    p.add_argument("--steps", type=int, nargs="+", help="evaluate only these steps' checkpoints (0: the base model), "
+                   "keeping eval.jsonl's other rows")
     p.add_argument("--compare-only", action="store_true", help="compare --out's eval.jsonl with --ours, no evaluation")
     p.add_argument("--ours", help="our run directory of the same experiment and seed, to compare with")
     p.add_argument("--plot", type=Path, help="with --ours: write both curves here (against step and seconds)")
@@ -333,7 +353,7 @@ def main() -> None:
         model_path = resolve_model_path(cfg)
         if not a.eval_only:
             train_trl(cfg, model_path, out, cfg.train.eval_every, a.micro_batches, a.resume, a.fresh_optimizer)
-        trl = evaluate_checkpoints(a.experiment, a.seed, a.override, model_path, out)
+        trl = evaluate_checkpoints(a.experiment, a.seed, a.override, model_path, out, a.steps)
     if a.ours:
         compare(trl, ours_curve(Path(a.ours)))
         if a.plot:

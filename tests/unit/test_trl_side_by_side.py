@@ -1,12 +1,21 @@
 """The TRL side-by-side's own arithmetic (scripts/experiments/smollm2_vs_trl.py): resuming its wall clock across a
-stop, checking a checkpoint before resuming from it, and the curves its plot draws."""
+stop, checking a checkpoint before resuming from it, the curves its plot draws, and new evaluations merged into
+earlier ones."""
 
 import json
 from types import SimpleNamespace
 
 import pytest
 
-from scripts.experiments.smollm2_vs_trl import WallClock, plot, plot_series, resume_check, resumed_walls, train_trl
+from scripts.experiments.smollm2_vs_trl import (
+    WallClock,
+    merge_evals,
+    plot,
+    plot_series,
+    resume_check,
+    resumed_walls,
+    train_trl,
+)
 
 
 def write_jsonl(path, lines):
@@ -84,3 +93,14 @@ def test_plot_series_puts_ours_on_training_seconds_in_step_order(tmp_path):
     assert series["ours, with its evaluations"]["seconds"] == [130.0, 830.0]
     plot(series, tmp_path / "plot.png", resumed_at=20)
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_merge_evals_adds_the_new_steps_replaces_a_repeated_one_and_rereads_the_walls():
+    # Catches: the old row kept where a new one has its step (20 would read 0.84), rows out of step order (30 before
+    # 20), and wall times left as the rows had them (20's stale 999.0 where wall.jsonl now has 1846.0).
+    old = [{"step": 0, "wall_s": 0.0, "eval/accuracy": 0.087}, {"step": 20, "wall_s": 999.0, "eval/accuracy": 0.84}]
+    new = [{"step": 30, "wall_s": 2700.0, "eval/accuracy": 0.9}, {"step": 20, "wall_s": 999.0, "eval/accuracy": 0.85}]
+    merged = merge_evals(old, new, {0: 0.0, 20: 1846.0, 30: 2700.0})
+    assert merged == [{"step": 0, "wall_s": 0.0, "eval/accuracy": 0.087},
+                      {"step": 20, "wall_s": 1846.0, "eval/accuracy": 0.85},
+                      {"step": 30, "wall_s": 2700.0, "eval/accuracy": 0.9}]
