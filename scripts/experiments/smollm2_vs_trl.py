@@ -142,10 +142,11 @@ class WallClock(TrainerCallback):
 
 
 class AdapterCheck(TrainerCallback):
-    """Largest difference between the adapters training starts from and the resumed checkpoint's (0: reloaded)."""
+    """Largest difference between the adapters training starts from and the resumed checkpoint's (0: reloaded),
+    written with the resume's record to `path` as training starts (a run stopped again keeps it)."""
 
-    def __init__(self, checkpoint: Path, record: dict):
-        self.checkpoint, self.record = checkpoint, record
+    def __init__(self, checkpoint: Path, record: dict, path: Path):
+        self.checkpoint, self.record, self.path = checkpoint, record, path
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         saved = load_file(str(self.checkpoint / "adapter_model.safetensors"))
@@ -155,6 +156,7 @@ class AdapterCheck(TrainerCallback):
         self.record["adapter_max_abs_diff"] = max(
             ((saved[k] - live[k].detach().cpu()).abs().max().item() for k in common), default=float("nan"))
         self.record["global_step_at_start"] = state.global_step
+        self.path.write_text(json.dumps(self.record, indent=1) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -197,12 +199,10 @@ def train_trl(cfg, model_path: str, out: Path, save_every: int, micro: int, resu
                       target_modules=list(lora.target_modules) or "all-linear")
     callbacks = [WallClock(out / "wall.jsonl", None if record is None else record["step"])]
     if record is not None:
-        callbacks.append(AdapterCheck(resume, record))
+        callbacks.append(AdapterCheck(resume, record, out / "resume.json"))
     trainer = GRPOTrainer(model=model, reward_funcs=[trl_reward(cfg)], args=args, train_dataset=trl_dataset(cfg),
                           processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
-    if record is not None:
-        (out / "resume.json").write_text(json.dumps(record, indent=1) + "\n")
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
 
 
