@@ -273,6 +273,8 @@ class JudgeClient:
         return [found[key] for key in keys]
 
     def _send(self, payload: dict[str, Any], stop: threading.Event, counts: Counter[str]) -> list[str] | None:
+        if stop.is_set():  # the judge stopped before this request's turn: never sent, not a failure of its own
+            return None
         try:
             texts = self._post_with_retries(payload, stop, counts)
         except RequestFailed as e:
@@ -289,9 +291,10 @@ class JudgeClient:
 
     def _post_with_retries(self, payload: dict[str, Any], stop: threading.Event, counts: Counter[str]) -> list[str]:
         delays = backoff_delays(self.settings.retries, self.settings.backoff_s, self.settings.backoff_max_s)
+        error = ""
         for attempt in range(len(delays) + 1):
-            if stop.is_set():
-                raise RequestFailed("not sent: the judge had stopped answering")
+            if attempt and stop.is_set():
+                raise RequestFailed(f"{error} (not retried: the judge had stopped answering)")
             with self._lock:
                 counts["requests"] += 1
             try:

@@ -262,6 +262,7 @@ def test_failures_in_a_row_stop_the_judge_naming_the_url(serve):
         judge.judge(["q"] * 10, [f"a{i}" for i in range(10)], base_url=server.url, model="m", retries=0,
                     concurrency=1, max_consecutive_failures=3)
     assert len(server.requests) == 3  # the 7 requests after the third failure are never sent
+    assert JUDGE.metrics()["failures"] == 3  # and are not failures of their own
 
 
 def test_through_the_scorer_a_stopped_judge_masks_the_batch_as_infra_errors(serve):
