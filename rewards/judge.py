@@ -396,7 +396,7 @@ def judge_pairs(questions: Sequence[str], answers_a: Sequence[str], answers_b: S
     ``{A: 1, B: 0}``. With ``both_orders``, each pair is also asked with the answers swapped, and the two
     readings averaged: ``(s(a, b) + 1 - s(b, a)) / 2`` (the one that parsed, if only one did).
     """
-    settings = settings_from({"template": PAIR_TEMPLATE, "verdicts": PAIR_VERDICTS, **options}, PAIR_FIELDS)
+    settings = pair_settings(options)
     client = client_for(settings)
     refs = list(references) if references is not None else [""] * len(questions)
 
@@ -414,6 +414,17 @@ def judge_pairs(questions: Sequence[str], answers_a: Sequence[str], answers_b: S
         parsed = [s for s in readings if s is not None]
         out.append(math.fsum(parsed) / len(parsed) if parsed else None)
     return out
+
+
+def pair_settings(options: dict[str, Any]) -> JudgeSettings:
+    """Checked settings of ``judge_pairs`` (``both_orders`` aside): the pairwise template and verdicts by default."""
+    options = {k: v for k, v in options.items() if k != "both_orders"}
+    return settings_from({"template": PAIR_TEMPLATE, "verdicts": PAIR_VERDICTS, **options}, PAIR_FIELDS)
+
+
+def probe_pairs(options: dict[str, Any]) -> None:
+    """Fail now, naming the URL, when the pairwise judge these options name cannot be reached."""
+    client_for(pair_settings(options)).probe()
 
 
 def _score(client: JudgeClient, settings: JudgeSettings, payloads: list[dict[str, Any]]) -> list[float | None]:

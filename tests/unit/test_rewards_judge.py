@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from grpo.algorithms.online_dpo import judged_pairs
 from rewards import RewardConfigError, RewardScorer, RewardSpec, judge
 from rewards.judge import (
     JUDGE,
@@ -23,6 +24,7 @@ from rewards.judge import (
     cache_key,
     judge_pairs,
     parse_score,
+    probe_pairs,
     settings_from,
 )
 
@@ -309,3 +311,36 @@ def test_pairs_asked_in_both_orders_cancel_a_position_bias(serve):
     fair = serve(picks_right)
     assert judge_pairs(["q", "q"], ["right", "wrong"], ["wrong", "right"], base_url=fair.url, model="m") == [1.0, 0.0]
     assert len(fair.requests) == 2  # the second pair swapped is the first pair: each asked once
+
+
+# --- online DPO's pairs by a pairwise judge ---------------------------------------------------------------------
+
+def prefers_four(body):
+    """A judge that prefers the answer "4", and otherwise always says A (a pure position bias)."""
+    text = user_text(body)
+    if "Answer A: 4\n" in text:
+        return 200, "A"
+    return 200, "B" if "Answer B: 4\n" in text else "A"
+
+
+def test_online_dpo_pairs_each_groups_first_two_distinct_completions_by_the_judge(serve):
+    server = serve(prefers_four)
+    texts = ["5", "5", "4",      # first two distinct: rows 0 ("5") and 2 ("4"); the judge prefers row 2
+             "7", "7", "7",      # all equal: no candidate pair
+             "x", "y", "z",      # rows 6, 7: the verdict follows the order (A both ways): 0.5, no pair
+             "4", "9", "4"]      # rows 9 ("4"), 10: row 9 chosen
+    pairs, undecided = judged_pairs(["2+2?"] * 4, texts, 3, {"base_url": server.url, "model": "m"})
+    assert pairs == [(2, 0), (9, 10)]
+    assert undecided == 2
+    assert len(server.requests) == 6  # three candidate pairs, both orders
+
+
+def test_a_bad_pair_judge_fails_when_the_config_loads_naming_the_field():
+    from grpo.errors import ConfigError
+    from tests.conftest import compose
+
+    with pytest.raises(ConfigError, match=r"algorithm\.dpo\.pair_judge: judge: give model"):
+        compose(["algorithm=online_dpo", "+algorithm.dpo.pair_judge={base_url: 'http://127.0.0.1:1/v1'}"])
+    judge._clients.clear()
+    with pytest.raises(RewardConfigError, match=r"cannot reach the judge at http://127\.0\.0\.1:1/v1/models"):
+        probe_pairs({"base_url": "http://127.0.0.1:1/v1", "model": "m"})
