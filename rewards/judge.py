@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -59,6 +60,7 @@ PAIR_VERDICTS = {"A": 1.0, "B": 0.0}
 POINT_FIELDS = ({"question", "answer", "reference"}, {"answer"})  # (allowed, required) in the template
 PAIR_FIELDS = ({"question", "answer_a", "answer_b", "reference"}, {"answer_a", "answer_b"})
 
+logger = logging.getLogger(__name__)
 _counts: Counter[str] = Counter()
 _counts_lock = threading.Lock()
 
@@ -332,10 +334,13 @@ class JudgeClient:
             self._cache[key] = texts
         if self.settings.cache_dir is not None:
             path = Path(self.settings.cache_dir) / f"{key}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_text(json.dumps({"replies": texts}))
-            os.replace(tmp, path)  # a reader never sees half a file
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_text(json.dumps({"replies": texts}))
+                os.replace(tmp, path)  # a reader never sees half a file
+            except OSError as e:  # a full or read-only disk costs the cache, not the scores
+                logger.warning("judge: cannot write the cache file %s: %s", path, e)
 
 
 def _reply_texts(response: httpx.Response, url: str) -> list[str]:
