@@ -4,7 +4,13 @@ The reward sends one chat request per distinct (question, answer) pair, with the
 completion as ``{answer}`` and, when the template asks for ``{reference}``, the row's ``answer`` column, and
 maps the reply to [0, 1]: a verdict word (``yes`` -> 1, ``no`` -> 0, the first one in the reply wins) or a
 number in a range (``scale: [1, 10]``: 7 -> 0.667). ``samples: n`` asks for n replies in one request and
-averages the parsed ones, which gives a two-word judge a graded score.
+averages the parsed ones, which gives a two-word judge a graded score. ``score_by: logprobs`` reads no text: it
+asks for one token with its ``top_logprobs`` and scores the verdicts' probability mass, ``sum p(w) score(w) /
+sum p(w)`` over the top tokens that are verdict words (``"Yes"``, ``" yes"`` and ``"yes"`` all count for ``yes``),
+so yes 0.6, no 0.2 gives 0.75 where the greedy reply says 1; None when no verdict word is among them. This is
+G-Eval's probability weighting (Liu et al. 2023) and what judges built on token log-probs do; where we differ:
+a verdict word must be one token of the judge's tokenizer (we match tokens, not a word's first piece), and the
+mass is renormalised over the verdicts found in the top k, not over the whole vocabulary.
 
 What can go wrong, and what it becomes:
 - the endpoint cannot be reached when the reward is built (``check_options``): ``RewardConfigError`` naming the
@@ -81,6 +87,8 @@ class JudgeSettings:
     verdicts: tuple[tuple[str, float], ...] = tuple(POINT_VERDICTS.items())  # verdict word -> score in [0, 1]
     scale: tuple[float, float] | None = None  # read a number in [lo, hi] instead of a verdict word
     samples: int = 1  # replies per request (the API's n), averaged
+    score_by: str = "text"  # "text": parse the reply; "logprobs": the verdicts' probability in the first token
+    top_logprobs: int = 20  # with score_by logprobs: tokens asked for (OpenAI, and vLLM by default, allow 20)
     max_tokens: int = 8
     temperature: float = 0.0
     timeout_s: float = 30.0  # httpx's deadline on connecting and on each read of one request
@@ -111,8 +119,9 @@ def settings_from(options: dict[str, Any], fields: tuple[set[str], set[str]] = P
         options["verdicts"] = _verdicts(options["verdicts"])
     if "scale" in options:
         options["scale"] = _scale(options["scale"])
+    _check_score_by(options)
     for key, low in (("samples", 1), ("max_tokens", 1), ("concurrency", 1), ("max_consecutive_failures", 1),
-                     ("retries", 0)):
+                     ("retries", 0), ("top_logprobs", 1)):
         value = options.get(key, low)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise RewardConfigError(f"judge: {key} must be an integer >= {low}, got {value!r}")
@@ -125,6 +134,17 @@ def settings_from(options: dict[str, Any], fields: tuple[set[str], set[str]] = P
     settings = JudgeSettings(**options)
     check_template(settings.template, *fields)
     return settings
+
+
+def _check_score_by(options: dict[str, Any]) -> None:
+    score_by = options.get("score_by", "text")
+    if score_by not in ("text", "logprobs"):
+        raise RewardConfigError(f"judge: score_by must be 'text' or 'logprobs', got {score_by!r}")
+    if score_by == "logprobs" and "scale" in options:
+        raise RewardConfigError("judge: scale reads a number from the text; score_by: logprobs reads verdict words")
+    if score_by == "logprobs" and options.get("samples", 1) != 1:
+        # every sample's first token has the same distribution: more samples would repeat one score
+        raise RewardConfigError(f"judge: samples must be 1 with score_by: logprobs, got {options['samples']!r}")
 
 
 def _verdicts(value: Any) -> tuple[tuple[str, float], ...]:
@@ -186,9 +206,32 @@ def parse_score(reply: str, verdicts: Sequence[tuple[str, float]], scale: tuple[
     return None if best is None else best[1]
 
 
-def mean_score(replies: Sequence[str], settings: JudgeSettings) -> float | None:
-    """The mean parsed score of a request's replies; None when none parses."""
-    scores = [s for s in (parse_score(r, settings.verdicts, settings.scale) for r in replies) if s is not None]
+def verdict_prob_score(top: Sequence[Sequence[Any]], verdicts: Sequence[tuple[str, float]]) -> float | None:
+    """The verdicts' probability-weighted score from one position's ``[token, logprob]`` pairs; None without any.
+
+    A token counts for a verdict when it equals the word once stripped and casefolded (a one-letter verdict is
+    matched as written, as in ``parse_score``); the variants of a word add up.
+    """
+    mass = [0.0] * len(verdicts)
+    for token, logprob in top:
+        word = str(token).strip()
+        for i, (verdict, _) in enumerate(verdicts):
+            if word == verdict if len(verdict) == 1 else word.casefold() == verdict.casefold():
+                mass[i] += math.exp(logprob)
+    total = math.fsum(mass)
+    if total == 0.0:
+        return None
+    return math.fsum(p * score for p, (_, score) in zip(mass, verdicts)) / total
+
+
+def mean_score(replies: Sequence[Any], settings: JudgeSettings) -> float | None:
+    """The mean parsed score of a request's replies (texts, or top log-probs with ``score_by: logprobs``); None
+    when none parses."""
+    if settings.score_by == "logprobs":
+        parsed = (verdict_prob_score(r, settings.verdicts) for r in replies)
+    else:
+        parsed = (parse_score(r, settings.verdicts, settings.scale) for r in replies)
+    scores = [s for s in parsed if s is not None]
     return math.fsum(scores) / len(scores) if scores else None
 
 
@@ -244,8 +287,11 @@ class JudgeClient:
     def payload(self, user: str, settings: JudgeSettings) -> dict[str, Any]:
         """The request body for one user message."""
         messages = [{"role": "system", "content": settings.system}] if settings.system else []
-        return {"model": settings.model, "messages": [*messages, {"role": "user", "content": user}],
+        body = {"model": settings.model, "messages": [*messages, {"role": "user", "content": user}],
                 "max_tokens": settings.max_tokens, "temperature": settings.temperature, "n": settings.samples}
+        if settings.score_by == "logprobs":
+            body.update(max_tokens=1, logprobs=True, top_logprobs=settings.top_logprobs)
+        return body
 
     def replies(self, payloads: list[dict[str, Any]], counts: Counter[str]) -> list[list[str] | None]:
         """Each payload's reply texts (None where it failed), distinct requests sent ``concurrency`` at a time.
@@ -305,7 +351,7 @@ class JudgeClient:
                 error, wait = f"{type(e).__name__}: {e}", None
             else:
                 if response.status_code == 200:
-                    return _reply_texts(response, self.url)
+                    return _reply_texts(response, self.url, payload.get("logprobs", False))
                 error = f"HTTP {response.status_code}: {response.text[:200]}"
                 if response.status_code != 429 and response.status_code < 500:
                     raise RequestFailed(error)  # a bad request stays bad
@@ -343,11 +389,23 @@ class JudgeClient:
                 logger.warning("judge: cannot write the cache file %s: %s", path, e)
 
 
-def _reply_texts(response: httpx.Response, url: str) -> list[str]:
+def _reply_texts(response: httpx.Response, url: str, logprobs: bool = False) -> list[Any]:
+    """Each choice's text or, with ``logprobs``, its first token's top ``[token, logprob]`` pairs."""
     try:
-        return [str(choice["message"]["content"] or "") for choice in response.json()["choices"]]
+        choices = response.json()["choices"]
+        if not logprobs:
+            return [str(choice["message"]["content"] or "") for choice in choices]
+        firsts = [(choice.get("logprobs") or {}).get("content") for choice in choices]
     except (ValueError, KeyError, TypeError) as e:
         raise RequestFailed(f"{url} answered 200 but not in the chat-completions format ({e!r})") from None
+    if any(content is None for content in firsts):
+        raise RequestFailed(f"{url} answered without logprobs; score_by: logprobs needs an endpoint that returns them")
+    try:  # no token at all (the judge ended at once) is an empty list: out of format, not a failure
+        return [[[t["token"], float(t["logprob"])] for t in content[0]["top_logprobs"]] if content else []
+                for content in firsts]
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise RequestFailed(f"{url} answered 200 but its logprobs are not in the chat-completions format ({e!r})"
+                            ) from None
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -374,7 +432,8 @@ def client_for(settings: JudgeSettings) -> JudgeClient:
 def judge(prompts: list[str], completions: list[str], answer: list[Any] | None = None, *,
           base_url: str | None = None, model: str | None = None, api_key_env: str | None = None,
           template: str | None = None, system: str | None = None, verdicts: dict[str, float] | None = None,
-          scale: list[float] | None = None, samples: int | None = None, max_tokens: int | None = None,
+          scale: list[float] | None = None, samples: int | None = None, score_by: str | None = None,
+          top_logprobs: int | None = None, max_tokens: int | None = None,
           temperature: float | None = None, timeout_s: float | None = None, retries: int | None = None,
           backoff_s: float | None = None, backoff_max_s: float | None = None, concurrency: int | None = None,
           cache_dir: str | None = None, max_consecutive_failures: int | None = None) -> list[float | None]:

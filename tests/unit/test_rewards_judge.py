@@ -5,6 +5,7 @@ paths against a real HTTP server on a thread that answers in the chat-completion
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 import time
@@ -26,6 +27,7 @@ from rewards.judge import (
     parse_score,
     probe_pairs,
     settings_from,
+    verdict_prob_score,
 )
 
 YES_NO = tuple(POINT_VERDICTS.items())
@@ -34,7 +36,8 @@ A_B = tuple(PAIR_VERDICTS.items())
 
 class ChatServer:
     """A real HTTP server answering /v1/models and /v1/chat/completions; `reply(body) -> (status, text)` decides
-    each chat answer (a list of texts: one per choice). Records every chat request and its headers."""
+    each chat answer (a list of texts: one per choice; a dict is a whole choice, as `first_token` makes). Records
+    every chat request and its headers."""
 
     def __init__(self, reply: Callable[[dict], tuple[int, str]], models: tuple[str, ...] = ("m",)):
         self.requests: list[dict] = []
@@ -54,7 +57,8 @@ class ChatServer:
                 server.headers.append(dict(self.headers))
                 status, text = reply(body)
                 texts = text if isinstance(text, list) else [text] * body.get("n", 1)
-                choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
+                choices = [{"index": i, **t} if isinstance(t, dict) else
+                           {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
                            for i, t in enumerate(texts)]
                 self._send(status, {"choices": choices} if status == 200 else {"error": text})
 
@@ -96,6 +100,13 @@ def user_text(body: dict) -> str:
     return body["messages"][-1]["content"]
 
 
+def first_token(probs: dict[str, float]) -> dict:
+    """A one-token choice as OpenAI and vLLM send it with `logprobs: true`: the token drawn and the top ones."""
+    top = [{"token": t, "logprob": math.log(p), "bytes": list(t.encode())} for t, p in probs.items()]
+    return {"message": {"role": "assistant", "content": top[0]["token"]}, "finish_reason": "length",
+            "logprobs": {"content": [{**top[0], "top_logprobs": top}]}}
+
+
 # --- pure functions ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("reply", "expected"), [
@@ -133,6 +144,29 @@ def test_numbers_in_a_range(reply, expected):
     assert score == (None if expected is None else pytest.approx(expected, abs=1e-12))
 
 
+def ln(p: float) -> float:
+    return math.log(p)
+
+
+@pytest.mark.parametrize(("top", "expected"), [
+    ([["Yes", ln(0.6)], [" no", ln(0.2)], ["Maybe", ln(0.1)]], 0.75),  # 0.6 / (0.6 + 0.2); "Maybe" is no verdict
+    # the variants of a word add up: yes 0.3 + 0.2 + 0.1 = 0.6 against no 0.2 -> 0.75 (one variant alone: 0.6,
+    # 0.2 or 0.1 over itself + 0.2 -> 0.6, 0.5 or 0.333)
+    ([["Yes", ln(0.3)], [" yes", ln(0.2)], ["yes\n", ln(0.1)], ["NO", ln(0.2)]], 0.75),
+    ([["yes", ln(0.5)], ["Nope", ln(0.4)], ["eyes", ln(0.1)]], 1.0),  # whole tokens: "Nope", "eyes" count for none
+    ([["Maybe", ln(0.7)], ["I", ln(0.2)]], None),  # no verdict among the top tokens
+    ([["No", -9999.0]], None),  # vLLM's floor for an impossible token: no mass, not a division by zero
+])
+def test_verdicts_scored_by_probability(top, expected):
+    score = verdict_prob_score(top, YES_NO)
+    assert score == (None if expected is None else pytest.approx(expected, abs=1e-12))
+
+
+def test_a_one_letter_verdict_by_probability_is_matched_as_written():
+    # "a" (the article) is not verdict A: A 0.25 against B 0.25 -> 0.5; read casefolded, 0.75 / 1.0 = 0.75
+    assert verdict_prob_score([["a", ln(0.5)], [" B", ln(0.25)], ["A", ln(0.25)]], A_B) == pytest.approx(0.5)
+
+
 def test_the_cache_key_is_the_request_not_its_key_order():
     a = {"model": "m", "messages": [{"role": "user", "content": "q"}], "n": 1}
     b = {"n": 1, "messages": [{"content": "q", "role": "user"}], "model": "m"}
@@ -157,6 +191,10 @@ def test_backoff_doubles_up_to_its_cap():
     ({"samples": 0}, "samples"),
     ({"timeout_s": 0}, "timeout_s"),
     ({"retries": -1}, "retries"),
+    ({"score_by": "prob"}, "score_by"),
+    ({"score_by": "logprobs", "scale": [1, 10]}, "scale"),
+    ({"score_by": "logprobs", "samples": 2}, "samples"),
+    ({"top_logprobs": 0}, "top_logprobs"),
     ({"colour": "red"}, "colour"),
 ])
 def test_bad_options_name_the_field(options, names):
@@ -311,6 +349,52 @@ def test_pairs_asked_in_both_orders_cancel_a_position_bias(serve):
     fair = serve(picks_right)
     assert judge_pairs(["q", "q"], ["right", "wrong"], ["wrong", "right"], base_url=fair.url, model="m") == [1.0, 0.0]
     assert len(fair.requests) == 2  # the second pair swapped is the first pair: each asked once
+
+
+def yes_if_four(body):
+    """A judge whose first token is yes 0.6, no 0.2 for the answer "4"; for anything else no verdict in its top."""
+    if not body.get("logprobs"):
+        return 200, "no"  # asked for text: a reply that would score 0
+    if "Proposed answer: 4\n" in user_text(body):
+        return 200, [first_token({"Yes": 0.6, "Maybe": 0.2, " no": 0.2})]
+    return 200, [first_token({"The": 0.5, "I": 0.3})]
+
+
+def test_score_by_logprobs_asks_one_token_and_scores_its_probability(serve, tmp_path):
+    server = serve(yes_if_four)
+    scorer = build(server.url, score_by="logprobs", top_logprobs=5, cache_dir=str(tmp_path / "cache"))
+    scored = scorer(["2+2?", "2+2?"], ["4", "5"])
+    assert scored.per_reward["judge"] == [pytest.approx(0.75), None]  # 0.6 / (0.6 + 0.2); none in the top
+    metrics = scored.metrics()
+    assert metrics["reward/judge_unparsed"] == 1 and metrics["reward/judge_infra_errors"] == 0
+    body = server.requests[0]
+    assert (body["max_tokens"], body["logprobs"], body["top_logprobs"]) == (1, True, 5)
+    judge._clients.clear()  # a fresh process: the top log-probs come back from the disk cache
+    again = build(server.url, score_by="logprobs", top_logprobs=5, cache_dir=str(tmp_path / "cache"))(["2+2?"], ["4"])
+    assert again.per_reward["judge"] == [pytest.approx(0.75)] and len(server.requests) == 2
+
+
+def test_an_endpoint_without_logprobs_is_a_failure_naming_it(serve):
+    server = serve(lambda body: (200, "yes"))  # ignores logprobs: a choice with no "logprobs"
+    scored = build(server.url, score_by="logprobs")(["q"], ["a"])
+    assert scored.per_reward["judge"] == [None]
+    metrics = scored.metrics()
+    assert metrics["reward/judge_failures"] == 1 and metrics["reward/judge_requests"] == 1  # a retry cannot help
+    (client,) = judge._clients.values()
+    assert client.last_error.endswith("answered without logprobs; score_by: logprobs needs an endpoint that "
+                                      "returns them")
+
+
+def test_pairs_by_probability_in_both_orders(serve):
+    def prefers_right(body):
+        text = user_text(body)
+        first = {"A": 0.8, "B": 0.2} if text.index("right") < text.index("wrong") else {"A": 0.6, "B": 0.4}
+        return 200, [first_token(first)]
+
+    server = serve(prefers_right)
+    # forward: p(A) = 0.8; swapped (right is B): p(A) = 0.6, so right's preference 1 - 0.6 = 0.4; mean 0.6
+    prefs = judge_pairs(["q"], ["right"], ["wrong"], base_url=server.url, model="m", score_by="logprobs")
+    assert prefs == [pytest.approx(0.6)]
 
 
 # --- online DPO's pairs by a pairwise judge ---------------------------------------------------------------------
