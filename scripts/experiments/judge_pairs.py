@@ -6,14 +6,17 @@
 Without `--base-url` it starts vLLM's OpenAI-compatible server (`vllm.entrypoints.openai.api_server`, on the CPU
 here) on the packaged SmolLM2-135M-Instruct (`model=smollm2-135m-instruct`, converted once into $GRPO_CACHE/gguf)
 and stops it at the end. The triples: 8 sums and products (the right result against a wrong one), 6 facts (the
-right one against a wrong one), 6 fluent answers against gibberish or a wrong word. Three ways of judging, all
-through `rewards.judge`, none reading log-probs:
+right one against a wrong one), 6 fluent answers against gibberish or a wrong word. Five ways of judging, all
+through `rewards.judge`:
 
 - `point`: the `judge` reward's default prompt (is the proposed answer correct? yes or no), greedy; a pair counts
   when the better answer scores strictly higher (both "yes" is a tie, which does not count);
 - `point_votes`: the same prompt, 8 replies sampled at temperature 1 and averaged (`samples: 8`);
+- `point_prob`: the same prompt, scored by probability (`score_by: logprobs`): p(yes) / (p(yes) + p(no)) over
+  the first token's 20 most likely tokens;
 - `pair`: `judge_pairs`, which of A or B is correct, asked in both orders and averaged; a pair counts when the
-  better answer's preference is above 0.5.
+  better answer's preference is above 0.5;
+- `pair_prob`: `judge_pairs` scored by probability, p(A) / (p(A) + p(B)) in each order.
 """
 
 from __future__ import annotations
@@ -110,14 +113,16 @@ def measure(base_url: str, model: str) -> dict:
     worse = [w for _, _, w in TRIPLES]
     conn = {"base_url": base_url, "model": model, "concurrency": 4, "timeout_s": 120.0}
     out: dict = {}
-    for name, extra in (("point", {}), ("point_votes", {"samples": 8, "temperature": 1.0})):
+    for name, extra in (("point", {}), ("point_votes", {"samples": 8, "temperature": 1.0}),
+                        ("point_prob", {"score_by": "logprobs"})):
         scores = judge(questions + questions, better + worse, **conn, **extra)
         pairs = list(zip(scores[: len(TRIPLES)], scores[len(TRIPLES):]))
         out[name] = {"scores": pairs, "better_higher": sum(b is not None and w is not None and b > w for b, w in pairs),
                      "ties": sum(b is not None and b == w for b, w in pairs), "unparsed": sum(None in p for p in pairs)}
-    prefs = judge_pairs(questions, better, worse, **conn)
-    out["pair"] = {"scores": prefs, "better_higher": sum(p is not None and p > 0.5 for p in prefs),
-                   "ties": sum(p == 0.5 for p in prefs), "unparsed": sum(p is None for p in prefs)}
+    for name, extra in (("pair", {}), ("pair_prob", {"score_by": "logprobs"})):
+        prefs = judge_pairs(questions, better, worse, **conn, **extra)
+        out[name] = {"scores": prefs, "better_higher": sum(p is not None and p > 0.5 for p in prefs),
+                     "ties": sum(p == 0.5 for p in prefs), "unparsed": sum(p is None for p in prefs)}
     return out
 
 

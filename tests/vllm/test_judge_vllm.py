@@ -60,6 +60,17 @@ def test_the_judge_scores_through_the_server(server):
     assert prefs[0] in (0.0, 0.5, 1.0), prefs  # each order an A or a B, greedy
 
 
+def test_the_judge_scores_by_probability_through_the_server(server):
+    _, url = server
+    options = {"base_url": url, "model": SERVED_NAME, "timeout_s": 120.0, "score_by": "logprobs"}
+    # one pair, pointwise and pairwise: vLLM returns the first token's top 20 log-probs, and SmolLM2 puts both
+    # verdict words among them, so each score is graded, strictly between the greedy 0 and 1
+    scores = judge(["What is 2 + 2?"] * 2, ["4", "5"], **options)
+    assert all(s is not None and 0.0 < s < 1.0 for s in scores), scores
+    prefs = judge_pairs(["What is 2 + 2?"], ["4"], ["5"], **options)
+    assert prefs[0] is not None and 0.0 < prefs[0] < 1.0, prefs
+
+
 def test_a_killed_server_gives_none_counted_then_a_clear_stop(server):
     proc, url = server
     options = {"retries": 1, "backoff_s": 0.2, "concurrency": 1, "max_consecutive_failures": 4, "timeout_s": 120.0}
