@@ -19,6 +19,8 @@ from grpo.core.advantages import ADVANTAGE_ESTIMATORS
 from grpo.core.losses import AGGREGATION_MODES, DPO_LOSSES, IS_LEVELS, KL_ESTIMATORS, POLICY_LOSSES, RATIO_LEVELS
 from grpo.core.packing import AUTO, PACKINGS
 from grpo.errors import ConfigError
+from rewards.judge import pair_settings
+from rewards.registry import RewardConfigError
 
 LOOPS = ("grpo", "ppo", "dpo", "online_dpo", "rft", "sft")
 BACKEND_NAMES = ("torch", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
@@ -447,6 +449,9 @@ class DPOOptions:
     num_prompts: int = field(default=2000, metadata={"help": "DPO built-in pairs: training problems sampled on"})
     samples_per_prompt: int = field(default=8, metadata={"help": "DPO built-in pairs: completions sampled per problem"})
     pairs_per_prompt: int = field(default=2, metadata={"help": "DPO built-in pairs: pairs kept per problem at most"})
+    pair_judge: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "online DPO: options of rewards.judge.judge_pairs (base_url, model, ...); given, a language model "
+                "picks the better of each group's first two distinct completions, in place of the rewards"})
 
     def validate(self) -> None:
         """Positive strength, batch, passes and samples (where the pairs come from: `validate(cfg)`)."""
@@ -455,6 +460,11 @@ class DPOOptions:
         positive("algorithm.dpo.batch_size", self.batch_size)
         positive("algorithm.dpo.epochs", self.epochs)
         positive("algorithm.dpo.samples_per_prompt", self.samples_per_prompt)
+        if self.pair_judge:
+            try:
+                pair_settings(self.pair_judge)
+            except RewardConfigError as e:
+                raise ConfigError(f"algorithm.dpo.pair_judge: {e}") from None
 
 
 @dataclass

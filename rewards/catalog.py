@@ -21,6 +21,7 @@ BUILTIN_REWARDS = {
     "format": "rewards.shaping:FORMAT",
     "length": "rewards.shaping:LENGTH",
     "reasoning_gym": "rewards.reasoning_tasks:REASONING_GYM",
+    "judge": "rewards.judge:JUDGE",
 }
 REWARDS: Registry[Reward] = Registry("reward", lazy=BUILTIN_REWARDS, entry_points="grpo.rewards", paths=True,
                                      convert=as_reward)

@@ -122,3 +122,43 @@ def test_an_online_dpo_step_raises_the_preferred_completions_margin(tmp_path, ti
     # them. With chosen and rejected swapped it lowers them by as much.
     assert result.metrics["train/dpo_pairs"] == 4
     assert float((after - before).mean()) > 1e-3, (after - before).tolist()
+
+
+def equal_reward(prompts, completions, **_):
+    """The same reward for every completion: the rewards alone give online DPO no pair."""
+    return [1.0] * len(completions)
+
+
+@pytest.mark.slow
+def test_a_pairwise_judge_picks_online_dpos_pairs(tmp_path, tiny_random_dir):
+    """`algorithm.dpo.pair_judge` over a real HTTP server answering in the chat-completions format: the rewards
+    are all equal (no pair of their own), so every pair trained on is one the judge decided."""
+    import re
+
+    from grpo.cli import train_from_config
+    from rewards import judge as judge_module
+    from tests.unit.test_rewards_judge import ChatServer, user_text
+
+    def longer_wins(body):  # A when answer A is the longer, else B: consistent in both orders
+        a, b = re.search(r"Answer A: (.*)\n\nAnswer B: (.*)\n\nWhich", user_text(body), re.DOTALL).groups()
+        return 200, "A" if (len(a), a) > (len(b), b) else "B"
+
+    server = ChatServer(longer_wins)
+    judge_module._clients.clear()
+    try:
+        cfg = compose(["algorithm=online_dpo", "model=hf", f"model.path={tiny_random_dir}", "model.dtype=float32",
+                       "train.max_steps=2", "train.eval_every=0", "train.eval_before=false",
+                       "train.prompts_per_step=4", "algorithm.group_size=4", "rollout.max_new_tokens=6",
+                       "optim.warmup_steps=0", "tracking.progress_bar=false", "tracking.plot=false",
+                       "task.arithmetic.num_eval=8",
+                       "reward.functions=[{name: 'tests.integration.test_online_dpo:equal_reward'}]",
+                       f"+algorithm.dpo.pair_judge={{base_url: '{server.url}', model: m}}"])
+        cfg.run_dir = str(tmp_path / "run")
+        history = [h for h in train_from_config(cfg) if h["step"] > 0]
+    finally:
+        server.close()
+        judge_module._clients.clear()
+    # a random tiny model's 4 completions of a prompt differ: each group has a candidate pair, decided both ways
+    assert [h["train/dpo_pairs"] for h in history] == [4, 4]
+    assert [h["train/dpo_pairs_undecided"] for h in history] == [0, 0]
+    assert len(server.requests) == 2 * 4 * 2  # steps x groups x orders
