@@ -646,6 +646,9 @@ class AlgorithmConfig:
             self.dpo.validate()
         self.teacher.validate(self.loop)
         self.gkd.validate()
+        if self.beta and self.loop == "gkd":
+            raise ConfigError(f"algorithm.beta: the gkd loop has no KL penalty to a reference (its divergence is to "
+                              f"the teacher, algorithm.gkd.beta); set it to 0, got {self.beta}")
         if self.reward_weight and self.loop != "distill":
             raise ConfigError(f"algorithm.reward_weight: the distill loop's; algorithm.loop={self.loop} adds no "
                               f"reward to a distillation advantage, got {self.reward_weight}")

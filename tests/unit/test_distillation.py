@@ -162,6 +162,7 @@ def test_the_mixture_is_the_samples_then_each_reference_answer_with_eos():
     (["algorithm=gkd", "algorithm.teacher.path=/x", "algorithm.gkd.lmbda=1.5"], "algorithm.gkd.lmbda"),
     (["algorithm=gkd", "algorithm.teacher.path=/x", "algorithm.gkd.beta=-0.1"], "algorithm.gkd.beta"),
     (["algorithm=gkd", "algorithm.teacher.path=/x", "algorithm.reward_weight=1"], "algorithm.reward_weight"),
+    (["algorithm=gkd", "algorithm.teacher.path=/x", "algorithm.beta=0.1"], "algorithm.beta"),  # no reference to load
     (["algorithm=distill", "algorithm.teacher.path=/x", "algorithm.policy_loss=gmpo"], "algorithm.policy_loss"),
 ])
 def test_bad_distillation_settings_name_their_field(overrides, field):
