@@ -18,7 +18,7 @@ import hydra
 import torch
 
 from grpo import distributed as dist
-from grpo.algorithms import dpo, online_dpo, ppo, supervised
+from grpo.algorithms import distill, dpo, gkd, online_dpo, ppo, supervised
 from grpo.algorithms import grpo as grpo_algorithm
 from grpo.config import CONFIG_DIR, Config, register_configs, to_config
 from grpo.envs import end_run
@@ -29,7 +29,7 @@ log = logging.getLogger("grpo")
 
 # What each `algorithm.loop` runs: a function that trains a built run and returns its logged metrics.
 LOOPS = {"grpo": grpo_algorithm.train, "ppo": ppo.train, "dpo": dpo.train, "online_dpo": online_dpo.train,
-         "rft": supervised.train_rft, "sft": supervised.train_sft}
+         "rft": supervised.train_rft, "sft": supervised.train_sft, "distill": distill.train, "gkd": gkd.train}
 
 
 def train_from_config(cfg: Config) -> list[dict]:

@@ -22,7 +22,8 @@ from grpo.errors import ConfigError
 from rewards.judge import pair_settings
 from rewards.registry import RewardConfigError
 
-LOOPS = ("grpo", "ppo", "dpo", "online_dpo", "rft", "sft")
+LOOPS = ("grpo", "ppo", "dpo", "online_dpo", "rft", "sft", "distill", "gkd")
+DISTILL_LOOPS = ("distill", "gkd")
 BACKEND_NAMES = ("torch", "ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
 ROLLOUT_ENGINES = ("hf", "vllm")
 ROLLOUT_MODES = ("colocate", "server")
@@ -542,6 +543,49 @@ class KLCovOptions:
         positive("algorithm.kl_cov.coef", self.coef, zero_ok=True)
 
 
+@dataclass
+class TeacherConfig:
+    path: Optional[str] = field(default=None, metadata={
+        "help": "distill, gkd: the teacher, a transformers directory (a checkpoint's policy/ too) sharing the "
+                "policy's tokenizer"})
+    dtype: Optional[str] = field(default=None, metadata={"help": "the teacher's dtype: float32, bfloat16; null: "
+                                                                 "model.dtype"})
+    device: Optional[str] = field(default=None, metadata={
+        "help": "where the teacher runs (cpu, cuda:1, ...); null: the policy's device"})
+    chunk_size: int = field(default=0, metadata={
+        "help": "positions whose teacher logits exist at once (chunked over positions); 0: 64 MiB of float32 logits"})
+
+    def validate(self, loop: str) -> None:
+        """A teacher exactly when a distillation loop runs; a known dtype; a chunk size >= 0."""
+        if loop in DISTILL_LOOPS and not self.path:
+            raise ConfigError(f"algorithm.teacher.path: algorithm.loop={loop} distils from a teacher; give its "
+                              "model directory")
+        if loop not in DISTILL_LOOPS and self.path:
+            raise ConfigError(f"algorithm.teacher.path: only the distill and gkd loops use a teacher, not "
+                              f"algorithm.loop={loop}")
+        if self.dtype is not None:
+            choice("algorithm.teacher.dtype", self.dtype, DTYPES)
+        positive("algorithm.teacher.chunk_size", self.chunk_size, zero_ok=True)
+
+
+@dataclass
+class GKDOptions:
+    lmbda: float = field(default=0.5, metadata={
+        "help": "gkd: share of each step's prompts answered by the student's own samples (on-policy); the rest "
+                "train on the task's reference answer (TRL's lmbda)"})
+    beta: float = field(default=0.5, metadata={
+        "help": "gkd: generalised JSD interpolation; 0 forward KL(teacher || student), 1 reverse KL(student || "
+                "teacher), TRL's GKDTrainer convention"})
+    column: str = field(default="answer", metadata={"help": "gkd: the dataset column holding the reference answer"})
+
+    def validate(self) -> None:
+        """Both coefficients in [0, 1]."""
+        for name in ("lmbda", "beta"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ConfigError(f"algorithm.gkd.{name}: must be in [0, 1], got {value!r}")
+
+
 # The policy losses whose options are a group of AlgorithmConfig named after them; ppo_clip's are its top-level fields.
 POLICY_LOSS_GROUPS = ("cispo", "gmpo", "sapo", "clip_cov", "kl_cov")
 
@@ -550,7 +594,7 @@ POLICY_LOSS_GROUPS = ("cispo", "gmpo", "sapo", "clip_cov", "kl_cov")
 class AlgorithmConfig:
     name: str = field(default="grpo", metadata={"help": "the recipe's label in logs and comparisons (grpo, dapo, ...)"})
     loop: str = field(default="grpo", metadata={
-        "help": "the training loop: grpo (every GRPO variant), ppo, dpo, online_dpo, rft or sft"})
+        "help": "the training loop: grpo (every GRPO variant), ppo, dpo, online_dpo, rft, sft, distill or gkd"})
     advantage: str = field(default="grpo", metadata={"help": "advantage estimator (grpo.core.advantages)"})
     group_size: int = field(default=8, metadata={"help": "completions sampled per prompt (G)"})
     negative_weight: float = field(default=1.0, metadata={
@@ -596,6 +640,11 @@ class AlgorithmConfig:
     sapo: SAPOOptions = field(default_factory=SAPOOptions)
     clip_cov: ClipCovOptions = field(default_factory=ClipCovOptions)
     kl_cov: KLCovOptions = field(default_factory=KLCovOptions)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    gkd: GKDOptions = field(default_factory=GKDOptions)
+    reward_weight: float = field(default=0.0, metadata={
+        "help": "distill: weight of the task's group-relative reward advantage added to the per-token distillation "
+                "advantage; 0: distillation alone"})
 
     def validate(self) -> None:
         """Known names (the estimator, aggregation, ratio and KL registries) and ranges; PPO's and DPO's
@@ -605,6 +654,14 @@ class AlgorithmConfig:
             self.ppo.validate()
         if self.loop in ("dpo", "online_dpo"):
             self.dpo.validate()
+        self.teacher.validate(self.loop)
+        self.gkd.validate()
+        if self.beta and self.loop == "gkd":
+            raise ConfigError(f"algorithm.beta: the gkd loop has no KL penalty to a reference (its divergence is to "
+                              f"the teacher, algorithm.gkd.beta); set it to 0, got {self.beta}")
+        if self.reward_weight and self.loop != "distill":
+            raise ConfigError(f"algorithm.reward_weight: the distill loop's; algorithm.loop={self.loop} adds no "
+                              f"reward to a distillation advantage, got {self.reward_weight}")
         choice("algorithm.advantage", self.advantage, sorted(ADVANTAGE_ESTIMATORS))
         choice("algorithm.loss_agg", self.loss_agg, AGGREGATION_MODES)
         self.validate_policy_loss()
@@ -638,7 +695,7 @@ class AlgorithmConfig:
             getattr(self, name).validate()
         if self.policy_loss == "ppo_clip":
             return
-        if self.loop not in ("grpo", "ppo"):
+        if self.loop not in ("grpo", "ppo", "distill"):
             raise ConfigError(f"algorithm.policy_loss: the {self.loop} loop has no policy-gradient loss; "
                               f"leave it at ppo_clip, got {self.policy_loss}")
         if self.ratio_level != "token":
@@ -647,9 +704,9 @@ class AlgorithmConfig:
         if self.dual_clip is not None:
             raise ConfigError(f"algorithm.dual_clip: ppo_clip's; policy_loss={self.policy_loss} has no dual clip, "
                               f"set it to null")
-        if self.policy_loss == "gmpo" and self.loop == "ppo":
-            raise ConfigError("algorithm.policy_loss: gmpo needs one advantage per sequence; the ppo loop's are "
-                              "per token (GAE)")
+        if self.policy_loss == "gmpo" and self.loop in ("ppo", "distill"):
+            raise ConfigError(f"algorithm.policy_loss: gmpo needs one advantage per sequence; the {self.loop} "
+                              "loop's are per token")
 
     def policy_loss_options(self) -> dict[str, Any]:
         """The chosen policy loss's keyword options: ppo_clip's are the top-level clip fields, another built-in
@@ -854,8 +911,8 @@ def validate_staleness(cfg: Config) -> None:
     n, a = cfg.rollout.max_staleness, cfg.algorithm
     if not n:
         return
-    if a.loop != "grpo":
-        raise ConfigError(f"rollout.max_staleness: asynchronous rollout is built for the grpo loop, "
+    if a.loop not in ("grpo", "distill"):
+        raise ConfigError(f"rollout.max_staleness: asynchronous rollout is built for the grpo and distill loops, "
                           f"not algorithm.loop={a.loop}")
     if not a.corrects_sampler():
         raise ConfigError(f"rollout.max_staleness: a batch sampled up to {n} policy versions ago needs an importance "

@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from grpo.core.logprobs import sequence_logprobs
+from grpo.core.logprobs import sequence_jsd, sequence_logprobs
 
 
 @runtime_checkable
@@ -58,9 +58,13 @@ class LogProbModel(torch.nn.Module):
         self.policy = policy
         self.device = device  # where the policy runs; inputs go there, outputs come back
 
-    def forward(self, input_ids, attention_mask, **kwargs):
+    def forward(self, input_ids, attention_mask, jsd: dict | None = None, **kwargs):
+        """`(logprobs, entropy)`; with `jsd` (`sequence_jsd`'s keyword arguments, `grpo.core.logprobs.forward_jsd`)
+        the generalised JSD to a teacher [B, T-1] instead."""
         home = input_ids.device
         device = self.device or home
+        if jsd is not None:
+            return sequence_jsd(self.policy, input_ids.to(device), attention_mask.to(device), **jsd).to(home)
         logp, entropy = sequence_logprobs(self.policy, input_ids.to(device), attention_mask.to(device), **kwargs)
         return logp.to(home), None if entropy is None else entropy.to(home)
 

@@ -27,6 +27,10 @@ Conventions, shared by both functions here:
   (0 there, the last position here), which is masked out and cannot affect earlier tokens.
 - `packing="sequences"` or `"groups"` (`backend.packing`, `grpo.core.packing`) forwards a padding-free
   layout of the same rows and scatters its log-probs back into these columns.
+
+`sequence_jsd` is the same walk for distillation over the whole vocabulary (GKD): the student's and the
+teacher's logits exist one chunk of positions at a time, the teacher's hidden states having been computed
+once (`scored_hidden`), so a large vocabulary costs one chunk's `[chunk_size, V]` of each model.
 """
 
 import torch
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from grpo.core.losses import generalized_jsd
 from grpo.core.packing import layout_refusal, pack
 
 # Logits elements per chunk: 64 MiB in float32. Above 32 MiB on purpose: glibc's malloc serves
@@ -124,6 +129,64 @@ def sequence_logprobs(
     return scatter(_cat_rows(lp_chunks, rows)), scatter(_cat_rows(ent_chunks, rows)) if with_entropy else None
 
 
+@torch.no_grad()
+def scored_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                  logits_to_keep_from: int = 0) -> torch.Tensor:
+    """The last hidden states [M, H] of `model` (a bare causal LM) at the positions `sequence_logprobs` scores
+    (column `logits_to_keep_from` on, target not padding), in that order; no gradient. The teacher's side of
+    `sequence_jsd`."""
+    _check_args(input_ids, attention_mask, 1.0, logits_to_keep_from)
+    hidden = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=_position_ids(attention_mask), use_cache=False).last_hidden_state
+    return _rows_at(hidden, attention_mask, logits_to_keep_from)  # [M, H]
+
+
+def sequence_jsd(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                 teacher_rows: torch.Tensor, teacher_head: nn.Module, beta: float, temperature: float = 1.0,
+                 chunk_size: int | None = None, logits_to_keep_from: int = 0) -> torch.Tensor:
+    """The generalised JSD (`grpo.core.losses.generalized_jsd`, `beta`) between the student `model`'s and the
+    teacher's next-token distributions at each scored position, `[B, T-1]` float32, zeros where
+    `sequence_logprobs` puts zeros. `teacher_rows` [M, H_t] are the teacher's hidden states there
+    (`scored_hidden`, on the teacher's device), `teacher_head` its output embedding. Both distributions are
+    tempered by `temperature`. Differentiable in the student; chunked over positions (`chunk_size`, default
+    `LOGITS_CHUNK_ELEMENTS // V`) and checkpointed per chunk as `sequence_logprobs` is; always the padded layout."""
+    _check_args(input_ids, attention_mask, temperature, logits_to_keep_from)
+    _check_plain_head(model)
+    head = model.get_output_embeddings()
+    if teacher_head.weight.shape[0] != head.weight.shape[0]:
+        raise ValueError(f"the teacher's vocabulary ({teacher_head.weight.shape[0]}) is not the student's "
+                         f"({head.weight.shape[0]})")
+    chunk_size = chunk_size or max(1, LOGITS_CHUNK_ELEMENTS // head.weight.shape[0])
+    hidden = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=_position_ids(attention_mask), use_cache=False).last_hidden_state
+    rows = _rows_at(hidden, attention_mask, logits_to_keep_from)  # [M, H]
+    if teacher_rows.shape[0] != rows.shape[0]:
+        raise ValueError(f"teacher_rows holds {teacher_rows.shape[0]} positions, the batch scores {rows.shape[0]}")
+
+    def score(h, t):
+        s_logp = F.log_softmax(head(h).float() / temperature, dim=-1)  # [c, V]
+        with torch.no_grad():
+            t_logp = F.log_softmax(teacher_head(t).float() / temperature, dim=-1).to(s_logp.device)  # [c, V]
+        return generalized_jsd(s_logp, t_logp, beta)  # [c]
+
+    recompute = torch.is_grad_enabled() and rows.shape[0] > chunk_size
+    chunks = [checkpoint(score, rows[i : i + chunk_size], teacher_rows[i : i + chunk_size], use_reentrant=False)
+              if recompute else score(rows[i : i + chunk_size], teacher_rows[i : i + chunk_size])
+              for i in range(0, rows.shape[0], chunk_size)]
+    B, T = input_ids.shape
+    k = logits_to_keep_from
+    scored = attention_mask[:, k + 1 :].reshape(-1).nonzero().squeeze(-1)  # [M]
+    values = _cat_rows(chunks, rows)  # [M]
+    return _left_zeros(values.new_zeros(B * (T - 1 - k)).index_copy(0, scored, values).view(B, T - 1 - k), k)
+
+
+def _rows_at(hidden: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """`hidden` [B, T, H] at the scored positions: columns k..T-2 whose next token is real, row-major -> [M, H]."""
+    T = hidden.shape[1]
+    scored = attention_mask[:, k + 1 :].reshape(-1).nonzero().squeeze(-1)  # [M] of B*L, L = T-1-k
+    return hidden[:, k : T - 1].reshape(-1, hidden.shape[-1])[scored]  # [M, H]
+
+
 def _packed_logprobs(model, backbone, head, input_ids, attention_mask, packing: str, *, temperature: float,
                      chunk_size: int, with_entropy: bool, logits_to_keep_from: int):
     """`sequence_logprobs` through a packed layout: one backbone forward over the packed rows, the head
@@ -169,6 +232,15 @@ def attention_of(model: nn.Module) -> tuple[str, bool]:
     config = model.config
     impl = getattr(config, "_attn_implementation", None) or "eager"
     return impl, "sliding_attention" in (getattr(config, "layer_types", None) or ())
+
+
+def forward_jsd(model, input_ids, attention_mask, **kwargs):
+    """`sequence_jsd` of a micro-batch: through `model`'s own forward when it computes log-probs (a
+    `backends.LogProbModel`, alone or inside a DDP or DeepSpeed wrapper, which then sees one forward call), else
+    over the bare causal LM."""
+    if getattr(model, "computes_logprobs", False):
+        return model(input_ids, attention_mask, jsd=kwargs)
+    return sequence_jsd(model, input_ids, attention_mask, **kwargs)
 
 
 def forward_logprobs(model, input_ids, attention_mask, **kwargs):

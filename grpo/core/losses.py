@@ -1,5 +1,5 @@
-"""Policy losses: KL estimators, the clipped surrogate (token or sequence ratio), aggregation, and the
-preference losses of DPO.
+"""Policy losses: KL estimators, the clipped surrogate (token or sequence ratio), aggregation, the
+preference losses of DPO, and the distillation divergences (per-token reverse KL, generalised JSD).
 
 Shapes: N completions, T token positions (padded); ``mask`` [N, T] is 1 on completion tokens.
 ``advantages`` [N] hold one value per completion (outcome supervision), broadcast over its tokens.
@@ -590,3 +590,41 @@ def dpo_loss(policy_seq: Tensor, ref_seq: Tensor, beta: float, loss_type: str = 
     logratio = policy_seq - ref_seq  # [2P]
     h = logratio[0::2] - logratio[1::2]  # [P]
     return DPO_LOSSES[loss_type](h, beta), (beta * h).detach()  # [P], [P]
+
+
+def reverse_kl_advantages(student_logp: Tensor, teacher_logp: Tensor, mask: Tensor) -> Tensor:
+    """On-policy distillation's per-token advantage [N, T], a constant:
+
+        A_t = -(log pi(y_t) - log q(y_t))     on the masked tokens, 0 elsewhere
+
+    with pi the student that sampled y and q the teacher. sum_t (log pi(y_t) - log q(y_t)) over a sample of pi
+    estimates the reverse KL(pi || q) of the sequence, so a policy-gradient loss with this advantage (discount 0:
+    each token sees its own term) descends the reverse KL on the student's own samples (Thinking Machines'
+    on-policy distillation, 2025)."""
+    keep = mask.bool()  # [N, T]
+    # where(), not multiplication: a -inf log-prob on padding would give NaN
+    return torch.where(keep, torch.where(keep, teacher_logp, 0.0) - torch.where(keep, student_logp, 0.0),
+                       0.0).detach()  # [N, T]
+
+
+def generalized_jsd(student_logp: Tensor, teacher_logp: Tensor, beta: float) -> Tensor:
+    """The generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024, eq. 1) over the last (vocabulary)
+    dimension of two log-distributions [..., V]; returns [...]. TRL's GKDTrainer convention:
+
+        M = beta q + (1 - beta) pi
+        JSD_beta = beta KL(q || M) + (1 - beta) KL(pi || M)
+        beta = 0: KL(q || pi), the forward KL;  beta = 1: KL(pi || q), the reverse KL
+
+    (at the two ends the mixture formula degenerates to 0, so they are the KLs themselves, as TRL writes them).
+    The gradient flows through `student_logp`; pass the teacher's detached."""
+    if not 0 <= beta <= 1:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if beta == 0:
+        return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)  # [...]
+    if beta == 1:
+        return (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)  # [...]
+    mixture = torch.logsumexp(torch.stack([student_logp + math.log1p(-beta), teacher_logp + math.log(beta)]),
+                              dim=0)  # [..., V]
+    kl_teacher = (teacher_logp.exp() * (teacher_logp - mixture)).sum(-1)  # [...]
+    kl_student = (student_logp.exp() * (student_logp - mixture)).sum(-1)  # [...]
+    return beta * kl_teacher + (1 - beta) * kl_student  # [...]

@@ -1,13 +1,13 @@
 """The outer loop every algorithm shares: steps, evaluation, logging, samples, checkpoints.
 
 An algorithm (each a module of `grpo.algorithms`: GRPO in `grpo`, PPO in `ppo`, offline DPO in `dpo`, online DPO in
-`online_dpo`, RFT and SFT in `supervised`) supplies one training step; this loop runs it from the run's first step
-to `train.max_steps` (offline DPO: the steps its pairs make) and around it does what every algorithm needs in the
-same way: the step-0 line (held-out accuracy, the data report, the warm start), evaluation every `train.eval_every`
-steps and after the last, the best validation accuracy so far (`checkpoint.keep_best`, `train.early_stop`), the
-metrics line, sample logging, the crash points of the fault-injection tests, and checkpoints (with the algorithm's
-own state, e.g. PPO's critic). The guard against broken rewards (`no_signal_reason`) and the replica check are here
-too, for every algorithm's step.
+`online_dpo`, RFT and SFT in `supervised`, on-policy distillation in `distill`, GKD in `gkd`) supplies one training
+step; this loop runs it from the run's first step to `train.max_steps` (offline DPO: the steps its pairs make) and
+around it does what every algorithm needs in the same way: the step-0 line (held-out accuracy, the data report, the warm
+start), evaluation every `train.eval_every` steps and after the last, the best validation accuracy so far
+(`checkpoint.keep_best`, `train.early_stop`), the metrics line, sample logging, the crash points of the fault-injection
+tests, and checkpoints (with the algorithm's own state, e.g. PPO's critic). The guard against broken rewards
+(`no_signal_reason`) and the replica check are here too, for every algorithm's step.
 """
 
 from __future__ import annotations

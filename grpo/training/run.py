@@ -12,7 +12,7 @@ import os
 import random
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +75,7 @@ class Run:
     contamination: dict = field(default_factory=dict)  # grpo.data.contamination report
     setup_metrics: dict = field(default_factory=dict)  # logged at step 0: data report, warm start
     make_env: Callable[[], Environment] | None = None  # a fresh environment per episode, when env.name is set
+    teacher: torch.nn.Module | None = None  # distill, gkd: the frozen teacher (algorithm.teacher)
 
 
 def build_run(cfg: Config) -> Run:
@@ -112,7 +113,8 @@ def build_run(cfg: Config) -> Run:
     run = Run(cfg=cfg, tokenizer=tokenizer, policy=policy, ref_model=ref_model, engine=engine, backend=backend,
               scorer=scorer, eval_scorer=eval_scorer, train_rows=train_rows, eval_rows=eval_rows,
               sampler=PromptSampler(len(train_rows), seed=cfg.seed), tracker=NullTracker(), ood_rows=ood_rows,
-              val_rows=val_rows, contamination=contamination, setup_metrics=setup_metrics, make_env=make_env)
+              val_rows=val_rows, contamination=contamination, setup_metrics=setup_metrics, make_env=make_env,
+              teacher=build_teacher(cfg, tokenizer) if cfg.algorithm.teacher.path else None)
     if checkpoint is not None:
         restore(run, checkpoint)
     if dist.is_main():  # rank 0 writes the run's files
@@ -141,6 +143,22 @@ def build_reference(cfg: Config, policy: torch.nn.Module, backend: TrainBackend)
         return AdapterDisabled(policy, backend.model)
     ref_model, _ = load_policy(cfg.model.path, cfg)
     return ref_model.eval().requires_grad_(False)
+
+
+def build_teacher(cfg: Config, tokenizer) -> torch.nn.Module:
+    """The distillation teacher of `algorithm.teacher`, frozen, in its own dtype and on its own device; its
+    tokenizer must be the policy's (the teacher scores the student's token ids)."""
+    t = cfg.algorithm.teacher
+    looks_local = t.path.startswith((".", "/", "~")) or os.sep in t.path and not Path(t.path).parent.name == ""
+    if looks_local and not Path(t.path).expanduser().exists():
+        raise ConfigError(f"algorithm.teacher.path: {t.path} does not exist")
+    teacher_cfg = replace(cfg, model=replace(cfg.model, dtype=t.dtype or cfg.model.dtype))
+    teacher, teacher_tokenizer = load_policy(str(Path(t.path).expanduser()), teacher_cfg)
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"algorithm.teacher.path: {t.path} has another tokenizer than the policy "
+                          f"({cfg.model.path}); distillation compares the two models' log-probs of the same token ids")
+    device = torch.device(t.device) if t.device else dist.device()
+    return teacher.to(device).eval().requires_grad_(False)
 
 
 def checkpoint_to_resume(cfg: Config) -> Path | None:

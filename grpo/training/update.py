@@ -187,14 +187,15 @@ def same_count_on_every_rank(micro: list[list[int]]) -> list[list[int]]:
 
 @torch.no_grad()
 def score_logprobs(model, batch: RolloutBatch, *, temperature: float, micro_batch_tokens: int,
-                   packing: str = "padded") -> torch.Tensor:
+                   packing: str = "padded", chunk_size: int | None = None) -> torch.Tensor:
     """Log-probs [N, T-1] of the batch's tokens under `model`, without gradients, forwarded in the
-    layout `packing` names (the policy update's, so old and new log-probs are computed alike)."""
+    layout `packing` names (the policy update's, so old and new log-probs are computed alike).
+    `chunk_size`: positions whose logits exist at once (None: `grpo.core.logprobs`' default)."""
     out = torch.zeros(batch.completion_mask.shape)
     device = next(model.parameters()).device
     for rows in same_count_on_every_rank(micro_batches(batch, micro_batch_tokens, packing)):
         ids, mask = batch.input_ids[rows or [0]].to(device), batch.attention_mask[rows or [0]].to(device)
-        logp, _ = forward_logprobs(model, ids, mask, temperature=temperature,
+        logp, _ = forward_logprobs(model, ids, mask, temperature=temperature, chunk_size=chunk_size,
                                    logits_to_keep_from=batch.prompt_width - 1, packing=packing)
         if rows:  # an empty micro-batch only keeps ZeRO-3's collective forwards in step
             out[rows] = logp.float().cpu()
