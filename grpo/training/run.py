@@ -213,7 +213,8 @@ def build_scorers(cfg: Config) -> tuple[RewardScorer, RewardScorer]:
 def load_rows(cfg: Config, scorer: RewardScorer, eval_scorer: RewardScorer):
     """Training, held-out (test), validation and out-of-distribution rows, training rows that overlap an
     evaluation split dropped (`task.drop_contaminated`), and the contamination report."""
-    train_rows, eval_rows = load_task(cfg.task, scorer.required_columns() | eval_scorer.required_columns())
+    train_rows, eval_rows = load_task(cfg.task, scorer.required_columns() | eval_scorer.required_columns(),
+                                      cfg.env)
     val_rows = load_val_split(cfg.task, eval_scorer.required_columns())
     ood_rows = load_ood_splits(cfg.task, eval_scorer.required_columns())
     if (cfg.checkpoint.keep_best or cfg.train.early_stop) and not val_rows:
@@ -311,7 +312,7 @@ def run_title(cfg: Config) -> str:
 def evaluate_from_config(cfg: Config) -> dict:
     """What `grpo-eval` does: the held-out (and out-of-distribution) accuracy of `model.path`."""
     _, eval_scorer = build_scorers(cfg)
-    _, eval_rows = load_task(cfg.task, eval_scorer.required_columns())
+    _, eval_rows = load_task(cfg.task, eval_scorer.required_columns(), cfg.env)
     if not eval_rows:
         raise ConfigError("task: no held-out rows to evaluate (set task.eval_file or task.hf_eval_split)")
     path = resolve_model_path(cfg)
