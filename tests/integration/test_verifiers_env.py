@@ -47,6 +47,12 @@ def test_a_single_turn_task_is_scored_by_its_rubric_with_its_weights():
     assert env.step("77") == Done(0.5, {"correct": 0.0, "even": 1.0})  # 1*0 + 0.5*1
 
 
+def test_an_environment_built_in_code_is_played_through_its_taskset():
+    env = make("sums_env")  # a vf.SingleAgentEnv over the sums taskset
+    assert env.reset({"vf_index": 3}) == [{"role": "user", "content": "3+4="}]
+    assert env.step("7") == Done(1.0, {"correct": 1.0, "even": 0.0})
+
+
 def test_the_taskset_is_the_dataset_with_its_last_tasks_held_out():
     splits = environment_factory(VF, {"load": f"{SETS}:sums"})().rows(f"{SETS}:sums", num_eval=2)
     # 12 tasks a+(a+1)=2a+1, a = 0..11: the last two held out

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import verifiers.v1 as vf
 
 
@@ -108,6 +111,16 @@ def adds() -> vf.Taskset:
 
 def fragiles() -> vf.Taskset:
     return Fragiles(vf.TasksetConfig(id="fragiles"))
+
+
+def sums_env() -> vf.Env:
+    """`sums` inside a single-agent environment, as verifiers builds one from its config. verifiers' loader imports
+    a taskset by a top-level module name exporting one Taskset class in `__all__` (0.4.0 cannot import a dotted
+    one), so `Sums` is registered under such a name first."""
+    module = types.ModuleType("grpo_test_sums")
+    module.Sums, module.__all__ = Sums, ["Sums"]
+    sys.modules.setdefault(module.__name__, module)
+    return vf.SingleAgentEnv(vf.SingleAgentEnvConfig(taskset={"id": module.__name__}))
 
 
 NOT_A_TASKSET = 3
