@@ -185,15 +185,21 @@ ROUTES = ("env.kwargs.routes={calc: {name: calculator}, sums: {name: '" + VF + "
 
 def test_a_rows_column_chooses_its_environment_and_a_group_never_mixes_them():
     make_env = environment_factory("routed", {"routes": {"calc": {"name": "calculator"},
-                                                         "sums": {"name": VF, "kwargs": {"load": f"{SETS}:sums"}}}})
+                                                         "sums": {"name": VF, "kwargs": {"load": f"{SETS}:sums"}},
+                                                         "adds": {"name": VF, "kwargs": {"load": f"{SETS}:adds"}}}})
     rows = [{"prompt": "2+2=", "env": "calc", "vf_index": 0}, {"prompt": "", "env": "sums", "vf_index": 3},
-            {"prompt": "1+1=", "env": "nowhere", "vf_index": 0}]
-    out = run_episodes(ScriptedEngine(TURN), TOK, make_env, rows, 2, max_turns=3, max_episode_tokens=50,
+            {"prompt": "", "env": "adds", "vf_index": 1}, {"prompt": "1+1=", "env": "nowhere", "vf_index": 0}]
+    out = run_episodes(ScriptedEngine(TURN), TOK, make_env, rows, 2, max_turns=3, max_episode_tokens=80,
                        max_new_tokens=8)
-    assert [e["route"] for e in out.episodes] == ["calc", "calc", "sums", "sums", None, None]
-    # the calculator leaves the reward to the task; "ab" is wrong and of even length: 1 * 0 + 0.5 * 1
-    assert [e["reward"] for e in out.episodes[:4]] == [None, None, 0.5, 0.5]
-    assert out.episodes[4]["ended"].startswith("error: reset raised: ValueError: row: its 'env' column is 'nowhere'")
+    assert [e["route"] for e in out.episodes] == ["calc", "calc", "sums", "sums", "adds", "adds", None, None]
+    # the calculator leaves the reward to the task; "ab" is wrong and of even length: sums 1 * 0 + 0.5 * 1,
+    # adds 1 * 0 (wrong) + 2 * 0 (no call)
+    assert [e["reward"] for e in out.episodes[:6]] == [None, None, 0.5, 0.5, 0.0, 0.0]
+    assert out.episodes[6]["ended"].startswith("error: reset raised: ValueError: row: its 'env' column is 'nowhere'")
+    # each row's opening shows the tools of the environment its column chose
+    assert TOK.decode(out.prompt_ids[0]).startswith("<tools>calculate</tools><user>2+2=")
+    assert TOK.decode(out.prompt_ids[1]).startswith("<user>3+4=")
+    assert TOK.decode(out.prompt_ids[2]).startswith("<tools>add</tools><system>Use the add tool.")
 
 
 @pytest.mark.slow
