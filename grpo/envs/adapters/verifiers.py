@@ -12,7 +12,8 @@ agent harness. The translation:
 - Dataset: the taskset's tasks, in `load()` order, are the rows (`rows`: `prompt` its prompt text, `answer` its
   data's `answer` field or "", `vf_index` its position); the last `num_eval` are the held-out split
   (`task.builtin=env` takes them as the task). `reset(row)` finds the row's task by `vf_index`, else by prompt.
-- Opening: the task's `system_prompt`, then its prompt (a string as the user's message; messages as they are).
+- Opening: the task's `system_prompt` (else `env.kwargs.system`, if given), then its prompt (a string as the user's
+  message; messages as they are).
 - Turns (the harness's part, played by our episode loop): a turn with tool calls (Qwen2.5's `<tool_call>`
   syntax, read by `ToolEnvironment`) gets the tools' results and the model speaks again; a turn without one
   ends the episode, as verifiers' chat harness ends on a reply without tool calls. The task's `@vf.stop`
@@ -71,8 +72,8 @@ class VerifiersEnvironment:
         self.system = system  # used where the task has no system prompt of its own
         self.task: vf.Task | None = None
         self.trace: vf.Trace | None = None
-        config = self.tasks[0].config
-        self.toolsets = [*type(self.tasks[0]).toolsets(config), *type(self.taskset).toolsets(self.taskset.config)]
+        self.task_toolsets = type(self.tasks[0]).toolsets(self.tasks[0].config)
+        self.toolsets = [*self.task_toolsets, *type(self.taskset).toolsets(self.taskset.config)]
         self.toolbox = ToolEnvironment([as_function(self, fn) for ts in self.toolsets
                                         for fn in discover_decorated(ts, "tool")])
         self.tools, self.counts = self.toolbox.tools, self.toolbox.counts
@@ -123,8 +124,10 @@ class VerifiersEnvironment:
                          "prompt is none of theirs")
 
     async def set_up_tools(self) -> None:
+        """Each tool server's `setup`, then the task's own servers' `setup_task` (a taskset's servers skip it)."""
         for toolset in self.toolsets:
             await toolset.setup()
+        for toolset in self.task_toolsets:
             await toolset.setup_task(self.task)
 
     def record(self, messages: list[dict]) -> None:
