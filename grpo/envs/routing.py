@@ -8,7 +8,8 @@
 hands every call on to it. A row's G episodes share the row, so they share the environment: a group never
 mixes environments, and its advantages compare like with like. Each episode's record carries its route, so
 the step's reward figures are also split by environment (`reward/<route>/...`, grpo.training.sampling).
-A row whose column names no route ends its episodes with an error (`env/errors`), as any reset that raises.
+A row whose column names no route is refused before a run trains (`check_rows`); met in an episode, it ends that
+episode with an error (`env/errors`), as any reset that raises.
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ class RoutedEnvironment:
         self.tools: list = []
         self.counts: dict = {}
         self.tool_call_limit: int | None = None  # env.max_tool_calls_per_turn, passed on to the inner environment
+
+    @classmethod
+    def check_rows(cls, rows: list[dict], routes: dict, column: str = "env") -> None:
+        """ValueError naming the first row whose column names no route (checked before a run trains)."""
+        for i, row in enumerate(rows):
+            if row.get(column) not in (routes or {}):
+                raise ValueError(f"row {i}: its {column!r} column is {row.get(column)!r}; env.kwargs.routes has "
+                                 f"{', '.join(map(str, routes or {}))}")
 
     def reset(self, row: dict) -> list[dict]:
         route = row.get(self.column)

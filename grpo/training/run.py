@@ -34,7 +34,7 @@ from grpo.data.loading import (
     load_task,
     load_val_split,
 )
-from grpo.envs import Environment, environment_factory
+from grpo.envs import ENVIRONMENTS, Environment, environment_factory
 from grpo.envs.chat import check_chat_template
 from grpo.envs.python import SESSIONS_MEMORY, TOOL_MEMORY_MB, available_memory_mb
 from grpo.envs.tools import limit_tool_calls
@@ -83,6 +83,7 @@ def build_run(cfg: Config) -> Run:
     make_env = build_environment(cfg)
     scorer, eval_scorer = build_scorers(cfg)
     train_rows, eval_rows, val_rows, ood_rows, contamination = load_rows(cfg, scorer, eval_scorer)
+    check_environment_rows(cfg, {"train": train_rows, "test": eval_rows, "val": val_rows, **ood_rows})
     validate_world(cfg, dist.world_size(), len(eval_rows))
     check_sessions_memory(cfg, dist.world_size(), len(eval_rows))
     if checkpoint is not None:
@@ -174,6 +175,17 @@ def build_environment(cfg: Config) -> Callable[[], Environment] | None:
         limit_tool_calls(env, limit)
         return env
     return make_env
+
+
+def check_environment_rows(cfg: Config, splits: dict[str, list[dict]]) -> None:
+    """Rows the run's environment refuses (its class's `check_rows(rows, **env.kwargs)`, e.g. a route that no
+    `env.kwargs.routes` entry names) fail here, naming the split and row, not at each of the row's episodes."""
+    check = getattr(ENVIRONMENTS.resolve(cfg.env.name), "check_rows", None) if cfg.env.name else None
+    for split, rows in splits.items() if callable(check) else ():
+        try:
+            check(rows, **dict(cfg.env.kwargs))
+        except ValueError as e:
+            raise ConfigError(f"task ({split} split): {e}") from e
 
 
 def check_sessions_memory(cfg: Config, world_size: int, num_eval_rows: int) -> None:

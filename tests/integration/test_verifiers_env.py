@@ -202,6 +202,16 @@ def test_a_rows_column_chooses_its_environment_and_a_group_never_mixes_them():
     assert TOK.decode(out.prompt_ids[2]).startswith("<tools>add</tools><system>Use the add tool.")
 
 
+def test_a_row_naming_no_route_is_refused_before_training(tmp_path, tiny_random_dir):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "answer": "2", "env": "calc"}) + "\n"
+                    + json.dumps({"prompt": "1+2=", "answer": "3", "env": "sum"}) + "\n")
+    with pytest.raises(ConfigError, match="task \\(train split\\): row 1: its 'env' column is 'sum'; "
+                                          "env.kwargs.routes has calc, sums"):
+        train(tmp_path, tiny_random_dir, "typo", "env=routed", ROUTES, "task.builtin=null", f"task.train_file={data}",
+              "train.max_steps=1")
+
+
 @pytest.mark.slow
 def test_a_run_mixing_the_calculator_and_a_verifiers_taskset_by_row(tmp_path, tiny_random_dir):
     sums = make("sums").rows(f"{SETS}:sums")["train"]
