@@ -21,6 +21,7 @@ from grpo import distributed as dist
 from grpo.algorithms import dpo, online_dpo, ppo, supervised
 from grpo.algorithms import grpo as grpo_algorithm
 from grpo.config import CONFIG_DIR, Config, register_configs, to_config
+from grpo.envs import end_run
 from grpo.errors import CheckpointError, ConfigError, MaskedRewardsError, RewardInfraError
 from grpo.training.run import build_run, evaluate_from_config
 
@@ -37,7 +38,11 @@ def train_from_config(cfg: Config) -> list[dict]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist.init_distributed(deepspeed=cfg.backend.name.startswith("deepspeed"), timeout_s=cfg.backend.timeout_s)
-    run = build_run(cfg)
+    try:
+        run = build_run(cfg)
+    except BaseException:
+        end_run()  # a server an environment started for the run stops with it
+        raise
     try:
         history = train(run)
     except Exception as e:  # a peer rank died or timed out: say which rank saw it, and exit at once
@@ -47,6 +52,7 @@ def train_from_config(cfg: Config) -> list[dict]:
             os._exit(1)  # the process group is broken: skip the exit handlers that would wait on it
         raise
     finally:
+        end_run()
         run.tracker.close(plot=cfg.tracking.plot)
     final = [h for h in history if "eval/accuracy" in h]
     if final:
@@ -89,6 +95,8 @@ def run_cli(job: Callable[[Any], Any], *, config_name: str = "config",
         except (ConfigError, CheckpointError, MaskedRewardsError, RewardInfraError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        finally:
+            end_run()  # grpo-eval's too: servers its environments started stop with it
 
     _main()
 

@@ -62,6 +62,7 @@ RUN_RECORD = "compare_run.json"  # written in a run's directory once it finished
 ALGORITHMS: dict[str, list[str]] = {
     "grpo": ["algorithm=grpo"],
     "dr_grpo": ["algorithm=dr_grpo"],
+    "cispo": ["algorithm=cispo"],  # the clipped-weight REINFORCE loss, with its recipe's 4 optimiser steps per batch
     "ppo_rlhf": ["algorithm=ppo", "reward.functions=[{name:reward_model,weight:1.0,kwargs:{path:'{rm}'}}]"],
     "ppo": ["algorithm=ppo"],  # PPO on the task's own (verifiable) reward
     "dpo": ["algorithm=dpo"],
@@ -69,16 +70,16 @@ ALGORITHMS: dict[str, list[str]] = {
     "rft": ["algorithm=rft"],  # supervised on the policy's own samples that reach the reward bar
     "sft": ["algorithm=sft"],  # supervised on the dataset's demonstrations (the gold answers)
 }
-LABELS = {"grpo": "GRPO", "dr_grpo": "Dr. GRPO", "ppo_rlhf": "PPO-RLHF (learned RM)", "ppo": "PPO (verifiable reward)",
-          "dpo": "DPO (offline pairs)", "online_dpo": "online DPO", "rft": "RFT (own correct samples)",
-          "sft": "SFT (demonstrations)"}
+LABELS = {"grpo": "GRPO", "dr_grpo": "Dr. GRPO", "cispo": "CISPO", "ppo_rlhf": "PPO-RLHF (learned RM)",
+          "ppo": "PPO (verifiable reward)", "dpo": "DPO (offline pairs)", "online_dpo": "online DPO",
+          "rft": "RFT (own correct samples)", "sft": "SFT (demonstrations)"}
 
 
 @dataclass
 class CompareConfig:
     out_dir: str = field(default="runs/compare", metadata={"help": "directory of the comparison"})
-    algorithms: list[str] = field(default_factory=lambda: ["grpo", "dr_grpo", "ppo_rlhf", "dpo", "online_dpo", "rft",
-                                                           "sft"],
+    algorithms: list[str] = field(default_factory=lambda: ["grpo", "dr_grpo", "cispo", "ppo_rlhf", "dpo", "online_dpo",
+                                                           "rft", "sft"],
                                   metadata={"help": "names from grpo.compare.command.ALGORITHMS, run in this order"})
     budget_samples: int = field(default=12800, metadata={"help": "generated completions each algorithm may use"})
     prompts_per_step: int = field(default=32, metadata={"help": "prompts per step of the online algorithms"})

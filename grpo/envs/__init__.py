@@ -18,16 +18,20 @@ is over, to stop what it started (a process, a sandbox). An environment that off
 from their signature and docstring. `ToolEnvironment` (grpo.envs.tools) does the tool plumbing: parse the
 turn's tool calls, run them, and turn every failure into a message the model sees. Environments are chosen by
 `env.name`: a dotted path `package.module:Class` or a name registered in the `grpo.environments` entry-point
-group; `env.kwargs` are passed to the class.
+group; `env.kwargs` are passed to the class. What an environment starts for the whole run rather than one episode (a
+server its episodes connect to) is registered with `on_run_end` and stopped by `end_run` when the run ends.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from rewards.registry import Registry
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,3 +92,21 @@ def environment_rows(name: str, kwargs: dict | None = None) -> dict[str, list[di
         raise ValueError(f"task.builtin=env: the environment {name!r} brings no rows (a `rows` classmethod); "
                          "use a task of its own (task.builtin, task.train_file, task.hf_dataset)")
     return cls.rows(**dict(kwargs or {}))
+
+
+RUN_RESOURCES: list[Callable[[], None]] = []  # what stops the run's shared resources, in the order they started
+
+
+def on_run_end(stop: Callable[[], None]) -> None:
+    """Have `stop` called when the run ends (`end_run`), e.g. to stop a server the run's episodes share."""
+    RUN_RESOURCES.append(stop)
+
+
+def end_run() -> None:
+    """Stop what environments started for the run, the latest first; an error is logged and the rest still stop."""
+    while RUN_RESOURCES:
+        stop = RUN_RESOURCES.pop()
+        try:
+            stop()
+        except Exception:
+            logger.exception("environment: stopping %r at the end of the run raised", stop)

@@ -2,7 +2,10 @@
 
     python -m scripts.experiments.smollm2_vs_trl --out runs/trl_chain_sum --seed 0 --threads 1
     python -m scripts.experiments.smollm2_vs_trl --out runs/trl_chain_sum --eval-only   # evaluate its checkpoints
-    python -m scripts.experiments.smollm2_vs_trl --out runs/trl --compare-only --ours runs/smollm2_chain_sum/seed0
+    python -m scripts.experiments.smollm2_vs_trl --out runs/trl_chain_sum --eval-only --steps 30 40   # only these
+    python -m scripts.experiments.smollm2_vs_trl --out runs/trl --compare-only --ours runs/smollm2_chain_sum/seed0 \
+        --plot docs/trl.png   # held-out accuracy against step and against training seconds, both trainers
+    python -m scripts.experiments.smollm2_vs_trl --out runs/trl_chain_sum --resume runs/trl_chain_sum/checkpoint-20
 
 TRL trains on what `grpo-train experiment=smollm2_chain_sum` trains on (the experiment's Hydra config, read here):
 the converted model directory, the same training rows after the same decontamination, given as chat messages
@@ -20,6 +23,15 @@ distribution, different random draws); TRL's group std has eps 1e-4, ours 1e-6; 
 from its own seeded stream. Wall time: TRL's from its trainer's start to each `on_step_end` (evaluation runs
 after training, apart); ours from the run's `metrics.jsonl` (`time/step_s` summed; it includes the run's own
 evaluations, which `--ours` subtracts to compare training time alone, and reports both).
+
+Resuming (`--resume`, TRL's `resume_from_checkpoint`, to the same `max_steps`): Trainer reloads the adapters, the
+step, the data position, and the optimizer, scheduler and RNG state where the checkpoint holds them; where it does
+not (checkpoints saved with `save_only_model`, as this script saved before it could resume) it goes on without
+them in silence, so the script refuses such a checkpoint unless `--fresh-optimizer`: AdamW's moments then restart
+at the resumed step (its first update is bias-corrected as a first step's is) and the sampling stream restarts from
+the seed. `resume.json` records what was missing and that the adapters training resumed from are the checkpoint's.
+`wall.jsonl` keeps the lines up to the resumed step and adds the resumed part's seconds to that step's: training
+time alone, without the time between the stop and the resume. Checkpoints now hold the full state.
 """
 
 from __future__ import annotations
@@ -35,7 +47,9 @@ import torch
 import transformers
 from datasets import Dataset
 from hydra import compose, initialize_config_dir
-from peft import LoraConfig
+from matplotlib.figure import Figure
+from peft import LoraConfig, get_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
@@ -73,23 +87,96 @@ def trl_reward(cfg):
     return reward
 
 
-class WallClock(TrainerCallback):
-    """Seconds from the trainer's start to the end of each step, one JSON line per step."""
+RESUME_STATE = ("optimizer.pt", "scheduler.pt", "rng_state.pth")  # what Trainer reloads beside the weights
 
-    def __init__(self, path: Path):
-        self.path, self.start = path, None
+
+def resumed_walls(lines: list[dict], step: int) -> tuple[list[dict], float]:
+    """The wall-clock lines up to `step` (kept) and the wall time at `step` (the resumed part's offset).
+
+    A run stopped after its step-`step` checkpoint may have logged later steps before it stopped: those are
+    dropped, since the resumed run trains them again.
+    """
+    kept = [line for line in lines if line["step"] <= step]
+    at = [line["wall_s"] for line in kept if line["step"] == step]
+    if not at:
+        raise ValueError(f"wall.jsonl has no line for step {step}, the checkpoint resumed from")
+    return kept, at[0]
+
+
+def resume_check(checkpoint: Path, max_steps: int) -> dict:
+    """What `Trainer.train(resume_from_checkpoint=...)` will restore from `checkpoint`, checked before training.
+
+    Trainer skips a missing optimizer, scheduler or RNG file in silence (and reloads the weights and the step);
+    this names them. The checkpoint's `max_steps` must be the run's, or a schedule would differ.
+    """
+    if not (checkpoint / "trainer_state.json").is_file():
+        raise ValueError(f"--resume {checkpoint}: no trainer_state.json (not a Trainer checkpoint)")
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    if state["max_steps"] != max_steps:
+        raise ValueError(f"--resume {checkpoint}: its max_steps is {state['max_steps']}, the run's {max_steps}")
+    return {"checkpoint": str(checkpoint), "step": state["global_step"], "max_steps": max_steps,
+            "missing": [name for name in RESUME_STATE if not (checkpoint / name).is_file()]}
+
+
+class WallClock(TrainerCallback):
+    """Seconds from the trainer's start to the end of each step, one JSON line per step.
+
+    On a resumed run the lines up to the resumed step are kept and the resumed part's seconds are added to the
+    wall time at that step (`resumed_walls`): training time alone, without the time the run was stopped.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path, self.resume_step, self.start = path, resume_step, None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        kept, self.offset = [], 0.0
+        if self.resume_step is not None:
+            kept, self.offset = resumed_walls(read_jsonl(self.path), self.resume_step)
+        self.path.write_text("".join(json.dumps(line) + "\n" for line in kept))
         self.start = time.perf_counter()
-        self.path.write_text("")
 
     def on_step_end(self, args, state, control, **kwargs):
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": state.global_step, "wall_s": time.perf_counter() - self.start}) + "\n")
+            f.write(json.dumps({"step": state.global_step, "wall_s": self.offset + time.perf_counter() - self.start})
+                    + "\n")
 
 
-def train_trl(cfg, model_path: str, out: Path, save_every: int, micro: int) -> None:
-    """TRL's GRPOTrainer with the experiment's settings (module docstring); adapters saved every `save_every`."""
+class AdapterCheck(TrainerCallback):
+    """Largest difference between the adapters training starts from and the resumed checkpoint's (0: reloaded),
+    written with the resume's record to `path` as training starts (a run stopped again keeps it)."""
+
+    def __init__(self, checkpoint: Path, record: dict, path: Path):
+        self.checkpoint, self.record, self.path = checkpoint, record, path
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        saved = load_file(str(self.checkpoint / "adapter_model.safetensors"))
+        live = get_peft_model_state_dict(model)
+        common = set(saved) & set(live)
+        self.record["adapter_keys"] = {"saved": len(saved), "live": len(live), "common": len(common)}
+        self.record["adapter_max_abs_diff"] = max(
+            ((saved[k] - live[k].detach().cpu()).abs().max().item() for k in common), default=float("nan"))
+        self.record["global_step_at_start"] = state.global_step
+        self.path.write_text(json.dumps(self.record, indent=1) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_trl(cfg, model_path: str, out: Path, save_every: int, micro: int, resume: Path | None = None,
+              fresh_optimizer: bool = False) -> None:
+    """TRL's GRPOTrainer with the experiment's settings (module docstring); checkpoints every `save_every`.
+
+    `resume`: a checkpoint of the same run to go on from (TRL's `resume_from_checkpoint`); one without its
+    optimizer, scheduler or RNG file is refused unless `fresh_optimizer` (then what was missing is recorded in
+    `resume.json`, beside the check that the adapters training starts from are the checkpoint's).
+    """
+    record = None
+    if resume is not None:
+        record = resume_check(resume, cfg.train.max_steps)
+        if record["missing"] and not fresh_optimizer:
+            raise ValueError(f"--resume {resume}: no {', '.join(record['missing'])} (saved with save_only_model); "
+                             f"--fresh-optimizer goes on from its weights with AdamW's moments restarted")
     r, a, o, lora = cfg.rollout, cfg.algorithm, cfg.optim, cfg.model.lora
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype))
@@ -104,22 +191,33 @@ def train_trl(cfg, model_path: str, out: Path, save_every: int, micro: int) -> N
         max_completion_length=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
         learning_rate=o.lr, adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_epsilon=o.eps, optim="adamw_torch",
         weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, lr_scheduler_type="constant", warmup_steps=0,
-        logging_steps=1, save_strategy="steps", save_steps=save_every, save_only_model=True, report_to="none",
+        logging_steps=1, save_strategy="steps", save_steps=save_every, save_only_model=False, report_to="none",
         disable_tqdm=True, use_cpu=True, bf16=False, dataloader_num_workers=0, disable_dropout=True,
         gradient_checkpointing=cfg.backend.gradient_checkpointing,  # TRL's default is on; ours off
     )
     peft = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
                       target_modules=list(lora.target_modules) or "all-linear")
+    callbacks = [WallClock(out / "wall.jsonl", None if record is None else record["step"])]
+    if record is not None:
+        callbacks.append(AdapterCheck(resume, record, out / "resume.json"))
     trainer = GRPOTrainer(model=model, reward_funcs=[trl_reward(cfg)], args=args, train_dataset=trl_dataset(cfg),
-                          processing_class=tokenizer, peft_config=peft, callbacks=[WallClock(out / "wall.jsonl")])
-    trainer.train()
+                          processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
 
 
-def evaluate_checkpoints(experiment: str, seed: int, overrides: list[str], model_path: str, out: Path) -> list[dict]:
-    """Our evaluator (greedy, the experiment's held-out split) on the base model and every saved checkpoint."""
-    walls = {line["step"]: line["wall_s"] for line in map(json.loads, (out / "wall.jsonl").read_text().splitlines())}
+def evaluate_checkpoints(experiment: str, seed: int, overrides: list[str], model_path: str, out: Path,
+                         steps: list[int] | None = None) -> list[dict]:
+    """Our evaluator (greedy, the experiment's held-out split) on the base model and every saved checkpoint.
+
+    `steps`: only these (0 is the base model), merged into `eval.jsonl`'s earlier rows (`merge_evals`).
+    """
+    walls = {line["step"]: line["wall_s"] for line in read_jsonl(out / "wall.jsonl")}
     points = [(0, model_path)] + sorted((int(d.name.split("-")[1]), str(d)) for d in out.glob("checkpoint-*"))
+    if steps is not None:
+        if unknown := set(steps) - {step for step, _ in points}:
+            raise ValueError(f"--steps {sorted(unknown)}: no such checkpoint in {out}")
+        points = [(step, path) for step, path in points if step in steps]
     results = []
     for step, path in points:
         cfg = experiment_config(experiment, seed, [*overrides, "model.gguf_file=null", "model.package=null",
@@ -127,8 +225,17 @@ def evaluate_checkpoints(experiment: str, seed: int, overrides: list[str], model
         metrics = evaluate_from_config(cfg)
         results.append({"step": step, "wall_s": walls.get(step, 0.0), **{
             k: metrics[k] for k in ("eval/accuracy", "eval/format", "eval/completion_len") if k in metrics}})
+    if steps is not None and (out / "eval.jsonl").is_file():
+        results = merge_evals(read_jsonl(out / "eval.jsonl"), results, walls)
     (out / "eval.jsonl").write_text("".join(json.dumps(x) + "\n" for x in results))
     return results
+
+
+def merge_evals(old: list[dict], new: list[dict], walls: dict[int, float]) -> list[dict]:
+    """Earlier evaluation rows with the new ones (a new row replaces its step's), in step order, each row's
+    wall time read again from `walls` (wall.jsonl now: a resumed run rewrites it)."""
+    rows = {row["step"]: row for row in old} | {row["step"]: row for row in new}
+    return [{**rows[step], "wall_s": walls.get(step, 0.0)} for step in sorted(rows)]
 
 
 def ours_curve(run_dir: Path) -> list[dict]:
@@ -166,6 +273,48 @@ def compare(trl: list[dict], ours: list[dict]) -> None:
               f"training = {reached['train_s'] / trl_s:.2f}x TRL's {trl_s:.0f} s")
 
 
+def plot_series(trl: list[dict], ours: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """Each curve's steps, training seconds and held-out accuracy, in step order.
+
+    Training seconds without evaluations for both (TRL's evaluations run apart; ours' `train_s` subtracts them),
+    and ours with its evaluations beside them, as its run spent them.
+    """
+    trl, ours = sorted(trl, key=lambda x: x["step"]), sorted(ours, key=lambda x: x["step"])
+    return {
+        "TRL GRPOTrainer": {"step": [p["step"] for p in trl], "seconds": [p["wall_s"] for p in trl],
+                            "accuracy": [p["eval/accuracy"] for p in trl]},
+        "ours": {"step": [p["step"] for p in ours], "seconds": [p["train_s"] for p in ours],
+                 "accuracy": [p["eval/accuracy"] for p in ours]},
+        "ours, with its evaluations": {"step": [p["step"] for p in ours], "seconds": [p["wall_s"] for p in ours],
+                                       "accuracy": [p["eval/accuracy"] for p in ours]},
+    }
+
+
+def plot(series: dict[str, dict[str, list[float]]], file: Path, resumed_at: int | None) -> None:
+    """Held-out accuracy against step (left) and against training seconds (right), both trainers."""
+    fig = Figure(figsize=(10.0, 4.0))
+    by_step, by_time = fig.subplots(1, 2, sharey=True)
+    styles = {"TRL GRPOTrainer": ("tab:orange", "-"), "ours": ("tab:blue", "-"),
+              "ours, with its evaluations": ("tab:blue", ":")}
+    for label, curve in series.items():
+        colour, line = styles[label]
+        if line == "-":
+            by_step.plot(curve["step"], curve["accuracy"], color=colour, marker="o", label=label)
+        by_time.plot(curve["seconds"], curve["accuracy"], color=colour, linestyle=line, marker="o", label=label)
+    if resumed_at is not None:
+        by_step.axvline(resumed_at, color="tab:orange", linestyle="--", linewidth=0.8,
+                        label=f"TRL resumed at step {resumed_at}")
+    by_step.set_xlabel("GRPO step")
+    by_time.set_xlabel("training wall time, s (1 torch thread, shared 2-core machine)")
+    by_step.set_ylabel("held-out accuracy (greedy)")
+    for ax in (by_step, by_time):
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(file, dpi=110)
+
+
 def nan_if_none(value: float | None) -> float:
     return float("nan") if value is None else value
 
@@ -179,10 +328,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--override", action="append", default=[], help="Hydra override of the experiment, repeatable")
     p.add_argument("--micro-batches", type=int, default=4, help="TRL's gradient accumulation per step (memory)")
+    p.add_argument("--resume", type=Path, help="a checkpoint in --out to go on from, to the experiment's max_steps")
+    p.add_argument("--fresh-optimizer", action="store_true",
+                   help="resume from a checkpoint without optimizer/scheduler/RNG state (AdamW's moments restart)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoints already in --out")
+    p.add_argument("--steps", type=int, nargs="+", help="evaluate only these steps' checkpoints (0: the base model), "
+                   "keeping eval.jsonl's other rows")
     p.add_argument("--compare-only", action="store_true", help="compare --out's eval.jsonl with --ours, no evaluation")
     p.add_argument("--ours", help="our run directory of the same experiment and seed, to compare with")
+    p.add_argument("--plot", type=Path, help="with --ours: write both curves here (against step and seconds)")
     a = p.parse_args()
+    if a.plot and not a.ours:
+        p.error("--plot needs --ours (the run to draw beside TRL's)")
     torch.set_num_threads(a.threads)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     transformers.logging.set_verbosity_error()
@@ -195,10 +352,13 @@ def main() -> None:
         cfg = experiment_config(a.experiment, a.seed, a.override)
         model_path = resolve_model_path(cfg)
         if not a.eval_only:
-            train_trl(cfg, model_path, out, cfg.train.eval_every, a.micro_batches)
-        trl = evaluate_checkpoints(a.experiment, a.seed, a.override, model_path, out)
+            train_trl(cfg, model_path, out, cfg.train.eval_every, a.micro_batches, a.resume, a.fresh_optimizer)
+        trl = evaluate_checkpoints(a.experiment, a.seed, a.override, model_path, out, a.steps)
     if a.ours:
         compare(trl, ours_curve(Path(a.ours)))
+        if a.plot:
+            resumed = json.loads((out / "resume.json").read_text())["step"] if (out / "resume.json").is_file() else None
+            plot(plot_series(trl, ours_curve(Path(a.ours))), a.plot, resumed)
     else:
         print("\n".join(json.dumps(x) for x in trl))
 

@@ -28,13 +28,13 @@ load Hugging Face datasets.
 
 from __future__ import annotations
 
-import hashlib
 import random
 
 import gem
 import numpy as np
 
 from grpo.envs import Done, Observation
+from grpo.envs.adapters import row_seed
 
 
 class PrivateRandom:
@@ -56,12 +56,6 @@ class PrivateRandom:
             random.setstate(saved[0])
             np.random.set_state(saved[1])
 
-
-def row_seed(row: dict) -> int:
-    """The row's `seed` column, else a fixed 32-bit hash of its prompt (the same in every process)."""
-    if isinstance(row.get("seed"), int) and row["seed"] >= 0:
-        return row["seed"]
-    return int.from_bytes(hashlib.blake2b(str(row.get("prompt", "")).encode(), digest_size=4).digest(), "big")
 
 
 class GemEnvironment:
