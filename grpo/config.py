@@ -30,7 +30,7 @@ ROLLOUT_MODES = ("colocate", "server")
 LORA_SYNCS = ("adapter", "merged")
 MAX_VLLM_LORA_RANK = 512  # the largest of vLLM's max_lora_rank choices
 DTYPES = ("float32", "bfloat16")
-BUILTIN_TASKS = ("arithmetic", "reasoning_gym")
+BUILTIN_TASKS = ("arithmetic", "reasoning_gym", "env")  # env: the rows the environment (env.name) brings
 LR_SCHEDULES = ("constant", "linear", "cosine")
 RESUME_MODES = ("never", "auto")
 
@@ -871,6 +871,8 @@ def validate_algorithm_against_run(cfg: Config) -> None:
     if cfg.env.name and (cfg.task.chat or cfg.task.system_prompt is not None):
         raise ConfigError("task.chat, task.system_prompt: episodes (env.name) write their own chat messages; "
                           "leave these at null")
+    if cfg.task.builtin == "env" and not cfg.env.name:
+        raise ConfigError("task.builtin=env: the rows come from the environment; set env.name")
     if cfg.env.name and a.overlong_buffer:
         raise ConfigError("algorithm.overlong_buffer: the overlong penalty is for single-turn completions; "
                           "set it to 0 with env.name")

@@ -19,9 +19,10 @@ import datasets
 import pyarrow.parquet as pq
 
 from grpo.builtin.arithmetic import Arithmetic
-from grpo.config import TaskConfig
+from grpo.config import EnvConfig, TaskConfig
 from grpo.data.contamination import text_digest
 from grpo.data.reasoning_gym import ReasoningGym
+from grpo.envs import environment_rows
 from grpo.errors import ConfigError
 
 
@@ -60,9 +61,14 @@ def arithmetic(task: TaskConfig) -> Arithmetic:
                       style=a.style, max_carries=a.max_carries)
 
 
-def load_task(task: TaskConfig, required_columns: set[str]) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows), each row with a formatted `prompt`; checks columns before training."""
-    if task.builtin == "arithmetic":
+def load_task(task: TaskConfig, required_columns: set[str],
+              env: EnvConfig | None = None) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows), each row with a formatted `prompt`; checks columns before training. `env`: the
+    run's environment, whose own rows `task.builtin=env` takes."""
+    if task.builtin == "env":
+        splits = env_splits(env)
+        train, evals, where = splits["train"], splits.get("test", []), f"env {env.name}"
+    elif task.builtin == "arithmetic":
         gen = arithmetic(task)
         train, evals, where = gen.train_rows(), gen.eval_rows(), "task arithmetic"
     elif task.builtin == "reasoning_gym":
@@ -87,6 +93,16 @@ def load_task(task: TaskConfig, required_columns: set[str]) -> tuple[list[dict],
                 )
         check_column_types(rows, name)
     return train, evals
+
+
+def env_splits(env: EnvConfig | None) -> dict[str, list[dict]]:
+    """The rows of the environment `env` names (grpo.envs.environment_rows); ConfigError naming the field."""
+    if env is None or not env.name:
+        raise ConfigError("task.builtin=env: the rows come from the environment; set env.name")
+    try:
+        return environment_rows(env.name, dict(env.kwargs))
+    except (ValueError, TypeError, ImportError) as e:
+        raise ConfigError(f"task.builtin=env: {e}") from e
 
 
 def _kind(value) -> str:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from rewards.registry import Registry
@@ -43,9 +43,11 @@ class Observation:
 
 @dataclass
 class Done:
-    """The episode is over. `reward` None leaves the scoring to the task's reward functions."""
+    """The episode is over. `reward` None leaves the scoring to the task's reward functions. `scores`: the named
+    parts the environment's reward was made of (logged as `reward/<name>`; `reward` alone enters the total)."""
 
     reward: float | None = None
+    scores: dict[str, float] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -66,7 +68,8 @@ ENTRY_POINT_GROUP = "grpo.environments"
 # `package.module:Class` path; a name an installed package declares in the `grpo.environments` entry points.
 ENVIRONMENTS: Registry[Callable[..., Environment]] = Registry(
     "environment", lazy={"calculator": "grpo.envs.calculator:calculator_environment",
-                         "python": "grpo.envs.python:python_environment"},
+                         "python": "grpo.envs.python:python_environment",
+                         "routed": "grpo.envs.routing:RoutedEnvironment"},
     entry_points=ENTRY_POINT_GROUP, paths=True)
 
 
@@ -79,6 +82,16 @@ def environment_factory(name: str, kwargs: dict | None = None) -> Callable[[], E
         raise ValueError(f"env.name: {e}") from None
     options = dict(kwargs or {})
     return lambda: cls(**options)
+
+
+def environment_rows(name: str, kwargs: dict | None = None) -> dict[str, list[dict]]:
+    """The dataset an environment brings (`task.builtin=env`): its class's `rows(**kwargs)`, {"train": [...],
+    "test": [...]}; ValueError where it has none."""
+    cls = ENVIRONMENTS.resolve(name)
+    if not callable(getattr(cls, "rows", None)):
+        raise ValueError(f"task.builtin=env: the environment {name!r} brings no rows (a `rows` classmethod); "
+                         "use a task of its own (task.builtin, task.train_file, task.hf_dataset)")
+    return cls.rows(**dict(kwargs or {}))
 
 
 RUN_RESOURCES: list[Callable[[], None]] = []  # what stops the run's shared resources, in the order they started

@@ -186,10 +186,13 @@ class ToolEnvironment:
 
 def limit_tool_calls(env, max_calls_per_turn: int) -> None:
     """Set the per-turn call limit of `env` if it is a ToolEnvironment, and of each ToolEnvironment it holds
-    as an attribute (an environment built around one, as in the module docstring's pattern)."""
+    as an attribute (an environment built around one, as in the module docstring's pattern); an environment that
+    builds its own later (grpo.envs.routing) takes it in its `tool_call_limit`."""
     for part in (env, *vars(env).values()) if hasattr(env, "__dict__") else (env,):
         if isinstance(part, ToolEnvironment):
             part.max_calls_per_turn = max_calls_per_turn
+    if hasattr(env, "tool_call_limit"):
+        env.tool_call_limit = max_calls_per_turn
 
 
 def to_text(result) -> str:

@@ -65,6 +65,7 @@ class Episode:
     turns: int = 0
     text: str = ""  # the last model turn: what the task's reward functions score
     reward: float | None = None
+    scores: dict = field(default_factory=dict)  # Done's named parts of the reward
     finished: bool = False
     truncated: bool = False
     closed: bool = False  # the environment's close() has been called (or will be, when its step returns)
@@ -195,8 +196,8 @@ def start_episode(make_env: Callable[[], Environment], row: dict, tokenizer, *,
     e = Episode(None, [], [], None, deadline=deadline)
     try:
         e.env = make_env()
+        e.messages = list(e.env.reset(row))  # before its tools: an environment may choose them by the row
         e.tools = [tool_schema(fn) for fn in getattr(e.env, "tools", [])]
-        e.messages = list(e.env.reset(row))
         e.context = render(tokenizer, e.messages, e.tools)
     except Exception as error:  # the user's environment: anything may go wrong, and only this episode pays
         fail(e, "reset raised" if e.env is not None else "building the environment raised", error)
@@ -265,6 +266,7 @@ def apply_step(e: Episode, result, tokenizer, max_turns: int, max_episode_tokens
     if isinstance(result, Exception):
         return fail(e, "step raised", result)
     if isinstance(result, Done):
+        e.scores = dict(getattr(result, "scores", {}))
         return end(e, "done", reward=result.reward)
     if not isinstance(result, Observation):
         return fail(e, f"step returned {type(result).__name__}, not Observation or Done")
@@ -286,11 +288,11 @@ def apply_step(e: Episode, result, tokenizer, max_turns: int, max_episode_tokens
 
 
 def episode_record(e: Episode) -> dict:
-    """What the metrics need of one finished episode."""
+    """What the metrics need of one finished episode; `route`: the name its row chose (grpo.envs.routing), or None."""
     counts = getattr(e.env, "counts", {})
     return {"turns": e.turns, "tool_calls": counts.get("calls", 0),
             "tool_errors": sum(counts.get(kind, 0) for kind in FAILURES), "truncated": e.truncated,
-            "reward": e.reward, "ended": e.ended}
+            "reward": e.reward, "ended": e.ended, "scores": e.scores, "route": getattr(e.env, "route", None)}
 
 
 def failed(record: dict) -> bool:

@@ -34,7 +34,7 @@ from grpo.data.loading import (
     load_task,
     load_val_split,
 )
-from grpo.envs import Environment, environment_factory
+from grpo.envs import ENVIRONMENTS, Environment, environment_factory
 from grpo.envs.chat import check_chat_template
 from grpo.envs.python import SESSIONS_MEMORY, TOOL_MEMORY_MB, available_memory_mb
 from grpo.envs.tools import limit_tool_calls
@@ -84,6 +84,7 @@ def build_run(cfg: Config) -> Run:
     make_env = build_environment(cfg)
     scorer, eval_scorer = build_scorers(cfg)
     train_rows, eval_rows, val_rows, ood_rows, contamination = load_rows(cfg, scorer, eval_scorer)
+    check_environment_rows(cfg, {"train": train_rows, "test": eval_rows, "val": val_rows, **ood_rows})
     validate_world(cfg, dist.world_size(), len(eval_rows))
     check_sessions_memory(cfg, dist.world_size(), len(eval_rows))
     if checkpoint is not None:
@@ -194,6 +195,17 @@ def build_environment(cfg: Config) -> Callable[[], Environment] | None:
     return make_env
 
 
+def check_environment_rows(cfg: Config, splits: dict[str, list[dict]]) -> None:
+    """Rows the run's environment refuses (its class's `check_rows(rows, **env.kwargs)`, e.g. a route that no
+    `env.kwargs.routes` entry names) fail here, naming the split and row, not at each of the row's episodes."""
+    check = getattr(ENVIRONMENTS.resolve(cfg.env.name), "check_rows", None) if cfg.env.name else None
+    for split, rows in splits.items() if callable(check) else ():
+        try:
+            check(rows, **dict(cfg.env.kwargs))
+        except ValueError as e:
+            raise ConfigError(f"task ({split} split): {e}") from e
+
+
 def check_sessions_memory(cfg: Config, world_size: int, num_eval_rows: int) -> None:
     """Set the budget of persistent python interpreters (`env.sessions_memory_mb`, default half of MemAvailable),
     and refuse a run of `env=python` with `persistent` whose episodes in flight at once on a rank (a step's, an
@@ -231,7 +243,8 @@ def build_scorers(cfg: Config) -> tuple[RewardScorer, RewardScorer]:
 def load_rows(cfg: Config, scorer: RewardScorer, eval_scorer: RewardScorer):
     """Training, held-out (test), validation and out-of-distribution rows, training rows that overlap an
     evaluation split dropped (`task.drop_contaminated`), and the contamination report."""
-    train_rows, eval_rows = load_task(cfg.task, scorer.required_columns() | eval_scorer.required_columns())
+    train_rows, eval_rows = load_task(cfg.task, scorer.required_columns() | eval_scorer.required_columns(),
+                                      cfg.env)
     val_rows = load_val_split(cfg.task, eval_scorer.required_columns())
     ood_rows = load_ood_splits(cfg.task, eval_scorer.required_columns())
     if (cfg.checkpoint.keep_best or cfg.train.early_stop) and not val_rows:
@@ -329,7 +342,7 @@ def run_title(cfg: Config) -> str:
 def evaluate_from_config(cfg: Config) -> dict:
     """What `grpo-eval` does: the held-out (and out-of-distribution) accuracy of `model.path`."""
     _, eval_scorer = build_scorers(cfg)
-    _, eval_rows = load_task(cfg.task, eval_scorer.required_columns())
+    _, eval_rows = load_task(cfg.task, eval_scorer.required_columns(), cfg.env)
     if not eval_rows:
         raise ConfigError("task: no held-out rows to evaluate (set task.eval_file or task.hf_eval_split)")
     path = resolve_model_path(cfg)

@@ -62,7 +62,7 @@ class Groups:
             completion_ids=self.completion_ids + other.completion_ids, texts=self.texts + other.texts,
             truncated=self.truncated + other.truncated,
             sampler_logprobs=both(self.sampler_logprobs, other.sampler_logprobs),
-            per_reward={k: v + other.per_reward[k] for k, v in self.per_reward.items()},
+            per_reward=join_columns(self.per_reward, len(self.texts), other.per_reward, len(other.texts)),
             rewards=self.rewards + other.rewards, loss_masks=both(self.loss_masks, other.loss_masks),
             episodes=both(self.episodes, other.episodes),
         )
@@ -194,11 +194,40 @@ def score_rows(run, rows: list[dict], tally: ScoringTally) -> tuple[Groups, floa
         total = add_env_reward(total, env_rewards, run.cfg.env.reward_weight)
         total = [None if failed(e) else t for t, e in zip(total, out.episodes)]  # the environment failed, not the model
         per_reward = {**per_reward, "env": env_rewards}
+        per_reward = {**per_reward, **environment_figures(out.episodes, total, set(per_reward))}
     rewards = add_overlong_penalty(total, [len(c) for c in out.completion_ids], run.cfg.algorithm,
                                    run.cfg.rollout.max_new_tokens)
     groups = Groups(rows, out.prompt_ids, out.completion_ids, out.texts, out.truncated, out.logprobs,
                     per_reward, rewards, out.loss_masks, out.episodes)
     return groups, out.metrics.get("time/generate_s", 0.0)
+
+
+def environment_figures(episodes: list[dict], total: list[float | None], taken: set[str]) -> dict[str, list]:
+    """Reward columns from the episodes' records (None where not applicable): each named part of an environment's
+    reward (`Done.scores`: e.g. a verifiers rubric's functions) under its name (`env_<name>` where a reward of the
+    run has that name), and with routed environments (grpo.envs.routing) each route's `<route>/total` (the
+    episode's total reward) and `<route>/<part>`, so `reward/<route>/..._mean` averages that route's episodes."""
+    n = len(episodes)
+    out: dict[str, list] = {}
+
+    def put(name: str, i: int, value: float | None) -> None:
+        out.setdefault(name, [None] * n)[i] = value
+
+    for i, (record, value) in enumerate(zip(episodes, total)):
+        route = record.get("route")
+        if route is not None:
+            put(f"{route}/total", i, value)
+        for part, score in record.get("scores", {}).items():
+            put(f"env_{part}" if part in taken else part, i, score)
+            if route is not None:
+                put(f"{route}/{part}", i, score)
+    return out
+
+
+def join_columns(a: dict[str, list], n_a: int, b: dict[str, list], n_b: int) -> dict[str, list]:
+    """Two sets of reward columns, of n_a and n_b samples, one after the other; a column one side lacks (an
+    environment's part no episode of that side had) is None there."""
+    return {k: a.get(k, [None] * n_a) + b.get(k, [None] * n_b) for k in {**a, **b}}
 
 
 def add_env_reward(total: list[float | None], env: list[float | None], weight: float) -> list[float | None]:

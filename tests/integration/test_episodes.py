@@ -108,7 +108,7 @@ def test_an_episode_is_the_models_tokens_as_sampled_and_only_the_new_environment
     assert out.logprobs[0] == [-0.5] * 3 + [0.0] * 20 + [-0.5] * 3
     assert out.texts == ["ab"] and out.truncated == [False]
     assert out.episodes == [{"turns": 2, "tool_calls": 0, "tool_errors": 0, "truncated": False, "reward": 1.0,
-                             "ended": "done"}]
+                             "ended": "done", "scores": {}, "route": None}]
 
 
 @pytest.mark.parametrize("turns, max_turns, budget, length, steps, truncated", [
