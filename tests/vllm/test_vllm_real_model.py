@@ -32,8 +32,8 @@ def character_codes(prompts: list[str], completions: list[str], **columns) -> li
 @pytest.mark.parametrize("mode", ["adapter", "merged"])
 def test_smollm2_lora_sampler_matches_the_trainer_after_a_synced_update(tmp_path, smollm2_cache, monkeypatch,
                                                                         mode, capsys):
-    # ~60 s per mode on 2 shared cores after the session's conversion (smollm2_cache: 40-90 s): an engine build
-    # (~40 s), 2 steps of 2 prompts x 4 completions x 8 tokens.
+    # Both modes 3 min 51 s with the session's conversion (smollm2_cache: 40-90 s) on 2 cores at load average 15:
+    # per mode an engine build (~40 s) and 2 steps of 2 prompts x 4 completions x 8 tokens.
     from grpo.algorithms.grpo import train_step
     from grpo.training.run import build_run
 
