@@ -218,7 +218,10 @@ def _score_logits(
     a metric here), its saved `[..., V]` tensors would live until the graph is freed, and under
     activation checkpointing the recomputed ones would too: about two logits-sized tensors per chunk.
     """
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)  # [..., V]
+    logits = logits.float()
+    if temperature != 1.0:  # x / 1 is x exactly: at the default, no pass over [..., V] (and none in backward)
+        logits = logits / temperature
+    logp = F.log_softmax(logits, dim=-1)  # [..., V]
     lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [...]
     ent = None
     if with_entropy:

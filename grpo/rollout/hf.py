@@ -124,7 +124,8 @@ class HFRolloutEngine:
                                 past_key_values=cache, use_cache=True).logits[:, -1].float()  # [A, V]
             # finished rows draw on placeholder logits (their token is replaced by padding): the draw
             # consumes the random stream as `generate`'s does
-            logits = step_logits.new_zeros(rows, step_logits.shape[-1]).index_copy_(0, active, step_logits)  # [R, V]
+            logits = step_logits if len(active) == rows else (  # [R, V]
+                step_logits.new_zeros(rows, step_logits.shape[-1]).index_copy_(0, active, step_logits))
 
         self._append(out, torch.stack(tokens, dim=1).cpu(), torch.stack(logps, dim=1).cpu(), length.tolist(),
                      finished.tolist())  # [R, steps] tokens and log-probs
@@ -150,7 +151,8 @@ def sample_tokens(logits: torch.Tensor, bias: torch.Tensor, temperature: float, 
                   top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The next token of every row [R], drawn from `softmax(top_k_top_p(logits / temperature + bias))`, and its
     log-prob under that same distribution (the behaviour policy's: filtered and renormalised)."""
-    filtered = top_k_top_p(logits / temperature + bias, top_k, top_p)  # [R, V] -inf outside what may be drawn
+    scaled = logits / temperature if temperature != 1.0 else logits  # x / 1 is x exactly: one pass less
+    filtered = top_k_top_p(scaled + bias, top_k, top_p)  # [R, V] -inf outside what may be drawn
     token = torch.multinomial(filtered.softmax(-1), 1).squeeze(1)  # [R]
     return token, filtered.log_softmax(-1).gather(-1, token[:, None]).squeeze(1)
 
