@@ -59,26 +59,33 @@ from grpo.training.run import build_run
 from grpo.training.update import score_logprobs, update_policy
 from tests.conftest import compose
 
-RECIPE = ["experiment=smollm2_addition"]
 PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
                ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
+    p.add_argument("--experiment", default="smollm2_addition", help="the recipe (configs/experiment/); '' for none")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the run's `threads`)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of every phase and floor (medians)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--override", action="append", default=[], help="a further Hydra override of the recipe")
+    p.add_argument("--profile", action="store_true", help="then each phase once under torch's profiler: its top "
+                   "operators by own time (not part of the timings)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"load average before: {os.getloadavg()}")
-    cfg = compose([*RECIPE, f"run_dir={tempfile.mkdtemp(prefix='step-floor-')}", f"threads={args.threads}",
+    recipe = [f"experiment={args.experiment}"] if args.experiment else []
+    cfg = compose([*recipe, f"run_dir={tempfile.mkdtemp(prefix='step-floor-')}", f"threads={args.threads}",
                    f"seed={args.seed}", *args.override])
     run = build_run(cfg)
     bench = StepBench(run, args.seed)
     results = bench.measure(args.repeats)
     report(bench, results, args)
+    if args.profile:
+        for name, phase in (("generation", bench.generate), ("update", bench.update)):
+            print(f"\n{name}: operators by own time, one run under the profiler")
+            top_operators(phase)
     print(f"load average after: {os.getloadavg()}")
     return results
 
@@ -197,6 +204,17 @@ class StepBench:
             times["update floor"].append(fwd + bwd + opt)
             print("  " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in times.items()), flush=True)
         return {k: statistics.median(v) for k, v in times.items()}
+
+
+def top_operators(fn, count: int = 12) -> None:
+    """`fn` once under torch's profiler: the `count` operators with the most own time, their share and calls."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    for e in events[:count]:
+        print(f"  {e.key:55s} {e.self_cpu_time_total / 1e6:7.2f} s {e.self_cpu_time_total / total:6.1%} "
+              f"{e.count:6d} calls")
 
 
 def clock(fn) -> float:
@@ -343,7 +361,8 @@ def report(bench: StepBench, r: dict, args) -> None:
             ("step (generation + update)", r["generation"] + r["update"], r["generation floor"] + r["update floor"]),
             ("old/ref log-probs (not in the recipe's step)", r["old/ref log-probs"], r["old/ref log-probs floor"])]
     decode = [x for x in bench.generation_calls if x.cached]
-    print(f"\n{bench.cfg.model.gguf_file or bench.cfg.model.path}: hidden {c.hidden_size}, {c.num_hidden_layers} "
+    m = bench.cfg.model
+    print(f"\n{m.gguf_file or m.path or m.builtin}: hidden {c.hidden_size}, {c.num_hidden_layers} "
           f"layers, vocabulary {c.vocab_size}, {f.dtype}; torch threads {args.threads}; "
           f"{torch.backends.cpu.get_cpu_capability()} kernels; repeats {args.repeats}")
     print(f"batch: {len(bench.prompts)} prompts x {bench.group}, prompts {min(f.prompt_lengths)}-"
