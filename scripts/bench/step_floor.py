@@ -67,7 +67,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     p.add_argument("--experiment", default="smollm2_addition", help="the recipe (configs/experiment/); '' for none")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the run's `threads`)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats of every phase and floor (medians)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed repeats of every phase and floor (medians); 0: none (with --profile: the profile alone)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--override", action="append", default=[], help="a further Hydra override of the recipe")
     p.add_argument("--profile", action="store_true", help="then each phase once under torch's profiler: its top "
@@ -80,8 +81,10 @@ def main(argv=None) -> dict:
                    f"seed={args.seed}", *args.override])
     run = build_run(cfg)
     bench = StepBench(run, args.seed)
-    results = bench.measure(args.repeats)
-    report(bench, results, args)
+    results = {}
+    if args.repeats > 0:
+        results = bench.measure(args.repeats)
+        report(bench, results, args)
     if args.profile:
         for name, phase in (("generation", bench.generate), ("update", bench.update)):
             print(f"\n{name}: operators by own time, one run under the profiler")
@@ -114,7 +117,7 @@ class StepBench:
         self.group = self.cfg.algorithm.group_size
         self.base = run.policy.get_base_model() if hasattr(run.policy, "get_base_model") else run.policy
         self.trainable = [p for p in run.policy.parameters() if p.requires_grad]
-        self.forwards: list[Forward] | None = []
+        self.forwards: list[Forward] | None = None  # recording: a list (prepare)
         self.base.model.register_forward_pre_hook(self._record, with_kwargs=True)
         self.sampling_s = 0.0
         self.sub = defaultdict(float)  # the update's backward and optimiser step
@@ -129,11 +132,13 @@ class StepBench:
             return out
 
         hf_rollout.sample_tokens = timed_sample
+
+    def prepare(self) -> None:
+        """Each phase once (a warm-up), its forwards recorded for the floor: the timed repeats run the same."""
         self.generation_calls = self._record_calls(self.generate)
-        self.completions = self._last_completions
         self.logprob_calls = self._record_calls(self.old_logprobs)
         self.update_calls = self._record_calls(self.update)
-        self.forwards = None  # recorded: the timed repeats run the same forwards
+        self.forwards = None
         self.floor = Floor(self)
 
     def _record(self, module, args, kwargs):
@@ -159,8 +164,7 @@ class StepBench:
 
     def generate(self) -> None:
         torch.manual_seed(self.seed + 1)
-        out = self.run.engine.generate(self.prompts, self.group)
-        self._last_completions = out.completion_ids
+        self.run.engine.generate(self.prompts, self.group)
 
     def old_logprobs(self) -> None:
         score_logprobs(self.run.backend.model, self.batch, temperature=self.cfg.rollout.temperature,
@@ -177,6 +181,7 @@ class StepBench:
 
     def measure(self, repeats: int) -> dict:
         """Each phase then its floor, `repeats` times; the medians (seconds)."""
+        self.prepare()
         times = defaultdict(list)
         floor = self.floor
         for _ in range(repeats):
