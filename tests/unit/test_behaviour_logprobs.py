@@ -56,3 +56,17 @@ def test_temperature_one_draws_and_reports_exactly_what_dividing_by_one_does():
     ref = torch.multinomial(scaled.softmax(-1), 1).squeeze(1)
     assert torch.equal(token, ref)
     assert torch.equal(logp, scaled.log_softmax(-1).gather(-1, ref[:, None]).squeeze(1))
+
+
+def test_the_draw_with_denormals_flushed_is_multinomials_and_leaves_the_flag_off():
+    from grpo.rollout.hf import draw
+
+    # logits spread over +-80: about a quarter of the probabilities fall below 1.2e-38 (denormal)
+    probs = (torch.randn(32, 500, generator=torch.Generator().manual_seed(0)) * 20).softmax(-1)  # [R, V]
+    assert ((probs > 0) & (probs < torch.finfo(torch.float32).tiny)).any()
+    torch.manual_seed(3)
+    ours = draw(probs)
+    torch.manual_seed(3)
+    assert torch.equal(ours, torch.multinomial(probs, 1).squeeze(1))
+    tiny = torch.tensor([torch.finfo(torch.float32).tiny])
+    assert (tiny * 0.5).item() > 0  # denormals are back on for the model's own arithmetic
