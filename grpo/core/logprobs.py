@@ -29,6 +29,8 @@ Conventions, shared by both functions here:
   layout of the same rows and scatters its log-probs back into these columns.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -225,7 +227,7 @@ def _score_logits(
     lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [...]
     ent = None
     if with_entropy:
-        with torch.no_grad():
+        with torch.no_grad(), flush_denormals():  # the terms it flushes are below 1e-36: the same sum
             ent = -(logp.exp() * logp).sum(-1)  # [...]
     return lp, ent
 
@@ -288,3 +290,21 @@ def _left_zeros(tail: torch.Tensor, k: int) -> torch.Tensor:
 def _cat_rows(chunks: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
     """Concatenate per-chunk results; with no rows at all, an empty tensor still in the graph."""
     return torch.cat(chunks) if chunks else rows[:, 0].float()  # [N]
+
+
+TINY = torch.tensor([torch.finfo(torch.float32).tiny])  # the smallest normal float32
+
+
+@contextlib.contextmanager
+def flush_denormals():
+    """CPU arithmetic inside flushes denormal (below 1.2e-38) inputs and results to zero, then it is back as it
+    was. x86 computes denormals several times slower, and a peaked softmax over tens of thousands of tokens is
+    full of them: `exp` of log-probs below -87 and products with them (`python -m scripts.bench.step_floor
+    --profile`). Use it only where such terms cannot change the result."""
+    was_on = bool((TINY * 0.5).item() == 0.0)  # torch has no getter for the flag: probe it
+    switched = not was_on and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if switched:
+            torch.set_flush_denormal(False)

@@ -32,6 +32,7 @@ import time
 import torch
 from transformers import StopStringCriteria
 
+from grpo.core.logprobs import flush_denormals
 from grpo.rollout import Completions, decode_completion, encode_prompts
 
 
@@ -157,22 +158,14 @@ def sample_tokens(logits: torch.Tensor, bias: torch.Tensor, temperature: float, 
     return token, filtered.log_softmax(-1).gather(-1, token[:, None]).squeeze(1)
 
 
-TINY = torch.tensor([torch.finfo(torch.float32).tiny])  # the smallest normal float32
-
-
 def draw(probs: torch.Tensor) -> torch.Tensor:
     """`torch.multinomial(probs, 1)` [R], the same token from the same random stream, with denormals flushed to
-    zero while it runs (on CPU). The draw is argmax(p / q), q ~ Exp(1) over the whole vocabulary; a peaked
-    softmax has probabilities below 1.2e-38 whose quotients are denormal, and x86 computes those several times
-    slower (`python -m scripts.bench.step_floor --profile`: the draw's division). Flushed, they become 0, never the
-    row's maximum (some p is at least 1 / V, and q is a normal float), so the argmax is unchanged."""
-    was_on = bool((TINY * 0.5).item() == 0.0)  # torch has no getter for the flag: probe it
-    if probs.device.type != "cpu" or was_on or not torch.set_flush_denormal(True):
+    zero while it runs. The draw is argmax(p / q), q ~ Exp(1) over the whole vocabulary; a peaked softmax has
+    probabilities below 1.2e-38 whose quotients are denormal and slow (`grpo.core.logprobs.flush_denormals`).
+    Flushed, they become 0, never the row's maximum (some p is at least 1 / V, and q is a normal float), so the
+    argmax is unchanged."""
+    with flush_denormals():
         return torch.multinomial(probs, 1).squeeze(1)
-    try:
-        return torch.multinomial(probs, 1).squeeze(1)
-    finally:
-        torch.set_flush_denormal(False)
 
 
 def left_padded(prompt_ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:

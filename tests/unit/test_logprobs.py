@@ -248,3 +248,15 @@ def test_score_logits_tempers_by_division_and_skips_no_arithmetic_at_one():
     ref = F.log_softmax(x.float() / 1.0, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
     (g_ref,) = torch.autograd.grad((ref * torch.arange(1.0, 6.0)).sum(), x)
     assert torch.equal(ours, ref) and torch.equal(g_ours, g_ref)
+
+
+def test_entropy_with_denormals_flushed_is_the_plain_sum_and_leaves_the_flag_off():
+    from grpo.core.logprobs import _score_logits
+
+    # logits spread over +-80: about a quarter of exp(log p) are below 1.2e-38 (denormal), flushed while summing
+    logits = torch.randn(16, 4000, generator=torch.Generator().manual_seed(0)) * 20  # [N, V]
+    logp = torch.log_softmax(logits, -1)
+    assert ((logp.exp() > 0) & (logp.exp() < torch.finfo(torch.float32).tiny)).any()
+    _, ent = _score_logits(logits, torch.zeros(16, dtype=torch.long), 1.0, True)
+    assert torch.equal(ent, -(logp.exp() * logp).sum(-1))
+    assert (torch.tensor([torch.finfo(torch.float32).tiny]) * 0.5).item() > 0  # back on for what follows
