@@ -36,7 +36,8 @@ runs them, with the work the phase needs and nothing else:
   copy bandwidth (a `copy_` of a 256 MiB tensor: bytes read + written per second).
 
 Each repeat times a phase, then its floor, so load from other jobs hits both alike; medians over `--repeats`.
-The load average is printed before and after. Read ratios, not absolute seconds, on a shared machine.
+The load average is printed before and after. Read ratios, not absolute seconds, on a shared machine; where the
+load changes within a run, `--clock cpu` (this process's CPU seconds, at one thread) is steadier than wall time.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ from grpo.training.run import build_run
 from grpo.training.update import score_logprobs, update_policy
 from tests.conftest import compose
 
+CLOCK = [time.perf_counter]  # --clock cpu: time.process_time (this process's CPU seconds: what load from others
+# does not add to, at one thread)
 PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
                ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 
@@ -70,11 +73,14 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=3,
                    help="timed repeats of every phase and floor (medians); 0: none (with --profile: the profile alone)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall-clock seconds, or this process's CPU seconds (steadier on a loaded machine)")
     p.add_argument("--override", action="append", default=[], help="a further Hydra override of the recipe")
     p.add_argument("--profile", action="store_true", help="then each phase once under torch's profiler: its top "
                    "operators by own time (not part of the timings)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"load average before: {os.getloadavg()}")
     recipe = [f"experiment={args.experiment}"] if args.experiment else []
     cfg = compose([*recipe, f"run_dir={tempfile.mkdtemp(prefix='step-floor-')}", f"threads={args.threads}",
@@ -126,9 +132,9 @@ class StepBench:
         sample = hf_rollout.sample_tokens
 
         def timed_sample(*a, **k):
-            start = time.perf_counter()
+            start = CLOCK[0]()
             out = sample(*a, **k)
-            self.sampling_s += time.perf_counter() - start
+            self.sampling_s += CLOCK[0]() - start
             return out
 
         hf_rollout.sample_tokens = timed_sample
@@ -155,11 +161,11 @@ class StepBench:
 
     def _timed(self, name, fn):
         def timed(*a, **k):
-            start = time.perf_counter()
+            start = CLOCK[0]()
             try:
                 return fn(*a, **k)
             finally:
-                self.sub[name] += time.perf_counter() - start
+                self.sub[name] += CLOCK[0]() - start
         return timed
 
     def generate(self) -> None:
@@ -223,9 +229,9 @@ def top_operators(fn, count: int = 12) -> None:
 
 
 def clock(fn) -> float:
-    start = time.perf_counter()
+    start = CLOCK[0]()
     fn()
-    return time.perf_counter() - start
+    return CLOCK[0]() - start
 
 
 # ---------------------------------------------------------------- the floor
@@ -289,7 +295,7 @@ class Floor:
     def forward_matmuls(self, grad: bool) -> float:
         """Seconds of the training (or old/ref) forwards' matmuls, or of their backward (`grad`): every position
         that is not padding through the layers, each sequence's attention, the head on the completion tokens."""
-        start = time.perf_counter()
+        start = CLOCK[0]()
         sequences = list(zip(self.prompt_lengths, self.completion_lengths))
         positions = self.needed_positions(sequences)
         self.linears(positions, grad)
@@ -302,7 +308,7 @@ class Floor:
             torch.mm(self.x(scored, self.head.shape[0]), self.head)  # [S, V] x [V, H]
         else:
             torch.mm(self.x(scored, self.head.shape[1]), self.head.t())  # [S, H] x [H, V]
-        return time.perf_counter() - start
+        return CLOCK[0]() - start
 
     def needed_positions(self, sequences) -> int:
         """Positions through the layers: each prompt once for its group (as `backend.packing=groups` does), and
@@ -314,7 +320,7 @@ class Floor:
         """The sampler's forwards: each the larger of its matmuls' time and its bytes over the copy bandwidth."""
         total = matmul = bandwidth = 0.0
         for f in self.bench.generation_calls:
-            start = time.perf_counter()
+            start = CLOCK[0]()
             if f.cached == 0:  # the prefill: each prompt's own positions
                 prompts = self.prompt_lengths[:: self.bench.group]
                 self.linears(sum(prompts), grad=False)
@@ -324,7 +330,7 @@ class Floor:
                 self.linears(f.rows, grad=False)
                 self.attention(1, f.cached + 1, f.rows)
             torch.mm(self.x(f.rows, self.head.shape[1]), self.head.t())  # the next token's logits only
-            mm = time.perf_counter() - start
+            mm = CLOCK[0]() - start
             kv = f.rows * len(self.layers) * 2 * self.kv_heads * (f.cached + f.width) * self.head_dim
             bw = (self.weight_bytes + kv * self.head.element_size()) / self.bandwidth
             matmul, bandwidth, total = matmul + mm, bandwidth + bw, total + max(mm, bw)
@@ -369,7 +375,7 @@ def report(bench: StepBench, r: dict, args) -> None:
     m = bench.cfg.model
     print(f"\n{m.gguf_file or m.path or m.builtin}: hidden {c.hidden_size}, {c.num_hidden_layers} "
           f"layers, vocabulary {c.vocab_size}, {f.dtype}; torch threads {args.threads}; "
-          f"{torch.backends.cpu.get_cpu_capability()} kernels; repeats {args.repeats}")
+          f"{torch.backends.cpu.get_cpu_capability()} kernels; repeats {args.repeats}; {args.clock} seconds")
     print(f"batch: {len(bench.prompts)} prompts x {bench.group}, prompts {min(f.prompt_lengths)}-"
           f"{max(f.prompt_lengths)} tokens, completions {sum(f.completion_lengths)} tokens "
           f"(max {max(f.completion_lengths)}); {len(decode)} decode steps over {sum(x.rows for x in decode)} rows; "

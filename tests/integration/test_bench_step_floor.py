@@ -8,7 +8,8 @@ import torch
 
 from scripts.bench.step_floor import lora_parts, main
 
-SMALL = ["--experiment", "", "--repeats", "1", "--override", "model.lora.r=4", "--override", "model.lora.alpha=8",
+SMALL = ["--experiment", "", "--repeats", "1", "--clock", "cpu", "--override", "model.lora.r=4",
+         "--override", "model.lora.alpha=8",
          "--override", "rollout.max_new_tokens=4", "--override", "train.prompts_per_step=2",
          "--override", "algorithm.group_size=2", "--override", "backend.packing=groups"]
 
