@@ -33,6 +33,8 @@ teacher's logits exist one chunk of positions at a time, the teacher's hidden st
 once (`scored_hidden`), so a large vocabulary costs one chunk's `[chunk_size, V]` of each model.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -290,11 +292,14 @@ def _score_logits(
     a metric here), its saved `[..., V]` tensors would live until the graph is freed, and under
     activation checkpointing the recomputed ones would too: about two logits-sized tensors per chunk.
     """
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)  # [..., V]
+    logits = logits.float()
+    if temperature != 1.0:  # x / 1 is x exactly: at the default, no pass over [..., V] (and none in backward)
+        logits = logits / temperature
+    logp = F.log_softmax(logits, dim=-1)  # [..., V]
     lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [...]
     ent = None
     if with_entropy:
-        with torch.no_grad():
+        with torch.no_grad(), flush_denormals():  # the terms it flushes are below 1e-36: the same sum
             ent = -(logp.exp() * logp).sum(-1)  # [...]
     return lp, ent
 
@@ -357,3 +362,21 @@ def _left_zeros(tail: torch.Tensor, k: int) -> torch.Tensor:
 def _cat_rows(chunks: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
     """Concatenate per-chunk results; with no rows at all, an empty tensor still in the graph."""
     return torch.cat(chunks) if chunks else rows[:, 0].float()  # [N]
+
+
+TINY = torch.tensor([torch.finfo(torch.float32).tiny])  # the smallest normal float32
+
+
+@contextlib.contextmanager
+def flush_denormals():
+    """CPU arithmetic inside flushes denormal (below 1.2e-38) inputs and results to zero, then it is back as it
+    was. x86 computes denormals several times slower, and a peaked softmax over tens of thousands of tokens is
+    full of them: `exp` of log-probs below -87 and products with them (`python -m scripts.bench.step_floor
+    --profile`). Use it only where such terms cannot change the result."""
+    was_on = bool((TINY * 0.5).item() == 0.0)  # torch has no getter for the flag: probe it
+    switched = not was_on and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if switched:
+            torch.set_flush_denormal(False)

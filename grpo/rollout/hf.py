@@ -32,6 +32,7 @@ import time
 import torch
 from transformers import StopStringCriteria
 
+from grpo.core.logprobs import flush_denormals
 from grpo.rollout import Completions, decode_completion, encode_prompts
 
 
@@ -124,7 +125,8 @@ class HFRolloutEngine:
                                 past_key_values=cache, use_cache=True).logits[:, -1].float()  # [A, V]
             # finished rows draw on placeholder logits (their token is replaced by padding): the draw
             # consumes the random stream as `generate`'s does
-            logits = step_logits.new_zeros(rows, step_logits.shape[-1]).index_copy_(0, active, step_logits)  # [R, V]
+            logits = step_logits if len(active) == rows else (  # [R, V]
+                step_logits.new_zeros(rows, step_logits.shape[-1]).index_copy_(0, active, step_logits))
 
         self._append(out, torch.stack(tokens, dim=1).cpu(), torch.stack(logps, dim=1).cpu(), length.tolist(),
                      finished.tolist())  # [R, steps] tokens and log-probs
@@ -150,9 +152,20 @@ def sample_tokens(logits: torch.Tensor, bias: torch.Tensor, temperature: float, 
                   top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The next token of every row [R], drawn from `softmax(top_k_top_p(logits / temperature + bias))`, and its
     log-prob under that same distribution (the behaviour policy's: filtered and renormalised)."""
-    filtered = top_k_top_p(logits / temperature + bias, top_k, top_p)  # [R, V] -inf outside what may be drawn
-    token = torch.multinomial(filtered.softmax(-1), 1).squeeze(1)  # [R]
+    scaled = logits / temperature if temperature != 1.0 else logits  # x / 1 is x exactly: one pass less
+    filtered = top_k_top_p(scaled + bias, top_k, top_p)  # [R, V] -inf outside what may be drawn
+    token = draw(filtered.softmax(-1))  # [R]
     return token, filtered.log_softmax(-1).gather(-1, token[:, None]).squeeze(1)
+
+
+def draw(probs: torch.Tensor) -> torch.Tensor:
+    """`torch.multinomial(probs, 1)` [R], the same token from the same random stream, with denormals flushed to
+    zero while it runs. The draw is argmax(p / q), q ~ Exp(1) over the whole vocabulary; a peaked softmax has
+    probabilities below 1.2e-38 whose quotients are denormal and slow (`grpo.core.logprobs.flush_denormals`).
+    Flushed, they become 0, never the row's maximum (some p is at least 1 / V, and q is a normal float), so the
+    argmax is unchanged."""
+    with flush_denormals():
+        return torch.multinomial(probs, 1).squeeze(1)
 
 
 def left_padded(prompt_ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:

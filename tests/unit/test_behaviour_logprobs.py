@@ -42,3 +42,31 @@ def test_top_p_and_a_suppressed_token_report_what_is_left():
 def test_temperature_scales_before_the_filter():
     # T = 0.5 squares the probabilities: 0.16, 0.09, 0.04, 0.01 (sum 0.30); top-k 2 -> 16/25 and 9/25
     assert draw(temperature=0.5, top_k=2) == {0: {round(math.log(16 / 25), 6)}, 1: {round(math.log(9 / 25), 6)}}
+
+
+def test_temperature_one_draws_and_reports_exactly_what_dividing_by_one_does():
+    # the sampler skips `logits / 1`: the same random draws, the same log-probs, bit for bit
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(0))  # [R, V]
+    bias = torch.zeros(40)
+    bias[3] = float("-inf")
+    torch.manual_seed(0)
+    token, logp = sample_tokens(logits, bias, 1.0, 0, 1.0)
+    torch.manual_seed(0)
+    scaled = logits / 1.0 + bias
+    ref = torch.multinomial(scaled.softmax(-1), 1).squeeze(1)
+    assert torch.equal(token, ref)
+    assert torch.equal(logp, scaled.log_softmax(-1).gather(-1, ref[:, None]).squeeze(1))
+
+
+def test_the_draw_with_denormals_flushed_is_multinomials_and_leaves_the_flag_off():
+    from grpo.rollout.hf import draw
+
+    # logits spread over +-80: about a quarter of the probabilities fall below 1.2e-38 (denormal)
+    probs = (torch.randn(32, 500, generator=torch.Generator().manual_seed(0)) * 20).softmax(-1)  # [R, V]
+    assert ((probs > 0) & (probs < torch.finfo(torch.float32).tiny)).any()
+    torch.manual_seed(3)
+    ours = draw(probs)
+    torch.manual_seed(3)
+    assert torch.equal(ours, torch.multinomial(probs, 1).squeeze(1))
+    tiny = torch.tensor([torch.finfo(torch.float32).tiny])
+    assert (tiny * 0.5).item() > 0  # denormals are back on for the model's own arithmetic

@@ -226,3 +226,37 @@ def test_token_budget_batches(lengths, max_tokens, expected):
 def test_token_budget_batches_rejects_zero_budget():
     with pytest.raises(ValueError, match="max_tokens"):
         token_budget_batches([1, 2], 0)
+
+
+def test_score_logits_tempers_by_division_and_skips_no_arithmetic_at_one():
+    import math
+
+    import torch.nn.functional as F
+
+    from grpo.core.logprobs import _score_logits
+
+    # probabilities 0.5, 0.25, 0.25; at T = 2 they go as their square roots, 0.7071 : 0.5 : 0.5,
+    # so token 0 has 0.7071 / 1.7071 = 0.4142 -> log -0.8814 (untempered it would be log 0.5 = -0.6931)
+    logits = torch.tensor([[math.log(0.5), math.log(0.25), math.log(0.25)]])
+    lp, _ = _score_logits(logits, torch.tensor([0]), 2.0, False)
+    assert lp.item() == pytest.approx(math.log(math.sqrt(0.5) / (math.sqrt(0.5) + 1.0)), abs=1e-6)
+    # At T = 1 the division is skipped: log-probs and their gradients are bit for bit those of x / 1.
+    x = torch.randn(5, 49, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    targets = torch.arange(5) * 7
+    ours, _ = _score_logits(x, targets, 1.0, False)
+    (g_ours,) = torch.autograd.grad((ours * torch.arange(1.0, 6.0)).sum(), x)
+    ref = F.log_softmax(x.float() / 1.0, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    (g_ref,) = torch.autograd.grad((ref * torch.arange(1.0, 6.0)).sum(), x)
+    assert torch.equal(ours, ref) and torch.equal(g_ours, g_ref)
+
+
+def test_entropy_with_denormals_flushed_is_the_plain_sum_and_leaves_the_flag_off():
+    from grpo.core.logprobs import _score_logits
+
+    # logits spread over +-80: about a quarter of exp(log p) are below 1.2e-38 (denormal), flushed while summing
+    logits = torch.randn(16, 4000, generator=torch.Generator().manual_seed(0)) * 20  # [N, V]
+    logp = torch.log_softmax(logits, -1)
+    assert ((logp.exp() > 0) & (logp.exp() < torch.finfo(torch.float32).tiny)).any()
+    _, ent = _score_logits(logits, torch.zeros(16, dtype=torch.long), 1.0, True)
+    assert torch.equal(ent, -(logp.exp() * logp).sum(-1))
+    assert (torch.tensor([torch.finfo(torch.float32).tiny]) * 0.5).item() > 0  # back on for what follows
