@@ -176,7 +176,8 @@ def test_every_arm_of_every_phase_runs_once(tmp_path):
     assert set(results["step"]["arms"]) == {"ours", "trl", "trl_continuous_batching"}
     for arm in results["step"]["arms"].values():
         assert arm["tokens"] == planned and arm["head_positions"] > 0 and arm["flops"] > 0
-    assert {"training_speedup", "generation_speedup", "step_speedup"} <= set(results["ratios"])
+    assert {"training_speedup_default", "training_speedup_best", "generation_speedup", "step_speedup",
+            "gpu_flop_ratio_sequences", "gpu_flop_ratio_groups"} <= set(results["ratios"])
     env = results["environment"]
     assert env["cpu_capability"] and env["trl"] and len(env["load_average_end"]) == 3 and env["torch_threads"] == 1
 
