@@ -25,18 +25,15 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from rewards.registry import Reward, RewardConfigError
+from rewards.registry import Reward, RewardConfigError, RewardCounts
 from rewards.sandbox import Limits, RunResult, resolve_sandbox, run_tests
 
 logger = logging.getLogger(__name__)
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
-_counts: Counter[str] = Counter()
-_counts_lock = threading.Lock()
+_counts = RewardCounts("infra_errors")
 
 
 def code_tests(
@@ -86,8 +83,7 @@ def code_tests(
             scores[i] = None if result.infra else 1.0 if result.passed else 0.0
             key = "infra_errors" if result.infra else "timeouts" if result.detail == "timeout" else None
             if key is not None:
-                with _counts_lock:
-                    _counts[key] += 1
+                _counts.add(key)
             if result.infra:
                 unjudged.append(result.detail)
     if unjudged:
@@ -113,12 +109,4 @@ def program_from(completion: str, prompt: str = "", entry_point: str | None = No
     return code
 
 
-def _pop_metrics() -> dict[str, float]:
-    with _counts_lock:
-        out = {key: float(n) for key, n in _counts.items()}
-        _counts.clear()
-    out.setdefault("infra_errors", 0.0)
-    return out
-
-
-CODE_TESTS = Reward(code_tests, check_options=check_options, metrics=_pop_metrics)  # rewards.catalog: code_tests
+CODE_TESTS = Reward(code_tests, check_options=check_options, metrics=_counts.pop)  # rewards.catalog: code_tests

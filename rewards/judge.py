@@ -55,7 +55,7 @@ from typing import Any
 
 import httpx
 
-from rewards.registry import Reward, RewardConfigError
+from rewards.registry import Reward, RewardConfigError, RewardCounts
 
 POINT_TEMPLATE = ("Question: {question}\nProposed answer: {answer}\n\n"
                   "Is the proposed answer correct? Reply with one word: yes or no.")
@@ -67,8 +67,7 @@ POINT_FIELDS = ({"question", "answer", "reference"}, {"answer"})  # (allowed, re
 PAIR_FIELDS = ({"question", "answer_a", "answer_b", "reference"}, {"answer_a", "answer_b"})
 
 logger = logging.getLogger(__name__)
-_counts: Counter[str] = Counter()
-_counts_lock = threading.Lock()
+_counts = RewardCounts("requests", "seconds", "cache_hits", "failures", "unparsed", "infra_errors")
 
 
 class JudgeUnavailableError(RuntimeError):
@@ -499,15 +498,13 @@ def _score(client: JudgeClient, settings: JudgeSettings, payloads: list[dict[str
         replies = client.replies(payloads, counts)
     finally:
         counts["seconds"] += time.perf_counter() - start
-        with _counts_lock:  # on a raise the scorer counts the whole batch as infra errors itself
-            _counts.update(counts)
+        _counts.update(counts)  # on a raise the scorer counts the whole batch as infra errors itself
     scores: list[float | None] = []
     for texts in replies:
         score = None if texts is None else mean_score(texts, settings)
         counts["infra_errors" if texts is None else "unparsed"] += score is None
         scores.append(score)
-    with _counts_lock:
-        _counts.update({k: counts[k] for k in ("infra_errors", "unparsed")})
+    _counts.update({k: counts[k] for k in ("infra_errors", "unparsed")})
     return scores
 
 
@@ -516,14 +513,5 @@ def check_options(**options: Any) -> None:
     client_for(settings_from(options)).probe()
 
 
-def _pop_metrics() -> dict[str, float]:
-    with _counts_lock:
-        out = {key: float(n) for key, n in _counts.items()}
-        _counts.clear()
-    for key in ("requests", "seconds", "cache_hits", "failures", "unparsed", "infra_errors"):
-        out.setdefault(key, 0.0)
-    return out
-
-
-JUDGE = Reward(judge, check_options=check_options, metrics=_pop_metrics)  # rewards.catalog: judge
+JUDGE = Reward(judge, check_options=check_options, metrics=_counts.pop)  # rewards.catalog: judge
 

@@ -21,16 +21,15 @@ import logging
 import os
 import re
 import threading
-from collections import Counter
 from typing import Any
 
 from rewards.answers import extract_answer, hedges_inside, normalize, quick_verdict
-from rewards.registry import Reward, RewardConfigError
+from rewards.registry import Reward, RewardConfigError, RewardCounts
 from rewards.workers import CRASHED, FAILED, OK, TIMEOUT, DeadlinePool, Outcome
 
 _pool: DeadlinePool | None = None
 _pool_lock = threading.Lock()
-_counts: Counter[str] = Counter()
+_counts = RewardCounts("infra_errors")
 # A check that raised one of these ran out of something because of its answer (a tower of powers): 0.0.
 ANSWER_ERRORS = ("MemoryError", "RecursionError", "OverflowError")
 logger = logging.getLogger(__name__)
@@ -41,18 +40,18 @@ def _first_pass(completion: str, gold_value, answer_pattern: str | None, strict:
     """The score without the symbolic checker, or None and the (answer, gold) pair it must decide."""
     gold = normalize(str(gold_value)) if gold_value is not None else ""
     if not gold:
-        _counts["gold_unparsed"] += 1
+        _counts.add("gold_unparsed")
         return None, None
     found = extract_answer(completion, pattern=answer_pattern, strict=strict)
     if found.answer is None:
-        _counts["no_answer"] += 1
+        _counts.add("no_answer")
         return 0.0, None
     text = found.answer.strip() if found.source == "whole" else normalize(found.answer)
     if found.hedged or hedges_inside(text, gold):
-        _counts["hedged"] += 1
+        _counts.add("hedged")
         return 0.0, None
     if not text or len(text) > max_answer_chars or not _braces_balance(text):
-        _counts["malformed"] += 1
+        _counts.add("malformed")
         return 0.0, None
     verdict = quick_verdict(text, gold)
     return (None, (text, gold)) if verdict is None else (verdict, None)
@@ -88,7 +87,7 @@ def math_accuracy(
         if pending is not None:
             slow.append((i, *pending))
     if slow:
-        _counts["symbolic_checks"] += len(slow)
+        _counts.add("symbolic_checks", len(slow))
         outcomes = _check_symbolically([{"answer": a, "gold": g} for _, a, g in slow], timeout_s,
                                        num_workers or min(4, os.cpu_count() or 1), worker_memory_mb)
         for (i, _, _), outcome in zip(slow, outcomes):
@@ -116,14 +115,14 @@ def _check_symbolically(requests: list[dict], timeout_s: float, size: int, memor
 def _score_of(outcome: Outcome | None) -> float | None:
     """The sample's score for the checker's outcome, counted by what became of it."""
     if outcome is None or (outcome.status == FAILED and str(outcome.value).split(":")[0] not in ANSWER_ERRORS):
-        _counts["infra_errors"] += 1
+        _counts.add("infra_errors")
         return None
     if outcome.status == OK and outcome.value is None:
-        _counts["gold_unparsed"] += 1
+        _counts.add("gold_unparsed")
         return None
     if outcome.status == OK:
         return 1.0 if outcome.value else 0.0
-    _counts[{TIMEOUT: "timeouts", CRASHED: "crashes"}.get(outcome.status, "check_errors")] += 1
+    _counts.add({TIMEOUT: "timeouts", CRASHED: "crashes"}.get(outcome.status, "check_errors"))
     return 0.0
 
 
@@ -149,15 +148,8 @@ def _braces_balance(text: str) -> bool:
     return depth == 0
 
 
-def _pop_metrics() -> dict[str, float]:
-    out = {key: float(n) for key, n in _counts.items()}
-    _counts.clear()
-    out.setdefault("infra_errors", 0.0)
-    return out
-
-
 # What rewards.catalog registers as `math_accuracy`.
-MATH_ACCURACY = Reward(math_accuracy, check_options=check_options, metrics=_pop_metrics)
+MATH_ACCURACY = Reward(math_accuracy, check_options=check_options, metrics=_counts.pop)
 
 
 def _checker_pool(size: int, memory_mb: int) -> DeadlinePool:

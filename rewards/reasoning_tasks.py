@@ -39,13 +39,11 @@ import math
 import re
 import secrets
 import sysconfig
-import threading
-from collections import Counter
 from typing import Any
 
 from reasoning_gym.utils import extract_answer
 
-from rewards.registry import Reward, RewardConfigError
+from rewards.registry import Reward, RewardConfigError, RewardCounts
 from rewards.sandbox import SANDBOX_KINDS, Limits, PythonSession, resolve_sandbox
 
 TUPLE, ITEMS = "__tuple__", "__items__"  # tags of a tuple, and of a dict whose keys are not all text
@@ -60,8 +58,7 @@ ANSWER_ERRORS = ("MemoryError", "RecursionError", "OverflowError", "SystemExit",
 # cost more, and need a dunder or one of these to change anything.
 CODE_LIKE = re.compile(r"__|\b(setattr|delattr|getattr|exec|eval|compile|globals|locals|vars|open|breakpoint)\b")
 logger = logging.getLogger(__name__)
-_counts: Counter[str] = Counter()
-_counts_lock = threading.Lock()
+_counts = RewardCounts("infra_errors")
 
 
 def dump_entry(entry: dict) -> str:
@@ -117,7 +114,7 @@ def reasoning_gym_reward(prompts: list[str], completions: list[str], rg_dataset:
             continue
         answer = extract_answer(completion, tag_name=answer_tag) if answer_tag else completion.strip()
         if answer is not None and len(answer) > max_answer_chars:
-            _count("too_long")
+            _counts.add("too_long")
             scores[i] = 0.0
             continue
         todo.append((i, [name, opts or "{}", answer, entry]))
@@ -147,21 +144,21 @@ class _SandboxedScorer:
         """The score, 0.0 for what the answer caused, None (counted) for an infrastructure failure."""
         for _attempt in range(2):
             if not self._ready():
-                _count("infra_errors")
+                _counts.add("infra_errors")
                 return None
             verdict, value = self._ask(name, options, answer, entry)
             if answer is not None and CODE_LIKE.search(answer) and self.started:
-                _count("restarts_after_code")
+                _counts.add("restarts_after_code")
                 self._restart()
             if verdict == "score":
                 return value
             if verdict == "infra":
-                _count("infra_errors")
+                _counts.add("infra_errors")
                 return None
             if verdict != "crashed":  # timeout, an answer error, interference: the answer's doing
-                _count(verdict)
+                _counts.add(verdict)
                 return 0.0
-        _count("crashed")  # killed the interpreter twice: the answer's doing
+        _counts.add("crashed")  # killed the interpreter twice: the answer's doing
         return 0.0
 
     def _ready(self) -> bool:
@@ -174,10 +171,10 @@ class _SandboxedScorer:
             self.session.limits = Limits(timeout_s=self.timeout_s, memory_mb=self.limits.memory_mb)
             if run.error is None and run.output.endswith("ready\n"):
                 self.started = True
-                _count("sandbox_starts")
+                _counts.add("sandbox_starts")
                 break
             self.session.close()
-            _count("sandbox_start_failures")
+            _counts.add("sandbox_start_failures")
             if attempt == 1:
                 self.broken = f"{run.error or run.output[-500:]}"
                 logger.error("reasoning_gym: the sandboxed scorer did not start (%s); this batch's samples are None, "
@@ -250,17 +247,6 @@ print("ready")
 """
 
 
-def _count(key: str) -> None:
-    with _counts_lock:
-        _counts[key] += 1
-
-
-def _pop_metrics() -> dict[str, float]:
-    with _counts_lock:
-        out = {key: float(n) for key, n in _counts.items()}
-        _counts.clear()
-    out.setdefault("infra_errors", 0.0)
-    return out
 
 
 def _check_options(answer_tag: str | None = "answer", timeout_s: float = 5.0, memory_mb: int = 1024,
@@ -281,5 +267,5 @@ def _check_sandbox(sandbox: str = "auto", **options: Any) -> None:
     resolve_sandbox(sandbox)
 
 
-REASONING_GYM = Reward(reasoning_gym_reward, check_options=_check_sandbox, metrics=_pop_metrics)
+REASONING_GYM = Reward(reasoning_gym_reward, check_options=_check_sandbox, metrics=_counts.pop)
 """What rewards.catalog registers as `reasoning_gym`."""

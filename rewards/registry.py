@@ -19,6 +19,8 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -122,6 +124,34 @@ class Reward:
     def __post_init__(self):
         if not callable(self.fn):
             raise TypeError(f"a reward needs a callable, got {type(self.fn).__name__}")
+
+
+class RewardCounts:
+    """What a reward counts between two reads of its metrics: its ``Reward.metrics`` is ``counts.pop``.
+
+    Locked, since rewards score in worker threads. The keys in ``always`` read 0 when nothing was counted, so a
+    logged series has no gaps (an ``infra_errors`` of 0 says the reward ran and nothing failed).
+    """
+
+    def __init__(self, *always: str):
+        self._always = always
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[key] += n
+
+    def update(self, counts: Mapping[str, int]) -> None:
+        with self._lock:
+            self._counts.update(counts)
+
+    def pop(self) -> dict[str, float]:
+        """Every count since the last ``pop``, as floats, and zero from here on."""
+        with self._lock:
+            out = {key: float(n) for key, n in self._counts.items()}
+            self._counts.clear()
+        return {key: 0.0 for key in self._always} | out
 
 
 def as_reward(obj: Any) -> Reward:

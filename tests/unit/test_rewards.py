@@ -23,6 +23,7 @@ from rewards import (
     per_sample,
     register_reward,
 )
+from rewards.registry import RewardCounts
 
 
 def constant(value):
@@ -294,3 +295,15 @@ def test_infra_errors_are_a_figure_per_reward_the_rewards_own_plus_a_call_that_r
     assert m["reward/test_rewards_one_unscored_infra_errors"] == 1.0
     assert m["reward/test_rewards_raises_infra_infra_errors"] == 3.0
     assert m["reward/test_rewards_wrong_infra_errors"] == 0.0
+
+
+def test_reward_counts_are_read_once_and_name_their_always_keys():
+    """3 adds of 1 and one of 2 = 5 timeouts, 2 unparsed; then `always` keys read 0 and nothing else remains.
+    Catches: a read that does not clear, an always-key missing when nothing was counted, `n` ignored."""
+    counts = RewardCounts("infra_errors")
+    for _ in range(3):
+        counts.add("timeouts")
+    counts.add("timeouts", 2)
+    counts.update({"unparsed": 2})
+    assert counts.pop() == {"infra_errors": 0.0, "timeouts": 5.0, "unparsed": 2.0}
+    assert counts.pop() == {"infra_errors": 0.0}

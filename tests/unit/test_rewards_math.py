@@ -9,7 +9,7 @@ import pytest
 
 from rewards import RewardScorer, RewardSpec
 from rewards.answers import boxed_contents, extract_answer, normalize, plain_number, quick_verdict
-from rewards.math_accuracy import _pop_metrics, math_accuracy
+from rewards.math_accuracy import MATH_ACCURACY, math_accuracy
 
 
 def score(completions, golds, **options):
@@ -111,9 +111,9 @@ def test_fast_path_never_starts_workers(monkeypatch):
 
 
 def test_missing_gold_is_skipped_and_counted():
-    _pop_metrics()
+    MATH_ACCURACY.metrics()
     assert score(["1", "1"], [None, "  "]) == [None, None]
-    assert _pop_metrics()["gold_unparsed"] == 2.0
+    assert MATH_ACCURACY.metrics()["gold_unparsed"] == 2.0
 
 
 def test_strict_and_pattern_options():
@@ -155,9 +155,9 @@ def test_symbolic_equivalence():
 
 @pytest.mark.timeout(60)
 def test_unparseable_gold_is_never_rewarded():
-    _pop_metrics()
+    MATH_ACCURACY.metrics()
     assert score([r"\boxed{???}", r"\boxed{1}"], ["???", r"\frac{"]) == [None, None]
-    assert _pop_metrics()["gold_unparsed"] == 2.0
+    assert MATH_ACCURACY.metrics()["gold_unparsed"] == 2.0
 
 
 def test_through_the_scorer():
@@ -207,7 +207,7 @@ def test_adversarial_math_inputs_score_zero_in_bounded_time():
         os.remove("/tmp/grpo_pwned")
     completions = list(ADVERSARIAL.values())
     golds = ["1"] * len(completions)
-    _pop_metrics()
+    MATH_ACCURACY.metrics()
     start = time.perf_counter()
     scores = score(completions, golds, timeout_s=2.0)
     elapsed = time.perf_counter() - start
@@ -224,11 +224,11 @@ def test_timed_out_worker_is_killed_and_replaced():
     score([r"\boxed{x^2}"], ["x^2"])  # make sure the pool exists
     pool = module._pool
     before = set(pool.pids())
-    _pop_metrics()
+    MATH_ACCURACY.metrics()
     # 9^{9^{9}} alone is an exact number, settled at 30 digits in no time; with a variable it goes to sympy's
     # symbolic comparison, which expands the tower and never returns.
     assert score([r"\boxed{9^{9^{9}} + x}", r"\boxed{\frac{2}{4}}"], ["1", "0.5"], timeout_s=1.0) == [0.0, 1.0]
-    assert _pop_metrics()["timeouts"] == 1.0
+    assert MATH_ACCURACY.metrics()["timeouts"] == 1.0
     after = set(pool.pids())
     gone = before - after
     assert gone, "the worker past its deadline was not replaced"
@@ -321,10 +321,10 @@ def test_a_checker_that_cannot_start_is_an_infrastructure_failure(monkeypatch):
 
     module.shutdown()
     monkeypatch.setattr(sys, "executable", "/nonexistent/python")  # the workers' interpreter is gone
-    _pop_metrics()
+    MATH_ACCURACY.metrics()
     # "7" against "7" is settled in-process (1.0); the two symbolic checks cannot run: None, not 0.0
     assert score([r"\boxed{7}", r"\boxed{\frac{1}{2}}", r"\boxed{x}"], ["7", "0.5", "x"]) == [1.0, None, None]
-    assert _pop_metrics()["infra_errors"] == 2.0
+    assert MATH_ACCURACY.metrics()["infra_errors"] == 2.0
     monkeypatch.undo()
     module.shutdown()
     assert score([r"\boxed{\frac{1}{2}}"], ["0.5"]) == [1.0]
@@ -340,7 +340,7 @@ def test_a_worker_killed_from_outside_mid_check_is_retried_not_scored_zero():
     module.shutdown()
     assert score([r"\boxed{\frac{1}{2}}"], ["0.5"], num_workers=1) == [1.0]  # a warm worker
     pool = module._pool
-    _pop_metrics()
+    MATH_ACCURACY.metrics()
     out = []
     # A check that never returns (sympy expands the tower), so the worker is surely busy when it is killed.
     job = threading.Thread(target=lambda: out.append(
@@ -352,5 +352,5 @@ def test_a_worker_killed_from_outside_mid_check_is_retried_not_scored_zero():
     job.join()
     # The death is retried on a fresh worker, where the check runs to its deadline: a timeout, not a crash.
     assert out == [[0.0]]
-    metrics = _pop_metrics()
+    metrics = MATH_ACCURACY.metrics()
     assert metrics.get("timeouts") == 1.0 and "crashes" not in metrics
