@@ -120,8 +120,9 @@ class CompareConfig:
         "help": "grpo-train overrides of the teacher's run when training it, after its recipe and sizing"})
     paraphrase_splits: list[str] = field(default_factory=lambda: ["spaced", "question"], metadata={
         "help": "OOD splits that rephrase held-out problems: reported apart, never pooled as new problems"})
-    in_process: bool = field(default=False, metadata={"help": "run the training runs in this process (tests): faster, "
-                                                              "shared peak memory; the reward model trains in its own"})
+    in_process: bool = field(default=False, metadata={
+        "help": "run the training runs, the teacher's too, in this process (tests): faster, shared peak memory; "
+                "the reward model trains in its own"})
 
 
 def validate_compare(cfg: CompareConfig) -> CompareConfig:

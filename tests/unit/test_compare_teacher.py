@@ -42,7 +42,7 @@ def test_a_given_teacher_path_is_used_without_training_one(tmp_path):
     assert teacher_for(CompareConfig(out_dir=str(out), algorithms=["grpo"])) == (None, [])  # no arm, no teacher
 
 
-@pytest.mark.parametrize("make", [lambda root: root / "absent", lambda root: root])  # missing; no config.json
+@pytest.mark.parametrize("make", [lambda root: root / "absent", lambda root: root], ids=["missing", "no config.json"])
 def test_a_bad_teacher_path_is_refused_naming_the_field(tmp_path, make):
     """Mutation caught: no check, so the comparison first runs every other arm and fails in distill's run."""
     path = make(tmp_path)
