@@ -1,6 +1,6 @@
 """`grpo-compare`: several algorithms on the same task, model, seeds and sampling budget; one table, one plot.
 
-    grpo-compare out_dir=runs/compare   # GRPO, Dr. GRPO, PPO-RLHF, DPO, online DPO, RFT, SFT; seeds 0, 1, 2
+    grpo-compare out_dir=runs/compare   # GRPO, Dr. GRPO, CISPO, PPO-RLHF, DPO, online DPO, RFT, SFT, distillation
     grpo-compare algorithms='[grpo,ppo]' seeds='[0,1,2,3,4]' budget_samples=25600 run_overrides='[optim.lr=1e-4]'
 
 Each algorithm runs once per seed, each run an ordinary `grpo-train` run (`<out_dir>/<name>/seed_<s>/`, its own
@@ -15,6 +15,20 @@ to build its preference pairs, then trains one epoch on them. Every run is evalu
 model: `reward_model_path`, or one trained first by `grpo-rm-train` on the built-in preference set (its cost is
 reported beside the table, not in PPO's row).
 
+On-policy distillation (`distill`, `grpo.algorithms.distill`) samples as GRPO does, the same budget, and descends
+the per-token reverse KL to a teacher: `teacher_path`, or one trained first (`teacher_for`), once per comparison
+and in its own `grpo-train` run, from the first seed's warm start with the comparison's `run_overrides`, so it
+shares the student's tokenizer, task and training split. Its cost (wall, steps) and held-out accuracy are reported
+beside the table, not in the distillation row, as the reward model's are. The teacher is SFT on the training
+split's gold answers (`algorithm=sft`, the same demonstrations per step as the SFT arm) for `TEACHER_STEPS` times
+the arms' steps, then `teacher_overrides`. Why SFT rather than a longer GRPO run: it samples nothing, so a step
+costs one forward and backward (the default comparison's SFT arm took 1.4 wall minutes for its 50 steps where GRPO
+took 3.7), and at equal steps it was the strongest arm there (held out 0.944 against GRPO's 0.867); it trains on
+the training prompts only, the held-out prompts being kept out of every split's training rows. The teacher knows
+the carries the warm start forgets, so the reverse KL on the student's own carried and uncarried answers says
+which tokens to move. One teacher serves every seed (the reward model's rule); the arms of seeds other than the
+first start from their own warm start, which shares its tokenizer.
+
 Outputs in `out_dir` (`grpo.compare.report`): `compare.md` and `compare.csv` (per arm, the mean over seeds with
 a 95% interval (`grpo.compare.intervals`: seeds and problems crossed) of final and best held-out accuracy, final
 out-of-distribution accuracy on new problems and the gap; samples and minutes to the best, wall minutes, peak
@@ -28,7 +42,9 @@ A comparison that stops (a crash, a kill, a machine taken back) loses only the r
 run leaves `compare_run.json` in its directory (its overrides, wall seconds, peak memory), and the same
 command again reuses those runs and launches the rest with `resume=auto`, so an interrupted run continues from
 its last checkpoint (its wall then counts its last launch only). A directory whose record names other
-overrides belongs to another comparison and is refused.
+overrides belongs to another comparison and is refused. A comparison directory copied or moved elsewhere is
+reused as it stands: a record's paths under the directory it ran in are read as under the new one
+(`relocated`).
 """
 
 from __future__ import annotations
@@ -54,11 +70,12 @@ from grpo.cli import run_cli, train_from_config
 from grpo.compare.report import curve, differences, outcomes_at, plot, summarise_arm, summarise_run, write_report
 from grpo.config import CONFIG_DIR, register_configs, validate
 from grpo.errors import ConfigError
+from grpo.training.checkpoint import latest_checkpoint
 
 log = logging.getLogger("grpo.compare.command")
 RUN_RECORD = "compare_run.json"  # written in a run's directory once it finished: what a rerun reuses
 
-# What each name runs: grpo-train overrides. `{rm}` is the reward model directory.
+# What each name runs: grpo-train overrides. `{rm}` is the reward model directory, `{teacher}` the teacher's.
 ALGORITHMS: dict[str, list[str]] = {
     "grpo": ["algorithm=grpo"],
     "dr_grpo": ["algorithm=dr_grpo"],
@@ -69,17 +86,20 @@ ALGORITHMS: dict[str, list[str]] = {
     "online_dpo": ["algorithm=online_dpo"],  # pairs from the current policy, ranked by the task's reward
     "rft": ["algorithm=rft"],  # supervised on the policy's own samples that reach the reward bar
     "sft": ["algorithm=sft"],  # supervised on the dataset's demonstrations (the gold answers)
+    "distill": ["algorithm=distill", "algorithm.teacher.path='{teacher}'"],  # reverse KL to a teacher, own samples
 }
 LABELS = {"grpo": "GRPO", "dr_grpo": "Dr. GRPO", "cispo": "CISPO", "ppo_rlhf": "PPO-RLHF (learned RM)",
           "ppo": "PPO (verifiable reward)", "dpo": "DPO (offline pairs)", "online_dpo": "online DPO",
-          "rft": "RFT (own correct samples)", "sft": "SFT (demonstrations)"}
+          "rft": "RFT (own correct samples)", "sft": "SFT (demonstrations)", "distill": "On-policy distillation"}
+TEACHER_RECIPE = ["algorithm=sft"]  # the teacher trained when no teacher_path is given (see the docstring)
+TEACHER_STEPS = 2  # its steps per step of the arms: cheap for SFT, and past the SFT arm it is compared with
 
 
 @dataclass
 class CompareConfig:
     out_dir: str = field(default="runs/compare", metadata={"help": "directory of the comparison"})
     algorithms: list[str] = field(default_factory=lambda: ["grpo", "dr_grpo", "cispo", "ppo_rlhf", "dpo", "online_dpo",
-                                                           "rft", "sft"],
+                                                           "rft", "sft", "distill"],
                                   metadata={"help": "names from grpo.compare.command.ALGORITHMS, run in this order"})
     budget_samples: int = field(default=12800, metadata={"help": "generated completions each algorithm may use"})
     prompts_per_step: int = field(default=32, metadata={"help": "prompts per step of the online algorithms"})
@@ -94,10 +114,15 @@ class CompareConfig:
     run_overrides: list[str] = field(default_factory=list, metadata={"help": "grpo-train overrides given to every run"})
     reward_model_path: str | None = field(default=None, metadata={"help": "ppo_rlhf's RM; null: train one first"})
     rm_overrides: list[str] = field(default_factory=list, metadata={"help": "grpo-rm-train overrides when training it"})
+    teacher_path: str | None = field(default=None, metadata={
+        "help": "distill's teacher, a transformers directory with the students' tokenizer; null: train one first"})
+    teacher_overrides: list[str] = field(default_factory=list, metadata={
+        "help": "grpo-train overrides of the teacher's run when training it, after its recipe and sizing"})
     paraphrase_splits: list[str] = field(default_factory=lambda: ["spaced", "question"], metadata={
         "help": "OOD splits that rephrase held-out problems: reported apart, never pooled as new problems"})
-    in_process: bool = field(default=False, metadata={"help": "run the training runs in this process (tests): faster, "
-                                                              "shared peak memory; the reward model trains in its own"})
+    in_process: bool = field(default=False, metadata={
+        "help": "run the training runs, the teacher's too, in this process (tests): faster, shared peak memory; "
+                "the reward model trains in its own"})
 
 
 def validate_compare(cfg: CompareConfig) -> CompareConfig:
@@ -118,6 +143,9 @@ def validate_compare(cfg: CompareConfig) -> CompareConfig:
         raise ConfigError("jobs: runs at a time need their own processes; set in_process=false or jobs=1")
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
         raise ConfigError(f"seeds: need at least one seed and no repeats, got {list(cfg.seeds)}")
+    if cfg.teacher_path and "distill" in cfg.algorithms and not (Path(cfg.teacher_path) / "config.json").is_file():
+        raise ConfigError(f"teacher_path: {cfg.teacher_path} is not a transformers model directory (no config.json); "
+                          "give a checkpoint's policy/ directory, or null to train a teacher first")
     return cfg
 
 
@@ -125,22 +153,30 @@ def run_dir(cfg: CompareConfig, name: str, seed: int) -> Path:
     return Path(cfg.out_dir) / name / f"seed_{seed}"
 
 
-def run_overrides(cfg: CompareConfig, name: str, rm_path: str | None, seed: int) -> list[str]:
-    """The grpo-train overrides of one algorithm's run on one seed (the warm start is seeded alike)."""
+def run_overrides(cfg: CompareConfig, name: str, models: dict[str, str | None], seed: int) -> list[str]:
+    """The grpo-train overrides of one algorithm's run on one seed (the warm start is seeded alike); `models` fills
+    the placeholders of ALGORITHMS (`rm`, `teacher`)."""
+    algo = ALGORITHMS[name]
+    for placeholder, path in models.items():
+        algo = [o.replace("{" + placeholder + "}", str(path)) for o in algo]
+    # the algorithm group first, so experiment overrides (in run_overrides) apply on top of it
+    return algo[:1] + common_overrides(cfg, run_dir(cfg, name, seed), seed) + algo[1:] + sizing(cfg, name)
+
+
+def common_overrides(cfg: CompareConfig, directory: Path, seed: int) -> list[str]:
+    """What every training run of the comparison gets, before its algorithm's and sizing's overrides."""
+    return [f"run_dir={directory}", f"seed={seed}", f"model.warm_start.seed={seed}", f"threads={cfg.threads}",
+            "tracking.progress_bar=false", "tracking.plot=false", *cfg.run_overrides]
+
+
+def sizing(cfg: CompareConfig, name: str) -> list[str]:
+    """The budget in an algorithm's terms: steps of `prompts_per_step x group_size` samples, DPO's pairs."""
     per_step = cfg.prompts_per_step * cfg.group_size
-    steps = cfg.budget_samples // per_step
-    common = [f"run_dir={run_dir(cfg, name, seed)}", f"seed={seed}", f"model.warm_start.seed={seed}",
-              f"threads={cfg.threads}",
-              "tracking.progress_bar=false", "tracking.plot=false", *cfg.run_overrides]
-    algo = [o.replace("{rm}", str(rm_path)) for o in ALGORITHMS[name]]
     if name == "dpo":
-        sizing = [f"algorithm.dpo.num_prompts={cfg.budget_samples // cfg.group_size}",
-                  f"algorithm.dpo.samples_per_prompt={cfg.group_size}", f"train.eval_every={cfg.dpo_eval_every}"]
-    else:
-        sizing = [f"train.max_steps={steps}", f"train.prompts_per_step={cfg.prompts_per_step}",
-                  f"algorithm.group_size={cfg.group_size}",
-                  f"train.eval_every={max(1, cfg.eval_every_samples // per_step)}"]
-    return algo[:1] + common + algo[1:] + sizing  # the algorithm group first, so experiment overrides apply on top
+        return [f"algorithm.dpo.num_prompts={cfg.budget_samples // cfg.group_size}",
+                f"algorithm.dpo.samples_per_prompt={cfg.group_size}", f"train.eval_every={cfg.dpo_eval_every}"]
+    return [f"train.max_steps={cfg.budget_samples // per_step}", f"train.prompts_per_step={cfg.prompts_per_step}",
+            f"algorithm.group_size={cfg.group_size}", f"train.eval_every={max(1, cfg.eval_every_samples // per_step)}"]
 
 
 def _compose(config_name: str, overrides: list[str]):
@@ -178,10 +214,31 @@ def finished_run(directory: Path, overrides: list[str]) -> dict | None:
     except ValueError:  # cut short by a crash of an older version, which wrote it in place: run it again
         log.warning("%s is not readable JSON; the run is launched again (resume=auto continues it)", path)
         return None
-    if record["overrides"] != overrides:
+    if relocated(record["overrides"], overrides) != overrides:
         raise ConfigError(f"out_dir: {path} records a run with other overrides than this comparison's "
                           f"({' '.join(record['overrides'])}); choose another out_dir")
     return record
+
+
+def relocated(recorded: list[str], overrides: list[str]) -> list[str]:
+    """`recorded` with the comparison directory it ran in replaced by this one's, so a copied or moved comparison
+    reuses its runs. That directory is what the two `run_dir`s differ by before their common tail
+    (`/old/cmp/grpo/seed_0` and `/new/cmp/grpo/seed_0`: `/old/cmp` for `/new/cmp`); every recorded path under it
+    (the reward model's, the teacher's) moves with it. Unchanged when the `run_dir`s agree."""
+    def directory(items: list[str]) -> Path | None:
+        return next((Path(o.removeprefix("run_dir=")) for o in items if o.startswith("run_dir=")), None)
+
+    old, new = directory(recorded), directory(overrides)
+    if old is None or new is None or old == new:
+        return recorded
+    tail = 0
+    while tail < min(len(old.parts), len(new.parts)) - 1 and old.parts[-1 - tail] == new.parts[-1 - tail]:
+        tail += 1
+    if not tail:
+        return recorded
+    old_root, new_root = (str(Path(*p.parts[:len(p.parts) - tail])) for p in (old, new))
+    return [o.replace(f"={old_root}/", f"={new_root}/").replace(f"'{old_root}/", f"'{new_root}/")
+            .replace(f":{old_root}/", f":{new_root}/") for o in recorded]
 
 
 def launch_once(module: str, overrides: list[str], directory: Path, log_path: Path, in_process: bool) -> dict:
@@ -220,6 +277,31 @@ def reward_model_for(cfg: CompareConfig) -> tuple[str | None, list[str]]:
     return str(rm_dir / "reward_model"), [note]
 
 
+def teacher_for(cfg: CompareConfig) -> tuple[str | None, list[str]]:
+    """The teacher distill learns from (trained here unless `teacher_path` is given: SFT from the first seed's warm
+    start on the training split, `TEACHER_STEPS` x the arms' steps) and notes: its cost and held-out accuracy."""
+    if "distill" not in cfg.algorithms:
+        return None, []
+    if cfg.teacher_path:
+        return cfg.teacher_path, [f"On-policy distillation's teacher: {cfg.teacher_path} (given)"]
+    teacher_dir, seed = Path(cfg.out_dir) / "teacher_run", cfg.seeds[0]
+    steps = TEACHER_STEPS * (cfg.budget_samples // (cfg.prompts_per_step * cfg.group_size))
+    overrides = [*TEACHER_RECIPE, *common_overrides(cfg, teacher_dir, seed), f"train.max_steps={steps}",
+                 f"train.prompts_per_step={cfg.prompts_per_step}", f"algorithm.group_size={cfg.group_size}",
+                 f"train.eval_every={steps}", *cfg.teacher_overrides]
+    wall = launch_once("grpo.train", overrides, teacher_dir, Path(cfg.out_dir) / "logs" / "teacher.log",
+                       cfg.in_process)["wall_s"]
+    rows = [json.loads(line) for line in (teacher_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    final = next(r for r in reversed(rows) if r.get("eval/accuracy") is not None)
+    start = next(r for r in rows if r.get("eval/accuracy") is not None)
+    note = (f"On-policy distillation's teacher: trained by grpo-train {' '.join(TEACHER_RECIPE)} on the training "
+            f"split's gold answers from seed {seed}'s warm start, {final['step']} steps of "
+            f"{cfg.prompts_per_step * cfg.group_size} demonstrations in {wall / 60:.1f} min wall (not counted in the "
+            f"distillation row; one teacher for every seed), held-out accuracy {start['eval/accuracy']:.3f} -> "
+            f"{final['eval/accuracy']:.3f}")
+    return str(latest_checkpoint(teacher_dir) / "policy"), [note]
+
+
 def best_note(runs: dict[str, list[dict]]) -> str:
     """How the best evaluation was chosen: on validation (unbiased on test), or on test itself (biased up)."""
     if all(r["best_chosen_on"] == "val" for seed_runs in runs.values() for r in seed_runs):
@@ -228,12 +310,12 @@ def best_note(runs: dict[str, list[dict]]) -> str:
     return "best acc: chosen on the test split itself (some run had no validation split), so biased upwards"
 
 
-def launch_runs(cfg: CompareConfig, rm_path: str | None) -> dict[tuple[int, str], dict]:
+def launch_runs(cfg: CompareConfig, models: dict[str, str | None]) -> dict[tuple[int, str], dict]:
     """Every (seed, algorithm) run's record, launched seed-major (a comparison stopped early has every arm on its
     first seeds), `jobs` at a time. A failed run stops nothing else: the others finish and keep their records,
     then the first failure is raised."""
     def one(seed: int, name: str) -> dict:
-        overrides = run_overrides(cfg, name, rm_path, seed)
+        overrides = run_overrides(cfg, name, models, seed)
         log.info("%s, seed %d: grpo-train %s", name, seed, " ".join(overrides))
         return launch_once("grpo.train", overrides, run_dir(cfg, name, seed),
                            Path(cfg.out_dir) / "logs" / f"{name}_seed{seed}.log", cfg.in_process)
@@ -256,12 +338,14 @@ def compare(cfg: CompareConfig) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     rm_path, notes = reward_model_for(cfg)
+    teacher, teacher_notes = teacher_for(cfg)
+    notes += teacher_notes
     per_step = cfg.prompts_per_step * cfg.group_size
     runs: dict[str, list[dict]] = {LABELS[name]: [] for name in cfg.algorithms}
     curves: dict[str, list[list[dict]]] = {LABELS[name]: [] for name in cfg.algorithms}
     outcomes: dict[str, list[dict]] = {LABELS[name]: [] for name in cfg.algorithms}  # per seed: final, best
     paraphrases = tuple(cfg.paraphrase_splits)
-    records = launch_runs(cfg, rm_path)
+    records = launch_runs(cfg, {"rm": rm_path, "teacher": teacher})
     reused = 0
     for seed in cfg.seeds:
         for name in cfg.algorithms:

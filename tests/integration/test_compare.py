@@ -7,6 +7,7 @@ import csv
 import json
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +46,31 @@ def test_short_comparison_on_two_seeds_writes_every_arm_and_run(tmp_path, warm_t
     assert (tmp_path / "compare.png").stat().st_size > 10_000
     for name in cfg.algorithms:
         assert (tmp_path / name / "seed_1" / "metrics.jsonl").exists()
+    assert_the_teacher_was_trained_once_and_distilled_from(tmp_path, table)
+
+
+def assert_the_teacher_was_trained_once_and_distilled_from(out, table: str) -> None:
+    """The distill arm's teacher: one SFT run of 2 x the arms' 1 step, from seed 0's warm start, before both seeds'
+    distillation runs, which name its last checkpoint; its cost and held-out accuracy in the notes. Mutations
+    caught: no teacher note or the accuracy of its first evaluation in it; a teacher per seed, or none (the
+    runs name another path); the arms' own length (1 step)."""
+    teacher = out / "teacher_run"
+    rows = [json.loads(line) for line in (teacher / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r.get("eval/accuracy") is not None]
+    assert [r["step"] for r in evals] == [0, 2]  # its start and its end, nothing between (train.eval_every=2)
+    note = next(line for line in table.splitlines() if line.startswith("- On-policy distillation's teacher: "))
+    assert note.startswith("- On-policy distillation's teacher: trained by grpo-train algorithm=sft on the training "
+                           "split's gold answers from seed 0's warm start, 2 steps of 64 demonstrations in ")
+    assert note.endswith(f"held-out accuracy {evals[0]['eval/accuracy']:.3f} -> {evals[-1]['eval/accuracy']:.3f}")
+    # the held-out prompts the arms are scored on are never among its training rows
+    assert json.loads((teacher / "contamination.json").read_text())["eval"]["exact_overlap"] == 0.0
+    policy = teacher / "checkpoints" / "step_2" / "policy"
+    for seed in (0, 1):
+        config = yaml.safe_load((out / "distill" / f"seed_{seed}" / "config.yaml").read_text())
+        assert (config["algorithm"]["name"], config["algorithm"]["teacher"]["path"]) == ("distill", str(policy))
+        metrics = (out / "distill" / f"seed_{seed}" / "metrics.jsonl").read_text()
+        assert '"distill/reverse_kl"' in metrics
+    assert sorted(p.name for p in out.iterdir() if "teacher" in p.name) == ["teacher_run"]
 
 
 def test_a_comparison_run_again_reuses_finished_runs_and_resumes_the_interrupted_one(tmp_path, warm_tiny_dir, caplog):
