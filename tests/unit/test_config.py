@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from dataclasses import asdict
@@ -260,8 +261,16 @@ def _cli_in_process(monkeypatch, capsys, *args) -> tuple[int, str]:
 
     monkeypatch.setattr(sys, "argv", ["grpo-train", *args])
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        train_main()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            train_main()
+    finally:  # Hydra's job logging (a console handler on this test's captured stdout, a file in run_dir) goes
+        for handler in set(root.handlers) - set(handlers):  # with it, not into the tests after it
+            handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
     return exit_info.value.code, capsys.readouterr().err
 
 
