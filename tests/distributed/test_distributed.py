@@ -91,13 +91,17 @@ def one_update(backend: str, ranks: int, out: Path, loss_agg: str, *extra: str) 
 
 
 @pytest.mark.parametrize(
-    "backend,loss_agg",
-    [pytest.param("deepspeed_zero2", "token_mean", marks=DEEPSPEED),
-     pytest.param("deepspeed_zero3", "seq_mean_token_mean", marks=DEEPSPEED), ("ddp", "token_mean")],
+    "backend,loss_agg,packing",
+    [pytest.param("deepspeed_zero2", "token_mean", "padded", marks=DEEPSPEED),
+     # ZeRO-3 with the packed forward inside the DeepSpeed engine's LogProbModel, as many micro-batches on each
+     # rank (ZeRO-3's collectives), against one rank's padded gradient: one launch checks both (a packing bug
+     # and a loss normalised by one rank's sequences each break the equality)
+     pytest.param("deepspeed_zero3", "seq_mean_token_mean", "groups", marks=DEEPSPEED),
+     ("ddp", "token_mean", "padded")],
 )
-def test_two_ranks_with_b_groups_equal_one_rank_with_2b(tmp_path, one_rank, backend, loss_agg):
-    one = one_rank(DRIVER.name, "--loss-agg", loss_agg)
-    two = one_update(backend, 2, tmp_path / "two.pt", loss_agg)
+def test_two_ranks_with_b_groups_equal_one_rank_with_2b(tmp_path, one_rank, backend, loss_agg, packing):
+    one = one_rank(DRIVER.name, "--loss-agg", loss_agg)  # padded
+    two = one_update(backend, 2, tmp_path / "two.pt", loss_agg, "--packing", packing)
     assert (one["world_size"], two["world_size"]) == (1, 2)
     # The loss is normalised by the global counts, so the ranks' losses sum to the whole batch's.
     assert abs(one["loss"] - two["loss"]) < 1e-6
@@ -108,17 +112,6 @@ def test_two_ranks_with_b_groups_equal_one_rank_with_2b(tmp_path, one_rank, back
         torch.testing.assert_close(two["grads"][name], g, atol=2e-6, rtol=0, msg=name)
         moved += int(g.abs().sum() > 0)
     assert moved > len(one["grads"]) // 2  # a real gradient reached most tensors
-
-
-@DEEPSPEED
-def test_groups_packed_on_two_zero3_ranks_equal_padded_on_one(tmp_path, one_rank):
-    """The packed forward inside the DeepSpeed engine's LogProbModel, as many micro-batches on each rank
-    (ZeRO-3's collectives), gives one rank's padded gradient."""
-    one = one_rank(DRIVER.name, "--loss-agg", "token_mean")
-    two = one_update("deepspeed_zero3", 2, tmp_path / "two.pt", "token_mean", "--packing", "groups")
-    assert two["world_size"] == 2 and abs(one["loss"] - two["loss"]) < 1e-6
-    for name, g in one["grads"].items():
-        torch.testing.assert_close(two["grads"][name], g, atol=2e-6, rtol=0, msg=name)
 
 
 def train(backend: str, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -155,7 +148,10 @@ def test_grpo_trains_on_two_ranks_with_identical_replicas(tmp_path, warm_tiny_di
 
     if backend.startswith("deepspeed"):
         assert (ckpt / "deepspeed" / "zero").is_dir()
-        # resume on the same world size from DeepSpeed's shards: one more step, same files continued
+    if backend == "deepspeed_zero3":
+        # resume on the same world size from ZeRO-3's partitioned shards: one more step, same files continued.
+        # ZeRO-2's resume is test_ppo_deepspeed.py's, which also holds the resumed weights to the uninterrupted
+        # run's (a launch here would add no check: the policy engine's shards load by the same code)
         train(backend, run_dir, "resume=auto", "train.max_steps=4")
         rows = metrics(run_dir)
         assert [r["step"] for r in rows if r["step"] > 0] == [1, 2, 3, 4]

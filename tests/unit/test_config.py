@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from dataclasses import asdict
@@ -244,6 +245,7 @@ def _cli(*args, cwd):
 
 
 def test_cli_errors_are_one_line(tmp_path):
+    # A fresh `python -m grpo.train`: what a shell sees, every warning of the imports included.
     out = _cli(f"run_dir={tmp_path}/r", "algorithm.loss_agg=mean", cwd=tmp_path)
     assert out.returncode != 0
     lines = [line for line in out.stderr.splitlines() if line.strip()]
@@ -252,22 +254,43 @@ def test_cli_errors_are_one_line(tmp_path):
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
 
 
-def test_cli_missing_model_path(tmp_path):
-    out = _cli(f"run_dir={tmp_path}/r", "model=hf", f"model.path={tmp_path}/nowhere", cwd=tmp_path)
-    assert out.returncode == 2
-    assert f"model.path: {tmp_path}/nowhere does not exist" in out.stderr
+def _cli_in_process(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """grpo-train's exit status and stderr, run in this process: the path above from its Hydra entry on,
+    without a new interpreter importing torch and transformers again (about 20 s a launch on 2 cores)."""
+    from grpo.cli import train_main
+
+    monkeypatch.setattr(sys, "argv", ["grpo-train", *args])
+    capsys.readouterr()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            train_main()
+    finally:  # Hydra's job logging (a console handler on this test's captured stdout, a file in run_dir) goes
+        for handler in set(root.handlers) - set(handlers):  # with it, not into the tests after it
+            handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return exit_info.value.code, capsys.readouterr().err
 
 
-def test_cli_missing_column_and_empty_dataset(tmp_path, tiny_random_dir):
+def test_cli_missing_model_path(tmp_path, monkeypatch, capsys):
+    code, err = _cli_in_process(monkeypatch, capsys, f"run_dir={tmp_path}/r", "model=hf",
+                                f"model.path={tmp_path}/nowhere")
+    assert code == 2
+    assert f"model.path: {tmp_path}/nowhere does not exist" in err
+
+
+def test_cli_missing_column_and_empty_dataset(tmp_path, tiny_random_dir, monkeypatch, capsys):
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"prompt": "1+1=", "solution": "2"}) + "\n")
     common = [f"run_dir={tmp_path}/r", "task=jsonl", f"task.train_file={data}", "model=hf",
               f"model.path={tiny_random_dir}"]
-    out = _cli(*common, cwd=tmp_path)
-    assert out.returncode == 2 and "lacks column(s) answer" in out.stderr and str(data) in out.stderr
+    code, err = _cli_in_process(monkeypatch, capsys, *common)
+    assert code == 2 and "lacks column(s) answer" in err and str(data) in err
     data.write_text("")
-    out = _cli(*common, cwd=tmp_path)
-    assert out.returncode == 2 and f"task: {data} has no rows" in out.stderr
+    code, err = _cli_in_process(monkeypatch, capsys, *common)
+    assert code == 2 and f"task: {data} has no rows" in err
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):

@@ -15,12 +15,13 @@ import time
 import pytest
 
 from grpo.errors import RewardInfraError
+from grpo.model.gguf_checkpoint import converted_model_dir, packaged_gguf
 from grpo.training.sampling import check_infra_errors
 from rewards import RewardConfigError, RewardScorer, RewardSpec
 from rewards import judge as judge_module
 from rewards.judge import JudgeUnavailableError, judge, judge_pairs
-from scripts.experiments.judge_pairs import SERVED_NAME, serve, smollm2_dir, stop
-from tests.conftest import HAS_SMOLLM2, HAS_VLLM, requires
+from scripts.experiments.judge_pairs import SERVED_NAME, serve, stop
+from tests.conftest import HAS_SMOLLM2, HAS_VLLM, SMOLLM2, requires
 
 pytestmark = [
     pytest.mark.vllm,
@@ -31,8 +32,10 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    proc, url = serve(smollm2_dir(), tmp_path_factory.mktemp("judge") / "server.log")
+def server(tmp_path_factory, smollm2_cache):
+    # The session's conversion (smollm2_cache), which test_vllm_real_model.py uses too: converted once, not twice
+    model_dir = converted_model_dir(packaged_gguf(*SMOLLM2), smollm2_cache)
+    proc, url = serve(model_dir, tmp_path_factory.mktemp("judge") / "server.log")
     judge_module._clients.clear()
     yield proc, url
     stop(proc)
