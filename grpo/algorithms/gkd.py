@@ -32,10 +32,10 @@ from grpo import distributed as dist
 from grpo.core.batch import RolloutBatch, layout_batch
 from grpo.core.logprobs import forward_jsd, scored_hidden
 from grpo.core.packing import micro_batches
-from grpo.faults import crash_point
-from grpo.training.loop import StepResult, replica_check, run_loop
+from grpo.training.loop import StepResult, run_loop, sync_and_finish
+from grpo.training.pipeline import InlineRollout
 from grpo.training.run import Run
-from grpo.training.sampling import Groups, ScoringTally, draw_rows, gather_groups, rollout_metrics, score_rows
+from grpo.training.sampling import Groups, ScoringTally, draw_rows, gather_groups, score_rows
 from grpo.training.update import same_count_on_every_rank
 
 
@@ -59,13 +59,9 @@ def train_step(run: Run, step: int) -> StepResult:
     metrics |= jsd_update(run, batch)
     metrics["gkd/on_policy_rows"] = int(dist.all_reduce_sum(torch.tensor([len(groups.completion_ids)]))[0])
     metrics["gkd/reference_rows"] = int(dist.all_reduce_sum(torch.tensor([len(rows) - k]))[0])
-    crash_point("mid_step", step)
     # 4. the rollout engine samples from the new weights next step
-    metrics["time/weight_sync_s"] = run.engine.sync_weights(run.policy)
-    metrics |= replica_check(run, step)
-    if everyone.completion_ids:
-        metrics |= rollout_metrics(everyone, torch.tensor([r is not None for r in everyone.rewards]))
-    return StepResult(metrics, everyone)
+    valid = torch.tensor([r is not None for r in everyone.rewards])  # [N_all]
+    return sync_and_finish(run, step, InlineRollout(run), metrics, everyone, valid)
 
 
 def on_policy_count(prompts: int, lmbda: float) -> int:
