@@ -144,14 +144,17 @@ def scored_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 
 def sequence_jsd(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                  teacher_rows: torch.Tensor, teacher_head: nn.Module, beta: float, temperature: float = 1.0,
-                 chunk_size: int | None = None, logits_to_keep_from: int = 0, packing: str = "padded") -> torch.Tensor:
+                 chunk_size: int | None = None, logits_to_keep_from: int = 0, packing: str = "padded",
+                 num_chunks: int = 0) -> torch.Tensor:
     """The generalised JSD (`grpo.core.losses.generalized_jsd`, `beta`) between the student `model`'s and the
     teacher's next-token distributions at each scored position, `[B, T-1]` float32, zeros where
     `sequence_logprobs` puts zeros. `teacher_rows` [M, H_t] are the teacher's hidden states there
     (`scored_hidden`, on the teacher's device, in any layout), `teacher_head` its output embedding. Both
     distributions are tempered by `temperature`. Differentiable in the student; chunked over positions
     (`chunk_size`, default `LOGITS_CHUNK_ELEMENTS // V`) and checkpointed per chunk as `sequence_logprobs` is; the
-    student forwarded in the layout `packing`."""
+    student forwarded in the layout `packing`. `num_chunks`: at least this many chunks, the extra ones empty: under
+    ZeRO-3 each chunk gathers the partitioned output embedding (forward, recomputation and backward), so every rank
+    must score as many (`jsd_chunks`, the largest count over ranks)."""
     _check_args(input_ids, attention_mask, temperature, logits_to_keep_from)
     _check_plain_head(model)
     head = model.get_output_embeddings()
@@ -169,13 +172,21 @@ def sequence_jsd(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
             t_logp = F.log_softmax(teacher_head(t).float() / temperature, dim=-1).to(s_logp.device)  # [c, V]
         return generalized_jsd(s_logp, t_logp, beta)  # [c]
 
-    recompute = torch.is_grad_enabled() and rows.shape[0] > chunk_size
+    starts = list(range(0, rows.shape[0], chunk_size))
+    starts += [rows.shape[0]] * (num_chunks - len(starts))  # empty chunks: past the last row
+    recompute = torch.is_grad_enabled() and len(starts) > 1
     chunks = [checkpoint(score, rows[i : i + chunk_size], teacher_rows[i : i + chunk_size], use_reentrant=False)
-              if recompute else score(rows[i : i + chunk_size], teacher_rows[i : i + chunk_size])
-              for i in range(0, rows.shape[0], chunk_size)]
+              if recompute else score(rows[i : i + chunk_size], teacher_rows[i : i + chunk_size]) for i in starts]
     B, T = input_ids.shape
     values = _cat_rows(chunks, rows)  # [M]
     return values.new_zeros(B * (T - 1)).index_copy(0, dest, values).view(B, T - 1)
+
+
+def jsd_chunks(attention_mask: torch.Tensor, logits_to_keep_from: int, vocab: int, chunk_size: int | None) -> int:
+    """How many chunks `sequence_jsd` scores a micro-batch in (its `[B, T]` `attention_mask`, a vocabulary of
+    `vocab`): one per `chunk_size` (default `LOGITS_CHUNK_ELEMENTS // vocab`) of its scored positions."""
+    chunk_size = chunk_size or max(1, LOGITS_CHUNK_ELEMENTS // vocab)
+    return -(-int(attention_mask[:, logits_to_keep_from + 1 :].sum()) // chunk_size)
 
 
 def _scored_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int,
