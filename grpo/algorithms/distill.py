@@ -36,33 +36,24 @@ Self-Generated Mistakes") and from Thinking Machines' recipe:
 from __future__ import annotations
 
 import time
-from functools import partial
 
 import torch
 
 from grpo import distributed as dist
-from grpo.config import completion_budget
 from grpo.core.advantages import compute_advantages
 from grpo.core.batch import RolloutBatch, layout_batch
 from grpo.core.losses import reverse_kl_advantages
-from grpo.faults import crash_point
-from grpo.training.loop import StepResult, no_signal_reason, replica_check, run_loop
+from grpo.training.loop import StepResult, no_signal_reason, run_rollout_loop, sync_and_finish
 from grpo.training.pipeline import InlineRollout, RolloutPipeline
 from grpo.training.run import Run
-from grpo.training.sampling import Groups, gather_groups, reward_stats, rollout_metrics
-from grpo.training.update import score_logprobs, update_policy
+from grpo.training.sampling import Groups, gather_groups, reward_stats
+from grpo.training.update import score_logprobs, update_options, update_policy
 
 
 def train(run: Run) -> list[dict]:
     """Distillation steps from `run.start_step + 1` to `train.max_steps`; returns the logged metrics. With
     `rollout.max_staleness` > 0 the batches are sampled ahead on a rollout thread, as GRPO's."""
-    if not run.cfg.rollout.max_staleness:
-        return run_loop(run, train_step)
-    pipeline = RolloutPipeline(run)
-    try:
-        return run_loop(run, partial(train_step, rollout=pipeline))
-    finally:
-        pipeline.close()
+    return run_rollout_loop(run, train_step)
 
 
 def train_step(run: Run, step: int, rollout: RolloutPipeline | InlineRollout | None = None) -> StepResult:
@@ -82,16 +73,10 @@ def train_step(run: Run, step: int, rollout: RolloutPipeline | InlineRollout | N
     # 2-3. student and teacher log-probs of the sampled tokens -> per-token advantages
     metrics |= add_distillation_advantages(run, batch)
     # 4. GRPO's update on those advantages
-    metrics |= update_policy(run.backend, batch, algo, temperature=cfg.rollout.temperature,
-                             micro_batch_tokens=cfg.backend.micro_batch_tokens,
-                             max_new_tokens=completion_budget(cfg), packing=cfg.backend.packing)
+    metrics |= update_policy(run.backend, batch, algo, **update_options(cfg))
     metrics["time/update_s"] = time.perf_counter() - start
-    crash_point("mid_step", step)
     # 5. the rollout engine samples from the new weights next step
-    metrics |= rollout.sync_weights(run.policy)
-    metrics |= replica_check(run, step)
-    metrics |= rollout_metrics(everyone, valid)
-    return StepResult(metrics, everyone)
+    return sync_and_finish(run, step, rollout, metrics, everyone, valid)
 
 
 def reward_batch(run: Run, groups: Groups, everyone: Groups, offset: int) -> tuple[RolloutBatch, torch.Tensor]:

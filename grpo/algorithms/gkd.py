@@ -9,7 +9,9 @@ One step, as `train_step` below reads:
    between the student's and the teacher's next-token distributions at each position
    (`grpo.core.losses.generalized_jsd`, `algorithm.gkd.beta`: 0 forward KL(teacher || student), 1 reverse
    KL(student || teacher), TRL's GKDTrainer convention), both models' logits chunked over positions
-   (`grpo.core.logprobs.sequence_jsd`, `algorithm.teacher.chunk_size`);
+   (`grpo.core.logprobs.sequence_jsd`, `algorithm.teacher.chunk_size`); micro-batches are planned and forwarded
+   in the layout `backend.packing` names (`grpo.core.packing`: padded, sequences or groups, the same divergence);
+   the teacher takes that layout too where its attention can, else padded;
 3. one optimiser step on the token mean over every rank's tokens (exact over micro-batches and ranks), through the
    run's backend (DDP, ZeRO, LoRA);
 4. the new weights go to the rollout engine. Evaluation, logging and checkpoints are the shared loop's.
@@ -21,7 +23,6 @@ Where this departs from GKD (Agarwal et al. 2024) and TRL's GKDTrainer:
 2. The off-policy data are the task's reference answers (the paper's "fixed dataset" of outputs); no sequence-level
    KD from teacher samples (TRL's `seq_kd`).
 3. Both distributions are tempered by `rollout.temperature`, the student's sampling temperature.
-4. The divergence is computed in the padded layout whatever `backend.packing` is (the layout changes speed only).
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ import torch
 
 from grpo import distributed as dist
 from grpo.core.batch import RolloutBatch, layout_batch
-from grpo.core.logprobs import forward_jsd, scored_hidden
-from grpo.core.packing import micro_batches
-from grpo.faults import crash_point
-from grpo.training.loop import StepResult, replica_check, run_loop
+from grpo.core.logprobs import attention_of, forward_jsd, jsd_chunks, scored_hidden
+from grpo.core.packing import layout_refusal, micro_batches
+from grpo.training.loop import StepResult, run_loop, sync_and_finish
+from grpo.training.pipeline import InlineRollout
 from grpo.training.run import Run
-from grpo.training.sampling import Groups, ScoringTally, draw_rows, gather_groups, rollout_metrics, score_rows
+from grpo.training.sampling import Groups, ScoringTally, draw_rows, gather_groups, score_rows
 from grpo.training.update import same_count_on_every_rank
 
 
@@ -59,13 +60,9 @@ def train_step(run: Run, step: int) -> StepResult:
     metrics |= jsd_update(run, batch)
     metrics["gkd/on_policy_rows"] = int(dist.all_reduce_sum(torch.tensor([len(groups.completion_ids)]))[0])
     metrics["gkd/reference_rows"] = int(dist.all_reduce_sum(torch.tensor([len(rows) - k]))[0])
-    crash_point("mid_step", step)
     # 4. the rollout engine samples from the new weights next step
-    metrics["time/weight_sync_s"] = run.engine.sync_weights(run.policy)
-    metrics |= replica_check(run, step)
-    if everyone.completion_ids:
-        metrics |= rollout_metrics(everyone, torch.tensor([r is not None for r in everyone.rewards]))
-    return StepResult(metrics, everyone)
+    valid = torch.tensor([r is not None for r in everyone.rewards])  # [N_all]
+    return sync_and_finish(run, step, InlineRollout(run), metrics, everyone, valid)
 
 
 def on_policy_count(prompts: int, lmbda: float) -> int:
@@ -101,23 +98,28 @@ def mixture_rows(run: Run, groups: Groups, reference_rows: list[dict]) -> tuple[
 
 def jsd_update(run: Run, batch: RolloutBatch) -> dict:
     """One optimiser step on the token mean of the generalised JSD over every rank's completion tokens: each
-    micro-batch's sum is divided by all ranks' tokens, so the gradient summed over ranks is the whole batch's."""
-    cfg = run.cfg
+    micro-batch's sum is divided by all ranks' tokens, so the gradient summed over ranks is the whole batch's.
+    Micro-batches are planned, and the student forwarded, in the layout `backend.packing` names."""
+    cfg, packing = run.cfg, run.cfg.backend.packing
     tokens = float(dist.all_reduce_sum(batch.completion_mask.sum().reshape(1).double())[0])
     device = next(run.backend.model.parameters()).device
     teacher_device = next(run.teacher.parameters()).device
     options = dict(beta=cfg.algorithm.gkd.beta, temperature=cfg.rollout.temperature,
                    chunk_size=cfg.algorithm.teacher.chunk_size or None,
-                   teacher_head=run.teacher.get_output_embeddings())
+                   teacher_head=run.teacher.get_output_embeddings(), packing=packing)
+    vocab = run.teacher.get_output_embeddings().weight.shape[0]  # the student's too (`sequence_jsd` checks)
     total = 0.0
-    for rows in same_count_on_every_rank(micro_batches(batch, cfg.backend.micro_batch_tokens, "padded")):
+    for rows in same_count_on_every_rank(micro_batches(batch, cfg.backend.micro_batch_tokens, packing)):
         micro = batch.select(rows or [0])  # an empty micro-batch keeps ZeRO-3's collective forwards in step
         k = micro.prompt_width - 1
         teacher_rows = scored_hidden(run.teacher, micro.input_ids.to(teacher_device),
-                                     micro.attention_mask.to(teacher_device), logits_to_keep_from=k)  # [M, H_t]
+                                     micro.attention_mask.to(teacher_device), logits_to_keep_from=k,
+                                     packing=teacher_packing(run.teacher, packing))  # [M, H_t]
+        # as many chunks on every rank: under ZeRO-3 each one gathers the student's partitioned output embedding
+        chunks = int(dist.all_reduce_max(jsd_chunks(micro.attention_mask, k, vocab, options["chunk_size"])))
         micro = micro.to(device)
         jsd = forward_jsd(run.backend.model, micro.input_ids, micro.attention_mask, teacher_rows=teacher_rows,
-                          logits_to_keep_from=k, **options)  # [n, T-1]
+                          logits_to_keep_from=k, num_chunks=chunks, **options)  # [n, T-1]
         loss = (jsd * micro.completion_mask).sum() / max(tokens, 1.0) * (1.0 if rows else 0.0)
         run.backend.backward(loss)
         total += float(loss.detach())
@@ -126,3 +128,9 @@ def jsd_update(run: Run, batch: RolloutBatch) -> dict:
     return {"train/loss": loss, "gkd/jsd": loss, "gkd/tokens": tokens, "optim/grad_norm": result["grad_norm"],
             "optim/lr": result["lr"], "optim/skipped_steps": int(result["skipped"]),
             "optim/skipped_total": getattr(run.backend, "skipped_steps", 0)}
+
+
+def teacher_packing(teacher: torch.nn.Module, packing: str) -> str:
+    """The layout the teacher forwards in: the student's (`backend.packing`) where the teacher's attention can keep
+    its sequences apart, else padded; its hidden states come back in the same order either way."""
+    return packing if layout_refusal(*attention_of(teacher), packing) is None else "padded"

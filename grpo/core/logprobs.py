@@ -30,7 +30,8 @@ Conventions, shared by both functions here:
 
 `sequence_jsd` is the same walk for distillation over the whole vocabulary (GKD): the student's and the
 teacher's logits exist one chunk of positions at a time, the teacher's hidden states having been computed
-once (`scored_hidden`), so a large vocabulary costs one chunk's `[chunk_size, V]` of each model.
+once (`scored_hidden`), so a large vocabulary costs one chunk's `[chunk_size, V]` of each model. Both forward in
+any layout; their scored positions meet in the padded layout's order.
 """
 
 import contextlib
@@ -133,25 +134,27 @@ def sequence_logprobs(
 
 @torch.no_grad()
 def scored_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                  logits_to_keep_from: int = 0) -> torch.Tensor:
+                  logits_to_keep_from: int = 0, packing: str = "padded") -> torch.Tensor:
     """The last hidden states [M, H] of `model` (a bare causal LM) at the positions `sequence_logprobs` scores
-    (column `logits_to_keep_from` on, target not padding), in that order; no gradient. The teacher's side of
-    `sequence_jsd`."""
+    (column `logits_to_keep_from` on, target not padding), in the padded layout's row-major order whatever layout
+    `packing` forwards; no gradient. The teacher's side of `sequence_jsd`."""
     _check_args(input_ids, attention_mask, 1.0, logits_to_keep_from)
-    hidden = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=_position_ids(attention_mask), use_cache=False).last_hidden_state
-    return _rows_at(hidden, attention_mask, logits_to_keep_from)  # [M, H]
+    return _scored_states(model, input_ids, attention_mask, logits_to_keep_from, packing)[0]  # [M, H]
 
 
 def sequence_jsd(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                  teacher_rows: torch.Tensor, teacher_head: nn.Module, beta: float, temperature: float = 1.0,
-                 chunk_size: int | None = None, logits_to_keep_from: int = 0) -> torch.Tensor:
+                 chunk_size: int | None = None, logits_to_keep_from: int = 0, packing: str = "padded",
+                 num_chunks: int = 0) -> torch.Tensor:
     """The generalised JSD (`grpo.core.losses.generalized_jsd`, `beta`) between the student `model`'s and the
     teacher's next-token distributions at each scored position, `[B, T-1]` float32, zeros where
     `sequence_logprobs` puts zeros. `teacher_rows` [M, H_t] are the teacher's hidden states there
-    (`scored_hidden`, on the teacher's device), `teacher_head` its output embedding. Both distributions are
-    tempered by `temperature`. Differentiable in the student; chunked over positions (`chunk_size`, default
-    `LOGITS_CHUNK_ELEMENTS // V`) and checkpointed per chunk as `sequence_logprobs` is; always the padded layout."""
+    (`scored_hidden`, on the teacher's device, in any layout), `teacher_head` its output embedding. Both
+    distributions are tempered by `temperature`. Differentiable in the student; chunked over positions
+    (`chunk_size`, default `LOGITS_CHUNK_ELEMENTS // V`) and checkpointed per chunk as `sequence_logprobs` is; the
+    student forwarded in the layout `packing`. `num_chunks`: at least this many chunks, the extra ones empty: under
+    ZeRO-3 each chunk gathers the partitioned output embedding (forward, recomputation and backward), so every rank
+    must score as many (`jsd_chunks`, the largest count over ranks)."""
     _check_args(input_ids, attention_mask, temperature, logits_to_keep_from)
     _check_plain_head(model)
     head = model.get_output_embeddings()
@@ -159,9 +162,7 @@ def sequence_jsd(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         raise ValueError(f"the teacher's vocabulary ({teacher_head.weight.shape[0]}) is not the student's "
                          f"({head.weight.shape[0]})")
     chunk_size = chunk_size or max(1, LOGITS_CHUNK_ELEMENTS // head.weight.shape[0])
-    hidden = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=_position_ids(attention_mask), use_cache=False).last_hidden_state
-    rows = _rows_at(hidden, attention_mask, logits_to_keep_from)  # [M, H]
+    rows, dest = _scored_states(model, input_ids, attention_mask, logits_to_keep_from, packing)  # [M, H], [M]
     if teacher_rows.shape[0] != rows.shape[0]:
         raise ValueError(f"teacher_rows holds {teacher_rows.shape[0]} positions, the batch scores {rows.shape[0]}")
 
@@ -171,22 +172,42 @@ def sequence_jsd(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
             t_logp = F.log_softmax(teacher_head(t).float() / temperature, dim=-1).to(s_logp.device)  # [c, V]
         return generalized_jsd(s_logp, t_logp, beta)  # [c]
 
-    recompute = torch.is_grad_enabled() and rows.shape[0] > chunk_size
+    starts = list(range(0, rows.shape[0], chunk_size))
+    starts += [rows.shape[0]] * (num_chunks - len(starts))  # empty chunks: past the last row
+    recompute = torch.is_grad_enabled() and len(starts) > 1
     chunks = [checkpoint(score, rows[i : i + chunk_size], teacher_rows[i : i + chunk_size], use_reentrant=False)
-              if recompute else score(rows[i : i + chunk_size], teacher_rows[i : i + chunk_size])
-              for i in range(0, rows.shape[0], chunk_size)]
+              if recompute else score(rows[i : i + chunk_size], teacher_rows[i : i + chunk_size]) for i in starts]
     B, T = input_ids.shape
-    k = logits_to_keep_from
-    scored = attention_mask[:, k + 1 :].reshape(-1).nonzero().squeeze(-1)  # [M]
     values = _cat_rows(chunks, rows)  # [M]
-    return _left_zeros(values.new_zeros(B * (T - 1 - k)).index_copy(0, scored, values).view(B, T - 1 - k), k)
+    return values.new_zeros(B * (T - 1)).index_copy(0, dest, values).view(B, T - 1)
 
 
-def _rows_at(hidden: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
-    """`hidden` [B, T, H] at the scored positions: columns k..T-2 whose next token is real, row-major -> [M, H]."""
-    T = hidden.shape[1]
-    scored = attention_mask[:, k + 1 :].reshape(-1).nonzero().squeeze(-1)  # [M] of B*L, L = T-1-k
-    return hidden[:, k : T - 1].reshape(-1, hidden.shape[-1])[scored]  # [M, H]
+def jsd_chunks(attention_mask: torch.Tensor, logits_to_keep_from: int, vocab: int, chunk_size: int | None) -> int:
+    """How many chunks `sequence_jsd` scores a micro-batch in (its `[B, T]` `attention_mask`, a vocabulary of
+    `vocab`): one per `chunk_size` (default `LOGITS_CHUNK_ELEMENTS // vocab`) of its scored positions."""
+    chunk_size = chunk_size or max(1, LOGITS_CHUNK_ELEMENTS // vocab)
+    return -(-int(attention_mask[:, logits_to_keep_from + 1 :].sum()) // chunk_size)
+
+
+def _scored_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int,
+                   packing: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`model`'s last hidden states [M, H] at the scored positions (column k on, target real), forwarded in the
+    layout `packing`, and their flat indices [M] into the padded `[B, T-1]` columns; in the padded layout's
+    row-major order, so that a teacher's rows line up with a student's whatever layout each ran in."""
+    backbone = _backbone(model)
+    B, T = input_ids.shape
+    if packing != "padded":
+        out, packed = packed_forward(model, backbone, input_ids, attention_mask, k + 1, packing,
+                                     model.get_output_embeddings().weight.dtype)
+        hidden = out.last_hidden_state  # [R, W, H]
+        order = packed.dest.argsort()  # `source` runs in the packed rows' order
+        return hidden.reshape(-1, hidden.shape[-1])[packed.source[order]], packed.dest[order]
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask),
+                      use_cache=False).last_hidden_state  # [B, T, H]
+    L = max(T - 1 - k, 1)  # no completion column: nothing scored, and nothing to divide
+    scored = attention_mask[:, k + 1 :].reshape(-1).nonzero().squeeze(-1)  # [M] of B*L
+    dest = scored // L * (T - 1) + scored % L + k  # [M] of B*(T-1)
+    return hidden[:, k : T - 1].reshape(-1, hidden.shape[-1])[scored], dest
 
 
 def _packed_logprobs(model, backbone, head, input_ids, attention_mask, packing: str, *, temperature: float,

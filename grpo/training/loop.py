@@ -7,7 +7,9 @@ around it does what every algorithm needs in the same way: the step-0 line (held
 start), evaluation every `train.eval_every` steps and after the last, the best validation accuracy so far
 (`checkpoint.keep_best`, `train.early_stop`), the metrics line, sample logging, the crash points of the fault-injection
 tests, and checkpoints (with the algorithm's own state, e.g. PPO's critic). The guard against broken rewards
-(`no_signal_reason`) and the replica check are here too, for every algorithm's step.
+(`no_signal_reason`) and the replica check are here too, for every algorithm's step, and what the steps that sample
+from a rollout engine share: their loop with the asynchronous pipeline (`run_rollout_loop`) and their end, from the
+weight sync to the rollout metrics (`sync_and_finish`).
 """
 
 from __future__ import annotations
@@ -16,14 +18,18 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+
+import torch
 
 from grpo import distributed as dist
 from grpo.errors import MaskedRewardsError
 from grpo.faults import crash_point
 from grpo.training.checkpoint import save_best, save_checkpoint
 from grpo.training.evaluate import evaluate_run
+from grpo.training.pipeline import InlineRollout, RolloutPipeline
 from grpo.training.run import Run
-from grpo.training.sampling import Groups
+from grpo.training.sampling import Groups, rollout_metrics
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +85,33 @@ def run_loop(run: Run, train_step: Step, extra_state: Callable[[], dict] = dict,
         if stop:
             break
     return history
+
+
+def run_rollout_loop(run: Run, train_step: Callable[..., StepResult]) -> list[dict]:
+    """`run_loop` over a step that takes its batch from a rollout, `train_step(run, step, rollout=...)`: sampled
+    on the training thread, or ahead on a rollout thread when `rollout.max_staleness` > 0
+    (`grpo.training.pipeline`). GRPO's loop and on-policy distillation's."""
+    if not run.cfg.rollout.max_staleness:
+        return run_loop(run, train_step)
+    pipeline = RolloutPipeline(run)
+    try:
+        return run_loop(run, partial(train_step, rollout=pipeline))
+    finally:
+        pipeline.close()
+
+
+def sync_and_finish(run: Run, step: int, rollout: RolloutPipeline | InlineRollout, metrics: dict, everyone: Groups,
+                    valid: torch.Tensor) -> StepResult:
+    """The end of a step whose optimiser step is taken: the mid-step crash point (the fault tests'), the new
+    weights into the rollout engine (`rollout.sync_weights`; asynchronous: for the batches queued after it), the
+    replica check, and the rollout metrics of the whole step's groups `everyone` (`valid` [N_all]: the samples
+    that count). Returns the step's result with `metrics` (updated in place)."""
+    crash_point("mid_step", step)
+    metrics |= rollout.sync_weights(run.policy)
+    metrics |= replica_check(run, step)
+    if everyone.completion_ids:  # GKD with no on-policy share samples nothing
+        metrics |= rollout_metrics(everyone, valid)
+    return StepResult(metrics, everyone)
 
 
 def evaluate_and_record(run: Run, step: int) -> dict:

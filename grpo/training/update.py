@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from grpo import distributed as dist
-from grpo.config import AlgorithmConfig
+from grpo.config import AlgorithmConfig, Config, completion_budget
 from grpo.core.batch import RolloutBatch
 from grpo.core.logprobs import forward_logprobs
 from grpo.core.losses import (
@@ -47,6 +47,13 @@ def update_policy(backend, batch: RolloutBatch, algo: AlgorithmConfig, *, temper
             if step is not None:
                 steps.append(step)
     return update_metrics(steps, algo, backend)
+
+
+def update_options(cfg: Config) -> dict:
+    """`update_policy`'s keyword arguments for a run with config `cfg`: the sampling temperature, the micro-batch
+    budget, the longest completion (`seq_mean_token_sum_norm`'s divisor) and the forward's layout."""
+    return dict(temperature=cfg.rollout.temperature, micro_batch_tokens=cfg.backend.micro_batch_tokens,
+                max_new_tokens=completion_budget(cfg), packing=cfg.backend.packing)
 
 
 def optimiser_step(backend, batch: RolloutBatch, rows: list[int], algo: AlgorithmConfig, *, temperature: float,

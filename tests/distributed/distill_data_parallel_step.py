@@ -6,9 +6,15 @@ distillation metric and the gradients that reached the optimiser, to check 2 ran
   reverse-KL advantage, its metrics over every rank's tokens), then GRPO's `update_policy`;
 - `gkd`: `grpo.algorithms.gkd.jsd_update` (the teacher's hidden states, the chunked generalised JSD, beta 0.5).
 
+The teacher is loaded as a run loads it (`grpo.training.run.build_teacher`, after the student's backend is built),
+and each rank writes how many of the student's and of the teacher's parameters ZeRO-3 holds partitioned at the
+update. Under ZeRO-3 every parameter is partitioned (`stage3_param_persistence_threshold` 0: by default DeepSpeed
+keeps tensors under 1e5 values whole on every rank, which is all of the tiny model's), so the teacher's forwards run
+beside a sharded student.
+
     PYTHONPATH=. torchrun --nproc_per_node 2 tests/distributed/distill_data_parallel_step.py --model DIR \
         --teacher DIR --out out.pt
-    PYTHONPATH=. deepspeed --num_gpus 2 tests/distributed/distill_data_parallel_step.py --backend deepspeed_zero2 ...
+    PYTHONPATH=. deepspeed --num_gpus 2 tests/distributed/distill_data_parallel_step.py --backend deepspeed_zero3 ...
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import sys
 from types import SimpleNamespace
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo import distributed as dist
 from grpo.algorithms.distill import add_distillation_advantages
@@ -26,7 +32,7 @@ from grpo.algorithms.gkd import jsd_update
 from grpo.cli import drop_launcher_args
 from grpo.config import completion_budget
 from grpo.core.batch import layout_batch
-from grpo.training.run import build_policy_backend, check_packing
+from grpo.training.run import build_policy_backend, build_teacher, check_packing
 from grpo.training.update import update_policy
 from tests.conftest import compose
 from tests.distributed.data_parallel_step import gradient_from_adam_step
@@ -50,10 +56,11 @@ def one_update(args, cfg, kind: str) -> dict:
     prompts, completions = fixed_rows()
     mine = dist.shard(list(range(ROWS // 4)))  # this rank's prompts, with their G completions
     policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32).eval().requires_grad_(False)
     check_packing(cfg, policy)  # backend.packing=auto -> the layout, as building a run would resolve it
     backend = build_policy_backend(cfg, policy)
-    run = SimpleNamespace(cfg=cfg, backend=backend, teacher=teacher.to(dist.device()), ref_model=None)
+    teacher = build_teacher(cfg, AutoTokenizer.from_pretrained(args.model))  # after the backend, as build_run does
+    run = SimpleNamespace(cfg=cfg, backend=backend, teacher=teacher, ref_model=None)
+    sharded = {"student": partitioned(policy), "teacher": partitioned(teacher)}
     with backend.gathered_for_rollout():  # ZeRO-3: the full weights
         before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     batch = layout_batch([prompts[p] for p in mine], [completions[4 * p + j] for p in mine for j in range(4)], 4, 0)
@@ -68,7 +75,14 @@ def one_update(args, cfg, kind: str) -> dict:
         measure = metrics["gkd/jsd"]
     with backend.gathered_for_rollout():
         grads = {n: gradient_from_adam_step(before[n], p.detach().float()) for n, p in policy.named_parameters()}
-    return {"loss": metrics["train/loss"], "measure": measure, "grads": grads}
+    return {"loss": metrics["train/loss"], "measure": measure, "grads": grads, "partitioned": sharded}
+
+
+def partitioned(model: torch.nn.Module) -> int:
+    """How many of `model`'s parameters ZeRO-3 holds partitioned now (a DeepSpeed parameter not available on this
+    rank); 0 for a module DeepSpeed does not manage."""
+    return sum(int(getattr(p, "ds_status", None) is not None and p.ds_status.name == "NOT_AVAILABLE")
+               for p in model.parameters())
 
 
 def main() -> None:
@@ -85,7 +99,10 @@ def main() -> None:
               f"algorithm.teacher.path={args.teacher}",
               "optim.lr=1.0", "optim.eps=1.0", "optim.warmup_steps=0", "optim.max_grad_norm=0", "optim.weight_decay=0",
               "optim.schedule=constant", "backend.micro_batch_tokens=30", "rollout.temperature=0.8",
-              "algorithm.group_size=4", "backend.check_replicas_every=0", "algorithm.teacher.chunk_size=5"]
+              "algorithm.group_size=4", "backend.check_replicas_every=0", "algorithm.teacher.chunk_size=5",
+              "model.dtype=float32"]  # the teacher's (build_teacher); the student is loaded in float32 above
+    if args.backend == "deepspeed_zero3":  # partition every parameter, however small
+        common.append("+backend.deepspeed.zero_optimization.stage3_param_persistence_threshold=0")
     out = {kind: one_update(args, compose([f"algorithm={kind}", *common]), kind) for kind in KINDS}
     if dist.is_main():
         torch.save({**out, "world_size": dist.world_size()}, args.out)

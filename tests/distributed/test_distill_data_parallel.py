@@ -1,6 +1,13 @@
 """Distillation (the per-token reverse KL through GRPO's update) and GKD (the chunked generalised JSD) on 2 ranks,
-under ddp and DeepSpeed ZeRO-2, started by the real launchers: one update on 2 ranks x B/2 rows gives the loss,
-the metric and the gradient of 1 rank x B rows."""
+under ddp and DeepSpeed ZeRO-3, started by the real launchers: one update on 2 ranks x B/2 rows gives the loss,
+the metric and the gradient of 1 rank x B rows. Under ZeRO-3 the student's every parameter is partitioned and the
+frozen teacher, loaded as a run loads it, holds all of its own on each rank; each launch checks both losses.
+
+ZeRO-2 is not run here: what it shards (gradients and optimiser states, in the backend's backward and step) is the
+same code for every loss, and tests/distributed/test_distributed.py holds it to one rank on GRPO's update
+(`test_two_ranks_with_b_groups_equal_one_rank_with_2b`) and through the loop (`test_grpo_trains_on_two_ranks_...`).
+ZeRO-3 adds what only a distillation step meets: the teacher's forwards beside a student whose parameters are
+gathered layer by layer inside the engine's forward and its recomputed chunks."""
 
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ def tiny_teacher_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("tiny_teacher"), seed=1)
 
 
-@pytest.mark.parametrize("backend", backends("ddp", "deepspeed_zero2"))
+@pytest.mark.parametrize("backend", backends("ddp", "deepspeed_zero3"))
 def test_distill_and_gkd_updates_on_two_ranks_equal_one_rank_with_every_row(tmp_path, one_rank, tiny_random_dir,
                                                                             tiny_teacher_dir, backend):
     args = ("--model", str(tiny_random_dir), "--teacher", str(tiny_teacher_dir))
@@ -38,3 +45,6 @@ def test_distill_and_gkd_updates_on_two_ranks_equal_one_rank_with_every_row(tmp_
             # float32: the runs sum the same terms in another order
             torch.testing.assert_close(b["grads"][name], g, atol=2e-6, rtol=0, msg=f"{kind}: {name}")
         assert sum(int(g.abs().sum() > 0) for g in a["grads"].values()) > 10, kind  # a real gradient
+        # ZeRO-3: every student parameter sharded at the update, none of the teacher's (DeepSpeed never saw it)
+        student = len(a["grads"]) if backend == "deepspeed_zero3" else 0
+        assert b["partitioned"] == {"student": student, "teacher": 0}, kind
