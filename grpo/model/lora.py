@@ -37,17 +37,21 @@ import copy
 import importlib.util
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from peft.tuners.lora import LoraLayer
 from transformers import BitsAndBytesConfig
 
 from grpo.config import LoraOptions
 from grpo.core.logprobs import forward_logprobs
 from grpo.errors import ConfigError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
 
 ADAPTER_CONFIG = "adapter_config.json"  # what marks a peft adapter directory
 PEFT_PREFIX = "base_model.model."  # what peft puts before the wrapped model's parameter names
@@ -57,6 +61,7 @@ def add_adapters(model: torch.nn.Module, options: LoraOptions, seed: int = 0) ->
     """`model` with fresh LoRA adapters (B = 0: it computes what `model` did), only they trainable.
     A is drawn from `seed` alone, not the caller's random streams: under data parallel each rank's
     streams differ, and every rank must start from the same adapters."""
+    from peft import LoraConfig, get_peft_model  # peft (and bitsandbytes under it) load only for a LoRA run
     config = LoraConfig(
         r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
         target_modules=list(options.target_modules) or "all-linear",  # all-linear: the output head excluded
@@ -91,6 +96,8 @@ def prepare_quantized(model: torch.nn.Module, gradient_checkpointing: bool) -> t
     layout: the layer's later training forward then fails (`result += bias` on a graph tensor), and the
     sampler would compute with other kernels than the trainer. The repacking is switched off here, so
     sampling and training run the same arithmetic."""
+    from peft import prepare_model_for_kbit_training
+
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit
@@ -100,6 +107,8 @@ def prepare_quantized(model: torch.nn.Module, gradient_checkpointing: bool) -> t
 
 def load_adapters(model: torch.nn.Module, adapter_dir: str | Path) -> PeftModel:
     """`model` with the trainable adapters saved in `adapter_dir` (a checkpoint's `adapter/`)."""
+    from peft import PeftModel
+
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
 
 
@@ -110,8 +119,8 @@ def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def is_adapted(model: torch.nn.Module) -> bool:
-    """Whether `model` is a peft model (a LoRA policy)."""
-    return isinstance(model, PeftModel)
+    """Whether `model` is a peft model (a LoRA policy); peft not yet imported, none can be."""
+    return "peft" in sys.modules and isinstance(model, sys.modules["peft"].PeftModel)
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -174,6 +183,8 @@ def engine_weights(policy: PeftModel, merge: bool) -> list[EngineWeight]:
     """The base model's parameters of the LoRA `policy` under their base names (peft's `base_model.model.`,
     `.base_layer` and `.modules_to_save.<adapter>` taken out; adapters and the frozen copies of
     `modules_to_save` left out), with the adapters merged in when `merge`, else the base weights alone."""
+    from peft.tuners.lora import LoraLayer
+
     layers = {name: m for name, m in policy.named_modules() if isinstance(m, LoraLayer)}
     weights = []
     for name, p in policy.named_parameters():

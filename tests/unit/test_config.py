@@ -302,9 +302,11 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
         read_rows(str(data))
 
 
-def test_import_grpo_pulls_in_neither_vllm_nor_deepspeed():
-    code = ("import sys, grpo, grpo.algorithms.grpo, grpo.train, grpo.rollout, grpo.backends, rewards; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('vllm', 'deepspeed')))")
+def test_import_grpo_pulls_in_neither_vllm_nor_deepspeed_nor_peft():
+    """peft (and bitsandbytes under it) is about half of `import grpo.cli` (~5 s of ~9 s), paid by every launch
+    of a run and every rank: it loads when a run has LoRA adapters, not before."""
+    code = ("import sys, grpo, grpo.algorithms.grpo, grpo.train, grpo.cli, grpo.rollout, grpo.backends, rewards; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('vllm', 'deepspeed', 'peft')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("grpo", "rewards", "reward_models")
-LAZY = ("vllm", "deepspeed")  # imported where a config chooses them: `import grpo` must not load them
+LAZY = ("vllm", "deepspeed", "peft")  # imported where a config chooses them: `import grpo` must not load them
 MAX_FUNCTION_LINES = 60
 MODULE_STRING = re.compile(r"^((?:grpo|rewards|reward_models)(?:\.\w+)+):[\w.]+$")  # "pkg.module:attr"
 
