@@ -551,14 +551,19 @@ def train_round(arm_name: str, args, cfg, model_path, workload, rows, pad: int) 
     record = timed(arm)
     peak = peak_memory_mb(args.device)
     return {"arm": arm_name, "info": {"side": arm.side, "settings": arm.settings, "diagnostic": arm.diagnostic},
-            "record": record, "peak_mb": (peak if args.device == "cuda" else peak - base) if args.warmup else None}
+            "record": record, "warmup_steps": args.warmup,
+            "peak_mb": (peak if args.device == "cuda" else peak - base) if args.warmup else None}
 
 
 def train_round_in_fresh_process(arm_name: str, args) -> dict:
     """`train_round` in a fresh process; one killed by a signal or out of memory is left out, with why."""
     out = fresh_process("--train-round", arm_name, args, extra=("warmup",), oom_first=True)
     if out.returncode == 0:
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        record = json.loads(out.stdout.strip().splitlines()[-1])
+        if record.get("warmup_steps", args.warmup) != args.warmup or record["arm"] != arm_name:
+            raise RuntimeError(f"the process for {arm_name} ran {record['arm']} after {record['warmup_steps']} "
+                               f"warm-up steps, not {arm_name} after {args.warmup}")
+        return record
     tail = out.stderr.strip().splitlines()[-1:] or [""]
     if out.returncode < 0 or "can't allocate memory" in out.stderr or "MemoryError" in out.stderr:
         return {"arm": arm_name, "left_out": f"its process failed (exit {out.returncode}; out of memory?): {tail[0]}"}

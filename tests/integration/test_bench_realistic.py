@@ -194,8 +194,8 @@ def test_every_arm_of_every_phase_runs_once(tmp_path):
 def test_each_arm_alone_records_what_it_records_among_the_others(mini_path, one_group, one_group_arms):
     """What `--train-round` runs in each fresh process of the one-at-a-time mode (here in this process, arm by
     arm): the arm alone, its warm-up step, then `timed`'s record. Catches: `arm_names` naming arms the in-process
-    mode does not build (or missing one), a child building another arm than the one named, the warm-up step's
-    forwards counted into the timed record (twice the positions), a changed record's keys."""
+    mode does not build (or missing one), a child building another arm than the one named (other forwards or head
+    positions), a record whose keys differ from the in-process mode's."""
     args, cfg, workload = one_group
     in_process, skipped = one_group_arms
     names, left_out = arm_names(args, 2)
@@ -216,9 +216,10 @@ def test_each_arm_alone_records_what_it_records_among_the_others(mini_path, one_
 @pytest.mark.slow
 def test_the_one_at_a_time_mode_runs_each_arm_in_a_fresh_process_every_round(one_group_arms):
     """One arm, two rounds, two fresh processes (each ~15-45 s on a loaded 2-core machine: the imports). Catches:
-    a round's arm skipped or run twice (records per arm != --reps), the warm-up not passed to the child (`--warmup`
-    0 there: no memory figure), a child's output misread (keys, counts, its side and diagnostic)."""
-    args = parse_args([*TINY, "--prompts", "1", "--packing", "sequences", "--reps", "2", "--warmup", "1"])
+    a round's arm skipped or run twice (records per arm != --reps), `--warmup` not passed to the child (it warms up
+    by the default 1 step, not 2: the parent's check raises), a child's output misread (keys, counts, its side and
+    diagnostic)."""
+    args = parse_args([*TINY, "--prompts", "1", "--packing", "sequences", "--reps", "2", "--warmup", "2"])
     in_process, _ = one_group_arms
     batch = workload_batch(make_workload(args, MINI["vocab_size"], eos=1), pad=0)
     infos, records, skipped, peaks = one_at_a_time_records(args, batch, only=["trl_gpu_head"])
