@@ -58,8 +58,10 @@ choice, not a neighbour). This differs from the in-process mode in one way: ever
 arm's warm-up in a process that has run nothing else (the allocator and caches are colder than after a round of
 every arm; the first rounds of the in-process mode are warm from the other arms' steps), and the gradient norm is
 that of the arm's weights after its own warm-up steps, not after every arm's. The whole-step phase stays in one
-process: it holds ours and two TRL trainers (three models with their states, 48 bytes a float32 parameter: 6.5 GB
-for SmolLM2-135M) plus one step's activations, and TRL's `train()` cannot be resumed in another process.
+process (TRL's `train()`, paused between steps, keeps its state in the process running it): it holds ours and two
+TRL trainers (three models with their states, 48 bytes a float32 parameter: 6.5 GB for SmolLM2-135M) plus one
+step's activations; where that estimate (`step_refusal`) exceeds the available memory the phase is left out, with
+the reason in `left_out_phases`, unless `--arms in-process`.
 
 Completion lengths when sampling: every sampler generates the same planned lengths, the workload's (raised to at
 least 2 tokens), prompt by prompt (`scripts.bench.forced_lengths`): the generation phase's and the whole step's
@@ -490,10 +492,12 @@ ACTIVATION_VALUES = 40
 LIBRARIES = 2**30  # torch, transformers and TRL imported, before any model
 
 
-def in_process_bytes(parameters: int, dtype_bytes: int, positions: int, layers: int, hidden: int) -> int:
+def in_process_bytes(parameters: int, dtype_bytes: int, positions: int, layers: int, hidden: int,
+                     sides: int = SIDES_IN_PROCESS) -> int:
     """What the training phase holds at its peak with every arm in one process: both sides' weights, gradients and
-    AdamW states, the largest arm's activations, and the libraries."""
-    states = SIDES_IN_PROCESS * STATE_COPIES * parameters * dtype_bytes
+    AdamW states, the largest arm's activations, and the libraries (the whole step: `sides` 3, ours and two TRL
+    trainers)."""
+    states = sides * STATE_COPIES * parameters * dtype_bytes
     return states + ACTIVATION_VALUES * positions * layers * hidden * dtype_bytes + LIBRARIES
 
 
@@ -513,12 +517,16 @@ def available_bytes(device: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) * 1024  # kB
 
 
-def arms_mode(args, model_path: str, batch: RolloutBatch) -> None:
-    """Sets `args.one_at_a_time` from `--arms` and the memory estimate, and prints which mode and why."""
+def memory_need(args, model_path: str, batch: RolloutBatch, sides: int) -> int:
     shapes = Shapes.of(AutoConfig.from_pretrained(model_path))
     dtype_bytes = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
-    need = in_process_bytes(count_parameters(model_path), dtype_bytes, batch.input_ids.numel(), shapes.layers,
-                            shapes.hidden)
+    return in_process_bytes(count_parameters(model_path), dtype_bytes, batch.input_ids.numel(), shapes.layers,
+                            shapes.hidden, sides)
+
+
+def arms_mode(args, model_path: str, batch: RolloutBatch) -> None:
+    """Sets `args.one_at_a_time` from `--arms` and the memory estimate, and prints which mode and why."""
+    need = memory_need(args, model_path, batch, SIDES_IN_PROCESS)
     args.one_at_a_time, why = choose_arms_mode(args.arms, need, available_bytes(args.device))
     mode = "one at a time, each step in a fresh process" if args.one_at_a_time else "all in one process"
     print(f"training arms {mode}: {why}")
@@ -898,12 +906,26 @@ def run_phases(args, cfg, model_path, workload, rows, eos: int, pad: int, result
         results["generation"] = generation_phase(args, model_path, workload, length_plan(workload, args.max_new_tokens),
                                                  eos, pad)
         save(args, results)
-    if "step" in phases:
+    why = step_refusal(args, model_path, workload_batch(workload, pad)) if "step" in phases else None
+    if why:
+        print(f"whole-step phase left out: {why}")
+        results["left_out_phases"] = {"step": why}
+    elif "step" in phases:
         results["step"] = step_phase(args, cfg, model_path, workload, rows, eos, pad)
     results["ratios"] = headline(results)
     results["environment"]["load_average_end"] = list(os.getloadavg())
     save(args, results)
     return results
+
+
+def step_refusal(args, model_path: str, batch: RolloutBatch) -> str | None:
+    """Why the whole-step phase cannot run here: its estimate (three models' states, TRL's whole-batch activations)
+    exceeds the available memory, unless `--arms in-process` asks for every phase in one process regardless."""
+    need, available = memory_need(args, model_path, batch, sides=3), available_bytes(args.device)
+    if args.arms == "in-process" or need <= available:
+        return None
+    return (f"its estimate {need / 2**30:.1f} GiB (ours and two TRL trainers, TRL's whole-batch activations) exceeds "
+            f"the {available / 2**30:.1f} GiB available (--arms in-process runs it regardless)")
 
 
 def save(args, results: dict) -> None:

@@ -11,9 +11,12 @@ NEED = 12_273_741_824
 
 def test_the_in_process_estimate_by_hand():
     """Catches: the states counted once per arm (10 arms: 16e9) or once in all (1.6e9) instead of once per side,
-    the activations left out (4.27e9), bfloat16 sized as float32."""
+    `sides` ignored (the whole step's three models), the activations left out (4.27e9), bfloat16 sized as
+    float32."""
     assert in_process_bytes(100_000_000, 4, 10_000, 10, 500) == NEED
     assert in_process_bytes(100_000_000, 2, 10_000, 10, 500) == (NEED - 2**30) // 2 + 2**30  # bfloat16: half
+    # the whole step: ours and two TRL trainers, 3 x 4 x 100e6 x 4 B = 4,800,000,000 of states
+    assert in_process_bytes(100_000_000, 4, 10_000, 10, 500, sides=3) == 4_800_000_000 + 8_000_000_000 + 2**30
 
 
 def test_auto_isolates_the_arms_only_where_the_estimate_exceeds_the_memory():
