@@ -21,9 +21,9 @@ model; a real GRPO batch is long prompts shared by G completions whose lengths a
   every later run and the fresh-process memory runs train on the same tokens. Advantages: random rewards
   standardised within each group. The lengths' percentiles are printed.
 
-Phases, every arm alternated in one process (the machine may be shared: load from elsewhere hits all alike; read
-the ratios of one run), `--warmup` untimed rounds first, then medians over `--reps` / `--gen-rounds` /
-`--step-reps` rounds:
+Phases, every arm alternated in one process (training: unless one at a time, below; the machine may be shared:
+load from elsewhere hits all alike; read the ratios of one run), `--warmup` untimed rounds first, then medians over
+`--reps` / `--gen-rounds` / `--step-reps` rounds:
 
 - training: log-probs + loss + backward + optimiser step on the workload's B*G sequences; the arms are in
   `scripts.bench.arms` (its docstring says how each is driven). Ours in each `backend.packing` layout (padded,
@@ -43,6 +43,26 @@ the ratios of one run), `--warmup` untimed rounds first, then medians over `--re
   resident set (VmHWM) over one step after a warm-up step (weights and optimiser states already allocated; it counts
   freed memory malloc keeps); on CUDA `max_memory_allocated` over that step (weights and states included).
 
+Training arms one at a time (`--arms one-at-a-time`, or `--arms-one-at-a-time`): in one process the training phase
+holds both sides' weights, gradients and AdamW states (each side's arms share one model and optimiser) and the
+largest arm's activations. `--arms auto` (the default) estimates that (`in_process_bytes`: 16 bytes a float32
+parameter per side, activations scaled from TRL's whole-batch peak measured on `small`, 1 GiB of libraries) and,
+where it exceeds the available memory (`MemAvailable`; free GPU memory on CUDA), runs each arm's step of each round
+in a fresh process instead, printing which mode and why; the JSON's `training.arms_resident` says which ran. Each
+round still runs every arm once, in order, and medians are over `--reps` rounds, so a drift in the load reaches all
+arms alike. Each fresh process builds its arm, runs `--warmup` untimed steps of it, then one timed step, and
+reports `timed()`'s record; the resident set's growth over that timed step is the arm's memory figure (median over
+rounds), so no separate memory phase runs (`training.memory` says so). A process killed by the kernel or out of
+memory leaves its arm out, with the reason; the others are still measured (its score makes it the kernel's first
+choice, not a neighbour). This differs from the in-process mode in one way: every timed step follows only its own
+arm's warm-up in a process that has run nothing else (the allocator and caches are colder than after a round of
+every arm; the first rounds of the in-process mode are warm from the other arms' steps), and the gradient norm is
+that of the arm's weights after its own warm-up steps, not after every arm's. The whole-step phase stays in one
+process (TRL's `train()`, paused between steps, keeps its state in the process running it): it holds ours and two
+TRL trainers (three models with their states, 48 bytes a float32 parameter: 6.5 GB for SmolLM2-135M) plus one
+step's activations; where that estimate (`step_refusal`) exceeds the available memory the phase is left out, with
+the reason in `left_out_phases`, unless `--arms in-process`.
+
 Completion lengths when sampling: every sampler generates the same planned lengths, the workload's (raised to at
 least 2 tokens), prompt by prompt (`scripts.bench.forced_lengths`): the generation phase's and the whole step's
 token counts are equal on every arm, and per-token times compare like with like.
@@ -54,8 +74,8 @@ FLOPs of forward + backward those make (`scripts.bench.flops`), and its ratio to
 peak / TRL's lowest. TRL's best arm is its fastest (or lowest-memory) non-diagnostic arm. The headline figures in
 `ratios` (the default layout against TRL's best, memory at equal checkpointing, the FLOP model's GPU-path ratio)
 and their targets are `scripts.bench.realistic_report`'s, which also turns the JSON of several runs into the
-markdown tables docs/benchmarks.md shows. The JSON (`--out`, rewritten after each phase) also records the torch, transformers and
-trl versions, the CPU and its kernel capability, the threads and the load average before and after.
+markdown tables docs/benchmarks.md shows. The JSON (`--out`, rewritten after each phase) also records the torch,
+transformers and trl versions, the CPU and its kernel capability, the threads and the load average before and after.
 
 `--device cuda`: bf16, and flash attention (`flash_attention_2`) on both sides where the `flash_attn` package is
 installed, else sdpa (`--attention` chooses): the model directory is copied with that implementation in its config,
@@ -295,10 +315,7 @@ def count_parameters(model_path: str) -> int:
 def training_arms(args, cfg, model_path: str, batch: RolloutBatch, rows: list[dict],
                   only: str | None = None) -> tuple[list[Arm], dict]:
     """Every training arm (module docstring), or only the one named `only`; and {arm: why it was left out}."""
-    layouts = list(PACKINGS) + (["auto"] if accepts_auto() else [])
-    variants = [(p, False) for p in layouts] + [(args.packing, True)]
-    skipped = {} if "auto" in layouts else {
-        "ours_auto": "this checkout's backend.packing does not accept auto (grpo.config.BackendConfig)"}
+    variants, skipped = our_variants(args)
     if only is not None:
         variants = [v for v in variants if our_arm_name(*v) == only]
     ours, left_out = our_arms(cfg, model_path, batch, args.device, variants) if variants else ([], {})
@@ -307,11 +324,19 @@ def training_arms(args, cfg, model_path: str, batch: RolloutBatch, rows: list[di
         specs = [s for s in specs if s.name == only]
     theirs = trl_arms(cfg, model_path, batch, args.device, rows, specs) if specs else []
     skipped |= left_out | trl_left_out
-    if only is not None and not ours + theirs:
+    if only is not None and not ours + theirs and only not in skipped:
         raise SystemExit(f"--only-train {only}: no such arm here" + (f" ({skipped[only]})" if only in skipped else ""))
     # interleaved, so that a drift in the machine's load reaches both sides alike
     arms = [a for pair in zip(ours, theirs) for a in pair] + ours[len(theirs):] + theirs[len(ours):]
     return arms, skipped
+
+
+def our_variants(args) -> tuple[list[tuple[str, bool]], dict]:
+    """Ours' `(backend.packing, checkpointing)` arms, and {arm: why left out} for `auto` where it is not accepted."""
+    layouts = list(PACKINGS) + (["auto"] if accepts_auto() else [])
+    skipped = {} if "auto" in layouts else {
+        "ours_auto": "this checkout's backend.packing does not accept auto (grpo.config.BackendConfig)"}
+    return [(p, False) for p in layouts] + [(args.packing, True)], skipped
 
 
 def timed(arm: Arm) -> dict:
@@ -342,31 +367,47 @@ def alternate(arms: list, warmup: int, reps: int, run_one) -> dict[str, list[dic
 
 
 def training_phase(args, cfg, model_path: str, workload: Workload, rows: list[dict], pad: int) -> dict:
-    """Every training arm, alternated; per arm its medians, counts, FLOPs and ratio to TRL's best arm."""
+    """Every training arm, alternated (in this process, or each step in a fresh process: `--arms-one-at-a-time`);
+    per arm its medians, counts, FLOPs and ratio to TRL's best arm."""
     batch = workload_batch(workload, pad)
-    arms, skipped = training_arms(args, cfg, model_path, batch, rows)
-    for name, why in skipped.items():
-        print(f"training arm {name} left out: {why}")
-    records = alternate(arms, args.warmup, args.reps, timed)
+    if args.one_at_a_time:
+        infos, records, skipped, peaks = one_at_a_time_records(args, batch)
+    else:
+        arms, skipped = training_arms(args, cfg, model_path, batch, rows)
+        for name, why in skipped.items():
+            print(f"training arm {name} left out: {why}")
+        infos = {a.name: {"side": a.side, "settings": a.settings, "diagnostic": a.diagnostic} for a in arms}
+        records, peaks = alternate(arms, args.warmup, args.reps, timed), {}
     shapes = Shapes.of(AutoConfig.from_pretrained(model_path))
     real = int(batch.attention_mask.sum())
     completion_tokens = int(batch.completion_mask.sum())
-    out = {"arms": {}, "left_out": skipped, "real_tokens": real, "completion_tokens": completion_tokens}
-    for arm in arms:
-        recs = records[arm.name]
-        summary = {k: statistics.median(r[k] for r in recs) for k in ("step_s", *TRAIN_PHASES)}
-        counted = {k: recs[-1][k] for k in ("forwards", "positions", "head_positions")}  # the same every step
-        summary |= {"side": arm.side, "settings": arm.settings, "diagnostic": arm.diagnostic,
-                    "steps": [r["step_s"] for r in recs], "grad_norm": recs[0]["grad_norm"], **counted,
-                    **training_flops(shapes, [tuple(f) for f in counted["forwards"]], counted["head_positions"])}
-        summary["tokens_per_s"] = real / summary["step_s"]
-        summary["flops_per_s"] = summary["flops"] / summary["step_s"]
-        if args.device == "cuda":
-            summary["mfu"] = mfu(summary["flops"], summary["step_s"])
-        out["arms"][arm.name] = summary
+    out = {"arms": {}, "left_out": skipped, "real_tokens": real, "completion_tokens": completion_tokens,
+           "arms_resident": "one at a time, a fresh process per arm and round" if args.one_at_a_time
+           else "all in one process"}
+    for name, info in infos.items():
+        out["arms"][name] = arm_summary(args, info, records[name], shapes, real)
     check_gpu_head(out, completion_tokens)
     add_ratios(out["arms"], "step_s", "vs_trl_best", faster=True)
+    if peaks:
+        for name, arm in out["arms"].items():
+            arm["peak_mb"] = statistics.median(peaks[name])
+        add_ratios(out["arms"], "peak_mb", "memory_vs_trl_best", faster=False)
+        out["memory"] = ("the training phase's own fresh processes: growth of the resident set over the timed step, "
+                         "after the warm-up steps (median over rounds); no separate memory phase")
     return out
+
+
+def arm_summary(args, info: dict, recs: list[dict], shapes: Shapes, real: int) -> dict:
+    """One arm's medians over its timed steps, what its forwards ran (the same every step) and their FLOPs."""
+    summary = {k: statistics.median(r[k] for r in recs) for k in ("step_s", *TRAIN_PHASES)}
+    counted = {k: recs[-1][k] for k in ("forwards", "positions", "head_positions")}
+    summary |= {**info, "steps": [r["step_s"] for r in recs], "grad_norm": recs[0]["grad_norm"], **counted,
+                **training_flops(shapes, [tuple(f) for f in counted["forwards"]], counted["head_positions"])}
+    summary["tokens_per_s"] = real / summary["step_s"]
+    summary["flops_per_s"] = summary["flops"] / summary["step_s"]
+    if args.device == "cuda":
+        summary["mfu"] = mfu(summary["flops"], summary["step_s"])
+    return summary
 
 
 def check_gpu_head(training: dict, completion_tokens: int) -> None:
@@ -408,12 +449,27 @@ def training_memory(arm_name: str, args, cfg, model_path, workload, rows, pad: i
     return {"arm": arm_name, "peak_mb": peak if args.device == "cuda" else peak - base}
 
 
+CHILD_ARGS = ("model", "device", "dtype", "attention", "seed", "prompts", "group", "prompt_len", "median", "sigma",
+              "max_new_tokens", "packing", "threads")
+
+
+def fresh_process(flag: str, arm_name: str, args, extra: tuple[str, ...] = (),
+                  oom_first: bool = False) -> subprocess.CompletedProcess:
+    """This script in a fresh process, `flag arm_name` and the workload's settings of `args`. `oom_first`: the
+    kernel's first choice when the machine runs out of memory (an arm too large for it is killed, not a neighbour)."""
+    cmd = [sys.executable, "-m", __spec__.name, flag, arm_name]
+    cmd += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in CHILD_ARGS + extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                          preexec_fn=oom_score_max if oom_first else None)
+
+
+def oom_score_max() -> None:
+    with open("/proc/self/oom_score_adj", "w") as f:  # raising one's own score needs no privilege
+        f.write("1000")
+
+
 def memory_in_fresh_process(arm_name: str, args) -> float:
-    keep = ("model", "device", "dtype", "attention", "seed", "prompts", "group", "prompt_len", "median", "sigma",
-            "max_new_tokens", "packing", "threads")
-    cmd = [sys.executable, "-m", __spec__.name, "--only-train", arm_name]
-    cmd += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in keep]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    out = fresh_process("--only-train", arm_name, args)
     if out.returncode:
         raise RuntimeError(f"memory run of {arm_name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
@@ -423,6 +479,126 @@ def memory_phase(args, training: dict) -> None:
     for name, arm in training["arms"].items():
         arm["peak_mb"] = memory_in_fresh_process(name, args)
     add_ratios(training["arms"], "peak_mb", "memory_vs_trl_best", faster=False)
+
+
+# ---------------------------------------------------------------- training arms one at a time
+
+STATE_COPIES = 4  # weights, gradients and AdamW's two moments, each in the model's dtype
+SIDES_IN_PROCESS = 2  # ours' model and TRL's: each side's arms share one model and one optimiser (scripts.bench.arms)
+# Saved activations of TRL's whole-batch step, in values of the model's dtype per (padded position x layer x hidden
+# unit): its measured peak growth on the `small` model, 10,286 MiB over 16,608 positions x 8 layers x 512 x 4 bytes
+# (docs/benchmarks.md, "Earlier measurements"); the largest arm that runs without recomputation or accumulation.
+ACTIVATION_VALUES = 40
+LIBRARIES = 2**30  # torch, transformers and TRL imported, before any model
+
+
+def in_process_bytes(parameters: int, dtype_bytes: int, positions: int, layers: int, hidden: int,
+                     sides: int = SIDES_IN_PROCESS) -> int:
+    """What the training phase holds at its peak with every arm in one process: both sides' weights, gradients and
+    AdamW states, the largest arm's activations, and the libraries (the whole step: `sides` 3, ours and two TRL
+    trainers)."""
+    states = sides * STATE_COPIES * parameters * dtype_bytes
+    return states + ACTIVATION_VALUES * positions * layers * hidden * dtype_bytes + LIBRARIES
+
+
+def choose_arms_mode(requested: str, need: int, available: int) -> tuple[bool, str]:
+    """(one arm at a time?, why): as `requested` unless `auto`; `auto` isolates the arms where the in-process
+    estimate `need` exceeds the `available` bytes (an arm that then runs out is left out, the rest measured)."""
+    if requested != "auto":
+        return requested == "one-at-a-time", f"as asked (--arms {requested})"
+    gib = f"the in-process estimate {need / 2**30:.1f} GiB against {available / 2**30:.1f} GiB available"
+    return (True, f"{gib} exceeds it") if need > available else (False, f"{gib} fits")
+
+
+def available_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) * 1024  # kB
+
+
+def memory_need(args, model_path: str, batch: RolloutBatch, sides: int) -> int:
+    shapes = Shapes.of(AutoConfig.from_pretrained(model_path))
+    dtype_bytes = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    return in_process_bytes(count_parameters(model_path), dtype_bytes, batch.input_ids.numel(), shapes.layers,
+                            shapes.hidden, sides)
+
+
+def arms_mode(args, model_path: str, batch: RolloutBatch) -> None:
+    """Sets `args.one_at_a_time` from `--arms` and the memory estimate, and prints which mode and why."""
+    need = memory_need(args, model_path, batch, SIDES_IN_PROCESS)
+    args.one_at_a_time, why = choose_arms_mode(args.arms, need, available_bytes(args.device))
+    mode = "one at a time, each step in a fresh process" if args.one_at_a_time else "all in one process"
+    print(f"training arms {mode}: {why}")
+
+
+def arm_names(args, sequences: int) -> tuple[list[str], dict]:
+    """The training arms' names in `training_arms`' order, before any is built; {arm: why left out}."""
+    variants, skipped = our_variants(args)
+    ours = [our_arm_name(*v) for v in variants]
+    specs, trl_left_out = trl_arm_specs(sequences, args.device)
+    theirs = [s.name for s in specs]
+    return [a for pair in zip(ours, theirs) for a in pair] + ours[len(theirs):] + theirs[len(ours):], \
+        skipped | trl_left_out
+
+
+def train_round(arm_name: str, args, cfg, model_path, workload, rows, pad: int) -> dict:
+    """A fresh process's share of one round (`--train-round`): the arm alone, `--warmup` untimed steps, then one
+    timed step (`timed`'s record) and the resident set's (CUDA: allocated) peak growth over it."""
+    arms, skipped = training_arms(args, cfg, model_path, workload_batch(workload, pad), rows, only=arm_name)
+    if not arms:
+        return {"arm": arm_name, "left_out": skipped[arm_name]}
+    (arm,) = arms
+    for _ in range(args.warmup):
+        arm.step()
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    reset_peak_rss()
+    base = current_rss_mb()
+    record = timed(arm)
+    peak = peak_memory_mb(args.device)
+    return {"arm": arm_name, "info": {"side": arm.side, "settings": arm.settings, "diagnostic": arm.diagnostic},
+            "record": record, "warmup_steps": args.warmup,
+            "peak_mb": (peak if args.device == "cuda" else peak - base) if args.warmup else None}
+
+
+def train_round_in_fresh_process(arm_name: str, args) -> dict:
+    """`train_round` in a fresh process; one killed by a signal or out of memory is left out, with why."""
+    out = fresh_process("--train-round", arm_name, args, extra=("warmup",), oom_first=True)
+    if out.returncode == 0:
+        record = json.loads(out.stdout.strip().splitlines()[-1])
+        if record.get("warmup_steps", args.warmup) != args.warmup or record["arm"] != arm_name:
+            raise RuntimeError(f"the process for {arm_name} ran {record['arm']} after {record['warmup_steps']} "
+                               f"warm-up steps, not {arm_name} after {args.warmup}")
+        return record
+    tail = out.stderr.strip().splitlines()[-1:] or [""]
+    if out.returncode < 0 or "can't allocate memory" in out.stderr or "MemoryError" in out.stderr:
+        return {"arm": arm_name, "left_out": f"its process failed (exit {out.returncode}; out of memory?): {tail[0]}"}
+    raise RuntimeError(f"training round of {arm_name} failed:\n{out.stderr[-3000:]}")
+
+
+def one_at_a_time_records(args, batch: RolloutBatch, only: list[str] | None = None) -> tuple[dict, dict, dict, dict]:
+    """`--reps` rounds; each round runs every arm (or those in `only`) once, in order, each in a fresh process that
+    warms it up first. Returns {arm: side, settings, diagnostic}, {arm: records}, {arm: why left out}, {arm: peak
+    growths in MiB} (empty under `--warmup 0`: the growth would hold the optimiser's first allocations)."""
+    names, skipped = arm_names(args, len(batch))
+    names = [n for n in names if only is None or n in only]
+    infos, records, peaks = {}, {n: [] for n in names}, {n: [] for n in names}
+    for rnd in range(args.reps):
+        for name in [n for n in names if n not in skipped]:
+            out = train_round_in_fresh_process(name, args)
+            if "left_out" in out:
+                skipped[name] = out["left_out"] + (f" (round {rnd + 1})" if rnd else "")
+                continue
+            infos[name] = out["info"]
+            records[name].append(out["record"])
+            peaks[name].append(out["peak_mb"])
+    for name, why in skipped.items():
+        print(f"training arm {name} left out: {why}")
+    kept = [n for n in names if n not in skipped]
+    return ({n: infos[n] for n in kept}, {n: records[n] for n in kept}, skipped,
+            {n: peaks[n] for n in kept} if args.warmup else {})
 
 
 # ---------------------------------------------------------------- generation phase
@@ -660,9 +836,16 @@ def parse_args(argv=None):
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
     p.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     p.add_argument("--out", help="write the results here as JSON")
+    p.add_argument("--arms", default="auto", choices=("auto", "in-process", "one-at-a-time"),
+                   help="training arms all in one process, or one at a time (each step in a fresh process); auto: "
+                        "one at a time where the in-process memory estimate exceeds the available memory")
+    p.add_argument("--arms-one-at-a-time", dest="arms", action="store_const", const="one-at-a-time",
+                   help="the same as --arms one-at-a-time")
     p.add_argument("--only-train", help=argparse.SUPPRESS)  # a memory run: this training arm alone
+    p.add_argument("--train-round", help=argparse.SUPPRESS)  # one round's step of this training arm, alone
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    args.one_at_a_time = args.arms == "one-at-a-time"  # `auto` is settled by the memory estimate (`arms_mode`)
     flash = args.device == "cuda" and importlib.util.find_spec("flash_attn") is not None
     args.attention = args.attention or ("flash_attention_2" if flash else "sdpa")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -713,21 +896,36 @@ def run_phases(args, cfg, model_path, workload, rows, eos: int, pad: int, result
     """The chosen phases into `results`, written to `--out` after each (a run cut short keeps what it measured)."""
     phases = args.phases.split(",")
     if "training" in phases:
+        arms_mode(args, model_path, workload_batch(workload, pad))
         results["training"] = training_phase(args, cfg, model_path, workload, rows, pad)
         save(args, results)
-        if not args.no_memory:
+        if not args.no_memory and not args.one_at_a_time:
             memory_phase(args, results["training"])
             save(args, results)
     if "generation" in phases:
         results["generation"] = generation_phase(args, model_path, workload, length_plan(workload, args.max_new_tokens),
                                                  eos, pad)
         save(args, results)
-    if "step" in phases:
+    why = step_refusal(args, model_path, workload_batch(workload, pad)) if "step" in phases else None
+    if why:
+        print(f"whole-step phase left out: {why}")
+        results["left_out_phases"] = {"step": why}
+    elif "step" in phases:
         results["step"] = step_phase(args, cfg, model_path, workload, rows, eos, pad)
     results["ratios"] = headline(results)
     results["environment"]["load_average_end"] = list(os.getloadavg())
     save(args, results)
     return results
+
+
+def step_refusal(args, model_path: str, batch: RolloutBatch) -> str | None:
+    """Why the whole-step phase cannot run here: its estimate (three models' states, TRL's whole-batch activations)
+    exceeds the available memory, unless `--arms in-process` asks for every phase in one process regardless."""
+    need, available = memory_need(args, model_path, batch, sides=3), available_bytes(args.device)
+    if args.arms == "in-process" or need <= available:
+        return None
+    return (f"its estimate {need / 2**30:.1f} GiB (ours and two TRL trainers, TRL's whole-batch activations) exceeds "
+            f"the {available / 2**30:.1f} GiB available (--arms in-process runs it regardless)")
 
 
 def save(args, results: dict) -> None:
@@ -747,6 +945,9 @@ def measure(args) -> dict:
     model_path, cfg, workload, rows, eos, pad = setup(args)
     if args.only_train:
         print(json.dumps(training_memory(args.only_train, args, cfg, model_path, workload, rows, pad)))
+        return {}
+    if args.train_round:
+        print(json.dumps(train_round(args.train_round, args, cfg, model_path, workload, rows, pad)))
         return {}
     lengths = [len(c) for c in workload.completion_ids]
     params = count_parameters(model_path)

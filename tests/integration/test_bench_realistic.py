@@ -24,14 +24,17 @@ from scripts.bench.realistic import (
     MINI,
     Workload,
     alternate,
+    arm_names,
     bench_config,
     main,
     make_workload,
     measure,
+    one_at_a_time_records,
     parse_args,
     quiet_process,
     setup,
     timed,
+    train_round,
     training_arms,
     workload_batch,
 )
@@ -112,13 +115,19 @@ def test_flops_of_a_small_case_by_hand():
 
 
 @pytest.fixture(scope="module")
-def one_group_arms(mini_path, tmp_path_factory):
-    """Every training arm on one prompt of 3 tokens with G=2 completions of 2 and 1 tokens: padded 2 rows x 5
-    columns; a near-zero learning rate, so every arm sees the same weights."""
+def one_group(mini_path, tmp_path_factory):
+    """One prompt of 3 tokens with G=2 completions of 2 and 1 tokens: padded 2 rows x 5 columns; a near-zero
+    learning rate, so every arm sees the same weights. Returns the args, config and workload."""
     args = parse_args([*TINY, "--prompts", "1", "--packing", "sequences"])
     cfg = bench_config(args, mini_path, str(tmp_path_factory.mktemp("run")))
     cfg.optim.lr = 1e-30  # AdamW moves no float32 weight by lr * O(1)
-    workload = Workload([[5, 6, 7]], ["abc"], [[8, 1], [1]], [1.0, -1.0], 2)
+    return args, cfg, Workload([[5, 6, 7]], ["abc"], [[8, 1], [1]], [1.0, -1.0], 2)
+
+
+@pytest.fixture(scope="module")
+def one_group_arms(mini_path, one_group):
+    """Every training arm on `one_group`, all in this process (the in-process mode), one step each."""
+    args, cfg, workload = one_group
     with quiet_process(args):
         arms, skipped = training_arms(args, cfg, mini_path, workload_batch(workload, pad=0),
                                       [{"prompt": "abc", "answer": ""}])
@@ -180,6 +189,48 @@ def test_every_arm_of_every_phase_runs_once(tmp_path):
             "gpu_flop_ratio_sequences", "gpu_flop_ratio_groups"} <= set(results["ratios"])
     env = results["environment"]
     assert env["cpu_capability"] and env["trl"] and len(env["load_average_end"]) == 3 and env["torch_threads"] == 1
+
+
+def test_each_arm_alone_records_what_it_records_among_the_others(mini_path, one_group, one_group_arms):
+    """What `--train-round` runs in each fresh process of the one-at-a-time mode (here in this process, arm by
+    arm): the arm alone, its warm-up step, then `timed`'s record. Catches: `arm_names` naming arms the in-process
+    mode does not build (or missing one), a child building another arm than the one named (other forwards or head
+    positions), a record whose keys differ from the in-process mode's."""
+    args, cfg, workload = one_group
+    in_process, skipped = one_group_arms
+    names, left_out = arm_names(args, 2)
+    assert set(names) == set(in_process) and set(left_out) == set(skipped)
+    with quiet_process(args):
+        alone = {name: train_round(name, args, cfg, mini_path, workload, [{"prompt": "abc", "answer": ""}], 0)
+                 for name in names}
+    for name, out in alone.items():
+        assert out["arm"] == name and out["peak_mb"] >= 0, name
+        record, reference = out["record"], in_process[name]
+        assert record.keys() == reference.keys(), name
+        for key in ("forwards", "positions", "head_positions"):  # e.g. trl: [[2, 5]], 10, 8 (the test above)
+            assert record[key] == reference[key], (name, key)
+        assert record["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5, abs=0), name
+        assert out["info"]["side"] == name.split("_")[0]
+
+
+@pytest.mark.slow
+def test_the_one_at_a_time_mode_runs_each_arm_in_a_fresh_process_every_round(one_group_arms):
+    """One arm, two rounds, two fresh processes (each ~15-45 s on a loaded 2-core machine: the imports). Catches:
+    a round's arm skipped or run twice (records per arm != --reps), `--warmup` not passed to the child (it warms up
+    by the default 1 step, not 2: the parent's check raises), a child's output misread (keys, counts, its side and
+    diagnostic)."""
+    args = parse_args([*TINY, "--prompts", "1", "--packing", "sequences", "--reps", "2", "--warmup", "2"])
+    in_process, _ = one_group_arms
+    batch = workload_batch(make_workload(args, MINI["vocab_size"], eos=1), pad=0)
+    infos, records, skipped, peaks = one_at_a_time_records(args, batch, only=["trl_gpu_head"])
+    assert list(infos) == ["trl_gpu_head"] and "trl_gpu_head" not in skipped
+    assert len(records["trl_gpu_head"]) == 2 and len(peaks["trl_gpu_head"]) == 2
+    assert all(p is not None and p >= 0 for p in peaks["trl_gpu_head"])
+    assert infos["trl_gpu_head"]["side"] == "trl" and infos["trl_gpu_head"]["diagnostic"].startswith("DIAGNOSTIC")
+    first, second = records["trl_gpu_head"]
+    assert first.keys() == in_process["trl_gpu_head"].keys()
+    # the head on completion positions only, the same in both rounds (TINY, one prompt: 2 completions)
+    assert first["head_positions"] == second["head_positions"] == int(batch.completion_mask.sum())
 
 
 def test_a_stepped_trainer_runs_one_step_per_call_and_stops_when_closed():
