@@ -122,14 +122,25 @@ def _spread(values: list[float], digits: int) -> str:
     return mid if len(values) == 1 else f"{mid} ({min(values):,.{digits}f}-{max(values):,.{digits}f})"
 
 
+def _seconds(per_run: list[dict]) -> str:
+    """An arm's time: the median of its runs' medians, with the range of every timed step of every run (of the
+    runs' medians where the steps are not recorded)."""
+    medians = [p.get("step_s") for p in per_run if p.get("step_s") is not None]
+    if not medians:
+        return "-"
+    steps = [s for p in per_run for s in p.get("steps", [])] or medians
+    mid = f"{statistics.median(medians):,.2f}"
+    return mid if len(steps) == 1 else f"{mid} ({min(steps):,.2f}-{max(steps):,.2f})"
+
+
 def training_table(runs: list[dict]) -> list[str]:
     arms = runs[0]["training"]["arms"]
-    lines = ["| arm | step s | vs TRL's best | forward positions | head positions | GFLOP | peak MiB | "
-             "memory vs TRL's lowest |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | step s, median (range of steps) | vs TRL's best | forward positions | head positions | GFLOP | "
+             "peak MiB | memory vs TRL's lowest |", "|---|---|---|---|---|---|---|---|"]
     for name, a in arms.items():
         per_run = [r["training"]["arms"].get(name, {}) for r in runs]
         label = f"{name} (DIAGNOSTIC)" if a.get("diagnostic") else name
-        lines.append(f"| {label} | {_spread([p.get('step_s') for p in per_run], 2)} | "
+        lines.append(f"| {label} | {_seconds(per_run)} | "
                      f"{_spread([p.get('vs_trl_best') for p in per_run], 2)} | {a['positions']:,} | "
                      f"{a['head_positions']:,} | {a['flops'] / 1e9:,.0f} | "
                      f"{_spread([p.get('peak_mb') for p in per_run], 0)} | "
@@ -147,10 +158,11 @@ def generation_table(runs: list[dict]) -> list[str]:
 
 
 def step_table(runs: list[dict]) -> list[str]:
-    lines = ["| arm | step s | vs TRL's best | generation s | ms per generated token |", "|---|---|---|---|---|"]
+    lines = ["| arm | step s, median (range of steps) | vs TRL's best | generation s | ms per generated token |",
+             "|---|---|---|---|---|"]
     for name in runs[0]["step"]["arms"]:
         per_run = [r["step"]["arms"].get(name, {}) for r in runs]
-        lines.append(f"| {name} | {_spread([p.get('step_s') for p in per_run], 2)} | "
+        lines.append(f"| {name} | {_seconds(per_run)} | "
                      f"{_spread([p.get('vs_trl_best') for p in per_run], 2)} | "
                      f"{_spread([p.get('generation') for p in per_run], 2)} | "
                      f"{_spread([p.get('ms_per_generated_token') for p in per_run], 2)} |")

@@ -73,11 +73,15 @@ def test_targets_are_met_upward_for_speed_and_downward_for_memory():
 
 def test_the_markdown_gives_each_figure_per_run_and_each_arm_as_median_and_range(run):
     """Two runs, the second's default arm at 2.0 s: its speed-up 5.0 / 2.0 = 2.5 beside run 1's 3.125; the arm's
-    step seconds 1.80 (1.60-2.00), the median of 1.6 and 2.0 with their range."""
+    step seconds 1.80 (1.60-2.00), the median of 1.6 and 2.0 with their range; with the timed steps recorded
+    (1.5, 1.6, 1.9 and 1.8, 2.0, 2.4), the range is theirs: 1.50-2.40, the median still of the runs' medians."""
     second = copy.deepcopy(run)
     second["training"]["arms"][DEFAULT_ARM]["step_s"] = 2.0
     text = markdown([run, second])
     assert "| `training_speedup_default` | 3.12 | 2.50 | >= 2.0: met |" in text
     assert f"| {DEFAULT_ARM} | 1.80 (1.60-2.00) |" in text
+    run["training"]["arms"][DEFAULT_ARM]["steps"] = [1.5, 1.6, 1.9]
+    second["training"]["arms"][DEFAULT_ARM]["steps"] = [1.8, 2.0, 2.4]
+    assert f"| {DEFAULT_ARM} | 1.80 (1.50-2.40) |" in markdown([run, second])
     assert "| trl_gpu_head (DIAGNOSTIC) |" in text
     assert "load average (1 min) at start-end of each run: 0.5-1.5, 0.5-1.5" in text
