@@ -1,13 +1,9 @@
 """Distillation (the per-token reverse KL through GRPO's update) and GKD (the chunked generalised JSD) on 2 ranks,
-under ddp and DeepSpeed ZeRO-3, started by the real launchers: one update on 2 ranks x B/2 rows gives the loss,
-the metric and the gradient of 1 rank x B rows. Under ZeRO-3 the student's every parameter is partitioned and the
-frozen teacher, loaded as a run loads it, holds all of its own on each rank; each launch checks both losses.
-
-ZeRO-2 is not run here: what it shards (gradients and optimiser states, in the backend's backward and step) is the
-same code for every loss, and tests/distributed/test_distributed.py holds it to one rank on GRPO's update
-(`test_two_ranks_with_b_groups_equal_one_rank_with_2b`) and through the loop (`test_grpo_trains_on_two_ranks_...`).
-ZeRO-3 adds what only a distillation step meets: the teacher's forwards beside a student whose parameters are
-gathered layer by layer inside the engine's forward and its recomputed chunks."""
+under ddp, DeepSpeed ZeRO-2 and ZeRO-3, started by the real launchers: one update on 2 ranks x B/2 rows gives the
+loss, the metric and the gradient of 1 rank x B rows; each launch checks both losses. ZeRO-2 shards the gradients
+and optimiser states in the backend's backward and step. Under ZeRO-3 the student's every parameter is partitioned
+too (gathered layer by layer inside the engine's forward and its recomputed chunks) and the frozen teacher, loaded
+as a run loads it, holds all of its own on each rank."""
 
 from __future__ import annotations
 
@@ -30,7 +26,7 @@ def tiny_teacher_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("tiny_teacher"), seed=1)
 
 
-@pytest.mark.parametrize("backend", backends("ddp", "deepspeed_zero3"))
+@pytest.mark.parametrize("backend", backends("ddp", "deepspeed_zero2", "deepspeed_zero3"))
 def test_distill_and_gkd_updates_on_two_ranks_equal_one_rank_with_every_row(tmp_path, one_rank, tiny_random_dir,
                                                                             tiny_teacher_dir, backend):
     args = ("--model", str(tiny_random_dir), "--teacher", str(tiny_teacher_dir))
