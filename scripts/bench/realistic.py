@@ -468,16 +468,26 @@ def oom_score_max() -> None:
         f.write("1000")
 
 
-def memory_in_fresh_process(arm_name: str, args) -> float:
-    out = fresh_process("--only-train", arm_name, args)
-    if out.returncode:
-        raise RuntimeError(f"memory run of {arm_name} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+def memory_in_fresh_process(arm_name: str, args) -> float | str:
+    """The arm's peak (MiB) from a fresh process; where the process was killed by a signal or ran out of memory,
+    why, as a string (the arm is left out of the memory figures, the others still measured)."""
+    out = fresh_process("--only-train", arm_name, args, oom_first=True)
+    if out.returncode == 0:
+        return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+    tail = out.stderr.strip().splitlines()[-1:] or [""]
+    if out.returncode < 0 or "can't allocate memory" in out.stderr or "MemoryError" in out.stderr:
+        return f"its process failed (exit {out.returncode}; out of memory?): {tail[0]}"
+    raise RuntimeError(f"memory run of {arm_name} failed:\n{out.stderr[-3000:]}")
 
 
 def memory_phase(args, training: dict) -> None:
     for name, arm in training["arms"].items():
-        arm["peak_mb"] = memory_in_fresh_process(name, args)
+        peak = memory_in_fresh_process(name, args)
+        if isinstance(peak, str):
+            arm["memory_left_out"] = peak
+            print(f"memory of {name} left out: {peak}")
+        else:
+            arm["peak_mb"] = peak
     add_ratios(training["arms"], "peak_mb", "memory_vs_trl_best", faster=False)
 
 
