@@ -22,7 +22,7 @@ from grpo.algorithms import distill, dpo, gkd, online_dpo, ppo, supervised
 from grpo.algorithms import grpo as grpo_algorithm
 from grpo.config import CONFIG_DIR, Config, register_configs, to_config
 from grpo.envs import end_run
-from grpo.errors import CheckpointError, ConfigError, MaskedRewardsError, RewardInfraError
+from grpo.errors import CheckpointError, ConfigError, MaskedRewardsError, RewardInfraError, TeacherUnavailableError
 from grpo.training.run import build_run, evaluate_from_config
 
 log = logging.getLogger("grpo")
@@ -82,8 +82,8 @@ def run_cli(job: Callable[[Any], Any], *, config_name: str = "config",
             register: Callable[[], None] = register_configs, load: Callable[[Any], Any] = to_config) -> None:
     """The one Hydra entry of every console script: compose `configs/<config_name>.yaml` with the command
     line's overrides (its schema registered by `register`), turn it into the validated typed config (`load`),
-    and run `job(cfg)`. A ConfigError, CheckpointError, MaskedRewardsError or RewardInfraError ends with one line and
-    status 2."""
+    and run `job(cfg)`. A ConfigError, CheckpointError, MaskedRewardsError, RewardInfraError or
+    TeacherUnavailableError ends with one line and status 2."""
     register()
     sys.argv = drop_launcher_args(sys.argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -92,7 +92,7 @@ def run_cli(job: Callable[[Any], Any], *, config_name: str = "config",
     def _main(dict_cfg) -> None:
         try:
             job(load(dict_cfg))
-        except (ConfigError, CheckpointError, MaskedRewardsError, RewardInfraError) as e:
+        except (ConfigError, CheckpointError, MaskedRewardsError, RewardInfraError, TeacherUnavailableError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         finally:

@@ -547,25 +547,66 @@ class KLCovOptions:
 class TeacherConfig:
     path: Optional[str] = field(default=None, metadata={
         "help": "distill, gkd: the teacher, a transformers directory (a checkpoint's policy/ too) sharing the "
-                "policy's tokenizer"})
-    dtype: Optional[str] = field(default=None, metadata={"help": "the teacher's dtype: float32, bfloat16; null: "
+                "policy's tokenizer; give it or url"})
+    url: Optional[str] = field(default=None, metadata={
+        "help": "distill: the teacher behind an OpenAI-compatible vLLM server instead (e.g. "
+                "http://127.0.0.1:8000/v1), scoring the sampled tokens with vLLM's prompt_logprobs; give it or path"})
+    model: Optional[str] = field(default=None, metadata={
+        "help": "url: the served model's name (vllm serve --served-model-name)"})
+    api_key_env: Optional[str] = field(default=None, metadata={
+        "help": "url: environment variable holding the server's API key (sent as a Bearer token)"})
+    timeout_s: float = field(default=120.0, metadata={"help": "url: httpx's deadline on connecting and each read"})
+    retries: int = field(default=2, metadata={
+        "help": "url: retries of a request refused, past its deadline or answered 429/5xx, with backoff"})
+    concurrency: int = field(default=4, metadata={"help": "url: requests in flight at once"})
+    batch_size: int = field(default=16, metadata={"help": "url: sequences scored per request"})
+    dtype: Optional[str] = field(default=None, metadata={"help": "path: the teacher's dtype: float32, bfloat16; null: "
                                                                  "model.dtype"})
     device: Optional[str] = field(default=None, metadata={
-        "help": "where the teacher runs (cpu, cuda:1, ...); null: the policy's device"})
+        "help": "path: where the teacher runs (cpu, cuda:1, ...); null: the policy's device"})
     chunk_size: int = field(default=0, metadata={
-        "help": "positions whose teacher logits exist at once (chunked over positions); 0: 64 MiB of float32 logits"})
+        "help": "path: positions whose teacher logits exist at once (chunked over positions); 0: 64 MiB of float32 "
+                "logits"})
 
     def validate(self, loop: str) -> None:
-        """A teacher exactly when a distillation loop runs; a known dtype; a chunk size >= 0."""
-        if loop in DISTILL_LOOPS and not self.path:
+        """A teacher, local or served, exactly when a distillation loop runs; a known dtype; a chunk size >= 0;
+        a served one's options for it alone, and never for gkd (which needs whole distributions)."""
+        given = self.path or self.url
+        if loop in DISTILL_LOOPS and not given:
             raise ConfigError(f"algorithm.teacher.path: algorithm.loop={loop} distils from a teacher; give its "
-                              "model directory")
-        if loop not in DISTILL_LOOPS and self.path:
-            raise ConfigError(f"algorithm.teacher.path: only the distill and gkd loops use a teacher, not "
-                              f"algorithm.loop={loop}")
+                              "model directory (or algorithm.teacher.url, a server)")
+        if loop not in DISTILL_LOOPS and given:
+            raise ConfigError(f"algorithm.teacher.{'path' if self.path else 'url'}: only the distill and gkd loops "
+                              f"use a teacher, not algorithm.loop={loop}")
+        if self.path and self.url:
+            raise ConfigError(f"algorithm.teacher.url: give one teacher, a directory (path) or a server (url), "
+                              f"not both (path={self.path!r}, url={self.url!r})")
         if self.dtype is not None:
             choice("algorithm.teacher.dtype", self.dtype, DTYPES)
         positive("algorithm.teacher.chunk_size", self.chunk_size, zero_ok=True)
+        if self.url:
+            self.validate_served(loop)
+
+    def validate_served(self, loop: str) -> None:
+        """A served teacher: distill only, a model name, no local-only option, positive limits."""
+        if loop == "gkd":
+            raise ConfigError("algorithm.teacher.url: gkd's divergence needs the teacher's whole distribution at "
+                              "every position, and a server returns the sampled tokens' log-probs; give "
+                              "algorithm.teacher.path, or use algorithm=distill with a served teacher")
+        if not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"algorithm.teacher.url: an http(s) URL such as http://127.0.0.1:8000/v1, got "
+                              f"{self.url!r}")
+        if not self.model:
+            raise ConfigError("algorithm.teacher.model: a served teacher (algorithm.teacher.url) needs the served "
+                              "model's name")
+        for name in ("dtype", "device", "chunk_size"):
+            if getattr(self, name):
+                raise ConfigError(f"algorithm.teacher.{name}: applies to a local teacher (path); the server at "
+                                  f"{self.url} chooses its own")
+        positive("algorithm.teacher.timeout_s", self.timeout_s)
+        positive("algorithm.teacher.retries", self.retries, zero_ok=True)
+        positive("algorithm.teacher.concurrency", self.concurrency)
+        positive("algorithm.teacher.batch_size", self.batch_size)
 
 
 @dataclass
@@ -876,6 +917,11 @@ def validate_algorithm_against_run(cfg: Config) -> None:
     if cfg.env.name and a.overlong_buffer:
         raise ConfigError("algorithm.overlong_buffer: the overlong penalty is for single-turn completions; "
                           "set it to 0 with env.name")
+    if a.teacher.url and cfg.rollout.temperature != 1.0:
+        raise ConfigError(f"rollout.temperature: a served teacher (algorithm.teacher.url) gives log-probs at "
+                          f"temperature 1 (vLLM's prompt_logprobs skip the sampling temperature), and distillation "
+                          f"scores both models at rollout.temperature; set it to 1.0 or give a local teacher "
+                          f"(algorithm.teacher.path), got {cfg.rollout.temperature}")
     validate_staleness(cfg)
     validate_dynamic_sampling(cfg)
     if cfg.train.prompts_per_step % a.mini_batches:

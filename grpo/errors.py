@@ -19,3 +19,8 @@ class MaskedRewardsError(RuntimeError):
 class RewardInfraError(RuntimeError):
     """A step on which the rewards' infrastructure (a sandbox, checker processes, a scorer) failed on more samples
     than `reward.max_infra_error_frac` allows: the rewards would read as wrong answers, so the run stops."""
+
+
+class TeacherUnavailableError(RuntimeError):
+    """The served distillation teacher (`algorithm.teacher.url`) failed a request after its retries or answered
+    without log-probs: a step without its teacher has no advantage, so the run stops; the message names the URL."""

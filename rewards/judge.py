@@ -47,7 +47,7 @@ import string
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,27 +337,13 @@ class JudgeClient:
         return texts
 
     def _post_with_retries(self, payload: dict[str, Any], stop: threading.Event, counts: Counter[str]) -> list[str]:
-        delays = backoff_delays(self.settings.retries, self.settings.backoff_s, self.settings.backoff_max_s)
-        error = ""
-        for attempt in range(len(delays) + 1):
-            if attempt and stop.is_set():
-                raise RequestFailed(f"{error} (not retried: the judge had stopped answering)")
+        def count_attempt() -> None:
             with self._lock:
                 counts["requests"] += 1
-            try:
-                response = self._http.post(self.url, json=payload)
-            except httpx.TransportError as e:  # refused, reset, past the deadline: worth another try
-                error, wait = f"{type(e).__name__}: {e}", None
-            else:
-                if response.status_code == 200:
-                    return _reply_texts(response, self.url, payload.get("logprobs", False))
-                error = f"HTTP {response.status_code}: {response.text[:200]}"
-                if response.status_code != 429 and response.status_code < 500:
-                    raise RequestFailed(error)  # a bad request stays bad
-                wait = _retry_after(response)
-            if attempt < len(delays):
-                stop.wait(min(self.settings.backoff_max_s, wait) if wait is not None else delays[attempt])
-        raise RequestFailed(f"{error} (after {len(delays) + 1} attempts)")
+
+        response = post_with_retries(self._http, self.url, payload, self.settings.retries, self.settings.backoff_s,
+                                     self.settings.backoff_max_s, stop=stop, on_attempt=count_attempt)
+        return _reply_texts(response, self.url, payload.get("logprobs", False))
 
     def _cached(self, key: str) -> list[str] | None:
         with self._lock:
@@ -386,6 +372,37 @@ class JudgeClient:
                 os.replace(tmp, path)  # a reader never sees half a file
             except OSError as e:  # a full or read-only disk costs the cache, not the scores
                 logger.warning("judge: cannot write the cache file %s: %s", path, e)
+
+
+def post_with_retries(http: httpx.Client, url: str, payload: dict[str, Any], retries: int, backoff_s: float,
+                      backoff_max_s: float, *, stop: threading.Event | None = None,
+                      on_attempt: Callable[[], None] | None = None) -> httpx.Response:
+    """POST ``payload`` as JSON until a 200 answers, retrying a refused, reset or timed-out connection and an HTTP
+    429 or 5xx ``retries`` times after ``backoff_delays`` (or the server's ``Retry-After``, at most
+    ``backoff_max_s``); ``RequestFailed`` with the last error otherwise, at once for another 4xx (a bad request
+    stays bad) or once ``stop`` is set. ``on_attempt`` is called before each attempt (a count of requests)."""
+    stop = stop or threading.Event()
+    delays = backoff_delays(retries, backoff_s, backoff_max_s)
+    error = ""
+    for attempt in range(len(delays) + 1):
+        if attempt and stop.is_set():
+            raise RequestFailed(f"{error} (not retried: the server had stopped answering)")
+        if on_attempt is not None:
+            on_attempt()
+        try:
+            response = http.post(url, json=payload)
+        except httpx.TransportError as e:  # refused, reset, past the deadline: worth another try
+            error, wait = f"{type(e).__name__}: {e}", None
+        else:
+            if response.status_code == 200:
+                return response
+            error = f"HTTP {response.status_code}: {response.text[:200]}"
+            if response.status_code != 429 and response.status_code < 500:
+                raise RequestFailed(error)  # a bad request stays bad
+            wait = _retry_after(response)
+        if attempt < len(delays):
+            stop.wait(min(backoff_max_s, wait) if wait is not None else delays[attempt])
+    raise RequestFailed(f"{error} (after {len(delays) + 1} attempts)")
 
 
 def _reply_texts(response: httpx.Response, url: str, logprobs: bool = False) -> list[Any]:

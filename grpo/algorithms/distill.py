@@ -5,8 +5,9 @@ One step, as `train_step` below reads:
 1. take B prompts; the rollout engine samples G completions of each from the student (the same engine, budget and
    asynchronous pipeline as GRPO); the reward functions score them (logged, and trained on with
    `algorithm.reward_weight`);
-2. the student's and the teacher's log-probs of every sampled token (`algorithm.teacher`; the teacher's logits
-   chunked over positions, `algorithm.teacher.chunk_size`);
+2. the student's and the teacher's log-probs of every sampled token (`algorithm.teacher`: a local teacher's logits
+   chunked over positions, `algorithm.teacher.chunk_size`, or a vLLM server's prompt log-probs,
+   `algorithm.teacher.url`, grpo.model.served_teacher);
 3. the per-token advantage A_t = -(log pi(y_t) - log q(y_t)) (`grpo.core.losses.reverse_kl_advantages`), plus
    `reward_weight` x the group-relative advantage of the sample's reward when set;
 4. the policy update of GRPO (`grpo.training.update.update_policy`: `algorithm.policy_loss`, micro-batches,
@@ -25,7 +26,8 @@ full-vocabulary divergence is `algorithm=gkd` with `algorithm.gkd.beta=1` (`grpo
 Where this departs from GKD (Agarwal et al. 2024, "On-Policy Distillation of Language Models: Learning from
 Self-Generated Mistakes") and from Thinking Machines' recipe:
 1. Fully on-policy (GKD's lambda = 1) with the sampled-token estimator rather than GKD's full-vocabulary divergence.
-2. Both models are scored at `rollout.temperature` (the demo's 1.0), the temperature the student sampled at.
+2. Both models are scored at `rollout.temperature` (the demo's 1.0), the temperature the student sampled at; a
+   served teacher (`algorithm.teacher.url`) only at 1.0, since vLLM's prompt log-probs skip the temperature.
 3. The student's log-prob in the advantage is the trainer's (the "old" policy of the update), not the sampler's;
    with asynchronous rollout (`rollout.max_staleness`) the sampler's older policy is corrected for by the update's
    TIS/MIS, as in GRPO.
@@ -43,6 +45,7 @@ from grpo import distributed as dist
 from grpo.core.advantages import compute_advantages
 from grpo.core.batch import RolloutBatch, layout_batch
 from grpo.core.losses import reverse_kl_advantages
+from grpo.model.served_teacher import ServedTeacher
 from grpo.training.loop import StepResult, no_signal_reason, run_rollout_loop, sync_and_finish
 from grpo.training.pipeline import InlineRollout, RolloutPipeline
 from grpo.training.run import Run
@@ -101,8 +104,7 @@ def add_distillation_advantages(run: Run, batch: RolloutBatch) -> dict:
     cfg, algo = run.cfg, run.cfg.algorithm
     options = dict(temperature=cfg.rollout.temperature, micro_batch_tokens=cfg.backend.micro_batch_tokens)
     student = score_logprobs(run.backend.model, batch, packing=cfg.backend.packing, **options)  # [N, T-1]
-    teacher = score_logprobs(run.teacher, batch, chunk_size=algo.teacher.chunk_size or None,
-                             **options)  # [N, T-1]
+    teacher = teacher_logprobs(run, batch, options)  # [N, T-1]
     if algo.beta > 0:
         batch.ref_logprobs = score_logprobs(run.ref_model, batch, packing=cfg.backend.packing, **options)
     mask = batch.completion_mask  # [N, T-1]
@@ -114,3 +116,11 @@ def add_distillation_advantages(run: Run, batch: RolloutBatch) -> dict:
     tokens = max(float(sums[3]), 1.0)
     return {"distill/reverse_kl": float(sums[0]) / tokens, "distill/teacher_logprob": float(sums[1]) / tokens,
             "distill/student_logprob": float(sums[2]) / tokens}
+
+
+def teacher_logprobs(run: Run, batch: RolloutBatch, options: dict) -> torch.Tensor:
+    """The teacher's log-probs [N, T-1] of the batch's sampled tokens: from its server (`algorithm.teacher.url`,
+    at temperature 1, the only one the config lets through), or forwarded here, chunked over positions."""
+    if isinstance(run.teacher, ServedTeacher):
+        return run.teacher.score(batch)
+    return score_logprobs(run.teacher, batch, chunk_size=run.cfg.algorithm.teacher.chunk_size or None, **options)

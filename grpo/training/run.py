@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from grpo import distributed as dist
 from grpo.backends import TrainBackend, build_backend
 from grpo.builtin.warmstart import WarmStart, cache_root, warm_start_report, warm_started_tiny
-from grpo.config import Config, validate_world
+from grpo.config import DISTILL_LOOPS, Config, validate_world
 from grpo.core.logprobs import attention_implementation, attention_of
 from grpo.core.packing import AUTO, auto_packing
 from grpo.data.contamination import check_held_out, decontaminate, report_metrics
@@ -43,6 +43,7 @@ from grpo.model.gguf_checkpoint import converted_model_dir, gguf_path
 from grpo.model.loading import context_length, load_policy, load_train_policy
 from grpo.model.lora import AdapterDisabled, is_adapted
 from grpo.model.memory import check_fits, estimate_from_config
+from grpo.model.served_teacher import ServedTeacher
 from grpo.rollout import OnOwnCopy, RolloutEngine, WithFullWeights, build_rollout_engine
 from grpo.training.checkpoint import latest_checkpoint, load_rank_state, load_state, set_rng_state, verify_checkpoint
 from grpo.training.evaluate import episode_runner, evaluate_splits
@@ -75,7 +76,7 @@ class Run:
     contamination: dict = field(default_factory=dict)  # grpo.data.contamination report
     setup_metrics: dict = field(default_factory=dict)  # logged at step 0: data report, warm start
     make_env: Callable[[], Environment] | None = None  # a fresh environment per episode, when env.name is set
-    teacher: torch.nn.Module | None = None  # distill, gkd: the frozen teacher (algorithm.teacher)
+    teacher: torch.nn.Module | ServedTeacher | None = None  # distill, gkd: the frozen teacher (algorithm.teacher)
 
 
 def build_run(cfg: Config) -> Run:
@@ -115,7 +116,7 @@ def build_run(cfg: Config) -> Run:
               scorer=scorer, eval_scorer=eval_scorer, train_rows=train_rows, eval_rows=eval_rows,
               sampler=PromptSampler(len(train_rows), seed=cfg.seed), tracker=NullTracker(), ood_rows=ood_rows,
               val_rows=val_rows, contamination=contamination, setup_metrics=setup_metrics, make_env=make_env,
-              teacher=build_teacher(cfg, tokenizer) if cfg.algorithm.teacher.path else None)
+              teacher=build_teacher(cfg, tokenizer) if cfg.algorithm.loop in DISTILL_LOOPS else None)
     if checkpoint is not None:
         restore(run, checkpoint)
     if dist.is_main():  # rank 0 writes the run's files
@@ -146,10 +147,16 @@ def build_reference(cfg: Config, policy: torch.nn.Module, backend: TrainBackend)
     return ref_model.eval().requires_grad_(False)
 
 
-def build_teacher(cfg: Config, tokenizer) -> torch.nn.Module:
+def build_teacher(cfg: Config, tokenizer) -> torch.nn.Module | ServedTeacher:
     """The distillation teacher of `algorithm.teacher`, frozen, in its own dtype and on its own device; its
-    tokenizer must be the policy's (the teacher scores the student's token ids)."""
+    tokenizer must be the policy's (the teacher scores the student's token ids). With `url`, the teacher's
+    server, checked now (reachable, serving the model, the policy's tokenizer, prompt log-probs)."""
     t = cfg.algorithm.teacher
+    if t.url:
+        served = ServedTeacher(t.url, t.model, timeout_s=t.timeout_s, retries=t.retries, concurrency=t.concurrency,
+                               batch_size=t.batch_size, api_key_env=t.api_key_env)
+        served.check(tokenizer)
+        return served
     looks_local = t.path.startswith((".", "/", "~")) or os.sep in t.path and not Path(t.path).parent.name == ""
     if looks_local and not Path(t.path).expanduser().exists():
         raise ConfigError(f"algorithm.teacher.path: {t.path} does not exist")

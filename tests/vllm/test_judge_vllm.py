@@ -1,5 +1,6 @@
-"""The `judge` reward against a real judge: vLLM's OpenAI-compatible server hosting SmolLM2-135M-Instruct on the CPU,
-started for this module and stopped after it. The last test kills the server: the rows it could not judge are None
+"""The `judge` reward, and the distillation teacher served over HTTP (`algorithm.teacher.url`), against a real
+server: vLLM's OpenAI-compatible server hosting SmolLM2-135M-Instruct on the CPU, started once for this module and
+stopped after it. The last test kills the server: the rows it could not judge are None
 and counted, the judge stops once its failures in a row pass the threshold, and the trainer's infrastructure check
 stops the run; a judge built after that fails at once, naming the URL.
 
@@ -9,19 +10,28 @@ The failure paths without a model are in tests/unit/test_rewards_judge.py.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 
 import pytest
+import torch
 
-from grpo.errors import RewardInfraError
+from grpo.algorithms.distill import add_distillation_advantages, reward_batch, train_step
+from grpo.builtin.tiny import build_char_tokenizer
+from grpo.errors import ConfigError, RewardInfraError
 from grpo.model.gguf_checkpoint import converted_model_dir, packaged_gguf
-from grpo.training.sampling import check_infra_errors
+from grpo.model.loading import load_policy
+from grpo.model.served_teacher import ServedTeacher
+from grpo.training.pipeline import InlineRollout
+from grpo.training.run import build_run
+from grpo.training.sampling import check_infra_errors, gather_groups
+from grpo.training.update import score_logprobs
 from rewards import RewardConfigError, RewardScorer, RewardSpec
 from rewards import judge as judge_module
 from rewards.judge import JudgeUnavailableError, judge, judge_pairs
 from scripts.experiments.judge_pairs import SERVED_NAME, serve, stop
-from tests.conftest import HAS_SMOLLM2, HAS_VLLM, SMOLLM2, requires
+from tests.conftest import HAS_SMOLLM2, HAS_VLLM, SMOLLM2, THREADS, compose, requires
 
 pytestmark = [
     pytest.mark.vllm,
@@ -72,6 +82,55 @@ def test_the_judge_scores_by_probability_through_the_server(server):
     assert all(s is not None and 0.0 < s < 1.0 for s in scores), scores
     prefs = judge_pairs(["What is 2 + 2?"], ["4"], ["5"], **options)
     assert prefs[0] is not None and 0.0 < prefs[0] < 1.0, prefs
+
+
+def test_a_served_teacher_scores_as_the_local_teacher_and_drives_the_distillation_advantage(
+        server, smollm2_cache, tmp_path, monkeypatch, capsys):
+    """Mutations caught: a served log-prob placed one column off (it would score the neighbouring token: gaps of
+    whole nats), the served teacher ignored by the advantage (the student's own log-probs used instead: equal to
+    the served ones only within the gap below, not exactly)."""
+    _, url = server
+    monkeypatch.setenv("GRPO_CACHE", str(smollm2_cache))
+    # policy and teacher are SmolLM2 (the server's weights); 2 prompts x 3 samples, 3 sequences per request: two
+    # requests in flight at once, and each reply's choices are put back in their rows
+    cfg = compose(["algorithm=distill", "model=smollm2-135m-instruct", f"algorithm.teacher.url={url}",
+                   f"algorithm.teacher.model={SERVED_NAME}", "algorithm.teacher.batch_size=3",
+                   "algorithm.group_size=3", "train.prompts_per_step=2", "rollout.max_new_tokens=8",
+                   "train.eval_before=false", "train.eval_every=0", "checkpoint.every_steps=0",
+                   "tracking.progress_bar=false", "tracking.plot=false", THREADS])
+    cfg.run_dir = str(tmp_path / "run")
+    run = build_run(cfg)
+    groups, _ = InlineRollout(run).take(1)
+    everyone, offset = gather_groups(groups)
+    batch, _ = reward_batch(run, groups, everyone, max(offset, 0))
+    served = run.teacher.score(batch)  # [N, T-1]
+    local_teacher, _ = load_policy(cfg.model.path, cfg)  # the very weights the server loaded
+    local = score_logprobs(local_teacher, batch, temperature=1.0, micro_batch_tokens=cfg.backend.micro_batch_tokens)
+    mask = batch.completion_mask.bool()  # [N, T-1]
+    gap = float((served - local)[mask].abs().max())
+    # float32 on both sides; vLLM's CPU kernels sum in another order than transformers' eager attention.
+    # Measured: max gap 2.5e-5 nats over 48 tokens; a token one column off is nats away.
+    assert gap < 1e-3, gap
+    assert (served[~mask] == 0).all() and (served[mask] < 0).all()
+    metrics = add_distillation_advantages(run, batch)
+    # the advantage is -(student - served teacher) exactly, the served numbers and not the local ones
+    assert torch.equal(batch.advantages, -(batch.old_logprobs - served) * mask)
+    assert metrics["distill/teacher_logprob"] == pytest.approx(float(served[mask].mean()), abs=1e-6)
+    step = train_step(run, 1).metrics  # a whole step of the loop with the served teacher
+    # student = teacher's weights: the reverse KL is the kernels' gap alone
+    assert abs(step["distill/reverse_kl"]) < 1e-3 and math.isfinite(step["train/loss"]), step
+    with capsys.disabled():
+        print(f"\nserved vs local teacher: max |gap| {gap:.2e} nats over {int(mask.sum())} tokens")
+
+
+def test_a_served_teacher_with_another_tokenizer_or_model_name_is_refused_at_build(server):
+    """Mutations caught: the tokenizer check skipped (the tiny model's character ids scored as SmolLM2's tokens),
+    the served model's name not checked."""
+    _, url = server
+    with pytest.raises(ConfigError, match=f"teacher at {url} tokenizes a probe text otherwise than the policy"):
+        ServedTeacher(url, SERVED_NAME).check(build_char_tokenizer())
+    with pytest.raises(ConfigError, match=f"algorithm.teacher.model: {url} does not serve 'nobody'"):
+        ServedTeacher(url, "nobody").check(build_char_tokenizer())
 
 
 def test_a_killed_server_gives_none_counted_then_a_clear_stop(server):
