@@ -194,8 +194,9 @@ def sequence_jsd(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 def head_chunks(attention_mask: torch.Tensor, logits_to_keep_from: int, vocab: int, chunk_size: int | None) -> int:
     """How many chunks `sequence_logprobs` and `sequence_jsd` score a micro-batch in (its `[B, T]`
-    `attention_mask`, a vocabulary of `vocab`), in any layout: one per `chunk_size` (default
-    `default_chunk_size(vocab)`) of its scored positions."""
+    `attention_mask`, a vocabulary of `vocab`): one per `chunk_size` (default `default_chunk_size(vocab)`) of its
+    scored positions. A packed layout scores no more (it also skips a real target after padding, which the update's
+    batches, prompts left-padded, never hold), so the largest count over ranks still covers every rank."""
     chunk_size = chunk_size or default_chunk_size(vocab)
     return -(-int(attention_mask[:, logits_to_keep_from + 1 :].sum()) // chunk_size)
 
