@@ -31,7 +31,7 @@ import torch
 
 from grpo import distributed as dist
 from grpo.core.batch import RolloutBatch, layout_batch
-from grpo.core.logprobs import attention_of, forward_jsd, jsd_chunks, scored_hidden
+from grpo.core.logprobs import attention_of, forward_jsd, scored_hidden
 from grpo.core.packing import layout_refusal, micro_batches
 from grpo.training.loop import StepResult, run_loop, sync_and_finish
 from grpo.training.pipeline import InlineRollout
@@ -107,7 +107,6 @@ def jsd_update(run: Run, batch: RolloutBatch) -> dict:
     options = dict(beta=cfg.algorithm.gkd.beta, temperature=cfg.rollout.temperature,
                    chunk_size=cfg.algorithm.teacher.chunk_size or None,
                    teacher_head=run.teacher.get_output_embeddings(), packing=packing)
-    vocab = run.teacher.get_output_embeddings().weight.shape[0]  # the student's too (`sequence_jsd` checks)
     total = 0.0
     for rows in same_count_on_every_rank(micro_batches(batch, cfg.backend.micro_batch_tokens, packing)):
         micro = batch.select(rows or [0])  # an empty micro-batch keeps ZeRO-3's collective forwards in step
@@ -115,11 +114,9 @@ def jsd_update(run: Run, batch: RolloutBatch) -> dict:
         teacher_rows = scored_hidden(run.teacher, micro.input_ids.to(teacher_device),
                                      micro.attention_mask.to(teacher_device), logits_to_keep_from=k,
                                      packing=teacher_packing(run.teacher, packing))  # [M, H_t]
-        # as many chunks on every rank: under ZeRO-3 each one gathers the student's partitioned output embedding
-        chunks = int(dist.all_reduce_max(jsd_chunks(micro.attention_mask, k, vocab, options["chunk_size"])))
         micro = micro.to(device)
         jsd = forward_jsd(run.backend.model, micro.input_ids, micro.attention_mask, teacher_rows=teacher_rows,
-                          logits_to_keep_from=k, num_chunks=chunks, **options)  # [n, T-1]
+                          logits_to_keep_from=k, **options)  # [n, T-1]
         loss = (jsd * micro.completion_mask).sum() / max(tokens, 1.0) * (1.0 if rows else 0.0)
         run.backend.backward(loss)
         total += float(loss.detach())

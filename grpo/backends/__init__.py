@@ -12,7 +12,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from grpo.core.logprobs import sequence_jsd, sequence_logprobs
+from grpo import distributed as dist
+from grpo.core.logprobs import head_chunks, sequence_jsd, sequence_logprobs, vocab_size
 
 
 @runtime_checkable
@@ -49,6 +50,11 @@ class LogProbModel(torch.nn.Module):
     Wrappers that hook a module's forward (DeepSpeed ZeRO-3 fetches parameters when the
     top-level forward starts) must see the log-prob computation as one forward call;
     `grpo.training.update.forward_logprobs` calls it through `computes_logprobs`.
+
+    Under ZeRO-3 on several ranks every call of the output embedding gathers its partitioned weight (in forward, in
+    the recomputation and in backward), so every rank must score as many chunks of positions, however many
+    positions it holds: each forward takes the largest chunk count over ranks (one all-reduce) and pads with
+    empty chunks. Every rank runs as many forwards already (`grpo.training.update.same_count_on_every_rank`).
     """
 
     computes_logprobs = True
@@ -64,9 +70,21 @@ class LogProbModel(torch.nn.Module):
         home = input_ids.device
         device = self.device or home
         if jsd is not None:
+            jsd = self.as_many_chunks(attention_mask, jsd)
             return sequence_jsd(self.policy, input_ids.to(device), attention_mask.to(device), **jsd).to(home)
+        kwargs = self.as_many_chunks(attention_mask, kwargs)
         logp, entropy = sequence_logprobs(self.policy, input_ids.to(device), attention_mask.to(device), **kwargs)
         return logp.to(home), None if entropy is None else entropy.to(home)
+
+    def as_many_chunks(self, attention_mask: torch.Tensor, options: dict) -> dict:
+        """`options` (the scoring function's keyword arguments) with `num_chunks`, the largest chunk count over
+        ranks, where ZeRO-3 manages the output embedding and there are several ranks; else as they are."""
+        head = self.policy.get_output_embeddings()
+        if not hasattr(head.weight, "ds_id") or dist.world_size() == 1:
+            return options
+        mine = head_chunks(attention_mask, options.get("logits_to_keep_from", 0), vocab_size(head),
+                           options.get("chunk_size"))
+        return {**options, "num_chunks": int(dist.all_reduce_max(mine))}
 
 
 BACKENDS = {

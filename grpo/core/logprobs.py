@@ -51,24 +51,34 @@ from grpo.core.packing import layout_refusal, pack
 LOGITS_CHUNK_ELEMENTS = 2**24
 
 
-def _score_in_chunks(head, rows, targets, temperature: float, with_entropy: bool, chunk_size: int):
+def _score_in_chunks(head, rows, targets, temperature: float, with_entropy: bool, chunk_size: int,
+                     num_chunks: int = 0):
     """Log-prob (and entropy) chunks of `rows` [R, H] under the output embedding `head`, `chunk_size` rows at
-    a time; each chunk checkpointed when gradients are on and there is more than one."""
+    a time, at least `num_chunks` chunks (the extra ones empty); each chunk checkpointed when gradients are on and
+    there is more than one."""
     in_backward = False  # set once every chunk has been scored: later calls are recomputations
 
     def score(h, y):
         # The entropy is a detached metric: recomputing it in backward would be wasted work.
         return _score_logits(head(h), y, temperature, with_entropy and not in_backward)
 
-    recompute = torch.is_grad_enabled() and rows.shape[0] > chunk_size
+    starts = _chunk_starts(rows.shape[0], chunk_size, num_chunks)
+    recompute = torch.is_grad_enabled() and len(starts) > 1  # padded or not: as many head calls on every rank
     lp_chunks, ent_chunks = [], []
-    for start in range(0, rows.shape[0], chunk_size):
+    for start in starts:
         h, y = rows[start : start + chunk_size], targets[start : start + chunk_size]
         lp, ent = checkpoint(score, h, y, use_reentrant=False) if recompute else score(h, y)
         lp_chunks.append(lp)
         ent_chunks.append(ent)
     in_backward = True
     return lp_chunks, ent_chunks
+
+
+def _chunk_starts(rows: int, chunk_size: int, num_chunks: int) -> list[int]:
+    """The first row of each chunk: one per `chunk_size` of `rows`, then empty chunks (starting past the last row)
+    up to `num_chunks`. E.g. 7 rows, chunks of 3, num_chunks 4: [0, 3, 6, 7]."""
+    starts = list(range(0, rows, chunk_size))
+    return starts + [rows] * (num_chunks - len(starts))
 
 
 def sequence_logprobs(
@@ -82,6 +92,7 @@ def sequence_logprobs(
     with_entropy: bool = False,
     logits_to_keep_from: int = 0,
     packing: str = "padded",
+    num_chunks: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and optionally entropy) of `input_ids[:, 1:]`, chunked over positions.
 
@@ -91,11 +102,11 @@ def sequence_logprobs(
     Differentiable; when gradients are enabled and there is more than one chunk, each chunk is
     checkpointed, so backward also holds one chunk's logits at a time.
 
-    Returns `(logprobs [B, T-1], entropy [B, T-1] or None)`, float32, zeros before column
-    `logits_to_keep_from` and where the target is padding. See the module docstring for the conventions.
-    With `packing` other than `padded`, the rows are forwarded in that padding-free layout (`grpo.core.packing`;
-    positions are its own).
-    """
+    Returns `(logprobs [B, T-1], entropy [B, T-1] or None)`, float32, zeros before column `logits_to_keep_from`
+    and where the target is padding (see the module docstring). With `packing` other than `padded`, the rows are
+    forwarded in that padding-free layout (`grpo.core.packing`; positions are its own). `num_chunks`: at least this
+    many chunks, the extra ones empty: under ZeRO-3 each chunk gathers the partitioned output embedding, so every
+    rank must score as many (`head_chunks`, the largest count over ranks: `grpo.backends.LogProbModel`)."""
     _check_args(input_ids, attention_mask, temperature, logits_to_keep_from)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -103,13 +114,13 @@ def sequence_logprobs(
     backbone = _backbone(model)
     head = model.get_output_embeddings()
     if chunk_size is None:
-        chunk_size = max(1, LOGITS_CHUNK_ELEMENTS // head.weight.shape[0])
+        chunk_size = default_chunk_size(vocab_size(head))
     if packing != "padded":
         if position_ids is not None:
             raise ValueError(f"packing={packing!r} lays out its own position ids: pass position_ids=None")
         return _packed_logprobs(model, backbone, head, input_ids, attention_mask, packing, temperature=temperature,
                                 chunk_size=chunk_size, with_entropy=with_entropy,
-                                logits_to_keep_from=logits_to_keep_from)
+                                logits_to_keep_from=logits_to_keep_from, num_chunks=num_chunks)
     if position_ids is None:
         position_ids = _position_ids(attention_mask)
 
@@ -124,7 +135,7 @@ def sequence_logprobs(
     scored = attention_mask[:, k + 1 :].reshape(-1).nonzero().squeeze(-1)  # [M] of B*L, L = T-1-k
     rows = hidden[:, k : T - 1].reshape(-1, hidden.shape[-1])[scored]  # [M, H]
     targets = input_ids[:, k + 1 :].reshape(-1)[scored]  # [M]
-    lp_chunks, ent_chunks = _score_in_chunks(head, rows, targets, temperature, with_entropy, chunk_size)
+    lp_chunks, ent_chunks = _score_in_chunks(head, rows, targets, temperature, with_entropy, chunk_size, num_chunks)
 
     def scatter(values):  # [M] -> [B, T-1]: zeros before column k and where the target is padding
         return _left_zeros(values.new_zeros(B * (T - 1 - k)).index_copy(0, scored, values).view(B, T - 1 - k), k)
@@ -154,14 +165,14 @@ def sequence_jsd(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     (`chunk_size`, default `LOGITS_CHUNK_ELEMENTS // V`) and checkpointed per chunk as `sequence_logprobs` is; the
     student forwarded in the layout `packing`. `num_chunks`: at least this many chunks, the extra ones empty: under
     ZeRO-3 each chunk gathers the partitioned output embedding (forward, recomputation and backward), so every rank
-    must score as many (`jsd_chunks`, the largest count over ranks)."""
+    must score as many (`head_chunks`, the largest count over ranks)."""
     _check_args(input_ids, attention_mask, temperature, logits_to_keep_from)
     _check_plain_head(model)
     head = model.get_output_embeddings()
-    if teacher_head.weight.shape[0] != head.weight.shape[0]:
-        raise ValueError(f"the teacher's vocabulary ({teacher_head.weight.shape[0]}) is not the student's "
-                         f"({head.weight.shape[0]})")
-    chunk_size = chunk_size or max(1, LOGITS_CHUNK_ELEMENTS // head.weight.shape[0])
+    if vocab_size(teacher_head) != vocab_size(head):
+        raise ValueError(f"the teacher's vocabulary ({vocab_size(teacher_head)}) is not the student's "
+                         f"({vocab_size(head)})")
+    chunk_size = chunk_size or default_chunk_size(vocab_size(head))
     rows, dest = _scored_states(model, input_ids, attention_mask, logits_to_keep_from, packing)  # [M, H], [M]
     if teacher_rows.shape[0] != rows.shape[0]:
         raise ValueError(f"teacher_rows holds {teacher_rows.shape[0]} positions, the batch scores {rows.shape[0]}")
@@ -172,8 +183,7 @@ def sequence_jsd(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
             t_logp = F.log_softmax(teacher_head(t).float() / temperature, dim=-1).to(s_logp.device)  # [c, V]
         return generalized_jsd(s_logp, t_logp, beta)  # [c]
 
-    starts = list(range(0, rows.shape[0], chunk_size))
-    starts += [rows.shape[0]] * (num_chunks - len(starts))  # empty chunks: past the last row
+    starts = _chunk_starts(rows.shape[0], chunk_size, num_chunks)
     recompute = torch.is_grad_enabled() and len(starts) > 1
     chunks = [checkpoint(score, rows[i : i + chunk_size], teacher_rows[i : i + chunk_size], use_reentrant=False)
               if recompute else score(rows[i : i + chunk_size], teacher_rows[i : i + chunk_size]) for i in starts]
@@ -182,11 +192,24 @@ def sequence_jsd(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     return values.new_zeros(B * (T - 1)).index_copy(0, dest, values).view(B, T - 1)
 
 
-def jsd_chunks(attention_mask: torch.Tensor, logits_to_keep_from: int, vocab: int, chunk_size: int | None) -> int:
-    """How many chunks `sequence_jsd` scores a micro-batch in (its `[B, T]` `attention_mask`, a vocabulary of
-    `vocab`): one per `chunk_size` (default `LOGITS_CHUNK_ELEMENTS // vocab`) of its scored positions."""
-    chunk_size = chunk_size or max(1, LOGITS_CHUNK_ELEMENTS // vocab)
+def head_chunks(attention_mask: torch.Tensor, logits_to_keep_from: int, vocab: int, chunk_size: int | None) -> int:
+    """How many chunks `sequence_logprobs` and `sequence_jsd` score a micro-batch in (its `[B, T]`
+    `attention_mask`, a vocabulary of `vocab`): one per `chunk_size` (default `default_chunk_size(vocab)`) of its
+    scored positions. A packed layout scores no more (it also skips a real target after padding, which the update's
+    batches, prompts left-padded, never hold), so the largest count over ranks still covers every rank."""
+    chunk_size = chunk_size or default_chunk_size(vocab)
     return -(-int(attention_mask[:, logits_to_keep_from + 1 :].sum()) // chunk_size)
+
+
+def default_chunk_size(vocab: int) -> int:
+    """Positions a chunk holds by default: `LOGITS_CHUNK_ELEMENTS // vocab`, at least one."""
+    return max(1, LOGITS_CHUNK_ELEMENTS // vocab)
+
+
+def vocab_size(head: nn.Module) -> int:
+    """The rows of the output embedding `head`, also while ZeRO-3 holds its weight partitioned (the tensor on a
+    rank is then empty; DeepSpeed keeps the full shape as `ds_shape`)."""
+    return getattr(head.weight, "ds_shape", head.weight.shape)[0]
 
 
 def _scored_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int,
@@ -211,14 +234,15 @@ def _scored_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
 
 
 def _packed_logprobs(model, backbone, head, input_ids, attention_mask, packing: str, *, temperature: float,
-                     chunk_size: int, with_entropy: bool, logits_to_keep_from: int):
+                     chunk_size: int, with_entropy: bool, logits_to_keep_from: int, num_chunks: int = 0):
     """`sequence_logprobs` through a packed layout: one backbone forward over the packed rows, the head
     on the scored positions only, the results scattered into the padded `[B, T-1]` columns."""
     out, packed = packed_forward(model, backbone, input_ids, attention_mask, logits_to_keep_from + 1, packing,
                                  head.weight.dtype)
     hidden = out.last_hidden_state  # [R, W, H]
     rows = hidden.reshape(-1, hidden.shape[-1])[packed.source]  # [M, H]
-    lp_chunks, ent_chunks = _score_in_chunks(head, rows, packed.targets, temperature, with_entropy, chunk_size)
+    lp_chunks, ent_chunks = _score_in_chunks(head, rows, packed.targets, temperature, with_entropy, chunk_size,
+                                             num_chunks)
     B, T = input_ids.shape
     lp = packed.to_padded(_cat_rows(lp_chunks, rows), B, T - 1)  # [B, T-1]
     return lp, packed.to_padded(_cat_rows(ent_chunks, rows), B, T - 1) if with_entropy else None

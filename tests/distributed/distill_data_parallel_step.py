@@ -35,7 +35,7 @@ from grpo.core.batch import layout_batch
 from grpo.training.run import build_policy_backend, build_teacher, check_packing
 from grpo.training.update import update_policy
 from tests.conftest import compose
-from tests.distributed.data_parallel_step import gradient_from_adam_step
+from tests.distributed.data_parallel_step import gradient_from_adam_step, partitioned
 
 ROWS = 8  # two prompts of G = 4 completions each
 KINDS = ("distill", "gkd")
@@ -76,13 +76,6 @@ def one_update(args, cfg, kind: str) -> dict:
     with backend.gathered_for_rollout():
         grads = {n: gradient_from_adam_step(before[n], p.detach().float()) for n, p in policy.named_parameters()}
     return {"loss": metrics["train/loss"], "measure": measure, "grads": grads, "partitioned": sharded}
-
-
-def partitioned(model: torch.nn.Module) -> int:
-    """How many of `model`'s parameters ZeRO-3 holds partitioned now (a DeepSpeed parameter not available on this
-    rank); 0 for a module DeepSpeed does not manage."""
-    return sum(int(getattr(p, "ds_status", None) is not None and p.ds_status.name == "NOT_AVAILABLE")
-               for p in model.parameters())
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 
 - one update on 2 ranks x B groups gives the gradient of 1 rank x 2B groups (DeepSpeed ZeRO-2,
   ZeRO-3 and DDP), within float32 rounding;
-- so does `backend.packing=groups` on 2 ZeRO-3 ranks against the padded layout on one;
+- so does `backend.packing=groups` on 2 ZeRO-3 ranks against the padded layout on one, every parameter
+  partitioned and the ranks holding different numbers of chunks of positions to score;
 - the one-rank side of each comparison is the driver run once per session by plain python under the torch
   backend (`one_rank` in tests/conftest.py): each backend costs one two-rank launch, and every backend is
   held to the same single-process reference;
@@ -90,19 +91,31 @@ def one_update(backend: str, ranks: int, out: Path, loss_agg: str, *extra: str) 
     return torch.load(out, weights_only=True)
 
 
+# ZeRO-3 partitions every parameter (a real model's output embedding always is; the tiny model's tensors are all
+# under DeepSpeed's persistence threshold) and scores 3 positions per call of the output embedding, so the ranks
+# hold different numbers of chunks; each call gathers the partitioned weight, so without as many calls on every
+# rank the gathers mismatch (gloo: "Received data size doesn't match expected size", or a hang until --timeout-s)
+ZERO3_PARTITIONED = ("--partition-all", "--head-chunk", "3", "--timeout-s", "60")
+
+
 @pytest.mark.parametrize(
-    "backend,loss_agg,packing",
-    [pytest.param("deepspeed_zero2", "token_mean", "padded", marks=DEEPSPEED),
+    "backend,loss_agg,packing,extra",
+    [pytest.param("deepspeed_zero2", "token_mean", "padded", (), marks=DEEPSPEED),
      # ZeRO-3 with the packed forward inside the DeepSpeed engine's LogProbModel, as many micro-batches on each
      # rank (ZeRO-3's collectives), against one rank's padded gradient: one launch checks both (a packing bug
      # and a loss normalised by one rank's sequences each break the equality)
-     pytest.param("deepspeed_zero3", "seq_mean_token_mean", "groups", marks=DEEPSPEED),
-     ("ddp", "token_mean", "padded")],
+     pytest.param("deepspeed_zero3", "seq_mean_token_mean", "groups", ZERO3_PARTITIONED, marks=DEEPSPEED),
+     ("ddp", "token_mean", "padded", ())],
 )
-def test_two_ranks_with_b_groups_equal_one_rank_with_2b(tmp_path, one_rank, backend, loss_agg, packing):
-    one = one_rank(DRIVER.name, "--loss-agg", loss_agg)  # padded
-    two = one_update(backend, 2, tmp_path / "two.pt", loss_agg, "--packing", packing)
+def test_two_ranks_with_b_groups_equal_one_rank_with_2b(tmp_path, one_rank, backend, loss_agg, packing, extra):
+    one = one_rank(DRIVER.name, "--loss-agg", loss_agg)  # padded, one chunk
+    two = one_update(backend, 2, tmp_path / "two.pt", loss_agg, "--packing", packing, *extra)
     assert (one["world_size"], two["world_size"]) == (1, 2)
+    if extra:
+        assert two["partitioned"] == [two["parameters"]] * 2  # every parameter sharded on both ranks
+        (scoring_0, calls_0), (scoring_1, calls_1) = two["head_calls"]
+        assert scoring_0 != scoring_1  # the ranks had different numbers of positions' chunks to score...
+        assert calls_0 == calls_1  # ...and called the partitioned output embedding as often, the extra ones empty
     # The loss is normalised by the global counts, so the ranks' losses sum to the whole batch's.
     assert abs(one["loss"] - two["loss"]) < 1e-6
     assert abs(one["grad_norm"] - two["grad_norm"]) < 1e-5 * one["grad_norm"]

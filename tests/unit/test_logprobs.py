@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from grpo.core.logprobs import naive_sequence_logprobs, sequence_logprobs
+from grpo.core.logprobs import head_chunks, naive_sequence_logprobs, sequence_logprobs
 from grpo.core.packing import token_budget_batches
 
 transformers = pytest.importorskip("transformers")
@@ -144,6 +144,33 @@ def test_gradients_match_naive(model, batch):
     for name in ref:
         assert ref[name].abs().sum() > 0, name  # every parameter takes part, so the comparison means something
         torch.testing.assert_close(got[name], ref[name], atol=ATOL, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("packing", ["padded", "groups"])
+def test_num_chunks_pads_with_empty_head_calls_in_forward_and_recomputation(model, packing):
+    # Under ZeRO-3 every call of the output embedding gathers its weight, so ranks must call it as often.
+    # Completions of 6 and 2 tokens score 8 positions: chunks of 3 -> 3 calls [3, 3, 2]; one chunk of 8 padded to
+    # num_chunks=3 -> [8, 0, 0]. Both checkpoint their chunks, so backward recomputes each: 6 calls either way
+    # (1 without num_chunks: a lone chunk is not checkpointed).
+    g = torch.Generator().manual_seed(3)
+    draw = lambda n: torch.randint(1, VOCAB, (n,), generator=g).tolist()  # noqa: E731
+    ids, mask, P = right_padded_completions([draw(3), draw(5)], [draw(6), draw(2)])
+    assert head_chunks(mask, P - 1, VOCAB, 3) == 3 and head_chunks(mask, P - 1, VOCAB, 1000) == 1
+    kw = dict(logits_to_keep_from=P - 1, packing=packing)
+    calls = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        ref = _grads(model, sequence_logprobs, ids, mask, chunk_size=1000, **kw)  # one chunk, not checkpointed
+        got = _grads(model, sequence_logprobs, ids, mask, chunk_size=1000, num_chunks=3, **kw)
+        split = _grads(model, sequence_logprobs, ids, mask, chunk_size=3, num_chunks=2, **kw)
+    finally:
+        hook.remove()
+        model.zero_grad(set_to_none=True)
+    # backward recomputes the chunks last to first; num_chunks below the count pads nothing
+    assert calls == [8] + [8, 0, 0] + [0, 0, 8] + [3, 3, 2] + [2, 3, 3]
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=ATOL, rtol=0, msg=name)
+        torch.testing.assert_close(split[name], ref[name], atol=ATOL, rtol=0, msg=name)
 
 
 def test_left_padding_invariance(model):
