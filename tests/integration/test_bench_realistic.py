@@ -204,7 +204,9 @@ def test_each_arm_alone_records_what_it_records_among_the_others(mini_path, one_
         alone = {name: train_round(name, args, cfg, mini_path, workload, [{"prompt": "abc", "answer": ""}], 0)
                  for name in names}
     for name, out in alone.items():
-        assert out["arm"] == name and out["peak_mb"] >= 0, name
+        # The resident-set counters the peak is read from are synced lazily (in batches of pages per thread), so a
+        # step of this tiny model that frees what it allocates can read a fraction of a MiB below its base.
+        assert out["arm"] == name and out["peak_mb"] > -1.0, name
         record, reference = out["record"], in_process[name]
         assert record.keys() == reference.keys(), name
         for key in ("forwards", "positions", "head_positions"):  # e.g. trl: [[2, 5]], 10, 8 (the test above)
