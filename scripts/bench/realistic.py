@@ -439,14 +439,21 @@ def training_memory(arm_name: str, args, cfg, model_path, workload, rows, pad: i
     """Run in a fresh process (`--only-train`): one warm-up step of the arm, then the peak of one more."""
     (arm,), _ = training_arms(args, cfg, model_path, workload_batch(workload, pad), rows, only=arm_name)
     arm.step()
-    if args.device == "cuda":
+    _, peak = peak_growth(args.device, arm.step)
+    return {"arm": arm_name, "peak_mb": peak}
+
+
+def peak_growth(device: str, step):
+    """`step()`'s result and the peak memory (MiB) over it: on CPU the resident set's peak growth above its size
+    before the step; on CUDA `max_memory_allocated` over it."""
+    if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     reset_peak_rss()
     base = current_rss_mb()
-    arm.step()
-    peak = peak_memory_mb(args.device)
-    return {"arm": arm_name, "peak_mb": peak if args.device == "cuda" else peak - base}
+    result = step()
+    peak = peak_memory_mb(device)
+    return result, peak if device == "cuda" else peak - base
 
 
 CHILD_ARGS = ("model", "device", "dtype", "attention", "seed", "prompts", "group", "prompt_len", "median", "sigma",
@@ -474,10 +481,19 @@ def memory_in_fresh_process(arm_name: str, args) -> float | str:
     out = fresh_process("--only-train", arm_name, args, oom_first=True)
     if out.returncode == 0:
         return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+    why = killed_for_memory(out)
+    if why:
+        return why
+    raise RuntimeError(f"memory run of {arm_name} failed:\n{out.stderr[-3000:]}")
+
+
+def killed_for_memory(out: subprocess.CompletedProcess) -> str | None:
+    """Why a fresh process failed, where it was killed by a signal or ran out of memory (its arm is left out, the
+    others still measured); None for any other failure, which is a bug to raise."""
     tail = out.stderr.strip().splitlines()[-1:] or [""]
     if out.returncode < 0 or "can't allocate memory" in out.stderr or "MemoryError" in out.stderr:
         return f"its process failed (exit {out.returncode}; out of memory?): {tail[0]}"
-    raise RuntimeError(f"memory run of {arm_name} failed:\n{out.stderr[-3000:]}")
+    return None
 
 
 def memory_phase(args, training: dict) -> None:
@@ -561,16 +577,10 @@ def train_round(arm_name: str, args, cfg, model_path, workload, rows, pad: int) 
     (arm,) = arms
     for _ in range(args.warmup):
         arm.step()
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    reset_peak_rss()
-    base = current_rss_mb()
-    record = timed(arm)
-    peak = peak_memory_mb(args.device)
+    record, peak = peak_growth(args.device, lambda: timed(arm))
     return {"arm": arm_name, "info": {"side": arm.side, "settings": arm.settings, "diagnostic": arm.diagnostic},
             "record": record, "warmup_steps": args.warmup,
-            "peak_mb": (peak if args.device == "cuda" else peak - base) if args.warmup else None}
+            "peak_mb": peak if args.warmup else None}
 
 
 def train_round_in_fresh_process(arm_name: str, args) -> dict:
@@ -582,9 +592,9 @@ def train_round_in_fresh_process(arm_name: str, args) -> dict:
             raise RuntimeError(f"the process for {arm_name} ran {record['arm']} after {record['warmup_steps']} "
                                f"warm-up steps, not {arm_name} after {args.warmup}")
         return record
-    tail = out.stderr.strip().splitlines()[-1:] or [""]
-    if out.returncode < 0 or "can't allocate memory" in out.stderr or "MemoryError" in out.stderr:
-        return {"arm": arm_name, "left_out": f"its process failed (exit {out.returncode}; out of memory?): {tail[0]}"}
+    why = killed_for_memory(out)
+    if why:
+        return {"arm": arm_name, "left_out": why}
     raise RuntimeError(f"training round of {arm_name} failed:\n{out.stderr[-3000:]}")
 
 
