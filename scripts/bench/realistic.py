@@ -4,6 +4,7 @@
     python -m scripts.bench.realistic --model smollm2-135m --out smollm2.json  # a real model, its own completions
     python -m scripts.bench.realistic --phases training --reps 1 --warmup 0 --no-memory  # a quick look
     python -m scripts.bench.realistic --device cuda --model qwen2.5-1.5b  # bf16, flash attention where installed
+    python -m scripts.bench.realistic --resume realistic.json --out realistic.json  # finish a run cut short
 
 `scripts.bench.step_vs_trl` times 8 prompts of 9 tokens x 8 completions of exactly 32 tokens on a 1.1M-parameter
 model; a real GRPO batch is long prompts shared by G completions whose lengths are long-tailed. Here:
@@ -23,7 +24,9 @@ model; a real GRPO batch is long prompts shared by G completions whose lengths a
 
 Phases, every arm alternated in one process (training: unless one at a time, below; the machine may be shared:
 load from elsewhere hits all alike; read the ratios of one run), `--warmup` untimed rounds first, then medians over
-`--reps` / `--gen-rounds` / `--step-reps` rounds:
+`--reps` / `--gen-rounds` / `--step-reps` rounds. Each round of the training and whole-step phases runs every arm
+once, in an order shuffled afresh for that round from `--seed` (`round_orders`; the JSON's `round_orders` gives the
+timed rounds'): where an arm sits in a round changes its time, so no arm keeps one place:
 
 - training: log-probs + loss + backward + optimiser step on the workload's B*G sequences; the arms are in
   `scripts.bench.arms` (its docstring says how each is driven). Ours in each `backend.packing` layout (padded,
@@ -49,19 +52,19 @@ largest arm's activations. `--arms auto` (the default) estimates that (`in_proce
 parameter per side, activations scaled from TRL's whole-batch peak measured on `small`, 1 GiB of libraries) and,
 where it exceeds the available memory (`MemAvailable`; free GPU memory on CUDA), runs each arm's step of each round
 in a fresh process instead, printing which mode and why; the JSON's `training.arms_resident` says which ran. Each
-round still runs every arm once, in order, and medians are over `--reps` rounds, so a drift in the load reaches all
-arms alike. Each fresh process builds its arm, runs `--warmup` untimed steps of it, then one timed step, and
-reports `timed()`'s record; the resident set's growth over that timed step is the arm's memory figure (median over
-rounds), so no separate memory phase runs (`training.memory` says so). A process killed by the kernel or out of
+round still runs every arm once, in that round's order, and medians are over `--reps` rounds, so a drift in the load
+reaches all arms alike. Each fresh process builds its arm, runs `--warmup` untimed steps of it, then one timed step,
+and reports `timed()`'s record; the resident set's growth over that timed step is the arm's memory figure (median
+over rounds), so no separate memory phase runs (`training.memory` says so). A process killed by the kernel or out of
 memory leaves its arm out, with the reason; the others are still measured (its score makes it the kernel's first
 choice, not a neighbour). This differs from the in-process mode in one way: every timed step follows only its own
 arm's warm-up in a process that has run nothing else (the allocator and caches are colder than after a round of
 every arm; the first rounds of the in-process mode are warm from the other arms' steps), and the gradient norm is
 that of the arm's weights after its own warm-up steps, not after every arm's. The whole-step phase stays in one
 process (TRL's `train()`, paused between steps, keeps its state in the process running it): it holds ours and two
-TRL trainers (three models with their states, 48 bytes a float32 parameter: 6.5 GB for SmolLM2-135M) plus one
-step's activations; where that estimate (`step_refusal`) exceeds the available memory the phase is left out, with
-the reason in `left_out_phases`, unless `--arms in-process`.
+TRL trainers (three models with their states, 48 bytes a float32 parameter: 6.5 GB for SmolLM2-135M) plus one step's
+activations; where that estimate (`step_refusal`) exceeds the available memory the phase is left out, with the
+reason in `left_out_phases`, unless `--arms in-process`.
 
 Completion lengths when sampling: every sampler generates the same planned lengths, the workload's (raised to at
 least 2 tokens), prompt by prompt (`scripts.bench.forced_lengths`): the generation phase's and the whole step's
@@ -355,15 +358,26 @@ def timed(arm: Arm) -> dict:
     return {"step_s": total, "grad_norm": grad_norm, **phases, **arm.meter.take()}
 
 
-def alternate(arms: list, warmup: int, reps: int, run_one) -> dict[str, list[dict]]:
-    """`warmup` untimed rounds, then `reps` rounds; each round runs every arm once, in order."""
-    records = {arm.name: [] for arm in arms}
-    for rnd in range(warmup + reps):
-        for arm in arms:
-            record = run_one(arm)
+def round_orders(names: list[str], rounds: int, seed: int) -> list[list[str]]:
+    """The order of the arms in each round: a fresh shuffle per round, drawn from `seed`. Where an arm sits in the
+    round changes its time (the caches and the allocator it inherits from the arm before it), so no arm keeps one
+    place: that effect becomes spread within each arm's steps instead of a bias on its median."""
+    rng = random.Random(f"arm order {seed}")
+    return [rng.sample(names, len(names)) for _ in range(rounds)]
+
+
+def alternate(arms: list, warmup: int, reps: int, run_one, seed: int = 0) -> tuple[dict[str, list[dict]], list]:
+    """`warmup` untimed rounds, then `reps` rounds; each round runs every arm once, in that round's order
+    (`round_orders`). Returns each arm's records and the orders of the timed rounds."""
+    by_name = {arm.name: arm for arm in arms}
+    records = {name: [] for name in by_name}
+    orders = round_orders(list(by_name), warmup + reps, seed)
+    for rnd, order in enumerate(orders):
+        for name in order:
+            record = run_one(by_name[name])
             if rnd >= warmup:
-                records[arm.name].append(record)
-    return records
+                records[name].append(record)
+    return records, orders[warmup:]
 
 
 def training_phase(args, cfg, model_path: str, workload: Workload, rows: list[dict], pad: int) -> dict:
@@ -371,19 +385,19 @@ def training_phase(args, cfg, model_path: str, workload: Workload, rows: list[di
     per arm its medians, counts, FLOPs and ratio to TRL's best arm."""
     batch = workload_batch(workload, pad)
     if args.one_at_a_time:
-        infos, records, skipped, peaks = one_at_a_time_records(args, batch)
+        infos, records, skipped, peaks, orders = one_at_a_time_records(args, batch)
     else:
         arms, skipped = training_arms(args, cfg, model_path, batch, rows)
         for name, why in skipped.items():
             print(f"training arm {name} left out: {why}")
         infos = {a.name: {"side": a.side, "settings": a.settings, "diagnostic": a.diagnostic} for a in arms}
-        records, peaks = alternate(arms, args.warmup, args.reps, timed), {}
+        (records, orders), peaks = alternate(arms, args.warmup, args.reps, timed, args.seed), {}
     shapes = Shapes.of(AutoConfig.from_pretrained(model_path))
     real = int(batch.attention_mask.sum())
     completion_tokens = int(batch.completion_mask.sum())
     out = {"arms": {}, "left_out": skipped, "real_tokens": real, "completion_tokens": completion_tokens,
            "arms_resident": "one at a time, a fresh process per arm and round" if args.one_at_a_time
-           else "all in one process"}
+           else "all in one process", "round_orders": orders}
     for name, info in infos.items():
         out["arms"][name] = arm_summary(args, info, records[name], shapes, real)
     check_gpu_head(out, completion_tokens)
@@ -496,6 +510,15 @@ def killed_for_memory(out: subprocess.CompletedProcess) -> str | None:
     return None
 
 
+def memory_missing(args, training: dict) -> bool:
+    """Whether the training phase still lacks the memory runs: measured in one process (one at a time, the memory
+    comes from the same processes), unless `--no-memory`, and not yet run (a resumed run may have been cut short
+    before them)."""
+    in_process = training["arms_resident"] == "all in one process"
+    measured = any("peak_mb" in a or "memory_left_out" in a for a in training["arms"].values())
+    return in_process and not args.no_memory and not measured
+
+
 def memory_phase(args, training: dict) -> None:
     for name, arm in training["arms"].items():
         peak = memory_in_fresh_process(name, args)
@@ -598,15 +621,18 @@ def train_round_in_fresh_process(arm_name: str, args) -> dict:
     raise RuntimeError(f"training round of {arm_name} failed:\n{out.stderr[-3000:]}")
 
 
-def one_at_a_time_records(args, batch: RolloutBatch, only: list[str] | None = None) -> tuple[dict, dict, dict, dict]:
-    """`--reps` rounds; each round runs every arm (or those in `only`) once, in order, each in a fresh process that
-    warms it up first. Returns {arm: side, settings, diagnostic}, {arm: records}, {arm: why left out}, {arm: peak
-    growths in MiB} (empty under `--warmup 0`: the growth would hold the optimiser's first allocations)."""
+def one_at_a_time_records(args, batch: RolloutBatch,
+                          only: list[str] | None = None) -> tuple[dict, dict, dict, dict, list]:
+    """`--reps` rounds; each round runs every arm (or those in `only`) once, in that round's order (`round_orders`),
+    each in a fresh process that warms it up first. Returns {arm: side, settings, diagnostic}, {arm: records},
+    {arm: why left out}, {arm: peak growths in MiB} (empty under `--warmup 0`: the growth would hold the optimiser's
+    first allocations) and the rounds' orders."""
     names, skipped = arm_names(args, len(batch))
     names = [n for n in names if only is None or n in only]
     infos, records, peaks = {}, {n: [] for n in names}, {n: [] for n in names}
-    for rnd in range(args.reps):
-        for name in [n for n in names if n not in skipped]:
+    orders = round_orders(names, args.reps, args.seed)
+    for rnd, order in enumerate(orders):
+        for name in [n for n in order if n not in skipped]:
             out = train_round_in_fresh_process(name, args)
             if "left_out" in out:
                 skipped[name] = out["left_out"] + (f" (round {rnd + 1})" if rnd else "")
@@ -618,7 +644,7 @@ def one_at_a_time_records(args, batch: RolloutBatch, only: list[str] | None = No
         print(f"training arm {name} left out: {why}")
     kept = [n for n in names if n not in skipped]
     return ({n: infos[n] for n in kept}, {n: records[n] for n in kept}, skipped,
-            {n: peaks[n] for n in kept} if args.warmup else {})
+            {n: peaks[n] for n in kept} if args.warmup else {}, orders)
 
 
 # ---------------------------------------------------------------- generation phase
@@ -751,14 +777,14 @@ def step_phase(args, cfg, model_path: str, workload: Workload, rows: list[dict],
     for name, why in skipped.items():
         print(f"step arm {name} left out: {why}")
     try:
-        records = alternate(arms, args.warmup, args.step_reps, timed_step)
+        records, orders = alternate(arms, args.warmup, args.step_reps, timed_step, args.seed)
     finally:
         core_logprobs.sequence_logprobs = sequence_logprobs
         for arm in arms:
             if isinstance(arm.step, SteppedTrainer):
                 arm.step.close()
     shapes = Shapes.of(AutoConfig.from_pretrained(model_path))
-    out = {"arms": {}, "left_out": skipped, "planned_tokens": plan.total()}
+    out = {"arms": {}, "left_out": skipped, "planned_tokens": plan.total(), "round_orders": orders}
     for arm in arms:
         out["arms"][arm.name] = step_summary(arm, records[arm.name], shapes, plan)
     add_ratios(out["arms"], "step_s", "vs_trl_best", faster=True)
@@ -856,6 +882,9 @@ def parse_args(argv=None):
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
     p.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     p.add_argument("--out", help="write the results here as JSON")
+    p.add_argument("--resume", metavar="JSON",
+                   help="a run cut short (its --out): the phases it holds are kept, the rest of --phases measured on "
+                        "its workload (the same model, workload settings, packing and threads), and written to --out")
     p.add_argument("--arms", default="auto", choices=("auto", "in-process", "one-at-a-time"),
                    help="training arms all in one process, or one at a time (each step in a fresh process); auto: "
                         "one at a time where the in-process memory estimate exceeds the available memory")
@@ -914,14 +943,14 @@ def setup(args) -> tuple:
 
 def run_phases(args, cfg, model_path, workload, rows, eos: int, pad: int, results: dict) -> dict:
     """The chosen phases into `results`, written to `--out` after each (a run cut short keeps what it measured)."""
-    phases = args.phases.split(",")
+    phases = [p for p in args.phases.split(",") if p not in results]
     if "training" in phases:
         arms_mode(args, model_path, workload_batch(workload, pad))
         results["training"] = training_phase(args, cfg, model_path, workload, rows, pad)
         save(args, results)
-        if not args.no_memory and not args.one_at_a_time:
-            memory_phase(args, results["training"])
-            save(args, results)
+    if "training" in args.phases.split(",") and memory_missing(args, results["training"]):
+        memory_phase(args, results["training"])
+        save(args, results)
     if "generation" in phases:
         results["generation"] = generation_phase(args, model_path, workload, length_plan(workload, args.max_new_tokens),
                                                  eos, pad)
@@ -979,8 +1008,32 @@ def measure(args) -> dict:
           f"completion lengths {fmt_percentiles(percentiles(lengths))}")
     results = {"args": vars(args), "parameters": params, "environment": env, "workload_lengths": percentiles(lengths),
                "prompt_lengths": [len(p) for p in workload.prompt_ids]}
+    if args.resume:
+        results = resumed(args, results)
     run_phases(args, cfg, model_path, workload, rows, eos, pad, results)
     report(results)
+    return results
+
+
+def resumed(args, fresh: dict) -> dict:
+    """The results of `--resume`, with this invocation's settings, environment and phases appended under `resumed`;
+    a clear error where the file is not a run of this workload (its field named), nothing overwritten."""
+    try:
+        results = json.loads(Path(args.resume).read_text())
+        before = results["args"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SystemExit(f"--resume {args.resume}: not a result of this benchmark ({e!r})") from e
+    for key in CHILD_ARGS:
+        if before.get(key) != getattr(args, key):
+            raise SystemExit(f"--resume {args.resume}: its {key} is {before.get(key)!r}, this run's "
+                             f"{getattr(args, key)!r}; pass the same workload settings (or start afresh)")
+    if results.get("workload_lengths") != fresh["workload_lengths"]:
+        raise SystemExit(f"--resume {args.resume}: its workload_lengths {results.get('workload_lengths')} differ "
+                         f"from this run's {fresh['workload_lengths']} (another workload file or sampler)")
+    kept = [p for p in args.phases.split(",") if p in results]
+    print(f"resuming {args.resume}: keeping {kept or 'no phase'}")
+    results.setdefault("resumed", []).append({"file": args.resume, "kept": kept, "args": vars(args).copy(),
+                                              "environment": fresh["environment"]})
     return results
 
 

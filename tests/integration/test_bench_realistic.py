@@ -16,6 +16,7 @@ from transformers.generation import ContinuousBatchingConfig
 
 from grpo.config import BackendConfig
 from grpo.rollout.hf import HFRolloutEngine
+from scripts.bench import realistic
 from scripts.bench.arms import SteppedTrainer, accepts_auto
 from scripts.bench.common import Timers, build_trl, random_model_dir
 from scripts.bench.flops import Shapes, training_flops
@@ -29,6 +30,8 @@ from scripts.bench.realistic import (
     main,
     make_workload,
     measure,
+    memory_missing,
+    memory_phase,
     one_at_a_time_records,
     parse_args,
     quiet_process,
@@ -131,7 +134,7 @@ def one_group_arms(mini_path, one_group):
     with quiet_process(args):
         arms, skipped = training_arms(args, cfg, mini_path, workload_batch(workload, pad=0),
                                       [{"prompt": "abc", "answer": ""}])
-        records = alternate(arms, 0, 1, timed)
+        records, _ = alternate(arms, 0, 1, timed)
     return {name: recs[0] for name, recs in records.items()}, skipped
 
 
@@ -180,6 +183,7 @@ def test_every_arm_of_every_phase_runs_once(tmp_path):
     assert train["arms"]["trl_gpu_head"]["diagnostic"].startswith("DIAGNOSTIC")
     assert train["arms"]["trl_gpu_head"]["head_positions"] == train["completion_tokens"]
     assert not any(a.get("trl_best_step_s") for a in train["arms"].values() if a["diagnostic"])
+    assert sorted(map(sorted, train["round_orders"])) == [sorted(train["arms"])]  # one round, every arm once
     planned = results["step"]["planned_tokens"]
     assert {a["tokens_per_round"] for a in results["generation"].values()} == {planned}
     assert set(results["step"]["arms"]) == {"ours", "trl", "trl_continuous_batching"}
@@ -224,7 +228,8 @@ def test_the_one_at_a_time_mode_runs_each_arm_in_a_fresh_process_every_round(one
     args = parse_args([*TINY, "--prompts", "1", "--packing", "sequences", "--reps", "2", "--warmup", "2"])
     in_process, _ = one_group_arms
     batch = workload_batch(make_workload(args, MINI["vocab_size"], eos=1), pad=0)
-    infos, records, skipped, peaks = one_at_a_time_records(args, batch, only=["trl_gpu_head"])
+    infos, records, skipped, peaks, orders = one_at_a_time_records(args, batch, only=["trl_gpu_head"])
+    assert orders == [["trl_gpu_head"]] * 2
     assert list(infos) == ["trl_gpu_head"] and "trl_gpu_head" not in skipped
     assert len(records["trl_gpu_head"]) == 2 and len(peaks["trl_gpu_head"]) == 2
     assert all(p is not None and p >= 0 for p in peaks["trl_gpu_head"])
@@ -250,6 +255,50 @@ def test_a_stepped_trainer_runs_one_step_per_call_and_stops_when_closed():
             assert trainer.state.global_step == expected and timers.tokens > 0
         stepped.close()
     assert trainer.state.global_step == 2 and not stepped.thread.is_alive()
+
+
+def test_a_run_cut_short_resumes_keeping_its_phases_and_refuses_another_workload(tmp_path, capsys):
+    """`--resume`: the phases the file holds are kept as they were, the missing ones measured on the same workload.
+    Catches: a kept phase measured again (its times change), a missing phase not run, the file's other workload
+    accepted (a resumed run would set two workloads' arms against each other), the invocation not recorded."""
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    main([*TINY, "--phases", "generation", "--gen-rounds", "1", "--warmup", "0", "--out", str(first)])
+    before = json.loads(first.read_text())
+    main([*TINY, "--phases", "generation,step", "--step-reps", "1", "--warmup", "0", "--resume", str(first),
+          "--out", str(second)])
+    after = json.loads(second.read_text())
+    assert after["generation"] == before["generation"]
+    assert set(after["step"]["arms"]) == {"ours", "trl", "trl_continuous_batching"}
+    assert "step_speedup" in after["ratios"]
+    assert after["resumed"][0]["kept"] == ["generation"] and after["resumed"][0]["args"]["phases"] == "generation,step"
+    assert "keeping ['generation']" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="its seed is 0, this run's 1"):
+        main([*TINY, "--seed", "1", "--phases", "step", "--resume", str(first)])
+    with pytest.raises(SystemExit, match="not a result of this benchmark"):
+        main([*TINY, "--phases", "step", "--resume", str(tmp_path / "missing.json")])
+
+
+def test_an_arm_killed_for_memory_is_left_out_and_the_others_measured(monkeypatch):
+    """The memory runs of a training phase measured in one process: an arm whose fresh process the kernel killed
+    (`memory_in_fresh_process` returns why) gets `memory_left_out`, the ratios are set on the arms measured, and a
+    resumed run that has the memory runs does not run them again. Catches: the reason stored as a peak (a string in
+    the ratios: TypeError), the killed arm taken as TRL's lowest, the memory runs repeated on resume, run where the
+    training phase measured memory in its own processes."""
+    training = {"arms_resident": "all in one process", "arms": {
+        "ours_auto": {"side": "ours"}, "trl": {"side": "trl"}, "trl_accumulation_8x4": {"side": "trl"}}}
+    peaks = {"ours_auto": 300.0, "trl": "its process failed (exit -9; out of memory?): Killed",
+             "trl_accumulation_8x4": 1200.0}
+    monkeypatch.setattr(realistic, "memory_in_fresh_process", lambda name, args: peaks[name])
+    args = parse_args(TINY)
+    assert memory_missing(args, training)
+    memory_phase(args, training)
+    arms = training["arms"]
+    assert "peak_mb" not in arms["trl"] and arms["trl"]["memory_left_out"].startswith("its process failed")
+    assert arms["ours_auto"]["memory_vs_trl_best"] == pytest.approx(0.25)  # 300 / 1200
+    assert not memory_missing(args, training)
+    assert not memory_missing(parse_args([*TINY, "--no-memory"]), {**training, "arms": {"trl": {}}})
+    assert not memory_missing(args, {"arms_resident": "one at a time, a fresh process per arm and round",
+                                     "arms": {"trl": {}}})
 
 
 def test_a_memory_run_builds_its_arm_alone(capsys):

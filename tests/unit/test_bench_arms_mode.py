@@ -1,7 +1,7 @@
 """The realistic benchmark's choice between its training arms in one process and one at a time, against memory
 figures worked out by hand (scripts/bench/realistic.py: in_process_bytes, choose_arms_mode)."""
 
-from scripts.bench.realistic import choose_arms_mode, in_process_bytes
+from scripts.bench.realistic import choose_arms_mode, in_process_bytes, round_orders
 
 # 100M parameters in float32 (4 bytes), a padded batch of 10,000 positions, 10 layers, hidden 500:
 # states 2 sides x 4 copies (weights, gradients, two AdamW moments) x 100e6 x 4 B = 3,200,000,000
@@ -35,3 +35,15 @@ def test_smollm2_on_a_machine_with_13_gib_free_runs_its_arms_one_at_a_time():
     need = in_process_bytes(134_515_008, 4, 32 * 556, 30, 576)
     assert need == 4_304_480_256 + 49_191_321_600 + 2**30
     assert choose_arms_mode("auto", need, 13 * 2**30)[0] is True
+
+
+def test_each_round_runs_every_arm_once_in_an_order_of_its_own():
+    """Catches: one fixed order for every round (an arm's place in the round, which changes its time by up to a
+    third on a loaded machine, would bias its median), an arm dropped or repeated in a round, orders that change
+    from one run to the next with the same seed."""
+    names = [f"arm{i}" for i in range(10)]
+    orders = round_orders(names, 6, seed=0)
+    assert len(orders) == 6 and all(sorted(order) == sorted(names) for order in orders)
+    assert len({tuple(order) for order in orders}) == 6  # 10! orders: six equal ones would be a fixed order
+    assert {order[0] for order in orders} != {orders[0][0]}  # not one arm always first
+    assert round_orders(names, 6, seed=0) == orders and round_orders(names, 6, seed=1) != orders
