@@ -514,7 +514,7 @@ def memory_missing(args, training: dict) -> bool:
     """Whether the training phase still lacks the memory runs: measured in one process (one at a time, the memory
     comes from the same processes), unless `--no-memory`, and not yet run (a resumed run may have been cut short
     before them)."""
-    in_process = training["arms_resident"] == "all in one process"
+    in_process = not training.get("arms_resident", "").startswith("one at a time")  # absent: before that mode
     measured = any("peak_mb" in a or "memory_left_out" in a for a in training["arms"].values())
     return in_process and not args.no_memory and not measured
 
