@@ -15,13 +15,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 import pyarrow.parquet as pq
 
 from grpo.builtin.arithmetic import Arithmetic
 from grpo.config import EnvConfig, TaskConfig
 from grpo.data.contamination import text_digest
-from grpo.data.reasoning_gym import ReasoningGym
 from grpo.envs import environment_rows
 from grpo.errors import ConfigError
 
@@ -51,6 +49,8 @@ def read_rows(path: str) -> list[dict]:
 
 
 def _hf_rows(name: str, split: str) -> list[dict]:
+    import datasets  # about a second at import (pandas, its arrow tables): paid by a run that reads a hub dataset
+
     return list(datasets.load_dataset(name, split=split))
 
 
@@ -173,6 +173,8 @@ def load_val_split(task: TaskConfig, required_columns: set[str]) -> list[dict]:
 
 def reasoning_gym_splits(task: TaskConfig) -> dict[str, list[dict]]:
     """The `train`, `test` and `val` rows of `task.reasoning_gym` (grpo.data.reasoning_gym)."""
+    from grpo.data.reasoning_gym import ReasoningGym  # its package imports its ~100 generators (and sympy): 1-2 s
+
     rg = task.reasoning_gym
     gen = ReasoningGym(names=list(rg.names), size=rg.size, num_eval=rg.num_eval, num_val=rg.num_val, seed=rg.seed,
                        options={name: dict(opts) for name, opts in rg.options.items()})

@@ -9,7 +9,6 @@ import math
 import os
 from pathlib import Path
 
-import wandb
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
@@ -41,6 +40,8 @@ class Tracker:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="grpo", dynamic_ncols=True)
         self.wandb = None
         if wandb_config is not None:
+            import wandb  # about a second at import: paid by the runs that log to it
+
             self.wandb = wandb.init(
                 project=wandb_config["project"], mode=wandb_config["mode"], dir=str(self.run_dir),
                 config=run_config, resume="allow", id=wandb_config.get("id"),

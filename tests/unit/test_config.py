@@ -302,11 +302,13 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
         read_rows(str(data))
 
 
-def test_import_grpo_pulls_in_neither_vllm_nor_deepspeed_nor_peft():
-    """peft (and bitsandbytes under it) is about half of `import grpo.cli` (~5 s of ~9 s), paid by every launch
-    of a run and every rank: it loads when a run has LoRA adapters, not before."""
+def test_import_grpo_pulls_in_none_of_the_packages_a_config_chooses():
+    """peft (and bitsandbytes under it) was about half of `import grpo.cli` (~5 s of ~9 s), and datasets,
+    reasoning_gym and wandb another 2-4 s, paid by every launch of a run and every rank: each loads when a run
+    uses it (LoRA adapters, a hub dataset, a reasoning_gym task, wandb logging), not before."""
+    lazy = ("vllm", "deepspeed", "peft", "datasets", "reasoning_gym", "wandb")
     code = ("import sys, grpo, grpo.algorithms.grpo, grpo.train, grpo.cli, grpo.rollout, grpo.backends, rewards; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('vllm', 'deepspeed', 'peft')))")
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {lazy}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr
 
