@@ -23,6 +23,7 @@ from grpo.algorithms import grpo as grpo_algorithm
 from grpo.config import CONFIG_DIR, Config, register_configs, to_config
 from grpo.envs import end_run
 from grpo.errors import CheckpointError, ConfigError, MaskedRewardsError, RewardInfraError, TeacherUnavailableError
+from grpo.model.served_teacher import ServedTeacher
 from grpo.training.run import build_run, evaluate_from_config
 
 log = logging.getLogger("grpo")
@@ -53,6 +54,8 @@ def train_from_config(cfg: Config) -> list[dict]:
         raise
     finally:
         end_run()
+        if isinstance(run.teacher, ServedTeacher):
+            run.teacher.close()  # its connections to the teacher's server
         run.tracker.close(plot=cfg.tracking.plot)
     final = [h for h in history if "eval/accuracy" in h]
     if final:

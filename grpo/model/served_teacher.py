@@ -17,8 +17,9 @@ Where this differs from the local teacher (`algorithm.teacher.path`):
 3. The tokenizer is checked by what a server shows: `/tokenize` of a probe text (with the policy's EOS token in it)
    must give the policy tokenizer's ids; a local teacher's whole vocabulary is compared instead.
 
-What can go wrong, and what it becomes: a server that cannot be reached, does not serve `model`, tokenizes
-otherwise or returns no prompt log-probs when the run is built: `ConfigError` naming the URL, before training; a
+What can go wrong, and what it becomes: a server that cannot be reached, does not serve `model`, serves it with a
+context (`max_model_len`) shorter than the run's longest sequence, tokenizes otherwise or returns no prompt
+log-probs when the run is built: `ConfigError` naming the URL, before training; a
 request that still fails after its retries, or a reply without prompt log-probs, during training:
 `TeacherUnavailableError` naming the URL, which stops the run (a step without its teacher has no advantage).
 """
@@ -79,14 +80,22 @@ class ServedTeacher:
             raise TeacherUnavailableError(f"algorithm.teacher.url: the teacher at {self.url} could not score "
                                           f"{len(sequences)} sequences: {e}") from None
 
-    def check(self, tokenizer) -> None:
-        """Fail now, naming the URL, when the server cannot be reached, does not serve `model`, tokenizes the
+    def check(self, tokenizer, longest: int | None = None) -> None:
+        """Fail now, naming the URL, when the server cannot be reached, does not serve `model`, serves it with a
+        context shorter than `longest` tokens (the run's longest prompt plus its completion budget: vLLM refuses a
+        longer sequence with HTTP 400, which would stop the run at the step that first samples one), tokenizes the
         probe text otherwise than `tokenizer`, or returns no prompt log-probs."""
         served = self._get_json(f"{self.base_url}/models")
-        names = [m.get("id") for m in served.get("data", []) if isinstance(m, dict)]
-        if self.model not in names:
+        cards = {m.get("id"): m for m in served.get("data", []) if isinstance(m, dict)}
+        if self.model not in cards:
             raise ConfigError(f"algorithm.teacher.model: {self.base_url} does not serve {self.model!r}; it serves "
-                              f"{names}")
+                              f"{list(cards)}")
+        context = cards[self.model].get("max_model_len")
+        if longest is not None and isinstance(context, int) and longest > context:
+            raise ConfigError(f"algorithm.teacher.url: the teacher at {self.base_url} serves {self.model!r} with "
+                              f"max_model_len={context}, and this run's sequences reach {longest} tokens (its "
+                              "longest prompt plus its completion budget); serve it with a longer --max-model-len "
+                              "or shorten rollout.max_new_tokens")
         text = PROBE_TEXT + (tokenizer.eos_token or "")
         theirs = self._post_probe(f"{server_root(self.base_url)}/tokenize",
                                   {"model": self.model, "prompt": text, "add_special_tokens": False}).get("tokens")

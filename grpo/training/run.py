@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from grpo import distributed as dist
 from grpo.backends import TrainBackend, build_backend
 from grpo.builtin.warmstart import WarmStart, cache_root, warm_start_report, warm_started_tiny
-from grpo.config import DISTILL_LOOPS, Config, validate_world
+from grpo.config import DISTILL_LOOPS, Config, completion_budget, validate_world
 from grpo.core.logprobs import attention_implementation, attention_of
 from grpo.core.packing import AUTO, auto_packing
 from grpo.data.contamination import check_held_out, decontaminate, report_metrics
@@ -116,7 +116,7 @@ def build_run(cfg: Config) -> Run:
               scorer=scorer, eval_scorer=eval_scorer, train_rows=train_rows, eval_rows=eval_rows,
               sampler=PromptSampler(len(train_rows), seed=cfg.seed), tracker=NullTracker(), ood_rows=ood_rows,
               val_rows=val_rows, contamination=contamination, setup_metrics=setup_metrics, make_env=make_env,
-              teacher=build_teacher(cfg, tokenizer) if cfg.algorithm.loop in DISTILL_LOOPS else None)
+              teacher=build_teacher(cfg, tokenizer, train_rows) if cfg.algorithm.loop in DISTILL_LOOPS else None)
     if checkpoint is not None:
         restore(run, checkpoint)
     if dist.is_main():  # rank 0 writes the run's files
@@ -147,15 +147,20 @@ def build_reference(cfg: Config, policy: torch.nn.Module, backend: TrainBackend)
     return ref_model.eval().requires_grad_(False)
 
 
-def build_teacher(cfg: Config, tokenizer) -> torch.nn.Module | ServedTeacher:
+def build_teacher(cfg: Config, tokenizer, train_rows: list[dict] = ()) -> torch.nn.Module | ServedTeacher:
     """The distillation teacher of `algorithm.teacher`, frozen, in its own dtype and on its own device; its
     tokenizer must be the policy's (the teacher scores the student's token ids). With `url`, the teacher's
-    server, checked now (reachable, serving the model, the policy's tokenizer, prompt log-probs)."""
+    server, checked now (reachable, serving the model with a context that holds `train_rows`' longest prompt plus
+    the completion budget, the policy's tokenizer, prompt log-probs)."""
     t = cfg.algorithm.teacher
     if t.url:
         served = ServedTeacher(t.url, t.model, timeout_s=t.timeout_s, retries=t.retries, concurrency=t.concurrency,
                                batch_size=t.batch_size, api_key_env=t.api_key_env)
-        served.check(tokenizer)
+        try:
+            served.check(tokenizer, longest=longest_prompt(train_rows, tokenizer) + completion_budget(cfg))
+        except BaseException:
+            served.close()
+            raise
         return served
     looks_local = t.path.startswith((".", "/", "~")) or os.sep in t.path and not Path(t.path).parent.name == ""
     if looks_local and not Path(t.path).expanduser().exists():
@@ -167,6 +172,13 @@ def build_teacher(cfg: Config, tokenizer) -> torch.nn.Module | ServedTeacher:
                           f"({cfg.model.path}); distillation compares the two models' log-probs of the same token ids")
     device = torch.device(t.device) if t.device else dist.device()
     return teacher.to(device).eval().requires_grad_(False)
+
+
+def longest_prompt(rows: list[dict], tokenizer) -> int:
+    """The most tokens of any row's prompt (0 without rows)."""
+    if not rows:
+        return 0
+    return max(len(ids) for ids in tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"])
 
 
 def checkpoint_to_resume(cfg: Config) -> Path | None:

@@ -123,10 +123,14 @@ def test_a_served_teacher_scores_as_the_local_teacher_and_drives_the_distillatio
         print(f"\nserved vs local teacher: max |gap| {gap:.2e} nats over {int(mask.sum())} tokens")
 
 
-def test_a_served_teacher_with_another_tokenizer_or_model_name_is_refused_at_build(server):
+def test_a_served_teacher_with_another_tokenizer_or_model_name_or_a_short_context_is_refused_at_build(server):
     """Mutations caught: the tokenizer check skipped (the tiny model's character ids scored as SmolLM2's tokens),
-    the served model's name not checked."""
+    the served model's name not checked, the server's max_model_len (2048 here) not read (a run whose sequences
+    reach past it would stop with HTTP 400 at the first step that samples one)."""
     _, url = server
+    with pytest.raises(ConfigError, match=f"teacher at {url} serves '{SERVED_NAME}' with max_model_len=2048, and "
+                                          "this run's sequences reach 2049 tokens"):
+        ServedTeacher(url, SERVED_NAME).check(build_char_tokenizer(), longest=2049)
     with pytest.raises(ConfigError, match=f"teacher at {url} tokenizes a probe text otherwise than the policy"):
         ServedTeacher(url, SERVED_NAME).check(build_char_tokenizer())
     with pytest.raises(ConfigError, match=f"algorithm.teacher.model: {url} does not serve 'nobody'"):
