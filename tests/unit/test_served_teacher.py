@@ -5,7 +5,10 @@ tests/vllm/test_judge_vllm.py."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import socket
+import threading
 
 import pytest
 import torch
@@ -142,3 +145,46 @@ def test_a_served_teacher_at_temperature_one_composes():
     cfg = compose(["algorithm=distill", "algorithm.teacher.url=http://t:8000/v1", "algorithm.teacher.model=m"])
     assert (cfg.algorithm.teacher.url, cfg.algorithm.teacher.path, cfg.rollout.temperature) == (
         "http://t:8000/v1", None, 1.0)
+
+
+@pytest.fixture
+def models_endpoint():
+    """An HTTP server on localhost answering `GET /v1/models` as vLLM's does, for the model `teacher` with
+    `max_model_len` 64; nothing else (the check stops before its other requests where the context is short)."""
+    body = json.dumps({"object": "list", "data": [{"id": "teacher", "object": "model", "max_model_len": 64}]})
+
+    class Models(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the handler's name is the HTTP method's)
+            self.send_response(200 if self.path == "/v1/models" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Models)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_teacher_served_with_a_shorter_context_than_the_runs_sequences_is_refused_at_build(models_endpoint):
+    """The run's longest sequence: its longest prompt (the char tokenizer: one token per character, 60 here) plus
+    the completion budget (rollout.max_new_tokens=8): 68 > the served 64. Mutations caught: max_model_len not read
+    (the run would stop with HTTP 400 at the first step that samples a long sequence), the prompts or the
+    completion budget left out of the length (60 or 8 fit in 64), the client left open on a failed build."""
+    cfg = compose(["algorithm=distill", f"algorithm.teacher.url={models_endpoint}", "algorithm.teacher.model=teacher",
+                   "rollout.max_new_tokens=8", "algorithm.teacher.retries=0"])
+    rows = [{"prompt": "1+1="}, {"prompt": "x" * 60}]
+    closed = []
+    original = ServedTeacher.close
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ServedTeacher, "close", lambda self: (closed.append(True), original(self)))
+        with pytest.raises(ConfigError, match=f"teacher at {models_endpoint} serves 'teacher' with max_model_len=64, "
+                                              "and this run's sequences reach 68 tokens"):
+            build_teacher(cfg, build_char_tokenizer(), rows)
+    assert closed == [True]
+    with pytest.raises(ConfigError, match="tokenizer check"):  # 4 + 8 fits: the check goes on to the tokenizer
+        build_teacher(cfg, build_char_tokenizer(), rows[:1])
