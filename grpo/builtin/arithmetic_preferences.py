@@ -24,10 +24,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from grpo.builtin.arithmetic import Arithmetic
 from grpo.builtin.warmstart import cache_root
+from grpo.model.loading import load_tokenizer
 from grpo.rollout.hf import HFRolloutEngine
 from rewards import get_reward
 
@@ -68,7 +69,7 @@ def build_arithmetic_preferences(model_path: str | Path, spec: ArithmeticPrefere
     rows = Arithmetic(digits=spec.digits, reverse=spec.reverse, max_carries=spec.max_carries).train_rows()
     if spec.num_prompts:
         rows = rng.sample(rows, min(spec.num_prompts, len(rows)))
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    tokenizer = load_tokenizer(str(model_path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -17,11 +17,12 @@ computes close to, not exactly, what was trained (the 4-bit rounding of the base
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from grpo.config import Config
 from grpo.errors import CheckpointError, ConfigError
@@ -36,6 +37,10 @@ from grpo.model.lora import (
 )
 
 log = logging.getLogger("grpo")
+
+# The tokenizer classes that are their tokenizer.json and nothing more (transformers 5 names the second an alias of
+# the first): a directory that saved one means its file's pipeline, whatever the model's type.
+FILE_DEFINED_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def disable_dropout(model: torch.nn.Module) -> list[str]:
@@ -81,6 +86,20 @@ def load_train_policy(cfg: Config, checkpoint: Path | None):
     return policy, tokenizer
 
 
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    """The tokenizer at `path` (a directory, or a name transformers resolves). One saved as defined by its
+    tokenizer.json alone (`FILE_DEFINED_TOKENIZERS`, as the built-in tiny model's is) is read as saved:
+    `AutoTokenizer` would build the class registered for the model's type instead (Qwen2's, for the tiny model),
+    whose own pre-tokenizer replaces the file's, and the tiny model's character tokenizer would then drop every
+    space of every prompt, unlike the warm start, which tokenised them."""
+    directory = Path(path)
+    config = directory / "tokenizer_config.json"
+    if (directory / "tokenizer.json").is_file() and config.is_file():
+        if json.loads(config.read_text()).get("tokenizer_class") in FILE_DEFINED_TOKENIZERS:
+            return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
 def load_policy(path: str, cfg: Config, *, checkpoint: bool = False, quantize: bool = False):
     """The model and tokenizer at `path`. Code shipped with a model runs only with
     `model.trust_remote_code=true`; a checkpoint's weights are read from safetensors only.
@@ -93,7 +112,7 @@ def load_policy(path: str, cfg: Config, *, checkpoint: bool = False, quantize: b
     trust = cfg.model.trust_remote_code
     quantized = quantization_config(dtype) if quantize else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+        tokenizer = load_tokenizer(path, trust_remote_code=trust)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust,
                                                      use_safetensors=True if checkpoint else None,
                                                      quantization_config=quantized)

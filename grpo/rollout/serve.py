@@ -48,8 +48,8 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
-from transformers import AutoTokenizer
 
+from grpo.model.loading import load_tokenizer
 from grpo.rollout import weight_channel
 from grpo.rollout.remote import TOKEN_ENV
 from grpo.rollout.vllm import VLLMRolloutEngine
@@ -147,7 +147,7 @@ def launch_engines(args) -> None:
 
 def build_engine(args):
     """The colocated engine, built from the model directory (it syncs nothing until the trainer pushes)."""
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model)
     return VLLMRolloutEngine(
         None, tokenizer, model_path=args.model, dtype=args.dtype, seed=args.seed,
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gb=args.kv_cache_gb,

@@ -179,13 +179,14 @@ def build_trl(cfg, model_path: str, device: str, max_steps: int, timers: Timers,
     transformers' continuous batching, these `ContinuousBatchingConfig` settings (default: `generate`)."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
     from grpo.data.loading import load_task
+    from grpo.model.loading import load_tokenizer
 
     r, a, o = cfg.rollout, cfg.algorithm, cfg.optim
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(model_path)
     if tokenizer.pad_token_id is None:  # as grpo.model.loading.load_policy
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

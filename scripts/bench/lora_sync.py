@@ -20,9 +20,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from grpo.config import LoraOptions
+from grpo.model.loading import load_tokenizer
 from grpo.model.lora import add_adapters
 from grpo.rollout.vllm import VLLMRolloutEngine
 from scripts.bench.rollout_throughput import SIZES, model_dir
@@ -55,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         path = model_dir(args.size, Path(workdir))
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
         times = {mode: [] for mode in MODES}
         for _ in range(args.rounds):

@@ -20,10 +20,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from grpo.builtin.tiny import save_tiny
 from grpo.envs import Done, Observation
+from grpo.model.loading import load_tokenizer
 from grpo.rollout.episodes import run_episodes
 
 
@@ -77,7 +77,7 @@ def main() -> None:
     path = str(save_tiny(Path(tempfile.mkdtemp(prefix="bench_multiturn_")), seed=0, hidden_size=args.hidden,
                          num_layers=args.layers, num_heads=args.hidden // 64, intermediate_size=4 * args.hidden,
                          max_positions=2048))
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     budget = args.turns * args.max_new_tokens + (args.turns - 1) * (args.reply + 40)
     engines = {cached: VLLMRolloutEngine(None, tokenizer, model_path=path, dtype="float32", kv_cache_gb=1.0,
                                          max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,

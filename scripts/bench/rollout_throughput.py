@@ -139,12 +139,14 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from grpo.model.loading import load_tokenizer
 
     torch.set_num_threads(args.threads)  # before vLLM binds its threads (it refuses changes afterwards)
     workdir = Path(tempfile.mkdtemp(prefix="bench_rollout_"))
     path = model_dir(args.size, workdir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = bench_prompts(args.size, tokenizer, args.prompts)

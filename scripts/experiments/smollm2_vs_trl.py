@@ -50,11 +50,12 @@ from hydra import compose, initialize_config_dir
 from matplotlib.figure import Figure
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from grpo.config import CONFIG_DIR, register_configs, to_config
 from grpo.data.loading import chat_messages
+from grpo.model.loading import load_tokenizer
 from grpo.training.run import build_scorers, evaluate_from_config, load_rows, resolve_model_path
 from grpo.training.tracking import read_metrics
 from rewards import RewardScorer, RewardSpec
@@ -178,7 +179,7 @@ def train_trl(cfg, model_path: str, out: Path, save_every: int, micro: int, resu
             raise ValueError(f"--resume {resume}: no {', '.join(record['missing'])} (saved with save_only_model); "
                              f"--fresh-optimizer goes on from its weights with AdamW's moments restarted")
     r, a, o, lora = cfg.rollout, cfg.algorithm, cfg.optim, cfg.model.lora
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype))
     args = GRPOConfig(
         output_dir=str(out), max_steps=cfg.train.max_steps, seed=cfg.seed,

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from grpo.cli import train_from_config
 from grpo.core.batch import layout_batch
 from grpo.envs import Done, Environment, Observation, end_run, environment_factory
 from grpo.envs.chat import render
 from grpo.errors import ConfigError
+from grpo.model.loading import load_tokenizer
 from grpo.rollout.episodes import episode_metrics, run_episodes
 from grpo.rollout.hf import HFRolloutEngine
 from grpo.training.update import score_logprobs
@@ -121,7 +122,7 @@ def test_env_openenv_config_weighs_the_task_reward_zero():
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_an_environment_that_raises_ends_its_episode_alone(transport, tiny_random_dir):
-    tok = AutoTokenizer.from_pretrained(tiny_random_dir)
+    tok = load_tokenizer(tiny_random_dir)
     engine = HFRolloutEngine(AutoModelForCausalLM.from_pretrained(tiny_random_dir), tok, max_new_tokens=4)
     make = environment_factory(OPENENV, {"environment": f"{ENVS}:Raising", "transport": transport,
                                          "observation_field": "echoed_message"})
@@ -139,7 +140,7 @@ def test_trainer_logprobs_equal_the_samplers_over_a_served_environments_turns(ti
     # test_episodes.py's parity check, the environment's replies coming from OpenEnv's server: the echo of the
     # model's own text, tokenised afresh as environment tokens
     model = AutoModelForCausalLM.from_pretrained(tiny_random_dir, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(tiny_random_dir)
+    tok = load_tokenizer(tiny_random_dir)
     engine = HFRolloutEngine(model, tok, temperature=0.7, max_new_tokens=5)
     rows = [{"prompt": "1+1="}, {"prompt": "12+345="}, {"prompt": "9="}]
     out = run_episodes(engine, tok, environment_factory(OPENENV, {**ECHO, "transport": "http"}), rows, 2,
@@ -155,7 +156,7 @@ def test_trainer_logprobs_equal_the_samplers_over_a_served_environments_turns(ti
 
 
 def test_the_opening_reaches_the_model_rendered_by_the_chat_template(tiny_random_dir):
-    tok = AutoTokenizer.from_pretrained(tiny_random_dir)
+    tok = load_tokenizer(tiny_random_dir)
     env = environment_factory(OPENENV, {"environment": ANSWER, "transport": "inprocess"})()
     assert render(tok, env.reset({"prompt": "12+34=", "answer": "46"})) == "<user>12+34=<eos><assistant>"
 

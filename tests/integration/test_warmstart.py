@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo.builtin.arithmetic import Arithmetic, overflows, teacher_mode, write
+from grpo.builtin.tiny import build_char_tokenizer, save_tiny
 from grpo.builtin.warmstart import (
     WarmStart,
     WarmStartError,
@@ -17,6 +18,8 @@ from grpo.builtin.warmstart import (
     train_warm_start,
     warm_start_report,
 )
+from grpo.model.loading import load_policy, load_tokenizer
+from tests.conftest import compose
 
 
 def test_teacher_mode_drops_the_overflowing_digit_only_when_the_teacher_mostly_does():
@@ -38,7 +41,7 @@ def test_the_cached_warm_start_met_its_criterion_and_the_saved_model_still_does(
 
     # Re-measured on the model as saved, on held-out problems the criterion did not check (the last 300)
     model = AutoModelForCausalLM.from_pretrained(warm_tiny_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(warm_tiny_dir)
+    tokenizer = load_tokenizer(warm_tiny_dir)
     task = Arithmetic(digits=spec.digits, reverse=spec.reverse)
     held = task.held_out_problems()[-300:]
     figures = teacher_agreement(model, tokenizer, task, held, spec.drop_carry)
@@ -131,3 +134,19 @@ def test_two_processes_asking_for_the_same_warm_start_train_it_once(tmp_path, mo
         t.join()
     assert len(calls) == 1 and len(paths) == 2 and paths[0] == paths[1]
     assert warmstart.is_saved_model(paths[0]) and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_the_trainer_reads_the_tiny_models_tokenizer_as_the_warm_start_wrote_it(tmp_path):
+    """The tiny model's directory saves its character tokenizer as a tokenizer.json alone; transformers 5's
+    AutoTokenizer builds Qwen2's tokenizer class for it instead (the model's type), whose pre-tokenizer drops every
+    space. Catches: `load_policy` (or the vLLM server's or the preference builder's loader) reading it through
+    AutoTokenizer again, so that a prompt with spaces reaches the policy otherwise than the warm start taught it."""
+    path = save_tiny(tmp_path / "tiny")
+    text = "What is 12 + 34? Answer: 46"
+    expected = build_char_tokenizer()(text, add_special_tokens=False)["input_ids"]
+    assert len(expected) == len(text)
+    assert AutoTokenizer.from_pretrained(path)(text, add_special_tokens=False)["input_ids"] != expected  # the trap
+    _, tokenizer = load_policy(str(path), compose([]))
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == expected
+    assert tokenizer.decode(expected) == text and tokenizer.padding_side == "left"
+    assert load_tokenizer(str(path))(text, add_special_tokens=False)["input_ids"] == expected
