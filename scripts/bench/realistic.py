@@ -93,6 +93,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -107,6 +108,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,7 +116,7 @@ import torch
 import transformers
 import trl
 from hydra import compose, initialize_config_dir
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from transformers.generation import ContinuousBatchingConfig
 from trl import GRPOConfig
 
@@ -123,7 +125,7 @@ from grpo.builtin.tiny import CHARS
 from grpo.config import CONFIG_DIR, BackendConfig, register_configs, to_config
 from grpo.core.batch import RolloutBatch, layout_batch
 from grpo.core.packing import PACKINGS
-from grpo.model.loading import load_policy
+from grpo.model.loading import load_policy, load_tokenizer
 from grpo.rollout import encode_prompts
 from grpo.rollout.hf import HFRolloutEngine
 from grpo.training.run import resolve_model_path
@@ -663,7 +665,7 @@ def cb_settings(args, workload: Workload) -> dict:
 def generation_phase(args, model_path: str, workload: Workload, plan: LengthPlan, eos: int, pad: int) -> dict:
     """Tokens per second of our engine, `generate` and `generate_batch` (continuous batching), alternated."""
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
-    tok = AutoTokenizer.from_pretrained(model_path)
+    tok = load_tokenizer(model_path)
     G, cap = workload.group_size, args.max_new_tokens
     engine = HFRolloutEngine(model, tok, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=cap, batch_size=4096)
     repeated = [p for p in workload.prompt_ids for _ in range(G)]  # TRL hands its sampler each prompt G times
@@ -725,7 +727,7 @@ class StepArm:
     step: object  # a zero-argument step, or a SteppedTrainer
     timers: Timers
     meter: Meter
-    sampling: object  # the context each step runs in: forced lengths for its sampler
+    sampling: Callable[[], contextlib.AbstractContextManager]  # a fresh context per step: its sampler's forced lengths
     settings: dict
 
 
@@ -735,7 +737,7 @@ def step_arms(args, cfg, model_path: str, rows: list[dict], plan: LengthPlan, eo
     forced = ForcedLengths(plan, eos=eos, pad=pad)
     timers = Timers(args.device)
     ours = build_ours(cfg, args.device, timers, rows)
-    arms = [StepArm("ours", "ours", ours, timers, Meter(ours.run.policy, "ours"), forced,
+    arms = [StepArm("ours", "ours", ours, timers, Meter(ours.run.policy, "ours"), lambda: forced,
                     {"packing": cfg.backend.packing})]
     skipped = {}
     generations = {"trl": None}
@@ -747,7 +749,8 @@ def step_arms(args, cfg, model_path: str, rows: list[dict], plan: LengthPlan, eo
     for name, cb in generations.items():
         timers = Timers(args.device)
         trainer = build_trl(cfg, model_path, args.device, steps, timers, [], rows, continuous_batching=cb)
-        sampling = forced if cb is None else planned_request_lengths(plan)
+        # continuous batching's context is a generator's: entered once, so each step makes its own
+        sampling = (lambda: forced) if cb is None else functools.partial(planned_request_lengths, plan)
         arms.append(StepArm(name, "trl", SteppedTrainer(trainer, timers), timers, Meter(trainer.model, "trl"),
                             sampling, {"generation": "generate" if cb is None else f"continuous batching {cb}"}))
     return arms, skipped
@@ -756,7 +759,7 @@ def step_arms(args, cfg, model_path: str, rows: list[dict], plan: LengthPlan, eo
 def timed_step(arm: StepArm) -> dict:
     arm.timers.take()
     arm.meter.take()
-    with arm.meter, arm.sampling:
+    with arm.meter, arm.sampling():
         arm.timers.sync()
         start = time.perf_counter()
         if isinstance(arm.step, SteppedTrainer):
@@ -930,7 +933,7 @@ def setup(args) -> tuple:
     """The model directory, config, workload, dataset rows, and the tokenizer's EOS and pad ids."""
     model_path = model_dir(args)
     cfg = bench_config(args, model_path, tempfile.mkdtemp(prefix="grpo-bench-"))
-    tok = AutoTokenizer.from_pretrained(model_path)
+    tok = load_tokenizer(model_path)
     eos = tok.eos_token_id
     pad = eos if tok.pad_token_id is None else tok.pad_token_id
     if args.model in REAL_MODELS:

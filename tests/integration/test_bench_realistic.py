@@ -259,13 +259,14 @@ def test_a_stepped_trainer_runs_one_step_per_call_and_stops_when_closed():
 
 def test_a_run_cut_short_resumes_keeping_its_phases_and_refuses_another_workload(tmp_path, capsys):
     """`--resume`: the phases the file holds are kept as they were, the missing ones measured on the same workload.
-    Catches: a kept phase measured again (its times change), a missing phase not run, the file's other workload
+    Catches: a kept phase measured again (its times change), a missing phase not run, a sampling context that
+    cannot be entered a second time (continuous batching's, in the step's second round), the file's other workload
     accepted (a resumed run would set two workloads' arms against each other), the invocation not recorded."""
     first, second = tmp_path / "first.json", tmp_path / "second.json"
     main([*TINY, "--phases", "generation", "--gen-rounds", "1", "--warmup", "0", "--out", str(first)])
     before = json.loads(first.read_text())
-    main([*TINY, "--phases", "generation,step", "--step-reps", "1", "--warmup", "0", "--resume", str(first),
-          "--out", str(second)])
+    main([*TINY, "--phases", "generation,step", "--step-reps", "2", "--warmup", "0", "--resume", str(first),
+          "--out", str(second)])  # two rounds: each arm's sampling context entered twice
     after = json.loads(second.read_text())
     assert after["generation"] == before["generation"]
     assert set(after["step"]["arms"]) == {"ours", "trl", "trl_continuous_batching"}
