@@ -24,8 +24,8 @@ model; a real GRPO batch is long prompts shared by G completions whose lengths a
 
 Phases, every arm alternated in one process (training: unless one at a time, below; the machine may be shared:
 load from elsewhere hits all alike; read the ratios of one run), `--warmup` untimed rounds first, then medians over
-`--reps` / `--gen-rounds` / `--step-reps` rounds. Each round of the training and whole-step phases runs every arm
-once, in an order shuffled afresh for that round from `--seed` (`round_orders`; the JSON's `round_orders` gives the
+`--reps` / `--gen-rounds` / `--step-reps` rounds. Each round of every phase runs every arm (sampler) once, in an
+order shuffled afresh for that round from `--seed` (`round_orders`; the JSON's `round_orders` gives the
 timed rounds'): where an arm sits in a round changes its time, so no arm keeps one place:
 
 - training: log-probs + loss + backward + optimiser step on the workload's B*G sequences; the arms are in
@@ -695,10 +695,10 @@ def generation_phase(args, model_path: str, workload: Workload, plan: LengthPlan
     samplers = {"ours": ours, "generate": reference, "generate_batch": batched}
     records = {name: [] for name in samplers}
     torch.manual_seed(args.seed)
-    for rnd in range(args.warmup + args.gen_rounds):
-        for name, fn in samplers.items():
+    for rnd, order in enumerate(round_orders(list(samplers), args.warmup + args.gen_rounds, args.seed)):
+        for name in order:
             start = time.perf_counter()
-            lengths = fn()
+            lengths = samplers[name]()
             if args.device == "cuda":
                 torch.cuda.synchronize()
             if rnd >= args.warmup:
