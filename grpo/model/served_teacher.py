@@ -19,9 +19,9 @@ Where this differs from the local teacher (`algorithm.teacher.path`):
 
 What can go wrong, and what it becomes: a server that cannot be reached, does not serve `model`, serves it with a
 context (`max_model_len`) shorter than the run's longest sequence, tokenizes otherwise or returns no prompt
-log-probs when the run is built: `ConfigError` naming the URL, before training; a
-request that still fails after its retries, or a reply without prompt log-probs, during training:
-`TeacherUnavailableError` naming the URL, which stops the run (a step without its teacher has no advantage).
+log-probs when the run is built: `ConfigError` naming the URL, before training; a request that still fails after its
+retries, or a reply without prompt log-probs, during training: `TeacherUnavailableError` naming the URL, which stops
+the run (a step without its teacher has no advantage).
 """
 
 from __future__ import annotations
