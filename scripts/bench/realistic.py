@@ -22,11 +22,12 @@ model; a real GRPO batch is long prompts shared by G completions whose lengths a
   every later run and the fresh-process memory runs train on the same tokens. Advantages: random rewards
   standardised within each group. The lengths' percentiles are printed.
 
-Phases, every arm alternated in one process (training: unless one at a time, below; the machine may be shared:
-load from elsewhere hits all alike; read the ratios of one run), `--warmup` untimed rounds first, then medians over
+Phases, every arm alternated in one process (training: unless one at a time, below; the machine may be shared: load
+from elsewhere hits all alike; read the ratios of one run), `--warmup` untimed rounds first, then medians over
 `--reps` / `--gen-rounds` / `--step-reps` rounds. Each round of every phase runs every arm (sampler) once, in an
-order shuffled afresh for that round from `--seed` (`round_orders`; the JSON's `round_orders` gives the
-timed rounds'): where an arm sits in a round changes its time, so no arm keeps one place:
+order shuffled afresh for that round from `--order-seed` (default: `--seed`; give each run of a workload its own;
+`round_orders`, and the JSON's `round_orders` for the timed rounds): where an arm sits in a round changes its time,
+so no arm keeps one place:
 
 - training: log-probs + loss + backward + optimiser step on the workload's B*G sequences; the arms are in
   `scripts.bench.arms` (its docstring says how each is driven). Ours in each `backend.packing` layout (padded,
@@ -393,7 +394,7 @@ def training_phase(args, cfg, model_path: str, workload: Workload, rows: list[di
         for name, why in skipped.items():
             print(f"training arm {name} left out: {why}")
         infos = {a.name: {"side": a.side, "settings": a.settings, "diagnostic": a.diagnostic} for a in arms}
-        (records, orders), peaks = alternate(arms, args.warmup, args.reps, timed, args.seed), {}
+        (records, orders), peaks = alternate(arms, args.warmup, args.reps, timed, args.order_seed), {}
     shapes = Shapes.of(AutoConfig.from_pretrained(model_path))
     real = int(batch.attention_mask.sum())
     completion_tokens = int(batch.completion_mask.sum())
@@ -632,7 +633,7 @@ def one_at_a_time_records(args, batch: RolloutBatch,
     names, skipped = arm_names(args, len(batch))
     names = [n for n in names if only is None or n in only]
     infos, records, peaks = {}, {n: [] for n in names}, {n: [] for n in names}
-    orders = round_orders(names, args.reps, args.seed)
+    orders = round_orders(names, args.reps, args.order_seed)
     for rnd, order in enumerate(orders):
         for name in [n for n in order if n not in skipped]:
             out = train_round_in_fresh_process(name, args)
@@ -695,7 +696,7 @@ def generation_phase(args, model_path: str, workload: Workload, plan: LengthPlan
     samplers = {"ours": ours, "generate": reference, "generate_batch": batched}
     records = {name: [] for name in samplers}
     torch.manual_seed(args.seed)
-    for rnd, order in enumerate(round_orders(list(samplers), args.warmup + args.gen_rounds, args.seed)):
+    for rnd, order in enumerate(round_orders(list(samplers), args.warmup + args.gen_rounds, args.order_seed)):
         for name in order:
             start = time.perf_counter()
             lengths = samplers[name]()
@@ -780,7 +781,7 @@ def step_phase(args, cfg, model_path: str, workload: Workload, rows: list[dict],
     for name, why in skipped.items():
         print(f"step arm {name} left out: {why}")
     try:
-        records, orders = alternate(arms, args.warmup, args.step_reps, timed_step, args.seed)
+        records, orders = alternate(arms, args.warmup, args.step_reps, timed_step, args.order_seed)
     finally:
         core_logprobs.sequence_logprobs = sequence_logprobs
         for arm in arms:
@@ -868,6 +869,9 @@ def parse_args(argv=None):
                    help="both sides' attention; default: flash_attention_2 on cuda where flash_attn is installed, "
                         "else sdpa")
     p.add_argument("--seed", type=int, default=0, help="the workload's and the sampling's seed")
+    p.add_argument("--order-seed", type=int, default=None,
+                   help="the seed of the arms' order in each round (default: --seed); another per run of the same "
+                        "workload, so that runs do not repeat one sequence of orders")
     p.add_argument("--prompts", type=int, default=4, help="B: prompts per batch")
     p.add_argument("--group", type=int, default=8, help="G: completions per prompt")
     p.add_argument("--prompt-len", type=int, default=200, help="prompt tokens, +-10%% (random-weight models)")
@@ -897,6 +901,7 @@ def parse_args(argv=None):
     p.add_argument("--train-round", help=argparse.SUPPRESS)  # one round's step of this training arm, alone
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    args.order_seed = args.seed if args.order_seed is None else args.order_seed
     args.one_at_a_time = args.arms == "one-at-a-time"  # `auto` is settled by the memory estimate (`arms_mode`)
     flash = args.device == "cuda" and importlib.util.find_spec("flash_attn") is not None
     args.attention = args.attention or ("flash_attention_2" if flash else "sdpa")
