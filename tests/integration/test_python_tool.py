@@ -310,5 +310,8 @@ def test_a_persistent_python_tool_through_the_real_loop_keeps_each_episodes_stat
     # every environment built was closed once (the one built to check env.kwargs too), and its interpreter is gone
     assert PythonKeepsState.closes == len(PythonKeepsState.sessions) > 1
     assert all(s.proc is None for s in PythonKeepsState.sessions)
-    lines = train(tmp_path, tiny_random_dir, "py3", "env=python", "env.kwargs.persistent=true", "train.max_steps=1")
+    # 8 interpreters of 512 MB: a budget of its own, since the default (half of MemAvailable) depends on what
+    # else the machine runs (4,080 MB on a loaded one refused the run)
+    lines = train(tmp_path, tiny_random_dir, "py3", "env=python", "env.kwargs.persistent=true", "train.max_steps=1",
+                  "env.sessions_memory_mb=4096")
     assert lines[-1]["step"] == 1
