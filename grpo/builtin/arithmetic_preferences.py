@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM
 
 from grpo.builtin.arithmetic import Arithmetic
 from grpo.builtin.warmstart import cache_root
-from grpo.model.loading import load_tokenizer
+from grpo.model.loading import load_tokenizer, pad_left
 from grpo.rollout.hf import HFRolloutEngine
 from rewards import get_reward
 
@@ -69,10 +69,7 @@ def build_arithmetic_preferences(model_path: str | Path, spec: ArithmeticPrefere
     rows = Arithmetic(digits=spec.digits, reverse=spec.reverse, max_carries=spec.max_carries).train_rows()
     if spec.num_prompts:
         rows = rng.sample(rows, min(spec.num_prompts, len(rows)))
-    tokenizer = load_tokenizer(str(model_path))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    tokenizer = pad_left(load_tokenizer(str(model_path)))
     model = AutoModelForCausalLM.from_pretrained(str(model_path)).eval()
     engine = HFRolloutEngine(model, tokenizer, temperature=spec.temperature, max_new_tokens=spec.max_new_tokens,
                              return_logprobs=False)

@@ -100,6 +100,15 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
+def pad_left(tokenizer):
+    """`tokenizer`, set up for batches of prompts: padded on the left, so that every prompt ends where its
+    completion begins, with the EOS token as the pad token where the tokenizer has none."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
 def load_policy(path: str, cfg: Config, *, checkpoint: bool = False, quantize: bool = False):
     """The model and tokenizer at `path`. Code shipped with a model runs only with
     `model.trust_remote_code=true`; a checkpoint's weights are read from safetensors only.
@@ -128,10 +137,7 @@ def load_policy(path: str, cfg: Config, *, checkpoint: bool = False, quantize: b
         changed = disable_dropout(model)
         if changed:
             log.info("dropout off in %d places of %s (model.dropout=true keeps it)", len(changed), path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return model, tokenizer
+    return model, pad_left(tokenizer)
 
 
 def context_length(model) -> int | None:

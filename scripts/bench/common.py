@@ -183,13 +183,10 @@ def build_trl(cfg, model_path: str, device: str, max_steps: int, timers: Timers,
     from trl import GRPOConfig, GRPOTrainer
 
     from grpo.data.loading import load_task
-    from grpo.model.loading import load_tokenizer
+    from grpo.model.loading import load_tokenizer, pad_left
 
     r, a, o = cfg.rollout, cfg.algorithm, cfg.optim
-    tokenizer = load_tokenizer(model_path)
-    if tokenizer.pad_token_id is None:  # as grpo.model.loading.load_policy
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    tokenizer = pad_left(load_tokenizer(model_path))  # as grpo.model.loading.load_policy
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype))
     if rows is None:

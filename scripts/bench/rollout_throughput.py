@@ -141,13 +141,12 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from grpo.model.loading import load_tokenizer
+    from grpo.model.loading import load_tokenizer, pad_left
 
     torch.set_num_threads(args.threads)  # before vLLM binds its threads (it refuses changes afterwards)
     workdir = Path(tempfile.mkdtemp(prefix="bench_rollout_"))
     path = model_dir(args.size, workdir)
-    tokenizer = load_tokenizer(path)
-    tokenizer.padding_side = "left"
+    tokenizer = pad_left(load_tokenizer(path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = bench_prompts(args.size, tokenizer, args.prompts)
     n_params = sum(p.numel() for p in model.parameters())

@@ -18,7 +18,7 @@ from grpo.builtin.warmstart import (
     train_warm_start,
     warm_start_report,
 )
-from grpo.model.loading import load_policy, load_tokenizer
+from grpo.model.loading import load_policy, load_tokenizer, pad_left
 from tests.conftest import compose
 
 
@@ -150,3 +150,15 @@ def test_the_trainer_reads_the_tiny_models_tokenizer_as_the_warm_start_wrote_it(
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == expected
     assert tokenizer.decode(expected) == text and tokenizer.padding_side == "left"
     assert load_tokenizer(str(path))(text, add_special_tokens=False)["input_ids"] == expected
+
+
+def test_pad_left_pads_prompts_on_the_left_with_eos_only_where_the_tokenizer_has_no_pad_token():
+    """Catches: a tokenizer's own pad token replaced by EOS (a pad token the model was trained to read would become
+    the end of a sequence), or right padding, which would put padding between a prompt and its completion."""
+    own = pad_left(build_char_tokenizer())
+    assert own.pad_token_id != own.eos_token_id and own.padding_side == "left"
+    bare = build_char_tokenizer()
+    bare.pad_token, bare.padding_side = None, "right"
+    assert pad_left(bare).pad_token_id == bare.eos_token_id and bare.padding_side == "left"
+    ids = bare(["ab", "abcd"], add_special_tokens=False, padding=True)["input_ids"]
+    assert ids[0][:2] == [bare.eos_token_id] * 2 and ids[0][2:] == ids[1][:2]
