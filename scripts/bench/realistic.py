@@ -846,11 +846,25 @@ def report(results: dict) -> None:
         print(f"{key}: {value}" if isinstance(value, str) else f"{key}: {value:.2f} {met(key, value)}".rstrip())
 
 
+def source_commit() -> str:
+    """The commit of the benchmark's own checkout, `+changes` where its tracked files differ from it: which code
+    measured a figure ("unknown" outside a git checkout)."""
+    here = Path(__file__).parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                 capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
+
+
 def environment(args) -> dict:
-    """What the figures depend on besides the code."""
+    """What the figures depend on besides the workload: the code's commit, the libraries and the machine."""
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+    return {"commit": source_commit(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "trl": trl.__version__,
             "python": platform.python_version(), "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY", ""), "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "load_average_start": list(os.getloadavg()),

@@ -199,12 +199,15 @@ def headline_table(runs: list[dict]) -> list[str]:
 
 
 def environment_line(runs: list[dict]) -> str:
-    env = runs[0]["environment"]
-    loads = [f"{r['environment']['load_average_start'][0]:.1f}-"
-             f"{r['environment'].get('load_average_end', [float('nan')])[0]:.1f}" for r in runs]
-    return (f"torch {env['torch']}, transformers {env['transformers']}, trl {env['trl']}; {env['cpu']}, "
-            f"{env['cpu_capability']}, {env['torch_threads']} torch thread(s); load average (1 min) at start-end "
-            f"of each run: {', '.join(loads)}")
+    """Where each run was measured: runs read together may come from other machines, libraries or code (ratios
+    within a run are comparable; absolute times across runs are not)."""
+    def one(i: int, env: dict) -> str:
+        end = env.get("load_average_end", [float("nan")])[0]
+        return (f"run {i + 1}: {env['cpu']}, {env['cpu_capability']}, {env['torch_threads']} torch thread(s), "
+                f"torch {env['torch']}, transformers {env['transformers']}, trl {env['trl']}, code "
+                f"{env.get('commit', 'not recorded')}, load average (1 min) {env['load_average_start'][0]:.1f} at "
+                f"the start, {end:.1f} at the end")
+    return "\n".join(one(i, r["environment"]) for i, r in enumerate(runs))
 
 
 def markdown(runs: list[dict]) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,6 +195,8 @@ def test_every_arm_of_every_phase_runs_once(tmp_path):
             "gpu_flop_ratio_sequences", "gpu_flop_ratio_groups"} <= set(results["ratios"])
     env = results["environment"]
     assert env["cpu_capability"] and env["trl"] and len(env["load_average_end"]) == 3 and env["torch_threads"] == 1
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert env["commit"].removesuffix("+changes") == (head.stdout.strip() if head.returncode == 0 else "unknown")
 
 
 def test_each_arm_alone_records_what_it_records_among_the_others(mini_path, one_group, one_group_arms):

@@ -91,4 +91,8 @@ def test_the_markdown_gives_each_figure_per_run_and_each_arm_as_median_and_range
     second["training"]["arms"][DEFAULT_ARM]["steps"] = [1.8, 2.0, 2.4]
     assert f"| {DEFAULT_ARM} | 1.80 (1.50-2.40) |" in markdown([run, second])
     assert "| trl_gpu_head (DIAGNOSTIC) |" in text
-    assert "load average (1 min) at start-end of each run: 0.5-1.5, 0.5-1.5" in text
+    second["environment"] |= {"cpu": "other", "commit": "abc"}  # runs from other machines and code: each named
+    lines = markdown([run, second]).splitlines()
+    assert lines[0].startswith("run 1: cpu, AVX2,") and "code not recorded" in lines[0]
+    assert lines[1].startswith("run 2: other, AVX2,") and "code abc, load average (1 min) 0.5 at the start, 1.5" \
+        in lines[1]
