@@ -864,8 +864,8 @@ def environment(args) -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     return {"commit": source_commit(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "trl": trl.__version__,
-            "python": platform.python_version(), "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "trl": trl.__version__, "python": platform.python_version(), "cpu": cpu,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY", ""), "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "load_average_start": list(os.getloadavg()),
             "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
