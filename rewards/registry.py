@@ -33,6 +33,11 @@ class RewardConfigError(ValueError):
     """A reward cannot run as configured (a bad option, no sandbox). Raised to the caller, never masked as None."""
 
 
+class UnknownEntry(ValueError):
+    """A name that no registered entry, built-in, dotted path or entry point answers to; the message lists the known
+    names or says why the path did not load."""
+
+
 class Registry(Mapping[str, T], Generic[T]):
     """Names -> entries of one kind.
 
@@ -85,10 +90,10 @@ class Registry(Mapping[str, T], Generic[T]):
         return sorted(set(self) | {ep.name for ep in self._entry_points()})
 
     def resolve(self, name: str) -> T:
-        """The entry for a registered or built-in name, a dotted path or an entry point's name; a ValueError
+        """The entry for a registered or built-in name, a dotted path or an entry point's name; an UnknownEntry
         that lists the known names otherwise."""
         if not isinstance(name, str) or not name:
-            raise ValueError(f"a {self.kind} name must be a non-empty string, got {name!r}")
+            raise UnknownEntry(f"a {self.kind} name must be a non-empty string, got {name!r}")
         if name in self:
             return self[name]
         if self._paths and ":" in name:
@@ -96,8 +101,8 @@ class Registry(Mapping[str, T], Generic[T]):
         for ep in self._entry_points():
             if ep.name == name:
                 return self._convert(ep.load())
-        hint = f" A {self.kind} of your own can also be given as 'package.module:attr'." if self._paths else ""
-        raise ValueError(f"unknown {self.kind} {name!r}. Known: {', '.join(self.known())}.{hint}")
+        hint = f" Your own {self.kind} can also be given as 'package.module:attr'." if self._paths else ""
+        raise UnknownEntry(f"unknown {self.kind} {name!r}. Known: {', '.join(self.known())}.{hint}")
 
     def _entry_points(self) -> list[importlib.metadata.EntryPoint]:
         if self.entry_point_group is None:
@@ -159,25 +164,25 @@ def as_reward(obj: Any) -> Reward:
     if isinstance(obj, Reward):
         return obj
     if not callable(obj):
-        raise ValueError(f"{_describe(obj)} is not callable, so it cannot be a reward")
+        raise RewardConfigError(f"{_describe(obj)} is not callable, so it cannot be a reward")
     return Reward(obj)
 
 
 def load_path(path: str, what: str) -> Any:
-    """The object at ``package.module:attr`` (``attr`` may be dotted); a ValueError naming ``what`` otherwise."""
+    """The object at ``package.module:attr`` (``attr`` may be dotted); an UnknownEntry naming ``what`` otherwise."""
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"{what}: a dotted path must look like 'package.module:attr'")
+        raise UnknownEntry(f"{what}: a dotted path must look like 'package.module:attr'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"{what}: cannot import module {module_name!r}: {e}") from e
+        raise UnknownEntry(f"{what}: cannot import module {module_name!r}: {e}") from e
     obj: Any = module
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise ValueError(f"{what}: module {module_name!r} has no attribute {attr!r}") from None
+            raise UnknownEntry(f"{what}: module {module_name!r} has no attribute {attr!r}") from None
     return obj
 
 

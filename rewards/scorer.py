@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rewards.catalog import REWARDS
-from rewards.registry import Reward, RewardConfigError
+from rewards.registry import Reward, RewardConfigError, UnknownEntry
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ class RewardScorer:
     """Scores a batch with a weighted mix of reward functions.
 
     Every function is resolved here, so an unknown name or an option the function does not take fails
-    before training starts. ``required_columns()`` lists the dataset columns the rewards need.
+    before training starts, with a ``RewardConfigError`` naming the reward. ``required_columns()`` lists the
+    dataset columns the rewards need.
 
     A reward's registration (``rewards.registry.Reward``) may add ``check_options(**kwargs)``, called here with
     the spec's kwargs (raise ``RewardConfigError`` to refuse a configuration), and ``metrics() -> dict[str,
@@ -102,23 +103,27 @@ class RewardScorer:
 
     def __init__(self, specs: Sequence[RewardSpec]):
         if not specs:
-            raise ValueError("RewardScorer needs at least one RewardSpec")
+            raise RewardConfigError("RewardScorer needs at least one RewardSpec")
         self._rewards: list[_BoundReward] = []
         seen: set[str] = set()
         for spec in specs:
             if spec.name in seen:
-                raise ValueError(f"reward {spec.name!r} appears twice; each reward may appear once")
+                raise RewardConfigError(f"reward {spec.name!r} appears twice; each reward may appear once")
             seen.add(spec.name)
             try:
                 weight = float(spec.weight)
             except (TypeError, ValueError):
-                raise ValueError(f"reward {spec.name!r}: weight must be a number, got {spec.weight!r}") from None
+                raise RewardConfigError(f"reward {spec.name!r}: weight must be a number, got {spec.weight!r}") from None
             if not math.isfinite(weight):
-                raise ValueError(f"reward {spec.name!r}: weight must be finite, got {spec.weight!r}")
+                raise RewardConfigError(f"reward {spec.name!r}: weight must be finite, got {spec.weight!r}")
             timeout = spec.timeout_s
             if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-                raise ValueError(f"reward {spec.name!r}: timeout_s must be a positive number or None, got {timeout!r}")
-            reward = REWARDS.resolve(spec.name)
+                raise RewardConfigError(
+                    f"reward {spec.name!r}: timeout_s must be a positive number or None, got {timeout!r}")
+            try:
+                reward = REWARDS.resolve(spec.name)
+            except UnknownEntry as e:
+                raise RewardConfigError(str(e)) from None
             bound = _bind(RewardSpec(spec.name, weight, dict(spec.kwargs or {}), timeout), reward)
             if reward.check_options is not None:  # e.g. code_tests: is the sandbox usable here?
                 reward.check_options(**bound.spec.kwargs)
@@ -303,7 +308,7 @@ def _bind(spec: RewardSpec, reward: Reward) -> _BoundReward:
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     has_var_positional = any(p.kind is p.VAR_POSITIONAL for p in params)
     if len(positional) < 2 and not has_var_positional:
-        raise ValueError(
+        raise RewardConfigError(
             f"reward {spec.name!r} must take (prompts, completions, **columns); its signature is {sig}"
         )
     named = [p for p in positional[2:] if p.kind is not p.POSITIONAL_ONLY]
@@ -312,7 +317,7 @@ def _bind(spec: RewardSpec, reward: Reward) -> _BoundReward:
     names = {p.name for p in named}
     unknown = set(spec.kwargs) - names
     if unknown and not takes_all:
-        raise ValueError(
+        raise RewardConfigError(
             f"reward {spec.name!r} takes no option {sorted(unknown)}; its signature is {sig}"
         )
     required = {p.name for p in named if p.default is p.empty} - set(spec.kwargs)

@@ -76,10 +76,7 @@ ENVIRONMENTS: Registry[Callable[..., Environment]] = Registry(
 def environment_factory(name: str, kwargs: dict | None = None) -> Callable[[], Environment]:
     """A function that makes a fresh environment per call (one per episode), for a built-in name, a
     `package.module:Class` path or a `grpo.environments` entry point; ValueError lists the known names."""
-    try:
-        cls = ENVIRONMENTS.resolve(name)
-    except ValueError as e:
-        raise ValueError(f"env.name: {e}") from None
+    cls = ENVIRONMENTS.resolve(name)
     options = dict(kwargs or {})
     return lambda: cls(**options)
 

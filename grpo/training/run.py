@@ -48,7 +48,7 @@ from grpo.rollout import OnOwnCopy, RolloutEngine, WithFullWeights, build_rollou
 from grpo.training.checkpoint import latest_checkpoint, load_rank_state, load_state, set_rng_state, verify_checkpoint
 from grpo.training.evaluate import episode_runner, evaluate_splits
 from grpo.training.tracking import Tracker
-from rewards import RewardScorer, RewardSpec
+from rewards import RewardConfigError, RewardScorer, RewardSpec
 
 log = logging.getLogger("grpo")
 
@@ -197,7 +197,9 @@ def build_environment(cfg: Config) -> Callable[[], Environment] | None:
         return None
     try:
         factory = environment_factory(cfg.env.name, dict(cfg.env.kwargs))
-    except (ValueError, ImportError, AttributeError) as e:
+    except ValueError as e:  # an unknown name, or a path that does not import: the message names it
+        raise ConfigError(f"env.name: {e}") from e
+    except (ImportError, AttributeError) as e:  # an entry point's module failed to load
         raise ConfigError(f"env.name: cannot load {cfg.env.name!r}: {e}") from e
     try:
         env = factory()  # one built now, so that a bad env.kwargs value fails before training, not at the first rollout
@@ -256,7 +258,15 @@ def build_scorers(cfg: Config) -> tuple[RewardScorer, RewardScorer]:
     measured = [RewardSpec(cfg.reward.accuracy, 1.0, accuracy_kwargs)]
     if cfg.reward.format is not None and cfg.reward.format != cfg.reward.accuracy:
         measured += [RewardSpec(s.name, 1.0, s.kwargs) for s in specs if s.name == cfg.reward.format]
-    return RewardScorer(specs), RewardScorer(measured)
+    try:
+        scorer = RewardScorer(specs)
+    except RewardConfigError as e:  # an unknown name, an option the function does not take, no sandbox, ...
+        raise ConfigError(f"reward.functions: {e}") from e
+    try:
+        eval_scorer = RewardScorer(measured)
+    except RewardConfigError as e:  # reward.format names one of the functions, which built above
+        raise ConfigError(f"reward.accuracy: {e}") from e
+    return scorer, eval_scorer
 
 
 def load_rows(cfg: Config, scorer: RewardScorer, eval_scorer: RewardScorer):

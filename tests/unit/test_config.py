@@ -293,6 +293,25 @@ def test_cli_missing_column_and_empty_dataset(tmp_path, tiny_random_dir, monkeyp
     assert code == 2 and f"task: {data} has no rows" in err
 
 
+@pytest.mark.parametrize("override, line", [
+    ("reward.functions=[{name:math_acuracy}]",
+     "error: reward.functions: unknown reward 'math_acuracy'. Known: code_tests, format, "),
+    ("reward.functions=[{name:no_such_module:fn}]",
+     "error: reward.functions: reward 'no_such_module:fn': cannot import module 'no_such_module'"),
+    ("reward.functions=[{name:math_accuracy,kwargs:{tolerance:0.1}}]",
+     "error: reward.functions: reward 'math_accuracy' takes no option ['tolerance']"),
+    ("reward.accuracy=exact_match", "error: reward.accuracy: unknown reward 'exact_match'"),
+    ("env.name=calculater", "error: env.name: unknown environment 'calculater'. Known: calculator, python, routed. "
+                            "Your own environment can also be given as 'package.module:attr'."),
+])
+def test_cli_a_reward_or_environment_that_does_not_resolve_is_one_line_naming_the_field(
+        tmp_path, monkeypatch, capsys, override, line):
+    # Caught while the run is built, before the model loads: once a traceback ending in a bare ValueError
+    code, err = _cli_in_process(monkeypatch, capsys, f"run_dir={tmp_path}/r", override)
+    assert code == 2 and err.strip().splitlines()[-1].startswith(line), err[-2000:]
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     from grpo.data.loading import read_rows
 

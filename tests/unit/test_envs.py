@@ -191,7 +191,7 @@ def test_factory_makes_a_fresh_environment_per_call():
     assert a.counts["calls"] == 1 and b.counts["calls"] == 0  # episodes never share state
     made = environment_factory("grpo.envs.tools:ToolEnvironment", {"tools": [multiply], "system": "s"})()
     assert made.system == "s" and made.tools == [multiply]
-    with pytest.raises(ValueError, match="env.name: unknown environment 'nope'. Known: calculator, .*python"):
+    with pytest.raises(ValueError, match="unknown environment 'nope'. Known: calculator, .*python"):
         environment_factory("nope")
 
 
