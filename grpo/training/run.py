@@ -258,15 +258,17 @@ def build_scorers(cfg: Config) -> tuple[RewardScorer, RewardScorer]:
     measured = [RewardSpec(cfg.reward.accuracy, 1.0, accuracy_kwargs)]
     if cfg.reward.format is not None and cfg.reward.format != cfg.reward.accuracy:
         measured += [RewardSpec(s.name, 1.0, s.kwargs) for s in specs if s.name == cfg.reward.format]
+    # reward.format names one of the functions, so the evaluation scorer can fail only on reward.accuracy
+    return scorer_for(specs, "reward.functions"), scorer_for(measured, "reward.accuracy")
+
+
+def scorer_for(specs: list[RewardSpec], field: str) -> RewardScorer:
+    """The scorer of `specs`; a reward that cannot run as configured (an unknown name, an option the function does
+    not take, no sandbox) is a ConfigError naming `field`."""
     try:
-        scorer = RewardScorer(specs)
-    except RewardConfigError as e:  # an unknown name, an option the function does not take, no sandbox, ...
-        raise ConfigError(f"reward.functions: {e}") from e
-    try:
-        eval_scorer = RewardScorer(measured)
-    except RewardConfigError as e:  # reward.format names one of the functions, which built above
-        raise ConfigError(f"reward.accuracy: {e}") from e
-    return scorer, eval_scorer
+        return RewardScorer(specs)
+    except RewardConfigError as e:
+        raise ConfigError(f"{field}: {e}") from e
 
 
 def load_rows(cfg: Config, scorer: RewardScorer, eval_scorer: RewardScorer):
