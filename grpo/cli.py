@@ -57,6 +57,7 @@ def train_from_config(cfg: Config) -> list[dict]:
         if isinstance(run.teacher, ServedTeacher):
             run.teacher.close()  # its connections to the teacher's server
         run.tracker.close(plot=cfg.tracking.plot)
+    dist.close_distributed()
     final = [h for h in history if "eval/accuracy" in h]
     if final:
         log.info("held-out accuracy: %.3f at step %d -> %.3f at step %d", final[0]["eval/accuracy"],

@@ -3,7 +3,8 @@
 Every function works in one process too (no process group: rank 0 of 1, reductions are the
 identity), so the loop has one code path. The process group is started by `init_distributed`
 from the environment the launchers set (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, ... from
-`torchrun` or `deepspeed`), over NCCL on GPUs and gloo on CPUs.
+`torchrun` or `deepspeed`), over NCCL on GPUs and gloo on CPUs, and left by `close_distributed`
+once the job has ended well on every rank.
 """
 
 from __future__ import annotations
@@ -39,6 +40,19 @@ def init_distributed(*, deepspeed: bool, timeout_s: float) -> None:
         ds.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
     else:
         dist.init_process_group(backend=backend, timeout=timeout)
+
+
+def close_distributed() -> None:
+    """Leave the process group together, after a job that ended well on every rank (no-op in one process).
+
+    A process that exits with its group still open tears the group down during interpreter shutdown, where
+    gloo's worker threads can take the process down with them: "terminate called without an active
+    exception" and SIGABRT after a run that had finished and written everything. The barrier first makes
+    no rank leave while a peer still talks to it. Not for the error path: there a peer may never reach it.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def rank() -> int:

@@ -45,6 +45,7 @@ def main() -> None:
         raised = str(e)
     with open(f"{args.out}.rank_{dist.rank()}.json", "w") as f:
         json.dump({"raised": raised, "seconds": time.monotonic() - start}, f)
+    dist.close_distributed()
 
 
 if __name__ == "__main__":

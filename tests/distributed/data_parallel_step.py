@@ -122,7 +122,7 @@ def main() -> None:
                     "moved": moved, "frozen_moved": frozen_moved, "partitioned": sharded,
                     "parameters": len(list(model.parameters())), "head_calls": head_calls},
                    args.out)
-    dist.barrier()
+    dist.close_distributed()
 
 
 def count_call(calls: list[int], rows: torch.Tensor) -> None:

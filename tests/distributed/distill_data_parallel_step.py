@@ -99,7 +99,7 @@ def main() -> None:
     out = {kind: one_update(args, compose([f"algorithm={kind}", *common]), kind) for kind in KINDS}
     if dist.is_main():
         torch.save({**out, "world_size": dist.world_size()}, args.out)
-    dist.barrier()
+    dist.close_distributed()
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def main() -> None:
         torch.save({"shares": shares, "rewards": result.groups.rewards, "completion_ids": result.groups.completion_ids,
                     "kept_groups": result.metrics["train/kept_groups"]}, args.out)
     run.tracker.close(plot=False)
-    dist.barrier()
+    dist.close_distributed()
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def main() -> None:
     out = {kind: one_update(args, cfg, kind) for kind in args.kinds.split(",")}
     if dist.is_main():
         torch.save({**out, "world_size": dist.world_size()}, args.out)
-    dist.barrier()
+    dist.close_distributed()
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def main() -> None:
     metrics, grads = ppo_update(args.model, args.backend, args.groups, args.packing)
     if dist.is_main():
         torch.save({"metrics": metrics, "grads": grads, "world_size": dist.world_size()}, args.out)
-    dist.barrier()
+    dist.close_distributed()
 
 
 def ppo_update(model: str, backend: str = "torch", groups: int = 4, packing: str = "padded", critic_hook=None

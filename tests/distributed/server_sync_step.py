@@ -48,7 +48,7 @@ def main() -> None:
             torch.save({name: p.detach().clone() for name, p in params} | {"_sync_s": result.metrics[
                 "time/weight_sync_s"]}, args.out)
     run.tracker.close(plot=False)
-    dist.barrier()
+    dist.close_distributed()
 
 
 if __name__ == "__main__":
