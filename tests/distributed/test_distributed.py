@@ -44,8 +44,9 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 @pytest.fixture(scope="module", autouse=True)
 def _release_deepspeed_shared_memory():
-    """DeepSpeed's CPU all-reduce leaves one shared-memory buffer per rank and port in /dev/shm when its job
-    ends (about a GiB per launch here); drop those this module's launches made, so they do not pile up in RAM."""
+    """DeepSpeed's CPU all-reduce leaves one shared-memory buffer per rank and port in /dev/shm when a job
+    does not close its process group (a rank killed, a driver that fails); drop those this module's launches
+    left, so they do not pile up in RAM."""
     before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     yield
     for path in set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before:
@@ -139,7 +140,10 @@ def metrics(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("backend", backends("deepspeed_zero2", "deepspeed_zero3", "ddp"))
 def test_grpo_trains_on_two_ranks_with_identical_replicas(tmp_path, warm_tiny_dir, backend):
     run_dir = tmp_path / "run"
-    train(backend, run_dir)
+    launched = train(backend, run_dir)
+    port = launched.args[launched.args.index("--master_port") + 1]
+    # DeepSpeed's CPU all-reduce buffers (one per rank, 66 MB of RAM each) do not outlive a run that ended well
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     rows = metrics(run_dir)
     steps = [r for r in rows if r["step"] > 0]
     assert [r["step"] for r in steps] == [1, 2, 3]  # rank 0 alone writes: no duplicated lines
