@@ -24,6 +24,7 @@ from grpo.config import CONFIG_DIR, Config, register_configs, to_config
 from grpo.envs import end_run
 from grpo.errors import CheckpointError, ConfigError, MaskedRewardsError, RewardInfraError, TeacherUnavailableError
 from grpo.model.served_teacher import ServedTeacher
+from grpo.rollout.vllm import VLLMRolloutEngine
 from grpo.training.run import build_run, evaluate_from_config
 
 log = logging.getLogger("grpo")
@@ -57,6 +58,8 @@ def train_from_config(cfg: Config) -> list[dict]:
         if isinstance(run.teacher, ServedTeacher):
             run.teacher.close()  # its connections to the teacher's server
         run.tracker.close(plot=cfg.tracking.plot)
+    if isinstance(run.engine, VLLMRolloutEngine):
+        run.engine.close()  # vLLM's own process groups stand on the launchers' group: they come down first
     dist.close_distributed()
     final = [h for h in history if "eval/accuracy" in h]
     if final:

@@ -44,14 +44,16 @@ def init_distributed(*, deepspeed: bool, timeout_s: float) -> None:
 
 
 def close_distributed() -> None:
-    """Leave the process group together, after a job that ended well on every rank (no-op in one process).
+    """Leave the launchers' process group together, after a job that ended well on every rank.
 
     A process that exits with its group still open tears the group down during interpreter shutdown, where
     gloo's worker threads can take the process down with them: "terminate called without an active
     exception" and SIGABRT after a run that had finished and written everything. The barrier first makes
     no rank leave while a peer still talks to it. Not for the error path: there a peer may never reach it.
+    A group this process was not launched into is left alone (in one process, a colocated vLLM engine
+    starts a group of its own and takes it down when it shuts down).
     """
-    if dist.is_initialized():
+    if launched_distributed() and dist.is_initialized():
         dist.barrier()
         release_cpu_allreduce_buffer()
         dist.destroy_process_group()

@@ -122,6 +122,7 @@ def test_grpo_train_rollout_vllm_env_calculator_logs_env_metrics(tmp_path, long_
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]  # the engine and its process group came down cleanly
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in lines if "train/loss" in m]
     assert [m["step"] for m in steps] == [1, 2]
