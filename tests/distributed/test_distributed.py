@@ -8,7 +8,8 @@
   backend (`one_rank` in tests/conftest.py): each backend costs one two-rank launch, and every backend is
   held to the same single-process reference;
 - `grpo.train` trains a few steps of the built-in task on 2 ranks, the ranks hold identical
-  weights after every step, and the checkpoint resumes (DeepSpeed format) and loads in transformers;
+  weights after every step, the checkpoint resumes (DeepSpeed format) and loads in transformers, and the
+  run leaves no DeepSpeed all-reduce buffer in /dev/shm;
 - a rank that dies ends the job quickly, and the launcher's error names the rank.
 """
 
